@@ -1,0 +1,35 @@
+# Agent Keys: `make run` starts the proxy, `make test` runs the whole suite. Both install first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# The best interpreter on this machine: 3.12+ on PATH, then pyenv's 3.12+, then 3.11 (mitmproxy 11).
+PYTHON ?= $(shell scripts/find-python)
+
+.PHONY: install run test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Agent Keys needs Python >= 3.11 (3.12+ recommended); none found on PATH or under pyenv" >&2; exit 1; }
+	@echo "using $(PYTHON) ($$($(PYTHON) --version))"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/agentkeys --config agentkeys.yaml serve
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/bench.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,392 @@
+"""The mitmproxy addon: a thin adapter from flows to the gate.
+
+Two listeners feed it. In proxy mode (HTTPS_PROXY) a provider is recognised by its host and only
+provider hosts are intercepted; everything else is an untouched TLS tunnel (or refused, with
+`egress: allowlist`). In gateway mode (a reverse-proxy listener) the first path segment names the
+provider: `/openai/v1/...`, `/anthropic/v1/...`.
+
+Every hook catches its own errors: mitmproxy logs a raising hook and lets the flow continue,
+which here would mean forwarding unchecked. A failure before forwarding answers with an error;
+a failure after it charges the full hold.
+
+Loads as `agentkeys serve` or as a plain script: `mitmdump -s .../agentkeys/addon.py
+--set agentkeys_config=agentkeys.yaml`.
+"""
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from agentkeys.audit import AuditLog, CallRecord
+from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user
+from agentkeys.gate import Admission, CallRequest, Denial, Gate, Settlement
+from agentkeys.ledger import open_ledger
+from agentkeys.metrics import Metrics
+from agentkeys.money import micros_to_usd
+from agentkeys.policy import ProxyConfig, load_config
+from agentkeys.pricing import PriceTable
+from agentkeys.providers import FORMATS
+from agentkeys.providers.base import DenyKind, SseSplitter, StreamMeter, WireFormat
+from agentkeys.yamlfile import ConfigError
+
+log = logging.getLogger(__name__)
+
+STATE = "agentkeys"
+RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true"}
+
+
+@dataclass
+class StreamRelay:
+    """The `flow.response.stream` callable: passes complete SSE events on as they arrive, metering them."""
+
+    meter: StreamMeter
+    splitter: SseSplitter = field(default_factory=SseSplitter)
+    first_chunk_at: float | None = None
+    broken: bool = False
+    seconds_spent: float = 0.0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        started = time.perf_counter()
+        if self.first_chunk_at is None and chunk:
+            self.first_chunk_at = time.time()
+        try:
+            if not chunk:
+                return self.splitter.flush()
+            if self.broken:
+                return chunk
+            return b"".join(event.raw for event in self.splitter.feed(chunk) if self.meter.feed(event))
+        except Exception:
+            # Never cut the agent's stream over our own bug; the call is then charged its full hold.
+            log.exception("agentkeys: stream metering failed; passing the rest through")
+            self.broken = True
+            return self.splitter.flush() + chunk
+        finally:
+            self.seconds_spent += time.perf_counter() - started
+
+
+@dataclass
+class CallState:
+    """What one flow carries between hooks, in `flow.metadata[STATE]`."""
+
+    call: CallRequest
+    wire: WireFormat
+    admission: Admission | None = None
+    relay: StreamRelay | None = None
+    overhead_seconds: float = 0.0
+    finished: bool = False
+
+
+class AgentKeys:
+    def __init__(self):
+        self.config: ProxyConfig | None = None
+        self.gate: Gate | None = None
+        self.audit: AuditLog | None = None
+        self.metrics = Metrics()
+        self.provider_by_host: dict[str, str] = {}
+        self.tunnel_credentials: dict[str, str] = {}
+        self._metrics_started = False
+        self._purge_task: asyncio.Task | None = None
+
+    # ----- set-up -----
+
+    def load(self, loader):
+        loader.add_option("agentkeys_config", str, "", "Agent Keys proxy config file (YAML).")
+        loader.add_option("agentkeys_store", str, "", "Agent Keys store URL; overrides the config's `store`.")
+        loader.add_option("agentkeys_audit_log", str, "", "Audit log path; overrides the config's `audit_log`.")
+        loader.add_option(
+            "agentkeys_metrics_port", int, -1, "Prometheus port; overrides the config's (0 turns metrics off)."
+        )
+
+    def configure(self, updated: set[str]):
+        if not any(name.startswith("agentkeys_") for name in updated):
+            return
+        try:
+            config = self._read_config()
+        except ConfigError as e:
+            raise exceptions.OptionsError(f"agentkeys: bad config:\n{e}") from None
+        prices = PriceTable.bundled()
+        ledger = open_ledger(config.store, config.sqlite_path)
+        if self.audit:
+            self.audit.close()
+        self.config = config
+        self.gate = Gate(config, ledger, prices)
+        self.audit = AuditLog(config.path(config.audit_log) if config.audit_log else None)
+        self.provider_by_host = {host: name for name, spec in config.providers.items() for host in spec.hosts}
+        for name, spec in config.providers.items():
+            if not spec.real_key():
+                log.warning("agentkeys: %s has no real key (%s is not set); its calls will be refused", name, spec.key_env)
+
+    def _read_config(self) -> ProxyConfig:
+        options = ctx.options
+        config = load_config(Path(options.agentkeys_config) if options.agentkeys_config else None)
+        overrides = {}
+        if options.agentkeys_store:
+            overrides["store"] = options.agentkeys_store
+        if options.agentkeys_audit_log:
+            overrides["audit_log"] = options.agentkeys_audit_log
+        if options.agentkeys_metrics_port >= 0:
+            overrides["metrics_port"] = options.agentkeys_metrics_port or None
+        if not overrides:
+            return config
+        merged = ProxyConfig.model_validate({**config.model_dump(), **overrides})
+        merged.base_dir = config.base_dir
+        return merged
+
+    def running(self):
+        if sys.version_info < (3, 12):
+            log.warning(
+                "agentkeys: running on Python %d.%d with mitmproxy 11, which lacks mitmproxy 12's fix for HTTP/2"
+                " request smuggling; use Python >= 3.12 where you can",
+                *sys.version_info[:2],
+            )
+        # Dial a provider only when a call is forwarded: a refused call never opens a connection.
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.update(connection_strategy="lazy")
+        if self.config.metrics_port and not self._metrics_started:
+            self.metrics.serve(self.config.metrics_port, self.config.listen_host)
+            self._metrics_started = True
+        if self._purge_task is None:
+            self._purge_task = asyncio.get_running_loop().create_task(self._purge_expired_keys())
+
+    async def _purge_expired_keys(self):
+        while True:
+            await asyncio.sleep(self.config.purge_interval)
+            try:
+                purged = await self.gate.purge_expired()
+                if purged:
+                    log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
+            except Exception:
+                log.exception("agentkeys: purging expired keys failed; will try again")
+
+    def done(self):
+        if self._purge_task:
+            self._purge_task.cancel()
+        if self.audit:
+            self.audit.close()
+
+    # ----- connections -----
+
+    def http_connect(self, flow: http.HTTPFlow):
+        """Remember the key given as the HTTPS_PROXY user, for every flow in this tunnel."""
+        credential = proxy_auth_user(flow.request.headers.get("proxy-authorization", ""))
+        if credential:
+            self.tunnel_credentials[flow.client_conn.id] = credential
+        if self.config.egress == "allowlist" and flow.request.host not in self.provider_by_host:
+            flow.response = http.Response.make(
+                403, f"agentkeys: egress to {flow.request.host} is not allowed\n", {"content-type": "text/plain"}
+            )
+
+    def tls_clienthello(self, data: tls.ClientHelloData):
+        """Intercept provider hosts only; any other TLS connection is relayed untouched."""
+        host = data.client_hello.sni or (data.context.server.address or ("",))[0]
+        if host not in self.provider_by_host:
+            data.ignore_connection = True
+
+    def client_disconnected(self, client):
+        self.tunnel_credentials.pop(client.id, None)
+
+    # ----- the call -----
+
+    async def request(self, flow: http.HTTPFlow):
+        started = time.perf_counter()
+        state = None
+        try:
+            state = self._route(flow)
+            if state is None:
+                return
+            flow.metadata[STATE] = state
+            outcome = await self.gate.admit(state.call)
+            if isinstance(outcome, Denial):
+                self._deny(flow, state, outcome)
+                return
+            state.admission = outcome
+            self._forward(flow, state)
+        except Exception:
+            log.exception("agentkeys: request hook failed; refusing the call")
+            await self._fail_closed(flow, state)
+        finally:
+            if state:
+                state.overhead_seconds += time.perf_counter() - started
+
+    def _route(self, flow: http.HTTPFlow) -> CallState | None:
+        """Which provider this is and the path in its own terms; None for traffic we leave alone."""
+        split = urlsplit(flow.request.path)
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            prefix, _, rest = split.path.lstrip("/").partition("/")
+            provider, path = prefix, "/" + rest
+            if provider not in self.config.providers:
+                wire = FORMATS["openai"]
+                status, body = wire.error(
+                    DenyKind.FORBIDDEN,
+                    f"agentkeys: no provider at /{prefix}; use one of "
+                    + ", ".join(f"/{name}" for name in self.config.providers),
+                )
+                flow.response = http.Response.make(404, json_bytes(body), {"content-type": "application/json"})
+                return None
+        else:
+            provider, path = self.provider_by_host.get(flow.request.pretty_host), split.path
+            if provider is None:
+                self._non_provider(flow)
+                return None
+        call = CallRequest(
+            provider=provider,
+            method=flow.request.method,
+            path=path,
+            query=split.query,
+            headers={name.lower(): value for name, value in flow.request.headers.items()},
+            body=flow.request.get_content(strict=False) or b"",
+            tunnel_credential=self.tunnel_credentials.get(flow.client_conn.id),
+        )
+        return CallState(call=call, wire=FORMATS[self.config.providers[provider].format])
+
+    def _non_provider(self, flow: http.HTTPFlow):
+        if self.config.egress == "allowlist":
+            flow.response = http.Response.make(
+                403, f"agentkeys: egress to {flow.request.pretty_host} is not allowed\n", {"content-type": "text/plain"}
+            )
+
+    def _forward(self, flow: http.HTTPFlow, state: CallState):
+        """Swap the agent's credentials for the real key and point the request at the provider."""
+        admission, call = state.admission, state.call
+        for name in CREDENTIAL_HEADERS:
+            flow.request.headers.pop(name, None)
+        admission.wire.set_real_key(flow.request.headers, admission.real_key)
+        flow.request.headers["accept-encoding"] = "identity"  # so streamed SSE can be read as it passes
+        upstream = self.config.providers[call.provider].upstream
+        flow.request.url = upstream + call.path + (f"?{call.query}" if call.query else "")
+        if admission.upstream_body is not None:
+            flow.request.content = admission.upstream_body
+
+    def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
+        status, body = state.wire.error(denial.kind, denial.message)
+        headers = {"content-type": "application/json"}
+        if denial.kind in RETRY_HEADER:
+            headers["x-should-retry"] = RETRY_HEADER[denial.kind]
+        flow.response = http.Response.make(status, json_bytes(body), headers)
+        state.finished = True
+        key = denial.key
+        self._record(
+            state,
+            CallRecord(
+                key_id=key.key_id if key else None, key_name=key.name if key else None,
+                policy=key.policy_name if key else None, provider=state.call.provider,
+                method=state.call.method, path=state.call.path, model=denial.model,
+                decision="deny", reason=denial.message, status=status,
+            ),
+        )  # fmt: skip
+
+    async def _fail_closed(self, flow: http.HTTPFlow, state: CallState | None):
+        if state is None:
+            flow.response = http.Response.make(500, b"agentkeys: internal error\n", {"content-type": "text/plain"})
+            return
+        if state.admission:
+            await self.gate.release(state.admission)
+        self._deny(flow, state, Denial(DenyKind.INTERNAL, "agentkeys: internal error; the call was not forwarded"))
+
+    def responseheaders(self, flow: http.HTTPFlow):
+        state = self._in_flight(flow)
+        if state is None:
+            return
+        try:
+            streaming = flow.response.headers.get("content-type", "").startswith("text/event-stream")
+            if streaming and state.admission.facts.metered and flow.response.status_code < 400:
+                state.relay = StreamRelay(state.admission.wire.stream_meter(state.admission.facts))
+                flow.response.stream = state.relay
+        except Exception:
+            log.exception("agentkeys: responseheaders hook failed")
+
+    async def response(self, flow: http.HTTPFlow):
+        state = self._in_flight(flow)
+        if state is None:
+            return
+        state.finished = True
+        started = time.perf_counter()
+        try:
+            settlement = await self._settle_response(flow, state)
+        except Exception:
+            log.exception("agentkeys: settling failed; charging the full hold")
+            settlement = await self.gate.settle_usage(state.admission, None)
+        state.overhead_seconds += time.perf_counter() - started
+        self._record_allowed(flow, state, settlement, reason="ok")
+
+    async def _settle_response(self, flow: http.HTTPFlow, state: CallState) -> Settlement:
+        admission = state.admission
+        if not admission.facts.metered:
+            return Settlement(0, "free")
+        if flow.response.status_code >= 400:
+            return await self.gate.release(admission)
+        if state.relay:
+            if state.relay.broken:
+                return await self.gate.settle_usage(admission, None)
+            return await self.gate.settle_stream(admission, state.relay.meter.result())
+        return await self.gate.settle_usage(admission, admission.wire.usage_from_response(flow.response.content))
+
+    async def error(self, flow: http.HTTPFlow):
+        """The connection broke: a stream cut short is charged for what was sent; no answer, nothing."""
+        state = self._in_flight(flow)
+        if state is None:
+            return
+        state.finished = True
+        try:
+            if state.relay and state.relay.first_chunk_at is not None and not state.relay.broken:
+                settlement = await self.gate.settle_stream(state.admission, state.relay.meter.result())
+            elif state.relay:
+                settlement = await self.gate.settle_usage(state.admission, None)
+            else:
+                settlement = await self.gate.release(state.admission)
+        except Exception:
+            log.exception("agentkeys: settling a broken call failed")
+            settlement = Settlement(0, "none")
+        self._record_allowed(flow, state, settlement, reason=f"error: {flow.error.msg if flow.error else 'unknown'}")
+
+    def _in_flight(self, flow: http.HTTPFlow) -> CallState | None:
+        state = flow.metadata.get(STATE)
+        if state is None or state.admission is None or state.finished:
+            return None
+        return state
+
+    # ----- record -----
+
+    def _record_allowed(self, flow: http.HTTPFlow, state: CallState, settlement: Settlement, reason: str):
+        admission, usage = state.admission, settlement.usage
+        request, response = flow.request, flow.response
+        record = CallRecord(
+            key_id=admission.key.key_id, key_name=admission.key.name, policy=admission.key.policy_name,
+            provider=state.call.provider, method=state.call.method, path=state.call.path,
+            model=admission.facts.model, decision="allow", reason=reason,
+            status=response.status_code if response else None, metering=settlement.metering,
+            cost_micros=settlement.cost_micros, cost_usd=micros_to_usd(settlement.cost_micros),
+            hold_micros=admission.hold_micros,
+            proxy_overhead_ms=round((state.overhead_seconds + (state.relay.seconds_spent if state.relay else 0)) * 1000, 3),
+        )  # fmt: skip
+        if usage:
+            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
+            record.cached_tokens, record.cache_write_tokens = usage.cached_tokens, usage.cache_write_tokens
+            record.reasoning_tokens = usage.reasoning_tokens
+        if response and request.timestamp_end and response.timestamp_start:
+            record.upstream_latency_ms = round((response.timestamp_start - request.timestamp_end) * 1000, 3)
+        if state.relay and state.relay.first_chunk_at and request.timestamp_end:
+            record.ttft_ms = round((state.relay.first_chunk_at - request.timestamp_end) * 1000, 3)
+        self._record(state, record)
+
+    def _record(self, state: CallState, record: CallRecord):
+        try:
+            self.audit.write(record)
+            self.metrics.observe(record)
+        except Exception:
+            log.exception("agentkeys: writing the audit record failed")
+
+
+def json_bytes(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+addons = [AgentKeys()]

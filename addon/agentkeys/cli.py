@@ -1,0 +1,250 @@
+"""The `agentkeys` command: run the proxy, issue and manage keys, check policies, show the CA."""
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from agentkeys import credentials
+from agentkeys.certs import agent_environment, bundle_path, ca_cert_path, ensure_ca
+from agentkeys.ledger import KeyRecord, LedgerUnavailable, open_ledger
+from agentkeys.money import format_usd, micros_to_usd, usd_to_micros
+from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_duration
+from agentkeys.yamlfile import ConfigError
+
+DEFAULT_CONFIG = Path("agentkeys.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except LedgerUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentkeys", description=__doc__)
+    parser.add_argument(
+        "--config", type=Path, help="proxy config (default: $AGENTKEYS_CONFIG, else ./agentkeys.yaml if present)"
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy (proxy mode and gateway mode listeners)")
+    serve.set_defaults(run=cmd_serve)
+
+    keys = commands.add_parser("keys", help="issue, list, show and revoke agent keys").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    issue = keys.add_parser("issue", help="mint a key from a policy; prints it once")
+    issue.add_argument("policy", type=Path, help="a *.policy.yaml file")
+    issue.add_argument("--ttl", help="lifetime, e.g. 5m, 1h (default: the policy's ttl)")
+    issue.add_argument("--budget", type=float, help="USD cap (default: the policy's budget_usd)")
+    issue.add_argument("--name", help="a name for the key (default: the policy's name)")
+    issue.add_argument("--json", action="store_true", help="print id, key, expiry and budget as JSON")
+    issue.set_defaults(run=cmd_keys_issue)
+    listing = keys.add_parser("list", help="all keys with their spend")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=cmd_keys_list)
+    show = keys.add_parser("show", help="one key in detail")
+    show.add_argument("key_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=cmd_keys_show)
+    revoke = keys.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=cmd_keys_revoke)
+
+    policy = commands.add_parser("policy", help="policy files").add_subparsers(required=True, metavar="ACTION")
+    check = policy.add_parser("check", help="validate policy files; exit status 1 if any is invalid")
+    check.add_argument("files", nargs="+", type=Path)
+    check.set_defaults(run=cmd_policy_check)
+
+    ca = commands.add_parser("ca", help="where the CA is, and the environment an agent needs")
+    ca.set_defaults(run=cmd_ca)
+    return parser
+
+
+def read_config(args) -> ProxyConfig:
+    path = args.config or (Path(os.environ["AGENTKEYS_CONFIG"]) if os.environ.get("AGENTKEYS_CONFIG") else None)
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    return load_config(path)
+
+
+def open_store(config: ProxyConfig):
+    return open_ledger(config.store, config.sqlite_path)
+
+
+# ----- serve -----
+
+
+def cmd_serve(args) -> int:
+    from mitmproxy.tools.main import mitmdump
+
+    config = read_config(args)
+    certs_dir = config.path(config.certs_dir)
+    ensure_ca(certs_dir)
+    addon_path = Path(__file__).with_name("addon.py")
+    host = config.listen_host
+    mitm_args = [
+        "--mode", f"regular@{host}:{config.proxy_port}",
+        # The reverse target is never dialled: the addon routes every gateway call by its path prefix.
+        "--mode", f"reverse:http://127.0.0.1:9@{host}:{config.gateway_port}",
+        "--set", f"confdir={certs_dir}",
+        "--set", "connection_strategy=lazy",
+        "--set", "flow_detail=0",
+        "-s", str(addon_path),
+    ]  # fmt: skip
+    if args.config or os.environ.get("AGENTKEYS_CONFIG") or DEFAULT_CONFIG.exists():
+        mitm_args += ["--set", f"agentkeys_config={args.config or os.environ.get('AGENTKEYS_CONFIG') or DEFAULT_CONFIG}"]
+    print_how_to_connect(config, certs_dir)
+    mitmdump(mitm_args)
+    return 0
+
+
+def print_how_to_connect(config: ProxyConfig, certs_dir: Path) -> None:
+    host = config.listen_host
+    print(f"agentkeys: proxy mode on {host}:{config.proxy_port}, gateway mode on {host}:{config.gateway_port}")
+    print("Issue a key:   agentkeys keys issue policies/example.policy.yaml --ttl 1h --budget 5")
+    print("Proxy mode (no code change; the agent trusts our CA):")
+    for name, value in agent_environment(certs_dir, f"http://{host}:{config.proxy_port}").items():
+        print(f"  export {name}={value}")
+    print("  export OPENAI_API_KEY=ak_…   # or ANTHROPIC_API_KEY=ak_…")
+    print("Gateway mode (no CA; set the SDK's base URL):")
+    for name in config.providers:
+        print(f"  {name}: http://{host}:{config.gateway_port}/{name}" + ("/v1" if name == "openai" else ""))
+    sys.stdout.flush()
+
+
+# ----- keys -----
+
+
+def cmd_keys_issue(args) -> int:
+    config = read_config(args)
+    policy = load_policy(args.policy)
+    ttl = parse_duration(args.ttl) if args.ttl else policy.ttl
+    budget = args.budget if args.budget is not None else policy.budget_usd
+    if budget <= 0:
+        print("error: --budget must be positive", file=sys.stderr)
+        return 2
+    minted = credentials.mint()
+    now = time.time()
+    record = KeyRecord(
+        key_id=minted.key_id, key_hash=minted.key_hash, name=args.name or policy.name, policy_name=policy.name,
+        policy_json=policy.model_dump_json(), created_at=now, expires_at=now + ttl,
+        budget_micros=usd_to_micros(budget),
+    )  # fmt: skip
+    open_store(config).create_key(record)
+    if args.json:
+        print(json.dumps({**key_summary(record, now), "key": minted.key}))
+    else:
+        print(minted.key)
+        print(
+            f"# id {record.key_id}, policy {policy.name}, budget {format_usd(record.budget_micros)},"
+            f" expires {iso(record.expires_at)}; the key is shown only once",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def key_summary(record: KeyRecord, now: float) -> dict:
+    return {
+        "id": record.key_id,
+        "name": record.name,
+        "policy": record.policy_name,
+        "status": record.status(now),
+        "created_at": iso(record.created_at),
+        "expires_at": iso(record.expires_at),
+        "budget_usd": micros_to_usd(record.budget_micros),
+        "spent_usd": micros_to_usd(record.spent_micros),
+        "held_usd": micros_to_usd(record.held_micros),
+        "remaining_usd": micros_to_usd(record.remaining_micros),
+    }
+
+
+def cmd_keys_list(args) -> int:
+    now = time.time()
+    summaries = [key_summary(record, now) for record in open_store(read_config(args)).list_keys()]
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+        return 0
+    columns = ["id", "name", "policy", "status", "expires_at", "budget_usd", "spent_usd", "held_usd", "remaining_usd"]
+    rows = [[str(s[c]) if not c.endswith("_usd") else f"{s[c]:.4f}" for c in columns] for s in summaries]
+    print_table(columns, rows)
+    return 0
+
+
+def cmd_keys_show(args) -> int:
+    record = open_store(read_config(args)).get_key(args.key_id)
+    if record is None:
+        print(f"error: no key {args.key_id}", file=sys.stderr)
+        return 1
+    summary = {**key_summary(record, time.time()), "policy_rules": json.loads(record.policy_json)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for name, value in summary.items():
+            print(f"{name:>14}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    if not open_store(read_config(args)).revoke(args.key_id, time.time()):
+        print(f"error: no active key {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+# ----- policy, ca -----
+
+
+def cmd_policy_check(args) -> int:
+    known_providers = set(read_config(args).providers)
+    invalid = 0
+    for path in args.files:
+        try:
+            policy = load_policy(path)
+        except ConfigError as e:
+            invalid += 1
+            print(e, file=sys.stderr)
+            continue
+        unknown = [p for p in policy.providers if p not in known_providers]
+        if unknown:
+            invalid += 1
+            print(f"{path}: providers: unknown provider(s) {', '.join(unknown)}", file=sys.stderr)
+            continue
+        print(f"ok: {path} (policy {policy.name})")
+    return 1 if invalid else 0
+
+
+def cmd_ca(args) -> int:
+    config = read_config(args)
+    certs_dir = config.path(config.certs_dir)
+    ensure_ca(certs_dir)
+    print(f"# CA certificate: {ca_cert_path(certs_dir)}")
+    print(f"# bundle (system roots + CA): {bundle_path(certs_dir)}")
+    for name, value in agent_environment(certs_dir, f"http://{config.listen_host}:{config.proxy_port}").items():
+        print(f"export {name}={value}")
+    return 0
+
+
+def print_table(columns: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    for row in [columns, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

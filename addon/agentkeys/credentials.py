@@ -1,0 +1,81 @@
+"""Scoped keys: their format, minting, hashing, and finding one in a request's headers.
+
+A key reads `ak_<id>_<secret>`. The id names the key in the ledger, the CLI and the audit log;
+the secret is 32 random bytes. Only the SHA-256 of the whole key is stored, so a copy of the
+store does not hand out working keys. (The secret is high-entropy, so a salted slow hash would
+add cost without adding safety.)
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+PREFIX = "ak_"
+# Headers through which SDKs send an API key. All are stripped before forwarding.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization")
+
+
+@dataclass(frozen=True)
+class MintedKey:
+    key_id: str
+    key: str
+    key_hash: str
+
+
+def mint() -> MintedKey:
+    key_id = secrets.token_hex(6)
+    key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    return MintedKey(key_id=key_id, key=key, key_hash=hash_key(key))
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_id_of(key: str) -> str | None:
+    """The id part of a well-formed scoped key, else None."""
+    if not key.startswith(PREFIX):
+        return None
+    key_id, sep, secret = key[len(PREFIX) :].partition("_")
+    return key_id if sep and key_id and secret else None
+
+
+def matches(key: str, stored_hash: str) -> bool:
+    return hmac.compare_digest(hash_key(key), stored_hash)
+
+
+def credential_from_header(name: str, value: str) -> str | None:
+    """The credential a header carries: Bearer tokens, raw API keys, or proxy Basic auth's user."""
+    value = value.strip()
+    if name == "proxy-authorization":
+        return proxy_auth_user(value)
+    if name == "authorization":
+        scheme, _, token = value.partition(" ")
+        return token.strip() or None if scheme.lower() == "bearer" else None
+    return value or None
+
+
+def proxy_auth_user(value: str) -> str | None:
+    """`HTTPS_PROXY=http://KEY@host:port` arrives as `Basic base64("KEY:")`; KEY is the credential."""
+    scheme, _, encoded = value.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user or password or None
+
+
+def credentials_in(headers: dict[str, str]) -> list[str]:
+    """Every credential the request carries, from any header an SDK uses for one."""
+    found = []
+    for name in CREDENTIAL_HEADERS:
+        value = headers.get(name)
+        credential = credential_from_header(name, value) if value else None
+        if credential:
+            found.append(credential)
+    return found

@@ -1,0 +1,23 @@
+"""Money as whole micro-dollars.
+
+Budgets, holds and spend are integers of 1e-6 USD so that sums are exact in SQLite, in Redis and
+in Python alike. Amounts are always rounded *up* to the next micro-dollar: the proxy may charge a
+fraction of a cent too much over a million calls, never too little.
+"""
+
+from decimal import ROUND_CEILING, Decimal
+
+MICROS_PER_USD = 1_000_000
+
+
+def usd_to_micros(usd: Decimal | float | int | str) -> int:
+    return int((Decimal(str(usd)) * MICROS_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+
+
+def micros_to_usd(micros: int) -> float:
+    return micros / MICROS_PER_USD
+
+
+def format_usd(micros: int) -> str:
+    """`$0.0123`: four decimals, enough to see what a single small call costs."""
+    return f"${micros / MICROS_PER_USD:.4f}"

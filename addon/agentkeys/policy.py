@@ -1,0 +1,183 @@
+"""The two files users write: a key's policy (`*.policy.yaml`) and the proxy's config.
+
+Both are pydantic models loaded through `yamlfile.load_yaml_model`, so a bad file is refused
+with its file, line, field and reason. Parsing happens once, at load; the gate only reads the
+resulting typed objects.
+"""
+
+import fnmatch
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from agentkeys.yamlfile import load_yaml_model
+
+DURATION_PART = re.compile(r"(\d+)([smhd])")
+SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str | int | float) -> int:
+    """`90`, `"90s"`, `"5m"`, `"1h30m"`, `"2d"` → seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = int(value)
+    else:
+        text = str(value).strip().lower()
+        parts = DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 5m, 1h, 1h30m, 2d)")
+        seconds = sum(int(n) * SECONDS_PER_UNIT[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+
+
+class EndpointRule(BaseModel):
+    """`POST /v1/chat/completions`: a method (or `*`) and a path glob, in the provider's own paths."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: str
+    path: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def from_string(cls, value):
+        if isinstance(value, str):
+            method, _, path = value.strip().partition(" ")
+            if not path.strip().startswith("/"):
+                raise ValueError(f"{value!r}: write an endpoint as 'METHOD /path', e.g. 'POST /v1/chat/completions'")
+            return {"method": method, "path": path.strip()}
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def upper_method(cls, method: str) -> str:
+        return method.upper()
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.method in ("*", method.upper()) and fnmatch.fnmatchcase(path, self.path)
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+class Policy(BaseModel):
+    """What a key may do. `ttl` and `budget_usd` are defaults that `keys issue` may override."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    description: str = ""
+    ttl: Duration = 3600
+    budget_usd: float = Field(gt=0)
+    providers: list[str] = Field(min_length=1)
+    endpoints: list[EndpointRule] = Field(min_length=1)
+    models: list[str] = Field(min_length=1, description="globs, e.g. gpt-4o-mini*")
+    default_max_output_tokens: int | None = Field(default=None, gt=0)
+
+    def allows_endpoint(self, method: str, path: str) -> bool:
+        return any(rule.matches(method, path) for rule in self.endpoints)
+
+    def allows_model(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+def load_policy(path: Path) -> Policy:
+    return load_yaml_model(Path(path), Policy)
+
+
+class ProviderConfig(BaseModel):
+    """Where a provider lives and where its real key comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["openai", "anthropic"]
+    upstream: str = Field(description="base URL the proxy forwards to, e.g. https://api.openai.com")
+    hosts: list[str] = Field(default_factory=list, description="hostnames intercepted in proxy mode")
+    key_env: str = Field(description="environment variable holding the real provider key")
+
+    @field_validator("upstream")
+    @classmethod
+    def http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/]+", url):
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        return url.rstrip("/")
+
+    def real_key(self) -> str | None:
+        return os.environ.get(self.key_env) or None
+
+
+DEFAULT_PROVIDERS = {
+    "openai": {
+        "format": "openai",
+        "upstream": "https://api.openai.com",
+        "hosts": ["api.openai.com"],
+        "key_env": "OPENAI_API_KEY",
+    },
+    "anthropic": {
+        "format": "anthropic",
+        "upstream": "https://api.anthropic.com",
+        "hosts": ["api.anthropic.com"],
+        "key_env": "ANTHROPIC_API_KEY",
+    },
+}
+
+
+class ProxyConfig(BaseModel):
+    """The proxy's own settings. Relative paths are relative to the config file's folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    listen_host: str = "127.0.0.1"
+    proxy_port: int = Field(default=8080, ge=0, le=65535)
+    gateway_port: int = Field(default=8081, ge=0, le=65535)
+    store: str = "sqlite:///agentkeys.db"
+    audit_log: str | None = "audit.jsonl"
+    metrics_port: int | None = Field(default=9464, ge=0, le=65535)
+    certs_dir: str = "certs"
+    egress: Literal["passthrough", "allowlist"] = Field(
+        default="passthrough",
+        description="non-provider hosts in proxy mode: pass through as an untouched tunnel, or refuse",
+    )
+    purge_interval: Duration = 60
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("store")
+    @classmethod
+    def known_store(cls, url: str) -> str:
+        if not url.startswith("sqlite:///"):
+            raise ValueError(f"{url!r}: the store must be sqlite:///PATH")
+        return url
+
+    @model_validator(mode="before")
+    @classmethod
+    def merge_default_providers(cls, data):
+        """A config names only what it changes: `openai: {upstream: ...}` keeps the other defaults."""
+        if not isinstance(data, dict):
+            return data
+        given = data.get("providers") or {}
+        if not isinstance(given, dict):
+            return data
+        merged = {name: dict(spec) for name, spec in DEFAULT_PROVIDERS.items()}
+        for name, spec in given.items():
+            merged[name] = {**merged.get(name, {}), **spec} if isinstance(spec, dict) else spec
+        return {**data, "providers": merged}
+
+    def path(self, value: str) -> Path:
+        return (self.base_dir / value).resolve()
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.path(self.store.removeprefix("sqlite:///"))
+
+
+def load_config(path: Path | None) -> ProxyConfig:
+    """The proxy config at `path`, or the defaults (relative to the current folder) when None."""
+    if path is None:
+        return ProxyConfig.model_validate({"base_dir": Path.cwd()})
+    config = load_yaml_model(Path(path), ProxyConfig)
+    config.base_dir = Path(path).resolve().parent
+    return config

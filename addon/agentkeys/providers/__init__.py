@@ -1,0 +1,9 @@
+"""Wire formats by name. Adding a provider's format is one module here and one line below."""
+
+from agentkeys.providers import anthropic, openai
+from agentkeys.providers.base import WireFormat
+
+FORMATS: dict[str, WireFormat] = {
+    "openai": openai.FORMAT,
+    "anthropic": anthropic.FORMAT,
+}

@@ -1,0 +1,176 @@
+"""Anthropic's wire format: messages, streaming and not, and the free token counter.
+
+Anthropic's tokenizer is not public, so the input bound is the UTF-8 byte count of the text:
+every token of a byte-level BPE is at least one byte, whatever the vocabulary.
+"""
+
+import fnmatch
+import json
+
+from agentkeys.pricing import Usage
+from agentkeys.providers.base import (
+    DenyKind,
+    MalformedRequest,
+    RequestFacts,
+    SseEvent,
+    StreamResult,
+    event_json,
+    optional_positive_int,
+    parse_json_object,
+    required_model,
+    utf8_len,
+)
+
+METERED = [("POST", "/v1/messages")]
+FREE = [("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"), ("GET", "/v1/models/*")]
+
+TOKENS_PER_MESSAGE = 8
+REQUEST_OVERHEAD_TOKENS = 16
+# Images are resized by Anthropic to about 1.15 megapixels (~1,600 tokens); allow generously.
+IMAGE_TOKEN_ALLOWANCE = 5_000
+# Tool use adds a system prompt of Anthropic's own (a few hundred tokens).
+TOOLS_OVERHEAD_TOKENS = 1_000
+
+ERRORS = {
+    DenyKind.UNAUTHENTICATED: (401, "authentication_error"),
+    DenyKind.FORBIDDEN: (403, "permission_error"),
+    DenyKind.BUDGET: (402, "billing_error"),
+    DenyKind.BAD_REQUEST: (400, "invalid_request_error"),
+    DenyKind.UNAVAILABLE: (503, "api_error"),
+    DenyKind.INTERNAL: (500, "api_error"),
+}
+
+
+class AnthropicFormat:
+    name = "anthropic"
+
+    def endpoint_kind(self, method: str, path: str) -> str | None:
+        for kind, endpoints in (("metered", METERED), ("free", FREE)):
+            if any(m == method and fnmatch.fnmatchcase(path, p) for m, p in endpoints):
+                return kind
+        return None
+
+    def request_facts(self, method: str, path: str, body: bytes) -> RequestFacts:
+        if self.endpoint_kind(method, path) != "metered":
+            return RequestFacts(metered=False)
+        data = parse_json_object(body)
+        model = required_model(data)
+        max_tokens = optional_positive_int(data, "max_tokens")
+        if max_tokens is None:
+            raise MalformedRequest("'max_tokens' is required")
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise MalformedRequest("'messages' must be a non-empty list")
+        return RequestFacts(
+            metered=True,
+            model=model,
+            max_output_tokens=max_tokens,
+            stream=data.get("stream") is True,
+            input_token_bound=messages_input_bound(data, messages),
+        )
+
+    def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None:
+        """Always as sent: `max_tokens` is required here, so the hold never assumes a cap of its own."""
+        return None
+
+    def usage_from_response(self, body: bytes) -> Usage | None:
+        try:
+            usage = json.loads(body).get("usage")
+        except (ValueError, AttributeError):
+            return None
+        return usage_from_object(usage)
+
+    def stream_meter(self, facts: RequestFacts) -> "MessagesStreamMeter":
+        return MessagesStreamMeter()
+
+    def error(self, kind: DenyKind, message: str) -> tuple[int, dict]:
+        status, error_type = ERRORS[kind]
+        return status, {"type": "error", "error": {"type": error_type, "message": message}}
+
+    def set_real_key(self, headers, key: str) -> None:
+        headers["x-api-key"] = key
+
+
+def usage_from_object(usage, output_tokens: int | None = None) -> Usage | None:
+    """Anthropic reports cache reads and writes apart from `input_tokens`; we count them in."""
+    if not isinstance(usage, dict) or "input_tokens" not in usage:
+        return None
+    cached = usage.get("cache_read_input_tokens") or 0
+    written = usage.get("cache_creation_input_tokens") or 0
+    return Usage(
+        input_tokens=(usage.get("input_tokens") or 0) + cached + written,
+        output_tokens=(usage.get("output_tokens") or 0) if output_tokens is None else output_tokens,
+        cached_tokens=cached,
+        cache_write_tokens=written,
+    )
+
+
+def messages_input_bound(data: dict, messages: list) -> int:
+    tokens = REQUEST_OVERHEAD_TOKENS + len(messages) * TOKENS_PER_MESSAGE
+    tokens += block_tokens(data.get("system") or "")
+    for message in messages:
+        if not isinstance(message, dict):
+            raise MalformedRequest("each message must be an object")
+        tokens += block_tokens(message.get("content") or "")
+    if data.get("tools"):
+        tokens += TOOLS_OVERHEAD_TOKENS + utf8_len(data["tools"])
+    return tokens
+
+
+def block_tokens(content) -> int:
+    if isinstance(content, str):
+        return utf8_len(content)
+    if not isinstance(content, list):
+        return utf8_len(content)
+    tokens = 0
+    for block in content:
+        if isinstance(block, dict) and block.get("type") == "image":
+            tokens += IMAGE_TOKEN_ALLOWANCE
+        elif isinstance(block, dict) and isinstance(block.get("text"), str):
+            tokens += utf8_len(block["text"]) + TOKENS_PER_MESSAGE
+        else:
+            tokens += utf8_len(block) + TOKENS_PER_MESSAGE
+    return tokens
+
+
+class MessagesStreamMeter:
+    """Reads a messages stream: input usage from `message_start`, output from `message_delta`."""
+
+    def __init__(self):
+        self.start_usage: dict | None = None
+        self.output_tokens: int | None = None
+        self.stopped = False
+        self.text_parts: list[str] = []
+
+    def feed(self, event: SseEvent) -> bool:
+        data = event_json(event)
+        if data is None:
+            return True
+        kind = data.get("type")
+        if kind == "message_start":
+            self.start_usage = (data.get("message") or {}).get("usage")
+        elif kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            for name in ("text", "partial_json", "thinking"):
+                if isinstance(delta.get(name), str):
+                    self.text_parts.append(delta[name])
+        elif kind == "message_delta":
+            self.output_tokens = (data.get("usage") or {}).get("output_tokens", self.output_tokens)
+        elif kind == "message_stop":
+            self.stopped = True
+        return True
+
+    def result(self) -> StreamResult:
+        usage = None
+        if self.start_usage is not None and self.output_tokens is not None:
+            usage = usage_from_object(self.start_usage, self.output_tokens)
+        started = usage_from_object(self.start_usage)
+        return StreamResult(
+            usage=usage,
+            complete=self.stopped and usage is not None,
+            streamed_text="".join(self.text_parts),
+            input_tokens_seen=started.input_tokens if started else None,
+        )
+
+
+FORMAT = AnthropicFormat()

@@ -1,0 +1,161 @@
+"""What every wire format module provides, and the pieces they share.
+
+A wire format (openai, anthropic, …) knows its provider's HTTP surface: which endpoints cost
+money, what a request asks for (model, max output tokens, streaming), an upper bound on its input
+tokens, where usage appears in a response or a stream, what the provider's errors look like, and
+where the real key goes. It knows nothing of budgets or keys.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from agentkeys.pricing import Usage
+
+
+class MalformedRequest(Exception):
+    """The body of a metered call cannot be read; the call is refused with a 400."""
+
+
+class DenyKind(Enum):
+    """Why the proxy answers instead of the provider; each format maps it to its own status and shape."""
+
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    BUDGET = "budget"
+    BAD_REQUEST = "bad_request"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What the gate needs to know about one request before forwarding it."""
+
+    metered: bool
+    model: str | None = None
+    max_output_tokens: int | None = None
+    stream: bool = False
+    input_token_bound: int = 0
+    client_wants_stream_usage: bool = True
+
+
+@dataclass
+class StreamResult:
+    usage: Usage | None  # the provider's own figures, when the stream got that far
+    complete: bool
+    streamed_text: str
+    input_tokens_seen: int | None = None  # some formats report input at the start of a stream
+
+
+class StreamMeter(Protocol):
+    def feed(self, event: "SseEvent") -> bool:
+        """Read one event; return whether to pass it on to the client."""
+        ...
+
+    def result(self) -> StreamResult: ...
+
+
+class WireFormat(Protocol):
+    name: str
+
+    def endpoint_kind(self, method: str, path: str) -> str | None:
+        """`metered`, `free`, or None for an endpoint the proxy cannot meter."""
+        ...
+
+    def request_facts(self, method: str, path: str, body: bytes) -> RequestFacts: ...
+    def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None: ...
+    def usage_from_response(self, body: bytes) -> Usage | None: ...
+    def stream_meter(self, facts: RequestFacts) -> StreamMeter: ...
+    def error(self, kind: DenyKind, message: str) -> tuple[int, dict]: ...
+    def set_real_key(self, headers, key: str) -> None: ...
+
+
+def parse_json_object(body: bytes) -> dict:
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MalformedRequest(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MalformedRequest("the request body must be a JSON object")
+    return data
+
+
+def optional_positive_int(data: dict, *names: str) -> int | None:
+    """The first of `names` present in `data`, checked to be a positive integer."""
+    for name in names:
+        value = data.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise MalformedRequest(f"'{name}' must be a positive integer")
+        return value
+    return None
+
+
+def required_model(data: dict) -> str:
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise MalformedRequest("the request names no 'model'")
+    return model
+
+
+def utf8_len(value) -> int:
+    """Bytes of a JSON value as text: an upper bound on its tokens for any byte-level BPE."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return len(text.encode())
+
+
+EVENT_BOUNDARY = re.compile(rb"\r?\n\r?\n")
+
+
+@dataclass
+class SseEvent:
+    raw: bytes
+    event: str | None
+    data: str
+
+
+@dataclass
+class SseSplitter:
+    """Cuts a byte stream into complete server-sent events as they arrive.
+
+    Only an incomplete trailing event is held back: every complete event is handed on at once,
+    so the proxy adds no latency a client could notice.
+    """
+
+    pending: bytes = b""
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        self.pending += chunk
+        events = []
+        while match := EVENT_BOUNDARY.search(self.pending):
+            raw, self.pending = self.pending[: match.end()], self.pending[match.end() :]
+            events.append(parse_event(raw))
+        return events
+
+    def flush(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+
+def parse_event(raw: bytes) -> SseEvent:
+    name, data_lines = None, []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        field_name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field_name == "event":
+            name = value
+        elif field_name == "data":
+            data_lines.append(value)
+    return SseEvent(raw=raw, event=name, data="\n".join(data_lines))
+
+
+def event_json(event: SseEvent) -> dict | None:
+    try:
+        data = json.loads(event.data)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,54 @@
+"""Token counts with tiktoken, from encodings shipped inside the package.
+
+Nothing is downloaded at run time: the BPE files live in `data/tiktoken/` and are loaded with
+tiktoken's own hash check. The encoding definitions (regex, special tokens) are tiktoken's own:
+we call its constructors with the file location redirected to our copy.
+"""
+
+import functools
+import threading
+from importlib import resources
+
+import tiktoken
+import tiktoken.load
+import tiktoken_ext.openai_public as openai_public
+
+ENCODING_FILES = {
+    "o200k_base": "o200k_base.tiktoken",
+    "cl100k_base": "cl100k_base.tiktoken",
+}
+# Models that predate o200k use cl100k; everything newer (and non-OpenAI models, as an estimate) o200k.
+CL100K_MODEL_PREFIXES = ("gpt-4-", "gpt-4", "gpt-3.5", "text-embedding-")
+O200K_MODEL_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt")
+
+_load_lock = threading.Lock()
+
+
+@functools.cache
+def encoding(name: str) -> tiktoken.Encoding:
+    """Build one of tiktoken's encodings from the packaged BPE file (hash-checked)."""
+    path = str(resources.files("agentkeys").joinpath("data/tiktoken", ENCODING_FILES[name]))
+    real_loader = tiktoken.load.load_tiktoken_bpe
+
+    def load_packaged(_url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        return real_loader(path, expected_hash=expected_hash)
+
+    with _load_lock:
+        openai_public.load_tiktoken_bpe = load_packaged
+        try:
+            spec = getattr(openai_public, name)()
+        finally:
+            openai_public.load_tiktoken_bpe = real_loader
+    return tiktoken.Encoding(**spec)
+
+
+def encoding_for_model(model: str) -> tiktoken.Encoding:
+    if model.startswith(O200K_MODEL_PREFIXES):
+        return encoding("o200k_base")
+    if model.startswith(CL100K_MODEL_PREFIXES):
+        return encoding("cl100k_base")
+    return encoding("o200k_base")
+
+
+def count_tokens(text: str, model: str) -> int:
+    return len(encoding_for_model(model).encode(text, disallowed_special=()))

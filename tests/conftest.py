@@ -1,0 +1,199 @@
+"""Fixtures for end-to-end tests: the mock provider, a real mitmdump with the addon, keys.
+
+One mitmdump per test module (`proxy` is module-scoped): starting one takes about a second.
+"""
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agentkeys.audit import read_records
+from agentkeys.cli import main as agentkeys_main
+from agentkeys.ledger import SqliteLedger
+from mock_provider import MockProvider
+
+REPO = Path(__file__).resolve().parent.parent
+ADDON = REPO / "addon" / "agentkeys" / "addon.py"
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+OPENAI_REAL_KEY = "sk-test-real-openai"
+ANTHROPIC_REAL_KEY = "sk-ant-test-real-anthropic"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mitmdump exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"mitmdump did not listen on {port} within {timeout}s:\n{log.read_text()}")
+
+
+@dataclass
+class Proxy:
+    """A running mitmdump with the addon, and everything a test needs to talk to it."""
+
+    dir: Path
+    config_path: Path
+    proxy_port: int
+    gateway_port: int
+    metrics_port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.dir / "certs" / "agentkeys-ca-bundle.pem"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.dir / "audit.jsonl"
+
+    def audit(self) -> list[dict]:
+        return read_records(self.audit_path)
+
+    def records_for(self, key_id: str, count: int = 1, timeout: float = 10) -> list[dict]:
+        """The audit records of one key, once there are `count` of them.
+
+        A streamed response reaches the agent a moment before the proxy settles it, so tests wait
+        for the record (written after the settlement) rather than racing it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            records = [r for r in self.audit() if r["key_id"] == key_id]
+            if len(records) >= count or time.monotonic() > deadline:
+                return records
+            time.sleep(0.02)
+
+    def ledger(self) -> SqliteLedger:
+        return SqliteLedger(self.dir / "agentkeys.db")
+
+    def cli(self, *args: str) -> int:
+        return agentkeys_main(["--config", str(self.config_path), *args])
+
+    def issue(self, policy: Path, *extra: str) -> dict:
+        """Mint a key with the real CLI (`keys issue --json`) and return its JSON."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert self.cli("keys", "issue", str(policy), "--json", *extra) == 0
+        return json.loads(out.getvalue())
+
+
+def write_policy(directory: Path, name: str = "test", **fields) -> Path:
+    policy = {
+        "name": name,
+        "ttl": "1h",
+        "budget_usd": 1.0,
+        "providers": ["openai", "anthropic"],
+        "endpoints": ["POST /v1/chat/completions", "POST /v1/messages", "GET /v1/models"],
+        "models": ["gpt-4o-mini*", "claude-haiku-4-5*"],
+        "default_max_output_tokens": 256,
+        **fields,
+    }
+    path = directory / f"{name}.policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def start_proxy(directory: Path, mock: MockProvider, **config_fields) -> Proxy:
+    directory.mkdir(parents=True, exist_ok=True)
+    proxy_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
+    config = {
+        "listen_host": "127.0.0.1",
+        "proxy_port": proxy_port,
+        "gateway_port": gateway_port,
+        "metrics_port": metrics_port,
+        "store": "sqlite:///agentkeys.db",
+        "audit_log": "audit.jsonl",
+        "certs_dir": "certs",
+        "purge_interval": "1s",
+        "providers": {
+            "openai": {"upstream": mock.url},
+            "anthropic": {"upstream": mock.url},
+        },
+        **config_fields,
+    }
+    config_path = directory / "agentkeys.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    assert agentkeys_main(["--config", str(config_path), "ca"]) == 0  # the CA and bundle, as a user would
+    log_path = directory / "mitmdump.log"
+    env = {**os.environ, "OPENAI_API_KEY": OPENAI_REAL_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_REAL_KEY}
+    env.pop("HTTPS_PROXY", None)
+    process = subprocess.Popen(
+        [
+            str(MITMDUMP),
+            "--mode", f"regular@127.0.0.1:{proxy_port}",
+            "--mode", f"reverse:http://127.0.0.1:9@127.0.0.1:{gateway_port}",
+            "--set", f"confdir={directory / 'certs'}",
+            "--set", "flow_detail=0",
+            "--set", "connection_strategy=lazy",
+            "-s", str(ADDON),
+            "--set", f"agentkeys_config={config_path}",
+        ],  # fmt: skip
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=directory,
+    )
+    proxy = Proxy(directory, config_path, proxy_port, gateway_port, metrics_port, process, log_path)
+    wait_for_port(proxy_port, process, log_path)
+    wait_for_port(gateway_port, process, log_path)
+    return proxy
+
+
+def stop_proxy(proxy: Proxy) -> None:
+    proxy.process.terminate()
+    try:
+        proxy.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proxy.process.kill()
+
+
+@pytest.fixture(scope="module")
+def mock():
+    provider = MockProvider(openai_key=OPENAI_REAL_KEY, anthropic_key=ANTHROPIC_REAL_KEY).start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(mock, tmp_path_factory):
+    running = start_proxy(tmp_path_factory.mktemp("proxy"), mock)
+    yield running
+    stop_proxy(running)
+    log = running.log_path.read_text()
+    assert OPENAI_REAL_KEY not in log and ANTHROPIC_REAL_KEY not in log, "a real key reached the proxy's log"
+    assert "Traceback" not in log, f"the proxy logged an exception:\n{log}"
+
+
+@pytest.fixture(autouse=True)
+def _reset_mock(request):
+    if "mock" in request.fixturenames:
+        request.getfixturevalue("mock").reset()

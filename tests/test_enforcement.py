@@ -1,0 +1,180 @@
+"""The core path end to end: official SDKs → real mitmdump with the addon → mock provider.
+
+Both listeners: proxy mode (HTTPS_PROXY + our CA; the SDK keeps its default base URL) and gateway
+mode (base URL on the reverse listener, no CA).
+"""
+
+import anthropic
+import httpx2
+import openai
+import pytest
+
+from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, write_policy
+
+MODES = ["proxy", "gateway"]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    return write_policy(tmp_path_factory.mktemp("policies"))
+
+
+@pytest.fixture()
+def key(proxy, policy):
+    return proxy.issue(policy, "--budget", "1")
+
+
+def openai_client(proxy, mode, api_key, monkeypatch, **kwargs):
+    """An unchanged OpenAI SDK client, configured the way a user would: env vars or base URL."""
+    if mode == "proxy":
+        monkeypatch.setenv("HTTPS_PROXY", proxy.proxy_url)
+        monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_bundle))
+        return openai.OpenAI(api_key=api_key, max_retries=0, **kwargs)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    return openai.OpenAI(api_key=api_key, base_url=f"{proxy.gateway_url}/openai/v1", max_retries=0, **kwargs)
+
+
+def anthropic_client(proxy, mode, api_key, monkeypatch, **kwargs):
+    if mode == "proxy":
+        monkeypatch.setenv("HTTPS_PROXY", proxy.proxy_url)
+        monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_bundle))
+        return anthropic.Anthropic(api_key=api_key, max_retries=0, **kwargs)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    return anthropic.Anthropic(api_key=api_key, base_url=f"{proxy.gateway_url}/anthropic", max_retries=0, **kwargs)
+
+
+def chat(client, **kwargs):
+    return client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello"}], **kwargs
+    )
+
+
+def last_audit(proxy, key):
+    records = proxy.records_for(key["id"])
+    assert records, f"no audit record for key {key['id']}"
+    return records[-1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_openai_chat_swaps_the_key_and_meters_usage(proxy, mock, key, mode, monkeypatch):
+    client = openai_client(proxy, mode, key["key"], monkeypatch)
+    reply = chat(client, max_tokens=5)
+    assert reply.choices[0].message.content == "hello hello hello hello hello"
+    seen = mock.received[-1]
+    assert seen.path == "/v1/chat/completions"
+    assert seen.headers["authorization"] == f"Bearer {OPENAI_REAL_KEY}"
+    assert key["key"] not in str(seen.headers) and key["key"] not in seen.body.decode()
+    usage = mock.reported[-1]
+    expected_micros = -(-(usage["input_tokens"] * 150_000 + usage["output_tokens"] * 600_000) // 1_000_000)
+    record = last_audit(proxy, key)
+    assert record["decision"] == "allow" and record["metering"] == "usage"
+    assert (record["input_tokens"], record["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
+    assert record["cost_micros"] == expected_micros
+    stored = proxy.ledger().get_key(key["id"])
+    assert stored.spent_micros == expected_micros and stored.held_micros == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_openai_stream_hides_the_usage_chunk_it_asked_for(proxy, mock, key, mode, monkeypatch):
+    client = openai_client(proxy, mode, key["key"], monkeypatch)
+    chunks = list(chat(client, max_tokens=4, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello hello hello hello"
+    assert all(c.choices for c in chunks), "the client did not ask for usage, so it must not see that chunk"
+    assert mock.received[-1].json["stream_options"] == {"include_usage": True}
+    record = last_audit(proxy, key)
+    assert record["metering"] == "usage" and record["output_tokens"] == 4
+    assert record["ttft_ms"] is not None
+    assert proxy.ledger().get_key(key["id"]).spent_micros == record["cost_micros"] > 0
+
+
+def test_openai_stream_keeps_the_usage_chunk_a_client_asked_for(proxy, mock, key, monkeypatch):
+    client = openai_client(proxy, "gateway", key["key"], monkeypatch)
+    chunks = list(chat(client, max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert last_audit(proxy, key)["output_tokens"] == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_anthropic_messages_swap_the_key_and_meter_usage(proxy, mock, key, mode, monkeypatch):
+    client = anthropic_client(proxy, mode, key["key"], monkeypatch)
+    message = client.messages.create(
+        model="claude-haiku-4-5", max_tokens=6, messages=[{"role": "user", "content": "Say hello"}]
+    )
+    assert message.content[0].text == "hello hello hello hello hello hello"
+    seen = mock.received[-1]
+    assert seen.headers["x-api-key"] == ANTHROPIC_REAL_KEY and "authorization" not in seen.headers
+    usage = mock.reported[-1]
+    record = last_audit(proxy, key)
+    assert (record["input_tokens"], record["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
+    assert record["cost_micros"] == usage["input_tokens"] * 1 + usage["output_tokens"] * 5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_anthropic_stream_is_metered(proxy, mock, key, mode, monkeypatch):
+    client = anthropic_client(proxy, mode, key["key"], monkeypatch)
+    with client.messages.stream(
+        model="claude-haiku-4-5", max_tokens=4, messages=[{"role": "user", "content": "Say hello"}]
+    ) as stream:
+        text = "".join(stream.text_stream)
+    assert text == "hello hello hello hello"
+    record = last_audit(proxy, key)
+    assert record["metering"] == "usage" and record["output_tokens"] == 4
+    assert record["input_tokens"] == mock.reported[-1]["input_tokens"]
+
+
+def test_key_as_x_api_key_header(proxy, mock, key):
+    response = httpx2.post(
+        f"{proxy.gateway_url}/openai/v1/chat/completions",
+        headers={"x-api-key": key["key"]},
+        json={"model": "gpt-4o-mini", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.status_code == 200
+    assert mock.received[-1].headers["authorization"] == f"Bearer {OPENAI_REAL_KEY}"
+    assert "x-api-key" not in mock.received[-1].headers
+
+
+def test_key_as_the_https_proxy_user(proxy, mock, key, monkeypatch):
+    """HTTPS_PROXY=http://KEY@host:port: the key rides on CONNECT; the SDK's own key is a placeholder."""
+    monkeypatch.setenv("HTTPS_PROXY", f"http://{key['key']}@127.0.0.1:{proxy.proxy_port}")
+    monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_bundle))
+    client = openai.OpenAI(api_key="unused", max_retries=0)
+    assert chat(client, max_tokens=2).choices[0].message.content == "hello hello"
+    seen = mock.received[-1].headers
+    assert seen["authorization"] == f"Bearer {OPENAI_REAL_KEY}" and "proxy-authorization" not in seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_real_key_or_no_key_is_refused(proxy, mock, mode, monkeypatch):
+    for api_key in (OPENAI_REAL_KEY, "sk-something-else", "ak_forged_key"):
+        client = openai_client(proxy, mode, api_key, monkeypatch)
+        with pytest.raises(openai.AuthenticationError):
+            chat(client, max_tokens=2)
+    assert mock.received == []
+    assert proxy.audit()[-1]["decision"] == "deny"
+
+
+def test_revoked_key_is_refused_with_401(proxy, mock, key, monkeypatch):
+    client = anthropic_client(proxy, "gateway", key["key"], monkeypatch)
+    assert proxy.cli("keys", "revoke", key["id"]) == 0
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        client.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert "revoked" in str(refused.value)
+    assert refused.value.body["error"]["type"] == "authentication_error"
+    assert mock.received == []
+
+
+def test_expired_key_is_refused_then_purged(proxy, mock, policy, monkeypatch):
+    import time
+
+    key = proxy.issue(policy, "--ttl", "1s")
+    time.sleep(1.1)
+    client = openai_client(proxy, "gateway", key["key"], monkeypatch)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        chat(client, max_tokens=2)
+    assert "expired" in str(refused.value) or "unknown" in str(refused.value)
+    deadline = time.monotonic() + 10
+    while proxy.ledger().get_key(key["id"]) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proxy.ledger().get_key(key["id"]) is None, "the proxy did not purge the expired key"
+    assert any(r["key_id"] == key["id"] for r in proxy.audit()), "audit records outlive the key"
+    assert mock.received == []
