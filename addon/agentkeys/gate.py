@@ -185,7 +185,8 @@ class Gate:
                 record,
                 facts.model,
             )
-        price = self.prices.lookup(call.provider, facts.model)
+        # An OpenAI-compatible host serving OpenAI's models falls back to its wire format's prices.
+        price = self.prices.lookup(call.provider, facts.model) or self.prices.lookup(admission.wire.name, facts.model)
         if price is None:
             return Denial(
                 DenyKind.FORBIDDEN,

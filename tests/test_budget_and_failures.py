@@ -1,0 +1,269 @@
+"""Budgets, refusals and failures end to end, through a real mitmdump with the official SDKs."""
+
+import json
+import socket
+import ssl
+import threading
+
+import anthropic
+import httpx2
+import openai
+import pytest
+
+from conftest import free_port, start_proxy, stop_proxy, write_policy
+
+DEAD_PORT = free_port()  # nothing listens here: calls to the "deadai" provider cannot connect
+
+
+@pytest.fixture(scope="module")
+def proxy(mock, tmp_path_factory):
+    """This module's proxy also knows a provider whose upstream is down."""
+    running = start_proxy(
+        tmp_path_factory.mktemp("proxy"),
+        mock,
+        providers={
+            "openai": {"upstream": mock.url},
+            "anthropic": {"upstream": mock.url},
+            "deadai": {"format": "openai", "upstream": f"http://127.0.0.1:{DEAD_PORT}", "key_env": "OPENAI_API_KEY"},
+        },
+    )
+    yield running
+    stop_proxy(running)
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("policies")
+    return {
+        "chat": write_policy(folder, "chat", providers=["openai", "anthropic", "deadai"]),
+        "embeddings": write_policy(folder, "embeddings", endpoints=["POST /v1/embeddings", "POST /v1/chat/completions"]),
+    }
+
+
+def openai_gateway(proxy, key, provider="openai", max_retries=0):
+    return openai.OpenAI(api_key=key["key"], base_url=f"{proxy.gateway_url}/{provider}/v1", max_retries=max_retries)
+
+
+def anthropic_gateway(proxy, key, max_retries=0):
+    return anthropic.Anthropic(api_key=key["key"], base_url=f"{proxy.gateway_url}/anthropic", max_retries=max_retries)
+
+
+def ask(client, model="gpt-4o-mini", **kwargs):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello"}], **kwargs)
+
+
+def assert_ledger_matches_audit(proxy, key_id):
+    """No silent money: what the ledger charged is exactly what the audit records say, nothing held."""
+    record = proxy.ledger().get_key(key_id)
+    audited = sum(r["cost_micros"] for r in proxy.audit() if r["key_id"] == key_id)
+    assert record.held_micros == 0
+    assert record.spent_micros == audited
+    return record
+
+
+def test_budget_exhaustion_is_refused_in_openai_shape_and_not_retried(proxy, mock, policies):
+    key = proxy.issue(policies["chat"], "--budget", "0.00001")
+    client = openai_gateway(proxy, key, max_retries=3)
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask(client, max_tokens=1000)
+    error = refused.value
+    assert error.response.headers["x-should-retry"] == "false"
+    assert error.body["code"] == "insufficient_quota"
+    assert "budget exhausted: this call could cost up to $0.0006" in error.message
+    assert "$0.0000 remains" in error.message
+    assert mock.received == []
+    assert len(proxy.records_for(key["id"])) == 1, "the SDK retried a refusal it was told not to retry"
+
+
+def test_budget_exhaustion_in_anthropic_shape(proxy, mock, policies):
+    key = proxy.issue(policies["chat"], "--budget", "0.00001")
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        anthropic_gateway(proxy, key, max_retries=3).messages.create(
+            model="claude-haiku-4-5", max_tokens=1000, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert refused.value.status_code == 402
+    assert refused.value.body["error"]["type"] == "billing_error"
+    assert mock.received == [] and len(proxy.records_for(key["id"])) == 1
+
+
+def test_spending_down_a_budget_never_overshoots(proxy, mock, policies):
+    """Calls go through until the next worst case no longer fits; spend stays within the budget."""
+    key = proxy.issue(policies["chat"], "--budget", "0.0002")  # 200 micro-dollars
+    client = openai_gateway(proxy, key)
+    allowed = 0
+    for _ in range(60):
+        try:
+            ask(client, max_tokens=50)  # worst case ~32 micro-dollars, actual ~9
+            allowed += 1
+        except openai.RateLimitError:
+            break
+    else:
+        pytest.fail("the budget never ran out")
+    proxy.records_for(key["id"], allowed + 1)
+    record = assert_ledger_matches_audit(proxy, key["id"])
+    assert allowed == len(mock.reported) >= 10
+    assert record.spent_micros <= record.budget_micros
+    assert record.budget_micros - record.spent_micros < 32, "refused although the worst case still fitted"
+
+
+def test_upstream_error_releases_the_hold(proxy, mock, policies):
+    key = proxy.issue(policies["chat"])
+    mock.fail_next(500)
+    with pytest.raises(openai.InternalServerError):
+        ask(openai_gateway(proxy, key), max_tokens=5)
+    [record] = proxy.records_for(key["id"])
+    assert record["status"] == 500 and record["cost_micros"] == 0 and record["metering"] == "none"
+    assert assert_ledger_matches_audit(proxy, key["id"]).spent_micros == 0
+
+
+def test_unreachable_upstream_releases_the_hold(proxy, policies):
+    key = proxy.issue(policies["chat"])
+    with pytest.raises(openai.APIStatusError) as failed:
+        ask(openai_gateway(proxy, key, provider="deadai"), max_tokens=5)
+    assert failed.value.status_code == 502
+    [record] = proxy.records_for(key["id"])
+    assert record["cost_micros"] == 0 and record["reason"].startswith("error:")
+    assert assert_ledger_matches_audit(proxy, key["id"]).spent_micros == 0
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_stream_cut_short_is_charged_an_estimate(proxy, mock, policies, sdk):
+    key = proxy.issue(policies["chat"])
+    mock.cut_next_stream(after_chunks=3)
+    with pytest.raises(Exception):
+        if sdk == "openai":
+            list(ask(openai_gateway(proxy, key), max_tokens=50, stream=True))
+        else:
+            with anthropic_gateway(proxy, key).messages.stream(
+                model="claude-haiku-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+            ) as stream:
+                list(stream.text_stream)
+    [record] = proxy.records_for(key["id"])
+    assert record["metering"] == "estimated"
+    assert record["output_tokens"] == 3, "three 'hello' tokens were streamed before the cut"
+    assert 0 < record["cost_micros"] <= record["hold_micros"]
+    assert_ledger_matches_audit(proxy, key["id"])
+
+
+def test_endpoint_and_model_not_allowed_name_what_is(proxy, mock, policies):
+    key = proxy.issue(policies["chat"])
+    client = openai_gateway(proxy, key)
+    with pytest.raises(openai.PermissionDeniedError) as wrong_endpoint:
+        client.embeddings.create(model="text-embedding-3-small", input="hi")
+    assert "POST /v1/embeddings is not allowed" in wrong_endpoint.value.message
+    assert "POST /v1/chat/completions" in wrong_endpoint.value.message
+    with pytest.raises(openai.PermissionDeniedError) as wrong_model:
+        ask(client, model="gpt-4o", max_tokens=5)
+    assert "model gpt-4o is not allowed" in wrong_model.value.message and "gpt-4o-mini*" in wrong_model.value.message
+    assert mock.received == []
+
+
+def test_an_unmeterable_endpoint_is_refused_even_if_the_policy_allows_it(proxy, mock, policies):
+    key = proxy.issue(policies["embeddings"])
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        openai_gateway(proxy, key).embeddings.create(model="text-embedding-3-small", input="hi")
+    assert "cannot be metered" in refused.value.message
+    assert mock.received == []
+
+
+def test_unknown_model_price_is_refused(proxy, mock, policies, tmp_path):
+    key = proxy.issue(write_policy(tmp_path, "anything", models=["*"]))
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        ask(openai_gateway(proxy, key), model="my-finetune-without-a-price", max_tokens=5)
+    assert "no price is known for model my-finetune-without-a-price" in refused.value.message
+    assert mock.received == []
+
+
+@pytest.mark.parametrize(
+    "body, complaint",
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "names no 'model'"),
+        (b'{"model": "gpt-4o-mini", "messages": []}', "'messages' must be a non-empty list"),
+        (b'{"model": "gpt-4o-mini", "max_tokens": -1, "messages": [{"role": "user", "content": "x"}]}', "positive"),
+    ],
+)
+def test_malformed_request_gets_a_400_saying_what_is_wrong(proxy, mock, policies, body, complaint):
+    key = proxy.issue(policies["chat"])
+    response = httpx2.post(
+        f"{proxy.gateway_url}/openai/v1/chat/completions",
+        content=body,
+        headers={"authorization": f"Bearer {key['key']}", "content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert complaint in response.json()["error"]["message"]
+    assert mock.received == []
+
+
+def test_unknown_gateway_prefix_is_a_404(proxy):
+    response = httpx2.get(f"{proxy.gateway_url}/nowhere/v1/models")
+    assert response.status_code == 404 and "/openai" in response.json()["error"]["message"]
+
+
+def test_metrics_and_audit_never_show_a_key_or_a_prompt(proxy, mock, policies):
+    key = proxy.issue(policies["chat"])
+    ask(openai_gateway(proxy, key), max_tokens=3)
+    proxy.records_for(key["id"])
+    metrics = httpx2.get(f"http://127.0.0.1:{proxy.metrics_port}/metrics").text
+    assert 'agentkeys_requests_total{outcome="allowed",policy="chat",provider="openai"}' in metrics
+    assert "agentkeys_spend_usd_total" in metrics and "agentkeys_proxy_overhead_seconds_bucket" in metrics
+    audit = proxy.audit_path.read_text()
+    for secret in (key["key"], "sk-test-real-openai", "sk-ant-test-real-anthropic", "Say hello"):
+        assert secret not in metrics and secret not in audit
+    assert key["id"] not in metrics, "key ids are unbounded: they must not be metric labels"
+    record = json.loads(audit.splitlines()[-1])
+    for field in ("ts", "key_id", "key_name", "policy", "provider", "method", "path", "model", "decision",
+                  "reason", "status", "input_tokens", "output_tokens", "cached_tokens", "cost_usd",
+                  "upstream_latency_ms", "ttft_ms", "proxy_overhead_ms"):  # fmt: skip
+        assert field in record
+
+
+def test_other_hosts_pass_through_as_an_untouched_tls_tunnel(proxy, tmp_path):
+    """A host that is not a provider keeps its own certificate: the proxy does not intercept it."""
+    from mitmproxy.certs import CertStore
+
+    store = CertStore.from_store(tmp_path, "other", 2048)
+    entry = store.get_cert("localhost", [])
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
+    cert_file.write_bytes(entry.cert.to_pem())
+    key_file.write_bytes(key_to_pem(entry.privatekey))
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert_file, key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_one():
+        connection, _ = listener.accept()
+        with server_context.wrap_socket(connection, server_side=True) as tls:
+            tls.sendall(b"hello from the real server")
+
+    threading.Thread(target=serve_one, daemon=True).start()
+    with socket.create_connection(("127.0.0.1", proxy.proxy_port)) as raw:
+        raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        client_context = ssl.create_default_context()
+        client_context.check_hostname = False
+        client_context.verify_mode = ssl.CERT_NONE  # we compare the certificate itself below
+        with client_context.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(cert_file.read_text())
+            assert tls.recv(100) == b"hello from the real server"
+    listener.close()
+
+
+def key_to_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+
+
+def test_egress_allowlist_refuses_other_hosts(mock, tmp_path):
+    strict = start_proxy(tmp_path / "strict", mock, egress="allowlist")
+    try:
+        with socket.create_connection(("127.0.0.1", strict.proxy_port)) as raw:
+            raw.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+            answer = raw.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 403") and b"egress to example.com is not allowed" in answer
+    finally:
+        stop_proxy(strict)

@@ -1,0 +1,128 @@
+"""The `agentkeys` command as a user runs it: serve, keys, policy check, ca."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, free_port, wait_for_port, write_policy
+
+AGENTKEYS = Path(sys.executable).with_name("agentkeys")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=None):
+    return subprocess.run([str(AGENTKEYS), *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+@pytest.fixture()
+def config(tmp_path, mock):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "proxy_port": free_port(),
+                "gateway_port": free_port(),
+                "metrics_port": 0,
+                "store": "sqlite:///var/keys.db",
+                "providers": {"openai": {"upstream": mock.url}, "anthropic": {"upstream": mock.url}},
+            }
+        )
+    )
+    return path
+
+
+def test_serve_runs_both_listeners_and_enforces(config, mock, tmp_path):
+    settings = yaml.safe_load(config.read_text())
+    env = {**os.environ, "OPENAI_API_KEY": OPENAI_REAL_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_REAL_KEY}
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen(
+        [str(AGENTKEYS), "--config", str(config), "serve"], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env
+    )
+    try:
+        wait_for_port(settings["gateway_port"], server, log)
+        wait_for_port(settings["proxy_port"], server, log)
+        issued = run("--config", str(config), "keys", "issue", str(write_policy(tmp_path)), "--json")
+        key = json.loads(issued.stdout)
+        client = openai.OpenAI(
+            api_key=key["key"], base_url=f"http://127.0.0.1:{settings['gateway_port']}/openai/v1", max_retries=0
+        )
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content == "hello hello"
+        assert mock.received[-1].headers["authorization"] == f"Bearer {OPENAI_REAL_KEY}"
+        assert (tmp_path / "var" / "keys.db").exists() and (tmp_path / "audit.jsonl").exists()
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=15)
+    printed = log.read_text()
+    assert f"export HTTPS_PROXY=http://127.0.0.1:{settings['proxy_port']}" in printed
+    assert f"http://127.0.0.1:{settings['gateway_port']}/openai/v1" in printed
+    assert OPENAI_REAL_KEY not in printed
+
+
+def test_keys_issue_list_show_revoke(config, tmp_path):
+    policy = write_policy(tmp_path, "ci", budget_usd=2.5)
+    issued = run("--config", str(config), "keys", "issue", str(policy), "--ttl", "30m", "--name", "job-42")
+    key = issued.stdout.strip()
+    assert issued.returncode == 0 and key.startswith("ak_")
+    assert "shown only once" in issued.stderr and "$2.5000" in issued.stderr
+    key_id = key.split("_")[1]
+    db = (tmp_path / "var" / "keys.db").read_bytes()
+    assert key.encode() not in db, "only the key's hash may be stored"
+
+    listing = run("--config", str(config), "keys", "list")
+    assert "job-42" in listing.stdout and key_id in listing.stdout and "active" in listing.stdout
+    assert key not in listing.stdout
+    shown = json.loads(run("--config", str(config), "keys", "show", key_id, "--json").stdout)
+    assert shown["budget_usd"] == 2.5 and shown["remaining_usd"] == 2.5 and shown["policy"] == "ci"
+
+    assert run("--config", str(config), "keys", "revoke", key_id).returncode == 0
+    assert json.loads(run("--config", str(config), "keys", "list", "--json").stdout)[0]["status"] == "revoked"
+    assert run("--config", str(config), "keys", "revoke", key_id).returncode == 1
+    assert run("--config", str(config), "keys", "show", "nope").returncode == 1
+
+
+def test_policy_check_accepts_the_shipped_policies():
+    checked = run("policy", "check", *map(str, sorted((REPO / "policies").glob("*.policy.yaml"))), cwd=REPO)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.count("ok: ") == len(list((REPO / "policies").glob("*.policy.yaml")))
+
+
+def test_policy_check_names_file_line_and_field(tmp_path):
+    bad = tmp_path / "bad.policy.yaml"
+    bad.write_text("name: bad\nbudget_usd: -1\nproviders: [openai, nosuch]\nendpoints:\n  - chat\nmodels: ['*']\n")
+    checked = run("policy", "check", str(bad), str(write_policy(tmp_path)), cwd=tmp_path)
+    assert checked.returncode == 1
+    assert f"{bad}:2: budget_usd: Input should be greater than 0" in checked.stderr
+    assert f"{bad}:5: endpoints.0:" in checked.stderr
+    assert "ok: " in checked.stdout, "the valid file is still reported valid"
+
+
+def test_policy_check_refuses_unknown_providers(tmp_path):
+    checked = run("policy", "check", str(write_policy(tmp_path, providers=["nosuch"])), cwd=tmp_path)
+    assert checked.returncode == 1 and "unknown provider(s) nosuch" in checked.stderr
+
+
+def test_a_bad_config_names_file_line_and_field(tmp_path):
+    config = tmp_path / "agentkeys.yaml"
+    config.write_text("proxy_port: 8080\negress: sometimes\n")
+    result = run("--config", str(config), "keys", "list")
+    assert result.returncode == 2 and f"{config}:2: egress:" in result.stderr
+
+
+def test_ca_prints_the_bundle_and_environment(config, tmp_path):
+    shown = run("--config", str(config), "ca")
+    assert shown.returncode == 0
+    bundle = tmp_path / "certs" / "agentkeys-ca-bundle.pem"
+    ca = (tmp_path / "certs" / "mitmproxy-ca-cert.pem").read_text()
+    assert f"export SSL_CERT_FILE={bundle}" in shown.stdout and f"export REQUESTS_CA_BUNDLE={bundle}" in shown.stdout
+    assert "export NODE_EXTRA_CA_CERTS=" in shown.stdout
+    assert ca in bundle.read_text() and bundle.read_text().count("BEGIN CERTIFICATE") > 10
