@@ -13,6 +13,7 @@ import anthropic
 import httpx2
 import openai
 import pytest
+
 from mock_provider import MockProvider
 
 OPENAI_KEY = "sk-test-real-openai"

@@ -122,7 +122,9 @@ class AgentKeys:
         self.provider_by_host = {host: name for name, spec in config.providers.items() for host in spec.hosts}
         for name, spec in config.providers.items():
             if not spec.real_key():
-                log.warning("agentkeys: %s has no real key (%s is not set); its calls will be refused", name, spec.key_env)
+                log.warning(
+                    "agentkeys: %s has no real key (%s is not set); its calls will be refused", name, spec.key_env
+                )
 
     def _read_config(self) -> ProxyConfig:
         options = ctx.options
@@ -343,8 +345,8 @@ class AgentKeys:
             else:
                 settlement = await self.gate.release(state.admission)
         except Exception:
-            log.exception("agentkeys: settling a broken call failed")
-            settlement = Settlement(0, "none")
+            log.exception("agentkeys: settling a broken call failed; charging the full hold")
+            settlement = await self.gate.settle_usage(state.admission, None)
         self._record_allowed(flow, state, settlement, reason=f"error: {flow.error.msg if flow.error else 'unknown'}")
 
     def _in_flight(self, flow: http.HTTPFlow) -> CallState | None:
@@ -358,6 +360,7 @@ class AgentKeys:
     def _record_allowed(self, flow: http.HTTPFlow, state: CallState, settlement: Settlement, reason: str):
         admission, usage = state.admission, settlement.usage
         request, response = flow.request, flow.response
+        overhead_seconds = state.overhead_seconds + (state.relay.seconds_spent if state.relay else 0)
         record = CallRecord(
             key_id=admission.key.key_id, key_name=admission.key.name, policy=admission.key.policy_name,
             provider=state.call.provider, method=state.call.method, path=state.call.path,
@@ -365,7 +368,7 @@ class AgentKeys:
             status=response.status_code if response else None, metering=settlement.metering,
             cost_micros=settlement.cost_micros, cost_usd=micros_to_usd(settlement.cost_micros),
             hold_micros=admission.hold_micros,
-            proxy_overhead_ms=round((state.overhead_seconds + (state.relay.seconds_spent if state.relay else 0)) * 1000, 3),
+            proxy_overhead_ms=round(overhead_seconds * 1000, 3),
         )  # fmt: skip
         if usage:
             record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens

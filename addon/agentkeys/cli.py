@@ -5,7 +5,7 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from agentkeys import credentials
@@ -103,7 +103,10 @@ def cmd_serve(args) -> int:
         "-s", str(addon_path),
     ]  # fmt: skip
     if args.config or os.environ.get("AGENTKEYS_CONFIG") or DEFAULT_CONFIG.exists():
-        mitm_args += ["--set", f"agentkeys_config={args.config or os.environ.get('AGENTKEYS_CONFIG') or DEFAULT_CONFIG}"]
+        mitm_args += [
+            "--set",
+            f"agentkeys_config={args.config or os.environ.get('AGENTKEYS_CONFIG') or DEFAULT_CONFIG}",
+        ]
     print_how_to_connect(config, certs_dir)
     mitmdump(mitm_args)
     return 0
@@ -239,11 +242,11 @@ def cmd_ca(args) -> int:
 def print_table(columns: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     for row in [columns, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":

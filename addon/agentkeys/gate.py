@@ -109,7 +109,9 @@ class Gate:
         real_key = self.real_keys.get(call.provider)
         if not real_key:
             env = self.config.providers[call.provider].key_env
-            return Denial(DenyKind.UNAVAILABLE, f"agentkeys: the proxy has no key for {call.provider} (set {env})", record)
+            return Denial(
+                DenyKind.UNAVAILABLE, f"agentkeys: the proxy has no key for {call.provider} (set {env})", record
+            )
         try:
             facts = await self.read_request(wire, call)
         except MalformedRequest as e:
@@ -201,7 +203,8 @@ class Gate:
             )
         # A default the provider does not know about must be sent, or the hold would not bound the call.
         cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None
-        worst_case = cost_micros(price, Usage(input_tokens=facts.input_token_bound, output_tokens=max_output))
+        worst_output = max_output * facts.choices
+        worst_case = cost_micros(price, Usage(input_tokens=facts.input_token_bound, output_tokens=worst_output))
         reservation = await self._off_loop(self.ledger.reserve, record.key_id, worst_case, self.clock())
         if reservation.refusal is Refusal.BUDGET:
             return Denial(
@@ -249,10 +252,10 @@ class Gate:
     async def _settle(self, admission: Admission, cost: int, metering: str, usage: Usage | None = None) -> Settlement:
         if admission.settled or admission.hold_id is None:
             return Settlement(0, "none")
-        admission.settled = True
         if cost > admission.hold_micros:
             log.warning("key %s: cost %s exceeded its hold %s", admission.key.key_id, cost, admission.hold_micros)
         await self._off_loop(self.ledger.settle, admission.hold_id, cost)
+        admission.settled = True  # only now: a settlement that failed can be tried again
         return Settlement(cost, metering, usage)
 
     async def purge_expired(self) -> list[str]:

@@ -23,6 +23,8 @@ def parse_duration(value: str | int | float) -> int:
     """`90`, `"90s"`, `"5m"`, `"1h30m"`, `"2d"` → seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = int(value)
+    elif str(value).strip().isdigit():
+        seconds = int(str(value).strip())
     else:
         text = str(value).strip().lower()
         parts = DURATION_PART.findall(text)

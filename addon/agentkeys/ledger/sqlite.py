@@ -96,16 +96,13 @@ class SqliteLedger:
 
     def revoke(self, key_id: str, now: float) -> bool:
         with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now, key_id)
-            )
+            cursor = db.execute("UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now, key_id))
             return cursor.rowcount == 1
 
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
         with self._transaction() as db:
             row = db.execute(
-                "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros"
-                " FROM keys WHERE key_id = ?",
+                "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?",
                 (key_id,),
             ).fetchone()
             if row is None:

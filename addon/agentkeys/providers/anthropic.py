@@ -124,9 +124,18 @@ def block_tokens(content) -> int:
         return utf8_len(content)
     tokens = 0
     for block in content:
-        if isinstance(block, dict) and block.get("type") == "image":
+        if not isinstance(block, dict):
+            tokens += utf8_len(block) + TOKENS_PER_MESSAGE
+        elif block.get("type") == "image":
             tokens += IMAGE_TOKEN_ALLOWANCE
-        elif isinstance(block, dict) and isinstance(block.get("text"), str):
+        elif block.get("type") == "document" and (block.get("source") or {}).get("type") != "text":
+            raise MalformedRequest(
+                "documents other than plain text (PDFs, files, URLs) cannot be bounded in tokens before the call,"
+                " so they cannot be metered by this proxy yet"
+            )
+        elif isinstance(block.get("content"), list):  # tool results carry blocks of their own
+            tokens += block_tokens(block["content"]) + utf8_len({k: v for k, v in block.items() if k != "content"})
+        elif isinstance(block.get("text"), str):
             tokens += utf8_len(block["text"]) + TOKENS_PER_MESSAGE
         else:
             tokens += utf8_len(block) + TOKENS_PER_MESSAGE

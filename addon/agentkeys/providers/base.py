@@ -36,7 +36,8 @@ class RequestFacts:
 
     metered: bool
     model: str | None = None
-    max_output_tokens: int | None = None
+    max_output_tokens: int | None = None  # per choice
+    choices: int = 1  # OpenAI's `n`: the provider bills every choice's output
     stream: bool = False
     input_token_bound: int = 0
     client_wants_stream_usage: bool = True

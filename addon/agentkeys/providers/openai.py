@@ -61,6 +61,7 @@ class OpenAIFormat:
             metered=True,
             model=model,
             max_output_tokens=optional_positive_int(data, "max_completion_tokens", "max_tokens"),
+            choices=optional_positive_int(data, "n") or 1,
             stream=stream,
             input_token_bound=chat_input_bound(model, messages, data.get("tools") or data.get("functions")),
             client_wants_stream_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
@@ -142,6 +143,11 @@ def content_tokens(model: str, value) -> int:
 def content_part_tokens(model: str, part) -> int:
     if isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
         return IMAGE_TOKEN_ALLOWANCE
+    if isinstance(part, dict) and part.get("type") in ("file", "input_file"):
+        raise MalformedRequest(
+            "file parts (PDFs and other documents) cannot be bounded in tokens before the call,"
+            " so they cannot be metered by this proxy yet"
+        )
     if isinstance(part, dict) and isinstance(part.get("text"), str):
         return count_tokens(part["text"], model) + 1
     return count_tokens(json.dumps(part), model)

@@ -1,0 +1,582 @@
+"""Benchmark: what the Agent Keys addon adds on top of bare mitmproxy. Only 127.0.0.1 traffic.
+
+Three servers run, each in its own process: the mock provider (apart, so its work does not share
+a GIL with the load generator), a bare `mitmdump` reverse proxy to the mock, and `mitmdump` with
+the addon, started exactly as the end-to-end tests start it (tests/conftest.py `start_proxy`).
+This process is the load generator: a minimal HTTP/1.1 client on asyncio streams, because an SDK
+or httpx would spend more per call than the proxy overhead being measured.
+
+Measured, bare vs addon:
+  * a small chat call, one at a time: median and p90 latency;
+  * 16 connections at once: requests/s and median latency;
+  * a ~400 KB prompt: the latency of that call, and what such calls add to small calls beside them;
+  * a streaming call: time to the first `data:` line. (Bare mitmdump buffers a stream, the addon
+    relays it event by event; the mock sends a whole stream at once, so the two compare fairly.)
+The machine is small and noisy, so the small-call measures run in rounds that alternate bare and
+addon, and the median round is reported; the one-off measures alternate call by call.
+
+Then it checks that every addon call got a 200 and that the ledger's spend for the bench key
+equals the sum of its audit records' cost_micros. Results are printed and written to
+bench/results.json; the exit status is 1 if a check failed.
+"""
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import random
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the proxy set-up is the end-to-end tests' own
+
+from mitmproxy.version import VERSION as MITMPROXY_VERSION  # noqa: E402
+
+import conftest  # noqa: E402
+
+RESULTS_PATH = Path(__file__).with_name("results.json")
+
+ROUNDS = 5
+SEQUENTIAL_WARMUP, SEQUENTIAL_CALLS = 30, 300
+WORKERS, CONCURRENT_CALLS = 16, 1600
+LARGE_PROMPT_BYTES, LARGE_WARMUP, LARGE_CALLS = 400_000, 1, 5
+LOADED_WARMUP, LOADED_CALLS = 10, 200
+TTFT_WARMUP, TTFT_CALLS = 5, 50
+CALL_TIMEOUT = 30  # seconds: a stuck call fails the run instead of hanging it
+START_TIMEOUT = 30
+
+TARGET_ADDED_MS = 0.2  # the addon adds less than this to the median small call
+TARGET_RPS_SHARE = 0.85  # and keeps at least this share of bare mitmproxy's requests/s
+
+SMALL_CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5}
+STREAMING_CHAT = {**SMALL_CHAT, "stream": True}
+
+
+def large_chat() -> dict:
+    """A chat call with ~LARGE_PROMPT_BYTES of varied English words (varied, so tokenizing it is real work)."""
+    words = (
+        "the of and to in is that for it as with was on be by at this are from or have an they which one"
+        " you were all we can her has there been if more when will would who so no agent budget proxy key"
+        " model token stream policy ledger audit provider request response latency money limit call"
+    ).split()
+    rng = random.Random(0)
+    text = " ".join(rng.choice(words) for _ in range(LARGE_PROMPT_BYTES // 4))[:LARGE_PROMPT_BYTES]
+    return {**SMALL_CHAT, "messages": [{"role": "user", "content": text}]}
+
+
+# ----- the client -----
+
+
+@dataclass
+class Target:
+    """One way to reach the mock: a listener, the chat path there, and the API key it expects.
+
+    Every call's status is counted here, so the run can check afterwards that none failed.
+    """
+
+    name: str
+    port: int
+    path: str
+    api_key: str
+    statuses: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def request(self, body: dict) -> bytes:
+        """The whole HTTP/1.1 request, built once and sent many times."""
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"Authorization: Bearer {self.api_key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        )
+        return head.encode() + payload
+
+    def count(self, status: int) -> None:
+        with self._lock:  # the background load counts from its own thread
+            self.statuses[status] += 1
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    ms: float
+    first_data_ms: float | None  # when the first `data:` bytes arrived, if any did
+    early_ends: int  # chunked bodies that ended before the stream's `data: [DONE]`
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection, reading just what the mock and mitmproxy send back:
+    a Content-Length or a chunked body."""
+
+    def __init__(self, target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.target, self.reader, self.writer = target, reader, writer
+
+    @classmethod
+    async def open(cls, target: Target) -> "Connection":
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+        return cls(target, reader, writer)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def call(self, request: bytes, sse: bool = False) -> Reply:
+        """Send one request and read its whole reply.
+
+        With `sse`, reading a 200 goes on up to `data: [DONE]`, which the mock always sends last: a
+        chunked body that ends before it is counted in `early_ends` and the rest of the stream read
+        after it, so the stream is timed whole and the connection stays usable.
+        """
+        async with asyncio.timeout(CALL_TIMEOUT):
+            started = time.perf_counter()
+            self.writer.write(request)
+            await self.writer.drain()
+            status, headers = parse_head(await self.reader.readuntil(b"\r\n\r\n"))
+            first_data_ms, pieces, early_ends = None, [], 0
+            while True:
+                async for piece in self._body(headers):
+                    if first_data_ms is None and b"data:" in piece:
+                        first_data_ms = (time.perf_counter() - started) * 1000
+                    pieces.append(piece)
+                if not sse or status != 200 or b"data: [DONE]" in b"".join(pieces):
+                    break
+                early_ends += 1
+            ms = (time.perf_counter() - started) * 1000
+        self.target.count(status)
+        return Reply(status, ms, first_data_ms, early_ends)
+
+    async def _body(self, headers: dict[str, str]):
+        """The body's pieces as they arrive: one per chunk when chunked, so a stream's first event shows."""
+        if "content-length" in headers:
+            yield await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                yield await self.reader.readexactly(size)
+                await self.reader.readexactly(2)  # the CRLF after each chunk
+            while await self.reader.readline() not in (b"\r\n", b""):
+                pass  # trailers
+        else:
+            raise RuntimeError(f"{self.target.name}: a response with neither Content-Length nor chunking")
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return int(status_line.split(" ", 2)[1]), headers
+
+
+class LargePromptLoad:
+    """Large-prompt calls in a loop, from a thread with its own event loop, while the main loop measures.
+
+    Its own thread, so that sending 400 KB never delays the measuring loop's calls in this process.
+    """
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.calls = 0
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="large-prompt-load", daemon=True)
+
+    def __enter__(self) -> "LargePromptLoad":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(CALL_TIMEOUT)
+        if self._error is not None and exc_info[0] is None:
+            raise RuntimeError(f"the large-prompt load on {self.target.name} failed") from self._error
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._loop())
+        except BaseException as e:
+            self._error = e
+
+    async def _loop(self) -> None:
+        connection = await Connection.open(self.target)
+        request = self.target.request(large_chat())
+        try:
+            while not self._stop.is_set():
+                await connection.call(request)
+                self.calls += 1
+        finally:
+            connection.close()
+
+
+# ----- the measures -----
+
+
+async def sequential(target: Target, calls: int, warmup: int) -> list[float]:
+    """Latencies (ms) of small calls sent one after another on one keep-alive connection."""
+    connection = await Connection.open(target)
+    request = target.request(SMALL_CHAT)
+    try:
+        for _ in range(warmup):
+            await connection.call(request)
+        return [(await connection.call(request)).ms for _ in range(calls)]
+    finally:
+        connection.close()
+
+
+async def concurrent(target: Target) -> dict:
+    """Throughput of WORKERS connections each sending small calls back to back, CONCURRENT_CALLS in all."""
+    connections = [await Connection.open(target) for _ in range(WORKERS)]
+    request = target.request(SMALL_CHAT)
+    latencies: list[float] = []
+    remaining = CONCURRENT_CALLS
+
+    async def worker(connection: Connection) -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            latencies.append((await connection.call(request)).ms)
+
+    try:
+        await asyncio.gather(*(connection.call(request) for connection in connections))  # all connected upstream
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(connection) for connection in connections))
+        elapsed = time.perf_counter() - started
+    finally:
+        for connection in connections:
+            connection.close()
+    return {"rps": len(latencies) / elapsed, "median_ms": statistics.median(latencies)}
+
+
+async def alternating(targets: list[Target], body: dict, warmup: int, calls: int, sse: bool = False):
+    """Replies to one call after another through each target in turn, so drift on a noisy machine hits
+    all alike; one keep-alive connection per target."""
+    connections = [await Connection.open(target) for target in targets]
+    requests = {target.name: target.request(body) for target in targets}
+    replies: dict[str, list[Reply]] = {target.name: [] for target in targets}
+    try:
+        for connection in connections:
+            for _ in range(warmup):
+                await connection.call(requests[connection.target.name], sse)
+        for _ in range(calls):
+            for connection in connections:
+                name = connection.target.name
+                replies[name].append(await connection.call(requests[name], sse))
+    finally:
+        for connection in connections:
+            connection.close()
+    return replies
+
+
+async def beside_large_prompts(target: Target) -> dict:
+    """Median small-call latency without, then with, large-prompt calls running through the same proxy."""
+    quiet = await sequential(target, LOADED_CALLS, LOADED_WARMUP)
+    with LargePromptLoad(target) as load:
+        loaded = await sequential(target, LOADED_CALLS, LOADED_WARMUP)  # the warm-up lets the load start
+        background_calls = load.calls
+    return {
+        "quiet_median_ms": statistics.median(quiet),
+        "loaded_median_ms": statistics.median(loaded),
+        "added_ms": statistics.median(loaded) - statistics.median(quiet),
+        "background_calls": background_calls,
+    }
+
+
+def summary(latencies: list[float]) -> dict:
+    return {"median_ms": statistics.median(latencies), "p90_ms": statistics.quantiles(latencies, n=10)[8]}
+
+
+def median_round(rounds: list[dict], key: str) -> dict:
+    return sorted(rounds, key=lambda r: r[key])[len(rounds) // 2]
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def run_measures(bare: Target, addon: Target) -> dict:
+    targets = [bare, addon]
+    rounds: dict[str, dict[str, list[dict]]] = {t.name: {"sequential": [], "concurrent": []} for t in targets}
+    for number in range(1, ROUNDS + 1):
+        for target in targets:
+            opened = time.time()
+            latencies = await sequential(target, SEQUENTIAL_CALLS, SEQUENTIAL_WARMUP)
+            result = {**summary(latencies), "window": [opened, time.time()]}
+            rounds[target.name]["sequential"].append(result)
+            progress(f"round {number}/{ROUNDS}  sequential  {target.name:5}  median {result['median_ms']:.3f} ms")
+        for target in targets:
+            opened = time.time()
+            result = {**await concurrent(target), "window": [opened, time.time()]}
+            rounds[target.name]["concurrent"].append(result)
+            progress(f"round {number}/{ROUNDS}  {WORKERS} concurrent  {target.name:5}  {result['rps']:.0f} requests/s")
+
+    progress("large prompts, one at a time")
+    large = await alternating(targets, large_chat(), LARGE_WARMUP, LARGE_CALLS)
+    progress("small calls beside large prompts")
+    beside = {target.name: await beside_large_prompts(target) for target in targets}
+    for name, result in beside.items():
+        progress(f"  {name:5}  {result['background_calls']} large calls ran beside the small ones")
+    progress("streaming: time to first data")
+    streams = await alternating(targets, STREAMING_CHAT, TTFT_WARMUP, TTFT_CALLS, sse=True)
+
+    return {
+        target.name: {
+            "sequential": median_round(rounds[target.name]["sequential"], "median_ms"),
+            "concurrent": median_round(rounds[target.name]["concurrent"], "rps"),
+            "rounds": rounds[target.name],
+            "large_prompt_median_ms": statistics.median(reply.ms for reply in large[target.name]),
+            "beside_large_prompts": beside[target.name],
+            "ttft_median_ms": statistics.median(  # a failed call has no data; the checks report it
+                reply.first_data_ms for reply in streams[target.name] if reply.first_data_ms is not None
+            ),
+            "streams": len(streams[target.name]),
+            "streams_ended_early": sum(reply.early_ends > 0 for reply in streams[target.name]),
+        }
+        for target in targets
+    }
+
+
+# ----- the processes -----
+
+
+@dataclass
+class MockProcess:
+    """The mock provider in its own process. `url` is all that conftest.start_proxy reads of a mock."""
+
+    process: subprocess.Popen
+    url: str
+
+
+def start_mock(work: Path) -> MockProcess:
+    """`tests/mock_provider.py --port N`, ready once it prints its "listening on" line."""
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "mock_provider.py"), "--port", str(conftest.free_port())],
+        stdout=subprocess.PIPE,
+        stderr=open(work / "mock.log", "w"),
+        text=True,
+    )
+    ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
+    line = process.stdout.readline() if ready else ""
+    if not line.startswith("listening on "):
+        process.kill()
+        raise RuntimeError(f"the mock provider did not start: {line!r}\n{(work / 'mock.log').read_text()}")
+    return MockProcess(process, line.removeprefix("listening on ").strip())
+
+
+def start_bare_mitmdump(work: Path, mock_url: str) -> tuple[subprocess.Popen, int, Path]:
+    """mitmdump in reverse mode to the mock, no addon: the baseline the addon is compared with."""
+    port, log_path = conftest.free_port(), work / "bare-mitmdump.log"
+    args = [str(conftest.MITMDUMP), "--mode", f"reverse:{mock_url}@127.0.0.1:{port}"]
+    # confdir: its CA goes in the temp dir, not ~/.mitmproxy.
+    for option in ("flow_detail=0", "connection_strategy=lazy", f"confdir={work / 'bare-certs'}"):
+        args += ["--set", option]
+    process = subprocess.Popen(args, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    conftest.wait_for_port(port, process, log_path, START_TIMEOUT)
+    return process, port, log_path
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def interrupt(signum, frame):
+    """SIGTERM as Ctrl-C, so the servers are shut down either way."""
+    raise KeyboardInterrupt
+
+
+# ----- checks and report -----
+
+
+def check_accounting(proxy: conftest.Proxy, key_id: str, bare: Target, addon: Target) -> list[tuple[str, bool]]:
+    """Every call answered 200; the key's audit records are all there; spend equals their summed cost."""
+    addon_calls = addon.statuses.total()
+    records = proxy.records_for(key_id, count=addon_calls)
+    record = proxy.ledger().get_key(key_id)
+    audited = sum(r["cost_micros"] for r in records)
+    return [
+        (f"every addon call answered 200 ({dict(addon.statuses)})", set(addon.statuses) == {200}),
+        (f"every bare call answered 200 ({dict(bare.statuses)})", set(bare.statuses) == {200}),
+        (
+            f"audit records for the bench key: {len(records)}, all allowed with status 200 (calls: {addon_calls})",
+            len(records) == addon_calls and all(r["decision"] == "allow" and r["status"] == 200 for r in records),
+        ),
+        (
+            f"ledger spent {record.spent_micros} µ$ = audit sum of cost_micros {audited} µ$; held {record.held_micros}",
+            record.spent_micros == audited and record.held_micros == 0,
+        ),
+    ]
+
+
+def check_streams(results: dict) -> list[tuple[str, bool]]:
+    """A stream must reach the client whole: its chunked body may end only after `data: [DONE]`."""
+    return [
+        (
+            f"{name}: streams whose chunked body ended before data: [DONE]: {r['streams_ended_early']}/{r['streams']}",
+            r["streams_ended_early"] == 0,
+        )
+        for name, r in results.items()
+    ]
+
+
+def check_logs(proxy: conftest.Proxy, bare_log: Path, work: Path) -> list[tuple[str, bool]]:
+    """What the test fixture checks of the proxy's log, and no traceback from the others either."""
+    addon_log = proxy.log_path.read_text()
+    return [
+        (
+            "addon proxy log: no traceback, no real key",
+            "Traceback" not in addon_log
+            and conftest.OPENAI_REAL_KEY not in addon_log
+            and conftest.ANTHROPIC_REAL_KEY not in addon_log,
+        ),
+        (
+            "bare mitmdump and mock logs: no traceback",
+            "Traceback" not in bare_log.read_text() + (work / "mock.log").read_text(),
+        ),
+    ]
+
+
+def overhead_figures(proxy: conftest.Proxy, key_id: str, rounds: dict[str, list[dict]]) -> dict:
+    """The addon's own account of its time per call (audit `proxy_overhead_ms`) in the sequential and
+    the concurrent phases, told apart by the records' timestamps.
+
+    Under load it includes waiting: for the event loop, and for the ledger's single worker thread.
+    """
+    records = [r for r in proxy.audit() if r["key_id"] == key_id]
+    figures = {}
+    for phase, results in rounds.items():
+        windows = [result["window"] for result in results]
+        figures[phase] = summary(
+            [r["proxy_overhead_ms"] for r in records if any(a <= r["ts"] <= b for a, b in windows)]
+        )
+    return figures
+
+
+def comparison_rows(results: dict) -> list[tuple[str, float, float, str]]:
+    bare, addon = results["bare"], results["addon"]
+
+    def added(b: float, a: float) -> str:
+        return f"{a - b:+.3f} ms"
+
+    rows = [
+        ("small call, sequential: median (ms)", bare["sequential"]["median_ms"], addon["sequential"]["median_ms"]),
+        ("small call, sequential: p90 (ms)", bare["sequential"]["p90_ms"], addon["sequential"]["p90_ms"]),
+        (f"{WORKERS} concurrent: requests/s", bare["concurrent"]["rps"], addon["concurrent"]["rps"]),
+        (f"{WORKERS} concurrent: median latency (ms)",
+         bare["concurrent"]["median_ms"], addon["concurrent"]["median_ms"]),
+        ("400 KB prompt: median (ms)  [added to its own call]",
+         bare["large_prompt_median_ms"], addon["large_prompt_median_ms"]),
+        ("small call, quiet: median (ms)",
+         bare["beside_large_prompts"]["quiet_median_ms"], addon["beside_large_prompts"]["quiet_median_ms"]),
+        ("small call beside 400 KB calls: median (ms)",
+         bare["beside_large_prompts"]["loaded_median_ms"], addon["beside_large_prompts"]["loaded_median_ms"]),
+        ("  added to others (beside - quiet, ms)",
+         bare["beside_large_prompts"]["added_ms"], addon["beside_large_prompts"]["added_ms"]),
+        ("streaming: time to first data: (ms)", bare["ttft_median_ms"], addon["ttft_median_ms"]),
+    ]  # fmt: skip
+    return [(label, b, a, f"{a / b:.0%} of bare" if "requests/s" in label else added(b, a)) for label, b, a in rows]
+
+
+def targets_met(results: dict) -> list[tuple[str, str, bool]]:
+    bare, addon = results["bare"], results["addon"]
+    added_ms = addon["sequential"]["median_ms"] - bare["sequential"]["median_ms"]
+    share = addon["concurrent"]["rps"] / bare["concurrent"]["rps"]
+    return [
+        (f"addon adds < {TARGET_ADDED_MS} ms to the median small call", f"{added_ms:+.3f} ms",
+         added_ms < TARGET_ADDED_MS),
+        (f"addon keeps >= {TARGET_RPS_SHARE:.0%} of bare requests/s at {WORKERS} concurrent", f"{share:.0%}",
+         share >= TARGET_RPS_SHARE),
+    ]  # fmt: skip
+
+
+def print_report(rows, targets, overhead: dict, checks: list[tuple[str, bool]]) -> None:
+    width = max(len(row[0]) for row in rows)
+    print()
+    print(f"{'measure':<{width}}  {'bare':>9}  {'addon':>9}  addon vs bare")
+    for label, bare, addon, versus in rows:
+        print(f"{label:<{width}}  {bare:>9.3f}  {addon:>9.3f}  {versus}")
+    print("\naddon's own time per call, from the audit log (proxy_overhead_ms)")
+    for phase, figures in overhead.items():
+        print(f"  {phase:<10}  median {figures['median_ms']:.3f} ms, p90 {figures['p90_ms']:.3f} ms")
+    print("\ntargets")
+    for label, value, met in targets:
+        print(f"  {label:<60} {value:>8}  {'met' if met else 'NOT MET'}")
+    print("\nchecks")
+    for label, ok in checks:
+        print(f"  {'ok  ' if ok else 'FAIL'}  {label}")
+
+
+def write_policy(work: Path) -> Path:
+    return conftest.write_policy(
+        work, name="bench", providers=["openai"], endpoints=["POST /v1/chat/completions"], models=["gpt-4o-mini*"]
+    )
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, interrupt)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="agentkeys-bench-") as tmp, contextlib.ExitStack() as running:
+        work = Path(tmp)
+        mock = start_mock(work)
+        running.callback(stop, mock.process)
+        bare_process, bare_port, bare_log = start_bare_mitmdump(work, mock.url)
+        running.callback(stop, bare_process)
+        with contextlib.redirect_stdout(io.StringIO()):  # its `agentkeys ca` prints an agent's environment
+            proxy = conftest.start_proxy(work / "addon", mock)
+        running.callback(conftest.stop_proxy, proxy)
+        key = proxy.issue(write_policy(work), "--budget", "1000", "--name", "bench")
+
+        bare = Target("bare", bare_port, "/v1/chat/completions", conftest.OPENAI_REAL_KEY)
+        addon = Target("addon", proxy.gateway_port, "/openai/v1/chat/completions", key["key"])
+        results = asyncio.run(run_measures(bare, addon))
+
+        checks = check_accounting(proxy, key["id"], bare, addon) + check_streams(results)
+        overhead = overhead_figures(proxy, key["id"], results["addon"]["rounds"])
+        running.close()  # stop the servers before reading their logs whole
+        checks += check_logs(proxy, bare_log, work)
+
+    rows, targets = comparison_rows(results), targets_met(results)
+    print_report(rows, targets, overhead, checks)
+    RESULTS_PATH.write_text(
+        json.dumps(
+            {
+                "environment": {
+                    "python": platform.python_version(),
+                    "mitmproxy": MITMPROXY_VERSION,
+                    "cpus": os.cpu_count(),
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "seconds": round(time.monotonic() - started, 1),
+                },
+                "results": results,
+                "addon_overhead_from_audit": overhead,
+                "targets": [{"target": label, "value": value, "met": met} for label, value, met in targets],
+                "checks": [{"check": label, "ok": ok} for label, ok in checks],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"\nwritten to {RESULTS_PATH.relative_to(REPO)} in {time.monotonic() - started:.0f} s")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; the servers were stopped", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,606 @@
+"""The gate without mitmproxy: request facts in, a decision out; usage in, a settlement out."""
+
+import asyncio
+import base64
+import json
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentkeys import credentials
+from agentkeys.gate import Admission, CallRequest, Denial, Gate, Settlement
+from agentkeys.ledger import KeyRecord, LedgerUnavailable, SqliteLedger
+from agentkeys.money import usd_to_micros
+from agentkeys.policy import Policy, ProxyConfig
+from agentkeys.pricing import PriceTable, Usage, cost_micros
+from agentkeys.providers import FORMATS
+from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE as ANTHROPIC_IMAGE_ALLOWANCE
+from agentkeys.providers.base import DenyKind, StreamResult
+from agentkeys.tokens import count_tokens
+from mock_provider import _Anthropic, _OpenAI, count_o200k_tokens
+
+OPENAI_REAL_KEY = "sk-real-openai-0123456789"
+ANTHROPIC_REAL_KEY = "sk-ant-real-0123456789"
+NOW = 1_700_000_000.0
+PRICES = PriceTable.bundled()
+MINI = PRICES.lookup("openai", "gpt-4o-mini")
+HAIKU = PRICES.lookup("anthropic", "claude-haiku-4-5")
+PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
+POLICY = {
+    "name": "test",
+    "budget_usd": 1.0,
+    "providers": ["openai", "anthropic"],
+    "endpoints": ["POST /v1/chat/completions", "POST /v1/messages", "GET /v1/models"],
+    "models": ["gpt-4o-mini*", "claude-haiku-4-5*"],
+    "default_max_output_tokens": 256,
+}
+
+
+class Clock:
+    def __init__(self):
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Env:
+    gate: Gate
+    ledger: SqliteLedger
+    clock: Clock
+
+    def issue(self, budget_usd: float = 1.0, ttl: int = 3600, **policy_fields) -> str:
+        """A new scoped key under POLICY (with `policy_fields` changed); returns the key itself."""
+        policy = Policy.model_validate({**POLICY, **policy_fields})
+        minted = credentials.mint()
+        self.ledger.create_key(
+            KeyRecord(
+                key_id=minted.key_id, key_hash=minted.key_hash, name="test", policy_name=policy.name,
+                policy_json=policy.model_dump_json(), created_at=self.clock.now,
+                expires_at=self.clock.now + ttl, budget_micros=usd_to_micros(budget_usd),
+            )
+        )  # fmt: skip
+        return minted.key
+
+    def balances(self, key: str) -> tuple[int, int]:
+        record = self.ledger.get_key(credentials.key_id_of(key))
+        return record.spent_micros, record.held_micros
+
+    def admit(self, call: CallRequest) -> Admission | Denial:
+        return asyncio.run(self.gate.admit(call))
+
+    def admitted(self, call: CallRequest) -> Admission:
+        result = self.admit(call)
+        assert isinstance(result, Admission), result
+        return result
+
+    def denied(self, call: CallRequest, kind: DenyKind, *fragments: str) -> Denial:
+        result = self.admit(call)
+        assert isinstance(result, Denial), result
+        assert result.kind is kind, result
+        for fragment in fragments:
+            assert fragment in result.message, result.message
+        return result
+
+
+def make_env(tmp_path, monkeypatch, ledger_class=SqliteLedger) -> Env:
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_REAL_KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", ANTHROPIC_REAL_KEY)
+    ledger, clock = ledger_class(tmp_path / "gate.db"), Clock()
+    return Env(Gate(ProxyConfig(), ledger, PriceTable.bundled(), clock=clock), ledger, clock)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    made = make_env(tmp_path, monkeypatch)
+    yield made
+    made.ledger.close()
+
+
+def chat(**fields) -> bytes:
+    return json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi"}], **fields}).encode()
+
+
+def messages(**fields) -> bytes:
+    body = {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "Say hi"}]}
+    return json.dumps({**body, **fields}).encode()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def call(key: str | None = None, body: bytes | None = None, provider: str = "openai", **fields) -> CallRequest:
+    fields.setdefault("headers", bearer(key) if key else {})
+    fields.setdefault("method", "POST")
+    fields.setdefault("path", PATHS[provider])
+    if body is None:
+        body = chat() if provider == "openai" else messages()
+    return CallRequest(provider=provider, body=body, **fields)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+# ----- identify and authenticate -----
+
+
+def wrong_secret(key: str) -> str:
+    return f"ak_{credentials.key_id_of(key)}_{'x' * 43}"
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        (lambda key, other: {}, "no agent key"),
+        (lambda key, other: {"authorization": "Basic abc"}, "no agent key"),
+        (lambda key, other: bearer(OPENAI_REAL_KEY), "real provider key"),
+        (lambda key, other: {**bearer(key), "x-api-key": ANTHROPIC_REAL_KEY}, "real provider key"),
+        (lambda key, other: {**bearer(key), "x-api-key": other}, "two different agent keys"),
+        (lambda key, other: bearer(credentials.mint().key), "unknown agent key"),
+        (lambda key, other: bearer(wrong_secret(key)), "unknown agent key"),
+    ],
+    ids=["none", "not-bearer", "real-key", "real-key-beside-scoped", "two-keys", "unknown", "wrong-secret"],
+)
+def test_requests_without_exactly_one_valid_key_are_unauthenticated(env, headers, message):
+    key, other = env.issue(), env.issue()
+    env.denied(call(headers=headers(key, other)), DenyKind.UNAUTHENTICATED, message)
+    assert env.balances(key) == (0, 0)
+
+
+def proxy_basic(key: str) -> dict[str, str]:
+    return {"proxy-authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda key: {"headers": bearer(key)},
+        lambda key: {"headers": {"x-api-key": key}},
+        lambda key: {"headers": {"api-key": key}},
+        lambda key: {"headers": proxy_basic(key)},
+        lambda key: {"headers": {}, "tunnel_credential": key},
+        lambda key: {"headers": {**bearer(key), "x-api-key": key}, "tunnel_credential": key},  # same key twice
+    ],
+    ids=["bearer", "x-api-key", "api-key", "proxy-authorization", "tunnel", "same-key-everywhere"],
+)
+def test_the_key_is_accepted_wherever_sdks_send_it(env, where):
+    key = env.issue()
+    admission = env.admitted(call(**where(key)))
+    assert admission.key.key_id == credentials.key_id_of(key)
+    assert admission.real_key == OPENAI_REAL_KEY
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        (lambda env, key: setattr(env.clock, "now", NOW + 3600), "expired"),
+        (lambda env, key: env.ledger.revoke(credentials.key_id_of(key), NOW), "revoked"),
+    ],
+    ids=["expired", "revoked"],
+)
+def test_expired_and_revoked_keys_are_unauthenticated(env, change, status):
+    key = env.issue(ttl=3600)
+    env.clock.now = NOW + 3599
+    env.admitted(call(key))
+    change(env, key)
+    env.denied(call(key), DenyKind.UNAUTHENTICATED, f"is {status}")
+
+
+# ----- authorize -----
+
+
+@pytest.mark.parametrize(
+    ("policy", "request_fields", "fragments"),
+    [
+        (
+            {"providers": ["openai"]},
+            {"provider": "anthropic"},
+            ["provider anthropic is not allowed", "(allowed: openai)"],
+        ),
+        (
+            {"endpoints": ["POST /v1/chat/completions"]},
+            {"method": "GET", "path": "/v1/models", "body": b""},
+            ["endpoint GET /v1/models is not allowed", "(allowed: POST /v1/chat/completions)"],
+        ),
+        (
+            {"endpoints": ["* /v1/*"]},
+            {"path": "/v1/embeddings", "body": b'{"model": "text-embedding-3-small", "input": "x"}'},
+            ["POST /v1/embeddings cannot be metered"],
+        ),
+        (
+            {},
+            {"body": chat(model="gpt-4o")},
+            ["model gpt-4o is not allowed", "(allowed: gpt-4o-mini*, claude-haiku-4-5*)"],
+        ),
+        ({"models": ["gpt-*"]}, {"body": chat(model="gpt-unknown-9")}, ["no price is known for model gpt-unknown-9"]),
+    ],
+    ids=["provider", "endpoint", "unmeterable-endpoint", "model", "unknown-price"],
+)
+def test_calls_outside_the_policy_are_forbidden(env, policy, request_fields, fragments):
+    key = env.issue(**policy)
+    env.denied(call(key, **request_fields), DenyKind.FORBIDDEN, *fragments)
+    assert env.balances(key) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("provider", "body", "fragment"),
+    [
+        ("openai", b"{not json", "not valid JSON"),
+        ("openai", b"[1, 2]", "must be a JSON object"),
+        ("openai", b'{"messages": [{"role": "user", "content": "x"}]}', "no 'model'"),
+        ("openai", chat(messages=[]), "'messages' must be a non-empty list"),
+        ("openai", chat(max_tokens=-5), "'max_tokens' must be a positive integer"),
+        (
+            "anthropic",
+            json.dumps({"model": "claude-haiku-4-5", "messages": [{"role": "user"}]}).encode(),
+            "'max_tokens' is required",
+        ),
+        ("anthropic", messages(max_tokens="lots"), "'max_tokens' must be a positive integer"),
+    ],
+    ids=["bad-json", "not-object", "no-model", "no-messages", "negative-max", "anthropic-no-max", "anthropic-bad-max"],
+)
+def test_unreadable_metered_requests_are_bad_requests(env, provider, body, fragment):
+    key = env.issue()
+    env.denied(call(key, body, provider), DenyKind.BAD_REQUEST, fragment)
+    assert env.balances(key) == (0, 0)
+
+
+def test_free_endpoints_are_forwarded_without_a_hold(env):
+    key = env.issue()
+    admission = env.admitted(call(key, b"", method="GET", path="/v1/models"))
+    assert (admission.facts.metered, admission.hold_id, admission.upstream_body) == (False, None, None)
+    assert run(env.gate.release(admission)) == Settlement(0, "none")
+    assert env.balances(key) == (0, 0)
+
+
+def test_a_provider_without_a_real_key_is_unavailable(env, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    env.gate = Gate(ProxyConfig(), env.ledger, PRICES, clock=env.clock)  # real keys are read at start
+    env.denied(call(env.issue(), provider="anthropic"), DenyKind.UNAVAILABLE, "set ANTHROPIC_API_KEY")
+
+
+# ----- price and reserve -----
+
+
+def test_a_call_that_might_not_fit_the_budget_is_refused(env):
+    key = env.issue(budget_usd=0.0001)
+    denial = env.denied(call(key), DenyKind.BUDGET, "budget exhausted", "could cost up to $", "$0.0001 remains")
+    assert denial.model == "gpt-4o-mini"
+    assert env.balances(key) == (0, 0)
+
+
+def test_the_budget_message_counts_calls_in_flight(env):
+    key = env.issue(budget_usd=0.001)
+    first = env.admitted(call(key, chat(max_tokens=1000)))  # holds about $0.0006
+    remains = f"${(1000 - first.hold_micros) / 1e6:.4f} remains"
+    env.denied(call(key, chat(max_tokens=1000)), DenyKind.BUDGET, remains)
+
+
+def expected_hold(provider: str, body: bytes, max_output: int) -> int:
+    facts = FORMATS[provider].request_facts("POST", PATHS[provider], body)
+    price = PRICES.lookup(provider, facts.model)
+    return cost_micros(price, Usage(input_tokens=facts.input_token_bound, output_tokens=max_output))
+
+
+@pytest.mark.parametrize(
+    ("provider", "body", "max_output"),
+    [
+        ("openai", chat(max_tokens=100), 100),
+        ("openai", chat(max_completion_tokens=50, max_tokens=999), 50),
+        ("openai", chat(), 256),  # the policy's default
+        ("anthropic", messages(max_tokens=300), 300),
+    ],
+    ids=["openai-max_tokens", "openai-max_completion_tokens", "openai-policy-default", "anthropic"],
+)
+def test_the_hold_is_the_worst_case_and_is_reserved(env, provider, body, max_output):
+    key = env.issue()
+    admission = env.admitted(call(key, body, provider))
+    assert admission.hold_micros == expected_hold(provider, body, max_output) > 0
+    assert admission.remaining_micros == 1_000_000 - admission.hold_micros
+    assert env.balances(key) == (0, admission.hold_micros)
+
+
+def test_without_any_limit_the_hold_assumes_the_models_maximum_output(env):
+    key = env.issue(default_max_output_tokens=None)
+    admission = env.admitted(call(key, chat()))
+    assert admission.hold_micros == expected_hold("openai", chat(), MINI.max_output_tokens)
+    assert admission.upstream_body is None  # the provider's own limit already bounds the call
+
+
+def upstream_json(admission: Admission) -> dict:
+    assert admission.upstream_body is not None
+    return json.loads(admission.upstream_body)
+
+
+def test_the_policy_default_output_cap_is_sent_upstream(env):
+    key = env.issue(default_max_output_tokens=256)
+    sent = upstream_json(env.admitted(call(key, chat(temperature=0.2))))
+    assert sent["max_completion_tokens"] == 256
+    assert (sent["model"], sent["temperature"], sent["messages"]) == (
+        "gpt-4o-mini",
+        0.2,
+        json.loads(chat())["messages"],
+    )
+
+
+def test_a_client_cap_is_forwarded_unchanged(env):
+    admission = env.admitted(call(env.issue(), chat(max_tokens=40)))
+    assert admission.upstream_body is None
+
+
+def test_an_openai_stream_is_asked_for_usage_on_the_clients_behalf(env):
+    key = env.issue()
+    admission = env.admitted(call(key, chat(stream=True, max_tokens=10, stream_options={"other": 1})))
+    assert upstream_json(admission)["stream_options"] == {"other": 1, "include_usage": True}
+    assert admission.facts.client_wants_stream_usage is False
+    assert admission.wire.stream_meter(admission.facts).hide_usage_chunk is True
+
+
+def test_an_openai_stream_that_asks_for_usage_is_left_alone(env):
+    body = chat(stream=True, max_tokens=10, stream_options={"include_usage": True})
+    admission = env.admitted(call(env.issue(), body))
+    assert admission.upstream_body is None
+    assert admission.wire.stream_meter(admission.facts).hide_usage_chunk is False
+
+
+# ----- settle -----
+
+
+@pytest.fixture
+def admission_and_key(env):
+    key = env.issue()
+    return env.admitted(call(key, chat(max_tokens=1000))), key
+
+
+def test_settle_usage_charges_the_exact_cost_and_frees_the_rest(env, admission_and_key):
+    admission, key = admission_and_key
+    usage = Usage(input_tokens=12, output_tokens=34)
+    settlement = run(env.gate.settle_usage(admission, usage))
+    assert settlement == Settlement(cost_micros(MINI, usage), "usage", usage)
+    assert 0 < settlement.cost_micros < admission.hold_micros
+    assert env.balances(key) == (settlement.cost_micros, 0)
+
+
+def test_settle_without_usage_charges_the_full_hold(env, admission_and_key):
+    admission, key = admission_and_key
+    settlement = run(env.gate.settle_usage(admission, None))
+    assert (settlement.cost_micros, settlement.metering) == (admission.hold_micros, "held")
+    assert env.balances(key) == (admission.hold_micros, 0)
+
+
+@pytest.mark.parametrize("text", ["Hello there, how are you", "hello " * 5000], ids=["short", "beyond-max-output"])
+def test_a_broken_stream_is_charged_an_estimate_within_the_hold(env, admission_and_key, text):
+    admission, key = admission_and_key
+    result = StreamResult(usage=None, complete=False, streamed_text=text)
+    settlement = run(env.gate.settle_stream(admission, result))
+    estimate = Usage(input_tokens=admission.facts.input_token_bound, output_tokens=count_tokens(text, "gpt-4o-mini"))
+    assert settlement.metering == "estimated"
+    assert settlement.cost_micros == min(cost_micros(MINI, estimate), admission.hold_micros)
+    assert 0 < settlement.cost_micros <= admission.hold_micros
+    assert env.balances(key) == (settlement.cost_micros, 0)
+
+
+def test_a_complete_stream_is_charged_its_usage(env, admission_and_key):
+    admission, key = admission_and_key
+    usage = Usage(input_tokens=9, output_tokens=3)
+    settlement = run(env.gate.settle_stream(admission, StreamResult(usage=usage, complete=True, streamed_text="hi")))
+    assert settlement == Settlement(cost_micros(MINI, usage), "usage", usage)
+
+
+def test_release_charges_nothing(env, admission_and_key):
+    admission, key = admission_and_key
+    assert run(env.gate.release(admission)) == Settlement(0, "none")
+    assert env.balances(key) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "again",
+    [
+        lambda gate, a: gate.settle_usage(a, None),
+        lambda gate, a: gate.settle_usage(a, Usage(input_tokens=999, output_tokens=999)),
+        lambda gate, a: gate.release(a),
+        lambda gate, a: gate.settle_stream(a, StreamResult(None, False, "more text")),
+    ],
+    ids=["full-hold", "usage", "release", "stream"],
+)
+def test_settling_twice_charges_once(env, admission_and_key, again):
+    admission, key = admission_and_key
+    first = run(env.gate.settle_usage(admission, Usage(input_tokens=10, output_tokens=10)))
+    assert run(again(env.gate, admission)) == Settlement(0, "none")
+    assert env.balances(key) == (first.cost_micros, 0)
+
+
+# ----- the store is down -----
+
+
+def failing_ledger(*methods: str, times: int = 10**9):
+    """A SqliteLedger whose `methods` raise LedgerUnavailable (the first `times` calls)."""
+    failures = {"left": times}
+
+    def unavailable(name):
+        real = getattr(SqliteLedger, name)
+
+        def method(self, *args):
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                raise LedgerUnavailable("database is locked")
+            return real(self, *args)
+
+        return method
+
+    return type("FailingLedger", (SqliteLedger,), {name: unavailable(name) for name in methods})
+
+
+@pytest.mark.parametrize("method", ["get_key", "reserve"])
+def test_an_unavailable_store_refuses_the_call(tmp_path, monkeypatch, method):
+    env = make_env(tmp_path, monkeypatch, failing_ledger(method))
+    env.denied(call(env.issue()), DenyKind.UNAVAILABLE, "key store is unavailable")
+    env.ledger.close()
+
+
+def test_a_settlement_that_failed_can_be_retried(tmp_path, monkeypatch):
+    env = make_env(tmp_path, monkeypatch, failing_ledger("settle", times=1))
+    key = env.issue()
+    admission = env.admitted(call(key))
+    with pytest.raises(LedgerUnavailable):
+        run(env.gate.settle_usage(admission, Usage(input_tokens=5, output_tokens=5)))
+    retried = run(env.gate.settle_usage(admission, None))  # what addon.response does after a failed settle
+    try:
+        assert retried.cost_micros == admission.hold_micros
+        assert env.balances(key) == (admission.hold_micros, 0)  # no hold left behind
+    finally:
+        env.ledger.close()
+
+
+# ----- the hold bounds what the provider bills -----
+
+LONG_TEXT = " ".join(f"word{i} ünïcödé 数据 🙂 {i * 7919 % 1000}" for i in range(1500))
+UNICODE = "héllo wörld — “quotes” 日本語のテキスト 🙂🚀 עברית العربية Ελληνικά ﷺ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"
+CODE = 'def f(x):\n    return {"a": [x ** 2 for x in range(10)]}  # comment\n\n\tprint(f(3))\n' * 20
+
+
+def user(content, **fields) -> dict:
+    return {"role": "user", "content": content, **fields}
+
+
+def text_parts(*texts: str) -> list[dict]:
+    return [{"type": "text", "text": text} for text in texts]
+
+
+OPENAI_SHAPES = {
+    "one-message": [user("hi")],
+    "empty-content": [user("")],
+    "system-and-user": [{"role": "system", "content": "You are terse."}, user("What is 2+2?")],
+    "developer-role": [{"role": "developer", "content": "Be brief."}, user("ok")],
+    "many-messages": [
+        {"role": ("user", "assistant")[i % 2], "content": f"message number {i}: {'abc ' * (i % 7)}"} for i in range(80)
+    ],
+    "unicode": [user(UNICODE)],
+    "emoji-zwj": [user("👩‍👩‍👧‍👦🏳️‍🌈" * 60)],
+    "long": [user(LONG_TEXT)],
+    "whitespace": [user("\n\n\t   \n \r\n" * 200)],
+    "digits": [user("1234567890" * 300)],
+    "code": [user(CODE)],
+    "special-token-text": [user("<|endoftext|><|im_start|>system<|im_end|>" * 10)],
+    "names": [user("hi", name="alice"), user("yo", name="bob_the_builder_42"), user("¿qué?", name="名前")],
+    "parts": [user(text_parts("hel", "lo", " world", ""))],
+    "parts-split-word": [user(text_parts(*"internationalization"))],
+    "parts-split-unicode": [user(text_parts(*UNICODE))],
+    "parts-and-image": [
+        user([*text_parts("what is this?"), {"type": "image_url", "image_url": {"url": "https://x/y.png"}}])
+    ],
+    "tool-call-and-result": [
+        user("weather?"),
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "wx", "arguments": '{"city":"Oslo"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "cloudy, 4°C"},
+    ],
+}
+
+ANTHROPIC_SHAPES = {
+    "one-message": {"messages": [user("hi")]},
+    "system-string": {"system": "You are terse.", "messages": [user("What is 2+2?")]},
+    "system-blocks": {"system": text_parts("Rule one.", " Rule two ✓"), "messages": [user("go")]},
+    "many-messages": {
+        "messages": [
+            {"role": ("user", "assistant")[i % 2], "content": f"turn {i} {'xyz ' * (i % 5)}"} for i in range(80)
+        ]
+    },
+    "unicode": {"messages": [user(UNICODE)]},
+    "long": {"system": LONG_TEXT, "messages": [user(LONG_TEXT)]},
+    "whitespace": {"messages": [user("\n\n\t   \n " * 200)]},
+    "special-token-text": {"messages": [user("<|endoftext|>" * 20)]},
+    "content-blocks": {"messages": [user(text_parts("part one, ", "part two ", *"spelled"))]},
+    "image-block": {
+        "messages": [user([{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}, *text_parts("?")])]
+    },
+}
+
+
+def openai_bound_and_mock(body: dict) -> tuple[int, int]:
+    bound = FORMATS["openai"].request_facts("POST", PATHS["openai"], json.dumps(body).encode()).input_token_bound
+    return bound, _OpenAI.call(body, count_o200k_tokens, 1).input_tokens
+
+
+def anthropic_bound_and_mock(body: dict) -> tuple[int, int]:
+    bound = FORMATS["anthropic"].request_facts("POST", PATHS["anthropic"], json.dumps(body).encode()).input_token_bound
+    return bound, _Anthropic.call(body, count_o200k_tokens, 1).input_tokens
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "gpt-4.1-mini"])
+@pytest.mark.parametrize("shape", sorted(OPENAI_SHAPES))
+def test_openai_input_bound_covers_what_the_provider_counts(shape, model):
+    bound, counted = openai_bound_and_mock({"model": model, "messages": OPENAI_SHAPES[shape]})
+    assert bound >= counted
+
+
+@pytest.mark.parametrize("shape", sorted(ANTHROPIC_SHAPES))
+def test_anthropic_input_bound_covers_what_the_provider_counts(shape):
+    bound, counted = anthropic_bound_and_mock(
+        {"model": "claude-haiku-4-5", "max_tokens": 10, **ANTHROPIC_SHAPES[shape]}
+    )
+    assert bound >= counted
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=25), min_size=1, max_size=8), st.text(max_size=10))
+def test_openai_input_bound_covers_any_split_of_text_into_parts(parts, name):
+    message = user(text_parts(*parts), **({"name": name} if name else {}))
+    bound, counted = openai_bound_and_mock({"model": "gpt-4o-mini", "messages": [message]})
+    assert bound >= counted
+
+
+@pytest.mark.parametrize(
+    ("provider", "body", "max_output"),
+    [
+        ("openai", chat(messages=OPENAI_SHAPES["long"], max_tokens=700), 700),
+        ("openai", chat(messages=OPENAI_SHAPES["names"]), 256),
+        ("anthropic", messages(max_tokens=500, **ANTHROPIC_SHAPES["long"]), 500),
+    ],
+)
+def test_the_hold_covers_the_usage_the_provider_reports(env, provider, body, max_output):
+    """The mock's own bill for this request, at the longest reply allowed, fits within the hold."""
+    api = {"openai": _OpenAI, "anthropic": _Anthropic}[provider]
+    admission = env.admitted(call(env.issue(), body, provider))
+    billed = api.call(json.loads(admission.upstream_body or body), count_o200k_tokens, 10**6)
+    assert billed.output_tokens == max_output
+    usage = Usage(input_tokens=billed.input_tokens, output_tokens=billed.output_tokens)
+    assert cost_micros(admission.price, usage) <= admission.hold_micros
+
+
+def test_the_hold_covers_every_requested_choice(env):
+    admission = env.admitted(call(env.issue(), chat(max_tokens=100, n=3)))
+    assert admission.hold_micros >= expected_hold("openai", chat(max_tokens=100, n=3), 3 * 100)
+
+
+def test_an_image_inside_a_tool_result_gets_the_image_allowance():
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/screenshot.png"}}
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": [image]}
+    body = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [user([result])]}
+    bound, _ = anthropic_bound_and_mock(body)
+    assert bound >= ANTHROPIC_IMAGE_ALLOWANCE
+
+
+@pytest.mark.parametrize(
+    ("provider", "content"),
+    [
+        ("anthropic", {"type": "document", "source": {"type": "url", "url": "https://example.com/paper.pdf"}}),
+        ("anthropic", {"type": "document", "source": {"type": "file", "file_id": "file_011abc"}}),
+        ("openai", {"type": "file", "file": {"file_id": "file-abc123"}}),
+    ],
+    ids=["anthropic-pdf-url", "anthropic-file-id", "openai-file-id"],
+)
+def test_documents_by_reference_are_not_admitted_at_a_few_tokens(env, provider, content):
+    body = chat(messages=[user([content])]) if provider == "openai" else messages(messages=[user([content])])
+    result = env.admit(call(env.issue(), body, provider))
+    assert isinstance(result, Denial) or result.facts.input_token_bound >= 100_000

@@ -1,0 +1,249 @@
+"""Policies and the proxy config: durations, endpoint rules, model globs, and errors that point at the line."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from agentkeys.policy import EndpointRule, Policy, ProxyConfig, load_config, load_policy, parse_duration
+from agentkeys.yamlfile import ConfigError
+
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+
+def policy(**fields) -> Policy:
+    base = {
+        "name": "t",
+        "budget_usd": 1,
+        "providers": ["openai"],
+        "endpoints": ["POST /v1/chat/completions"],
+        "models": ["gpt-4o-mini*"],
+    }
+    return Policy.model_validate({**base, **fields})
+
+
+# ----- durations -----
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(90, 90), ("90s", 90), ("5m", 300), ("1h30m", 5400), ("2d", 172800), (" 1H ", 3600)],
+)
+def test_parse_duration(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["5x", "", "-1", 0, -5, "1h 30m", "m", "h1", True])
+def test_parse_duration_rejects(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+def test_parse_duration_accepts_a_bare_number_given_as_text():
+    assert parse_duration("90") == 90
+
+
+# ----- endpoint rules -----
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["POST /v1/chat/completions", "post   /v1/chat/completions ", {"method": "post", "path": "/v1/chat/completions"}],
+)
+def test_endpoint_rule_from_string_or_mapping(raw):
+    rule = EndpointRule.model_validate(raw)
+    assert (rule.method, rule.path) == ("POST", "/v1/chat/completions")
+    assert str(rule) == "POST /v1/chat/completions"
+
+
+@pytest.mark.parametrize("raw", ["/v1/chat/completions", "POST", "POST v1/chat", {"method": "GET"}])
+def test_endpoint_rule_rejects(raw):
+    with pytest.raises(ValidationError):
+        EndpointRule.model_validate(raw)
+
+
+@pytest.mark.parametrize(
+    ("rule", "method", "path", "allowed"),
+    [
+        ("POST /v1/chat/completions", "POST", "/v1/chat/completions", True),
+        ("POST /v1/chat/completions", "post", "/v1/chat/completions", True),
+        ("POST /v1/chat/completions", "GET", "/v1/chat/completions", False),
+        ("POST /v1/chat/completions", "POST", "/v1/chat/completions/x", False),
+        ("GET /v1/models/*", "GET", "/v1/models/gpt-4o", True),
+        ("GET /v1/models/*", "GET", "/v1/models", False),
+        ("* /v1/*", "DELETE", "/v1/files/abc", True),
+        ("* /v1/*", "GET", "/v2/files", False),
+        ("GET /V1/models", "GET", "/v1/models", False),  # paths are case-sensitive
+    ],
+)
+def test_endpoint_rule_matching(rule, method, path, allowed):
+    assert EndpointRule.model_validate(rule).matches(method, path) is allowed
+    assert policy(endpoints=[rule]).allows_endpoint(method, path) is allowed
+
+
+@pytest.mark.parametrize(
+    ("model", "allowed"),
+    [
+        ("gpt-4o-mini", True),
+        ("gpt-4o-mini-2024-07-18", True),
+        ("gpt-4o", False),
+        ("GPT-4O-MINI", False),
+        ("claude-haiku-4-5", True),
+        ("claude-sonnet-4-5", False),
+    ],
+)
+def test_policy_allows_models_by_glob(model, allowed):
+    assert policy(models=["gpt-4o-mini*", "claude-haiku-?-5"]).allows_model(model) is allowed
+
+
+def test_policy_defaults_and_duration_ttl():
+    p = policy(ttl="30m")
+    assert (p.ttl, p.default_max_output_tokens, p.description) == (1800, None, "")
+
+
+@pytest.mark.parametrize("field", ["budget_usd", "providers", "endpoints", "models"])
+def test_policy_requires_a_useful_value(field):
+    bad = {"budget_usd": 0, "providers": [], "endpoints": [], "models": []}[field]
+    with pytest.raises(ValidationError, match=field):
+        policy(**{field: bad})
+
+
+# ----- loading policy files: errors name file, line and field -----
+
+GOOD_LINES = [
+    "name: t",
+    "providers: [openai]",
+    "models: [gpt-4o-mini]",
+    "budget_usd: 1",
+    "endpoints:",
+    "  - POST /v1/chat/completions",
+]
+
+
+def lines_with(replace: dict[int, str] | None = None, append: tuple[str, ...] = (), drop: int | None = None) -> str:
+    """GOOD_LINES with some (1-based) lines replaced, dropped or added at the end."""
+    lines = [(replace or {}).get(n, line) for n, line in enumerate(GOOD_LINES, start=1) if n != drop]
+    return "\n".join([*lines, *append]) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (lines_with({4: "budget_usd: -3"}), [":4: budget_usd:", "greater than 0"]),
+        (lines_with(append=("  - chat please",)), [":7: endpoints.1:", "METHOD /path"]),
+        (lines_with({6: "  - {method: POST}"}), [":6: endpoints.0.path:", "required"]),
+        (lines_with(drop=3), [":1: models:", "Field required"]),
+        (lines_with(append=("budget: 5",)), [":7: budget:", "Extra inputs"]),
+        (lines_with({2: "ttl: soon"}), [":2: ttl:", "not a duration"]),
+        (lines_with({3: "models: gpt: 4"}), [":3: invalid YAML"]),
+        ("- a list\n", [":1: expected a mapping"]),
+    ],
+    ids=[
+        "negative-budget",
+        "bad-endpoint-item",
+        "endpoint-missing-path",
+        "missing-field",
+        "unknown-field",
+        "bad-duration",
+        "yaml-syntax",
+        "not-a-mapping",
+    ],
+)
+def test_load_policy_errors_name_file_line_and_field(tmp_path, text, expected):
+    path = tmp_path / "bad.policy.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)), message
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_load_policy_reports_every_problem(tmp_path):
+    path = tmp_path / "bad.policy.yaml"
+    path.write_text(lines_with({4: "budget_usd: -3"}, append=("color: blue",)))
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path)
+    assert len(caught.value.problems) == 2
+    assert any(":4: budget_usd:" in p for p in caught.value.problems)
+    assert any(":7: color:" in p for p in caught.value.problems)
+
+
+def test_load_policy_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_policy(tmp_path / "nope.policy.yaml")
+
+
+def test_a_good_policy_file_loads(tmp_path):
+    path = tmp_path / "good.policy.yaml"
+    path.write_text(lines_with())
+    assert load_policy(path).endpoints == [EndpointRule(method="POST", path="/v1/chat/completions")]
+
+
+@pytest.mark.parametrize("path", sorted(POLICIES.glob("*.policy.yaml")), ids=lambda p: p.name)
+def test_example_policies_load(path):
+    loaded = load_policy(path)
+    assert loaded.name and loaded.budget_usd > 0
+    assert loaded.allows_endpoint("POST", "/v1/chat/completions")
+
+
+def test_there_are_example_policies():
+    assert len(list(POLICIES.glob("*.policy.yaml"))) >= 3
+
+
+# ----- proxy config -----
+
+
+def test_proxy_config_keeps_default_providers_when_one_field_is_overridden():
+    config = ProxyConfig.model_validate({"providers": {"openai": {"upstream": "http://127.0.0.1:9999/"}}})
+    openai = config.providers["openai"]
+    assert openai.upstream == "http://127.0.0.1:9999"
+    assert (openai.format, openai.hosts, openai.key_env) == ("openai", ["api.openai.com"], "OPENAI_API_KEY")
+    assert config.providers["anthropic"].upstream == "https://api.anthropic.com"
+
+
+def test_proxy_config_adds_an_openai_compatible_provider():
+    extra = {"format": "openai", "upstream": "https://api.groq.com/openai", "key_env": "GROQ_API_KEY"}
+    config = ProxyConfig.model_validate({"providers": {"groq": extra}})
+    assert set(config.providers) == {"openai", "anthropic", "groq"}
+    assert config.providers["groq"].hosts == []
+
+
+def test_load_config_merges_defaults_and_resolves_paths(tmp_path):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text(
+        textwrap.dedent("""\
+        store: sqlite:///data/keys.db
+        providers:
+          anthropic:
+            upstream: http://localhost:1234
+    """)
+    )
+    config = load_config(path)
+    assert config.providers["anthropic"].key_env == "ANTHROPIC_API_KEY"
+    assert config.providers["openai"].upstream == "https://api.openai.com"
+    assert config.sqlite_path == (tmp_path / "data" / "keys.db").resolve()
+
+
+@pytest.mark.parametrize("store", ["redis://localhost:6379", "postgres://x", "agentkeys.db"])
+def test_proxy_config_rejects_unknown_store(tmp_path, store):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text(f"proxy_port: 8080\nstore: {store}\n")
+    with pytest.raises(ConfigError, match=":2: store:"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"providers": {"openai": {"upstream": "ftp://x"}}},
+        {"providers": {"openai": {"format": "gemini"}}},
+        {"proxy_port": 70000},
+        {"egress": "sometimes"},
+    ],
+)
+def test_proxy_config_rejects_bad_values(fields):
+    with pytest.raises(ValidationError):
+        ProxyConfig.model_validate(fields)
