@@ -356,8 +356,7 @@ class _Anthropic:
             event("ping"),
         ]
         content = [
-            event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
-            for piece in call.pieces
+            event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece}) for piece in call.pieces
         ]
         tail = [
             event("content_block_stop", index=0),

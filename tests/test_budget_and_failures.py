@@ -6,11 +6,10 @@ import ssl
 import threading
 
 import anthropic
-import httpx2
 import openai
 import pytest
 
-from conftest import free_port, start_proxy, stop_proxy, write_policy
+from conftest import free_port, httpx, start_proxy, stop_proxy, write_policy
 
 DEAD_PORT = free_port()  # nothing listens here: calls to the "deadai" provider cannot connect
 
@@ -132,7 +131,7 @@ def test_unreachable_upstream_releases_the_hold(proxy, policies):
 def test_stream_cut_short_is_charged_an_estimate(proxy, mock, policies, sdk):
     key = proxy.issue(policies["chat"])
     mock.cut_next_stream(after_chunks=3)
-    with pytest.raises((openai.APIConnectionError, anthropic.APIConnectionError, httpx2.HTTPError)):
+    with pytest.raises((openai.APIConnectionError, anthropic.APIConnectionError, httpx.HTTPError)):
         if sdk == "openai":
             list(ask(openai_gateway(proxy, key), max_tokens=50, stream=True))
         else:
@@ -187,7 +186,7 @@ def test_unknown_model_price_is_refused(proxy, mock, policies, tmp_path):
 )
 def test_malformed_request_gets_a_400_saying_what_is_wrong(proxy, mock, policies, body, complaint):
     key = proxy.issue(policies["chat"])
-    response = httpx2.post(
+    response = httpx.post(
         f"{proxy.gateway_url}/openai/v1/chat/completions",
         content=body,
         headers={"authorization": f"Bearer {key['key']}", "content-type": "application/json"},
@@ -198,7 +197,7 @@ def test_malformed_request_gets_a_400_saying_what_is_wrong(proxy, mock, policies
 
 
 def test_unknown_gateway_prefix_is_a_404(proxy):
-    response = httpx2.get(f"{proxy.gateway_url}/nowhere/v1/models")
+    response = httpx.get(f"{proxy.gateway_url}/nowhere/v1/models")
     assert response.status_code == 404 and "/openai" in response.json()["error"]["message"]
 
 
@@ -206,7 +205,7 @@ def test_metrics_and_audit_never_show_a_key_or_a_prompt(proxy, mock, policies):
     key = proxy.issue(policies["chat"])
     ask(openai_gateway(proxy, key), max_tokens=3)
     proxy.records_for(key["id"])
-    metrics = httpx2.get(f"http://127.0.0.1:{proxy.metrics_port}/metrics").text
+    metrics = httpx.get(f"http://127.0.0.1:{proxy.metrics_port}/metrics").text
     assert 'agentkeys_requests_total{outcome="allowed",policy="chat",provider="openai"}' in metrics
     assert "agentkeys_spend_usd_total" in metrics and "agentkeys_proxy_overhead_seconds_bucket" in metrics
     audit = proxy.audit_path.read_text()
@@ -265,7 +264,10 @@ def test_egress_allowlist_refuses_other_hosts(mock, tmp_path):
     try:
         with socket.create_connection(("127.0.0.1", strict.proxy_port)) as raw:
             raw.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
-            answer = raw.recv(4096)
+            raw.settimeout(5)
+            answer = b""
+            while b"not allowed" not in answer and (chunk := raw.recv(4096)):
+                answer += chunk
         assert answer.startswith(b"HTTP/1.1 403") and b"egress to example.com is not allowed" in answer
     finally:
         stop_proxy(strict)

@@ -5,11 +5,10 @@ mode (base URL on the reverse listener, no CA).
 """
 
 import anthropic
-import httpx2
 import openai
 import pytest
 
-from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, write_policy
+from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, httpx, write_policy
 
 MODES = ["proxy", "gateway"]
 
@@ -87,6 +86,20 @@ def test_openai_stream_hides_the_usage_chunk_it_asked_for(proxy, mock, key, mode
     assert proxy.ledger().get_key(key["id"]).spent_micros == record["cost_micros"] > 0
 
 
+def test_hidden_usage_chunk_leaves_the_stream_whole_on_a_kept_alive_connection(proxy, mock, key):
+    """The stream still ends with [DONE] and a proper end of body; the next call on that connection works."""
+    body = {"model": "gpt-4o-mini", "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": f"Bearer {key['key']}"}
+    with httpx.Client(base_url=f"{proxy.gateway_url}/openai/v1") as client:
+        for _ in range(3):
+            with client.stream("POST", "/chat/completions", json=body, headers=headers) as response:
+                events = [line for line in response.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            assert not any('"choices": []' in e or '"choices":[]' in e for e in events), "usage chunk leaked"
+            assert len(events) == 1 + 3 + 1 + 1  # role, three tokens, finish, [DONE]
+    assert len(proxy.records_for(key["id"], 3)) == 3
+
+
 def test_openai_stream_keeps_the_usage_chunk_a_client_asked_for(proxy, mock, key, monkeypatch):
     client = openai_client(proxy, "gateway", key["key"], monkeypatch)
     chunks = list(chat(client, max_tokens=3, stream=True, stream_options={"include_usage": True}))
@@ -123,7 +136,7 @@ def test_anthropic_stream_is_metered(proxy, mock, key, mode, monkeypatch):
 
 
 def test_key_as_x_api_key_header(proxy, mock, key):
-    response = httpx2.post(
+    response = httpx.post(
         f"{proxy.gateway_url}/openai/v1/chat/completions",
         headers={"x-api-key": key["key"]},
         json={"model": "gpt-4o-mini", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},

@@ -53,23 +53,28 @@ class StreamRelay:
     broken: bool = False
     seconds_spent: float = 0.0
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        """Return the chunks to send on. Never `b""` for a chunk: mitmproxy would end the response there."""
         started = time.perf_counter()
         if self.first_chunk_at is None and chunk:
             self.first_chunk_at = time.time()
         try:
             if not chunk:
-                return self.splitter.flush()
+                return non_empty(self.splitter.flush())
             if self.broken:
-                return chunk
-            return b"".join(event.raw for event in self.splitter.feed(chunk) if self.meter.feed(event))
+                return [chunk]
+            return [event.raw for event in self.splitter.feed(chunk) if self.meter.feed(event)]
         except Exception:
             # Never cut the agent's stream over our own bug; the call is then charged its full hold.
             log.exception("agentkeys: stream metering failed; passing the rest through")
             self.broken = True
-            return self.splitter.flush() + chunk
+            return non_empty(self.splitter.flush(), chunk)
         finally:
             self.seconds_spent += time.perf_counter() - started
+
+
+def non_empty(*chunks: bytes) -> list[bytes]:
+    return [chunk for chunk in chunks if chunk]
 
 
 @dataclass
