@@ -30,7 +30,7 @@ from mock_provider import MockProvider
 
 REPO = Path(__file__).resolve().parent.parent
 ADDON = REPO / "addon" / "agentkeys" / "addon.py"
-MITMDUMP = Path(sys.executable).with_name("mitmdump")
+MITMDUMP = Path(os.environ.get("AGENTKEYS_MITMDUMP", Path(sys.executable).with_name("mitmdump")))
 OPENAI_REAL_KEY = "sk-test-real-openai"
 ANTHROPIC_REAL_KEY = "sk-ant-test-real-anthropic"
 

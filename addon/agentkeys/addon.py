@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from agentkeys import tokens
 from agentkeys.audit import AuditLog, CallRecord
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user
 from agentkeys.gate import Admission, CallRequest, Denial, Gate, Settlement
@@ -77,6 +79,22 @@ def non_empty(*chunks: bytes) -> list[bytes]:
     return [chunk for chunk in chunks if chunk]
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """A provider's base URL, split once at configure time."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+    @classmethod
+    def parse(cls, base_url: str) -> "Upstream":
+        parts = urlsplit(base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+
 @dataclass
 class CallState:
     """What one flow carries between hooks, in `flow.metadata[STATE]`."""
@@ -99,6 +117,7 @@ class AgentKeys:
         self.tunnel_credentials: dict[str, str] = {}
         self._metrics_started = False
         self._purge_task: asyncio.Task | None = None
+        self._settling: set[asyncio.Task] = set()
 
     # ----- set-up -----
 
@@ -125,6 +144,8 @@ class AgentKeys:
         self.gate = Gate(config, ledger, prices)
         self.audit = AuditLog(config.path(config.audit_log) if config.audit_log else None)
         self.provider_by_host = {host: name for name, spec in config.providers.items() for host in spec.hosts}
+        self.upstreams = {name: Upstream.parse(spec.upstream) for name, spec in config.providers.items()}
+        tokens.preload()  # half a second, once, rather than on the event loop during the first call
         for name, spec in config.providers.items():
             if not spec.real_key():
                 log.warning(
@@ -173,9 +194,11 @@ class AgentKeys:
             except Exception:
                 log.exception("agentkeys: purging expired keys failed; will try again")
 
-    def done(self):
+    async def done(self):
         if self._purge_task:
             self._purge_task.cancel()
+        if self._settling:  # let settlements in flight reach the store and the audit log
+            await asyncio.wait(self._settling, timeout=5)
         if self.audit:
             self.audit.close()
 
@@ -267,8 +290,9 @@ class AgentKeys:
             flow.request.headers.pop(name, None)
         admission.wire.set_real_key(flow.request.headers, admission.real_key)
         flow.request.headers["accept-encoding"] = "identity"  # so streamed SSE can be read as it passes
-        upstream = self.config.providers[call.provider].upstream
-        flow.request.url = upstream + call.path + (f"?{call.query}" if call.query else "")
+        upstream = self.upstreams[call.provider]
+        flow.request.scheme, flow.request.port, flow.request.host = upstream.scheme, upstream.port, upstream.host
+        flow.request.path = upstream.base_path + call.path + (f"?{call.query}" if call.query else "")
         if admission.upstream_body is not None:
             flow.request.content = admission.upstream_body
 
@@ -310,19 +334,12 @@ class AgentKeys:
         except Exception:
             log.exception("agentkeys: responseheaders hook failed")
 
-    async def response(self, flow: http.HTTPFlow):
+    def response(self, flow: http.HTTPFlow):
         state = self._in_flight(flow)
         if state is None:
             return
         state.finished = True
-        started = time.perf_counter()
-        try:
-            settlement = await self._settle_response(flow, state)
-        except Exception:
-            log.exception("agentkeys: settling failed; charging the full hold")
-            settlement = await self.gate.settle_usage(state.admission, None)
-        state.overhead_seconds += time.perf_counter() - started
-        self._record_allowed(flow, state, settlement, reason="ok")
+        self._settle_in_background(self._settle_response(flow, state), flow, state, reason="ok")
 
     async def _settle_response(self, flow: http.HTTPFlow, state: CallState) -> Settlement:
         admission = state.admission
@@ -336,23 +353,42 @@ class AgentKeys:
             return await self.gate.settle_stream(admission, state.relay.meter.result())
         return await self.gate.settle_usage(admission, admission.wire.usage_from_response(flow.response.content))
 
-    async def error(self, flow: http.HTTPFlow):
-        """The connection broke: a stream cut short is charged for what was sent; no answer, nothing."""
+    def error(self, flow: http.HTTPFlow):
         state = self._in_flight(flow)
         if state is None:
             return
         state.finished = True
+        reason = f"error: {flow.error.msg if flow.error else 'unknown'}"
+        self._settle_in_background(self._settle_broken(state), flow, state, reason)
+
+    async def _settle_broken(self, state: CallState) -> Settlement:
+        """The connection broke: a stream cut short is charged for what was sent; no answer, nothing."""
+        relay = state.relay
+        if relay and relay.first_chunk_at is not None and not relay.broken:
+            return await self.gate.settle_stream(state.admission, relay.meter.result())
+        if relay:
+            return await self.gate.settle_usage(state.admission, None)
+        return await self.gate.release(state.admission)
+
+    def _settle_in_background(self, settling: Coroutine, flow: http.HTTPFlow, state: CallState, reason: str):
+        """Settle and record after the agent has its answer: the hold covers the call meanwhile."""
+        task = asyncio.get_running_loop().create_task(self._settle_then_record(settling, flow, state, reason))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_then_record(self, settling: Coroutine, flow: http.HTTPFlow, state: CallState, reason: str):
+        started = time.perf_counter()
         try:
-            if state.relay and state.relay.first_chunk_at is not None and not state.relay.broken:
-                settlement = await self.gate.settle_stream(state.admission, state.relay.meter.result())
-            elif state.relay:
-                settlement = await self.gate.settle_usage(state.admission, None)
-            else:
-                settlement = await self.gate.release(state.admission)
+            settlement = await settling
         except Exception:
-            log.exception("agentkeys: settling a broken call failed; charging the full hold")
-            settlement = await self.gate.settle_usage(state.admission, None)
-        self._record_allowed(flow, state, settlement, reason=f"error: {flow.error.msg if flow.error else 'unknown'}")
+            log.exception("agentkeys: settling failed; charging the full hold")
+            try:
+                settlement = await self.gate.settle_usage(state.admission, None)
+            except Exception:
+                log.exception("agentkeys: the hold of key %s stays in the store unsettled", state.admission.key.key_id)
+                settlement = Settlement(state.admission.hold_micros, "held")
+        state.overhead_seconds += time.perf_counter() - started
+        self._record_allowed(flow, state, settlement, reason)
 
     def _in_flight(self, flow: http.HTTPFlow) -> CallState | None:
         state = flow.metadata.get(STATE)

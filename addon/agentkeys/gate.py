@@ -25,6 +25,7 @@ from agentkeys.tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
+KNOWN_KEYS_LIMIT = 10_000
 # Bodies above this are read (and tokenized) on a worker thread, so a huge prompt delays only itself.
 LARGE_BODY_BYTES = 32 * 1024
 
@@ -80,6 +81,9 @@ class Gate:
         self.clock = clock
         self.real_keys = {name: spec.real_key() for name, spec in config.providers.items()}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentkeys-ledger")
+        # Key records by id, for the parts that never change (hash, policy, name). Whether a key is
+        # still usable is decided by the store itself, in `reserve` (or a fresh read for free calls).
+        self._known_keys: dict[str, KeyRecord] = {}
 
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -97,7 +101,7 @@ class Gate:
         key_or_denial = self.identify(call)
         if isinstance(key_or_denial, Denial):
             return key_or_denial
-        record = await self._off_loop(self.ledger.get_key, credentials.key_id_of(key_or_denial))
+        record = await self.key_record(credentials.key_id_of(key_or_denial))
         denial = self.authenticate(key_or_denial, record)
         if denial:
             return denial
@@ -116,10 +120,22 @@ class Gate:
             facts = await self.read_request(wire, call)
         except MalformedRequest as e:
             return Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", record)
-        admission = Admission(key=record, policy=policy, wire=wire, facts=facts, real_key=real_key)
         if not facts.metered:
-            return admission
+            # No reserve will look at the key in the store, so read it afresh: it may have been revoked.
+            record = await self._off_loop(self.ledger.get_key, record.key_id)
+            return self.authenticate(key_or_denial, record) or Admission(record, policy, wire, facts, real_key)
+        admission = Admission(key=record, policy=policy, wire=wire, facts=facts, real_key=real_key)
         return await self.price_and_reserve(call, admission)
+
+    async def key_record(self, key_id: str) -> KeyRecord | None:
+        record = self._known_keys.get(key_id)
+        if record is None:
+            record = await self._off_loop(self.ledger.get_key, key_id)
+            if record is not None:
+                if len(self._known_keys) >= KNOWN_KEYS_LIMIT:
+                    self._known_keys.pop(next(iter(self._known_keys)))
+                self._known_keys[key_id] = record
+        return record
 
     def identify(self, call: CallRequest) -> str | Denial:
         """The one scoped key the request carries; a real provider key or none at all is refused."""

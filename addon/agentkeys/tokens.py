@@ -42,6 +42,11 @@ def encoding(name: str) -> tiktoken.Encoding:
     return tiktoken.Encoding(**spec)
 
 
+def preload() -> None:
+    for name in ENCODING_FILES:
+        encoding(name)
+
+
 def encoding_for_model(model: str) -> tiktoken.Encoding:
     if model.startswith(O200K_MODEL_PREFIXES):
         return encoding("o200k_base")
