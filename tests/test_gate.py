@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import json
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from agentkeys import credentials
 from agentkeys.gate import Admission, CallRequest, Denial, Gate, Settlement
-from agentkeys.ledger import KeyRecord, LedgerUnavailable, SqliteLedger
+from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
 from agentkeys.money import usd_to_micros
 from agentkeys.policy import Policy, ProxyConfig
 from agentkeys.pricing import PriceTable, Usage, cost_micros
@@ -604,3 +605,24 @@ def test_documents_by_reference_are_not_admitted_at_a_few_tokens(env, provider, 
     body = chat(messages=[user([content])]) if provider == "openai" else messages(messages=[user([content])])
     result = env.admit(call(env.issue(), body, provider))
     assert isinstance(result, Denial) or result.facts.input_token_bound >= 100_000
+
+
+def test_a_busy_store_is_waited_for_off_the_event_loop(tmp_path, monkeypatch):
+    """The on-loop handle gives up at once when another writer holds the lock; the worker then waits."""
+    worker_threads = set()
+
+    class BusyNow(SqliteLedger):
+        def nonblocking(self):
+            handle = super().nonblocking()
+            handle.reserve = lambda *args: (_ for _ in ()).throw(LedgerBusy("database is locked"))
+            return handle
+
+        def reserve(self, *args):
+            worker_threads.add(threading.current_thread().name)
+            return super().reserve(*args)
+
+    env = make_env(tmp_path, monkeypatch, BusyNow)
+    admission = env.admitted(call(env.issue()))
+    assert admission.hold_id is not None
+    assert worker_threads and all(name.startswith("agentkeys-ledger") for name in worker_threads)
+    env.ledger.close()

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentkeys.ledger import KeyRecord, LedgerUnavailable, Refusal, SqliteLedger
+from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, Refusal, SqliteLedger
 
 NOW = 1_000_000.0
 
@@ -345,3 +345,16 @@ def test_any_sequence_of_operations_keeps_the_cap_and_the_books(ops):
                     assert key.spent_micros == model.keys[key_id]["spent"]
         finally:
             ledger.close()
+
+
+def test_the_nonblocking_handle_reports_a_locked_store_as_busy_at_once(tmp_path):
+    ledger = SqliteLedger(tmp_path / "keys.db")
+    blocker = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(LedgerBusy):
+            ledger.nonblocking().reserve("any", 1, 0.0)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        ledger.close()

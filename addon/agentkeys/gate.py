@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from agentkeys import credentials
-from agentkeys.ledger import KeyRecord, Ledger, LedgerUnavailable, Refusal
+from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal
 from agentkeys.money import format_usd
 from agentkeys.policy import Policy, ProxyConfig
 from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros
@@ -81,12 +81,24 @@ class Gate:
         self.clock = clock
         self.real_keys = {name: spec.real_key() for name, spec in config.providers.items()}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentkeys-ledger")
+        self._ledger_now = ledger.nonblocking()
         # Key records by id, for the parts that never change (hash, policy, name). Whether a key is
         # still usable is decided by the store itself, in `reserve` (or a fresh read for free calls).
         self._known_keys: dict[str, KeyRecord] = {}
 
-    async def _off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+    async def _ledger(self, operation: str, *args):
+        """Run a ledger operation without stalling the event loop.
+
+        An embedded store answers in microseconds, far less than a hop to a worker thread costs, so
+        it is asked on the loop first with no waiting; only when another writer holds the lock (or
+        the store is remote) does the call wait, on the worker thread.
+        """
+        if self._ledger_now is not None:
+            try:
+                return getattr(self._ledger_now, operation)(*args)
+            except LedgerBusy:
+                pass
+        return await asyncio.get_running_loop().run_in_executor(self._worker, getattr(self.ledger, operation), *args)
 
     # ----- admit -----
 
@@ -122,7 +134,7 @@ class Gate:
             return Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", record)
         if not facts.metered:
             # No reserve will look at the key in the store, so read it afresh: it may have been revoked.
-            record = await self._off_loop(self.ledger.get_key, record.key_id)
+            record = await self._ledger("get_key", record.key_id)
             return self.authenticate(key_or_denial, record) or Admission(record, policy, wire, facts, real_key)
         admission = Admission(key=record, policy=policy, wire=wire, facts=facts, real_key=real_key)
         return await self.price_and_reserve(call, admission)
@@ -130,7 +142,7 @@ class Gate:
     async def key_record(self, key_id: str) -> KeyRecord | None:
         record = self._known_keys.get(key_id)
         if record is None:
-            record = await self._off_loop(self.ledger.get_key, key_id)
+            record = await self._ledger("get_key", key_id)
             if record is not None:
                 if len(self._known_keys) >= KNOWN_KEYS_LIMIT:
                     self._known_keys.pop(next(iter(self._known_keys)))
@@ -221,7 +233,7 @@ class Gate:
         cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None
         worst_output = max_output * facts.choices
         worst_case = cost_micros(price, Usage(input_tokens=facts.input_token_bound, output_tokens=worst_output))
-        reservation = await self._off_loop(self.ledger.reserve, record.key_id, worst_case, self.clock())
+        reservation = await self._ledger("reserve", record.key_id, worst_case, self.clock())
         if reservation.refusal is Refusal.BUDGET:
             return Denial(
                 DenyKind.BUDGET,
@@ -270,12 +282,12 @@ class Gate:
             return Settlement(0, "none")
         if cost > admission.hold_micros:
             log.warning("key %s: cost %s exceeded its hold %s", admission.key.key_id, cost, admission.hold_micros)
-        await self._off_loop(self.ledger.settle, admission.hold_id, cost)
+        await self._ledger("settle", admission.hold_id, cost)
         admission.settled = True  # only now: a settlement that failed can be tried again
         return Settlement(cost, metering, usage)
 
     async def purge_expired(self) -> list[str]:
-        return await self._off_loop(self.ledger.purge_expired, self.clock())
+        return await self._ledger("purge_expired", self.clock())
 
 
 @functools.lru_cache(maxsize=1024)

@@ -5,7 +5,7 @@ threads and processes: `reserve` checks the key and its remaining budget and tak
 same transaction; `settle` turns a hold into spend (or releases it) exactly once.
 """
 
-from agentkeys.ledger.base import KeyRecord, Ledger, LedgerUnavailable, Refusal, Reservation
+from agentkeys.ledger.base import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, Reservation
 from agentkeys.ledger.sqlite import SqliteLedger
 
 
@@ -15,4 +15,13 @@ def open_ledger(store_url: str, sqlite_path=None) -> Ledger:
     raise ValueError(f"unsupported store {store_url!r}")
 
 
-__all__ = ["KeyRecord", "Ledger", "LedgerUnavailable", "Refusal", "Reservation", "SqliteLedger", "open_ledger"]
+__all__ = [
+    "KeyRecord",
+    "Ledger",
+    "LedgerBusy",
+    "LedgerUnavailable",
+    "Refusal",
+    "Reservation",
+    "SqliteLedger",
+    "open_ledger",
+]

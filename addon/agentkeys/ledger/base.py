@@ -9,6 +9,10 @@ class LedgerUnavailable(Exception):
     """The store could not be reached or was locked too long; callers refuse the call (fail closed)."""
 
 
+class LedgerBusy(LedgerUnavailable):
+    """The store is locked by another writer right now; waiting a little may help."""
+
+
 @dataclass(frozen=True)
 class KeyRecord:
     key_id: str
@@ -60,3 +64,8 @@ class Ledger(Protocol):
     def settle(self, hold_id: int, amount_micros: int) -> bool: ...
     def purge_expired(self, now: float) -> list[str]: ...
     def close(self) -> None: ...
+
+    def nonblocking(self) -> "Ledger | None":
+        """A second handle that answers at once or raises LedgerBusy, for use on the event loop; None if the
+        store cannot answer without waiting (a network store)."""
+        ...

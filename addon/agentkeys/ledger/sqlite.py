@@ -10,7 +10,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from agentkeys.ledger.base import KeyRecord, LedgerUnavailable, Refusal, Reservation
+from agentkeys.ledger.base import KeyRecord, LedgerBusy, LedgerUnavailable, Refusal, Reservation
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -67,14 +67,14 @@ class SqliteLedger:
                     raise
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as e:
-                raise LedgerUnavailable(f"store {self.path} unavailable: {e}") from e
+                raise unavailable(self.path, e) from e
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.OperationalError as e:
-                raise LedgerUnavailable(f"store {self.path} unavailable: {e}") from e
+                raise unavailable(self.path, e) from e
 
     def create_key(self, record: KeyRecord) -> None:
         with self._transaction() as db:
@@ -150,3 +150,13 @@ class SqliteLedger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def nonblocking(self) -> "SqliteLedger":
+        """The same file with no busy wait: microseconds on the event loop, or LedgerBusy at once."""
+        return type(self)(self.path, busy_timeout_seconds=0)
+
+
+def unavailable(path: Path, error: sqlite3.OperationalError) -> LedgerUnavailable:
+    if "locked" in str(error) or "busy" in str(error):
+        return LedgerBusy(f"store {path} is locked by another writer: {error}")
+    return LedgerUnavailable(f"store {path} unavailable: {error}")
