@@ -71,7 +71,7 @@ def test_budget_exhaustion_is_refused_in_openai_shape_and_not_retried(proxy, moc
     assert error.response.headers["x-should-retry"] == "false"
     assert error.body["code"] == "insufficient_quota"
     assert "budget exhausted: this call could cost up to $0.0006" in error.message
-    assert "$0.0000 remains" in error.message
+    assert "$0.00001 remains" in error.message
     assert mock.received == []
     assert len(proxy.records_for(key["id"])) == 1, "the SDK retried a refusal it was told not to retry"
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from agentkeys import credentials
 from agentkeys.gate import Admission, CallRequest, Denial, Gate, Settlement
 from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
-from agentkeys.money import usd_to_micros
+from agentkeys.money import format_usd, usd_to_micros
 from agentkeys.policy import Policy, ProxyConfig
 from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers import FORMATS
@@ -278,7 +278,7 @@ def test_a_call_that_might_not_fit_the_budget_is_refused(env):
 def test_the_budget_message_counts_calls_in_flight(env):
     key = env.issue(budget_usd=0.001)
     first = env.admitted(call(key, chat(max_tokens=1000)))  # holds about $0.0006
-    remains = f"${(1000 - first.hold_micros) / 1e6:.4f} remains"
+    remains = f"{format_usd(1000 - first.hold_micros)} remains"
     env.denied(call(key, chat(max_tokens=1000)), DenyKind.BUDGET, remains)
 
 

@@ -19,5 +19,7 @@ def micros_to_usd(micros: int) -> float:
 
 
 def format_usd(micros: int) -> str:
-    """`$0.0123`: four decimals, enough to see what a single small call costs."""
-    return f"${micros / MICROS_PER_USD:.4f}"
+    """`$0.0123`, or as many decimals as it takes to be exact (`$0.000062`): small calls are cheap."""
+    text = f"{micros / MICROS_PER_USD:.6f}"
+    whole, fraction = text.split(".")
+    return f"${whole}.{fraction.rstrip('0').ljust(4, '0')}"
