@@ -8,11 +8,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agentkeys import credentials
 from agentkeys.certs import agent_environment, bundle_path, ca_cert_path, ensure_ca
+from agentkeys.keys import issue_key
 from agentkeys.ledger import KeyRecord, LedgerUnavailable, open_ledger
-from agentkeys.money import format_usd, micros_to_usd, usd_to_micros
+from agentkeys.money import format_usd, micros_to_usd
 from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_duration
+from agentkeys.runner import run_with_key
 from agentkeys.yamlfile import ConfigError
 
 DEFAULT_CONFIG = Path("agentkeys.yaml")
@@ -61,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     revoke.set_defaults(run=cmd_keys_revoke)
 
+    run = commands.add_parser(
+        "run",
+        help="run a command with a fresh key, revoked when it ends",
+        usage="agentkeys run --policy FILE [--ttl 30m] [--budget 2] [--proxy URL] -- CMD ARGS...",
+    )
+    run.add_argument("--policy", type=Path, required=True, help="the key's policy")
+    run.add_argument("--ttl", help="lifetime (default: the policy's ttl)")
+    run.add_argument("--budget", type=float, help="USD cap (default: the policy's budget_usd)")
+    run.add_argument("--proxy", help="a running proxy's URL (default: the config's, started if none is listening)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    run.set_defaults(run=cmd_run)
+
     policy = commands.add_parser("policy", help="policy files").add_subparsers(required=True, metavar="ACTION")
     check = policy.add_parser("check", help="validate policy files; exit status 1 if any is invalid")
     check.add_argument("files", nargs="+", type=Path)
@@ -71,11 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_config(args) -> ProxyConfig:
+def config_file(args) -> Path | None:
+    """--config, else $AGENTKEYS_CONFIG, else ./agentkeys.yaml if there is one; None means the defaults."""
     path = args.config or (Path(os.environ["AGENTKEYS_CONFIG"]) if os.environ.get("AGENTKEYS_CONFIG") else None)
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
-    return load_config(path)
+    return path
+
+
+def read_config(args) -> ProxyConfig:
+    return load_config(config_file(args))
 
 
 def open_store(config: ProxyConfig):
@@ -102,11 +120,8 @@ def cmd_serve(args) -> int:
         "--set", "flow_detail=0",
         "-s", str(addon_path),
     ]  # fmt: skip
-    if args.config or os.environ.get("AGENTKEYS_CONFIG") or DEFAULT_CONFIG.exists():
-        mitm_args += [
-            "--set",
-            f"agentkeys_config={args.config or os.environ.get('AGENTKEYS_CONFIG') or DEFAULT_CONFIG}",
-        ]
+    if config_file(args):
+        mitm_args += ["--set", f"agentkeys_config={config_file(args)}"]
     print_how_to_connect(config, certs_dir)
     mitmdump(mitm_args)
     return 0
@@ -132,23 +147,17 @@ def print_how_to_connect(config: ProxyConfig, certs_dir: Path) -> None:
 def cmd_keys_issue(args) -> int:
     config = read_config(args)
     policy = load_policy(args.policy)
-    ttl = parse_duration(args.ttl) if args.ttl else policy.ttl
-    budget = args.budget if args.budget is not None else policy.budget_usd
-    if budget <= 0:
-        print("error: --budget must be positive", file=sys.stderr)
+    ttl = parse_duration(args.ttl) if args.ttl else None
+    try:
+        issued = issue_key(open_store(config), policy, ttl, args.budget, args.name or "")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    minted = credentials.mint()
-    now = time.time()
-    record = KeyRecord(
-        key_id=minted.key_id, key_hash=minted.key_hash, name=args.name or policy.name, policy_name=policy.name,
-        policy_json=policy.model_dump_json(), created_at=now, expires_at=now + ttl,
-        budget_micros=usd_to_micros(budget),
-    )  # fmt: skip
-    open_store(config).create_key(record)
+    record = issued.record
     if args.json:
-        print(json.dumps({**key_summary(record, now), "key": minted.key}))
+        print(json.dumps({**key_summary(record, time.time()), "key": issued.key}))
     else:
-        print(minted.key)
+        print(issued.key)
         print(
             f"# id {record.key_id}, policy {policy.name}, budget {format_usd(record.budget_micros)},"
             f" expires {iso(record.expires_at)}; the key is shown only once",
@@ -204,6 +213,17 @@ def cmd_keys_revoke(args) -> int:
         return 1
     print(f"revoked {args.key_id}")
     return 0
+
+
+def cmd_run(args) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("error: give the command after --, e.g. agentkeys run --policy ci.policy.yaml -- pytest", file=sys.stderr)
+        return 2
+    config = read_config(args)
+    ttl = parse_duration(args.ttl) if args.ttl else None
+    policy = load_policy(args.policy)
+    return run_with_key(config, config_file(args), open_store(config), policy, command, ttl, args.budget, args.proxy)
 
 
 # ----- policy, ca -----

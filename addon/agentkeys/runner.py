@@ -1,0 +1,157 @@
+"""`agentkeys run`: a fresh key for one command, gone when the command ends.
+
+Mints a key, runs the command with the environment an agent needs (every provider's key variable
+set to the scoped key, HTTPS_PROXY, the CA bundle variables), revokes the key however the command
+ends (exit, failure, Ctrl-C), prints what it spent, and exits with the command's status. With no
+proxy listening at the configured address, it runs one for the duration of the command.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+from agentkeys.audit import read_records
+from agentkeys.certs import agent_environment, ensure_ca
+from agentkeys.keys import IssuedKey, issue_key
+from agentkeys.ledger import Ledger
+from agentkeys.money import format_usd
+from agentkeys.policy import Policy, ProxyConfig
+
+PROXY_START_TIMEOUT = 30
+SETTLE_TIMEOUT = 5
+
+
+def run_with_key(
+    config: ProxyConfig,
+    config_path: Path | None,
+    ledger: Ledger,
+    policy: Policy,
+    command: list[str],
+    ttl_seconds: int | None,
+    budget_usd: float | None,
+    proxy_url: str | None,
+) -> int:
+    issued = issue_key(ledger, policy, ttl_seconds, budget_usd, name=f"run: {' '.join(command)[:60]}")
+    print(f"agentkeys: key {issued.record.key_id} ({format_usd(issued.record.budget_micros)})", file=sys.stderr)
+    try:
+        with proxy_for(config, config_path, proxy_url) as url:
+            status = run_command(command, agent_env(config, issued, url))
+    finally:
+        ledger.revoke(issued.record.key_id, time.time())
+        print_spend(config, ledger, issued)
+    return status
+
+
+@contextmanager
+def proxy_for(config: ProxyConfig, config_path: Path | None, proxy_url: str | None):
+    """The proxy to use: the one given, the one already listening, or one started for the command."""
+    if proxy_url:
+        yield proxy_url
+        return
+    url = f"http://{config.listen_host}:{config.proxy_port}"
+    if listening(config.listen_host, config.proxy_port):
+        yield url
+        return
+    log = config.path("agentkeys-run-proxy.log")
+    config_args = ["--config", str(config_path)] if config_path else []
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agentkeys.cli", *config_args, "serve"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_until_listening(config, server, log)
+        print(f"agentkeys: started a proxy at {url} for this command (log: {log})", file=sys.stderr)
+        yield url
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_until_listening(config: ProxyConfig, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + PROXY_START_TIMEOUT
+    while not (listening(config.listen_host, config.proxy_port) and listening(config.listen_host, config.gateway_port)):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the proxy did not start; see {log}")
+        time.sleep(0.1)
+
+
+def agent_env(config: ProxyConfig, issued: IssuedKey, proxy_url: str) -> dict[str, str]:
+    """The command's environment: no real provider key survives into it."""
+    env = dict(os.environ)
+    certs_dir = config.path(config.certs_dir)
+    ensure_ca(certs_dir)
+    env.update(agent_environment(certs_dir, proxy_url))
+    env["AGENTKEYS_KEY_ID"] = issued.record.key_id
+    for provider in config.providers.values():
+        env[provider.key_env] = issued.key
+    return env
+
+
+def run_command(command: list[str], env: dict[str, str]) -> int:
+    """Run to the end; an interrupt is passed on to the command, which is then waited for."""
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as e:
+        print(f"agentkeys: cannot run {command[0]}: {e.strerror}", file=sys.stderr)
+        return 127
+    interrupted = False
+
+    def pass_on(signum, _frame):
+        nonlocal interrupted
+        interrupted = True
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if status < 0:
+        return 128 - status  # killed by a signal: the shell's convention
+    return 130 if interrupted and status == 0 else status
+
+
+def print_spend(config: ProxyConfig, ledger: Ledger, issued: IssuedKey) -> None:
+    """Calls, tokens and cost by model, from the audit log; the total from the ledger."""
+    key_id = issued.record.key_id
+    record = ledger.get_key(key_id)
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while record and record.held_micros and time.monotonic() < deadline:  # the last calls settle just after
+        time.sleep(0.05)
+        record = ledger.get_key(key_id)
+    calls = (
+        [r for r in read_records(config.path(config.audit_log)) if r["key_id"] == key_id] if config.audit_log else []
+    )
+    by_model = defaultdict(lambda: {"calls": 0, "input": 0, "output": 0, "micros": 0})
+    for call in calls:
+        row = by_model[call["model"] or "-"]
+        row["calls"] += 1
+        row["input"] += call["input_tokens"]
+        row["output"] += call["output_tokens"]
+        row["micros"] += call["cost_micros"]
+    spent = record.spent_micros if record else sum(row["micros"] for row in by_model.values())
+    print(f"agentkeys: key {key_id} revoked; {len(calls)} calls, spent {format_usd(spent)}", file=sys.stderr)
+    for model, row in sorted(by_model.items()):
+        print(
+            f"  {model}: {row['calls']} calls, {row['input']} input + {row['output']} output tokens,"
+            f" {format_usd(row['micros'])}",
+            file=sys.stderr,
+        )
