@@ -25,7 +25,8 @@ except ImportError:
 
 from agentkeys.audit import read_records
 from agentkeys.cli import main as agentkeys_main
-from agentkeys.ledger import SqliteLedger
+from agentkeys.ledger import Ledger, open_ledger
+from agentkeys.policy import load_config
 from mock_provider import MockProvider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,8 +99,10 @@ class Proxy:
                 return records
             time.sleep(0.02)
 
-    def ledger(self) -> SqliteLedger:
-        return SqliteLedger(self.dir / "agentkeys.db")
+    def ledger(self) -> Ledger:
+        """A handle on the proxy's own store (SQLite file or Redis), as the CLI opens it."""
+        config = load_config(self.config_path)
+        return open_ledger(config.store, config.sqlite_path)
 
     def cli(self, *args: str) -> int:
         return agentkeys_main(["--config", str(self.config_path), *args])

@@ -4,7 +4,14 @@ Used by the end-to-end tests and the benchmark as the "real" upstream behind
 the proxy. It serves, on ``127.0.0.1``:
 
 * ``POST /v1/chat/completions`` (OpenAI; streaming and non-streaming),
-* ``POST /v1/messages`` (Anthropic; streaming and non-streaming),
+* ``POST /v1/responses`` (OpenAI Responses API; streaming events too),
+* ``POST /v1/completions`` and ``POST /v1/embeddings`` (OpenAI),
+* ``POST /v1/messages`` (Anthropic; streaming and non-streaming; prompt
+  caching at ``cache_control`` breakpoints) and ``/v1/messages/count_tokens``,
+* ``POST /v1beta/models/{model}:generateContent``, ``:streamGenerateContent``
+  (``?alt=sse``) and ``:countTokens`` (Gemini, key in ``x-goog-api-key``),
+* Azure OpenAI's ``/openai/deployments/{deployment}/…?api-version=`` and
+  ``/openai/v1/…`` paths (key in ``api-key``; a deployment is its model),
 * ``GET /v1/models`` (OpenAI model list; not metered),
 
 answers anything else with a 404 in OpenAI's error shape, and records every
@@ -19,16 +26,27 @@ where ``n`` is the configured ``output_tokens`` capped by the request's
 counted with tiktoken's o200k encoding, loaded from a local file (nothing is
 downloaded), unless another counter is injected.
 
+Beyond plain tokens, as the real providers do: a request that asks for
+reasoning (``reasoning_effort``, ``reasoning``, a Gemini ``thinkingBudget``)
+spends half its output on it; an OpenAI request with a ``prompt_cache_key``
+seen before reads half its input from the cache; an Anthropic request writes
+the prefix up to its last ``cache_control`` block to the cache (one hour if
+its ``ttl`` says so) and reads it on later calls; a Gemini ``cachedContent``
+adds ``gemini_cached_tokens`` read from the cache.
+
 Run ``python tests/mock_provider.py --port N`` to serve from another process.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import json
 import os
+import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -112,15 +130,34 @@ class _Call:
     """The parameters of one metered call, derived from its request body."""
 
     model: str
-    input_tokens: int
-    output_tokens: int
+    input_tokens: int  # every input token, cache reads and writes included
+    output_tokens: int  # every output token, reasoning and every choice included
     truncated: bool  # output capped by the request's max_tokens
     stream: bool
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+    choices: int = 1
 
     @property
     def pieces(self) -> list[str]:
-        """The reply, one o200k token per piece: "hello", " hello", ..."""
-        return ["hello" if i == 0 else " hello" for i in range(self.output_tokens)]
+        """One choice's visible reply, one o200k token per piece: "hello", " hello", ..."""
+        visible = (self.output_tokens - self.reasoning_tokens) // self.choices
+        return ["hello" if i == 0 else " hello" for i in range(visible)]
+
+    def report(self, provider: str) -> dict:
+        """What the mock bills for this call, in ``MockProvider.reported``."""
+        return {
+            "provider": provider,
+            "model": self.model,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "stream": self.stream,
+        }
 
     @property
     def text(self) -> str:
@@ -134,6 +171,25 @@ def _sse(data: Any, event: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode()
 
 
+def _limited(limit: int | None, output_tokens: int, reasoning: bool) -> tuple[int, int, bool]:
+    """(output tokens, of which reasoning, truncated) for a reply of ``output_tokens`` under ``limit``.
+
+    Reasoning, when asked for, takes half the output: it counts against the limit, as providers bill it.
+    """
+    n = output_tokens if limit is None else min(limit, output_tokens)
+    return n, n // 2 if reasoning else 0, n < output_tokens
+
+
+def _cache_read(body: dict, input_tokens: int, cache: set[str] | None) -> int:
+    """OpenAI's automatic prompt cache: a ``prompt_cache_key`` seen before reads half the input."""
+    key = body.get("prompt_cache_key")
+    if cache is None or not isinstance(key, str):
+        return 0
+    seen = f"openai:{key}" in cache
+    cache.add(f"openai:{key}")
+    return input_tokens // 2 if seen else 0
+
+
 def _text_of(content: Any) -> str:
     """The text of a message content: a string, or the text parts of a list."""
     if isinstance(content, str):
@@ -142,9 +198,16 @@ def _text_of(content: Any) -> str:
         return "".join(
             part["text"]
             for part in content
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            if isinstance(part, dict) and part.get("type") in _TEXT_PARTS and isinstance(part.get("text"), str)
         )
     return ""
+
+
+_TEXT_PARTS = ("text", "input_text", "output_text")
+# Tokens a Responses API call inherits from the response it continues (`previous_response_id`),
+# and a Gemini call from the cached content it names (`cachedContent`): input the proxy cannot see.
+PREVIOUS_RESPONSE_TOKENS = 500
+GEMINI_CACHED_CONTENT_TOKENS = 1000
 
 
 # ---------------------------------------------------------------------------
@@ -164,7 +227,7 @@ class _OpenAI:
 
     @staticmethod
     def authorized(headers: dict[str, str], mock_provider: MockProvider) -> bool:
-        return headers.get("authorization") == f"Bearer {mock_provider.openai_key}"
+        return _openai_authorized(headers, mock_provider)
 
     @classmethod
     def error(cls, status: int, message: str) -> dict:
@@ -188,7 +251,7 @@ class _OpenAI:
         return None
 
     @staticmethod
-    def call(body: dict, count: Callable[[str], int], output_tokens: int) -> _Call:
+    def call(body: dict, count: Callable[[str], int], output_tokens: int, cache: set[str] | None = None) -> _Call:
         # OpenAI's documented formula: 3 tokens per message plus the tokens of
         # its role, content and name (+1 for a name), plus 3 priming the reply.
         input_tokens = 3
@@ -197,8 +260,11 @@ class _OpenAI:
             if "name" in message:
                 input_tokens += 1 + count(str(message["name"]))
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        n = output_tokens if limit is None else min(limit, output_tokens)
-        return _Call(body["model"], input_tokens, n, n < output_tokens, body.get("stream") is True)
+        n, reasoning, truncated = _limited(limit, output_tokens, "reasoning_effort" in body)
+        return _Call(
+            body["model"], input_tokens, n, truncated, body.get("stream") is True,
+            cached_tokens=_cache_read(body, input_tokens, cache), reasoning_tokens=reasoning,
+        )  # fmt: skip
 
     @staticmethod
     def usage(call: _Call) -> dict:
@@ -206,12 +272,12 @@ class _OpenAI:
             "prompt_tokens": call.input_tokens,
             "completion_tokens": call.output_tokens,
             "total_tokens": call.input_tokens + call.output_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": call.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": call.reasoning_tokens},
         }
 
     @classmethod
-    def completion(cls, call: _Call) -> dict:
+    def completion(cls, call: _Call, body: dict | None = None) -> dict:
         return {
             "id": f"chatcmpl-mock{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -298,17 +364,77 @@ class _Anthropic:
         return None
 
     @staticmethod
-    def call(body: dict, count: Callable[[str], int], output_tokens: int) -> _Call:
+    def input_tokens(body: dict, count: Callable[[str], int]) -> int:
         # Not Anthropic's (unpublished) tokenizer, just deterministic: all text
         # tokens, plus 4 per message, plus 3.
         input_tokens = 3 + count(_text_of(body.get("system")))
         for message in body["messages"]:
             input_tokens += 4 + count(_text_of(message.get("content")))
+        return input_tokens
+
+    @classmethod
+    def call(cls, body: dict, count: Callable[[str], int], output_tokens: int, cache: set[str] | None = None) -> _Call:
+        input_tokens = cls.input_tokens(body, count)
         n = min(body["max_tokens"], output_tokens)
-        return _Call(body["model"], input_tokens, n, n < output_tokens, body.get("stream") is True)
+        read, written, ttl = cls.cache_split(body, count, cache)
+        return _Call(
+            body["model"], input_tokens, n, n < output_tokens, body.get("stream") is True, cached_tokens=read,
+            cache_write_tokens=written, cache_write_1h_tokens=written if ttl == "1h" else 0,
+        )  # fmt: skip
+
+    @classmethod
+    def cache_split(cls, body: dict, count: Callable[[str], int], cache: set[str] | None) -> tuple[int, int, str]:
+        """(tokens read from the cache, tokens written to it, the write's ttl).
+
+        The prefix is the request up to its last block with ``cache_control``: written the first
+        time it is seen, read every time after.
+        """
+        prefix = cls.cached_prefix(body)
+        if prefix is None or cache is None:
+            return 0, 0, ""
+        marker, ttl = prefix
+        key = "anthropic:" + json.dumps(marker, sort_keys=True)
+        tokens = cls.input_tokens(marker, count)
+        if key in cache:
+            return tokens, 0, ""
+        cache.add(key)
+        return 0, tokens, ttl
 
     @staticmethod
-    def completion(call: _Call) -> dict:
+    def cached_prefix(body: dict) -> tuple[dict, str] | None:
+        """The request cut after its last ``cache_control`` block (system first, then messages), and its ttl."""
+        found = None
+        system = body.get("system")
+        for i, block in enumerate(system if isinstance(system, list) else []):
+            if isinstance(block, dict) and block.get("cache_control"):
+                found = ({"system": system[: i + 1], "messages": []}, block["cache_control"])
+        for m, message in enumerate(body["messages"]):
+            content = message.get("content")
+            for i, block in enumerate(content if isinstance(content, list) else []):
+                if isinstance(block, dict) and block.get("cache_control"):
+                    cut = [*body["messages"][:m], {**message, "content": content[: i + 1]}]
+                    found = ({"system": system, "messages": cut}, block["cache_control"])
+        if found is None:
+            return None
+        prefix, control = found
+        return prefix, str(control.get("ttl") or "5m") if isinstance(control, dict) else "5m"
+
+    @staticmethod
+    def usage(call: _Call, output_tokens: int) -> dict:
+        """Anthropic's usage: ``input_tokens`` leaves out what was read from or written to the cache."""
+        return {
+            "input_tokens": call.input_tokens - call.cached_tokens - call.cache_write_tokens,
+            "cache_creation_input_tokens": call.cache_write_tokens,
+            "cache_read_input_tokens": call.cached_tokens,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": call.cache_write_tokens - call.cache_write_1h_tokens,
+                "ephemeral_1h_input_tokens": call.cache_write_1h_tokens,
+            },
+            "output_tokens": output_tokens,
+        }
+
+    @classmethod
+    def completion(cls, call: _Call, body: dict | None = None) -> dict:
         return {
             "id": f"msg_mock{uuid.uuid4().hex}",
             "type": "message",
@@ -317,16 +443,11 @@ class _Anthropic:
             "content": [{"type": "text", "text": call.text}],
             "stop_reason": "max_tokens" if call.truncated else "end_turn",
             "stop_sequence": None,
-            "usage": {
-                "input_tokens": call.input_tokens,
-                "output_tokens": call.output_tokens,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
+            "usage": cls.usage(call, call.output_tokens),
         }
 
-    @staticmethod
-    def stream(call: _Call, body: dict) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    @classmethod
+    def stream(cls, call: _Call, body: dict) -> tuple[list[bytes], list[bytes], list[bytes]]:
         """The stream's events as (head, one per output token, tail).
 
         ``body`` is unused here; it is part of the signature shared with ``_OpenAI``.
@@ -339,12 +460,7 @@ class _Anthropic:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {
-                "input_tokens": call.input_tokens,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-                "output_tokens": 1,
-            },
+            "usage": cls.usage(call, 1),
         }
 
         def event(name: str, **data: Any) -> bytes:
@@ -370,10 +486,332 @@ class _Anthropic:
         return head, content, tail
 
 
-_METERED = {
-    ("POST", "/v1/chat/completions"): _OpenAI,
-    ("POST", "/v1/messages"): _Anthropic,
+def _event(kind: str, **data: Any) -> bytes:
+    """A typed stream event, ``event: kind`` and ``{"type": kind, ...}``, as the Responses API sends them."""
+    return _sse({"type": kind, **data}, event=kind)
+
+
+class _Responses:
+    """OpenAI's Responses API: chat's auth, errors and token counts; input items; typed stream events."""
+
+    name = "openai"
+    error = _OpenAI.error
+
+    @staticmethod
+    def invalid(body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "We could not parse the JSON body of your request."
+        if not isinstance(body.get("model"), str):
+            return "you must provide a model parameter"
+        if not isinstance(body.get("input"), str | list) and not body.get("previous_response_id"):
+            return "Missing required parameter: 'input'."
+        if body.get("max_output_tokens") is not None and not isinstance(body["max_output_tokens"], int):
+            return "Invalid type for 'max_output_tokens': expected an integer."
+        return None
+
+    @staticmethod
+    def call(body: dict, count: Callable[[str], int], output_tokens: int, cache: set[str] | None = None) -> _Call:
+        # As chat: 3 per message plus its role and text, 3 priming the reply; instructions are a system message.
+        given = body.get("input")
+        items = [{"role": "user", "content": given}] if isinstance(given, str) else list(given or [])
+        if isinstance(body.get("instructions"), str):
+            items.insert(0, {"role": "system", "content": body["instructions"]})
+        input_tokens = 3 + sum(3 + count(str(i.get("role", ""))) + count(_text_of(i.get("content"))) for i in items)
+        if body.get("previous_response_id"):
+            input_tokens += PREVIOUS_RESPONSE_TOKENS
+        n, reasoning, truncated = _limited(body.get("max_output_tokens"), output_tokens, "reasoning" in body)
+        return _Call(
+            body["model"], input_tokens, n, truncated, body.get("stream") is True,
+            cached_tokens=_cache_read(body, input_tokens, cache), reasoning_tokens=reasoning,
+        )  # fmt: skip
+
+    @staticmethod
+    def usage(call: _Call) -> dict:
+        return {
+            "input_tokens": call.input_tokens,
+            "input_tokens_details": {"cached_tokens": call.cached_tokens},
+            "output_tokens": call.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": call.reasoning_tokens},
+            "total_tokens": call.input_tokens + call.output_tokens,
+        }
+
+    @staticmethod
+    def message(call: _Call, item_id: str, text: str, status: str) -> dict:
+        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+        return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+    @classmethod
+    def response(cls, call: _Call, response_id: str, item_id: str, done: bool) -> dict:
+        output = []
+        if call.reasoning_tokens:
+            output.append({"type": "reasoning", "id": f"rs_mock{response_id}", "summary": []})
+        if done:
+            output.append(cls.message(call, item_id, call.text, "completed"))
+        return {
+            "id": response_id, "object": "response", "created_at": int(time.time()), "model": call.model,
+            "status": ("incomplete" if call.truncated else "completed") if done else "in_progress",
+            "incomplete_details": {"reason": "max_output_tokens"} if done and call.truncated else None,
+            "error": None, "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": cls.usage(call) if done else None,
+        }  # fmt: skip
+
+    @classmethod
+    def completion(cls, call: _Call, body: dict | None = None) -> dict:
+        return cls.response(call, f"resp_mock{uuid.uuid4().hex}", f"msg_mock{uuid.uuid4().hex}", done=True)
+
+    @classmethod
+    def stream(cls, call: _Call, body: dict) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        response_id, item_id = f"resp_mock{uuid.uuid4().hex}", f"msg_mock{uuid.uuid4().hex}"
+        numbers = iter(range(10**9))
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+        def event(kind: str, **data: Any) -> bytes:
+            return _event(kind, sequence_number=next(numbers), **data)
+
+        head = [
+            event("response.created", response=cls.response(call, response_id, item_id, done=False)),
+            event("response.in_progress", response=cls.response(call, response_id, item_id, done=False)),
+            event("response.output_item.added", output_index=0, item=cls.message(call, item_id, "", "in_progress")),
+            event("response.content_part.added", **where, part={"type": "output_text", "text": "", "annotations": []}),
+        ]
+        content = [event("response.output_text.delta", **where, delta=piece) for piece in call.pieces]
+        done = cls.response(call, response_id, item_id, done=True)
+        tail = [
+            event("response.output_text.done", **where, text=call.text),
+            event("response.content_part.done", **where, part=done["output"][-1]["content"][0]),
+            event("response.output_item.done", output_index=0, item=done["output"][-1]),
+            event("response.incomplete" if call.truncated else "response.completed", response=done),
+        ]
+        return head, content, tail
+
+
+class _Completions:
+    """OpenAI's legacy completions: one or more prompts, ``n`` choices each, 16 tokens unless told otherwise."""
+
+    name = "openai"
+    error = _OpenAI.error
+    usage = _OpenAI.usage
+
+    @staticmethod
+    def prompts(body: dict) -> list:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt) if isinstance(prompt, list) else []
+
+    @classmethod
+    def invalid(cls, body: Any) -> str | None:
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return "you must provide a model parameter"
+        if not cls.prompts(body):
+            return "Missing required parameter: 'prompt'."
+        return None
+
+    @classmethod
+    def call(cls, body: dict, count: Callable[[str], int], output_tokens: int, cache: set[str] | None = None) -> _Call:
+        prompts = cls.prompts(body)
+        input_tokens = sum(count(p) if isinstance(p, str) else len(p) for p in prompts)
+        per_choice, _, truncated = _limited(body.get("max_tokens", 16), output_tokens, False)
+        choices = len(prompts) * (body.get("n") or 1)
+        return _Call(body["model"], input_tokens, per_choice * choices, truncated, body.get("stream") is True,
+                     choices=choices)  # fmt: skip
+
+    @staticmethod
+    def choice(call: _Call, index: int, text: str, finished: bool) -> dict:
+        finish = ("length" if call.truncated else "stop") if finished else None
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+
+    @classmethod
+    def completion(cls, call: _Call, body: dict | None = None) -> dict:
+        return {
+            "id": f"cmpl-mock{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": call.model, "choices": [cls.choice(call, i, call.text, True) for i in range(call.choices)],
+            "usage": cls.usage(call),
+        }  # fmt: skip
+
+    @classmethod
+    def stream(cls, call: _Call, body: dict) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        base = {"id": f"cmpl-mock{uuid.uuid4().hex}", "object": "text_completion", "created": 0, "model": call.model}
+        content = [
+            _sse({**base, "choices": [cls.choice(call, i, piece, False)]})
+            for i in range(call.choices)
+            for piece in call.pieces
+        ]
+        tail = [_sse({**base, "choices": [cls.choice(call, i, "", True) for i in range(call.choices)]})]
+        if (body.get("stream_options") or {}).get("include_usage") is True:
+            tail.append(_sse({**base, "choices": [], "usage": cls.usage(call)}))
+        return [], content, [*tail, _sse("[DONE]")]
+
+
+class _Embeddings:
+    """OpenAI's embeddings: input tokens only; vectors as floats or, as the SDK asks by default, base64."""
+
+    name = "openai"
+    error = _OpenAI.error
+    VECTOR = (0.25, -0.5, 0.125)
+
+    @staticmethod
+    def inputs(body: dict) -> list:
+        given = body.get("input")
+        if isinstance(given, str) or (isinstance(given, list) and given and isinstance(given[0], int)):
+            return [given]
+        return list(given) if isinstance(given, list) else []
+
+    @classmethod
+    def invalid(cls, body: Any) -> str | None:
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return "you must provide a model parameter"
+        return None if cls.inputs(body) else "Missing required parameter: 'input'."
+
+    @classmethod
+    def call(cls, body: dict, count: Callable[[str], int], output_tokens: int, cache: set[str] | None = None) -> _Call:
+        tokens = sum(count(i) if isinstance(i, str) else len(i) for i in cls.inputs(body))
+        return _Call(body["model"], tokens, 0, False, False)
+
+    @classmethod
+    def completion(cls, call: _Call, body: dict | None = None) -> dict:
+        packed = base64.b64encode(struct.pack(f"<{len(cls.VECTOR)}f", *cls.VECTOR)).decode()
+        vector = packed if (body or {}).get("encoding_format") == "base64" else list(cls.VECTOR)
+        data = [{"object": "embedding", "index": i, "embedding": vector} for i in range(len(cls.inputs(body or {})))]
+        usage = {"prompt_tokens": call.input_tokens, "total_tokens": call.input_tokens}
+        return {"object": "list", "data": data, "model": call.model, "usage": usage}
+
+
+class _Gemini:
+    """Gemini's generateContent: the model in the path, thinking billed as output, SSE streams."""
+
+    name = "gemini"
+    _STATUS: ClassVar[dict[int, str]] = {
+        400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+        429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
+    }  # fmt: skip
+
+    @classmethod
+    def error(cls, status: int, message: str) -> dict:
+        return {"error": {"code": status, "message": message, "status": cls._STATUS.get(status, "INTERNAL")}}
+
+    @staticmethod
+    def invalid(body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "Invalid JSON payload received."
+        contents = body.get("contents")
+        if not isinstance(contents, list) or not contents or not all(isinstance(c, dict) for c in contents):
+            return "* GenerateContentRequest.contents: contents is not specified"
+        return None
+
+    @staticmethod
+    def input_tokens(body: dict, count: Callable[[str], int]) -> int:
+        """3, plus 4 and the text of each content (system instruction included), 258 per inline image."""
+        tokens = 3
+        for content in [*body["contents"], *([body["systemInstruction"]] if body.get("systemInstruction") else [])]:
+            parts = content.get("parts") or []
+            tokens += 4 + sum(count(p["text"]) if "text" in p else 258 for p in parts if isinstance(p, dict))
+        return tokens
+
+    @classmethod
+    def call(cls, body: dict, count: Callable[[str], int], output_tokens: int, cache: set[str] | None = None) -> _Call:
+        config = body.get("generationConfig") or {}
+        thinking = ((config.get("thinkingConfig") or {}).get("thinkingBudget") or 0) > 0
+        n, reasoning, truncated = _limited(config.get("maxOutputTokens"), output_tokens, thinking)
+        cached = GEMINI_CACHED_CONTENT_TOKENS if body.get("cachedContent") else 0
+        choices = config.get("candidateCount") or 1
+        return _Call(
+            body["model"], cls.input_tokens(body, count) + cached, n * choices, truncated,
+            body.get("stream") is True, cached_tokens=cached, reasoning_tokens=reasoning * choices, choices=choices,
+        )  # fmt: skip
+
+    @staticmethod
+    def usage(call: _Call) -> dict:
+        usage = {
+            "promptTokenCount": call.input_tokens,
+            "candidatesTokenCount": call.output_tokens - call.reasoning_tokens,
+            "totalTokenCount": call.input_tokens + call.output_tokens,
+        }
+        if call.reasoning_tokens:
+            usage["thoughtsTokenCount"] = call.reasoning_tokens
+        if call.cached_tokens:
+            usage["cachedContentTokenCount"] = call.cached_tokens
+        return usage
+
+    @staticmethod
+    def candidate(call: _Call, index: int, text: str, finished: bool) -> dict:
+        candidate = {"content": {"parts": [{"text": text}], "role": "model"}, "index": index}
+        if finished:
+            candidate["finishReason"] = "MAX_TOKENS" if call.truncated else "STOP"
+        return candidate
+
+    @classmethod
+    def completion(cls, call: _Call, body: dict | None = None) -> dict:
+        candidates = [cls.candidate(call, i, call.text, True) for i in range(call.choices)]
+        return {"candidates": candidates, "usageMetadata": cls.usage(call), "modelVersion": call.model}
+
+    @classmethod
+    def stream(cls, call: _Call, body: dict) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """Each chunk carries the prompt count so far; only the last has the whole usage and a finish reason."""
+        so_far = {"promptTokenCount": call.input_tokens, "totalTokenCount": call.input_tokens}
+
+        def chunk(piece: str) -> bytes:
+            return _sse({"candidates": [cls.candidate(call, 0, piece, False)], "usageMetadata": so_far})
+
+        content = [chunk(piece) for piece in call.pieces]
+        last = {"candidates": [cls.candidate(call, 0, "", True)], "usageMetadata": cls.usage(call)}
+        return [], content, [_sse({**last, "modelVersion": call.model})]
+
+
+def _openai_authorized(headers: dict[str, str], mock_provider: MockProvider) -> bool:
+    keys = (mock_provider.openai_key, *mock_provider.extra_openai_keys)
+    return headers.get("authorization") in {f"Bearer {key}" for key in keys}
+
+
+def _gemini_authorized(headers: dict[str, str], mock_provider: MockProvider) -> bool:
+    return headers.get("x-goog-api-key") == mock_provider.gemini_key
+
+
+def _azure_authorized(headers: dict[str, str], mock_provider: MockProvider) -> bool:
+    return headers.get("api-key") == mock_provider.azure_key
+
+
+_AUTHORIZED = {
+    "openai": _openai_authorized,
+    "anthropic": _Anthropic.authorized,
+    "gemini": _gemini_authorized,
+    "azure": _azure_authorized,
 }
+_OPENAI_APIS = {
+    "/v1/chat/completions": _OpenAI,
+    "/v1/responses": _Responses,
+    "/v1/completions": _Completions,
+    "/v1/embeddings": _Embeddings,
+}
+_GEMINI_PATH = re.compile(r"^/v1(?:beta|alpha)?/models/(?P<model>[^/:]+):(?P<action>\w+)$")
+_AZURE_DEPLOYMENT = re.compile(
+    r"^/openai/deployments/(?P<deployment>[^/]+)(?P<endpoint>/chat/completions|/completions|/embeddings)$"
+)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Who answers a metered call: the API, whose key it takes, the model its path names (if any)."""
+
+    api: type
+    auth: str
+    model: str | None = None
+
+
+def _route(path: str, query: str) -> _Route | None:
+    if path in _OPENAI_APIS:
+        return _Route(_OPENAI_APIS[path], "openai")
+    if path == "/v1/messages":
+        return _Route(_Anthropic, "anthropic")
+    gemini = _GEMINI_PATH.match(path)
+    if gemini and gemini["action"] in ("generateContent", "streamGenerateContent"):
+        return _Route(_Gemini, "gemini", gemini["model"])
+    azure = _AZURE_DEPLOYMENT.match(path)
+    if azure and "api-version=" in query:
+        return _Route(_OPENAI_APIS["/v1" + azure["endpoint"]], "azure", azure["deployment"])
+    if path.startswith("/openai/v1/") and path.removeprefix("/openai") in _OPENAI_APIS:
+        return _Route(_OPENAI_APIS[path.removeprefix("/openai")], "azure")
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -424,11 +862,16 @@ class _Handler(BaseHTTPRequestHandler):
         request = Received(self.command, path, query, headers, body, parsed)
         mock_provider._record(request)
 
-        api = _METERED.get((self.command, path))
-        if api is not None:
-            self._metered(api, request)
+        route = _route(path, query) if self.command == "POST" else None
+        gemini = _GEMINI_PATH.match(path)
+        if route is not None:
+            self._metered(route, request)
         elif (self.command, path) == ("GET", "/v1/models"):
             self._models(request)
+        elif (self.command, path) == ("POST", "/v1/messages/count_tokens"):
+            self._count(request, "anthropic", lambda body, n: {"input_tokens": _Anthropic.input_tokens(body, n)})
+        elif self.command == "POST" and gemini and gemini["action"] == "countTokens":
+            self._count(request, "gemini", lambda body, n: {"totalTokens": _Gemini.input_tokens(body, n)})
         else:
             self._send_json(404, _OpenAI.error(404, f"Invalid URL ({self.command} {path})"))
 
@@ -453,16 +896,32 @@ class _Handler(BaseHTTPRequestHandler):
         model = {"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}
         self._send_json(200, {"object": "list", "data": [model]})
 
-    def _metered(self, api: type[_OpenAI | _Anthropic], request: Received) -> None:
-        mock_provider = self.server.mock_provider
-        if not api.authorized(request.headers, mock_provider):
+    def _count(self, request: Received, auth: str, answer: Callable[[dict, Callable[[str], int]], dict]) -> None:
+        """A free token count (Anthropic's count_tokens, Gemini's countTokens): not billed, not reported."""
+        api = _Anthropic if auth == "anthropic" else _Gemini
+        if not _AUTHORIZED[auth](request.headers, self.server.mock_provider):
+            self._send_json(401, api.error(401, "Incorrect API key provided."))
+        elif api.invalid({"model": "m", "max_tokens": 1, **(request.json or {})}):
+            self._send_json(400, api.error(400, "invalid count request"))
+        else:
+            self._send_json(200, answer(request.json, self.server.mock_provider.count_tokens))
+
+    def _metered(self, route: _Route, request: Received) -> None:
+        mock_provider, api = self.server.mock_provider, route.api
+        if not _AUTHORIZED[route.auth](request.headers, mock_provider):
             self._send_json(401, api.error(401, "Incorrect API key provided."))
             return
-        problem = api.invalid(request.json)
+        body = request.json
+        if route.model and isinstance(body, dict):  # Gemini and Azure deployments name the model in the path
+            body = {**body, "model": route.model, "stream": "streamGenerateContent" in request.path}
+        problem = api.invalid(body)
         if problem:
             self._send_json(400, api.error(400, problem))
             return
-        call = api.call(request.json, mock_provider.count_tokens, mock_provider.output_tokens)
+        if api is _Gemini and body["stream"] and "alt=sse" not in request.query:
+            self._send_json(400, api.error(400, "this mock streams Gemini only as server-sent events (?alt=sse)"))
+            return
+        call = api.call(body, mock_provider.count_tokens, mock_provider.output_tokens, mock_provider._prompt_cache)
 
         delay, fail_status, cut_after = mock_provider._take_behaviours(call.stream)
         if delay:
@@ -471,20 +930,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(fail_status, api.error(fail_status, "Mock failure injected by fail_next()."))
             return
 
-        usage = {
-            "provider": api.name,
-            "model": call.model,
-            "input_tokens": call.input_tokens,
-            "output_tokens": call.output_tokens,
-            "cached_tokens": 0,
-            "stream": call.stream,
-        }
+        usage = call.report(api.name)
         if not call.stream:
             mock_provider._report(usage)
-            self._send_json(200, api.completion(call))
+            self._send_json(200, api.completion(call, body))
             return
 
-        head, content, tail = api.stream(call, request.json)
+        head, content, tail = api.stream(call, body)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -549,9 +1001,16 @@ class MockProvider:
         anthropic_key: str = "sk-ant-test-real-anthropic",
         output_tokens: int = 12,
         count_tokens: Callable[[str], int] | None = None,
+        gemini_key: str = "test-real-gemini-key",
+        azure_key: str = "test-real-azure-key",
+        extra_openai_keys: tuple[str, ...] = (),
     ):
         self.openai_key = openai_key
         self.anthropic_key = anthropic_key
+        self.gemini_key = gemini_key
+        self.azure_key = azure_key
+        self.extra_openai_keys = extra_openai_keys  # OpenAI-compatible hosts' keys, for the same endpoints
+        self._prompt_cache: set[str] = set()  # prompt-cache entries, kept until reset()
         self.output_tokens = output_tokens
         if count_tokens is None:
             _o200k()  # load now: fail fast, and keep it out of the first request's latency
@@ -605,6 +1064,7 @@ class MockProvider:
         with self._lock:
             self.received.clear()
             self.reported.clear()
+            self._prompt_cache.clear()
             self._clear_behaviours()
 
     def fail_next(self, status: int, count: int = 1) -> None:

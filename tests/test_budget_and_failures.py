@@ -35,8 +35,8 @@ def policies(tmp_path_factory):
     folder = tmp_path_factory.mktemp("policies")
     return {
         "chat": write_policy(folder, "chat", providers=["openai", "anthropic", "deadai"]),
-        "embeddings": write_policy(
-            folder, "embeddings", endpoints=["POST /v1/embeddings", "POST /v1/chat/completions"]
+        "files": write_policy(
+            folder, "files", endpoints=["GET /v1/files", "POST /v1/chat/completions"]
         ),
     }
 
@@ -160,10 +160,10 @@ def test_endpoint_and_model_not_allowed_name_what_is(proxy, mock, policies):
 
 
 def test_an_unmeterable_endpoint_is_refused_even_if_the_policy_allows_it(proxy, mock, policies):
-    key = proxy.issue(policies["embeddings"])
+    key = proxy.issue(policies["files"])
     with pytest.raises(openai.PermissionDeniedError) as refused:
-        openai_gateway(proxy, key).embeddings.create(model="text-embedding-3-small", input="hi")
-    assert "cannot be metered" in refused.value.message
+        openai_gateway(proxy, key).files.list()
+    assert "cannot be metered" in refused.value.message and "unmetered_endpoints" in refused.value.message
     assert mock.received == []
 
 

@@ -210,8 +210,8 @@ def test_expired_and_revoked_keys_are_unauthenticated(env, change, status):
         ),
         (
             {"endpoints": ["* /v1/*"]},
-            {"path": "/v1/embeddings", "body": b'{"model": "text-embedding-3-small", "input": "x"}'},
-            ["POST /v1/embeddings cannot be metered"],
+            {"path": "/v1/audio/speech", "body": b'{"model": "tts-1", "input": "x", "voice": "alloy"}'},
+            ["POST /v1/audio/speech cannot be metered"],
         ),
         (
             {},

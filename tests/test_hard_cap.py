@@ -11,6 +11,7 @@ import time
 
 import openai
 import pytest
+from redis_server import RedisServer
 
 from agentkeys.money import usd_to_micros
 from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, start_proxy, stop_proxy, write_policy
@@ -87,3 +88,17 @@ def test_200_concurrent_calls_through_one_proxy_never_overspend(mock, tmp_path):
         assert_hard_cap([proxy], mock, key, outcomes)
     finally:
         stop_proxy(proxy)
+
+
+def test_200_concurrent_calls_through_three_proxies_sharing_redis_never_overspend(mock, tmp_path):
+    with RedisServer() as redis_server:
+        proxies = [start_proxy(tmp_path / f"proxy{i}", mock, store=redis_server.url) for i in range(3)]
+        try:
+            key = proxies[0].issue(write_policy(tmp_path, "load"), "--budget", "0.00125")
+            urls = [f"{proxy.gateway_url}/openai/v1" for proxy in proxies]
+            outcomes = asyncio.run(fire(urls, key["key"]))
+            assert_hard_cap(proxies, mock, key, outcomes)
+            assert all(proxy.records_for(key["id"], 1) for proxy in proxies), "every replica took part"
+        finally:
+            for proxy in proxies:
+                stop_proxy(proxy)

@@ -1,19 +1,38 @@
-"""The SQLite ledger: keys, holds and the hard cap, including across threads and connections."""
+"""The ledger contract, on every backend: keys, holds, the hard cap (across threads and processes),
+crash recovery. A few tests are about one store's own machinery (SQLite's file locks; Redis's TTLs
+and outages) and say so in their names.
+"""
 
+import multiprocessing
 import random
 import sqlite3
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis_server import REDIS_SERVER, RedisServer, free_port
 
-from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, Refusal, SqliteLedger
+from agentkeys.ledger import (
+    KeyExists,
+    KeyRecord,
+    LedgerBusy,
+    LedgerUnavailable,
+    RedisLedger,
+    Refusal,
+    SqliteLedger,
+    StaleHold,
+    open_ledger,
+)
+from agentkeys.ledger.redis import RETENTION_SECONDS
 
 NOW = 1_000_000.0
+BACKENDS = ["sqlite", "redis"]
 
 
 def record(key_id: str = "k1", budget: int = 1_000, expires_at: float = NOW + 3600, **fields) -> KeyRecord:
@@ -30,11 +49,44 @@ def record(key_id: str = "k1", budget: int = 1_000, expires_at: float = NOW + 36
     )
 
 
+@pytest.fixture(scope="session")
+def redis_server():
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    with RedisServer() as server:
+        yield server
+
+
+@contextmanager
+def empty_store(kind: str, request: pytest.FixtureRequest):
+    """The URL of an empty store: a new SQLite file, or the session's Redis, flushed."""
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as directory:
+            yield f"sqlite:///{Path(directory) / 'ledger.db'}"
+    else:
+        server = request.getfixturevalue("redis_server")
+        server.flushdb()
+        yield server.url
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request):
+    with empty_store(request.param, request) as url:
+        yield url
+
+
 @pytest.fixture
-def ledger(tmp_path):
-    opened = SqliteLedger(tmp_path / "ledger.db")
+def ledger(store):
+    opened = open_ledger(store)
     yield opened
     opened.close()
+
+
+def open_patiently(url: str):
+    """A handle that waits out lock contention rather than refusing (SQLite), for the concurrency tests."""
+    if url.startswith("sqlite:///"):
+        return SqliteLedger(url.removeprefix("sqlite:///"), busy_timeout_seconds=30)
+    return open_ledger(url)
 
 
 def balances(ledger, key_id: str = "k1") -> tuple[int, int]:
@@ -57,9 +109,9 @@ def test_create_get_and_list_keys(ledger):
 
 def test_duplicate_key_id_is_refused(ledger):
     ledger.create_key(record("a"))
-    with pytest.raises(sqlite3.IntegrityError):
-        ledger.create_key(record("a"))
-    assert len(ledger.list_keys()) == 1
+    with pytest.raises(KeyExists):
+        ledger.create_key(record("a", budget=5))
+    assert ledger.list_keys() == [record("a")]
 
 
 def test_revoke_once(ledger):
@@ -155,12 +207,175 @@ def test_purge_expired_deletes_only_expired_keys_without_holds(ledger):
     assert {k.key_id for k in ledger.list_keys()} == {"active", "revoked-active"}
 
 
-# ----- several connections, threads and locks -----
+# ----- crash recovery: holds left by dead calls -----
 
 
-def test_a_second_ledger_on_the_same_file_sees_the_first_ones_writes(tmp_path):
-    path = tmp_path / "shared.db"
-    first, second = SqliteLedger(path), SqliteLedger(path)
+def test_sweep_settles_stale_holds_at_their_full_amount_exactly_once(ledger):
+    ledger.create_key(record("k1", budget=1_000))
+    ledger.create_key(record("k2", budget=500))
+    first = ledger.reserve("k1", 100, NOW).hold_id
+    empty = ledger.reserve("k1", 0, NOW).hold_id
+    other_key = ledger.reserve("k2", 50, NOW + 5).hold_id
+    recent = ledger.reserve("k1", 200, NOW + 10).hold_id
+    ledger.revoke("k2", NOW + 6)  # a revoked key's holds are swept all the same
+
+    swept = ledger.sweep_stale_holds(NOW + 70, older_than_seconds=60)  # created before NOW + 10
+
+    assert swept == [  # oldest first
+        StaleHold(first, "k1", 100, NOW),
+        StaleHold(empty, "k1", 0, NOW),
+        StaleHold(other_key, "k2", 50, NOW + 5),
+    ]
+    assert balances(ledger, "k1") == (100, 200)  # charged in full; the recent hold stays
+    assert balances(ledger, "k2") == (50, 0)
+    assert ledger.settle(first, 10) is False  # the dead call's late settlement changes nothing
+    assert balances(ledger, "k1") == (100, 200)
+    assert ledger.sweep_stale_holds(NOW + 70, older_than_seconds=60) == []
+    assert ledger.settle(recent, 150) is True
+    assert balances(ledger, "k1") == (250, 0)
+
+
+def test_sweep_of_a_ledger_without_holds(ledger):
+    assert ledger.sweep_stale_holds(NOW, older_than_seconds=0) == []
+
+
+def test_swept_holds_no_longer_keep_an_expired_key_from_being_purged(ledger):
+    ledger.create_key(record(expires_at=NOW + 10))
+    ledger.reserve("k1", 5, NOW)
+    assert ledger.purge_expired(NOW + 20) == []
+    ledger.sweep_stale_holds(NOW + 20, older_than_seconds=15)
+    assert ledger.purge_expired(NOW + 20) == ["k1"]
+
+
+# ----- several handles, threads and processes on one store -----
+
+
+# ----- child keys: budgets carved from a parent -----
+
+
+def child(key_id: str, parent_id: str, budget: int, expires_at: float = NOW + 600, depth: int = 1) -> KeyRecord:
+    return record(key_id, budget, expires_at, parent_id=parent_id, depth=depth)
+
+
+def spend(ledger, key_id: str, amount: int) -> None:
+    hold = ledger.reserve(key_id, amount, NOW)
+    assert hold.refusal is None
+    ledger.settle(hold.hold_id, amount)
+
+
+def test_a_child_budget_is_held_on_its_parent(ledger):
+    ledger.create_key(record("p", budget=1_000))
+    assert ledger.create_child(child("c", "p", 300), max_children=5, now=NOW) is None
+    parent, created = ledger.get_key("p"), ledger.get_key("c")
+    assert (parent.held_micros, parent.remaining_micros) == (300, 700)
+    assert (created.parent_id, created.depth, created.grant_micros, created.budget_micros) == ("p", 1, 300, 300)
+    assert [c.key_id for c in ledger.children("p")] == ["c"] and ledger.children("c") == []
+
+
+@pytest.mark.parametrize(
+    ("setup", "request_budget", "max_children", "refusal"),
+    [
+        (lambda ledger: None, 1_001, 5, Refusal.BUDGET),
+        (lambda ledger: spend(ledger, "p", 900), 101, 5, Refusal.BUDGET),
+        (lambda ledger: ledger.create_child(child("c0", "p", 1), 5, NOW), 1, 1, Refusal.TOO_MANY_CHILDREN),
+        (lambda ledger: ledger.revoke("p", NOW), 1, 5, Refusal.REVOKED),
+    ],
+    ids=["more-than-budget", "more-than-remains", "fan-out", "revoked-parent"],
+)
+def test_a_child_that_does_not_fit_is_refused(ledger, setup, request_budget, max_children, refusal):
+    ledger.create_key(record("p", budget=1_000))
+    setup(ledger)
+    held_before = ledger.get_key("p").held_micros
+    assert ledger.create_child(child("c", "p", request_budget), max_children, NOW) is refusal
+    assert ledger.get_key("c") is None and ledger.get_key("p").held_micros == held_before
+
+
+def test_children_of_an_expired_or_unknown_parent_are_refused(ledger):
+    ledger.create_key(record("p", budget=1_000, expires_at=NOW + 1))
+    assert ledger.create_child(child("c", "p", 1), 5, NOW + 2) is Refusal.EXPIRED
+    assert ledger.create_child(child("c", "nobody", 1), 5, NOW) is Refusal.UNKNOWN
+
+
+def test_revoking_a_parent_revokes_every_descendant(ledger):
+    ledger.create_key(record("p"))
+    ledger.create_child(child("c", "p", 500), 5, NOW)
+    ledger.create_child(child("g", "c", 100, depth=2), 5, NOW)
+    ledger.create_key(record("other"))
+    assert ledger.revoke("p", NOW + 1) is True
+    assert all(ledger.get_key(k).revoked_at == NOW + 1 for k in ("p", "c", "g"))
+    assert ledger.get_key("other").revoked_at is None
+    assert ledger.reserve("g", 1, NOW + 2).refusal is Refusal.REVOKED
+    assert ledger.revoke("p", NOW + 3) is False
+
+
+def test_a_finished_childs_unspent_budget_returns_to_its_parent(ledger):
+    ledger.create_key(record("p", budget=1_000))
+    ledger.create_child(child("c", "p", 400), 5, NOW)
+    spend(ledger, "c", 150)
+    in_flight = ledger.reserve("c", 50, NOW)
+    ledger.revoke("c", NOW)
+    ledger.purge_expired(NOW)
+    assert ledger.get_key("p").held_micros == 400, "a grant returns only once nothing of the child is in flight"
+    ledger.settle(in_flight.hold_id, 30)
+    ledger.purge_expired(NOW)
+    parent = ledger.get_key("p")
+    assert (parent.held_micros, parent.spent_micros, parent.remaining_micros) == (0, 180, 820)
+    assert ledger.get_key("c").grant_micros == 0
+    ledger.purge_expired(NOW)
+    assert ledger.get_key("p").spent_micros == 180, "a grant returns once"
+
+
+def test_expiry_returns_grants_up_a_whole_tree_then_purges_it(ledger):
+    ledger.create_key(record("p", budget=1_000, expires_at=NOW + 100))
+    ledger.create_child(child("c", "p", 500, expires_at=NOW + 50), 5, NOW)
+    ledger.create_child(child("g", "c", 200, expires_at=NOW + 50, depth=2), 5, NOW)
+    spend(ledger, "g", 70)
+    spend(ledger, "c", 30)
+    spend(ledger, "p", 10)
+    assert sorted(ledger.purge_expired(NOW + 60)) == ["c", "g"]
+    parent = ledger.get_key("p")
+    assert (parent.held_micros, parent.spent_micros) == (0, 110), "the tree's spend ends on the root"
+    assert ledger.purge_expired(NOW + 200) == ["p"]
+
+
+def test_a_tree_never_spends_more_than_its_root_under_concurrency(store):
+    """Children are minted and spend from many threads at once; the root's books stay within its budget."""
+    setup = open_patiently(store)
+    setup.create_key(record("root", budget=10_000))
+    errors = []
+
+    def worker(n: int) -> None:
+        ledger = open_patiently(store)
+        try:
+            for i in range(5):
+                if ledger.create_child(child(f"c{n}-{i}", "root", 700), 100, NOW) is None:
+                    while (hold := ledger.reserve(f"c{n}-{i}", 90, NOW)).refusal is None:
+                        ledger.settle(hold.hold_id, random.randint(0, 90))
+                    ledger.revoke(f"c{n}-{i}", NOW)
+                root = ledger.get_key("root")
+                if root.spent_micros + root.held_micros > root.budget_micros:
+                    errors.append(root)
+                ledger.purge_expired(NOW)
+        finally:
+            ledger.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    setup.purge_expired(NOW)
+    root = setup.get_key("root")
+    children = setup.children("root")
+    setup.close()
+    assert errors == []
+    assert root.held_micros == 0 and root.spent_micros == sum(c.spent_micros for c in children)
+    assert all(c.spent_micros <= c.budget_micros for c in children)
+    assert root.spent_micros <= root.budget_micros
+
+
+def test_a_second_handle_on_the_same_store_sees_the_first_ones_writes(store):
+    first, second = open_ledger(store), open_ledger(store)
     try:
         first.create_key(record(budget=1_000))
         first.reserve("k1", 800, NOW)
@@ -175,35 +390,15 @@ def test_a_second_ledger_on_the_same_file_sees_the_first_ones_writes(tmp_path):
         second.close()
 
 
-def test_a_locked_database_makes_reserve_unavailable_after_the_busy_timeout(tmp_path):
-    path = tmp_path / "locked.db"
-    ledger = SqliteLedger(path, busy_timeout_seconds=0.2)
-    ledger.create_key(record())
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
-        started = time.monotonic()
-        with pytest.raises(LedgerUnavailable):
-            ledger.reserve("k1", 1, NOW)
-        assert 0.15 < time.monotonic() - started < 1.5
-        assert ledger.get_key("k1").held_micros == 0  # readers are not blocked (WAL)
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
-    assert ledger.reserve("k1", 1, NOW).refusal is None  # and the ledger recovers
-    ledger.close()
-
-
 HOLD = 7
 FITS = 60  # the budget fits exactly this many holds
 THREADS, ATTEMPTS = 8, 50
 
 
 @pytest.mark.parametrize("settle_share", [0.0, 0.5], ids=["holds-only", "with-settles"])
-@pytest.mark.parametrize("shared", [True, False], ids=["one-connection", "connection-per-thread"])
-def test_concurrent_reserves_never_break_the_cap(tmp_path, settle_share, shared):
-    path = tmp_path / "race.db"
-    setup = SqliteLedger(path)
+@pytest.mark.parametrize("shared", [True, False], ids=["one-handle", "handle-per-thread"])
+def test_concurrent_reserves_never_break_the_cap(store, settle_share, shared):
+    setup = open_patiently(store)
     setup.create_key(record(budget=FITS * HOLD))
     start = threading.Barrier(THREADS)
     outcomes = []  # (hold_id or None, settled amount or None, remaining reported)
@@ -212,7 +407,7 @@ def test_concurrent_reserves_never_break_the_cap(tmp_path, settle_share, shared)
 
     def worker(seed: int):
         rng = random.Random(seed)
-        ledger = setup if shared else SqliteLedger(path, busy_timeout_seconds=10)
+        ledger = setup if shared else open_patiently(store)
         start.wait()
         for _ in range(ATTEMPTS):
             reservation = ledger.reserve("k1", HOLD, NOW)
@@ -250,6 +445,37 @@ def test_concurrent_reserves_never_break_the_cap(tmp_path, settle_share, shared)
     setup.close()
 
 
+PROCESSES, EACH, FITS_ACROSS = 4, 100, 150  # 400 attempts against a budget for 150 holds
+
+
+def reserve_many(url: str, start, results) -> None:
+    """One replica (a spawned process): its own handle on the store, EACH reserves as fast as it can."""
+    ledger = open_patiently(url)
+    start.wait()
+    reservations = [ledger.reserve("k1", HOLD, NOW) for _ in range(EACH)]
+    ledger.close()
+    results.put([r.hold_id for r in reservations if r.hold_id is not None])
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_many_processes_on_one_store_never_break_the_cap(kind, request):
+    with empty_store(kind, request) as url:
+        setup = open_ledger(url)
+        setup.create_key(record(budget=FITS_ACROSS * HOLD))
+        context = multiprocessing.get_context("spawn")
+        start, results = context.Barrier(PROCESSES), context.Queue()
+        replicas = [context.Process(target=reserve_many, args=(url, start, results)) for _ in range(PROCESSES)]
+        for replica in replicas:
+            replica.start()
+        granted = [hold_id for _ in replicas for hold_id in results.get(timeout=60)]
+        for replica in replicas:
+            replica.join(timeout=10)
+            assert replica.exitcode == 0
+        assert len(granted) == len(set(granted)) == FITS_ACROSS
+        assert balances(setup) == (0, FITS_ACROSS * HOLD)  # spent + held == budget, to the micro-dollar
+        setup.close()
+
+
 # ----- property: any sequence of operations keeps the books and the cap -----
 
 KEYS = {"a": (500, NOW + 100), "b": (300, NOW + 200), "c": (50, NOW + 10_000)}  # budget, expiry
@@ -259,11 +485,10 @@ operations = st.lists(
         st.tuples(st.just("reserve"), st.sampled_from(sorted(KEYS)), st.integers(0, 350)),
         st.tuples(st.just("settle"), st.integers(0, 40), st.integers(0, 100)),  # hold index, % of the hold
         st.tuples(st.just("release"), st.integers(0, 40)),
-        st.tuples(st.just("tick"), st.integers(1, 150)),  # time passes: keys expire
+        st.tuples(st.just("tick"), st.integers(1, 150)),  # time passes: keys expire, holds grow stale
         st.tuples(st.just("revoke"), st.sampled_from(sorted(KEYS))),
-        st.tuples(
-            st.just("purge"),
-        ),
+        st.tuples(st.just("purge")),
+        st.tuples(st.just("sweep"), st.integers(0, 150)),  # settle holds older than this many seconds
     ),
     max_size=40,
 )
@@ -275,11 +500,14 @@ class Model:
     def __init__(self):
         self.now = NOW
         self.keys = {key_id: {"spent": 0, "revoked": False} for key_id in KEYS}
-        self.holds: dict[int, tuple[str, int]] = {}  # open holds: hold id → (key, amount)
+        self.holds: dict[int, tuple[str, int, float]] = {}  # open holds: hold id → (key, amount, created at)
         self.hold_ids: list[int] = []  # every hold ever granted, settled or not
 
     def held(self, key_id):
-        return sum(amount for k, amount in self.holds.values() if k == key_id)
+        return sum(amount for k, amount, _ in self.holds.values() if k == key_id)
+
+    def has_holds(self, key_id):
+        return any(k == key_id for k, _, _ in self.holds.values())
 
     def expected_refusal(self, key_id, amount):
         if key_id not in self.keys:
@@ -292,6 +520,11 @@ class Model:
             return Refusal.BUDGET
         return None
 
+    def close(self, hold_id, amount):
+        key_id, _, _ = self.holds.pop(hold_id)
+        if key_id in self.keys:
+            self.keys[key_id]["spent"] += amount
+
 
 def apply(ledger, model: Model, op: tuple) -> None:
     name, *args = op
@@ -300,7 +533,7 @@ def apply(ledger, model: Model, op: tuple) -> None:
         reservation = ledger.reserve(key_id, amount, model.now)
         assert reservation.refusal is model.expected_refusal(key_id, amount), op
         if reservation.hold_id is not None:
-            model.holds[reservation.hold_id] = (key_id, amount)
+            model.holds[reservation.hold_id] = (key_id, amount, model.now)
             model.hold_ids.append(reservation.hold_id)
     elif name in ("settle", "release") and model.hold_ids:
         hold_id = model.hold_ids[args[0] % len(model.hold_ids)]
@@ -308,8 +541,7 @@ def apply(ledger, model: Model, op: tuple) -> None:
         amount = model.holds[hold_id][1] * args[1] // 100 if name == "settle" and is_open else 0
         assert ledger.settle(hold_id, amount) is is_open, op
         if is_open:
-            key_id, _ = model.holds.pop(hold_id)
-            model.keys[key_id]["spent"] += amount
+            model.close(hold_id, amount)
     elif name == "tick":
         model.now += args[0]
     elif name == "revoke":
@@ -318,17 +550,28 @@ def apply(ledger, model: Model, op: tuple) -> None:
         if key_id in model.keys:
             model.keys[key_id]["revoked"] = True
     elif name == "purge":
-        gone = {k for k in model.keys if model.now >= KEYS[k][1] and model.held(k) == 0}
+        gone = {k for k in model.keys if model.now >= KEYS[k][1] and not model.has_holds(k)}
         assert set(ledger.purge_expired(model.now)) == gone
         for key_id in gone:
             del model.keys[key_id]
+    elif name == "sweep":
+        stale = sorted(
+            (created, hold_id, key_id, amount)
+            for hold_id, (key_id, amount, created) in model.holds.items()
+            if created < model.now - args[0]
+        )
+        expected = [StaleHold(hold_id, key_id, amount, created) for created, hold_id, key_id, amount in stale]
+        assert ledger.sweep_stale_holds(model.now, args[0]) == expected, op
+        for hold in expected:
+            model.close(hold.hold_id, hold.amount_micros)
 
 
+@pytest.mark.parametrize("kind", BACKENDS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(operations)
-def test_any_sequence_of_operations_keeps_the_cap_and_the_books(ops):
-    with tempfile.TemporaryDirectory() as directory:
-        ledger = SqliteLedger(Path(directory) / "prop.db")
+@given(ops=operations)
+def test_any_sequence_of_operations_keeps_the_cap_and_the_books(kind, request, ops):
+    with empty_store(kind, request) as url:
+        ledger = open_ledger(url)
         try:
             for key_id, (budget, expires_at) in KEYS.items():
                 ledger.create_key(record(key_id, budget=budget, expires_at=expires_at))
@@ -347,7 +590,29 @@ def test_any_sequence_of_operations_keeps_the_cap_and_the_books(ops):
             ledger.close()
 
 
-def test_the_nonblocking_handle_reports_a_locked_store_as_busy_at_once(tmp_path):
+# ----- SQLite only: file locks -----
+
+
+def test_sqlite_locked_database_makes_reserve_unavailable_after_the_busy_timeout(tmp_path):
+    path = tmp_path / "locked.db"
+    ledger = SqliteLedger(path, busy_timeout_seconds=0.2)
+    ledger.create_key(record())
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable):
+            ledger.reserve("k1", 1, NOW)
+        assert 0.15 < time.monotonic() - started < 1.5
+        assert ledger.get_key("k1").held_micros == 0  # readers are not blocked (WAL)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert ledger.reserve("k1", 1, NOW).refusal is None  # and the ledger recovers
+    ledger.close()
+
+
+def test_sqlite_nonblocking_handle_reports_a_locked_store_as_busy_at_once(tmp_path):
     ledger = SqliteLedger(tmp_path / "keys.db")
     blocker = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
@@ -358,3 +623,103 @@ def test_the_nonblocking_handle_reports_a_locked_store_as_busy_at_once(tmp_path)
         blocker.execute("ROLLBACK")
         blocker.close()
         ledger.close()
+
+
+# ----- Redis only: TTLs and outages -----
+
+
+@pytest.fixture
+def redis_ledger(redis_server):
+    redis_server.flushdb()
+    ledger = RedisLedger(redis_server.url)
+    with redis.Redis.from_url(redis_server.url) as raw:
+        yield ledger, raw
+    ledger.close()
+
+
+def test_redis_has_no_nonblocking_handle(redis_ledger):
+    ledger, _ = redis_ledger
+    assert ledger.nonblocking() is None
+
+
+def test_redis_key_ttl_runs_past_expiry_and_is_lifted_while_a_hold_is_open(redis_ledger):
+    ledger, raw = redis_ledger
+    ledger.create_key(record(created_at=NOW, expires_at=NOW + 3600))
+    lifetime = 3600 + RETENTION_SECONDS  # counted on the ledger's clock, not Redis's
+    assert lifetime - 2 <= raw.ttl("agentkeys:key:k1") <= lifetime
+
+    first = ledger.reserve("k1", 10, NOW + 600).hold_id
+    second = ledger.reserve("k1", 10, NOW + 600).hold_id
+    assert raw.ttl("agentkeys:key:k1") == -1  # never dropped while its books are open
+    ledger.settle(first, 10)
+    assert raw.ttl("agentkeys:key:k1") == -1
+    ledger.settle(second, 10)  # the last hold closed: the TTL is back, from the hold's time
+    assert lifetime - 600 - 2 <= raw.ttl("agentkeys:key:k1") <= lifetime - 600
+
+    ledger.reserve("k1", 10, NOW + 3000)
+    ledger.sweep_stale_holds(NOW + 7200, older_than_seconds=60)  # swept after expiry: retention left
+    assert RETENTION_SECONDS - 2 <= raw.ttl("agentkeys:key:k1") <= RETENTION_SECONDS
+
+
+def test_redis_key_removed_by_its_ttl_is_gone_and_purge_cleans_its_index(redis_ledger):
+    ledger, raw = redis_ledger
+    ledger.create_key(record("gone", expires_at=NOW + 10))
+    ledger.create_key(record("kept", expires_at=NOW + 1000))
+    raw.delete("agentkeys:key:gone")  # what the TTL does, a day after expiry
+    assert [key.key_id for key in ledger.list_keys()] == ["kept"]
+    assert ledger.reserve("gone", 1, NOW).refusal is Refusal.UNKNOWN
+    assert ledger.purge_expired(NOW + 10) == ["gone"]
+    assert raw.zrange("agentkeys:keys", 0, -1) == [b"kept"]
+    assert raw.zrange("agentkeys:expiry", 0, -1) == [b"kept"]
+
+
+def every_operation(ledger):
+    return {
+        "create_key": lambda: ledger.create_key(record("new")),
+        "get_key": lambda: ledger.get_key("k1"),
+        "list_keys": ledger.list_keys,
+        "revoke": lambda: ledger.revoke("k1", NOW),
+        "reserve": lambda: ledger.reserve("k1", 1, NOW),
+        "settle": lambda: ledger.settle(1, 1),
+        "sweep_stale_holds": lambda: ledger.sweep_stale_holds(NOW, 60),
+        "purge_expired": lambda: ledger.purge_expired(NOW),
+    }
+
+
+@pytest.mark.parametrize("outage", ["kill", "stop"])
+def test_redis_down_is_unavailable_at_once_and_the_same_ledger_recovers_when_it_is_back(outage):
+    with RedisServer() as server:
+        ledger = RedisLedger(server.url)
+        ledger.create_key(record())
+        assert ledger.reserve("k1", 1, NOW).refusal is None
+        getattr(server, outage)()
+
+        started = time.monotonic()
+        for operation in every_operation(ledger).values():
+            with pytest.raises(LedgerUnavailable, match=rf"store redis://127.0.0.1:{server.port}/0 unreachable"):
+                operation()
+        assert time.monotonic() - started < 1, "a refused port must not be waited for"
+
+        server.start()  # same port, empty: a replacement instance
+        ledger.create_key(record())
+        assert ledger.reserve("k1", 1, NOW).refusal is None
+        ledger.close()
+
+
+def test_redis_restart_between_two_calls_goes_unnoticed():
+    """The pool's idle connection died with the old server; the next call must not fail on it."""
+    with RedisServer() as server:
+        ledger = RedisLedger(server.url)
+        ledger.create_key(record())
+        server.kill()
+        server.start()
+        assert ledger.get_key("k1") is None  # answered (by the new, empty server), not refused
+        ledger.close()
+
+
+def test_redis_unavailable_message_names_the_store_but_not_its_password():
+    ledger = RedisLedger(f"redis://agent:hunter2@127.0.0.1:{free_port()}/3")
+    with pytest.raises(LedgerUnavailable) as refused:
+        ledger.get_key("k1")
+    assert "redis://127.0.0.1:" in str(refused.value) and "/3 unreachable" in str(refused.value)
+    assert "hunter2" not in str(refused.value)

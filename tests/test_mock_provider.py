@@ -87,6 +87,8 @@ def test_openai_chat_reports_its_usage(mock, oai):
             "input_tokens": expected_input,
             "output_tokens": 12,
             "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
             "stream": False,
         }
     ]
@@ -118,6 +120,8 @@ def test_openai_stream_with_usage(mock, oai):
             "input_tokens": usage.prompt_tokens,
             "output_tokens": usage.completion_tokens,
             "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
             "stream": True,
         }
     ]
@@ -152,6 +156,8 @@ def test_anthropic_message_reports_its_usage(mock, claude):
             "input_tokens": expected_input,
             "output_tokens": 12,
             "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
             "stream": False,
         }
     ]
@@ -176,6 +182,8 @@ def test_anthropic_stream_helper(mock, claude):
             "input_tokens": final.usage.input_tokens,
             "output_tokens": 12,
             "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
             "stream": True,
         }
     ]

@@ -207,7 +207,7 @@ def test_proxy_config_keeps_default_providers_when_one_field_is_overridden():
 def test_proxy_config_adds_an_openai_compatible_provider():
     extra = {"format": "openai", "upstream": "https://api.groq.com/openai", "key_env": "GROQ_API_KEY"}
     config = ProxyConfig.model_validate({"providers": {"groq": extra}})
-    assert set(config.providers) == {"openai", "anthropic", "groq"}
+    assert set(config.providers) == {"openai", "anthropic", "gemini", "groq"}
     assert config.providers["groq"].hosts == []
 
 
@@ -227,7 +227,14 @@ def test_load_config_merges_defaults_and_resolves_paths(tmp_path):
     assert config.sqlite_path == (tmp_path / "data" / "keys.db").resolve()
 
 
-@pytest.mark.parametrize("store", ["redis://localhost:6379", "postgres://x", "agentkeys.db"])
+def test_proxy_config_accepts_a_redis_store(tmp_path):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text("store: redis://localhost:6379/2\n")
+    config = load_config(path)
+    assert config.store == "redis://localhost:6379/2" and config.sqlite_path is None
+
+
+@pytest.mark.parametrize("store", ["postgres://x", "agentkeys.db"])
 def test_proxy_config_rejects_unknown_store(tmp_path, store):
     path = tmp_path / "agentkeys.yaml"
     path.write_text(f"proxy_port: 8080\nstore: {store}\n")
@@ -239,7 +246,7 @@ def test_proxy_config_rejects_unknown_store(tmp_path, store):
     "fields",
     [
         {"providers": {"openai": {"upstream": "ftp://x"}}},
-        {"providers": {"openai": {"format": "gemini"}}},
+        {"providers": {"openai": {"format": "cohere"}}},
         {"proxy_port": 70000},
         {"egress": "sometimes"},
     ],

@@ -28,13 +28,15 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from agentkeys import tokens
 from agentkeys.audit import AuditLog, CallRecord
-from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user
+from agentkeys.control import Control, ControlAnswer, is_control_path, issuers_from
+from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
 from agentkeys.gate import Admission, CallRequest, Denial, Gate, Settlement
-from agentkeys.ledger import open_ledger
+from agentkeys.keys import iso
+from agentkeys.ledger import LedgerUnavailable, StaleHold, open_ledger
 from agentkeys.metrics import Metrics
 from agentkeys.money import micros_to_usd
 from agentkeys.policy import ProxyConfig, load_config
-from agentkeys.pricing import PriceTable
+from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, SseSplitter, StreamMeter, WireFormat
 from agentkeys.yamlfile import ConfigError
@@ -42,7 +44,13 @@ from agentkeys.yamlfile import ConfigError
 log = logging.getLogger(__name__)
 
 STATE = "agentkeys"
+CONTROL_HOST = "agentkeys.local"  # the proxy's own API through proxy mode: http://agentkeys.local/_agentkeys/v1/...
+CONTROL_PROVIDER = "agentkeys"  # how control calls appear in the audit log
 RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true"}
+# Told to the agent on every forwarded call, in USD: what this call cost, what its key has left.
+COST_HEADER = "x-agentkeys-cost"
+REMAINING_HEADER = "x-agentkeys-budget-remaining"
+CLAMPED_HEADER = "x-agentkeys-max-tokens-clamped"
 
 
 @dataclass
@@ -103,6 +111,7 @@ class CallState:
     wire: WireFormat
     admission: Admission | None = None
     relay: StreamRelay | None = None
+    usage: Usage | None = None  # of a whole (not streamed) response, read once for its headers and settlement
     overhead_seconds: float = 0.0
     finished: bool = False
 
@@ -134,14 +143,16 @@ class AgentKeys:
             return
         try:
             config = self._read_config()
+            issuers = issuers_from(config)
+            prices = config.price_table()
         except ConfigError as e:
             raise exceptions.OptionsError(f"agentkeys: bad config:\n{e}") from None
-        prices = PriceTable.bundled()
         ledger = open_ledger(config.store, config.sqlite_path)
         if self.audit:
             self.audit.close()
         self.config = config
         self.gate = Gate(config, ledger, prices)
+        self.control = Control(self.gate, issuers)
         self.audit = AuditLog(config.path(config.audit_log) if config.audit_log else None)
         self.provider_by_host = {host: name for name, spec in config.providers.items() for host in spec.hosts}
         self.upstreams = {name: Upstream.parse(spec.upstream) for name, spec in config.providers.items()}
@@ -182,17 +193,22 @@ class AgentKeys:
             self.metrics.serve(self.config.metrics_port, self.config.listen_host)
             self._metrics_started = True
         if self._purge_task is None:
-            self._purge_task = asyncio.get_running_loop().create_task(self._purge_expired_keys())
+            self._purge_task = asyncio.get_running_loop().create_task(self._keep_the_books())
 
-    async def _purge_expired_keys(self):
+    async def _keep_the_books(self):
+        """Every `purge_interval`: settle holds that dead calls left behind, return finished children's
+        budgets to their parents, and delete expired keys."""
         while True:
             await asyncio.sleep(self.config.purge_interval)
             try:
+                for hold in await self.gate.sweep_stale_holds():
+                    log.warning("agentkeys: hold %d of key %s outlived its call", hold.hold_id, hold.key_id)
+                    self._write_record(stale_hold_record(hold))
                 purged = await self.gate.purge_expired()
                 if purged:
                     log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
             except Exception:
-                log.exception("agentkeys: purging expired keys failed; will try again")
+                log.exception("agentkeys: keeping the books failed; will try again")
 
     async def done(self):
         if self._purge_task:
@@ -229,6 +245,9 @@ class AgentKeys:
         started = time.perf_counter()
         state = None
         try:
+            if self._is_control(flow):
+                await self._answer_control(flow)
+                return
             state = self._route(flow)
             if state is None:
                 return
@@ -266,16 +285,49 @@ class AgentKeys:
             if provider is None:
                 self._non_provider(flow)
                 return None
-        call = CallRequest(
+        call = self._call_of(flow, provider, path, split.query)
+        return CallState(call=call, wire=FORMATS[self.config.providers[provider].format])
+
+    def _call_of(self, flow: http.HTTPFlow, provider: str, path: str, query: str = "") -> CallRequest:
+        return CallRequest(
             provider=provider,
             method=flow.request.method,
             path=path,
-            query=split.query,
+            query=query,
             headers={name.lower(): value for name, value in flow.request.headers.items()},
             body=flow.request.get_content(strict=False) or b"",
             tunnel_credential=self.tunnel_credentials.get(flow.client_conn.id),
         )
-        return CallState(call=call, wire=FORMATS[self.config.providers[provider].format])
+
+    def _is_control(self, flow: http.HTTPFlow) -> bool:
+        """The proxy's own API: on the gateway, or through the proxy at a provider host or `agentkeys.local`."""
+        if not is_control_path(flow.request.path):
+            return False
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return True
+        host = flow.request.pretty_host
+        return host in self.provider_by_host or host == CONTROL_HOST
+
+    async def _answer_control(self, flow: http.HTTPFlow):
+        call = self._call_of(flow, CONTROL_PROVIDER, urlsplit(flow.request.path).path)
+        try:
+            answer = await self.control.handle(call)
+        except LedgerUnavailable as e:
+            log.error("agentkeys: %s", e)
+            answer = ControlAnswer(503, {"error": {"message": "agentkeys: the key store is unavailable"}}, str(e))
+        headers = {"content-type": "application/json"}
+        if answer.status == 503:
+            headers["x-should-retry"] = "true"
+        flow.response = http.Response.make(answer.status, json_bytes(answer.body), headers)
+        key = answer.key
+        self._write_record(
+            CallRecord(
+                key_id=key.key_id if key else None, key_name=key.name if key else None,
+                policy=key.policy_name if key else None, provider=CONTROL_PROVIDER, method=call.method,
+                path=call.path, model=None, decision="allow" if answer.status < 400 else "deny",
+                reason=answer.reason, status=answer.status, metering="free",
+            )
+        )  # fmt: skip
 
     def _non_provider(self, flow: http.HTTPFlow):
         if self.config.egress == "allowlist":
@@ -292,7 +344,8 @@ class AgentKeys:
         flow.request.headers["accept-encoding"] = "identity"  # so streamed SSE can be read as it passes
         upstream = self.upstreams[call.provider]
         flow.request.scheme, flow.request.port, flow.request.host = upstream.scheme, upstream.port, upstream.host
-        flow.request.path = upstream.base_path + call.path + (f"?{call.query}" if call.query else "")
+        query = without_query_credentials(call.query)  # Google's ?key=: the real key goes in a header
+        flow.request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
         if admission.upstream_body is not None:
             flow.request.content = admission.upstream_body
 
@@ -304,9 +357,7 @@ class AgentKeys:
         flow.response = http.Response.make(status, json_bytes(body), headers)
         state.finished = True
         key = denial.key
-        self._record(
-            state,
-            CallRecord(
+        self._write_record(CallRecord(
                 key_id=key.key_id if key else None, key_name=key.name if key else None,
                 policy=key.policy_name if key else None, provider=state.call.provider,
                 method=state.call.method, path=state.call.path, model=denial.model,
@@ -327,10 +378,15 @@ class AgentKeys:
         if state is None:
             return
         try:
+            admission = state.admission
             streaming = flow.response.headers.get("content-type", "").startswith("text/event-stream")
-            if streaming and state.admission.facts.metered and flow.response.status_code < 400:
-                state.relay = StreamRelay(state.admission.wire.stream_meter(state.admission.facts))
+            if streaming and admission.facts.metered and flow.response.status_code < 400:
+                state.relay = StreamRelay(admission.wire.stream_meter(admission.facts))
                 flow.response.stream = state.relay
+            # A stream's headers leave before its usage is known: it gets what remains after its hold.
+            flow.response.headers[REMAINING_HEADER] = usd_header(admission.remaining_micros)
+            if admission.clamped_to:
+                flow.response.headers[CLAMPED_HEADER] = str(admission.clamped_to)
         except Exception:
             log.exception("agentkeys: responseheaders hook failed")
 
@@ -339,19 +395,42 @@ class AgentKeys:
         if state is None:
             return
         state.finished = True
+        if not state.relay:
+            self._add_cost_headers(flow, state)
         self._settle_in_background(self._settle_response(flow, state), flow, state, reason="ok")
+
+    def _add_cost_headers(self, flow: http.HTTPFlow, state: CallState):
+        """This call's cost and what its key has left, worked out before the settlement is written.
+
+        Both come from the response's usage at once, so the agent need not wait for the ledger: the
+        settlement then charges exactly this cost. An unmetered call's cost is the provider's secret.
+        """
+        admission = state.admission
+        try:
+            cost = 0
+            if admission.facts.metered and flow.response.status_code < 400:
+                state.usage = admission.wire.usage_from_response(flow.response.content)
+                cost = self.gate.charge(admission, state.usage)
+            if not admission.unmetered:
+                flow.response.headers[COST_HEADER] = usd_header(cost)
+            flow.response.headers[REMAINING_HEADER] = usd_header(
+                admission.remaining_micros + admission.hold_micros - cost
+            )
+        except Exception:
+            log.exception("agentkeys: working out the cost headers failed; the settlement reads the usage itself")
 
     async def _settle_response(self, flow: http.HTTPFlow, state: CallState) -> Settlement:
         admission = state.admission
         if not admission.facts.metered:
-            return Settlement(0, "free")
+            return Settlement(0, "unmetered" if admission.unmetered else "free")
         if flow.response.status_code >= 400:
             return await self.gate.release(admission)
         if state.relay:
             if state.relay.broken:
                 return await self.gate.settle_usage(admission, None)
             return await self.gate.settle_stream(admission, state.relay.meter.result())
-        return await self.gate.settle_usage(admission, admission.wire.usage_from_response(flow.response.content))
+        usage = state.usage or admission.wire.usage_from_response(flow.response.content)
+        return await self.gate.settle_usage(admission, usage)
 
     def error(self, flow: http.HTTPFlow):
         state = self._in_flight(flow)
@@ -405,7 +484,7 @@ class AgentKeys:
         record = CallRecord(
             key_id=admission.key.key_id, key_name=admission.key.name, policy=admission.key.policy_name,
             provider=state.call.provider, method=state.call.method, path=state.call.path,
-            model=admission.facts.model, decision="allow", reason=reason,
+            model=admission.facts.model, decision="allow", reason=reason + clamp_note(admission),
             status=response.status_code if response else None, metering=settlement.metering,
             cost_micros=settlement.cost_micros, cost_usd=micros_to_usd(settlement.cost_micros),
             hold_micros=admission.hold_micros,
@@ -419,9 +498,9 @@ class AgentKeys:
             record.upstream_latency_ms = round((response.timestamp_start - request.timestamp_end) * 1000, 3)
         if state.relay and state.relay.first_chunk_at and request.timestamp_end:
             record.ttft_ms = round((state.relay.first_chunk_at - request.timestamp_end) * 1000, 3)
-        self._record(state, record)
+        self._write_record(record)
 
-    def _record(self, state: CallState, record: CallRecord):
+    def _write_record(self, record: CallRecord):
         try:
             self.audit.write(record)
             self.metrics.observe(record)
@@ -429,8 +508,29 @@ class AgentKeys:
             log.exception("agentkeys: writing the audit record failed")
 
 
+def stale_hold_record(hold: StaleHold) -> CallRecord:
+    return CallRecord(
+        key_id=hold.key_id, key_name=None, policy=None, provider=None, method="", path="", model=None,
+        decision="allow", metering="held", cost_micros=hold.amount_micros, cost_usd=micros_to_usd(hold.amount_micros),
+        hold_micros=hold.amount_micros,
+        reason=f"settled at its full hold: the proxy that made this call (hold {hold.hold_id}, taken at"
+        f" {iso(hold.created_at)}) stopped before settling it, and the provider may have billed it",
+    )  # fmt: skip
+
+
 def json_bytes(body: dict) -> bytes:
     return json.dumps(body).encode()
+
+
+def usd_header(micros: int) -> str:
+    """Micro-dollars as a plain USD amount with every digit: `0.000123`."""
+    return f"{micros_to_usd(micros):.6f}"
+
+
+def clamp_note(admission: Admission) -> str:
+    if not admission.clamped_to:
+        return ""
+    return f"; output limit lowered to {admission.clamped_to} tokens to fit the budget"
 
 
 addons = [AgentKeys()]

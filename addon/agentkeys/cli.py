@@ -5,11 +5,10 @@ import json
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from agentkeys.certs import agent_environment, bundle_path, ca_cert_path, ensure_ca
-from agentkeys.keys import issue_key
+from agentkeys.keys import iso, issue_key
 from agentkeys.ledger import KeyRecord, LedgerUnavailable, open_ledger
 from agentkeys.money import format_usd, micros_to_usd
 from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_duration
@@ -263,10 +262,6 @@ def print_table(columns: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     for row in [columns, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-
-
-def iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":

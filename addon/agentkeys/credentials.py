@@ -12,10 +12,13 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from urllib.parse import unquote_plus
 
 PREFIX = "ak_"
 # Headers through which SDKs send an API key. All are stripped before forwarding.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization")
+# Query parameters through which an API key travels (Google's `?key=`). Also stripped before forwarding.
+CREDENTIAL_QUERY_PARAMS = ("key",)
 
 
 @dataclass(frozen=True)
@@ -79,3 +82,21 @@ def credentials_in(headers: dict[str, str]) -> list[str]:
         if credential:
             found.append(credential)
     return found
+
+
+def query_params(query: str) -> list[tuple[str, str, str]]:
+    """(raw pair, decoded name, decoded value) for each `name=value` of a query string, in order."""
+    pairs = []
+    for raw in query.split("&") if query else []:
+        name, _, value = raw.partition("=")
+        pairs.append((raw, unquote_plus(name), unquote_plus(value)))
+    return pairs
+
+
+def credentials_in_query(query: str) -> list[str]:
+    return [value for _, name, value in query_params(query) if name in CREDENTIAL_QUERY_PARAMS and value]
+
+
+def without_query_credentials(query: str) -> str:
+    """The query with every credential parameter removed and the others exactly as sent."""
+    return "&".join(raw for raw, name, _ in query_params(query) if name not in CREDENTIAL_QUERY_PARAMS)

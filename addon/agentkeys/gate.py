@@ -8,6 +8,7 @@ hold into spend. Ledger calls run on one worker thread so a slow disk never stal
 """
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -15,17 +16,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from agentkeys import credentials
-from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal
+from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, StaleHold
 from agentkeys.money import format_usd
 from agentkeys.policy import Policy, ProxyConfig
-from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros
+from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import DenyKind, MalformedRequest, RequestFacts, StreamResult, WireFormat
+from agentkeys.providers.base import (
+    DenyKind,
+    MalformedRequest,
+    RequestFacts,
+    StreamResult,
+    Unmeterable,
+    WireFormat,
+)
 from agentkeys.tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
 KNOWN_KEYS_LIMIT = 10_000
+NETWORK_STORE_WORKERS = 8
 # Bodies above this are read (and tokenized) on a worker thread, so a huge prompt delays only itself.
 LARGE_BODY_BYTES = 32 * 1024
 
@@ -62,7 +71,9 @@ class Admission:
     price: ModelPrice | None = None
     hold_id: int | None = None
     hold_micros: int = 0
-    remaining_micros: int = 0
+    remaining_micros: int = 0  # the key's budget left once this call's hold was taken
+    unmetered: bool = False  # an endpoint the proxy cannot meter, allowed by the policy's unmetered_endpoints
+    clamped_to: int | None = None  # the output limit the budget lowered this call to (clamp_max_tokens)
     settled: bool = field(default=False, init=False)
 
 
@@ -80,13 +91,16 @@ class Gate:
         self.prices = prices
         self.clock = clock
         self.real_keys = {name: spec.real_key() for name, spec in config.providers.items()}
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentkeys-ledger")
         self._ledger_now = ledger.nonblocking()
+        # An embedded store needs one thread for the rare wait on a lock; a network store gets several, so
+        # one slow round trip does not queue every other call behind it.
+        workers = 1 if self._ledger_now is not None else NETWORK_STORE_WORKERS
+        self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agentkeys-ledger")
         # Key records by id, for the parts that never change (hash, policy, name). Whether a key is
         # still usable is decided by the store itself, in `reserve` (or a fresh read for free calls).
         self._known_keys: dict[str, KeyRecord] = {}
 
-    async def _ledger(self, operation: str, *args):
+    async def in_ledger(self, operation: str, *args):
         """Run a ledger operation without stalling the event loop.
 
         An embedded store answers in microseconds, far less than a hop to a worker thread costs, so
@@ -129,20 +143,25 @@ class Gate:
                 DenyKind.UNAVAILABLE, f"agentkeys: the proxy has no key for {call.provider} (set {env})", record
             )
         try:
-            facts = await self.read_request(wire, call)
+            facts = self.as_served(call.provider, await self.read_request(wire, call))
         except MalformedRequest as e:
             return Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", record)
+        except Unmeterable as e:
+            return Denial(DenyKind.FORBIDDEN, f"agentkeys: {e}", record)
         if not facts.metered:
             # No reserve will look at the key in the store, so read it afresh: it may have been revoked.
-            record = await self._ledger("get_key", record.key_id)
-            return self.authenticate(key_or_denial, record) or Admission(record, policy, wire, facts, real_key)
+            record = await self.in_ledger("get_key", record.key_id)
+            unmetered = wire.endpoint_kind(call.method, call.path) is None
+            return self.authenticate(key_or_denial, record) or Admission(
+                record, policy, wire, facts, real_key, remaining_micros=record.remaining_micros, unmetered=unmetered
+            )
         admission = Admission(key=record, policy=policy, wire=wire, facts=facts, real_key=real_key)
         return await self.price_and_reserve(call, admission)
 
     async def key_record(self, key_id: str) -> KeyRecord | None:
         record = self._known_keys.get(key_id)
         if record is None:
-            record = await self._ledger("get_key", key_id)
+            record = await self.in_ledger("get_key", key_id)
             if record is not None:
                 if len(self._known_keys) >= KNOWN_KEYS_LIMIT:
                     self._known_keys.pop(next(iter(self._known_keys)))
@@ -151,7 +170,7 @@ class Gate:
 
     def identify(self, call: CallRequest) -> str | Denial:
         """The one scoped key the request carries; a real provider key or none at all is refused."""
-        found = credentials.credentials_in(call.headers)
+        found = credentials.credentials_in(call.headers) + credentials.credentials_in_query(call.query)
         if call.tunnel_credential:
             found.append(call.tunnel_credential)
         real = {key for key in self.real_keys.values() if key}
@@ -183,6 +202,9 @@ class Gate:
                 f" (allowed: {', '.join(policy.providers)})",
                 record,
             )
+        kind = wire.endpoint_kind(call.method, call.path)
+        if kind is None and policy.allows_unmetered(call.method, call.path):
+            return None  # the policy takes the provider's charge for it on trust; the audit says "unmetered"
         if not policy.allows_endpoint(call.method, call.path):
             allowed = ", ".join(str(rule) for rule in policy.endpoints)
             return Denial(
@@ -191,10 +213,11 @@ class Gate:
                 f" (allowed: {allowed})",
                 record,
             )
-        if wire.endpoint_kind(call.method, call.path) is None:
+        if kind is None:
             return Denial(
                 DenyKind.FORBIDDEN,
-                f"agentkeys: {call.method} {call.path} cannot be metered by this proxy, so it is refused",
+                f"agentkeys: {call.method} {call.path} cannot be metered by this proxy, so it is refused"
+                " (a policy may allow it, unmetered, under unmetered_endpoints)",
                 record,
             )
         return None
@@ -202,8 +225,13 @@ class Gate:
     async def read_request(self, wire: WireFormat, call: CallRequest) -> RequestFacts:
         if len(call.body) > LARGE_BODY_BYTES:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, wire.request_facts, call.method, call.path, call.body)
-        return wire.request_facts(call.method, call.path, call.body)
+            return await loop.run_in_executor(None, wire.request_facts, call.method, call.path, call.body, call.query)
+        return wire.request_facts(call.method, call.path, call.body, call.query)
+
+    def as_served(self, provider: str, facts: RequestFacts) -> RequestFacts:
+        """An Azure deployment is billed as the model it runs: price it and match the policy by that model."""
+        served = self.config.providers[provider].deployments.get(facts.model or "")
+        return dataclasses.replace(facts, model=served) if served else facts
 
     async def price_and_reserve(self, call: CallRequest, admission: Admission) -> Admission | Denial:
         facts, policy, record = admission.facts, admission.policy, admission.key
@@ -224,16 +252,31 @@ class Gate:
                 record,
                 facts.model,
             )
-        max_output = facts.max_output_tokens or policy.default_max_output_tokens or price.max_output_tokens
+        max_output = first_given(facts.max_output_tokens, policy.default_max_output_tokens, price.max_output_tokens)
         if max_output is None:
             return Denial(
                 DenyKind.BAD_REQUEST, f"agentkeys: set max_tokens; the limit of {facts.model} is unknown", record
             )
+        if facts.unseen_input:
+            if price.max_input_tokens is None:
+                return Denial(
+                    DenyKind.FORBIDDEN,
+                    f"agentkeys: the call uses input only the provider can see ({facts.unseen_input}) and the"
+                    f" context window of {facts.model} is unknown, so its cost cannot be bounded",
+                    record,
+                    facts.model,
+                )
+            facts = admission.facts = dataclasses.replace(facts, input_token_bound=price.max_input_tokens)
         # A default the provider does not know about must be sent, or the hold would not bound the call.
         cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None
-        worst_output = max_output * facts.choices
-        worst_case = cost_micros(price, Usage(input_tokens=facts.input_token_bound, output_tokens=worst_output))
-        reservation = await self._ledger("reserve", record.key_id, worst_case, self.clock())
+        worst_case = call_worst_case(price, facts, max_output)
+        reservation = await self.in_ledger("reserve", record.key_id, worst_case, self.clock())
+        if reservation.refusal is Refusal.BUDGET and policy.clamp_max_tokens and max_output > 1:
+            clamped = affordable_output(price, facts, max_output - 1, reservation.remaining_micros)
+            if clamped:
+                cap, worst_case = clamped
+                admission.clamped_to = cap
+                reservation = await self.in_ledger("reserve", record.key_id, worst_case, self.clock())
         if reservation.refusal is Refusal.BUDGET:
             return Denial(
                 DenyKind.BUDGET,
@@ -259,8 +302,13 @@ class Gate:
         """A finished response: charge its usage, or the full hold if it reported none."""
         if usage is None:
             log.warning("key %s: a metered response carried no usage; charging the full hold", admission.key.key_id)
-            return await self._settle(admission, admission.hold_micros, "held")
-        return await self._settle(admission, cost_micros(admission.price, usage), "usage", usage)
+            return await self._settle(admission, self.charge(admission, None), "held")
+        return await self._settle(admission, self.charge(admission, usage), "usage", usage)
+
+    @staticmethod
+    def charge(admission: Admission, usage: Usage | None) -> int:
+        """What a finished response costs: its usage at the model's price, or the full hold if it reported none."""
+        return admission.hold_micros if usage is None else cost_micros(admission.price, usage)
 
     async def settle_stream(self, admission: Admission, result: StreamResult) -> Settlement:
         """A stream that ended, completely or not: the provider's usage, else an estimate from what was sent."""
@@ -282,12 +330,39 @@ class Gate:
             return Settlement(0, "none")
         if cost > admission.hold_micros:
             log.warning("key %s: cost %s exceeded its hold %s", admission.key.key_id, cost, admission.hold_micros)
-        await self._ledger("settle", admission.hold_id, cost)
+        settled = await self.in_ledger("settle", admission.hold_id, cost)
         admission.settled = True  # only now: a settlement that failed can be tried again
+        if not settled:  # a sweep took this call for dead and already charged its full hold
+            return Settlement(admission.hold_micros, "held", usage)
         return Settlement(cost, metering, usage)
 
+    async def sweep_stale_holds(self) -> list[StaleHold]:
+        return await self.in_ledger("sweep_stale_holds", self.clock(), self.config.stale_hold_after)
+
     async def purge_expired(self) -> list[str]:
-        return await self._ledger("purge_expired", self.clock())
+        return await self.in_ledger("purge_expired", self.clock())
+
+
+def first_given(*values: int | None) -> int | None:
+    """The first value that is not None (0 counts: an embedding has no output at all)."""
+    return next((value for value in values if value is not None), None)
+
+
+def call_worst_case(price: ModelPrice, facts: RequestFacts, max_output: int) -> int:
+    """The most this call can cost with at most `max_output` tokens in each choice."""
+    return worst_case_micros(price, facts.input_token_bound, max_output * facts.choices, facts.may_write_cache)
+
+
+def affordable_output(price: ModelPrice, facts: RequestFacts, at_most: int, remaining: int) -> tuple[int, int] | None:
+    """(the largest output limit, its worst case) whose worst case fits `remaining`; None if not even one token.
+
+    Cost grows with output, so a binary search over 1..`at_most` finds it in a few dozen steps.
+    """
+    low, high = 0, at_most
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if call_worst_case(price, facts, middle) <= remaining else (low, middle - 1)
+    return (low, call_worst_case(price, facts, low)) if low else None
 
 
 @functools.lru_cache(maxsize=1024)

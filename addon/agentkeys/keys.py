@@ -1,12 +1,20 @@
-"""Issuing a key: a policy, a lifetime and a budget become a record in the ledger and a secret, once."""
+"""Issuing keys: a policy, a lifetime and a budget become a record in the ledger and a secret, once.
 
+Keys are issued by a person (`agentkeys keys issue`), by a program with an issuer token, or by an
+agent for its sub-agents: a child key is always a narrower copy of its parent's, carved out of it.
+"""
+
+import fnmatch
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from agentkeys import credentials
 from agentkeys.ledger import KeyRecord, Ledger
 from agentkeys.money import usd_to_micros
-from agentkeys.policy import Policy
+from agentkeys.policy import Duration, EndpointRule, Policy
 
 
 @dataclass(frozen=True)
@@ -22,12 +30,82 @@ def issue_key(
     budget = policy.budget_usd if budget_usd is None else budget_usd
     if budget <= 0:
         raise ValueError("a key's budget must be positive")
+    issued = new_key_record(policy, ttl_seconds or policy.ttl, budget, name or policy.name, time.time())
+    ledger.create_key(issued.record)
+    return issued
+
+
+def new_key_record(
+    policy: Policy, ttl_seconds: int, budget_usd: float, name: str, now: float, parent: KeyRecord | None = None
+) -> IssuedKey:
+    """A fresh secret and the record that stands for it (not yet stored)."""
     minted = credentials.mint()
-    now = time.time()
     record = KeyRecord(
-        key_id=minted.key_id, key_hash=minted.key_hash, name=name or policy.name, policy_name=policy.name,
-        policy_json=policy.model_dump_json(), created_at=now, expires_at=now + (ttl_seconds or policy.ttl),
-        budget_micros=usd_to_micros(budget),
+        key_id=minted.key_id, key_hash=minted.key_hash, name=name, policy_name=policy.name,
+        policy_json=policy.model_dump_json(), created_at=now, expires_at=now + ttl_seconds,
+        budget_micros=usd_to_micros(budget_usd),
+        parent_id=parent.key_id if parent else None, depth=parent.depth + 1 if parent else 0,
     )  # fmt: skip
-    ledger.create_key(record)
     return IssuedKey(minted.key, record)
+
+
+class ChildRequest(BaseModel):
+    """What an agent asks for when it mints a key for a sub-agent: only ever a narrower copy of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    budget_usd: float = Field(gt=0)
+    ttl: Duration
+    providers: list[str] | None = None
+    endpoints: list[EndpointRule] | None = None
+    models: list[str] | None = None
+
+
+class ChildRefused(Exception):
+    """A child key asked for more than its parent has; the message says which limit."""
+
+
+def child_policy(parent: Policy, request: ChildRequest) -> Policy:
+    """The parent's policy narrowed to the request; ChildRefused if the request widens anything."""
+    providers = request.providers or parent.providers
+    wider = [p for p in providers if p not in parent.providers]
+    if wider:
+        allowed = ", ".join(parent.providers)
+        raise ChildRefused(f"providers {', '.join(wider)} are not allowed to the parent ({allowed})")
+    endpoints = request.endpoints or parent.endpoints
+    wider = [str(rule) for rule in endpoints if not any(rule_within(rule, outer) for outer in parent.endpoints)]
+    if wider:
+        allowed = ", ".join(str(rule) for rule in parent.endpoints)
+        raise ChildRefused(f"endpoints {', '.join(wider)} are not within the parent's ({allowed})")
+    models = request.models or parent.models
+    wider = [m for m in models if not any(glob_within(m, outer) for outer in parent.models)]
+    if wider:
+        raise ChildRefused(f"models {', '.join(wider)} are not within the parent's ({', '.join(parent.models)})")
+    return parent.model_copy(
+        update={"name": parent.name, "providers": providers, "endpoints": endpoints, "models": models,
+                "budget_usd": request.budget_usd, "ttl": request.ttl}
+    )  # fmt: skip
+
+
+def rule_within(rule: EndpointRule, outer: EndpointRule) -> bool:
+    return outer.method in ("*", rule.method) and glob_within(rule.path, outer.path)
+
+
+def glob_within(inner: str, outer: str) -> bool:
+    """Whether every name `inner` matches, `outer` matches too (decided conservatively: False when unsure)."""
+    if inner == outer or not has_wildcard(inner):
+        return inner == outer or fnmatch.fnmatchcase(inner, outer)
+    prefix_inner, prefix_outer = inner[:-1], outer[:-1]
+    return (
+        inner.endswith("*") and outer.endswith("*")
+        and not has_wildcard(prefix_inner) and not has_wildcard(prefix_outer)
+        and prefix_inner.startswith(prefix_outer)
+    )  # fmt: skip
+
+
+def has_wildcard(pattern: str) -> bool:
+    return any(char in pattern for char in "*?[")
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")

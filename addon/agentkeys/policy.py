@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from agentkeys.pricing import ConfigPrice, PriceTable, load_prices
 from agentkeys.yamlfile import load_yaml_model
 
 DURATION_PART = re.compile(r"(\d+)([smhd])")
@@ -80,9 +81,20 @@ class Policy(BaseModel):
     endpoints: list[EndpointRule] = Field(min_length=1)
     models: list[str] = Field(min_length=1, description="globs, e.g. gpt-4o-mini*")
     default_max_output_tokens: int | None = Field(default=None, gt=0)
+    clamp_max_tokens: bool = Field(
+        default=False, description="send a call that would not fit with its output limit lowered to what remains"
+    )
+    unmetered_endpoints: list[EndpointRule] = Field(
+        default_factory=list, description="endpoints the proxy cannot meter, allowed anyway and forwarded unmetered"
+    )
+    max_child_depth: int = Field(default=0, ge=0, description="levels of sub-agent keys below a key; 0: none")
+    max_children: int = Field(default=10, ge=0, description="live child keys one key may have at once")
 
     def allows_endpoint(self, method: str, path: str) -> bool:
         return any(rule.matches(method, path) for rule in self.endpoints)
+
+    def allows_unmetered(self, method: str, path: str) -> bool:
+        return any(rule.matches(method, path) for rule in self.unmetered_endpoints)
 
     def allows_model(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -96,10 +108,13 @@ class ProviderConfig(BaseModel):
     """Where a provider lives and where its real key comes from."""
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal["openai", "anthropic"]
+    format: Literal["openai", "anthropic", "gemini", "azure"]
     upstream: str = Field(description="base URL the proxy forwards to, e.g. https://api.openai.com")
     hosts: list[str] = Field(default_factory=list, description="hostnames intercepted in proxy mode")
     key_env: str = Field(description="environment variable holding the real provider key")
+    deployments: dict[str, str] = Field(
+        default_factory=dict, description="Azure deployment name -> the model it serves (for prices and policies)"
+    )
 
     @field_validator("upstream")
     @classmethod
@@ -125,7 +140,21 @@ DEFAULT_PROVIDERS = {
         "hosts": ["api.anthropic.com"],
         "key_env": "ANTHROPIC_API_KEY",
     },
+    "gemini": {
+        "format": "gemini",
+        "upstream": "https://generativelanguage.googleapis.com",
+        "hosts": ["generativelanguage.googleapis.com"],
+        "key_env": "GEMINI_API_KEY",
+    },
 }
+
+
+class IssuerConfig(BaseModel):
+    """A program (a CI system) allowed to mint keys remotely with a token, from these policies only."""
+
+    model_config = ConfigDict(extra="forbid")
+    token_env: str = Field(description="environment variable holding the issuer's token")
+    policies: list[str] = Field(min_length=1, description="policy files this issuer may issue keys from")
 
 
 class ProxyConfig(BaseModel):
@@ -144,14 +173,22 @@ class ProxyConfig(BaseModel):
         description="non-provider hosts in proxy mode: pass through as an untouched tunnel, or refuse",
     )
     purge_interval: Duration = 60
+    stale_hold_after: Duration = Field(
+        default=900, description="a hold older than this was left by a proxy that died; it is charged in full"
+    )
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    prices_file: str | None = Field(default=None, description="price overrides in LiteLLM's price-map format")
+    prices: dict[str, dict[str, ConfigPrice]] = Field(
+        default_factory=dict, description="price overrides: provider -> model -> USD per million tokens"
+    )
+    issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("store")
     @classmethod
     def known_store(cls, url: str) -> str:
-        if not url.startswith("sqlite:///"):
-            raise ValueError(f"{url!r}: the store must be sqlite:///PATH")
+        if not url.startswith(("sqlite:///", "redis://", "rediss://")):
+            raise ValueError(f"{url!r}: the store must be sqlite:///PATH or redis://HOST:PORT/DB (rediss:// for TLS)")
         return url
 
     @model_validator(mode="before")
@@ -171,8 +208,16 @@ class ProxyConfig(BaseModel):
     def path(self, value: str) -> Path:
         return (self.base_dir / value).resolve()
 
+    def price_table(self) -> PriceTable:
+        """The bundled prices with this config's overrides: its `prices_file`, then its `prices`."""
+        prices_file = self.path(self.prices_file) if self.prices_file else None
+        return load_prices(prices_file, self.prices, self.providers)
+
     @property
-    def sqlite_path(self) -> Path:
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, relative to the config's folder; None when the store is not SQLite."""
+        if not self.store.startswith("sqlite:///"):
+            return None
         return self.path(self.store.removeprefix("sqlite:///"))
 
 

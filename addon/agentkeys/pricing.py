@@ -8,27 +8,99 @@ A model with no known price cannot be metered, so the gate refuses it (unknown m
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from agentkeys.money import usd_to_micros
+from agentkeys.yamlfile import ConfigError
 
 DATED_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{4})$")
+# LiteLLM's provider names -> ours, for the providers whose wire formats we speak.
+LITELLM_PROVIDERS = {
+    "openai": "openai",
+    "text-completion-openai": "openai",
+    "anthropic": "anthropic",
+    "gemini": "gemini",
+    "azure": "azure",
+    "groq": "groq",
+    "mistral": "mistral",
+    "deepseek": "deepseek",
+    "together_ai": "together",
+    "openrouter": "openrouter",
+}
+# `input_cost_per_token_above_200k_tokens` and its siblings: a long-context price band.
+LITELLM_TIER_FIELD = re.compile(r"^(?P<field>.+)_above_(?P<thousands>\d+)k_tokens$")
+LITELLM_RATE_FIELDS = {
+    "input_cost_per_token": "input",
+    "output_cost_per_token": "output",
+    "cache_read_input_token_cost": "cache_read",
+    "cache_creation_input_token_cost": "cache_write",
+    "cache_creation_input_token_cost_above_1hr": "cache_write_1h",
+}
 
 
-class ModelPrice(BaseModel):
-    """USD per token. Cache prices default to the plain input price when a provider has none."""
+class Rates(BaseModel):
+    """USD per token in one price band. Cache prices default to the plain input price when absent."""
 
     input: float
     output: float
     cache_read: float | None = None
-    cache_write: float | None = None
+    cache_write: float | None = None  # Anthropic's 5-minute cache; OpenAI's automatic cache
+    cache_write_1h: float | None = None  # Anthropic's 1-hour cache; defaults to `cache_write`
+
+
+class PriceTier(Rates):
+    """Long-context pricing: a call whose input exceeds `above_tokens` is billed entirely at these rates."""
+
+    above_tokens: int
+
+
+class ModelPrice(Rates):
     max_output_tokens: int | None = None
+    max_input_tokens: int | None = None  # the context window: bounds input the proxy cannot see
+    tiers: list[PriceTier] = Field(default_factory=list)
     source: str | None = None
+
+    def rates_for(self, input_tokens: int) -> Rates:
+        """The band a call with this many input tokens is billed in."""
+        band: Rates = self
+        for tier in sorted(self.tiers, key=lambda t: t.above_tokens):
+            if input_tokens > tier.above_tokens:
+                band = tier
+        return band
+
+
+class ConfigPrice(BaseModel):
+    """A price written in the proxy config, in USD per million tokens (as providers publish them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cache_read_per_mtok: float | None = Field(default=None, ge=0)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)
+    cache_write_1h_per_mtok: float | None = Field(default=None, ge=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    max_input_tokens: int | None = Field(default=None, gt=0)
+
+    def model_price(self, source: str) -> ModelPrice:
+        def per_token(per_mtok: float | None) -> float | None:
+            return None if per_mtok is None else float(Decimal(str(per_mtok)) / 1_000_000)
+
+        return ModelPrice(
+            input=per_token(self.input_per_mtok),
+            output=per_token(self.output_per_mtok),
+            cache_read=per_token(self.cache_read_per_mtok),
+            cache_write=per_token(self.cache_write_per_mtok),
+            cache_write_1h=per_token(self.cache_write_1h_per_mtok),
+            max_output_tokens=self.max_output_tokens,
+            max_input_tokens=self.max_input_tokens,
+            source=source,
+        )
 
 
 @dataclass(frozen=True)
@@ -36,8 +108,9 @@ class Usage:
     """Tokens of one call, normalised across providers.
 
     `input_tokens` counts every input token, including those read from or written to a prompt
-    cache (`cached_tokens`, `cache_write_tokens` are subsets of it). `reasoning_tokens` are a
-    subset of `output_tokens`, as providers bill them.
+    cache (`cached_tokens`, `cache_write_tokens` are subsets of it; `cache_write_1h_tokens` is the
+    part of the writes kept for an hour). `reasoning_tokens` are a subset of `output_tokens`, as
+    providers bill them.
     """
 
     input_tokens: int = 0
@@ -45,21 +118,48 @@ class Usage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
 
 def price_from_litellm_entry(entry: dict, source: str | None = None) -> ModelPrice | None:
     """One entry of LiteLLM's price map as our ModelPrice; None when it has no token prices."""
     if "input_cost_per_token" not in entry or "output_cost_per_token" not in entry:
         return None
-    max_output = entry.get("max_output_tokens")
     return ModelPrice(
-        input=entry["input_cost_per_token"],
-        output=entry["output_cost_per_token"],
-        cache_read=entry.get("cache_read_input_token_cost"),
-        cache_write=entry.get("cache_creation_input_token_cost"),
-        max_output_tokens=max_output if isinstance(max_output, int) else None,
+        **litellm_rates(entry),
+        max_output_tokens=int_or_none(entry.get("max_output_tokens")),
+        max_input_tokens=int_or_none(entry.get("max_input_tokens")),
+        tiers=litellm_tiers(entry),
         source=source,
     )
+
+
+def litellm_rates(fields: dict) -> dict:
+    return {ours: fields[theirs] for theirs, ours in LITELLM_RATE_FIELDS.items() if fields.get(theirs) is not None}
+
+
+def litellm_tiers(entry: dict) -> list[PriceTier]:
+    """Long-context bands, e.g. `input_cost_per_token_above_200k_tokens`; a band needs input and output prices."""
+    bands: dict[int, dict] = {}
+    for name, value in entry.items():
+        match = LITELLM_TIER_FIELD.match(name)
+        if match and match["field"] in LITELLM_RATE_FIELDS and isinstance(value, int | float):
+            bands.setdefault(int(match["thousands"]) * 1000, {})[match["field"]] = value
+    return [
+        PriceTier(above_tokens=above, **litellm_rates(fields))
+        for above, fields in sorted(bands.items())
+        if "input_cost_per_token" in fields and "output_cost_per_token" in fields
+    ]
+
+
+def int_or_none(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def litellm_model_name(name: str) -> str:
+    """`gemini/gemini-2.5-flash` -> `gemini-2.5-flash`; `azure/eu/gpt-4o` -> `eu/gpt-4o`."""
+    prefix, _, rest = name.partition("/")
+    return rest if rest and prefix in LITELLM_PROVIDERS else name
 
 
 class PriceTable:
@@ -86,13 +186,21 @@ class PriceTable:
 
         `provider_of` maps LiteLLM provider names to ours; entries for other providers are skipped.
         """
+        try:
+            entries = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError([f"{path}: cannot read the price file: {e.strerror}"]) from None
+        except ValueError as e:
+            raise ConfigError([f"{path}: the price file is not valid JSON ({e})"]) from None
+        if not isinstance(entries, dict):
+            raise ConfigError([f"{path}: a price file maps model names to prices (LiteLLM's format)"])
         count = 0
-        for name, entry in json.loads(path.read_text()).items():
+        for name, entry in entries.items():
             if not isinstance(entry, dict) or entry.get("litellm_provider") not in provider_of:
                 continue
             price = price_from_litellm_entry(entry, source=str(path))
             if price is not None:
-                self.add(provider_of[entry["litellm_provider"]], name.split("/")[-1], price)
+                self.add(provider_of[entry["litellm_provider"]], litellm_model_name(name), price)
                 count += 1
         return count
 
@@ -103,16 +211,61 @@ class PriceTable:
         undated = DATED_SUFFIX.sub("", model)
         return models.get(undated)
 
+    def providers_pricing(self, model: str) -> list[str]:
+        """Every provider whose table prices `model` (or its undated family)."""
+        return [provider for provider in sorted(self._prices) if self.lookup(provider, model)]
+
+
+def load_prices(
+    prices_file: Path | None, inline: dict[str, dict[str, ConfigPrice]], providers: Iterable[str]
+) -> PriceTable:
+    """The bundled table, then the user's price file, then the config's own prices (each overriding the last).
+
+    A price file's entries are read for LiteLLM's provider names and for the config's own provider names.
+    """
+    table = PriceTable.bundled()
+    if prices_file is not None:
+        table.add_litellm_file(prices_file, {**LITELLM_PROVIDERS, **{name: name for name in providers}})
+    for provider, models in inline.items():
+        for model, price in models.items():
+            table.add(provider, model, price.model_price(source="proxy config (prices:)"))
+    return table
+
 
 def cost_micros(price: ModelPrice, usage: Usage) -> int:
     """The cost of a usage in micro-dollars, rounded up."""
-    cache_read = price.input if price.cache_read is None else price.cache_read
-    cache_write = price.input if price.cache_write is None else price.cache_write
+    return usd_to_micros(cost_usd(price.rates_for(usage.input_tokens), usage))
+
+
+def cost_usd(rates: Rates, usage: Usage) -> Decimal:
     plain_input = max(usage.input_tokens - usage.cached_tokens - usage.cache_write_tokens, 0)
-    usd = (
-        Decimal(str(price.input)) * plain_input
-        + Decimal(str(cache_read)) * usage.cached_tokens
-        + Decimal(str(cache_write)) * usage.cache_write_tokens
-        + Decimal(str(price.output)) * usage.output_tokens
+    short_writes = max(usage.cache_write_tokens - usage.cache_write_1h_tokens, 0)
+    return (
+        per_token(rates.input) * plain_input
+        + per_token(rates.cache_read, rates.input) * usage.cached_tokens
+        + per_token(rates.cache_write, rates.input) * short_writes
+        + per_token(rates.cache_write_1h, rates.cache_write, rates.input) * usage.cache_write_1h_tokens
+        + per_token(rates.output) * usage.output_tokens
     )
-    return usd_to_micros(usd)
+
+
+def per_token(*prices: float | None) -> Decimal:
+    """The first price given, as an exact decimal."""
+    return Decimal(str(next(price for price in prices if price is not None)))
+
+
+def worst_case_micros(price: ModelPrice, input_tokens: int, output_tokens: int, cache_writes: bool) -> int:
+    """The most a call of at most these many tokens can cost, however its input is cached.
+
+    Cost is linear in how the input splits into plain, cached and (when the call may write a
+    cache) written tokens, so the dearest of those extremes bounds every split. Every band the
+    input could fall in is tried, so a long-context tier cheaper than the base would not undercut it.
+    """
+    splits = [Usage(input_tokens, output_tokens), Usage(input_tokens, output_tokens, cached_tokens=input_tokens)]
+    if cache_writes:
+        splits.append(Usage(input_tokens, output_tokens, cache_write_tokens=input_tokens))
+        splits.append(
+            Usage(input_tokens, output_tokens, cache_write_tokens=input_tokens, cache_write_1h_tokens=input_tokens)
+        )
+    bands = [price, *(tier for tier in price.tiers if input_tokens > tier.above_tokens)]
+    return max(usd_to_micros(cost_usd(band, split)) for band in bands for split in splits)

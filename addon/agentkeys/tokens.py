@@ -18,7 +18,7 @@ ENCODING_FILES = {
     "cl100k_base": "cl100k_base.tiktoken",
 }
 # Models that predate o200k use cl100k; everything newer (and non-OpenAI models, as an estimate) o200k.
-CL100K_MODEL_PREFIXES = ("gpt-4-", "gpt-4", "gpt-3.5", "text-embedding-")
+CL100K_MODEL_PREFIXES = ("gpt-4-", "gpt-4", "gpt-3.5", "text-embedding-", "davinci-002", "babbage-002")
 O200K_MODEL_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt")
 
 _load_lock = threading.Lock()
@@ -57,3 +57,19 @@ def encoding_for_model(model: str) -> tiktoken.Encoding:
 
 def count_tokens(text: str, model: str) -> int:
     return len(encoding_for_model(model).encode(text, disallowed_special=()))
+
+
+def is_openai_model(model: str) -> bool:
+    return model.startswith(O200K_MODEL_PREFIXES + CL100K_MODEL_PREFIXES)
+
+
+def token_bound(text: str, model: str) -> int:
+    """An upper bound on the tokens `model` makes of `text`.
+
+    OpenAI's models: their own tiktoken count. Any other model (Llama, Mistral, Gemini, … behind an
+    OpenAI-compatible host) has a tokenizer we do not ship, so its UTF-8 bytes plus one: a token is
+    at least one byte in every byte-level vocabulary, and the one covers a SentencePiece word prefix.
+    """
+    if is_openai_model(model):
+        return count_tokens(text, model)
+    return len(text.encode()) + 1

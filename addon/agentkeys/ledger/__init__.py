@@ -1,27 +1,47 @@
 """Keys, budgets and holds: one interface, one backend per store.
 
 Every money-moving step is one atomic operation in the store, so the hard cap holds across
-threads and processes: `reserve` checks the key and its remaining budget and takes a hold in the
-same transaction; `settle` turns a hold into spend (or releases it) exactly once.
+threads, processes and proxy replicas: `reserve` checks the key and its remaining budget and takes
+a hold in the same transaction (SQLite) or script (Redis); `settle` turns a hold into spend (or
+releases it) exactly once; `sweep_stale_holds` settles, at their full amount, holds whose proxy died.
 """
 
-from agentkeys.ledger.base import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, Reservation
+from pathlib import Path
+
+from agentkeys.ledger.base import (
+    KeyExists,
+    KeyRecord,
+    Ledger,
+    LedgerBusy,
+    LedgerUnavailable,
+    Refusal,
+    Reservation,
+    StaleHold,
+)
+from agentkeys.ledger.redis import RedisLedger
 from agentkeys.ledger.sqlite import SqliteLedger
 
 
-def open_ledger(store_url: str, sqlite_path=None) -> Ledger:
+def open_ledger(store_url: str, sqlite_path: str | Path | None = None) -> Ledger:
+    """The ledger behind `store_url`: sqlite:///PATH (`sqlite_path`, if given, wins: it is PATH resolved
+    against the config's folder), or redis://HOST:PORT/DB (rediss:// for TLS)."""
     if store_url.startswith("sqlite:///"):
         return SqliteLedger(sqlite_path or store_url.removeprefix("sqlite:///"))
+    if store_url.startswith(("redis://", "rediss://")):
+        return RedisLedger(store_url)
     raise ValueError(f"unsupported store {store_url!r}")
 
 
 __all__ = [
+    "KeyExists",
     "KeyRecord",
     "Ledger",
     "LedgerBusy",
     "LedgerUnavailable",
+    "RedisLedger",
     "Refusal",
     "Reservation",
     "SqliteLedger",
+    "StaleHold",
     "open_ledger",
 ]

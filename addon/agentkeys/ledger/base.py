@@ -13,6 +13,10 @@ class LedgerBusy(LedgerUnavailable):
     """The store is locked by another writer right now; waiting a little may help."""
 
 
+class KeyExists(ValueError):
+    """`create_key` was given a key id the store already has."""
+
+
 @dataclass(frozen=True)
 class KeyRecord:
     key_id: str
@@ -24,8 +28,11 @@ class KeyRecord:
     expires_at: float
     budget_micros: int
     spent_micros: int = 0
-    held_micros: int = 0
+    held_micros: int = 0  # open holds, and the budgets of live child keys carved out of this one
     revoked_at: float | None = None
+    parent_id: str | None = None
+    depth: int = 0  # 0 for a key issued by a person or an issuer; a child is one deeper than its parent
+    grant_micros: int = 0  # this key's budget still held on its parent: its budget while it lives, then 0
 
     @property
     def remaining_micros(self) -> int:
@@ -42,6 +49,7 @@ class Refusal(Enum):
     REVOKED = "revoked"
     EXPIRED = "expired"
     BUDGET = "budget"
+    TOO_MANY_CHILDREN = "too_many_children"
 
 
 @dataclass(frozen=True)
@@ -53,16 +61,70 @@ class Reservation:
     remaining_micros: int = 0
 
 
-class Ledger(Protocol):
-    """Blocking calls; the gate runs them off the event loop."""
+@dataclass(frozen=True)
+class StaleHold:
+    """A hold that outlived its call (its proxy died) and was settled at its full amount by a sweep."""
 
-    def create_key(self, record: KeyRecord) -> None: ...
+    hold_id: int
+    key_id: str
+    amount_micros: int
+    created_at: float
+
+
+class Ledger(Protocol):
+    """Blocking calls; the gate runs them off the event loop.
+
+    Each operation is atomic in the store. Any of them raises LedgerUnavailable when the store cannot
+    be reached; the operation then happened in full or not at all, and the caller cannot tell which
+    (a reserve whose answer was lost leaves a hold nobody settles, which `sweep_stale_holds` recovers).
+    """
+
+    def create_key(self, record: KeyRecord) -> None:
+        """Store a new key; KeyExists if its id is taken."""
+        ...
+
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def list_keys(self) -> list[KeyRecord]: ...
-    def revoke(self, key_id: str, now: float) -> bool: ...
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation: ...
-    def settle(self, hold_id: int, amount_micros: int) -> bool: ...
-    def purge_expired(self, now: float) -> list[str]: ...
+    def settle(self, hold_id: int, amount_micros: int) -> bool:
+        """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
+        ...
+
+    def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
+        """Settle every hold created before `now - older_than_seconds` at its full amount, oldest first.
+
+        Crash recovery: a proxy killed mid-call never settles its holds. The provider may have billed
+        such a call in full, so the whole hold becomes spend and no budget is freed that could have been
+        spent. Pick `older_than_seconds` longer than any call can last: a live call whose hold was swept
+        finds its own `settle` returning False and has been charged the full hold.
+        """
+        ...
+
+    def create_child(self, record: KeyRecord, max_children: int, now: float) -> Refusal | None:
+        """Store a child of `record.parent_id`, moving its budget out of the parent's remaining budget.
+
+        One atomic step: the parent must be active, have fewer than `max_children` live children and
+        at least the child's budget remaining. The budget is held on the parent (so the parent cannot
+        spend it twice) until the child ends; then `purge_expired` returns what the child left.
+        """
+        ...
+
+    def children(self, key_id: str) -> list[KeyRecord]:
+        """The direct children of a key, oldest first."""
+        ...
+
+    def revoke(self, key_id: str, now: float) -> bool:
+        """Revoke a key and every descendant at once; False if the key was not active."""
+        ...
+
+    def purge_expired(self, now: float) -> list[str]:
+        """Return finished children's grants to their parents, then delete expired keys with nothing open.
+
+        A child is finished when it is revoked or expired and has nothing in flight: its parent's hold
+        of the child's budget becomes the child's spend, and the rest is free again. Audit records stay.
+        """
+        ...
+
     def close(self) -> None: ...
 
     def nonblocking(self) -> "Ledger | None":

@@ -8,9 +8,18 @@ longer than `busy_timeout` raises LedgerUnavailable rather than waiting forever.
 import sqlite3
 import threading
 from contextlib import contextmanager
+from dataclasses import astuple, fields, replace
 from pathlib import Path
 
-from agentkeys.ledger.base import KeyRecord, LedgerBusy, LedgerUnavailable, Refusal, Reservation
+from agentkeys.ledger.base import (
+    KeyExists,
+    KeyRecord,
+    LedgerBusy,
+    LedgerUnavailable,
+    Refusal,
+    Reservation,
+    StaleHold,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -24,8 +33,12 @@ CREATE TABLE IF NOT EXISTS keys (
     budget_micros INTEGER NOT NULL CHECK (budget_micros >= 0),
     spent_micros  INTEGER NOT NULL DEFAULT 0,
     held_micros   INTEGER NOT NULL DEFAULT 0,
-    revoked_at    REAL
+    revoked_at    REAL,
+    parent_id     TEXT,
+    depth         INTEGER NOT NULL DEFAULT 0,
+    grant_micros  INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS keys_by_parent ON keys (parent_id);
 CREATE TABLE IF NOT EXISTS holds (
     hold_id       INTEGER PRIMARY KEY AUTOINCREMENT,
     key_id        TEXT NOT NULL REFERENCES keys(key_id),
@@ -35,8 +48,9 @@ CREATE TABLE IF NOT EXISTS holds (
 """
 KEY_COLUMNS = (
     "key_id, key_hash, name, policy_name, policy_json, created_at, expires_at,"
-    " budget_micros, spent_micros, held_micros, revoked_at"
+    " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros"
 )
+PLACEHOLDERS = ", ".join("?" * len(fields(KeyRecord)))
 
 
 class SqliteLedger:
@@ -78,14 +92,38 @@ class SqliteLedger:
 
     def create_key(self, record: KeyRecord) -> None:
         with self._transaction() as db:
+            insert_key(db, record)
+
+    def create_child(self, record: KeyRecord, max_children: int, now: float) -> Refusal | None:
+        with self._transaction() as db:
+            parent = db.execute(
+                "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?",
+                (record.parent_id,),
+            ).fetchone()
+            if parent is None:
+                return Refusal.UNKNOWN
+            expires_at, revoked_at, remaining = parent
+            if revoked_at is not None:
+                return Refusal.REVOKED
+            if now >= expires_at:
+                return Refusal.EXPIRED
+            (live_children,) = db.execute(
+                "SELECT COUNT(*) FROM keys WHERE parent_id = ? AND grant_micros > 0", (record.parent_id,)
+            ).fetchone()
+            if live_children >= max_children:
+                return Refusal.TOO_MANY_CHILDREN
+            if record.budget_micros > remaining:
+                return Refusal.BUDGET
             db.execute(
-                f"INSERT INTO keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.key_id, record.key_hash, record.name, record.policy_name, record.policy_json,
-                    record.created_at, record.expires_at, record.budget_micros, record.spent_micros,
-                    record.held_micros, record.revoked_at,
-                ),
-            )  # fmt: skip
+                "UPDATE keys SET held_micros = held_micros + ? WHERE key_id = ?",
+                (record.budget_micros, record.parent_id),
+            )
+            insert_key(db, replace(record, grant_micros=record.budget_micros))
+            return None
+
+    def children(self, key_id: str) -> list[KeyRecord]:
+        rows = self._query(f"SELECT {KEY_COLUMNS} FROM keys WHERE parent_id = ? ORDER BY created_at", (key_id,))
+        return [KeyRecord(*row) for row in rows]
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         rows = self._query(f"SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ?", (key_id,))
@@ -96,8 +134,14 @@ class SqliteLedger:
 
     def revoke(self, key_id: str, now: float) -> bool:
         with self._transaction() as db:
-            cursor = db.execute("UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now, key_id))
-            return cursor.rowcount == 1
+            active = db.execute("SELECT 1 FROM keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,)).fetchone()
+            db.execute(
+                "WITH RECURSIVE tree(key_id) AS (SELECT ? UNION ALL"
+                " SELECT keys.key_id FROM keys JOIN tree ON keys.parent_id = tree.key_id)"
+                " UPDATE keys SET revoked_at = ? WHERE key_id IN tree AND revoked_at IS NULL",
+                (key_id, now),
+            )
+            return active is not None
 
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
         with self._transaction() as db:
@@ -122,24 +166,47 @@ class SqliteLedger:
             return Reservation(cursor.lastrowid, None, remaining - amount_micros)
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
-        """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled."""
+        """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
         with self._transaction() as db:
             row = db.execute("SELECT key_id, amount_micros FROM holds WHERE hold_id = ?", (hold_id,)).fetchone()
             if row is None:
                 return False
             key_id, held = row
-            db.execute("DELETE FROM holds WHERE hold_id = ?", (hold_id,))
-            db.execute(
-                "UPDATE keys SET held_micros = held_micros - ?, spent_micros = spent_micros + ? WHERE key_id = ?",
-                (held, amount_micros, key_id),
-            )
+            close_hold(db, hold_id, key_id, held, amount_micros)
             return True
 
-    def purge_expired(self, now: float) -> list[str]:
-        """Delete keys past their expiry with nothing in flight; their audit records stay."""
+    def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
+        """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
         with self._transaction() as db:
+            stale = [
+                StaleHold(*row)
+                for row in db.execute(
+                    "SELECT hold_id, key_id, amount_micros, created_at FROM holds WHERE created_at < ?"
+                    " ORDER BY created_at, hold_id",
+                    (now - older_than_seconds,),
+                )
+            ]
+            for hold in stale:
+                close_hold(db, hold.hold_id, hold.key_id, hold.amount_micros, hold.amount_micros)
+            return stale
+
+    def purge_expired(self, now: float) -> list[str]:
+        """Return finished children's grants, then delete expired keys with nothing open (see `Ledger`)."""
+        with self._transaction() as db:
+            while finished := db.execute(
+                "SELECT key_id, parent_id, grant_micros, spent_micros FROM keys"
+                " WHERE grant_micros > 0 AND held_micros = 0 AND (revoked_at IS NOT NULL OR expires_at <= ?)",
+                (now,),
+            ).fetchall():  # returning a grandchild's grant can finish its parent: repeat until none is left
+                for key_id, parent_id, grant, spent in finished:
+                    db.execute(
+                        "UPDATE keys SET held_micros = held_micros - ?, spent_micros = spent_micros + ?"
+                        " WHERE key_id = ?",
+                        (grant, spent, parent_id),
+                    )
+                    db.execute("UPDATE keys SET grant_micros = 0 WHERE key_id = ?", (key_id,))
             rows = db.execute(
-                "SELECT key_id FROM keys WHERE expires_at <= ?"
+                "SELECT key_id FROM keys WHERE expires_at <= ? AND held_micros = 0 AND grant_micros = 0"
                 " AND NOT EXISTS (SELECT 1 FROM holds WHERE holds.key_id = keys.key_id)",
                 (now,),
             ).fetchall()
@@ -154,6 +221,22 @@ class SqliteLedger:
     def nonblocking(self) -> "SqliteLedger":
         """The same file with no busy wait: microseconds on the event loop, or LedgerBusy at once."""
         return type(self)(self.path, busy_timeout_seconds=0)
+
+
+def insert_key(db: sqlite3.Connection, record: KeyRecord) -> None:
+    try:
+        db.execute(f"INSERT INTO keys ({KEY_COLUMNS}) VALUES ({PLACEHOLDERS})", astuple(record))
+    except sqlite3.IntegrityError as e:
+        raise KeyExists(f"key {record.key_id} already exists") from e
+
+
+def close_hold(db: sqlite3.Connection, hold_id: int, key_id: str, held: int, charge: int) -> None:
+    """Inside a transaction: drop the hold and move it to spend as `charge`."""
+    db.execute("DELETE FROM holds WHERE hold_id = ?", (hold_id,))
+    db.execute(
+        "UPDATE keys SET held_micros = held_micros - ?, spent_micros = spent_micros + ? WHERE key_id = ?",
+        (held, charge, key_id),
+    )
 
 
 def unavailable(path: Path, error: sqlite3.OperationalError) -> LedgerUnavailable:

@@ -4,7 +4,6 @@ Anthropic's tokenizer is not public, so the input bound is the UTF-8 byte count 
 every token of a byte-level BPE is at least one byte, whatever the vocabulary.
 """
 
-import fnmatch
 import json
 
 from agentkeys.pricing import Usage
@@ -14,14 +13,17 @@ from agentkeys.providers.base import (
     RequestFacts,
     SseEvent,
     StreamResult,
+    Unmeterable,
     event_json,
+    kind_of_endpoint,
     optional_positive_int,
     parse_json_object,
     required_model,
     utf8_len,
 )
 
-METERED = [("POST", "/v1/messages")]
+MESSAGES = "/v1/messages"
+METERED = [("POST", MESSAGES)]
 FREE = [("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"), ("GET", "/v1/models/*")]
 
 TOKENS_PER_MESSAGE = 8
@@ -30,6 +32,9 @@ REQUEST_OVERHEAD_TOKENS = 16
 IMAGE_TOKEN_ALLOWANCE = 5_000
 # Tool use adds a system prompt of Anthropic's own (a few hundred tokens).
 TOOLS_OVERHEAD_TOKENS = 1_000
+# Tools the client runs itself cost only tokens. Server tools (web search, web fetch, code execution)
+# are billed per use and add input the request does not show.
+CLIENT_TOOL_TYPE_PREFIXES = ("custom", "bash_", "text_editor_", "computer_", "memory_")
 
 ERRORS = {
     DenyKind.UNAUTHENTICATED: (401, "authentication_error"),
@@ -45,12 +50,9 @@ class AnthropicFormat:
     name = "anthropic"
 
     def endpoint_kind(self, method: str, path: str) -> str | None:
-        for kind, endpoints in (("metered", METERED), ("free", FREE)):
-            if any(m == method and fnmatch.fnmatchcase(path, p) for m, p in endpoints):
-                return kind
-        return None
+        return kind_of_endpoint(method, path, METERED, FREE)
 
-    def request_facts(self, method: str, path: str, body: bytes) -> RequestFacts:
+    def request_facts(self, method: str, path: str, body: bytes, query: str = "") -> RequestFacts:
         if self.endpoint_kind(method, path) != "metered":
             return RequestFacts(metered=False)
         data = parse_json_object(body)
@@ -61,17 +63,23 @@ class AnthropicFormat:
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             raise MalformedRequest("'messages' must be a non-empty list")
+        check_client_tools(data)
         return RequestFacts(
             metered=True,
+            endpoint=MESSAGES,
             model=model,
             max_output_tokens=max_tokens,
             stream=data.get("stream") is True,
             input_token_bound=messages_input_bound(data, messages),
+            # Anthropic writes a prompt cache (at a premium) only where a request marks a breakpoint.
+            may_write_cache=b"cache_control" in body,
         )
 
     def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None:
-        """Always as sent: `max_tokens` is required here, so the hold never assumes a cap of its own."""
-        return None
+        """As sent, unless the budget clamped `max_tokens` (which the request always carries)."""
+        if cap_output_tokens is None:
+            return None
+        return json.dumps({**json.loads(body), "max_tokens": cap_output_tokens}).encode()
 
     def usage_from_response(self, body: bytes) -> Usage | None:
         try:
@@ -92,17 +100,33 @@ class AnthropicFormat:
 
 
 def usage_from_object(usage, output_tokens: int | None = None) -> Usage | None:
-    """Anthropic reports cache reads and writes apart from `input_tokens`; we count them in."""
+    """Anthropic reports cache reads and writes apart from `input_tokens`; we count them in.
+
+    Writes to the one-hour cache cost more than to the five-minute one; `cache_creation` splits them.
+    """
     if not isinstance(usage, dict) or "input_tokens" not in usage:
         return None
     cached = usage.get("cache_read_input_tokens") or 0
     written = usage.get("cache_creation_input_tokens") or 0
+    written_1h = (usage.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0
     return Usage(
         input_tokens=(usage.get("input_tokens") or 0) + cached + written,
         output_tokens=(usage.get("output_tokens") or 0) if output_tokens is None else output_tokens,
         cached_tokens=cached,
         cache_write_tokens=written,
+        cache_write_1h_tokens=min(written_1h, written),
     )
+
+
+def check_client_tools(data: dict) -> None:
+    if data.get("mcp_servers"):
+        raise Unmeterable("MCP servers are called by Anthropic and add input of their own, so they cannot be metered")
+    for tool in data.get("tools") or []:
+        kind = (tool.get("type") or "custom") if isinstance(tool, dict) else None
+        if not isinstance(kind, str) or not kind.startswith(CLIENT_TOOL_TYPE_PREFIXES):
+            raise Unmeterable(
+                f"the server tool {kind!r} is billed per use, beyond tokens, so this proxy cannot meter it"
+            )
 
 
 def messages_input_bound(data: dict, messages: list) -> int:

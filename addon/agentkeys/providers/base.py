@@ -6,6 +6,7 @@ tokens, where usage appears in a response or a stream, what the provider's error
 where the real key goes. It knows nothing of budgets or keys.
 """
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ from agentkeys.pricing import Usage
 
 class MalformedRequest(Exception):
     """The body of a metered call cannot be read; the call is refused with a 400."""
+
+
+class Unmeterable(Exception):
+    """A well-formed request the proxy cannot bound or meter (a hosted tool billed per use, a
+    response finished in the background); the call is refused with a 403 saying what and why."""
 
 
 class DenyKind(Enum):
@@ -35,11 +41,16 @@ class RequestFacts:
     """What the gate needs to know about one request before forwarding it."""
 
     metered: bool
+    endpoint: str | None = None  # which of the format's endpoints: picks its stream meter and output cap
     model: str | None = None
-    max_output_tokens: int | None = None  # per choice
+    max_output_tokens: int | None = None  # per choice; None: the request sets no limit; 0: it has no output
     choices: int = 1  # OpenAI's `n`: the provider bills every choice's output
     stream: bool = False
     input_token_bound: int = 0
+    # Input the provider holds and the proxy cannot see (a previous response, a cached context, a
+    # file): named here, and bounded by the model's context window instead of `input_token_bound`.
+    unseen_input: str | None = None
+    may_write_cache: bool = True  # whether the provider may bill prompt-cache writes for this call
     client_wants_stream_usage: bool = True
 
 
@@ -66,12 +77,34 @@ class WireFormat(Protocol):
         """`metered`, `free`, or None for an endpoint the proxy cannot meter."""
         ...
 
-    def request_facts(self, method: str, path: str, body: bytes) -> RequestFacts: ...
+    def request_facts(self, method: str, path: str, body: bytes, query: str = "") -> RequestFacts: ...
     def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None: ...
     def usage_from_response(self, body: bytes) -> Usage | None: ...
     def stream_meter(self, facts: RequestFacts) -> StreamMeter: ...
     def error(self, kind: DenyKind, message: str) -> tuple[int, dict]: ...
     def set_real_key(self, headers, key: str) -> None: ...
+
+
+Endpoints = list[tuple[str, str]]  # (METHOD, path glob)
+
+
+def kind_of_endpoint(method: str, path: str, metered: Endpoints, free: Endpoints) -> str | None:
+    """`metered`, `free`, or None, from a format's two endpoint lists (metered ones win)."""
+    for kind, endpoints in (("metered", metered), ("free", free)):
+        if any(m == method and fnmatch.fnmatchcase(path, p) for m, p in endpoints):
+            return kind
+    return None
+
+
+def set_output_cap(container: dict, cap: int, fields: tuple[str, ...]) -> None:
+    """Write `cap` into every output-limit field the client used, else into the first of `fields`.
+
+    Overwriting each one the client set (rather than adding a second) keeps a request valid on
+    APIs that refuse two limits at once.
+    """
+    used = [name for name in fields if container.get(name) is not None]
+    for name in used or fields[:1]:
+        container[name] = cap
 
 
 def parse_json_object(body: bytes) -> dict:

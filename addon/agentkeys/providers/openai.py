@@ -1,6 +1,9 @@
-"""OpenAI's wire format: chat completions, streaming and not, and the free model list."""
+"""OpenAI's wire format: chat completions, the Responses API, legacy completions and embeddings,
+streaming and not, and the free reads (models, stored responses, input token counts).
 
-import fnmatch
+Azure OpenAI sends the same bodies on other paths: `azure.py` maps its paths onto these endpoints.
+"""
+
 import json
 
 from agentkeys.pricing import Usage
@@ -10,23 +13,50 @@ from agentkeys.providers.base import (
     RequestFacts,
     SseEvent,
     StreamResult,
+    Unmeterable,
     event_json,
+    kind_of_endpoint,
     optional_positive_int,
     parse_json_object,
     required_model,
+    set_output_cap,
+    utf8_len,
 )
-from agentkeys.tokens import count_tokens
+from agentkeys.tokens import token_bound
 
-METERED = [("POST", "/v1/chat/completions")]
-FREE = [("GET", "/v1/models"), ("GET", "/v1/models/*")]
+CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+METERED = [("POST", CHAT), ("POST", RESPONSES), ("POST", COMPLETIONS), ("POST", EMBEDDINGS)]
+FREE = [
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/*"),
+    ("GET", "/v1/responses/*"),  # a stored response, its input items
+    ("DELETE", "/v1/responses/*"),
+    ("POST", "/v1/responses/input_tokens"),
+]
+# Where each endpoint takes its output limit, preferred field first.
+CAP_FIELDS = {
+    CHAT: ("max_completion_tokens", "max_tokens"),
+    RESPONSES: ("max_output_tokens",),
+    COMPLETIONS: ("max_tokens",),
+}
+# Legacy completions stop at 16 tokens unless told otherwise; the proxy writes that limit out (see upstream_body).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 # OpenAI's documented chat overhead: 3 tokens per message, 1 per name, 3 to prime the reply.
 TOKENS_PER_MESSAGE = 4
 REPLY_PRIMING_TOKENS = 3
 # A high-detail image costs at most 8 tiles; on gpt-4o-mini that is 2,833 + 8 × 5,667 tokens.
 IMAGE_TOKEN_ALLOWANCE = 50_000
-# Tool definitions are rewritten by OpenAI into a system prompt of its own; allow for it.
+# Tool definitions and structured-output schemas are rewritten by OpenAI into a system prompt of its own.
 TOOLS_OVERHEAD_TOKENS = 1_000
+# Tools the client runs itself: they cost only tokens. Hosted ones (web search, file search, code
+# interpreter, image generation, MCP, …) are billed per use and bring in input of their own.
+CLIENT_TOOL_TYPES = {"function", "custom", "computer_use_preview", "local_shell", "apply_patch"}
+# Service tiers billed at the standard prices or less; `priority` costs more than the price table says.
+STANDARD_SERVICE_TIERS = {None, "auto", "default", "flex"}
 
 ERRORS = {
     DenyKind.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
@@ -42,42 +72,27 @@ class OpenAIFormat:
     name = "openai"
 
     def endpoint_kind(self, method: str, path: str) -> str | None:
-        for kind, endpoints in (("metered", METERED), ("free", FREE)):
-            if any(m == method and fnmatch.fnmatchcase(path, p) for m, p in endpoints):
-                return kind
-        return None
+        return kind_of_endpoint(method, path, METERED, FREE)
 
-    def request_facts(self, method: str, path: str, body: bytes) -> RequestFacts:
+    def request_facts(self, method: str, path: str, body: bytes, query: str = "") -> RequestFacts:
         if self.endpoint_kind(method, path) != "metered":
             return RequestFacts(metered=False)
-        data = parse_json_object(body)
-        model = required_model(data)
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise MalformedRequest("'messages' must be a non-empty list")
-        stream = data.get("stream") is True
-        stream_options = data.get("stream_options") or {}
-        return RequestFacts(
-            metered=True,
-            model=model,
-            max_output_tokens=optional_positive_int(data, "max_completion_tokens", "max_tokens"),
-            choices=optional_positive_int(data, "n") or 1,
-            stream=stream,
-            input_token_bound=chat_input_bound(model, messages, data.get("tools") or data.get("functions")),
-            client_wants_stream_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
-        )
+        return read_endpoint(path, parse_json_object(body))
 
     def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None:
         """The body to forward, or None to forward it as sent.
 
-        Adds the output cap the hold assumed, and asks for usage in a stream whose client did not.
+        Writes the output cap the hold assumed (always, on legacy completions, whose implicit default
+        another OpenAI-compatible host may not share), and asks for usage in a stream whose client did not.
         """
+        if facts.endpoint == COMPLETIONS and cap_output_tokens is None:
+            cap_output_tokens = facts.max_output_tokens
         ask_usage = facts.stream and not facts.client_wants_stream_usage
         if cap_output_tokens is None and not ask_usage:
             return None
         data = json.loads(body)
         if cap_output_tokens is not None:
-            data["max_completion_tokens"] = cap_output_tokens
+            set_output_cap(data, cap_output_tokens, CAP_FIELDS[facts.endpoint])
         if ask_usage:
             data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
         return json.dumps(data).encode()
@@ -89,7 +104,9 @@ class OpenAIFormat:
             return None
         return usage_from_object(usage)
 
-    def stream_meter(self, facts: RequestFacts) -> "ChatStreamMeter":
+    def stream_meter(self, facts: RequestFacts) -> "ChatStreamMeter | ResponsesStreamMeter":
+        if facts.endpoint == RESPONSES:
+            return ResponsesStreamMeter()
         return ChatStreamMeter(hide_usage_chunk=not facts.client_wants_stream_usage)
 
     def error(self, kind: DenyKind, message: str) -> tuple[int, dict]:
@@ -100,23 +117,133 @@ class OpenAIFormat:
         headers["authorization"] = f"Bearer {key}"
 
 
-def usage_from_object(usage) -> Usage | None:
-    if not isinstance(usage, dict) or "prompt_tokens" not in usage:
-        return None
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    return Usage(
-        input_tokens=usage.get("prompt_tokens") or 0,
-        output_tokens=usage.get("completion_tokens") or 0,
-        cached_tokens=prompt_details.get("cached_tokens") or 0,
-        reasoning_tokens=completion_details.get("reasoning_tokens") or 0,
+def read_endpoint(endpoint: str, data: dict) -> RequestFacts:
+    """The facts of a metered call on one of the endpoints above (Azure's paths map onto them too)."""
+    if data.get("service_tier") not in STANDARD_SERVICE_TIERS:
+        raise Unmeterable(f"service tier {data['service_tier']!r} is billed above the standard prices this proxy knows")
+    return READERS[endpoint](data)
+
+
+def read_chat(data: dict) -> RequestFacts:
+    model = required_model(data)
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise MalformedRequest("'messages' must be a non-empty list")
+    if data.get("web_search_options") is not None:
+        raise Unmeterable("web search is billed per search, beyond tokens, so this proxy cannot meter it")
+    stream_options = data.get("stream_options") or {}
+    return RequestFacts(
+        metered=True,
+        endpoint=CHAT,
+        model=model,
+        max_output_tokens=optional_positive_int(data, "max_completion_tokens", "max_tokens"),
+        choices=optional_positive_int(data, "n") or 1,
+        stream=data.get("stream") is True,
+        input_token_bound=chat_input_bound(model, messages, data),
+        client_wants_stream_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
     )
 
 
-def chat_input_bound(model: str, messages: list, tools) -> int:
+def read_responses(data: dict) -> RequestFacts:
+    model = required_model(data)
+    if data.get("background") is True:
+        raise Unmeterable("a background response is billed after the call returns, so this proxy cannot meter it")
+    unseen = set()
+    tokens = REPLY_PRIMING_TOKENS + instructions_tokens(model, data) + tools_tokens(model, data.get("tools"))
+    tokens += schema_tokens(model, (data.get("text") or {}).get("format"))
+    given = data.get("input")
+    if isinstance(given, str):
+        tokens += TOKENS_PER_MESSAGE + token_bound(given, model)
+    elif isinstance(given, list):
+        tokens += sum(response_item_tokens(model, item, unseen) for item in given)
+    elif given is not None:
+        raise MalformedRequest("'input' must be a string or a list of items")
+    for field in ("previous_response_id", "conversation", "prompt"):
+        if data.get(field):
+            unseen.add(field)
+    if given is None and not unseen:
+        raise MalformedRequest("the request has no 'input'")
+    return RequestFacts(
+        metered=True,
+        endpoint=RESPONSES,
+        model=model,
+        max_output_tokens=optional_positive_int(data, "max_output_tokens"),
+        stream=data.get("stream") is True,
+        input_token_bound=tokens,
+        unseen_input=", ".join(sorted(unseen)) or None,
+    )
+
+
+def read_completions(data: dict) -> RequestFacts:
+    model = required_model(data)
+    prompts, tokens = prompt_tokens(model, data.get("prompt"), "prompt")
+    if isinstance(data.get("suffix"), str):
+        tokens += prompts * token_bound(data["suffix"], model)
+    max_tokens = optional_positive_int(data, "max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS
+    # `best_of` completions are generated (and billed) server-side; `n` of them are returned.
+    per_prompt = max(optional_positive_int(data, "n") or 1, optional_positive_int(data, "best_of") or 1)
+    stream_options = data.get("stream_options") or {}
+    return RequestFacts(
+        metered=True,
+        endpoint=COMPLETIONS,
+        model=model,
+        max_output_tokens=max_tokens,
+        choices=prompts * per_prompt,
+        stream=data.get("stream") is True,
+        input_token_bound=tokens,
+        client_wants_stream_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+    )
+
+
+def read_embeddings(data: dict) -> RequestFacts:
+    model = required_model(data)
+    _, tokens = prompt_tokens(model, data.get("input"), "input")
+    return RequestFacts(metered=True, endpoint=EMBEDDINGS, model=model, max_output_tokens=0, input_token_bound=tokens)
+
+
+READERS = {CHAT: read_chat, RESPONSES: read_responses, COMPLETIONS: read_completions, EMBEDDINGS: read_embeddings}
+
+
+def prompt_tokens(model: str, prompt, field: str) -> tuple[int, int]:
+    """(how many prompts, a bound on their tokens) for a text, a list of texts, or token arrays."""
+    if isinstance(prompt, str):
+        return 1, token_bound(prompt, model) + 1
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return 1, len(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return len(prompt), sum(token_bound(p, model) + 1 for p in prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        return len(prompt), sum(len(p) for p in prompt)
+    raise MalformedRequest(f"'{field}' must be a string, a list of strings, or token arrays")
+
+
+def usage_from_object(usage) -> Usage | None:
+    """Chat, completions and embeddings report `prompt_tokens`; the Responses API `input_tokens`."""
+    if not isinstance(usage, dict):
+        return None
+    if "prompt_tokens" in usage:
+        input_details = usage.get("prompt_tokens_details") or {}
+        output_details = usage.get("completion_tokens_details") or {}
+        input_tokens, output_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    elif "input_tokens" in usage:
+        input_details = usage.get("input_tokens_details") or {}
+        output_details = usage.get("output_tokens_details") or {}
+        input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
+    else:
+        return None
+    return Usage(
+        input_tokens=input_tokens or 0,
+        output_tokens=output_tokens or 0,
+        cached_tokens=input_details.get("cached_tokens") or 0,
+        reasoning_tokens=output_details.get("reasoning_tokens") or 0,
+    )
+
+
+def chat_input_bound(model: str, messages: list, data: dict) -> int:
     """An upper bound on the prompt tokens OpenAI will bill for these messages.
 
-    Text is counted with the model's own tiktoken encoding; images get the most any image can cost.
+    Text is counted with the model's own tiktoken encoding; images get the most any image can cost;
+    tool definitions and a structured-output schema become prompt text too.
     """
     tokens = REPLY_PRIMING_TOKENS
     for message in messages:
@@ -125,18 +252,43 @@ def chat_input_bound(model: str, messages: list, tools) -> int:
         tokens += TOKENS_PER_MESSAGE
         for value in message.values():
             tokens += content_tokens(model, value)
-    if tools:
-        tokens += TOOLS_OVERHEAD_TOKENS + count_tokens(json.dumps(tools), model)
-    return tokens
+    tokens += tools_tokens(model, data.get("tools") or data.get("functions"))
+    return tokens + schema_tokens(model, data.get("response_format"))
+
+
+def schema_tokens(model: str, output_format) -> int:
+    """A structured-output format: its schema becomes prompt text."""
+    if not isinstance(output_format, dict) or output_format.get("type", "text") == "text":
+        return 0
+    return TOOLS_OVERHEAD_TOKENS + token_bound(json.dumps(output_format), model)
+
+
+def tools_tokens(model: str, tools) -> int:
+    if not tools:
+        return 0
+    if not isinstance(tools, list):
+        raise MalformedRequest("'tools' must be a list")
+    for tool in tools:
+        kind = tool.get("type", "function") if isinstance(tool, dict) else None
+        if kind not in CLIENT_TOOL_TYPES:
+            raise Unmeterable(
+                f"the hosted tool {kind!r} is billed per use, beyond tokens, so this proxy cannot meter it"
+            )
+    return TOOLS_OVERHEAD_TOKENS + token_bound(json.dumps(tools), model)
+
+
+def instructions_tokens(model: str, data: dict) -> int:
+    instructions = data.get("instructions")
+    return TOKENS_PER_MESSAGE + token_bound(instructions, model) if isinstance(instructions, str) else 0
 
 
 def content_tokens(model: str, value) -> int:
     if isinstance(value, str):
-        return count_tokens(value, model)
+        return token_bound(value, model)
     if isinstance(value, list):
         return sum(content_part_tokens(model, part) for part in value)
     if isinstance(value, dict):
-        return count_tokens(json.dumps(value), model)
+        return token_bound(json.dumps(value), model)
     return 0
 
 
@@ -149,12 +301,36 @@ def content_part_tokens(model: str, part) -> int:
             " so they cannot be metered by this proxy yet"
         )
     if isinstance(part, dict) and isinstance(part.get("text"), str):
-        return count_tokens(part["text"], model) + 1
-    return count_tokens(json.dumps(part), model)
+        return token_bound(part["text"], model) + 1
+    return token_bound(json.dumps(part), model)
+
+
+def response_item_tokens(model: str, item, unseen: set[str]) -> int:
+    """A bound on one Responses API input item; what only the provider can see goes into `unseen`.
+
+    A file is read by OpenAI (so is an item referenced by id): both are bounded by the context window.
+    Reasoning carried over from an earlier turn is counted by the bytes of its (encrypted) text.
+    """
+    if not isinstance(item, dict):
+        raise MalformedRequest("each input item must be an object")
+    kind = item.get("type", "message")
+    if kind == "item_reference":
+        unseen.add("item_reference")
+        return TOKENS_PER_MESSAGE
+    if kind == "reasoning":
+        return TOKENS_PER_MESSAGE + utf8_len(item)
+    content = item.get("content")
+    if kind == "message" and isinstance(content, list):
+        rest = [part for part in content if not (isinstance(part, dict) and part.get("type") == "input_file")]
+        if len(rest) < len(content):
+            unseen.add("input_file")
+        others = {k: v for k, v in item.items() if k != "content"}
+        return TOKENS_PER_MESSAGE + content_tokens(model, rest) + token_bound(json.dumps(others), model)
+    return TOKENS_PER_MESSAGE + sum(content_tokens(model, value) for value in item.values())
 
 
 class ChatStreamMeter:
-    """Reads a chat completion stream: the text so far, and the usage chunk at the end.
+    """Reads a chat (or legacy completions) stream: the text so far, and the usage chunk at the end.
 
     When the proxy asked for usage on the client's behalf, that extra chunk is not passed on.
     """
@@ -173,15 +349,16 @@ class ChatStreamMeter:
         if chunk is None:
             return True
         for choice in chunk.get("choices") or []:
-            self._collect_text(choice.get("delta") or {})
+            self._collect_text(choice)
         usage = usage_from_object(chunk.get("usage"))
         if usage is None:
             return True
         self.usage = usage
         return not (self.hide_usage_chunk and not chunk.get("choices"))
 
-    def _collect_text(self, delta: dict) -> None:
-        for text in (delta.get("content"), delta.get("refusal"), delta.get("reasoning_content")):
+    def _collect_text(self, choice: dict) -> None:
+        delta = choice.get("delta") or {}
+        for text in (delta.get("content"), delta.get("refusal"), delta.get("reasoning_content"), choice.get("text")):
             if isinstance(text, str):
                 self.text_parts.append(text)
         for call in delta.get("tool_calls") or []:
@@ -192,6 +369,32 @@ class ChatStreamMeter:
         return StreamResult(
             usage=self.usage, complete=self.done and self.usage is not None, streamed_text="".join(self.text_parts)
         )
+
+
+# A Responses stream ends with one of these; each carries the whole response, usage included.
+RESPONSE_END_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+
+
+class ResponsesStreamMeter:
+    """Reads a Responses API stream: every text delta on the way, the usage from its final event."""
+
+    def __init__(self):
+        self.usage: Usage | None = None
+        self.text_parts: list[str] = []
+
+    def feed(self, event: SseEvent) -> bool:
+        data = event_json(event)
+        if data is None:
+            return True
+        kind = data.get("type") or ""
+        if kind in RESPONSE_END_EVENTS:
+            self.usage = usage_from_object((data.get("response") or {}).get("usage"))
+        elif kind.endswith(".delta") and not kind.startswith("response.audio") and isinstance(data.get("delta"), str):
+            self.text_parts.append(data["delta"])
+        return True
+
+    def result(self) -> StreamResult:
+        return StreamResult(usage=self.usage, complete=self.usage is not None, streamed_text="".join(self.text_parts))
 
 
 FORMAT = OpenAIFormat()

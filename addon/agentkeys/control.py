@@ -1,0 +1,224 @@
+"""The proxy's own API, under /_agentkeys/v1/, for programs rather than people.
+
+    POST /_agentkeys/v1/keys       with an agent key: mint a child key for a sub-agent, carved out of
+                                   the caller's budget; with an issuer token: mint a key from a policy
+    GET  /_agentkeys/v1/keys/self  the calling key: expiry, budget, spend, what it may call, its children
+
+These routes are answered by the proxy on either listener and never reach a provider. Plain async
+code over the gate and the ledger (no mitmproxy here); each answer is audited by the addon.
+"""
+
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agentkeys import credentials
+from agentkeys.gate import CallRequest, Denial, Gate, parse_policy
+from agentkeys.keys import ChildRefused, ChildRequest, IssuedKey, child_policy, iso, new_key_record
+from agentkeys.ledger import KeyRecord, Refusal
+from agentkeys.money import format_usd, micros_to_usd, usd_to_micros
+from agentkeys.policy import Duration, Policy, ProxyConfig, load_policy
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/_agentkeys/"
+
+
+@dataclass(frozen=True)
+class ControlAnswer:
+    status: int
+    body: dict
+    reason: str
+    key: KeyRecord | None = None
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A program allowed to mint keys remotely (a CI system), and the policies it may mint from."""
+
+    name: str
+    token: str
+    policies: dict[str, Policy]
+
+
+class IssueRequest(BaseModel):
+    """An issuer's request: a policy by name, narrowed at most to its own ttl and budget."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: str
+    name: str = ""
+    ttl: Duration | None = None
+    budget_usd: float | None = Field(default=None, gt=0)
+
+
+def is_control_path(path: str) -> bool:
+    return path.startswith(PREFIX)
+
+
+class Control:
+    def __init__(self, gate: Gate, issuers: list[Issuer]):
+        self.gate = gate
+        self.issuers = issuers
+
+    async def handle(self, call: CallRequest) -> ControlAnswer:
+        if (call.method, call.path) == ("GET", "/_agentkeys/v1/keys/self"):
+            return await self.show_self(call)
+        if (call.method, call.path) == ("POST", "/_agentkeys/v1/keys"):
+            issuer = self.issuer_of(call)
+            return await (self.issue_for(issuer, call) if issuer else self.mint_child(call))
+        return error(
+            404, f"no such route: {call.method} {call.path} (see /_agentkeys/v1/keys, /_agentkeys/v1/keys/self)"
+        )
+
+    async def caller(self, call: CallRequest) -> KeyRecord | ControlAnswer:
+        """The calling agent key, read afresh from the store (it may have been revoked a moment ago)."""
+        key = self.gate.identify(call)
+        if isinstance(key, Denial):
+            return error(401, key.message)
+        record = await self.gate.in_ledger("get_key", credentials.key_id_of(key))
+        denial = self.gate.authenticate(key, record)
+        return error(401, denial.message, denial.key) if denial else record
+
+    # ----- self -----
+
+    async def show_self(self, call: CallRequest) -> ControlAnswer:
+        record = await self.caller(call)
+        if isinstance(record, ControlAnswer):
+            return record
+        children = await self.gate.in_ledger("children", record.key_id)
+        policy = parse_policy(record.policy_json)
+        now = self.gate.clock()
+        body = {
+            **describe(record, now),
+            "providers": policy.providers,
+            "endpoints": [str(rule) for rule in policy.endpoints],
+            "models": policy.models,
+            "children": [describe(child, now) for child in children],
+        }
+        return ControlAnswer(200, body, "self", record)
+
+    # ----- child keys -----
+
+    async def mint_child(self, call: CallRequest) -> ControlAnswer:
+        parent = await self.caller(call)
+        if isinstance(parent, ControlAnswer):
+            return parent
+        try:
+            request = ChildRequest.model_validate_json(call.body)
+        except ValidationError as e:
+            return error(400, f"agentkeys: bad child key request: {validation_message(e)}", parent)
+        parent_policy = parse_policy(parent.policy_json)
+        now = self.gate.clock()
+        try:
+            policy = child_policy(parent_policy, request)
+            check_depth_and_lifetime(parent, parent_policy, request, now)
+        except ChildRefused as refused:
+            return error(403, f"agentkeys: child key refused: {refused}", parent)
+        issued = new_key_record(policy, request.ttl, request.budget_usd, request.name, now, parent)
+        refusal = await self.gate.in_ledger("create_child", issued.record, parent_policy.max_children, now)
+        if refusal is not None:
+            return error(
+                403, f"agentkeys: child key refused: {child_refusal_message(refusal, parent, request)}", parent
+            )
+        return created(issued, now, parent)
+
+    # ----- issuers -----
+
+    def issuer_of(self, call: CallRequest) -> Issuer | None:
+        presented = credentials.credentials_in(call.headers)
+        return next(
+            (issuer for issuer in self.issuers for token in presented if hmac.compare_digest(token, issuer.token)),
+            None,
+        )
+
+    async def issue_for(self, issuer: Issuer, call: CallRequest) -> ControlAnswer:
+        try:
+            request = IssueRequest.model_validate_json(call.body)
+        except ValidationError as e:
+            return error(400, f"agentkeys: bad key request: {validation_message(e)}")
+        policy = issuer.policies.get(request.policy)
+        if policy is None:
+            allowed = ", ".join(sorted(issuer.policies))
+            return error(
+                403, f"agentkeys: issuer {issuer.name} may not issue policy {request.policy} (allowed: {allowed})"
+            )
+        if request.ttl and request.ttl > policy.ttl:
+            return error(403, f"agentkeys: ttl {request.ttl}s exceeds policy {policy.name}'s {policy.ttl}s")
+        if request.budget_usd and request.budget_usd > policy.budget_usd:
+            return error(
+                403, f"agentkeys: budget ${request.budget_usd} exceeds policy {policy.name}'s ${policy.budget_usd}"
+            )
+        now = self.gate.clock()
+        issued = new_key_record(
+            policy, request.ttl or policy.ttl, request.budget_usd or policy.budget_usd,
+            request.name or f"{issuer.name}: {policy.name}", now,
+        )  # fmt: skip
+        await self.gate.in_ledger("create_key", issued.record)
+        return created(issued, now)
+
+
+def issuers_from(config: ProxyConfig) -> list[Issuer]:
+    """The issuers whose token is set in the environment, with the policies each may issue from."""
+    issuers = []
+    for name, spec in config.issuers.items():
+        token = os.environ.get(spec.token_env)
+        if not token:
+            log.warning("agentkeys: issuer %s has no token (%s is not set); it cannot issue keys", name, spec.token_env)
+            continue
+        policies = [load_policy(config.path(path)) for path in spec.policies]
+        issuers.append(Issuer(name, token, {policy.name: policy for policy in policies}))
+    return issuers
+
+
+def check_depth_and_lifetime(parent: KeyRecord, policy: Policy, request: ChildRequest, now: float) -> None:
+    if parent.depth + 1 > policy.max_child_depth:
+        raise ChildRefused(
+            f"max_child_depth: policy {policy.name} allows {policy.max_child_depth} level(s) of child keys"
+            f" and this key is at depth {parent.depth}"
+        )
+    if now + request.ttl > parent.expires_at:
+        raise ChildRefused(
+            f"ttl: {request.ttl}s would outlive the parent, which expires at {iso(parent.expires_at)}"
+            f" ({int(parent.expires_at - now)}s from now)"
+        )
+
+
+def child_refusal_message(refusal: Refusal, parent: KeyRecord, request: ChildRequest) -> str:
+    if refusal is Refusal.BUDGET:
+        asked = format_usd(usd_to_micros(request.budget_usd))
+        return f"budget_usd: asked {asked}, the parent has {format_usd(parent.remaining_micros)} remaining"
+    if refusal is Refusal.TOO_MANY_CHILDREN:
+        return f"max_children: key {parent.key_id} has as many live child keys as its policy allows"
+    return f"the parent key is {refusal.value}"
+
+
+def created(issued: IssuedKey, now: float, parent: KeyRecord | None = None) -> ControlAnswer:
+    body = {**describe(issued.record, now), "key": issued.key}
+    return ControlAnswer(201, body, f"issued key {issued.record.key_id}", parent or issued.record)
+
+
+def describe(record: KeyRecord, now: float) -> dict:
+    return {
+        "id": record.key_id,
+        "name": record.name,
+        "policy": record.policy_name,
+        "parent_id": record.parent_id,
+        "status": record.status(now),
+        "expires_at": iso(record.expires_at),
+        "budget_usd": micros_to_usd(record.budget_micros),
+        "spent_usd": micros_to_usd(record.spent_micros),
+        "held_usd": micros_to_usd(record.held_micros),
+        "remaining_usd": micros_to_usd(record.remaining_micros),
+    }
+
+
+def error(status: int, message: str, key: KeyRecord | None = None) -> ControlAnswer:
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found"}
+    return ControlAnswer(status, {"error": {"message": message, "type": kinds.get(status, "error")}}, message, key)
+
+
+def validation_message(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())

@@ -1,0 +1,379 @@
+"""Redis backend: one store shared by many proxy replicas (sidecars in many pods, one budget).
+
+Every operation that reads and then writes is one Lua script, which Redis runs with nothing else
+interleaved, so `reserve`'s check of the remaining budget and its hold are one atomic step no matter
+how many proxies call at once: the hard cap holds across replicas.
+
+Data (all names start with `agentkeys:`):
+
+    key:{key_id}   hash   every KeyRecord field (money in integer micro-dollars) + open_holds
+                          (its open holds and its live children's grants: what keeps it from a TTL)
+    keys           zset   key ids by created_at (list_keys)
+    expiry         zset   key ids by expires_at (purge_expired)
+    children:{id}  set    a key's child key ids
+    grants         zset   child key ids whose budget is still held on their parent, by expires_at
+    hold:{hold_id} hash   key_id, amount_micros, created_at
+    holds          zset   open hold ids by created_at (sweep_stale_holds)
+    hold_seq       string the last hold id (INCR)
+
+Expiry is enforced twice. `reserve` compares the recorded `expires_at` with the caller's clock, and
+each key hash carries a Redis TTL of its remaining lifetime plus RETENTION_SECONDS, so keys vanish
+even if no proxy ever purges them, while `keys show` still works for a while after expiry. The TTL
+is counted from the ledger's own timestamps rather than set with EXPIREAT, so a Redis clock that
+disagrees with the proxies' cannot cut a key's life short. A key with an open hold has no TTL: the
+TTL must never take a key whose books are still open; it is set again when its last hold closes.
+
+The scripts find a hold's key from the hold, so they touch keys they were not given in KEYS: use a
+single Redis (or a primary with replicas), not Redis Cluster.
+
+Failures: no command is retried. A script whose answer was lost may have run, and running `reserve`
+twice would take two holds; the caller refuses the call instead (LedgerUnavailable), and the next
+call gets a fresh connection, so the proxy recovers by itself when Redis is back.
+"""
+
+from contextlib import contextmanager
+from dataclasses import asdict, fields, replace
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from agentkeys.ledger.base import KeyExists, KeyRecord, LedgerUnavailable, Refusal, Reservation, StaleHold
+
+PREFIX = "agentkeys:"
+RETENTION_SECONDS = 24 * 3600
+
+KEY_FIELDS = [field.name for field in fields(KeyRecord)]
+NUMBER_FIELDS = {
+    "created_at": float,
+    "expires_at": float,
+    "revoked_at": float,
+    "budget_micros": int,
+    "spent_micros": int,
+    "held_micros": int,
+    "depth": int,
+    "grant_micros": int,
+}
+
+# Shared by every script: key names, and the steps several scripts take.
+PRELUDE = f"""
+local PREFIX = '{PREFIX}'
+local RETENTION = {RETENTION_SECONDS}
+local KEYS_BY_CREATION = PREFIX .. 'keys'
+local KEYS_BY_EXPIRY = PREFIX .. 'expiry'
+local OPEN_HOLDS = PREFIX .. 'holds'
+local HOLD_SEQ = PREFIX .. 'hold_seq'
+local OPEN_GRANTS = PREFIX .. 'grants'
+
+local function key_name(key_id) return PREFIX .. 'key:' .. key_id end
+local function children_name(key_id) return PREFIX .. 'children:' .. key_id end
+local function hold_name(hold_id) return PREFIX .. 'hold:' .. hold_id end
+
+-- HINCRBY by a Lua number written as an integer: Lua would send 0 - 0 as "-0", which Redis refuses,
+-- and a script that fails halfway keeps the writes it made before the failure.
+local function incr(key, field, delta)
+    return redis.call('HINCRBY', key, field, string.format('%d', delta))
+end
+
+-- Let an idle key live until RETENTION seconds after its expiry, as seen from `now`.
+local function arm_ttl(key, now)
+    local expires_at = tonumber(redis.call('HGET', key, 'expires_at'))
+    redis.call('EXPIRE', key, math.ceil(math.max(expires_at - tonumber(now), 0) + RETENTION))
+end
+
+-- Drop a hold and charge `charge` micro-dollars for it (nil: its full amount). `now` defaults to the
+-- hold's creation time, an early estimate of the present that errs towards keeping the key longer.
+-- Returns the hold's key_id, amount and created_at, or nil if it is not open.
+local function close_hold(hold_id, charge, now)
+    local hold = redis.call('HMGET', hold_name(hold_id), 'key_id', 'amount_micros', 'created_at')
+    if not hold[1] then return nil end
+    redis.call('DEL', hold_name(hold_id))
+    redis.call('ZREM', OPEN_HOLDS, hold_id)
+    local key = key_name(hold[1])
+    if redis.call('EXISTS', key) == 1 then
+        incr(key, 'held_micros', -tonumber(hold[2]))
+        incr(key, 'spent_micros', tonumber(charge or hold[2]))
+        if incr(key, 'open_holds', -1) == 0 then
+            arm_ttl(key, now or hold[3])
+        end
+    end
+    return hold
+end
+"""
+
+# Store a key from its field/value pairs (ARGV from `first`); false if the id is taken.
+CREATE_KEY = """
+local function create_key(key_id, first)
+    local key = key_name(key_id)
+    if redis.call('EXISTS', key) == 1 then return false end
+    redis.call('HSET', key, 'open_holds', 0, unpack(ARGV, first))
+    local created_at = redis.call('HGET', key, 'created_at')
+    redis.call('ZADD', KEYS_BY_CREATION, created_at, key_id)
+    redis.call('ZADD', KEYS_BY_EXPIRY, redis.call('HGET', key, 'expires_at'), key_id)
+    arm_ttl(key, created_at)
+    return true
+end
+"""
+
+# ARGV: key_id, then the record's field/value pairs.
+CREATE = """
+if create_key(ARGV[1], 2) then return 1 end
+return 0
+"""
+
+# ARGV: parent_id, max_children, now, the child's budget, its key_id, then its field/value pairs.
+# Returns '' when created, else the refusal.
+CREATE_CHILD = """
+local parent = key_name(ARGV[1])
+local max_children, now, budget = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local p = redis.call('HMGET', parent, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros')
+if not p[1] then return 'unknown' end
+if p[2] then return 'revoked' end
+if now >= tonumber(p[1]) then return 'expired' end
+local live = 0
+for _, child_id in ipairs(redis.call('SMEMBERS', children_name(ARGV[1]))) do
+    if tonumber(redis.call('HGET', key_name(child_id), 'grant_micros') or 0) > 0 then live = live + 1 end
+end
+if live >= max_children then return 'too_many_children' end
+if budget > tonumber(p[3]) - tonumber(p[4]) - tonumber(p[5]) then return 'budget' end
+if not create_key(ARGV[5], 6) then return 'exists' end
+incr(parent, 'held_micros', budget)
+incr(parent, 'open_holds', 1)
+redis.call('PERSIST', parent)
+redis.call('SADD', children_name(ARGV[1]), ARGV[5])
+redis.call('ZADD', OPEN_GRANTS, redis.call('HGET', key_name(ARGV[5]), 'expires_at'), ARGV[5])
+return ''
+"""
+
+# ARGV: key_id, now. Revokes the key and every descendant.
+REVOKE = """
+local key = key_name(ARGV[1])
+if redis.call('EXISTS', key) == 0 or redis.call('HEXISTS', key, 'revoked_at') == 1 then return 0 end
+local pending = {ARGV[1]}
+while #pending > 0 do
+    local key_id = table.remove(pending)
+    local name = key_name(key_id)
+    if redis.call('EXISTS', name) == 1 and redis.call('HEXISTS', name, 'revoked_at') == 0 then
+        redis.call('HSET', name, 'revoked_at', ARGV[2])
+    end
+    for _, child_id in ipairs(redis.call('SMEMBERS', children_name(key_id))) do
+        table.insert(pending, child_id)
+    end
+end
+return 1
+"""
+
+# ARGV: key_id, amount_micros, now. Returns {hold_id or 0, refusal or '', remaining_micros}.
+RESERVE = """
+local key = key_name(ARGV[1])
+local amount, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local k = redis.call('HMGET', key, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros')
+if not k[1] then return {0, 'unknown', 0} end
+local remaining = tonumber(k[3]) - tonumber(k[4]) - tonumber(k[5])
+if k[2] then return {0, 'revoked', remaining} end
+if now >= tonumber(k[1]) then return {0, 'expired', remaining} end
+if amount > remaining then return {0, 'budget', remaining} end
+incr(key, 'held_micros', amount)
+incr(key, 'open_holds', 1)
+redis.call('PERSIST', key)
+local hold_id = redis.call('INCR', HOLD_SEQ)
+redis.call('HSET', hold_name(hold_id), 'key_id', ARGV[1], 'amount_micros', ARGV[2], 'created_at', ARGV[3])
+redis.call('ZADD', OPEN_HOLDS, ARGV[3], hold_id)
+return {hold_id, '', remaining - amount}
+"""
+
+# ARGV: hold_id, amount_micros
+SETTLE = """
+if close_hold(ARGV[1], ARGV[2], nil) then return 1 end
+return 0
+"""
+
+# ARGV: cutoff (holds created strictly before it are stale), now. Returns a flat list of
+# hold_id, key_id, amount_micros, created_at for each hold settled.
+SWEEP = """
+local swept = {}
+for _, hold_id in ipairs(redis.call('ZRANGEBYSCORE', OPEN_HOLDS, '-inf', '(' .. ARGV[1])) do
+    local hold = close_hold(hold_id, nil, ARGV[2])
+    if hold then
+        table.insert(swept, hold_id)
+        table.insert(swept, hold[1])
+        table.insert(swept, hold[2])
+        table.insert(swept, hold[3])
+    end
+end
+return swept
+"""
+
+# ARGV: now. Returns finished children's grants to their parents (repeating, since returning a
+# grandchild's can finish its parent), then removes expired keys with nothing open. Returns the ids of
+# the keys it removed (including any whose TTL had already removed them).
+PURGE = """
+local now = tonumber(ARGV[1])
+local returned = true
+while returned do
+    returned = false
+    for _, child_id in ipairs(redis.call('ZRANGE', OPEN_GRANTS, 0, -1)) do
+        local child = key_name(child_id)
+        local c = redis.call('HMGET', child, 'parent_id', 'grant_micros', 'spent_micros', 'open_holds',
+                             'revoked_at', 'expires_at')
+        if not c[1] then
+            redis.call('ZREM', OPEN_GRANTS, child_id)
+        elseif tonumber(c[4]) == 0 and (c[5] or now >= tonumber(c[6])) then
+            local parent = key_name(c[1])
+            if redis.call('EXISTS', parent) == 1 then
+                incr(parent, 'held_micros', -tonumber(c[2]))
+                incr(parent, 'spent_micros', tonumber(c[3]))
+                if incr(parent, 'open_holds', -1) == 0 then arm_ttl(parent, now) end
+            end
+            redis.call('HSET', child, 'grant_micros', 0)
+            redis.call('ZREM', OPEN_GRANTS, child_id)
+            returned = true
+        end
+    end
+end
+local purged = {}
+for _, key_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS_BY_EXPIRY, '-inf', ARGV[1])) do
+    local key = key_name(key_id)
+    local open = redis.call('HMGET', key, 'open_holds', 'grant_micros')
+    if not open[1] or (tonumber(open[1]) == 0 and tonumber(open[2] or 0) == 0) then
+        redis.call('DEL', key)
+        redis.call('ZREM', KEYS_BY_CREATION, key_id)
+        redis.call('ZREM', KEYS_BY_EXPIRY, key_id)
+        table.insert(purged, key_id)
+    end
+end
+return purged
+"""
+
+
+class RedisLedger:
+    def __init__(self, url: str, timeout_seconds: float = 1.0):
+        """`url`: redis://[[user]:password@]host:port/db, or rediss:// for TLS.
+
+        Nothing is sent until the first operation, so a proxy starts while Redis is down and refuses
+        calls until it is back. `timeout_seconds` bounds connecting and each answer: a refusal is better
+        than a call that waits on an unreachable store.
+        """
+        parts = urlsplit(url)
+        self.where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"  # no password
+        self._redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=timeout_seconds,
+            socket_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 0),
+        )
+        script = self._redis.register_script
+        self._create, self._revoke = script(PRELUDE + CREATE_KEY + CREATE), script(PRELUDE + REVOKE)
+        self._create_child = script(PRELUDE + CREATE_KEY + CREATE_CHILD)
+        self._reserve, self._settle = script(PRELUDE + RESERVE), script(PRELUDE + SETTLE)
+        self._sweep, self._purge = script(PRELUDE + SWEEP), script(PRELUDE + PURGE)
+
+    @contextmanager
+    def _store(self):
+        """Turn any failure of the store into LedgerUnavailable, so the gate refuses (fail closed)."""
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise LedgerUnavailable(f"store {self.where} unreachable: {e}") from e
+        except redis.RedisError as e:  # out of memory, read-only replica, ...
+            raise LedgerUnavailable(f"store {self.where} failed: {e}") from e
+
+    def create_key(self, record: KeyRecord) -> None:
+        with self._store():
+            created = self._create(args=[record.key_id, *field_pairs(record)])
+        if not created:
+            raise KeyExists(f"key {record.key_id} already exists")
+
+    def create_child(self, record: KeyRecord, max_children: int, now: float) -> Refusal | None:
+        child = replace(record, grant_micros=record.budget_micros)
+        with self._store():
+            refusal = self._create_child(
+                args=[record.parent_id, max_children, now, child.budget_micros, child.key_id, *field_pairs(child)]
+            )
+        if refusal == "exists":
+            raise KeyExists(f"key {record.key_id} already exists")
+        return Refusal(refusal) if refusal else None
+
+    def children(self, key_id: str) -> list[KeyRecord]:
+        with self._store():
+            child_ids = self._redis.smembers(f"{PREFIX}children:{key_id}")
+            found = self._records(child_ids)
+        return sorted(found, key=lambda record: record.created_at)
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        with self._store():
+            return key_record(self._redis.hmget(key_name(key_id), KEY_FIELDS))
+
+    def list_keys(self) -> list[KeyRecord]:
+        """Oldest first. Not one snapshot: a key created or purged meanwhile may be in or out."""
+        with self._store():
+            return self._records(self._redis.zrange(f"{PREFIX}keys", 0, -1))
+
+    def _records(self, key_ids) -> list[KeyRecord]:
+        """The records of these keys in one round trip, leaving out any that no longer exist."""
+        with self._redis.pipeline() as pipe:
+            for key_id in key_ids:
+                pipe.hmget(key_name(key_id), KEY_FIELDS)
+            found = pipe.execute()
+        return [record for record in map(key_record, found) if record is not None]
+
+    def revoke(self, key_id: str, now: float) -> bool:
+        with self._store():
+            return bool(self._revoke(args=[key_id, now]))
+
+    def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+        with self._store():
+            hold_id, refusal, remaining = self._reserve(args=[key_id, amount_micros, now])
+        if refusal:
+            return Reservation(None, Refusal(refusal), remaining)
+        return Reservation(hold_id, None, remaining)
+
+    def settle(self, hold_id: int, amount_micros: int) -> bool:
+        """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
+        with self._store():
+            return bool(self._settle(args=[hold_id, amount_micros]))
+
+    def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
+        """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
+        with self._store():
+            flat = self._sweep(args=[now - older_than_seconds, now])
+        swept = [
+            StaleHold(int(hold_id), key_id, int(amount), float(created_at))
+            for hold_id, key_id, amount, created_at in (flat[i : i + 4] for i in range(0, len(flat), 4))
+        ]
+        return sorted(swept, key=lambda hold: (hold.created_at, hold.hold_id))
+
+    def purge_expired(self, now: float) -> list[str]:
+        """Delete keys past their expiry with nothing in flight; their audit records stay."""
+        with self._store():
+            return self._purge(args=[now])
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def nonblocking(self) -> None:
+        """A network store cannot promise an answer without waiting."""
+        return None
+
+
+def field_pairs(record: KeyRecord) -> list:
+    """The record as HSET's field, value, field, value… (None fields left out)."""
+    return [item for name, value in asdict(record).items() if value is not None for item in (name, value)]
+
+
+def key_name(key_id: str) -> str:
+    return f"{PREFIX}key:{key_id}"
+
+
+def key_record(values: list[str | None]) -> KeyRecord | None:
+    """A KeyRecord from the key hash's fields in KEY_FIELDS order; None if the hash does not exist."""
+    if values[0] is None:
+        return None
+    return KeyRecord(
+        **{
+            name: NUMBER_FIELDS.get(name, str)(value) if value is not None else None
+            for name, value in zip(KEY_FIELDS, values, strict=True)
+        }
+    )
