@@ -34,6 +34,12 @@ ADDON = REPO / "addon" / "agentkeys" / "addon.py"
 MITMDUMP = Path(os.environ.get("AGENTKEYS_MITMDUMP", Path(sys.executable).with_name("mitmdump")))
 OPENAI_REAL_KEY = "sk-test-real-openai"
 ANTHROPIC_REAL_KEY = "sk-ant-test-real-anthropic"
+# Real keys of the other providers the tests configure (the mock's defaults), by the variable holding each.
+OTHER_REAL_KEYS = {
+    "GEMINI_API_KEY": "test-real-gemini-key",
+    "AZURE_OPENAI_API_KEY": "test-real-azure-key",
+    "GROQ_API_KEY": "gsk-test-real-groq",
+}
 
 
 def free_port() -> int:
@@ -153,7 +159,7 @@ def start_proxy(directory: Path, mock: MockProvider, **config_fields) -> Proxy:
     config_path.write_text(yaml.safe_dump(config))
     assert agentkeys_main(["--config", str(config_path), "ca"]) == 0  # the CA and bundle, as a user would
     log_path = directory / "mitmdump.log"
-    env = {**os.environ, "OPENAI_API_KEY": OPENAI_REAL_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_REAL_KEY}
+    env = {**os.environ, "OPENAI_API_KEY": OPENAI_REAL_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_REAL_KEY, **OTHER_REAL_KEYS}
     env.pop("HTTPS_PROXY", None)
     process = subprocess.Popen(
         [
@@ -194,7 +200,9 @@ def stop_proxy(proxy: Proxy) -> None:
 
 @pytest.fixture(scope="module")
 def mock():
-    provider = MockProvider(openai_key=OPENAI_REAL_KEY, anthropic_key=ANTHROPIC_REAL_KEY).start()
+    groq = OTHER_REAL_KEYS["GROQ_API_KEY"]
+    provider = MockProvider(openai_key=OPENAI_REAL_KEY, anthropic_key=ANTHROPIC_REAL_KEY, extra_openai_keys=(groq,))
+    provider.start()
     yield provider
     provider.stop()
 
@@ -205,7 +213,8 @@ def proxy(mock, tmp_path_factory):
     yield running
     stop_proxy(running)
     log = running.log_path.read_text()
-    assert OPENAI_REAL_KEY not in log and ANTHROPIC_REAL_KEY not in log, "a real key reached the proxy's log"
+    for real_key in (OPENAI_REAL_KEY, ANTHROPIC_REAL_KEY, *OTHER_REAL_KEYS.values()):
+        assert real_key not in log, "a real key reached the proxy's log"
     assert not re.search(r'File ".*/agentkeys/', log), f"the addon raised:\n{log}"
 
 

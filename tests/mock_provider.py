@@ -771,11 +771,17 @@ def _azure_authorized(headers: dict[str, str], mock_provider: MockProvider) -> b
     return headers.get("api-key") == mock_provider.azure_key
 
 
+def _openai_v1_authorized(headers: dict[str, str], mock_provider: MockProvider) -> bool:
+    """`/openai/v1/…`: Azure's v1 API (an `api-key`, or a bearer token), or a host such as Groq mounted there."""
+    return _azure_authorized(headers, mock_provider) or _openai_authorized(headers, mock_provider)
+
+
 _AUTHORIZED = {
     "openai": _openai_authorized,
     "anthropic": _Anthropic.authorized,
     "gemini": _gemini_authorized,
     "azure": _azure_authorized,
+    "openai_v1": _openai_v1_authorized,
 }
 _OPENAI_APIS = {
     "/v1/chat/completions": _OpenAI,
@@ -810,7 +816,7 @@ def _route(path: str, query: str) -> _Route | None:
     if azure and "api-version=" in query:
         return _Route(_OPENAI_APIS["/v1" + azure["endpoint"]], "azure", azure["deployment"])
     if path.startswith("/openai/v1/") and path.removeprefix("/openai") in _OPENAI_APIS:
-        return _Route(_OPENAI_APIS[path.removeprefix("/openai")], "azure")
+        return _Route(_OPENAI_APIS[path.removeprefix("/openai")], "openai_v1")
     return None
 
 
@@ -868,6 +874,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._metered(route, request)
         elif (self.command, path) == ("GET", "/v1/models"):
             self._models(request)
+        elif (self.command, path) == ("GET", "/v1/files"):  # an endpoint no proxy can meter
+            self._list(request, [])
         elif (self.command, path) == ("POST", "/v1/messages/count_tokens"):
             self._count(request, "anthropic", lambda body, n: {"input_tokens": _Anthropic.input_tokens(body, n)})
         elif self.command == "POST" and gemini and gemini["action"] == "countTokens":
@@ -890,11 +898,14 @@ class _Handler(BaseHTTPRequestHandler):
         return b"".join(parts)
 
     def _models(self, request: Received) -> None:
+        model = {"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}
+        self._list(request, [model])
+
+    def _list(self, request: Received, data: list) -> None:
         if not _OpenAI.authorized(request.headers, self.server.mock_provider):
             self._send_json(401, _OpenAI.error(401, "Incorrect API key provided."))
             return
-        model = {"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}
-        self._send_json(200, {"object": "list", "data": [model]})
+        self._send_json(200, {"object": "list", "data": data})
 
     def _count(self, request: Received, auth: str, answer: Callable[[dict, Callable[[str], int]], dict]) -> None:
         """A free token count (Anthropic's count_tokens, Gemini's countTokens): not billed, not reported."""
@@ -913,7 +924,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = request.json
         if route.model and isinstance(body, dict):  # Gemini and Azure deployments name the model in the path
-            body = {**body, "model": route.model, "stream": "streamGenerateContent" in request.path}
+            body = {**body, "model": route.model}
+        if api is _Gemini and isinstance(body, dict):  # and Gemini says in the path whether it streams
+            body["stream"] = request.path.endswith(":streamGenerateContent")
         problem = api.invalid(body)
         if problem:
             self._send_json(400, api.error(400, problem))

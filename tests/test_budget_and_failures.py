@@ -35,9 +35,7 @@ def policies(tmp_path_factory):
     folder = tmp_path_factory.mktemp("policies")
     return {
         "chat": write_policy(folder, "chat", providers=["openai", "anthropic", "deadai"]),
-        "files": write_policy(
-            folder, "files", endpoints=["GET /v1/files", "POST /v1/chat/completions"]
-        ),
+        "files": write_policy(folder, "files", endpoints=["GET /v1/files", "POST /v1/chat/completions"]),
     }
 
 
@@ -125,6 +123,19 @@ def test_unreachable_upstream_releases_the_hold(proxy, policies):
     [record] = proxy.records_for(key["id"])
     assert record["cost_micros"] == 0 and record["reason"].startswith("error:")
     assert assert_ledger_matches_audit(proxy, key["id"]).spent_micros == 0
+
+
+def test_an_agent_that_gives_up_after_the_call_reached_the_provider_is_charged_the_full_hold(proxy, mock, policies):
+    """The provider finishes and bills a call whose client went away, so the hold is not freed."""
+    key = proxy.issue(policies["chat"])
+    mock.delay_next(2)
+    impatient = openai.OpenAI(api_key=key["key"], base_url=f"{proxy.gateway_url}/openai/v1", max_retries=0, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        ask(impatient, max_tokens=5)
+    [record] = proxy.records_for(key["id"])
+    assert record["reason"] == "error: Client disconnected." and record["metering"] == "held"
+    assert record["cost_micros"] == record["hold_micros"] > 0
+    assert_ledger_matches_audit(proxy, key["id"])
 
 
 @pytest.mark.parametrize("sdk", ["openai", "anthropic"])

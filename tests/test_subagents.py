@@ -1,7 +1,11 @@
 """Sub-agent keys carved from a parent, agents seeing themselves, and remote issuing, end to end."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -178,3 +182,63 @@ def test_control_routes_answer_in_proxy_mode_too(proxy, orchestrator, monkeypatc
             headers={"authorization": f"Bearer {orchestrator['key']}"},
         )
     assert me.status_code == 200 and me.json()["id"] == orchestrator["id"]
+
+
+def test_a_key_can_revoke_itself_and_its_children_but_no_other(proxy, orchestrator, tmp_path):
+    child = mint(proxy, orchestrator, name="c", budget_usd=0.002).json()
+    stranger = proxy.issue(write_policy(tmp_path, "stranger"))
+    assert control(proxy, "DELETE", f"/keys/{stranger['id']}", orchestrator["key"]).status_code == 404
+    assert control(proxy, "DELETE", f"/keys/{child['id']}", orchestrator["key"]).json()["status"] == "revoked"
+    assert control(proxy, "GET", "/keys/self", child["key"]).status_code == 401
+    assert control(proxy, "DELETE", "/keys/self", orchestrator["key"]).status_code == 200
+    assert control(proxy, "GET", "/keys/self", orchestrator["key"]).status_code == 401
+    assert control(proxy, "GET", "/keys/self", stranger["key"]).status_code == 200
+
+
+def test_the_eval_suite_example_gives_each_case_its_own_slice(proxy, mock, tmp_path):
+    suite_policy = write_policy(tmp_path, "suite", budget_usd=0.003, max_child_depth=1, max_children=5)
+    suite = proxy.issue(suite_policy)
+    example = Path(__file__).resolve().parent.parent / "examples" / "eval_suite.py"
+    env = {**os.environ, "OPENAI_API_KEY": suite["key"], "AGENTKEYS_URL": proxy.gateway_url}
+    env.pop("HTTPS_PROXY", None)
+    ran = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, env=env, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert lines[0] == "suite suite: $0.003000 for 3 cases, $0.001000 each"
+    assert lines[1].startswith("case greeting: spent $0.0000") and "hello" in lines[1]
+    assert "refused: agentkeys: budget exhausted" in lines[3], "the runaway case hit its own slice"
+    record = proxy.ledger().get_key(suite["id"])
+    assert record.spent_micros + record.held_micros <= record.budget_micros
+
+
+def test_the_github_action_gives_a_job_its_own_key(proxy, mock, tmp_path):
+    """action.yml's script, run as a runner would: the key lands in $GITHUB_ENV, masked, and works."""
+    github_env, github_output = tmp_path / "env", tmp_path / "output"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "github_issue_key.py"
+    env = {
+        **os.environ,
+        "AGENTKEYS_URL": proxy.gateway_url,
+        "AGENTKEYS_ISSUER_TOKEN": ISSUER_TOKEN,
+        "AGENTKEYS_POLICY": "ci",
+        "AGENTKEYS_BUDGET": "0.25",
+        "AGENTKEYS_TTL": "10m",
+        "GITHUB_ENV": str(github_env),
+        "GITHUB_OUTPUT": str(github_output),
+        "GITHUB_JOB": "evals",
+    }
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=30)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    exported = dict(line.split("=", 1) for line in github_env.read_text().splitlines())
+    key = exported["OPENAI_API_KEY"]
+    assert ran.stdout.startswith(f"::add-mask::{key}\n") and key == exported["ANTHROPIC_API_KEY"]
+    assert github_output.read_text() == f"key-id={exported['AGENTKEYS_KEY_ID']}\n"
+    client = openai.OpenAI(api_key=key, base_url=exported["OPENAI_BASE_URL"], max_retries=0)
+    client.chat.completions.create(model="gpt-4o-mini", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    revoked = httpx.delete(
+        f"{exported['AGENTKEYS_URL']}/_agentkeys/v1/keys/self", headers={"authorization": f"Bearer {key}"}
+    )  # the workflow's `if: always()` step
+    assert revoked.status_code == 200
+    assert proxy.ledger().get_key(exported["AGENTKEYS_KEY_ID"]).revoked_at is not None
+    env["AGENTKEYS_POLICY"] = "orchestrator"
+    refused = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=30)
+    assert refused.returncode == 1 and "::error::Agent Keys refused the key: 403" in refused.stdout

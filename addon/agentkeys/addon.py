@@ -285,6 +285,10 @@ class AgentKeys:
             if provider is None:
                 self._non_provider(flow)
                 return None
+            # A host whose API lives under a path (Groq's /openai/v1): that path is the upstream URL's.
+            base_path = self.upstreams[provider].base_path
+            if base_path and path.startswith(base_path + "/"):
+                path = path.removeprefix(base_path)
         call = self._call_of(flow, provider, path, split.query)
         return CallState(call=call, wire=FORMATS[self.config.providers[provider].format])
 
@@ -438,14 +442,20 @@ class AgentKeys:
             return
         state.finished = True
         reason = f"error: {flow.error.msg if flow.error else 'unknown'}"
-        self._settle_in_background(self._settle_broken(state), flow, state, reason)
+        self._settle_in_background(self._settle_broken(flow, state), flow, state, reason)
 
-    async def _settle_broken(self, state: CallState) -> Settlement:
-        """The connection broke: a stream cut short is charged for what was sent; no answer, nothing."""
+    async def _settle_broken(self, flow: http.HTTPFlow, state: CallState) -> Settlement:
+        """A call that broke off, settled as the provider would bill it.
+
+        A stream cut short: what was streamed (an estimate). An agent that gave up waiting after its
+        call reached the provider: the full hold, since the provider finishes and bills the call anyway.
+        A provider that could not be reached, or failed before answering: nothing.
+        """
         relay = state.relay
         if relay and relay.first_chunk_at is not None and not relay.broken:
             return await self.gate.settle_stream(state.admission, relay.meter.result())
-        if relay:
+        agent_gave_up = flow.error is not None and flow.error.msg.lower().startswith("client disconnected")
+        if relay or (agent_gave_up and flow.server_conn.timestamp_tcp_setup is not None):
             return await self.gate.settle_usage(state.admission, None)
         return await self.gate.release(state.admission)
 

@@ -12,6 +12,7 @@ from agentkeys.keys import iso, issue_key
 from agentkeys.ledger import KeyRecord, LedgerUnavailable, open_ledger
 from agentkeys.money import format_usd, micros_to_usd
 from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_duration
+from agentkeys.pricing import price_rows
 from agentkeys.runner import run_with_key
 from agentkeys.yamlfile import ConfigError
 
@@ -80,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = commands.add_parser("ca", help="where the CA is, and the environment an agent needs")
     ca.set_defaults(run=cmd_ca)
+
+    prices = commands.add_parser("prices", help="model prices").add_subparsers(required=True, metavar="ACTION")
+    price_show = prices.add_parser("show", help="what a model costs, and where that price comes from")
+    price_show.add_argument("model")
+    price_show.add_argument("--provider", help="as the proxy prices it for this provider (default: every table)")
+    price_show.set_defaults(run=cmd_prices_show)
     return parser
 
 
@@ -255,6 +262,31 @@ def cmd_ca(args) -> int:
     print(f"# bundle (system roots + CA): {bundle_path(certs_dir)}")
     for name, value in agent_environment(certs_dir, f"http://{config.listen_host}:{config.proxy_port}").items():
         print(f"export {name}={value}")
+    return 0
+
+
+def cmd_prices_show(args) -> int:
+    """Each table pricing the model; with --provider, the one the proxy would use (its format's as a fallback)."""
+    config = read_config(args)
+    table = config.price_table()
+    if args.provider:
+        spec = config.providers.get(args.provider)
+        matches = [table.find(args.model, args.provider, *([spec.format] if spec else []))]
+    else:
+        matches = [table.find(args.model, provider) for provider in table.providers_pricing(args.model)]
+    matches = [match for match in matches if match]
+    if not matches:
+        where = f" for {args.provider}" if args.provider else ""
+        print(f"error: no price is known for {args.model}{where}; calls to it are refused", file=sys.stderr)
+        return 1
+    for match in matches:
+        family = f" (as {match.model})" if match.model != args.model else ""
+        print(f"{args.model}: {match.provider}'s price{family}, {match.price.source}")
+        print_table(["", "USD/token", "USD/1M tokens"], price_rows(match.price))
+        limits = {"max output tokens": match.price.max_output_tokens, "context window": match.price.max_input_tokens}
+        for name, value in limits.items():
+            print(f"{name}: {value:,}" if value else f"{name}: unknown")
+        print()
     return 0
 
 

@@ -3,6 +3,8 @@
     POST /_agentkeys/v1/keys       with an agent key: mint a child key for a sub-agent, carved out of
                                    the caller's budget; with an issuer token: mint a key from a policy
     GET  /_agentkeys/v1/keys/self  the calling key: expiry, budget, spend, what it may call, its children
+    DELETE /_agentkeys/v1/keys/self        revoke the calling key (and its descendants): "I am done"
+    DELETE /_agentkeys/v1/keys/{child_id}  revoke one of the calling key's children (and its descendants)
 
 These routes are answered by the proxy on either listener and never reach a provider. Plain async
 code over the gate and the ledger (no mitmproxy here); each answer is audited by the addon.
@@ -69,6 +71,8 @@ class Control:
         if (call.method, call.path) == ("POST", "/_agentkeys/v1/keys"):
             issuer = self.issuer_of(call)
             return await (self.issue_for(issuer, call) if issuer else self.mint_child(call))
+        if call.method == "DELETE" and call.path.startswith("/_agentkeys/v1/keys/"):
+            return await self.revoke(call, call.path.removeprefix("/_agentkeys/v1/keys/"))
         return error(
             404, f"no such route: {call.method} {call.path} (see /_agentkeys/v1/keys, /_agentkeys/v1/keys/self)"
         )
@@ -99,6 +103,18 @@ class Control:
             "children": [describe(child, now) for child in children],
         }
         return ControlAnswer(200, body, "self", record)
+
+    async def revoke(self, call: CallRequest, target: str) -> ControlAnswer:
+        caller = await self.caller(call)
+        if isinstance(caller, ControlAnswer):
+            return caller
+        key_id = caller.key_id if target == "self" else target
+        if key_id != caller.key_id:
+            target_record = await self.gate.in_ledger("get_key", key_id)
+            if target_record is None or target_record.parent_id != caller.key_id:
+                return error(404, f"agentkeys: {key_id} is not a child of this key", caller)
+        await self.gate.in_ledger("revoke", key_id, self.gate.clock())
+        return ControlAnswer(200, {"id": key_id, "status": "revoked"}, f"revoked {key_id}", caller)
 
     # ----- child keys -----
 

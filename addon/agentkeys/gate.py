@@ -228,6 +228,11 @@ class Gate:
             return await loop.run_in_executor(None, wire.request_facts, call.method, call.path, call.body, call.query)
         return wire.request_facts(call.method, call.path, call.body, call.query)
 
+    def price_of(self, provider: str, wire: WireFormat, model: str) -> ModelPrice | None:
+        """An OpenAI-compatible host serving OpenAI's models falls back to its wire format's prices."""
+        match = self.prices.find(model, provider, wire.name)
+        return match.price if match else None
+
     def as_served(self, provider: str, facts: RequestFacts) -> RequestFacts:
         """An Azure deployment is billed as the model it runs: price it and match the policy by that model."""
         served = self.config.providers[provider].deployments.get(facts.model or "")
@@ -243,8 +248,7 @@ class Gate:
                 record,
                 facts.model,
             )
-        # An OpenAI-compatible host serving OpenAI's models falls back to its wire format's prices.
-        price = self.prices.lookup(call.provider, facts.model) or self.prices.lookup(admission.wire.name, facts.model)
+        price = self.price_of(call.provider, admission.wire, facts.model)
         if price is None:
             return Denial(
                 DenyKind.FORBIDDEN,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentkeys.money import usd_to_micros
 from agentkeys.yamlfile import ConfigError
 
+BUNDLED_SOURCE = "bundled (from LiteLLM's price map)"
 DATED_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{4})$")
 # LiteLLM's provider names -> ours, for the providers whose wire formats we speak.
 LITELLM_PROVIDERS = {
@@ -173,7 +174,7 @@ class PriceTable:
         raw = json.loads(resources.files("agentkeys").joinpath("data/prices.json").read_text())
         return cls(
             {
-                provider: {model: ModelPrice(**p, source="bundled") for model, p in models.items()}
+                provider: {model: ModelPrice(**p, source=BUNDLED_SOURCE) for model, p in models.items()}
                 for provider, models in raw.items()
             }
         )
@@ -205,15 +206,28 @@ class PriceTable:
         return count
 
     def lookup(self, provider: str, model: str) -> ModelPrice | None:
-        models = self._prices.get(provider, {})
-        if model in models:
-            return models[model]
-        undated = DATED_SUFFIX.sub("", model)
-        return models.get(undated)
+        match = self.find(model, provider)
+        return match.price if match else None
+
+    def find(self, model: str, *providers: str) -> "PriceMatch | None":
+        """The first of `providers` whose table prices `model` (or its undated family), and how."""
+        for provider in providers:
+            models = self._prices.get(provider, {})
+            for name in (model, DATED_SUFFIX.sub("", model)):
+                if name in models:
+                    return PriceMatch(provider, name, models[name])
+        return None
 
     def providers_pricing(self, model: str) -> list[str]:
         """Every provider whose table prices `model` (or its undated family)."""
-        return [provider for provider in sorted(self._prices) if self.lookup(provider, model)]
+        return [provider for provider in sorted(self._prices) if self.find(model, provider)]
+
+
+@dataclass(frozen=True)
+class PriceMatch:
+    provider: str  # whose table priced the model
+    model: str  # the table's name for it: a dated name resolves to its family
+    price: ModelPrice
 
 
 def load_prices(
@@ -269,3 +283,35 @@ def worst_case_micros(price: ModelPrice, input_tokens: int, output_tokens: int, 
         )
     bands = [price, *(tier for tier in price.tiers if input_tokens > tier.above_tokens)]
     return max(usd_to_micros(cost_usd(band, split)) for band in bands for split in splits)
+
+
+RATE_LABELS = {
+    "input": "input",
+    "output": "output",
+    "cache_read": "cache read",
+    "cache_write": "cache write",
+    "cache_write_1h": "cache write (1h)",
+}
+
+
+def price_rows(price: ModelPrice) -> list[list[str]]:
+    """[what, USD per token, USD per million tokens] for each rate of a price, long-context bands included."""
+    bands: list[tuple[str, Rates]] = [("", price)]
+    bands += [(f" above {tier.above_tokens:,} input tokens", tier) for tier in price.tiers]
+    return [
+        [label + band_label, per_token_text(rate), per_mtok_text(rate)]
+        for band_label, band in bands
+        for name, label in RATE_LABELS.items()
+        if (rate := getattr(band, name)) is not None
+    ]
+
+
+def per_token_text(rate: float) -> str:
+    return format(Decimal(str(rate)).normalize(), "f")
+
+
+def per_mtok_text(rate: float) -> str:
+    """Per million tokens, as providers publish prices: `0.15`, `3.00`, `0.075`."""
+    text = format((Decimal(str(rate)) * 1_000_000).normalize(), "f")
+    whole, _, cents = text.partition(".")
+    return f"{whole}.{cents.ljust(2, '0')}"

@@ -120,7 +120,9 @@ def usage_from_object(usage, output_tokens: int | None = None) -> Usage | None:
 
 def check_client_tools(data: dict) -> None:
     if data.get("mcp_servers"):
-        raise Unmeterable("MCP servers are called by Anthropic and add input of their own, so they cannot be metered")
+        raise Unmeterable(
+            "MCP servers are called by Anthropic and add input of their own, so this proxy cannot meter them"
+        )
     for tool in data.get("tools") or []:
         kind = (tool.get("type") or "custom") if isinstance(tool, dict) else None
         if not isinstance(kind, str) or not kind.startswith(CLIENT_TOOL_TYPE_PREFIXES):

@@ -52,7 +52,9 @@ class AzureFormat(openai.OpenAIFormat):
         endpoint, deployment = found
         data = parse_json_object(body)
         if data.get("data_sources"):
-            raise Unmeterable("'data_sources' (On Your Data) adds retrieved input and search fees the proxy cannot see")
+            raise Unmeterable(
+                "'data_sources' (On Your Data) adds retrieved input and search fees, so this proxy cannot meter it"
+            )
         return openai.read_endpoint(endpoint, {**data, "model": deployment} if deployment else data)
 
     def set_real_key(self, headers, key: str) -> None:

@@ -179,7 +179,7 @@ def tools_tokens(tools) -> int:
         if not names <= CLIENT_TOOL_FIELDS:
             hosted = ", ".join(sorted(str(name) for name in names - CLIENT_TOOL_FIELDS))
             raise Unmeterable(
-                f"Google's own tools ({hosted}) are billed per use or add unseen input, so they cannot be metered"
+                f"Google's own tools ({hosted}) are billed per use or add unseen input, so this proxy cannot meter them"
             )
     return TOOLS_OVERHEAD_TOKENS + utf8_len(tools)
 

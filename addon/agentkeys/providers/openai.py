@@ -120,7 +120,8 @@ class OpenAIFormat:
 def read_endpoint(endpoint: str, data: dict) -> RequestFacts:
     """The facts of a metered call on one of the endpoints above (Azure's paths map onto them too)."""
     if data.get("service_tier") not in STANDARD_SERVICE_TIERS:
-        raise Unmeterable(f"service tier {data['service_tier']!r} is billed above the standard prices this proxy knows")
+        tier = data["service_tier"]
+        raise Unmeterable(f"service tier {tier!r} is billed above the standard prices, so this proxy cannot meter it")
     return READERS[endpoint](data)
 
 
