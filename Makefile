@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: install
-	$(VENV)/bin/agentkeys --config agentkeys.yaml serve
+	$(VENV)/bin/agentkeys serve --config agentkeys.yaml
 
 test: install
 	$(PY) -m pytest -q tests

@@ -1,28 +1,37 @@
-"""Benchmark: what the Agent Keys addon adds on top of bare mitmproxy. Only 127.0.0.1 traffic.
+"""Benchmark: what the Agent Keys addon adds on top of bare mitmproxy, and what its store and
+replicas change. Only 127.0.0.1 traffic.
 
-Three servers run, each in its own process: the mock provider (apart, so its work does not share
-a GIL with the load generator), a bare `mitmdump` reverse proxy to the mock, and `mitmdump` with
-the addon, started exactly as the end-to-end tests start it (tests/conftest.py `start_proxy`).
-This process is the load generator: a minimal HTTP/1.1 client on asyncio streams, because an SDK
-or httpx would spend more per call than the proxy overhead being measured.
+The servers run each in its own process: the mock provider (apart, so its work does not share a
+GIL with the load generator), a bare `mitmdump` reverse proxy to the mock, and `mitmdump` with the
+addon, started exactly as the end-to-end tests start it (tests/conftest.py `start_proxy`), in four
+set-ups: one proxy on its SQLite file ("addon"), one proxy on a Redis ("redis"), three proxies
+sharing that Redis ("redis-x3") and three proxies sharing one SQLite file ("sqlite-x3"); each
+set-up has its own key. This process is the load generator: a minimal HTTP/1.1 client on asyncio
+streams, because an SDK or httpx would spend more per call than the proxy overhead being measured.
+Its connections to a set-up of three take the three gateways in turn.
 
-Measured, bare vs addon:
+Measured through every target:
   * a small chat call, one at a time: median and p90 latency;
-  * 16 connections at once: requests/s and median latency;
+  * 16 connections at once: requests/s and median latency.
+Measured bare vs addon only:
   * a ~400 KB prompt: the latency of that call, and what such calls add to small calls beside them;
   * a streaming call: time to the first `data:` line. (Bare mitmdump buffers a stream, the addon
     relays it event by event; the mock sends a whole stream at once, so the two compare fairly.)
-The machine is small and noisy, so the small-call measures run in rounds that alternate bare and
-addon, and the median round is reported; the one-off measures alternate call by call.
+The machine is small and noisy, so the small-call measures run in rounds that go through every
+target in turn, and the median round is reported; the one-off measures alternate call by call.
+Three proxies on a machine of two cores compete for them (and with the mock and the load generator),
+though they may gain on one proxy, which uses one core at most: the replica figures show that shared
+stores stay correct under contention, not how replicas scale out.
 
-Then it checks that every addon call got a 200 and that the ledger's spend for the bench key
-equals the sum of its audit records' cost_micros. Results are printed and written to
-bench/results.json; the exit status is 1 if a check failed.
+Then it checks that every call got a 200 and, for each set-up, that the ledger's spend for its key
+equals the sum of its audit records' cost_micros over all its proxies, with nothing left held.
+Results are printed and written to bench/results.json; the exit status is 1 if a check failed.
 """
 
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -43,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the proxy set-up is the end-to-end tests' own
 
 from mitmproxy.version import VERSION as MITMPROXY_VERSION  # noqa: E402
+from redis_server import RedisServer  # noqa: E402
 
 import conftest  # noqa: E402
 
@@ -81,23 +91,36 @@ def large_chat() -> dict:
 
 @dataclass
 class Target:
-    """One way to reach the mock: a listener, the chat path there, and the API key it expects.
+    """One way to reach the mock: its listeners (one per proxy), the chat path there, the API key it
+    expects and, behind an addon set-up, its proxies and the key's id, for the checks.
 
     Every call's status is counted here, so the run can check afterwards that none failed.
     """
 
     name: str
-    port: int
+    setup: str  # what serves it, for the report
+    ports: list[int]
     path: str
     api_key: str
+    proxies: list[conftest.Proxy] = field(default_factory=list)
+    key_id: str | None = None
     statuses: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self):
+        self._next_ports = itertools.cycle(self.ports)
+
+    def next_port(self) -> int:
+        """The listener for a new connection: each in turn, so load spreads evenly over replicas."""
+        with self._lock:  # the background load opens its connection from its own thread
+            return next(self._next_ports)
+
     def request(self, body: dict) -> bytes:
-        """The whole HTTP/1.1 request, built once and sent many times."""
+        """The whole HTTP/1.1 request, built once and sent many times, through any of the listeners
+        (so its Host names none: the gateway and bare mitmdump route by path alone)."""
         payload = json.dumps(body).encode()
         head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Authorization: Bearer {self.api_key}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n"
         )
@@ -125,7 +148,7 @@ class Connection:
 
     @classmethod
     async def open(cls, target: Target) -> "Connection":
-        reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.next_port())
         return cls(target, reader, writer)
 
     def close(self) -> None:
@@ -305,8 +328,9 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def run_measures(bare: Target, addon: Target) -> dict:
-    targets = [bare, addon]
+async def run_measures(bare: Target, addon: Target, others: list[Target]) -> dict:
+    """The small-call rounds through every target; the one-off measures through bare and addon only."""
+    targets = [bare, addon, *others]
     rounds: dict[str, dict[str, list[dict]]] = {t.name: {"sequential": [], "concurrent": []} for t in targets}
     for number in range(1, ROUNDS + 1):
         for target in targets:
@@ -314,27 +338,34 @@ async def run_measures(bare: Target, addon: Target) -> dict:
             latencies = await sequential(target, SEQUENTIAL_CALLS, SEQUENTIAL_WARMUP)
             result = {**summary(latencies), "window": [opened, time.time()]}
             rounds[target.name]["sequential"].append(result)
-            progress(f"round {number}/{ROUNDS}  sequential  {target.name:5}  median {result['median_ms']:.3f} ms")
+            progress(f"round {number}/{ROUNDS}  sequential  {target.name:9}  median {result['median_ms']:.3f} ms")
         for target in targets:
             opened = time.time()
             result = {**await concurrent(target), "window": [opened, time.time()]}
             rounds[target.name]["concurrent"].append(result)
-            progress(f"round {number}/{ROUNDS}  {WORKERS} concurrent  {target.name:5}  {result['rps']:.0f} requests/s")
+            progress(f"round {number}/{ROUNDS}  {WORKERS} concurrent  {target.name:9}  {result['rps']:.0f} requests/s")
 
-    progress("large prompts, one at a time")
-    large = await alternating(targets, large_chat(), LARGE_WARMUP, LARGE_CALLS)
-    progress("small calls beside large prompts")
-    beside = {target.name: await beside_large_prompts(target) for target in targets}
-    for name, result in beside.items():
-        progress(f"  {name:5}  {result['background_calls']} large calls ran beside the small ones")
-    progress("streaming: time to first data")
-    streams = await alternating(targets, STREAMING_CHAT, TTFT_WARMUP, TTFT_CALLS, sse=True)
-
-    return {
+    results = {
         target.name: {
+            "setup": target.setup,
             "sequential": median_round(rounds[target.name]["sequential"], "median_ms"),
             "concurrent": median_round(rounds[target.name]["concurrent"], "rps"),
             "rounds": rounds[target.name],
+        }
+        for target in targets
+    }
+
+    one_off = [bare, addon]
+    progress("large prompts, one at a time")
+    large = await alternating(one_off, large_chat(), LARGE_WARMUP, LARGE_CALLS)
+    progress("small calls beside large prompts")
+    beside = {target.name: await beside_large_prompts(target) for target in one_off}
+    for name, result in beside.items():
+        progress(f"  {name:5}  {result['background_calls']} large calls ran beside the small ones")
+    progress("streaming: time to first data")
+    streams = await alternating(one_off, STREAMING_CHAT, TTFT_WARMUP, TTFT_CALLS, sse=True)
+    for target in one_off:
+        results[target.name] |= {
             "large_prompt_median_ms": statistics.median(reply.ms for reply in large[target.name]),
             "beside_large_prompts": beside[target.name],
             "ttft_median_ms": statistics.median(  # a failed call has no data; the checks report it
@@ -343,8 +374,7 @@ async def run_measures(bare: Target, addon: Target) -> dict:
             "streams": len(streams[target.name]),
             "streams_ended_early": sum(reply.early_ends > 0 for reply in streams[target.name]),
         }
-        for target in targets
-    }
+    return results
 
 
 # ----- the processes -----
@@ -386,6 +416,24 @@ def start_bare_mitmdump(work: Path, mock_url: str) -> tuple[subprocess.Popen, in
     return process, port, log_path
 
 
+def start_addon(
+    running: contextlib.ExitStack, work: Path, mock: MockProcess, name: str, replicas: int, store: str
+) -> Target:
+    """`replicas` addon proxies sharing one store, each in its own folder (its audit log, its certs),
+    and a key for this set-up alone, minted through the first. Stopped when `running` closes."""
+    proxies = []
+    for number in range(replicas):
+        with contextlib.redirect_stdout(io.StringIO()):  # its `agentkeys ca` prints an agent's environment
+            proxy = conftest.start_proxy(work / f"{name}-{number}", mock, store=store)
+        running.callback(conftest.stop_proxy, proxy)
+        proxies.append(proxy)
+    key = proxies[0].issue(write_policy(work), "--budget", "1000", "--name", name)
+    kind = "Redis" if store.startswith("redis://") else "SQLite file"
+    setup = f"{replicas} addon {'proxy' if replicas == 1 else 'proxies'}, one {kind}"
+    ports = [proxy.gateway_port for proxy in proxies]
+    return Target(name, setup, ports, "/openai/v1/chat/completions", key["key"], proxies, key["id"])
+
+
 def stop(process: subprocess.Popen) -> None:
     process.terminate()
     try:
@@ -402,21 +450,44 @@ def interrupt(signum, frame):
 # ----- checks and report -----
 
 
-def check_accounting(proxy: conftest.Proxy, key_id: str, bare: Target, addon: Target) -> list[tuple[str, bool]]:
-    """Every call answered 200; the key's audit records are all there; spend equals their summed cost."""
-    addon_calls = addon.statuses.total()
-    records = proxy.records_for(key_id, count=addon_calls)
-    record = proxy.ledger().get_key(key_id)
+def audit_records(target: Target, timeout: float = 10) -> list[list[dict]]:
+    """The target's key's audit records, proxy by proxy, once there is one for each of its calls.
+
+    A record is written just after its response, so the last ones may lag the calls by a moment.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [[r for r in proxy.audit() if r["key_id"] == target.key_id] for proxy in target.proxies]
+        if sum(map(len, records)) >= target.statuses.total() or time.monotonic() > deadline:
+            return records
+        time.sleep(0.02)
+
+
+def check_statuses(target: Target) -> tuple[str, bool]:
+    return f"{target.name}: every call answered 200 ({dict(target.statuses)})", set(target.statuses) == {200}
+
+
+def check_accounting(target: Target) -> list[tuple[str, bool]]:
+    """Every call answered 200; the key's audit records are all there, from every proxy of the set-up;
+    the ledger's spend equals their summed cost, with nothing left held."""
+    calls = target.statuses.total()
+    by_proxy = audit_records(target)
+    records = [r for records in by_proxy for r in records]
+    with contextlib.closing(target.proxies[0].ledger()) as ledger:  # the store is shared: any proxy's will do
+        record = ledger.get_key(target.key_id)
     audited = sum(r["cost_micros"] for r in records)
+    spread = f" ({' + '.join(str(len(r)) for r in by_proxy)} by proxy)" if len(by_proxy) > 1 else ""
     return [
-        (f"every addon call answered 200 ({dict(addon.statuses)})", set(addon.statuses) == {200}),
-        (f"every bare call answered 200 ({dict(bare.statuses)})", set(bare.statuses) == {200}),
+        check_statuses(target),
         (
-            f"audit records for the bench key: {len(records)}, all allowed with status 200 (calls: {addon_calls})",
-            len(records) == addon_calls and all(r["decision"] == "allow" and r["status"] == 200 for r in records),
+            f"{target.name}: audit records {len(records)}{spread}, all allowed with status 200 (calls: {calls})",
+            len(records) == calls
+            and all(by_proxy)
+            and all(r["decision"] == "allow" and r["status"] == 200 for r in records),
         ),
         (
-            f"ledger spent {record.spent_micros} µ$ = audit sum of cost_micros {audited} µ$; held {record.held_micros}",
+            f"{target.name}: ledger spent {record.spent_micros} µ$ = audit sum of cost_micros {audited} µ$;"
+            f" held {record.held_micros}",
             record.spent_micros == audited and record.held_micros == 0,
         ),
     ]
@@ -430,19 +501,18 @@ def check_streams(results: dict) -> list[tuple[str, bool]]:
             r["streams_ended_early"] == 0,
         )
         for name, r in results.items()
+        if "streams" in r  # the targets of the one-off measures
     ]
 
 
-def check_logs(proxy: conftest.Proxy, bare_log: Path, work: Path) -> list[tuple[str, bool]]:
-    """What the test fixture checks of the proxy's log, and no traceback from the others either."""
-    addon_log = proxy.log_path.read_text()
-    return [
-        (
-            "addon proxy log: no traceback, no real key",
-            "Traceback" not in addon_log
-            and conftest.OPENAI_REAL_KEY not in addon_log
-            and conftest.ANTHROPIC_REAL_KEY not in addon_log,
-        ),
+def check_logs(addons: list[Target], bare_log: Path, work: Path) -> list[tuple[str, bool]]:
+    """What the test fixture checks of a proxy's log, and no traceback from the others either."""
+    checks = []
+    for target in addons:
+        logs = "".join(proxy.log_path.read_text() for proxy in target.proxies)
+        clean = all(text not in logs for text in ("Traceback", conftest.OPENAI_REAL_KEY, conftest.ANTHROPIC_REAL_KEY))
+        checks.append((f"{target.name}: proxy logs: no traceback, no real key", clean))
+    return checks + [
         (
             "bare mitmdump and mock logs: no traceback",
             "Traceback" not in bare_log.read_text() + (work / "mock.log").read_text(),
@@ -450,13 +520,13 @@ def check_logs(proxy: conftest.Proxy, bare_log: Path, work: Path) -> list[tuple[
     ]
 
 
-def overhead_figures(proxy: conftest.Proxy, key_id: str, rounds: dict[str, list[dict]]) -> dict:
+def overhead_figures(target: Target, rounds: dict[str, list[dict]]) -> dict:
     """The addon's own account of its time per call (audit `proxy_overhead_ms`) in the sequential and
     the concurrent phases, told apart by the records' timestamps.
 
     Under load it includes waiting: for the event loop, and for the ledger's single worker thread.
     """
-    records = [r for r in proxy.audit() if r["key_id"] == key_id]
+    records = [r for proxy in target.proxies for r in proxy.audit() if r["key_id"] == target.key_id]
     figures = {}
     for phase, results in rounds.items():
         windows = [result["window"] for result in results]
@@ -491,6 +561,23 @@ def comparison_rows(results: dict) -> list[tuple[str, float, float, str]]:
     return [(label, b, a, f"{a / b:.0%} of bare" if "requests/s" in label else added(b, a)) for label, b, a in rows]
 
 
+def store_figures(results: dict) -> dict:
+    """Every target's small-call figures beside bare mitmproxy's: what the store and the replicas change."""
+    bare = results["bare"]
+    return {
+        name: {
+            "setup": r["setup"],
+            "sequential_median_ms": r["sequential"]["median_ms"],
+            "sequential_added_ms": r["sequential"]["median_ms"] - bare["sequential"]["median_ms"],
+            "rps": r["concurrent"]["rps"],
+            "rps_share_of_bare": r["concurrent"]["rps"] / bare["concurrent"]["rps"],
+            "concurrent_median_ms": r["concurrent"]["median_ms"],
+            "concurrent_added_ms": r["concurrent"]["median_ms"] - bare["concurrent"]["median_ms"],
+        }
+        for name, r in results.items()
+    }
+
+
 def targets_met(results: dict) -> list[tuple[str, str, bool]]:
     bare, addon = results["bare"], results["addon"]
     added_ms = addon["sequential"]["median_ms"] - bare["sequential"]["median_ms"]
@@ -503,15 +590,35 @@ def targets_met(results: dict) -> list[tuple[str, str, bool]]:
     ]  # fmt: skip
 
 
-def print_report(rows, targets, overhead: dict, checks: list[tuple[str, bool]]) -> None:
+def print_report(rows, stores: dict, targets, overhead: dict, checks: list[tuple[str, bool]]) -> None:
     width = max(len(row[0]) for row in rows)
     print()
     print(f"{'measure':<{width}}  {'bare':>9}  {'addon':>9}  addon vs bare")
     for label, bare, addon, versus in rows:
         print(f"{label:<{width}}  {bare:>9.3f}  {addon:>9.3f}  {versus}")
+
+    setup_width = max(len(f["setup"]) for f in stores.values())
+    print(f"\nstores and replicas: small calls, median of {ROUNDS} rounds")
+    print(f"{'':<{12 + setup_width}}  {'sequential':^21}  {f'{WORKERS} concurrent':^40}".rstrip())
+    print(f"{'target':<10}  {'set-up':<{setup_width}}  {'median ms':>10}  {'added ms':>9}"
+          f"  {'requests/s':>10}  {'of bare':>7}  {'median ms':>9}  {'added ms':>8}")  # fmt: skip
+    for name, f in stores.items():
+        print(
+            f"{name:<10}  {f['setup']:<{setup_width}}"
+            f"  {f['sequential_median_ms']:>10.3f}  {f['sequential_added_ms']:>+9.3f}"
+            f"  {f['rps']:>10.0f}  {f['rps_share_of_bare']:>7.0%}"
+            f"  {f['concurrent_median_ms']:>9.2f}  {f['concurrent_added_ms']:>+8.2f}"
+        )
+    print(
+        f"  x3: three proxies share this machine's {os.cpu_count()} cores with the mock and this load generator."
+        "\n  One mitmdump uses one core at most, so three can gain on one by using the others: these rows"
+        "\n  show a shared store staying correct under contention, not how replicas scale out."
+    )
+
     print("\naddon's own time per call, from the audit log (proxy_overhead_ms)")
-    for phase, figures in overhead.items():
-        print(f"  {phase:<10}  median {figures['median_ms']:.3f} ms, p90 {figures['p90_ms']:.3f} ms")
+    for name, phases in overhead.items():
+        for phase, figures in phases.items():
+            print(f"  {name:<10}  {phase:<10}  median {figures['median_ms']:.3f} ms, p90 {figures['p90_ms']:.3f} ms")
     print("\ntargets")
     for label, value, met in targets:
         print(f"  {label:<60} {value:>8}  {'met' if met else 'NOT MET'}")
@@ -535,22 +642,30 @@ def main() -> int:
         running.callback(stop, mock.process)
         bare_process, bare_port, bare_log = start_bare_mitmdump(work, mock.url)
         running.callback(stop, bare_process)
-        with contextlib.redirect_stdout(io.StringIO()):  # its `agentkeys ca` prints an agent's environment
-            proxy = conftest.start_proxy(work / "addon", mock)
-        running.callback(conftest.stop_proxy, proxy)
-        key = proxy.issue(write_policy(work), "--budget", "1000", "--name", "bench")
+        redis_url = running.enter_context(RedisServer()).url  # entered before the proxies, so stopped after
 
-        bare = Target("bare", bare_port, "/v1/chat/completions", conftest.OPENAI_REAL_KEY)
-        addon = Target("addon", proxy.gateway_port, "/openai/v1/chat/completions", key["key"])
-        results = asyncio.run(run_measures(bare, addon))
+        def sqlite_file(name: str) -> str:
+            return f"sqlite:///{work / name}.db"  # absolute: a relative one is each proxy's own file
 
-        checks = check_accounting(proxy, key["id"], bare, addon) + check_streams(results)
-        overhead = overhead_figures(proxy, key["id"], results["addon"]["rounds"])
+        addons = [
+            start_addon(running, work, mock, "addon", 1, sqlite_file("addon")),
+            start_addon(running, work, mock, "redis", 1, redis_url),
+            start_addon(running, work, mock, "redis-x3", 3, redis_url),
+            start_addon(running, work, mock, "sqlite-x3", 3, sqlite_file("sqlite-x3")),
+        ]
+        bare = Target("bare", "bare mitmdump", [bare_port], "/v1/chat/completions", conftest.OPENAI_REAL_KEY)
+        results = asyncio.run(run_measures(bare, addons[0], addons[1:]))
+
+        checks = [check_statuses(bare)]
+        for target in addons:
+            checks += check_accounting(target)
+        checks += check_streams(results)
+        overhead = {target.name: overhead_figures(target, results[target.name]["rounds"]) for target in addons}
         running.close()  # stop the servers before reading their logs whole
-        checks += check_logs(proxy, bare_log, work)
+        checks += check_logs(addons, bare_log, work)
 
-    rows, targets = comparison_rows(results), targets_met(results)
-    print_report(rows, targets, overhead, checks)
+    rows, stores, targets = comparison_rows(results), store_figures(results), targets_met(results)
+    print_report(rows, stores, targets, overhead, checks)
     RESULTS_PATH.write_text(
         json.dumps(
             {
@@ -562,6 +677,7 @@ def main() -> int:
                     "seconds": round(time.monotonic() - started, 1),
                 },
                 "results": results,
+                "stores_and_replicas": stores,
                 "addon_overhead_from_audit": overhead,
                 "targets": [{"target": label, "value": value, "met": met} for label, value, met in targets],
                 "checks": [{"check": label, "ok": ok} for label, ok in checks],

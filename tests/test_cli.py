@@ -43,7 +43,7 @@ def test_serve_runs_both_listeners_and_enforces(config, mock, tmp_path):
     env = {**os.environ, "OPENAI_API_KEY": OPENAI_REAL_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_REAL_KEY}
     log = tmp_path / "serve.log"
     server = subprocess.Popen(
-        [str(AGENTKEYS), "--config", str(config), "serve"], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env
+        [str(AGENTKEYS), "serve", "--config", str(config)], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env
     )
     try:
         wait_for_port(settings["gateway_port"], server, log)

@@ -228,7 +228,7 @@ def test_embeddings_are_metered_on_their_input(proxy, mock, key):
 def test_a_stream_carries_what_remains_after_its_hold(proxy, mock, key):
     body = {"model": "gpt-4o-mini", "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     with httpx.stream(
-        "POST", f"{proxy.gateway_url}/openai/v1/chat/completions", json=body, headers=bearer(key)
+        "POST", f"{proxy.gateway_url}/openai/v1/chat/completions", json=body, headers=bearer(key), timeout=30
     ) as response:
         headers = response.headers
         list(response.iter_lines())

@@ -132,7 +132,9 @@ SHAPES = {
         "openai", "/v1/responses", _Responses,
         {"model": "gpt-4o-mini", "input": "and then?", "previous_response_id": "resp_1", "max_output_tokens": 20},
     ),
-    "completions-text": ("openai", "/v1/completions", _Completions, {"model": "gpt-3.5-turbo-instruct", "prompt": TEXT}),
+    "completions-text": (
+        "openai", "/v1/completions", _Completions, {"model": "gpt-3.5-turbo-instruct", "prompt": TEXT},
+    ),
     "completions-many": (
         "openai", "/v1/completions", _Completions,
         {"model": "gpt-3.5-turbo-instruct", "prompt": ["a", TEXT, "c"], "n": 3, "max_tokens": 40},
@@ -145,7 +147,9 @@ SHAPES = {
     "embeddings-list": (
         "openai", "/v1/embeddings", _Embeddings, {"model": "text-embedding-3-small", "input": [TEXT, "b", "🙂" * 50]},
     ),
-    "embeddings-tokens": ("openai", "/v1/embeddings", _Embeddings, {"model": "text-embedding-3-small", "input": [7] * 90}),
+    "embeddings-tokens": (
+        "openai", "/v1/embeddings", _Embeddings, {"model": "text-embedding-3-small", "input": [7] * 90},
+    ),
     "anthropic-cache-write-1h": (
         "anthropic", "/v1/messages", _Anthropic,
         {"model": "claude-haiku-4-5", "max_tokens": 100, "system": CACHED_SYSTEM,
@@ -158,7 +162,8 @@ SHAPES = {
     ),
     "gemini-text": (
         "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", _Gemini,
-        {"contents": [{"role": "user", "parts": [{"text": TEXT}]}], "systemInstruction": {"parts": [{"text": "Be brief"}]}},
+        {"contents": [{"role": "user", "parts": [{"text": TEXT}]}],
+         "systemInstruction": {"parts": [{"text": "Be brief"}]}},
     ),
     "gemini-thinking-candidates": (
         "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", _Gemini,
@@ -167,7 +172,8 @@ SHAPES = {
     ),
     "gemini-image": (
         "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", _Gemini,
-        {"contents": [{"parts": [{"text": "what is it?"}, {"inlineData": {"mimeType": "image/png", "data": "iVBOR"}}]}]},
+        {"contents": [{"parts": [
+            {"text": "what is it?"}, {"inlineData": {"mimeType": "image/png", "data": "iVBOR"}}]}]},
     ),
     "gemini-cached-content": (
         "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", _Gemini,
@@ -281,7 +287,7 @@ def test_an_azure_deployment_path_names_the_model_whatever_the_body_says():
         (ANTHROPIC, "/v1/messages", {"tools": [{"type": "web_search_20250305", "name": "w"}]}, "web_search"),
         (ANTHROPIC, "/v1/messages", {"mcp_servers": [{"url": "x"}]}, "MCP"),
         (AZURE, "/openai/deployments/d/chat/completions", {"data_sources": [{"type": "azure_search"}]}, "On Your Data"),
-        (GEMINI, "/v1beta/models/gemini-2.5-flash:generateContent", {"tools": [{"code_execution": {}}]}, "codeExecution"),
+        (GEMINI, "/v1beta/models/m:generateContent", {"tools": [{"code_execution": {}}]}, "codeExecution"),
     ],
     ids=["chat-web-search", "file-search", "mcp", "anthropic-web-search", "anthropic-mcp", "azure-on-your-data",
          "gemini-code-execution"],
@@ -296,8 +302,13 @@ def test_tools_billed_beyond_tokens_cannot_be_metered(wire, path, body, complain
 
 
 def test_client_tools_are_counted_not_refused():
-    body = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
-            "tools": [{"name": "lookup", "input_schema": {"type": "object"}}, {"type": "bash_20250124", "name": "bash"}]}  # fmt: skip
+    tools = [{"name": "lookup", "input_schema": {"type": "object"}}, {"type": "bash_20250124", "name": "bash"}]
+    body = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": tools,
+    }
     assert ANTHROPIC.request_facts("POST", "/v1/messages", json.dumps(body).encode()).input_token_bound > 1000
 
 
@@ -367,5 +378,176 @@ def test_anthropic_one_hour_cache_writes_are_told_apart():
     parsed = ANTHROPIC.usage_from_response(json.dumps({"usage": usage}).encode())
     assert parsed == Usage(305, 1, cache_write_tokens=300, cache_write_1h_tokens=200)
     haiku = PRICES.lookup("anthropic", "claude-haiku-4-5")
-    # 5 plain × $1/M + 100 × $1.25/M + 200 × $2/M + 1 × $5/M
-    assert cost_micros(haiku, parsed) == 1  # $0.000535 rounds up to a micro-dollar... of 535? see below
+    # 5 plain × $1/M + 100 written for 5 minutes × $1.25/M + 200 for an hour × $2/M + 1 out × $5/M
+    assert cost_micros(haiku, parsed) == 535
+
+
+# ----- prices -----
+
+LONG_CONTEXT_ENTRY = {
+    "litellm_provider": "gemini",
+    "input_cost_per_token": 1e-6,
+    "output_cost_per_token": 4e-6,
+    "input_cost_per_token_above_200k_tokens": 2e-6,
+    "output_cost_per_token_above_200k_tokens": 6e-6,
+    "cache_read_input_token_cost_above_200k_tokens": 5e-7,
+    "input_cost_per_token_above_200k_tokens_priority": 9e-6,  # another service tier: not ours
+    "max_input_tokens": 1_000_000,
+    "max_output_tokens": 1000,
+}
+
+
+def test_long_context_prices_apply_to_the_whole_call_above_their_threshold():
+    price = price_from_litellm_entry(LONG_CONTEXT_ENTRY)
+    assert price.tiers == [PriceTier(above_tokens=200_000, input=2e-6, output=6e-6, cache_read=5e-7)]
+    assert price.max_input_tokens == 1_000_000
+    assert cost_micros(price, Usage(200_000, 10)) == 200_000 + 40
+    assert cost_micros(price, Usage(200_001, 10)) == 400_002 + 60
+    assert cost_micros(price, Usage(300_000, 0, cached_tokens=100_000)) == 400_000 + 50_000
+
+
+def test_the_worst_case_is_the_dearest_way_the_input_can_be_billed():
+    price = ModelPrice(input=1e-6, output=2e-6, cache_read=1e-7, cache_write=1.25e-6, cache_write_1h=2e-6)
+    assert worst_case_micros(price, 1000, 10, cache_writes=False) == 1000 + 20
+    assert worst_case_micros(price, 1000, 10, cache_writes=True) == 2000 + 20
+    cheaper_band = price.model_copy(update={"tiers": [PriceTier(above_tokens=500, input=5e-7, output=1e-6)]})
+    assert worst_case_micros(cheaper_band, 1000, 10, cache_writes=False) == 1000 + 20, "never below the base band"
+
+
+def test_config_prices_are_per_million_tokens():
+    price = ConfigPrice(input_per_mtok=0.15, output_per_mtok=0.6, cache_read_per_mtok=0.075).model_price("config")
+    assert (price.input, price.output, price.cache_read) == (1.5e-7, 6e-7, 7.5e-8)
+    assert price_rows(price) == [
+        ["input", "0.00000015", "0.15"],
+        ["output", "0.0000006", "0.60"],
+        ["cache read", "0.000000075", "0.075"],
+    ]
+    with pytest.raises(ValueError):
+        ConfigPrice(input_per_mtok=1, output_per_mtok=2, input=3)
+
+
+def test_a_price_file_overrides_the_bundle_and_the_config_overrides_the_file(tmp_path):
+    entry = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
+    (tmp_path / "prices.json").write_text(json.dumps({
+        "gpt-4o-mini": {"litellm_provider": "openai", **entry},
+        "gemini/gemini-9": {"litellm_provider": "gemini", **entry},
+        "local-model": {"litellm_provider": "local-vllm", **entry},
+        "bedrock-only": {"litellm_provider": "bedrock", **entry},
+    }))  # fmt: skip
+    inline = {"openai": {"gpt-4o-mini": ConfigPrice(input_per_mtok=9, output_per_mtok=9)}}
+    table = load_prices(tmp_path / "prices.json", inline, ["openai", "local-vllm"])
+    assert table.lookup("openai", "gpt-4o-mini").input == 9e-6
+    assert table.lookup("openai", "gpt-4o-mini").source == "proxy config (prices:)"
+    assert table.lookup("gemini", "gemini-9").source == str(tmp_path / "prices.json")
+    assert table.lookup("local-vllm", "local-model").input == 1e-6, "a configured provider's own name works"
+    assert table.providers_pricing("bedrock-only") == []
+    assert table.lookup("openai", "gpt-4o").source.startswith("bundled")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", None], ids=["bad-json", "not-a-map", "missing"])
+def test_an_unusable_price_file_is_a_config_error(tmp_path, content):
+    path = tmp_path / "prices.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match="prices.json"):
+        load_prices(path, {}, [])
+
+
+def test_the_config_names_its_price_file_relative_to_itself(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"x-model": {"litellm_provider": "openai", "input_cost_per_token": 1,
+                                                             "output_cost_per_token": 1}}))  # fmt: skip
+    config = ProxyConfig.model_validate({"prices_file": "p.json", "base_dir": tmp_path})
+    config.base_dir = tmp_path
+    assert config.price_table().lookup("openai", "x-model") is not None
+
+
+# ----- the gate -----
+
+
+def test_an_unmeterable_endpoint_is_refused_unless_listed_as_unmetered(env):
+    refused = env.admit(env.issue(endpoints=["* /v1/*"]), "openai", "/v1/files", b"", method="GET")
+    assert isinstance(refused, Denial) and refused.kind is DenyKind.FORBIDDEN
+    assert "unmetered_endpoints" in refused.message
+    key = env.issue(endpoints=["POST /v1/chat/completions"], unmetered_endpoints=["GET /v1/files*"])
+    admission = env.admitted(key, "openai", "/v1/files/file-1", b"", method="GET")
+    assert (admission.unmetered, admission.hold_id, admission.remaining_micros) == (True, None, 1_000_000)
+
+
+def test_unmetered_endpoints_never_unmeter_a_metered_one(env):
+    key = env.issue(endpoints=["GET /v1/models"], unmetered_endpoints=["* /v1/*"])
+    refused = env.admit(key, "openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user"}]})
+    assert isinstance(refused, Denial) and "not allowed" in refused.message
+
+
+def chat(max_tokens: int | None = 1000, **fields) -> dict:
+    limit = {} if max_tokens is None else {"max_tokens": max_tokens}
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi"}], **limit, **fields}
+
+
+def test_clamp_finds_the_largest_output_limit_that_fits(env):
+    key = env.issue(budget_usd=0.0002, clamp_max_tokens=True)
+    admission = env.admitted(key, "openai", "/v1/chat/completions", chat())
+    clamped = admission.clamped_to
+    assert json.loads(admission.upstream_body)["max_tokens"] == clamped
+    price = PRICES.lookup("openai", "gpt-4o-mini")
+    bound = admission.facts.input_token_bound
+    assert admission.hold_micros == cost_micros(price, Usage(bound, clamped)) <= 200
+    assert cost_micros(price, Usage(bound, clamped + 1)) > 200
+
+
+def test_clamp_multiplies_by_every_choice(env):
+    key = env.issue(budget_usd=0.0002, clamp_max_tokens=True)
+    admission = env.admitted(key, "openai", "/v1/chat/completions", chat(n=4))
+    price = PRICES.lookup("openai", "gpt-4o-mini")
+    assert admission.hold_micros == cost_micros(
+        price, Usage(admission.facts.input_token_bound, 4 * admission.clamped_to)
+    )
+
+
+def test_clamp_refuses_when_not_even_one_token_fits(env):
+    key = env.issue(budget_usd=0.000001, clamp_max_tokens=True)
+    refused = env.admit(key, "openai", "/v1/chat/completions", chat(messages=[{"role": "user", "content": TEXT}]))
+    assert isinstance(refused, Denial) and refused.kind is DenyKind.BUDGET
+
+
+def test_a_fitting_call_is_not_clamped(env):
+    admission = env.admitted(env.issue(clamp_max_tokens=True), "openai", "/v1/chat/completions", chat(max_tokens=10))
+    assert admission.clamped_to is None and admission.upstream_body is None
+
+
+def test_unseen_input_needs_a_known_context_window(env):
+    key = env.issue()
+    body = {"model": "gpt-4o-mini", "previous_response_id": "resp_1", "max_output_tokens": 5}
+    admission = env.admitted(key, "openai", "/v1/responses", body)
+    assert admission.facts.input_token_bound == 128_000
+    no_window = PRICES.lookup("openai", "gpt-4o-mini").model_copy(update={"max_input_tokens": None})
+    env.gate.prices.add("openai", "gpt-4o-mini", no_window)
+    refused = env.admit(key, "openai", "/v1/responses", body)
+    assert isinstance(refused, Denial) and "previous_response_id" in refused.message
+
+
+def test_an_azure_deployment_is_matched_and_priced_as_the_model_it_runs(env):
+    key = env.issue(models=["gpt-4o-mini*"])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    admission = env.admitted(
+        key, "azure", "/openai/deployments/prod-mini/chat/completions", body, query="api-version=1"
+    )
+    assert admission.facts.model == "gpt-4o-mini" and admission.price == PRICES.lookup("azure", "gpt-4o-mini")
+    refused = env.admit(key, "azure", "/openai/deployments/other/chat/completions", body, query="api-version=1")
+    assert isinstance(refused, Denial) and "model other is not allowed" in refused.message
+
+
+def test_a_key_in_the_query_string_counts_as_a_credential(env):
+    key = env.issue()
+    path, body = "/v1beta/models/gemini-2.5-flash:generateContent", b'{"contents": [{"parts": [{"text": "hi"}]}]}'
+    call = CallRequest("gemini", "POST", path, {}, body, query=f"alt=sse&key={key}")
+    assert isinstance(asyncio.run(env.gate.admit(call)), Admission)
+    real = CallRequest("gemini", "POST", path, {}, body, query="key=real-g")
+    refused = asyncio.run(env.gate.admit(real))
+    assert isinstance(refused, Denial) and "real provider key" in refused.message
+
+
+def test_query_credentials_are_stripped_and_the_rest_kept_as_sent():
+    query = "alt=sse&key=ak_x_y&k%65y=second&keys=1&x=a%20b"
+    assert credentials.credentials_in_query(query) == ["ak_x_y", "second"]
+    assert credentials.without_query_credentials(query) == "alt=sse&keys=1&x=a%20b"

@@ -22,6 +22,7 @@ GEMINI_KEY, AZURE_KEY, GROQ_KEY = (
 AZURE_HOST, GEMINI_HOST = "myres.openai.azure.com", "generativelanguage.googleapis.com"
 LLAMA = "llama-3.3-70b-versatile"
 FLASH = "/v1beta/models/gemini-2.5-flash"
+TIMEOUT = 30  # seconds; httpx's default of 5 is too short on a busy test machine
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,14 @@ def assert_no_agent_key_upstream(mock, key) -> None:
     assert key["key"] not in json.dumps(seen.headers) + seen.query + seen.body.decode()
 
 
+def post(url: str, **kwargs):
+    return httpx.post(url, timeout=TIMEOUT, **kwargs)
+
+
+def stream(method: str, url: str, **kwargs):
+    return httpx.stream(method, url, timeout=TIMEOUT, **kwargs)
+
+
 def generate(text: str = "Say hello", **config) -> dict:
     return {"contents": [{"role": "user", "parts": [{"text": text}]}], "generationConfig": config}
 
@@ -115,7 +124,7 @@ def generate(text: str = "Say hello", **config) -> dict:
 
 
 def test_gemini_generate_content_swaps_the_key_and_meters_usage(proxy, mock, key):
-    response = httpx.post(
+    response = post(
         f"{proxy.gateway_url}/gemini{FLASH}:generateContent",
         json=generate(maxOutputTokens=5),
         headers={"x-goog-api-key": key["key"]},
@@ -135,9 +144,11 @@ def test_gemini_generate_content_swaps_the_key_and_meters_usage(proxy, mock, key
 @pytest.mark.parametrize("mode", ["gateway", "proxy"])
 def test_a_key_in_the_query_is_a_credential_and_never_forwarded(proxy, mock, key, mode):
     if mode == "gateway":
-        answer = httpx.post(f"{proxy.gateway_url}/gemini{FLASH}:generateContent?key={key['key']}", json=generate())
+        answer = post(f"{proxy.gateway_url}/gemini{FLASH}:generateContent?key={key['key']}", json=generate())
     else:
-        with httpx.Client(proxy=proxy.proxy_url, verify=ssl.create_default_context(cafile=proxy.ca_bundle)) as client:
+        with httpx.Client(
+            proxy=proxy.proxy_url, verify=ssl.create_default_context(cafile=proxy.ca_bundle), timeout=TIMEOUT
+        ) as client:
             answer = client.post(f"https://{GEMINI_HOST}{FLASH}:generateContent?key={key['key']}", json=generate())
     assert answer.status_code == 200, answer.text
     seen = mock.received[-1]
@@ -147,7 +158,7 @@ def test_a_key_in_the_query_is_a_credential_and_never_forwarded(proxy, mock, key
 
 
 def test_a_real_key_in_the_query_is_refused(proxy, mock):
-    answer = httpx.post(f"{proxy.gateway_url}/gemini{FLASH}:generateContent?key={GEMINI_KEY}", json=generate())
+    answer = post(f"{proxy.gateway_url}/gemini{FLASH}:generateContent?key={GEMINI_KEY}", json=generate())
     assert answer.status_code == 401 and answer.json()["error"]["status"] == "UNAUTHENTICATED"
     assert mock.received == []
 
@@ -158,7 +169,7 @@ def sse_chunks(response) -> list[dict]:
 
 def test_gemini_stream_bills_thinking_as_output(proxy, mock, key):
     body = generate(maxOutputTokens=8, thinkingConfig={"thinkingBudget": 100})
-    with httpx.stream(
+    with stream(
         "POST", f"{proxy.gateway_url}/gemini{FLASH}:streamGenerateContent?alt=sse", json=body,
         headers={"x-goog-api-key": key["key"]},
     ) as response:  # fmt: skip
@@ -177,7 +188,7 @@ def test_gemini_stream_bills_thinking_as_output(proxy, mock, key):
 def test_a_gemini_stream_cut_short_is_estimated(proxy, mock, key):
     mock.cut_next_stream(after_chunks=3)
     with pytest.raises(httpx.HTTPError):
-        with httpx.stream(
+        with stream(
             "POST", f"{proxy.gateway_url}/gemini{FLASH}:streamGenerateContent?alt=sse", json=generate(),
             headers={"x-goog-api-key": key["key"]},
         ) as response:  # fmt: skip
@@ -189,7 +200,7 @@ def test_a_gemini_stream_cut_short_is_estimated(proxy, mock, key):
 
 
 def test_a_json_array_stream_is_refused_as_unmeterable_on_the_fly(proxy, mock, key):
-    answer = httpx.post(
+    answer = post(
         f"{proxy.gateway_url}/gemini{FLASH}:streamGenerateContent", json=generate(),
         headers={"x-goog-api-key": key["key"]},
     )  # fmt: skip
@@ -199,7 +210,7 @@ def test_a_json_array_stream_is_refused_as_unmeterable_on_the_fly(proxy, mock, k
 
 def test_cached_content_is_held_at_the_context_window(proxy, mock, key):
     """A `cachedContent` brings in tokens the proxy cannot see: the hold assumes the whole window."""
-    answer = httpx.post(
+    answer = post(
         f"{proxy.gateway_url}/gemini{FLASH}:generateContent",
         json={**generate(maxOutputTokens=3), "cachedContent": "cachedContents/abc"},
         headers={"x-goog-api-key": key["key"]},
@@ -215,10 +226,10 @@ def test_cached_content_is_held_at_the_context_window(proxy, mock, key):
 
 def test_gemini_count_tokens_is_free_and_hosted_tools_are_refused(proxy, mock, key):
     headers = {"x-goog-api-key": key["key"]}
-    counted = httpx.post(f"{proxy.gateway_url}/gemini{FLASH}:countTokens", json=generate(), headers=headers)
+    counted = post(f"{proxy.gateway_url}/gemini{FLASH}:countTokens", json=generate(), headers=headers)
     assert counted.status_code == 200 and counted.json()["totalTokens"] > 0
     assert settled(proxy, key)["metering"] == "free"
-    refused = httpx.post(
+    refused = post(
         f"{proxy.gateway_url}/gemini{FLASH}:generateContent",
         json={**generate(), "tools": [{"googleSearch": {}}]},
         headers=headers,
@@ -281,7 +292,7 @@ def test_azure_embeddings_on_a_deployment_named_after_its_model(proxy, mock, key
 
 
 def test_azure_v1_responses_take_the_model_from_the_body(proxy, mock, key):
-    answer = httpx.post(
+    answer = post(
         f"{proxy.gateway_url}/azure/openai/v1/responses",
         json={"model": "gpt-4o-mini", "input": "Say hello", "max_output_tokens": 2},
         headers={"api-key": key["key"]},

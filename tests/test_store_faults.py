@@ -116,3 +116,15 @@ def test_a_proxy_killed_mid_call_leaves_a_hold_that_is_charged_in_full_after_res
     finally:
         stop_proxy(second)
         caller.join(timeout=15)
+
+
+def test_the_cli_manages_keys_on_redis(redis_proxy, tmp_path, capsys):
+    key = redis_proxy.issue(write_policy(tmp_path))
+    capsys.readouterr()
+    assert redis_proxy.cli("keys", "list") == 0
+    assert key["id"] in capsys.readouterr().out
+    assert redis_proxy.cli("keys", "show", key["id"], "--json") == 0
+    assert '"status": "active"' in capsys.readouterr().out
+    assert redis_proxy.cli("keys", "revoke", key["id"]) == 0
+    with pytest.raises(openai.AuthenticationError):
+        ask(redis_proxy, key)

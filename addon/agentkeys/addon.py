@@ -30,7 +30,7 @@ from agentkeys import tokens
 from agentkeys.audit import AuditLog, CallRecord
 from agentkeys.control import Control, ControlAnswer, is_control_path, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
-from agentkeys.gate import Admission, CallRequest, Denial, Gate, Settlement
+from agentkeys.gate import LARGE_BODY_BYTES, Admission, CallRequest, Denial, Gate, Settlement
 from agentkeys.keys import iso
 from agentkeys.ledger import LedgerUnavailable, StaleHold, open_ledger
 from agentkeys.metrics import Metrics
@@ -112,6 +112,7 @@ class CallState:
     admission: Admission | None = None
     relay: StreamRelay | None = None
     usage: Usage | None = None  # of a whole (not streamed) response, read once for its headers and settlement
+    usage_read: bool = False
     overhead_seconds: float = 0.0
     finished: bool = False
 
@@ -394,16 +395,16 @@ class AgentKeys:
         except Exception:
             log.exception("agentkeys: responseheaders hook failed")
 
-    def response(self, flow: http.HTTPFlow):
+    async def response(self, flow: http.HTTPFlow):
         state = self._in_flight(flow)
         if state is None:
             return
         state.finished = True
         if not state.relay:
-            self._add_cost_headers(flow, state)
+            await self._add_cost_headers(flow, state)
         self._settle_in_background(self._settle_response(flow, state), flow, state, reason="ok")
 
-    def _add_cost_headers(self, flow: http.HTTPFlow, state: CallState):
+    async def _add_cost_headers(self, flow: http.HTTPFlow, state: CallState):
         """This call's cost and what its key has left, worked out before the settlement is written.
 
         Both come from the response's usage at once, so the agent need not wait for the ledger: the
@@ -413,8 +414,7 @@ class AgentKeys:
         try:
             cost = 0
             if admission.facts.metered and flow.response.status_code < 400:
-                state.usage = admission.wire.usage_from_response(flow.response.content)
-                cost = self.gate.charge(admission, state.usage)
+                cost = self.gate.charge(admission, await self._response_usage(flow, state))
             if not admission.unmetered:
                 flow.response.headers[COST_HEADER] = usd_header(cost)
             flow.response.headers[REMAINING_HEADER] = usd_header(
@@ -433,8 +433,18 @@ class AgentKeys:
             if state.relay.broken:
                 return await self.gate.settle_usage(admission, None)
             return await self.gate.settle_stream(admission, state.relay.meter.result())
-        usage = state.usage or admission.wire.usage_from_response(flow.response.content)
-        return await self.gate.settle_usage(admission, usage)
+        return await self.gate.settle_usage(admission, await self._response_usage(flow, state))
+
+    async def _response_usage(self, flow: http.HTTPFlow, state: CallState) -> Usage | None:
+        """The usage of a whole response, read once; a large body (many embeddings) is parsed off the loop."""
+        if not state.usage_read:
+            read, content = state.admission.wire.usage_from_response, flow.response.content
+            if len(content) > LARGE_BODY_BYTES:
+                state.usage = await asyncio.get_running_loop().run_in_executor(None, read, content)
+            else:
+                state.usage = read(content)
+            state.usage_read = True
+        return state.usage
 
     def error(self, flow: http.HTTPFlow):
         state = self._in_flight(flow)

@@ -20,7 +20,7 @@ DEFAULT_CONFIG = Path("agentkeys.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(config_first(sys.argv[1:] if argv is None else argv))
     try:
         return args.run(args) or 0
     except ConfigError as e:
@@ -29,6 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     except LedgerUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+
+
+def config_first(argv: list[str]) -> list[str]:
+    """Accept `--config FILE` after the command too (`agentkeys serve --config FILE`), never past `--`."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    for i, arg in enumerate(argv[:end]):
+        if arg == "--config" and i + 1 < end:
+            return [arg, argv[i + 1], *argv[:i], *argv[i + 2 :]]
+        if arg.startswith("--config="):
+            return [arg, *argv[:i], *argv[i + 1 :]]
+    return argv
 
 
 def build_parser() -> argparse.ArgumentParser:

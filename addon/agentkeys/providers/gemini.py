@@ -95,9 +95,10 @@ class GeminiFormat:
         if cap_output_tokens is None:
             return None
         data = json.loads(body)
-        name = "generation_config" if "generation_config" in data else "generationConfig"
-        config = data.setdefault(name, {})
-        set_output_cap(config, cap_output_tokens, ("maxOutputTokens", "max_output_tokens"))
+        snake = "generation_config" in data  # write in the client's own style
+        config = data.setdefault("generation_config" if snake else "generationConfig", {})
+        fields = ("maxOutputTokens", "max_output_tokens")
+        set_output_cap(config, cap_output_tokens, fields[::-1] if snake else fields)
         return json.dumps(data).encode()
 
     def usage_from_response(self, body: bytes) -> Usage | None:
