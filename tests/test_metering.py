@@ -129,6 +129,15 @@ def test_responses_stream_is_metered_from_its_completed_event(proxy, mock, key):
     assert_metered(settled(proxy, key), usage, cost_micros(PRICES.lookup("openai", "gpt-4o-mini"), usage))
 
 
+def test_a_responses_stream_cut_short_is_estimated(proxy, mock, key):
+    mock.cut_next_stream(after_chunks=3)
+    with pytest.raises((openai.APIConnectionError, httpx.HTTPError)):
+        list(client(proxy, key).responses.create(model="gpt-4o-mini", input="Say hello", stream=True))
+    record = settled(proxy, key)
+    assert record["metering"] == "estimated" and record["output_tokens"] == 3, "three 'hello' deltas got through"
+    assert 0 < record["cost_micros"] <= record["hold_micros"]
+
+
 def test_cached_input_and_reasoning_are_priced_as_billed(proxy, mock, key):
     """o4-mini bills reasoning as output and cache reads at a tenth of the input price."""
     openai_client = client(proxy, key)

@@ -282,6 +282,10 @@ def test_an_azure_deployment_path_names_the_model_whatever_the_body_says():
     ("wire", "path", "body", "complaint"),
     [
         (OPENAI, "/v1/chat/completions", {"web_search_options": {}}, "web search"),
+        (OPENAI, "/v1/chat/completions", {"modalities": ["text", "audio"]}, "audio"),
+        (OPENAI, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "UklGR", "format": "wav"}}]}]}, "audio"),
+        (OPENAI, "/v1/chat/completions", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
         (OPENAI, "/v1/responses", {"tools": [{"type": "file_search"}]}, "'file_search'"),
         (OPENAI, "/v1/responses", {"tools": [{"type": "mcp", "server_url": "x"}]}, "'mcp'"),
         (ANTHROPIC, "/v1/messages", {"tools": [{"type": "web_search_20250305", "name": "w"}]}, "web_search"),
@@ -289,8 +293,8 @@ def test_an_azure_deployment_path_names_the_model_whatever_the_body_says():
         (AZURE, "/openai/deployments/d/chat/completions", {"data_sources": [{"type": "azure_search"}]}, "On Your Data"),
         (GEMINI, "/v1beta/models/m:generateContent", {"tools": [{"code_execution": {}}]}, "codeExecution"),
     ],
-    ids=["chat-web-search", "file-search", "mcp", "anthropic-web-search", "anthropic-mcp", "azure-on-your-data",
-         "gemini-code-execution"],
+    ids=["chat-web-search", "chat-audio-out", "chat-audio-in", "chat-prediction", "file-search", "mcp",
+         "anthropic-web-search", "anthropic-mcp", "azure-on-your-data", "gemini-code-execution"],
 )  # fmt: skip
 def test_tools_billed_beyond_tokens_cannot_be_metered(wire, path, body, complaint):
     base = {

@@ -32,7 +32,7 @@ from agentkeys.control import Control, ControlAnswer, is_control_path, issuers_f
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
 from agentkeys.gate import LARGE_BODY_BYTES, Admission, CallRequest, Denial, Gate, Settlement
 from agentkeys.keys import iso
-from agentkeys.ledger import LedgerUnavailable, StaleHold, open_ledger
+from agentkeys.ledger import KeyRecord, LedgerUnavailable, StaleHold, open_ledger
 from agentkeys.metrics import Metrics
 from agentkeys.money import micros_to_usd
 from agentkeys.policy import ProxyConfig, load_config
@@ -324,13 +324,11 @@ class AgentKeys:
         if answer.status == 503:
             headers["x-should-retry"] = "true"
         flow.response = http.Response.make(answer.status, json_bytes(answer.body), headers)
-        key = answer.key
         self._write_record(
-            CallRecord(
-                key_id=key.key_id if key else None, key_name=key.name if key else None,
-                policy=key.policy_name if key else None, provider=CONTROL_PROVIDER, method=call.method,
-                path=call.path, model=None, decision="allow" if answer.status < 400 else "deny",
-                reason=answer.reason, status=answer.status, metering="free",
+            record_of(
+                answer.key, provider=CONTROL_PROVIDER, method=call.method, path=call.path, model=None,
+                decision="allow" if answer.status < 400 else "deny", reason=answer.reason, status=answer.status,
+                metering="free",
             )
         )  # fmt: skip
 
@@ -361,13 +359,12 @@ class AgentKeys:
             headers["x-should-retry"] = RETRY_HEADER[denial.kind]
         flow.response = http.Response.make(status, json_bytes(body), headers)
         state.finished = True
-        key = denial.key
-        self._write_record(CallRecord(
-                key_id=key.key_id if key else None, key_name=key.name if key else None,
-                policy=key.policy_name if key else None, provider=state.call.provider,
+        self._write_record(
+            record_of(
+                denial.key, key_id=denial.presented_key_id, provider=state.call.provider,
                 method=state.call.method, path=state.call.path, model=denial.model,
                 decision="deny", reason=denial.message, status=status,
-            ),
+            )
         )  # fmt: skip
 
     async def _fail_closed(self, flow: http.HTTPFlow, state: CallState | None):
@@ -501,9 +498,8 @@ class AgentKeys:
         admission, usage = state.admission, settlement.usage
         request, response = flow.request, flow.response
         overhead_seconds = state.overhead_seconds + (state.relay.seconds_spent if state.relay else 0)
-        record = CallRecord(
-            key_id=admission.key.key_id, key_name=admission.key.name, policy=admission.key.policy_name,
-            provider=state.call.provider, method=state.call.method, path=state.call.path,
+        record = record_of(
+            admission.key, provider=state.call.provider, method=state.call.method, path=state.call.path,
             model=admission.facts.model, decision="allow", reason=reason + clamp_note(admission),
             status=response.status_code if response else None, metering=settlement.metering,
             cost_micros=settlement.cost_micros, cost_usd=micros_to_usd(settlement.cost_micros),
@@ -526,6 +522,13 @@ class AgentKeys:
             self.metrics.observe(record)
         except Exception:
             log.exception("agentkeys: writing the audit record failed")
+
+
+def record_of(key: KeyRecord | None, key_id: str | None = None, **fields) -> CallRecord:
+    """An audit record naming the key it was made with (or just the id presented, for an unknown key)."""
+    if key is None:
+        return CallRecord(key_id=key_id, key_name=None, policy=None, **fields)
+    return CallRecord(key_id=key.key_id, key_name=key.name, policy=key.policy_name, **fields)
 
 
 def stale_hold_record(hold: StaleHold) -> CallRecord:

@@ -19,7 +19,7 @@ class CallRecord:
     decision: str  # "allow" | "deny"
     reason: str
     status: int | None = None
-    metering: str = "none"  # "usage" | "estimated" | "held" | "none" | "free"
+    metering: str = "none"  # "usage" | "estimated" | "held" | "none" | "free" | "unmetered"
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0

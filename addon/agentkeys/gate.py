@@ -58,6 +58,7 @@ class Denial:
     message: str
     key: KeyRecord | None = None
     model: str | None = None
+    presented_key_id: str | None = None  # the id in a key the store does not know (forged, or purged)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Admission:
 @dataclass(frozen=True)
 class Settlement:
     cost_micros: int
-    metering: str  # "usage" | "estimated" | "held" (charged the full hold) | "none"
+    metering: str  # "usage" | "estimated" | "held" (charged the full hold) | "none" | "free" | "unmetered"
     usage: Usage | None = None
 
 
@@ -188,7 +189,9 @@ class Gate:
 
     def authenticate(self, key: str, record: KeyRecord | None) -> Denial | None:
         if record is None or not credentials.matches(key, record.key_hash):
-            return Denial(DenyKind.UNAUTHENTICATED, "agentkeys: unknown agent key")
+            return Denial(
+                DenyKind.UNAUTHENTICATED, "agentkeys: unknown agent key", presented_key_id=credentials.key_id_of(key)
+            )
         status = record.status(self.clock())
         if status != "active":
             return Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {record.key_id} is {status}", record)
@@ -270,6 +273,7 @@ class Gate:
                     record,
                     facts.model,
                 )
+            # Whatever the provider adds, the whole input must fit the model's context window.
             facts = admission.facts = dataclasses.replace(facts, input_token_bound=price.max_input_tokens)
         # A default the provider does not know about must be sent, or the hold would not bound the call.
         cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None

@@ -132,6 +132,12 @@ def read_chat(data: dict) -> RequestFacts:
         raise MalformedRequest("'messages' must be a non-empty list")
     if data.get("web_search_options") is not None:
         raise Unmeterable("web search is billed per search, beyond tokens, so this proxy cannot meter it")
+    if data.get("prediction") is not None:
+        raise Unmeterable(
+            "a prediction's rejected tokens are billed as output beyond max_tokens, so this proxy cannot bound it"
+        )
+    if "audio" in (data.get("modalities") or []) or has_audio_input(messages):
+        raise Unmeterable("audio tokens are priced apart from text, so this proxy cannot meter them yet")
     stream_options = data.get("stream_options") or {}
     return RequestFacts(
         metered=True,
@@ -255,6 +261,15 @@ def chat_input_bound(model: str, messages: list, data: dict) -> int:
             tokens += content_tokens(model, value)
     tokens += tools_tokens(model, data.get("tools") or data.get("functions"))
     return tokens + schema_tokens(model, data.get("response_format"))
+
+
+def has_audio_input(messages: list) -> bool:
+    return any(
+        isinstance(part, dict) and part.get("type") == "input_audio"
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
 
 
 def schema_tokens(model: str, output_format) -> int:
