@@ -299,7 +299,7 @@ class AgentKeys:
             method=flow.request.method,
             path=path,
             query=query,
-            headers={name.lower(): value for name, value in flow.request.headers.items()},
+            headers={name: value for name in CREDENTIAL_HEADERS if (value := flow.request.headers.get(name))},
             body=flow.request.get_content(strict=False) or b"",
             tunnel_credential=self.tunnel_credentials.get(flow.client_conn.id),
         )
@@ -341,8 +341,8 @@ class AgentKeys:
     def _forward(self, flow: http.HTTPFlow, state: CallState):
         """Swap the agent's credentials for the real key and point the request at the provider."""
         admission, call = state.admission, state.call
-        for name in CREDENTIAL_HEADERS:
-            flow.request.headers.pop(name, None)
+        for name in call.headers:  # every credential header the agent sent
+            del flow.request.headers[name]
         admission.wire.set_real_key(flow.request.headers, admission.real_key)
         flow.request.headers["accept-encoding"] = "identity"  # so streamed SSE can be read as it passes
         upstream = self.upstreams[call.provider]

@@ -46,7 +46,7 @@ class CallRequest:
     provider: str
     method: str
     path: str
-    headers: dict[str, str]  # lower-cased names
+    headers: dict[str, str]  # the credential headers it carries (lower-cased names; see CREDENTIAL_HEADERS)
     body: bytes
     query: str = ""
     tunnel_credential: str | None = None

@@ -6,6 +6,7 @@ that same LiteLLM format (`prices_file` in the proxy config) or inline under `pr
 A model with no known price cannot be metered, so the gate refuses it (unknown means no).
 """
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -263,6 +264,7 @@ def cost_usd(rates: Rates, usage: Usage) -> Decimal:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def per_token(*prices: float | None) -> Decimal:
     """The first price given, as an exact decimal."""
     return Decimal(str(next(price for price in prices if price is not None)))
