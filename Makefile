@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The best interpreter on this machine: 3.12+ on PATH, then pyenv's 3.12+, then 3.11 (mitmproxy 11).
 PYTHON ?= $(shell scripts/find-python)
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench lint clean redis-server
 
 install: $(STAMP)
 
@@ -22,10 +22,16 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/agentkeys serve --config agentkeys.yaml
 
-test: install
+test: install redis-server
 	$(PY) -m pytest -q tests
 
-bench: install
+# The Redis tests start their own throwaway redis-server; install Debian's if the machine has none.
+redis-server:
+	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
+		{ echo "error: the tests need redis-server (apt-get install redis-server)" >&2; exit 1; }; }
+
+bench: install redis-server
 	$(PY) bench/bench.py
 
 lint: install

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentkeys import credentials
+from agentkeys import credentials, tokens
 from agentkeys.gate import Admission, CallRequest, Denial, Gate, Settlement
 from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
 from agentkeys.money import format_usd, usd_to_micros
@@ -626,3 +626,18 @@ def test_a_busy_store_is_waited_for_off_the_event_loop(tmp_path, monkeypatch):
     assert admission.hold_id is not None
     assert worker_threads and all(name.startswith("agentkeys-ledger") for name in worker_threads)
     env.ledger.close()
+
+
+def test_a_long_prompt_is_held_at_its_bytes_and_counted_exactly_only_when_that_does_not_fit(env):
+    """Counting 400 KB exactly costs milliseconds; bytes bound it in microseconds, at a larger hold."""
+    body = chat(messages=[user("hello " * 20_000)], max_tokens=10)
+    exact = tokens.with_exact_counts(FORMATS["openai"].request_facts, "POST", PATHS["openai"], body)
+    price = PRICES.lookup("openai", "gpt-4o-mini")
+    exact_hold = cost_micros(price, Usage(input_tokens=exact.input_token_bound, output_tokens=10))
+
+    roomy = env.admitted(call(env.issue(budget_usd=1.0), body))
+    assert roomy.facts.input_token_bound >= len("hello " * 20_000) > exact.input_token_bound
+
+    tight = env.admitted(call(env.issue(budget_usd=(exact_hold + 5) / 1e6), body))
+    assert tight.facts.input_token_bound == exact.input_token_bound and tight.hold_micros == exact_hold
+    env.denied(call(env.issue(budget_usd=(exact_hold - 5) / 1e6), body), DenyKind.BUDGET, "could cost up to")

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from agentkeys import credentials
+from agentkeys import credentials, tokens
 from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, StaleHold
 from agentkeys.money import format_usd
 from agentkeys.policy import Policy, ProxyConfig
@@ -29,7 +29,6 @@ from agentkeys.providers.base import (
     Unmeterable,
     WireFormat,
 )
-from agentkeys.tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,13 @@ class Gate:
                 record, policy, wire, facts, real_key, remaining_micros=record.remaining_micros, unmetered=unmetered
             )
         admission = Admission(key=record, policy=policy, wire=wire, facts=facts, real_key=real_key)
-        return await self.price_and_reserve(call, admission)
+        outcome = await self.price_and_reserve(call, admission)
+        too_dear = isinstance(outcome, Denial) and outcome.kind is DenyKind.BUDGET
+        if too_dear and len(call.body) > tokens.EXACT_COUNT_CHARS:
+            # A long text was bounded by its bytes; count it exactly before refusing the call.
+            admission.facts = self.as_served(call.provider, await self.read_request(wire, call, exact=True))
+            outcome = await self.price_and_reserve(call, admission)
+        return outcome
 
     async def key_record(self, key_id: str) -> KeyRecord | None:
         record = self._known_keys.get(key_id)
@@ -225,11 +230,13 @@ class Gate:
             )
         return None
 
-    async def read_request(self, wire: WireFormat, call: CallRequest) -> RequestFacts:
-        if len(call.body) > LARGE_BODY_BYTES:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, wire.request_facts, call.method, call.path, call.body, call.query)
-        return wire.request_facts(call.method, call.path, call.body, call.query)
+    async def read_request(self, wire: WireFormat, call: CallRequest, exact: bool = False) -> RequestFacts:
+        args = (wire.request_facts, call.method, call.path, call.body, call.query)
+        if exact:
+            args = (tokens.with_exact_counts, *args)
+        if len(call.body) > LARGE_BODY_BYTES or exact:
+            return await asyncio.get_running_loop().run_in_executor(None, *args)
+        return args[0](*args[1:])
 
     def price_of(self, provider: str, wire: WireFormat, model: str) -> ModelPrice | None:
         """An OpenAI-compatible host serving OpenAI's models falls back to its wire format's prices."""
@@ -323,7 +330,9 @@ class Gate:
         if result.complete or result.usage is not None:
             return await self.settle_usage(admission, result.usage)
         model = admission.facts.model or ""
-        output = await asyncio.get_running_loop().run_in_executor(None, count_tokens, result.streamed_text, model)
+        output = await asyncio.get_running_loop().run_in_executor(
+            None, tokens.count_tokens, result.streamed_text, model
+        )
         input_tokens = result.input_tokens_seen or admission.facts.input_token_bound
         usage = Usage(input_tokens=input_tokens, output_tokens=output)
         cost = min(cost_micros(admission.price, usage), admission.hold_micros)

@@ -5,6 +5,7 @@ tiktoken's own hash check. The encoding definitions (regex, special tokens) are 
 we call its constructors with the file location redirected to our copy.
 """
 
+import contextvars
 import functools
 import threading
 from importlib import resources
@@ -22,6 +23,9 @@ CL100K_MODEL_PREFIXES = ("gpt-4-", "gpt-4", "gpt-3.5", "text-embedding-", "davin
 O200K_MODEL_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt")
 
 _load_lock = threading.Lock()
+
+EXACT_COUNT_CHARS = 16 * 1024
+_exact = contextvars.ContextVar("agentkeys_exact_token_counts", default=False)
 
 
 @functools.cache
@@ -66,10 +70,22 @@ def is_openai_model(model: str) -> bool:
 def token_bound(text: str, model: str) -> int:
     """An upper bound on the tokens `model` makes of `text`.
 
-    OpenAI's models: their own tiktoken count. Any other model (Llama, Mistral, Gemini, … behind an
-    OpenAI-compatible host) has a tokenizer we do not ship, so its UTF-8 bytes plus one: a token is
-    at least one byte in every byte-level vocabulary, and the one covers a SentencePiece word prefix.
+    OpenAI's models: their own tiktoken count, for texts up to EXACT_COUNT_CHARS (or any text inside
+    `exact_counts`). Otherwise the UTF-8 bytes plus one: a token is at least one byte in every
+    byte-level vocabulary, and the one covers a SentencePiece word prefix. That is the only bound for
+    models whose tokenizer we do not ship (Llama, Mistral, Gemini, … behind an OpenAI-compatible
+    host), and a cheap one for long texts: counting 400 KB exactly takes about 13 ms, its bytes 0.02 ms.
     """
-    if is_openai_model(model):
+    if is_openai_model(model) and (len(text) <= EXACT_COUNT_CHARS or _exact.get()):
         return count_tokens(text, model)
     return len(text.encode()) + 1
+
+
+def with_exact_counts(fn, *args):
+    """Call `fn` with every OpenAI text counted exactly: for when the cheap bound of a long text held too
+    much to fit the budget."""
+    token = _exact.set(True)
+    try:
+        return fn(*args)
+    finally:
+        _exact.reset(token)
