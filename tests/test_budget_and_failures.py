@@ -193,6 +193,12 @@ def test_unknown_model_price_is_refused(proxy, mock, policies, tmp_path):
         (b'{"messages": [{"role": "user", "content": "hi"}]}', "names no 'model'"),
         (b'{"model": "gpt-4o-mini", "messages": []}', "'messages' must be a non-empty list"),
         (b'{"model": "gpt-4o-mini", "max_tokens": -1, "messages": [{"role": "user", "content": "x"}]}', "positive"),
+        (b'{"model": "gpt-4o-mini", "max_tokens": "9", "messages": [{"role": "user", "content": "x"}]}', "positive"),
+        (b'{"model": 4, "messages": [{"role": "user", "content": "x"}]}', "names no 'model'"),
+        (b'{"model": "gpt-4o-mini", "messages": "hi"}', "'messages' must be a non-empty list"),
+        (b"[1, 2, 3]", "must be a JSON object"),
+        (b'{"model": "gpt-4o-mini", "messages": [\xff\xfe]}', "not valid JSON"),
+        (b"", "must be a JSON object"),
     ],
 )
 def test_malformed_request_gets_a_400_saying_what_is_wrong(proxy, mock, policies, body, complaint):
