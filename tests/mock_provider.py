@@ -585,6 +585,13 @@ class _Responses:
         return head, content, tail
 
 
+def _one_or_many(given: Any) -> list:
+    """OpenAI's `prompt`/`input`: a text, a list of token ids, or a list of either, as a list of items."""
+    if isinstance(given, str) or (isinstance(given, list) and given and isinstance(given[0], int)):
+        return [given]
+    return list(given) if isinstance(given, list) else []
+
+
 class _Completions:
     """OpenAI's legacy completions: one or more prompts, ``n`` choices each, 16 tokens unless told otherwise."""
 
@@ -594,10 +601,7 @@ class _Completions:
 
     @staticmethod
     def prompts(body: dict) -> list:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
-            return [prompt]
-        return list(prompt) if isinstance(prompt, list) else []
+        return _one_or_many(body.get("prompt"))
 
     @classmethod
     def invalid(cls, body: Any) -> str | None:
@@ -652,10 +656,7 @@ class _Embeddings:
 
     @staticmethod
     def inputs(body: dict) -> list:
-        given = body.get("input")
-        if isinstance(given, str) or (isinstance(given, list) and given and isinstance(given[0], int)):
-            return [given]
-        return list(given) if isinstance(given, list) else []
+        return _one_or_many(body.get("input"))
 
     @classmethod
     def invalid(cls, body: Any) -> str | None:
