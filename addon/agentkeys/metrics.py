@@ -10,6 +10,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
+        self._children: dict[tuple, object] = {}
         self.requests = Counter(
             "agentkeys_requests", "Calls seen, by outcome", ["provider", "policy", "outcome"], registry=self.registry
         )
@@ -35,19 +36,27 @@ class Metrics:
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
+    def _series(self, metric, *labels: str):
+        """`metric.labels(*labels)`, looked up once: prometheus-client's lookup is a noticeable part of a call."""
+        key = (metric, labels)
+        series = self._children.get(key)
+        if series is None:
+            series = self._children[key] = metric.labels(*labels)
+        return series
+
     def observe(self, record: CallRecord) -> None:
         provider, model, policy = record.provider or "", record.model or "", record.policy or ""
         outcome = "allowed" if record.decision == "allow" else f"denied_{record.status}"
-        self.requests.labels(provider, policy, outcome).inc()
+        self._series(self.requests, provider, policy, outcome).inc()
         if record.cost_micros:
-            self.spend.labels(provider, model, policy).inc(record.cost_micros / 1_000_000)
+            self._series(self.spend, provider, model, policy).inc(record.cost_micros / 1_000_000)
         for kind in ("input", "output", "cached"):
             count = getattr(record, f"{kind}_tokens")
             if count:
-                self.tokens.labels(provider, model, kind).inc(count)
+                self._series(self.tokens, provider, model, kind).inc(count)
         if record.upstream_latency_ms is not None:
-            self.upstream_latency.labels(provider).observe(record.upstream_latency_ms / 1000)
+            self._series(self.upstream_latency, provider).observe(record.upstream_latency_ms / 1000)
         if record.ttft_ms is not None:
-            self.ttft.labels(provider).observe(record.ttft_ms / 1000)
+            self._series(self.ttft, provider).observe(record.ttft_ms / 1000)
         if record.proxy_overhead_ms is not None:
             self.overhead.observe(record.proxy_overhead_ms / 1000)
