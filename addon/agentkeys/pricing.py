@@ -11,13 +11,12 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from importlib import resources
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentkeys.money import usd_to_micros
 from agentkeys.yamlfile import ConfigError
 
 BUNDLED_SOURCE = "bundled (from LiteLLM's price map)"
@@ -247,27 +246,36 @@ def load_prices(
     return table
 
 
+PICOS_PER_MICRO = 10**6
+
+
 def cost_micros(price: ModelPrice, usage: Usage) -> int:
     """The cost of a usage in micro-dollars, rounded up."""
-    return usd_to_micros(cost_usd(price.rates_for(usage.input_tokens), usage))
+    return micros_of(cost_picos(price.rates_for(usage.input_tokens), usage))
 
 
-def cost_usd(rates: Rates, usage: Usage) -> Decimal:
+def cost_picos(rates: Rates, usage: Usage) -> int:
+    """The cost in pico-dollars (1e-12 USD): whole numbers, so every call's arithmetic is exact and fast."""
     plain_input = max(usage.input_tokens - usage.cached_tokens - usage.cache_write_tokens, 0)
     short_writes = max(usage.cache_write_tokens - usage.cache_write_1h_tokens, 0)
     return (
-        per_token(rates.input) * plain_input
-        + per_token(rates.cache_read, rates.input) * usage.cached_tokens
-        + per_token(rates.cache_write, rates.input) * short_writes
-        + per_token(rates.cache_write_1h, rates.cache_write, rates.input) * usage.cache_write_1h_tokens
-        + per_token(rates.output) * usage.output_tokens
+        picos_per_token(rates.input) * plain_input
+        + picos_per_token(rates.cache_read, rates.input) * usage.cached_tokens
+        + picos_per_token(rates.cache_write, rates.input) * short_writes
+        + picos_per_token(rates.cache_write_1h, rates.cache_write, rates.input) * usage.cache_write_1h_tokens
+        + picos_per_token(rates.output) * usage.output_tokens
     )
 
 
 @functools.lru_cache(maxsize=4096)
-def per_token(*prices: float | None) -> Decimal:
-    """The first price given, as an exact decimal."""
-    return Decimal(str(next(price for price in prices if price is not None)))
+def picos_per_token(*prices: float | None) -> int:
+    """The first price given, in pico-dollars per token (exact for every published price; else rounded up)."""
+    price = Decimal(str(next(price for price in prices if price is not None)))
+    return int((price * 10**12).to_integral_value(rounding=ROUND_CEILING))
+
+
+def micros_of(picos: int) -> int:
+    return -(-picos // PICOS_PER_MICRO)  # rounded up
 
 
 def worst_case_micros(price: ModelPrice, input_tokens: int, output_tokens: int, cache_writes: bool) -> int:
@@ -284,7 +292,7 @@ def worst_case_micros(price: ModelPrice, input_tokens: int, output_tokens: int, 
             Usage(input_tokens, output_tokens, cache_write_tokens=input_tokens, cache_write_1h_tokens=input_tokens)
         )
     bands = [price, *(tier for tier in price.tiers if input_tokens > tier.above_tokens)]
-    return max(usd_to_micros(cost_usd(band, split)) for band in bands for split in splits)
+    return micros_of(max(cost_picos(band, split) for band in bands for split in splits))
 
 
 RATE_LABELS = {
