@@ -227,9 +227,7 @@ class AgentKeys:
         if credential:
             self.tunnel_credentials[flow.client_conn.id] = credential
         if self.config.egress == "allowlist" and flow.request.host not in self.provider_by_host:
-            flow.response = http.Response.make(
-                403, f"agentkeys: egress to {flow.request.host} is not allowed\n", {"content-type": "text/plain"}
-            )
+            flow.response = egress_refused(flow.request.host)
 
     def tls_clienthello(self, data: tls.ClientHelloData):
         """Intercept provider hosts only; any other TLS connection is relayed untouched."""
@@ -279,7 +277,7 @@ class AgentKeys:
                     f"agentkeys: no provider at /{prefix}; use one of "
                     + ", ".join(f"/{name}" for name in self.config.providers),
                 )
-                flow.response = http.Response.make(404, json_bytes(body), {"content-type": "application/json"})
+                flow.response = json_response(404, body)
                 return None
         else:
             provider, path = self.provider_by_host.get(flow.request.pretty_host), split.path
@@ -320,10 +318,8 @@ class AgentKeys:
         except LedgerUnavailable as e:
             log.error("agentkeys: %s", e)
             answer = ControlAnswer(503, {"error": {"message": "agentkeys: the key store is unavailable"}}, str(e))
-        headers = {"content-type": "application/json"}
-        if answer.status == 503:
-            headers["x-should-retry"] = "true"
-        flow.response = http.Response.make(answer.status, json_bytes(answer.body), headers)
+        retry = RETRY_HEADER[DenyKind.UNAVAILABLE] if answer.status == 503 else None
+        flow.response = json_response(answer.status, answer.body, retry)
         self._write_record(
             record_of(
                 answer.key, provider=CONTROL_PROVIDER, method=call.method, path=call.path, model=None,
@@ -334,9 +330,7 @@ class AgentKeys:
 
     def _non_provider(self, flow: http.HTTPFlow):
         if self.config.egress == "allowlist":
-            flow.response = http.Response.make(
-                403, f"agentkeys: egress to {flow.request.pretty_host} is not allowed\n", {"content-type": "text/plain"}
-            )
+            flow.response = egress_refused(flow.request.pretty_host)
 
     def _forward(self, flow: http.HTTPFlow, state: CallState):
         """Swap the agent's credentials for the real key and point the request at the provider."""
@@ -354,10 +348,7 @@ class AgentKeys:
 
     def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
         status, body = state.wire.error(denial.kind, denial.message)
-        headers = {"content-type": "application/json"}
-        if denial.kind in RETRY_HEADER:
-            headers["x-should-retry"] = RETRY_HEADER[denial.kind]
-        flow.response = http.Response.make(status, json_bytes(body), headers)
+        flow.response = json_response(status, body, RETRY_HEADER.get(denial.kind))
         state.finished = True
         self._write_record(
             record_of(
@@ -541,8 +532,16 @@ def stale_hold_record(hold: StaleHold) -> CallRecord:
     )  # fmt: skip
 
 
-def json_bytes(body: dict) -> bytes:
-    return json.dumps(body).encode()
+def json_response(status: int, body: dict, should_retry: str | None = None) -> http.Response:
+    """An answer of the proxy's own; `should_retry` tells the official SDKs whether to try again."""
+    headers = {"content-type": "application/json"}
+    if should_retry:
+        headers["x-should-retry"] = should_retry
+    return http.Response.make(status, json.dumps(body).encode(), headers)
+
+
+def egress_refused(host: str) -> http.Response:
+    return http.Response.make(403, f"agentkeys: egress to {host} is not allowed\n", {"content-type": "text/plain"})
 
 
 def usd_header(micros: int) -> str:

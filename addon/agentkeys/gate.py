@@ -231,12 +231,13 @@ class Gate:
         return None
 
     async def read_request(self, wire: WireFormat, call: CallRequest, exact: bool = False) -> RequestFacts:
-        args = (wire.request_facts, call.method, call.path, call.body, call.query)
+        """The request's facts; a large body, or an exact count of its texts, is worked out off the loop."""
+        read = functools.partial(wire.request_facts, call.method, call.path, call.body, call.query)
         if exact:
-            args = (tokens.with_exact_counts, *args)
+            read = functools.partial(tokens.with_exact_counts, read)
         if len(call.body) > LARGE_BODY_BYTES or exact:
-            return await asyncio.get_running_loop().run_in_executor(None, *args)
-        return args[0](*args[1:])
+            return await asyncio.get_running_loop().run_in_executor(None, read)
+        return read()
 
     def price_of(self, provider: str, wire: WireFormat, model: str) -> ModelPrice | None:
         """An OpenAI-compatible host serving OpenAI's models falls back to its wire format's prices."""
