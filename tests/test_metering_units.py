@@ -273,9 +273,7 @@ def test_an_azure_deployment_path_names_the_model_whatever_the_body_says():
     body = b'{"model": "cheap-model", "messages": [{"role": "user", "content": "hi"}]}'
     facts = AZURE.request_facts("POST", "/openai/deployments/prod-4o/chat/completions", body, "api-version=x")
     assert facts.model == "prod-4o" and facts.endpoint == "/v1/chat/completions"
-    headers = {}
-    AZURE.set_real_key(headers, "real")
-    assert headers == {"api-key": "real"}
+    assert AZURE.real_key_header("real") == ("api-key", "real")
 
 
 @pytest.mark.parametrize(

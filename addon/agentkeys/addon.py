@@ -51,6 +51,9 @@ RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true"}
 COST_HEADER = "x-agentkeys-cost"
 REMAINING_HEADER = "x-agentkeys-budget-remaining"
 CLAMPED_HEADER = "x-agentkeys-max-tokens-clamped"
+CREDENTIAL_FIELDS = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
+# Replaced on every forwarded request: the agent's credentials, and its accept-encoding (see `_forward`).
+REPLACED_REQUEST_FIELDS = CREDENTIAL_FIELDS | {b"accept-encoding"}
 
 
 @dataclass
@@ -214,6 +217,7 @@ class AgentKeys:
     async def done(self):
         if self._purge_task:
             self._purge_task.cancel()
+        await asyncio.sleep(0)  # settlements scheduled on this turn of the loop start their tasks
         if self._settling:  # let settlements in flight reach the store and the audit log
             await asyncio.wait(self._settling, timeout=5)
         if self.audit:
@@ -297,7 +301,7 @@ class AgentKeys:
             method=flow.request.method,
             path=path,
             query=query,
-            headers={name: value for name in CREDENTIAL_HEADERS if (value := flow.request.headers.get(name))},
+            headers=credential_headers(flow.request.headers),
             body=flow.request.get_content(strict=False) or b"",
             tunnel_credential=self.tunnel_credentials.get(flow.client_conn.id),
         )
@@ -334,17 +338,18 @@ class AgentKeys:
 
     def _forward(self, flow: http.HTTPFlow, state: CallState):
         """Swap the agent's credentials for the real key and point the request at the provider."""
-        admission, call = state.admission, state.call
-        for name in call.headers:  # every credential header the agent sent
-            del flow.request.headers[name]
-        admission.wire.set_real_key(flow.request.headers, admission.real_key)
-        flow.request.headers["accept-encoding"] = "identity"  # so streamed SSE can be read as it passes
+        admission, call, request = state.admission, state.call, flow.request
+        key_name, key_value = admission.wire.real_key_header(admission.real_key)
+        # Every credential header the agent sent goes; identity encoding, so streamed SSE can be read as it passes.
+        replace_headers(request.headers, {key_name: key_value, "accept-encoding": "identity"}, REPLACED_REQUEST_FIELDS)
         upstream = self.upstreams[call.provider]
-        flow.request.scheme, flow.request.port, flow.request.host = upstream.scheme, upstream.port, upstream.host
+        request.scheme = upstream.scheme
+        request.data.port = upstream.port  # set quietly: the host setter below rewrites Host (and :authority) once
+        request.host = upstream.host
         query = without_query_credentials(call.query)  # Google's ?key=: the real key goes in a header
-        flow.request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
+        request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
         if admission.upstream_body is not None:
-            flow.request.content = admission.upstream_body
+            request.content = admission.upstream_body
 
     def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
         status, body = state.wire.error(denial.kind, denial.message)
@@ -376,10 +381,8 @@ class AgentKeys:
             if streaming and admission.facts.metered and flow.response.status_code < 400:
                 state.relay = StreamRelay(admission.wire.stream_meter(admission.facts))
                 flow.response.stream = state.relay
-            # A stream's headers leave before its usage is known: it gets what remains after its hold.
-            flow.response.headers[REMAINING_HEADER] = usd_header(admission.remaining_micros)
-            if admission.clamped_to:
-                flow.response.headers[CLAMPED_HEADER] = str(admission.clamped_to)
+                # A stream's headers leave before its usage is known: it gets what remains after its hold.
+                replace_headers(flow.response.headers, budget_headers(admission, cost=None))
         except Exception:
             log.exception("agentkeys: responseheaders hook failed")
 
@@ -396,18 +399,14 @@ class AgentKeys:
         """This call's cost and what its key has left, worked out before the settlement is written.
 
         Both come from the response's usage at once, so the agent need not wait for the ledger: the
-        settlement then charges exactly this cost. An unmetered call's cost is the provider's secret.
+        settlement then charges exactly this cost.
         """
         admission = state.admission
         try:
             cost = 0
             if admission.facts.metered and flow.response.status_code < 400:
                 cost = self.gate.charge(admission, await self._response_usage(flow, state))
-            if not admission.unmetered:
-                flow.response.headers[COST_HEADER] = usd_header(cost)
-            flow.response.headers[REMAINING_HEADER] = usd_header(
-                admission.remaining_micros + admission.hold_micros - cost
-            )
+            replace_headers(flow.response.headers, budget_headers(admission, cost))
         except Exception:
             log.exception("agentkeys: working out the cost headers failed; the settlement reads the usage itself")
 
@@ -458,7 +457,14 @@ class AgentKeys:
         return await self.gate.release(state.admission)
 
     def _settle_in_background(self, settling: Coroutine, flow: http.HTTPFlow, state: CallState, reason: str):
-        """Settle and record after the agent has its answer: the hold covers the call meanwhile."""
+        """Settle and record after the agent has its answer: the hold covers the call meanwhile.
+
+        The task is made on the loop's next turn: mitmproxy 12 creates tasks eagerly, so one made
+        here would write to the store and the audit log before the response is sent.
+        """
+        asyncio.get_running_loop().call_soon(self._start_settling, settling, flow, state, reason)
+
+    def _start_settling(self, settling: Coroutine, flow: http.HTTPFlow, state: CallState, reason: str):
         task = asyncio.get_running_loop().create_task(self._settle_then_record(settling, flow, state, reason))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
@@ -542,6 +548,40 @@ def json_response(status: int, body: dict, should_retry: str | None = None) -> h
 
 def egress_refused(host: str) -> http.Response:
     return http.Response.make(403, f"agentkeys: egress to {host} is not allowed\n", {"content-type": "text/plain"})
+
+
+def credential_headers(headers: http.Headers) -> dict[str, str]:
+    """The credential headers a request carries, by lower-cased name, read in one pass over its raw
+    fields (mitmproxy's `headers.get` scans them all for each name); a repeated one is folded as `get` would."""
+    found: dict[str, str] = {}
+    for raw_name, raw_value in headers.fields:
+        raw_name = raw_name.lower()
+        if raw_name in CREDENTIAL_FIELDS and raw_value:
+            name, value = raw_name.decode(), raw_value.decode("utf-8", "surrogateescape")
+            found[name] = f"{found[name]}, {value}" if name in found else value
+    return found
+
+
+def replace_headers(headers: http.Headers, added: dict[str, str], dropped: frozenset[bytes] = frozenset()) -> None:
+    """Remove the headers named in `dropped` or `added`, then append `added`, in one pass over the raw fields."""
+    new_fields = tuple((name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in added.items())
+    gone = dropped.union(name for name, _ in new_fields)
+    headers.fields = tuple(field for field in headers.fields if field[0].lower() not in gone) + new_fields
+
+
+def budget_headers(admission: Admission, cost: int | None) -> dict[str, str]:
+    """What the agent is told of its budget: this call's cost (None while a stream's is unknown; never
+    for an unmetered call, whose cost is the provider's secret), what its key has left, any clamp."""
+    headers = {}
+    if cost is None:
+        headers[REMAINING_HEADER] = usd_header(admission.remaining_micros)
+    else:
+        if not admission.unmetered:
+            headers[COST_HEADER] = usd_header(cost)
+        headers[REMAINING_HEADER] = usd_header(admission.remaining_micros + admission.hold_micros - cost)
+    if admission.clamped_to:
+        headers[CLAMPED_HEADER] = str(admission.clamped_to)
+    return headers
 
 
 def usd_header(micros: int) -> str:

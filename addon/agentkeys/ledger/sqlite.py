@@ -1,8 +1,10 @@
 """SQLite backend: one file, nothing to run. WAL mode so readers never block the proxy.
 
-Writes use `BEGIN IMMEDIATE`, which takes the write lock up front, so a reserve's check and its
-hold are one atomic step even with a second process (the CLI) on the same file. A lock held
-longer than `busy_timeout` raises LedgerUnavailable rather than waiting forever.
+Every change is atomic even with other processes (the CLI, replicas) on the same file: the two
+that every call makes, taking a hold and closing it, are each one statement, with triggers that
+keep the key's `held_micros` and `spent_micros` in step; the rarer ones use `BEGIN IMMEDIATE`,
+which takes the write lock up front. A lock held longer than `busy_timeout` raises
+LedgerUnavailable rather than waiting forever.
 """
 
 import sqlite3
@@ -43,9 +45,29 @@ CREATE TABLE IF NOT EXISTS holds (
     hold_id       INTEGER PRIMARY KEY AUTOINCREMENT,
     key_id        TEXT NOT NULL REFERENCES keys(key_id),
     amount_micros INTEGER NOT NULL,
-    created_at    REAL NOT NULL
+    created_at    REAL NOT NULL,
+    charge_micros INTEGER  -- set once, to close the hold (see hold_closed)
 );
+-- A hold taken is held on its key.
+CREATE TRIGGER IF NOT EXISTS hold_taken AFTER INSERT ON holds BEGIN
+    UPDATE keys SET held_micros = held_micros + NEW.amount_micros WHERE key_id = NEW.key_id;
+END;
+-- A hold closed at a charge: released from its key, the charge spent, the hold gone.
+CREATE TRIGGER IF NOT EXISTS hold_closed AFTER UPDATE OF charge_micros ON holds BEGIN
+    UPDATE keys SET held_micros = held_micros - NEW.amount_micros, spent_micros = spent_micros + NEW.charge_micros
+        WHERE key_id = NEW.key_id;
+    DELETE FROM holds WHERE hold_id = NEW.hold_id;
+END;
 """
+# Files made before holds were closed by trigger lack the column (and have none open that matter to it).
+ADD_CHARGE_COLUMN = "ALTER TABLE holds ADD COLUMN charge_micros INTEGER"
+# The hold, taken only if the key is live and the amount fits what remains: one atomic statement.
+TAKE_HOLD = (
+    "INSERT INTO holds (key_id, amount_micros, created_at) SELECT key_id, ?, ? FROM keys"
+    " WHERE key_id = ? AND revoked_at IS NULL AND ? < expires_at AND budget_micros - spent_micros - held_micros >= ?"
+    " RETURNING hold_id"
+)
+CLOSE_HOLD = "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND charge_micros IS NULL"
 KEY_COLUMNS = (
     "key_id, key_hash, name, policy_name, policy_json, created_at, expires_at,"
     " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros"
@@ -64,6 +86,10 @@ class SqliteLedger:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'holds'").fetchone():
+                columns = [row[1] for row in self._db.execute("PRAGMA table_info(holds)")]
+                if "charge_micros" not in columns:
+                    self._db.execute(ADD_CHARGE_COLUMN)
             self._db.executescript(SCHEMA)
         except sqlite3.Error as e:
             raise LedgerUnavailable(f"cannot open {self.path}: {e}") from e
@@ -84,6 +110,7 @@ class SqliteLedger:
                 raise unavailable(self.path, e) from e
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """One statement on its own (a read, or a write that is atomic by itself): its rows."""
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
@@ -144,6 +171,18 @@ class SqliteLedger:
             return active is not None
 
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+        """Every call's first write, so one statement when the hold fits; else a transaction that says why."""
+        taken = self._query(TAKE_HOLD, (amount_micros, now, key_id, now, amount_micros))
+        if taken:
+            # What remains right after: for the agent's information, so a read of its own suffices.
+            ((remaining,),) = self._query(
+                "SELECT budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?", (key_id,)
+            )
+            return Reservation(taken[0][0], None, remaining)
+        return self._reserve_or_refuse(key_id, amount_micros, now)
+
+    def _reserve_or_refuse(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+        """The hold did not fit a moment ago: look again under the write lock, and take it or say why not."""
         with self._transaction() as db:
             row = db.execute(
                 "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?",
@@ -158,37 +197,25 @@ class SqliteLedger:
                 return Reservation(None, Refusal.EXPIRED, remaining)
             if amount_micros > remaining:
                 return Reservation(None, Refusal.BUDGET, remaining)
-            db.execute("UPDATE keys SET held_micros = held_micros + ? WHERE key_id = ?", (amount_micros, key_id))
-            cursor = db.execute(
-                "INSERT INTO holds (key_id, amount_micros, created_at) VALUES (?, ?, ?)",
-                (key_id, amount_micros, now),
-            )
-            return Reservation(cursor.lastrowid, None, remaining - amount_micros)
+            ((hold_id,),) = db.execute(TAKE_HOLD, (amount_micros, now, key_id, now, amount_micros)).fetchall()
+            return Reservation(hold_id, None, remaining - amount_micros)
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
-        with self._transaction() as db:
-            row = db.execute("SELECT key_id, amount_micros FROM holds WHERE hold_id = ?", (hold_id,)).fetchone()
-            if row is None:
-                return False
-            key_id, held = row
-            close_hold(db, hold_id, key_id, held, amount_micros)
-            return True
+        with self._lock:
+            try:
+                return self._db.execute(CLOSE_HOLD, (amount_micros, hold_id)).rowcount == 1
+            except sqlite3.OperationalError as e:
+                raise unavailable(self.path, e) from e
 
     def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
-        with self._transaction() as db:
-            stale = [
-                StaleHold(*row)
-                for row in db.execute(
-                    "SELECT hold_id, key_id, amount_micros, created_at FROM holds WHERE created_at < ?"
-                    " ORDER BY created_at, hold_id",
-                    (now - older_than_seconds,),
-                )
-            ]
-            for hold in stale:
-                close_hold(db, hold.hold_id, hold.key_id, hold.amount_micros, hold.amount_micros)
-            return stale
+        rows = self._query(
+            "UPDATE holds SET charge_micros = amount_micros WHERE created_at < ? AND charge_micros IS NULL"
+            " RETURNING hold_id, key_id, amount_micros, created_at",
+            (now - older_than_seconds,),
+        )
+        return sorted((StaleHold(*row) for row in rows), key=lambda hold: (hold.created_at, hold.hold_id))
 
     def purge_expired(self, now: float) -> list[str]:
         """Return finished children's grants, then delete expired keys with nothing open (see `Ledger`)."""
@@ -228,15 +255,6 @@ def insert_key(db: sqlite3.Connection, record: KeyRecord) -> None:
         db.execute(f"INSERT INTO keys ({KEY_COLUMNS}) VALUES ({PLACEHOLDERS})", astuple(record))
     except sqlite3.IntegrityError as e:
         raise KeyExists(f"key {record.key_id} already exists") from e
-
-
-def close_hold(db: sqlite3.Connection, hold_id: int, key_id: str, held: int, charge: int) -> None:
-    """Inside a transaction: drop the hold and move it to spend as `charge`."""
-    db.execute("DELETE FROM holds WHERE hold_id = ?", (hold_id,))
-    db.execute(
-        "UPDATE keys SET held_micros = held_micros - ?, spent_micros = spent_micros + ? WHERE key_id = ?",
-        (held, charge, key_id),
-    )
 
 
 def unavailable(path: Path, error: sqlite3.OperationalError) -> LedgerUnavailable:

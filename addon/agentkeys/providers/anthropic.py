@@ -95,8 +95,8 @@ class AnthropicFormat:
         status, error_type = ERRORS[kind]
         return status, {"type": "error", "error": {"type": error_type, "message": message}}
 
-    def set_real_key(self, headers, key: str) -> None:
-        headers["x-api-key"] = key
+    def real_key_header(self, key: str) -> tuple[str, str]:
+        return "x-api-key", key
 
 
 def usage_from_object(usage, output_tokens: int | None = None) -> Usage | None:

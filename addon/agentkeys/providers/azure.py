@@ -57,8 +57,8 @@ class AzureFormat(openai.OpenAIFormat):
             )
         return openai.read_endpoint(endpoint, {**data, "model": deployment} if deployment else data)
 
-    def set_real_key(self, headers, key: str) -> None:
-        headers["api-key"] = key
+    def real_key_header(self, key: str) -> tuple[str, str]:
+        return "api-key", key
 
 
 def route(path: str) -> tuple[str, str | None] | None:

@@ -114,8 +114,8 @@ class GeminiFormat:
         status, name = ERRORS[kind]
         return status, {"error": {"code": status, "message": message, "status": name}}
 
-    def set_real_key(self, headers, key: str) -> None:
-        headers["x-goog-api-key"] = key
+    def real_key_header(self, key: str) -> tuple[str, str]:
+        return "x-goog-api-key", key
 
 
 def field(data: dict, camel: str):

@@ -113,8 +113,8 @@ class OpenAIFormat:
         status, error_type, code = ERRORS[kind]
         return status, {"error": {"message": message, "type": error_type, "param": None, "code": code}}
 
-    def set_real_key(self, headers, key: str) -> None:
-        headers["authorization"] = f"Bearer {key}"
+    def real_key_header(self, key: str) -> tuple[str, str]:
+        return "authorization", f"Bearer {key}"
 
 
 def read_endpoint(endpoint: str, data: dict) -> RequestFacts:
