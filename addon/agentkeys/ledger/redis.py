@@ -325,15 +325,28 @@ class RedisLedger:
 
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
         with self._store():
-            hold_id, refusal, remaining = self._reserve(args=[key_id, amount_micros, now])
-        if refusal:
-            return Reservation(None, Refusal(refusal), remaining)
-        return Reservation(hold_id, None, remaining)
+            return reservation(self._reserve(args=[key_id, amount_micros, now]))
+
+    def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
+        """Each reserve is its own script (atomic by itself); a pipeline sends them in one round trip."""
+        with self._store():
+            pipeline = self._redis.pipeline(transaction=False)
+            for key_id, amount_micros, now in requests:
+                self._reserve(args=[key_id, amount_micros, now], client=pipeline)
+            return [reservation(answer) for answer in pipeline.execute()]
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
         with self._store():
             return bool(self._settle(args=[hold_id, amount_micros]))
+
+    def settle_many(self, settlements: list[tuple[int, int]]) -> list[bool]:
+        """Each settlement is its own script (atomic by itself); a pipeline sends them in one round trip."""
+        with self._store():
+            pipeline = self._redis.pipeline(transaction=False)
+            for hold_id, amount_micros in settlements:
+                self._settle(args=[hold_id, amount_micros], client=pipeline)
+            return [bool(settled) for settled in pipeline.execute()]
 
     def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
@@ -356,6 +369,14 @@ class RedisLedger:
     def nonblocking(self) -> None:
         """A network store cannot promise an answer without waiting."""
         return None
+
+
+def reservation(answer: list) -> Reservation:
+    """The reserve script's answer: [hold id, refusal or empty, remaining]."""
+    hold_id, refusal, remaining = answer
+    if refusal:
+        return Reservation(None, Refusal(refusal), remaining)
+    return Reservation(hold_id, None, remaining)
 
 
 def field_pairs(record: KeyRecord) -> list:

@@ -184,21 +184,13 @@ class SqliteLedger:
     def _reserve_or_refuse(self, key_id: str, amount_micros: int, now: float) -> Reservation:
         """The hold did not fit a moment ago: look again under the write lock, and take it or say why not."""
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?",
-                (key_id,),
-            ).fetchone()
-            if row is None:
-                return Reservation(None, Refusal.UNKNOWN)
-            expires_at, revoked_at, remaining = row
-            if revoked_at is not None:
-                return Reservation(None, Refusal.REVOKED, remaining)
-            if now >= expires_at:
-                return Reservation(None, Refusal.EXPIRED, remaining)
-            if amount_micros > remaining:
-                return Reservation(None, Refusal.BUDGET, remaining)
-            ((hold_id,),) = db.execute(TAKE_HOLD, (amount_micros, now, key_id, now, amount_micros)).fetchall()
-            return Reservation(hold_id, None, remaining - amount_micros)
+            return take_hold_or_refuse(db, key_id, amount_micros, now)
+
+    def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
+        if len(requests) == 1:
+            return [self.reserve(*requests[0])]
+        with self._transaction() as db:
+            return [take_hold_or_refuse(db, *request) for request in requests]
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
@@ -207,6 +199,12 @@ class SqliteLedger:
                 return self._db.execute(CLOSE_HOLD, (amount_micros, hold_id)).rowcount == 1
             except sqlite3.OperationalError as e:
                 raise unavailable(self.path, e) from e
+
+    def settle_many(self, settlements: list[tuple[int, int]]) -> list[bool]:
+        if len(settlements) == 1:
+            return [self.settle(*settlements[0])]
+        with self._transaction() as db:
+            return [db.execute(CLOSE_HOLD, (amount, hold_id)).rowcount == 1 for hold_id, amount in settlements]
 
     def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
@@ -255,6 +253,25 @@ def insert_key(db: sqlite3.Connection, record: KeyRecord) -> None:
         db.execute(f"INSERT INTO keys ({KEY_COLUMNS}) VALUES ({PLACEHOLDERS})", astuple(record))
     except sqlite3.IntegrityError as e:
         raise KeyExists(f"key {record.key_id} already exists") from e
+
+
+def take_hold_or_refuse(db: sqlite3.Connection, key_id: str, amount_micros: int, now: float) -> Reservation:
+    """Inside a transaction: take the hold, or say why not."""
+    row = db.execute(
+        "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?",
+        (key_id,),
+    ).fetchone()
+    if row is None:
+        return Reservation(None, Refusal.UNKNOWN)
+    expires_at, revoked_at, remaining = row
+    if revoked_at is not None:
+        return Reservation(None, Refusal.REVOKED, remaining)
+    if now >= expires_at:
+        return Reservation(None, Refusal.EXPIRED, remaining)
+    if amount_micros > remaining:
+        return Reservation(None, Refusal.BUDGET, remaining)
+    ((hold_id,),) = db.execute(TAKE_HOLD, (amount_micros, now, key_id, now, amount_micros)).fetchall()
+    return Reservation(hold_id, None, remaining - amount_micros)
 
 
 def unavailable(path: Path, error: sqlite3.OperationalError) -> LedgerUnavailable:
