@@ -629,7 +629,8 @@ def test_a_busy_store_is_waited_for_off_the_event_loop(tmp_path, monkeypatch):
 
 
 def test_holds_and_settlements_asked_for_in_one_turn_of_the_loop_are_written_together(tmp_path, monkeypatch):
-    """Calls under load arrive and finish in bunches: one write to the store for each bunch."""
+    """Calls under load arrive and finish in bunches: one write to the store for each bunch. A call
+    with no other in flight is written at once."""
     writes = []
 
     class Counting(SqliteLedger):
@@ -645,14 +646,15 @@ def test_holds_and_settlements_asked_for_in_one_turn_of_the_loop_are_written_tog
     env = make_env(tmp_path, monkeypatch, Counting)
     key = env.issue()
 
-    async def three_calls_at_once():
-        admissions = await asyncio.gather(*(env.gate.admit(call(key)) for _ in range(3)))
+    async def one_call_then_three_at_once():
+        first = await env.gate.admit(call(key))
+        admissions = [first, *await asyncio.gather(*(env.gate.admit(call(key)) for _ in range(3)))]
         usage = Usage(input_tokens=5, output_tokens=5)
         return admissions, await asyncio.gather(*(env.gate.settle_usage(a, usage) for a in admissions))
 
-    admissions, settlements = run(three_calls_at_once())
-    assert len({admission.hold_id for admission in admissions}) == 3
-    assert writes == [("reserve_many", 3), ("settle_many", 3)]
+    admissions, settlements = run(one_call_then_three_at_once())
+    assert len({admission.hold_id for admission in admissions}) == 4
+    assert writes == [("reserve_many", 1), ("reserve_many", 3), ("settle_many", 4)]
     assert env.balances(key) == (sum(settlement.cost_micros for settlement in settlements), 0)
     env.ledger.close()
 

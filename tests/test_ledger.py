@@ -213,6 +213,33 @@ def test_settle_many_settles_each_hold_as_settle_would(ledger):
     assert ledger.settle_many([(first, 100)]) == [False]
 
 
+def test_a_store_file_from_before_holds_closed_by_trigger_still_settles_its_open_holds(tmp_path):
+    """Files of earlier versions lack two columns of `holds` and its triggers; opening one adds them."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE keys (key_id TEXT PRIMARY KEY, key_hash TEXT NOT NULL, name TEXT NOT NULL,"
+        " policy_name TEXT NOT NULL, policy_json TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL,"
+        " budget_micros INTEGER NOT NULL, spent_micros INTEGER NOT NULL DEFAULT 0,"
+        " held_micros INTEGER NOT NULL DEFAULT 0, revoked_at REAL, parent_id TEXT,"
+        " depth INTEGER NOT NULL DEFAULT 0, grant_micros INTEGER NOT NULL DEFAULT 0);"
+        "CREATE TABLE holds (hold_id INTEGER PRIMARY KEY AUTOINCREMENT, key_id TEXT NOT NULL,"
+        " amount_micros INTEGER NOT NULL, created_at REAL NOT NULL);"
+        f"INSERT INTO keys VALUES ('k1', 'h', 'n', 'p', '{{}}', {NOW}, {NOW + 3600}, 1000, 0, 300, NULL, NULL, 0, 0);"
+        f"INSERT INTO holds (key_id, amount_micros, created_at) VALUES ('k1', 300, {NOW});"
+    )
+    old.close()
+    ledger = SqliteLedger(path)
+    try:
+        assert ledger.settle(1, 100) is True  # the hold the earlier version took
+        new = ledger.reserve("k1", 200, NOW)
+        assert new.refusal is None and new.remaining_micros == 700
+        assert ledger.settle(new.hold_id, 50) is True
+        assert balances(ledger) == (150, 0)
+    finally:
+        ledger.close()
+
+
 # ----- purge -----
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -101,8 +102,9 @@ class Gate:
         # Key records by id, for the parts that never change (hash, policy, name). Whether a key is
         # still usable is decided by the store itself, in `reserve` (or a fresh read for free calls).
         self._known_keys: dict[str, KeyRecord] = {}
-        self._take_hold = NextTurnBatch(functools.partial(self.in_ledger, "reserve_many"))
-        self._close_hold = NextTurnBatch(functools.partial(self.in_ledger, "settle_many"))
+        self._open_holds: set[int] = set()  # of calls in flight: while there are any, writes are batched
+        self._take_hold = NextTurnBatch(functools.partial(self.in_ledger, "reserve_many"), self._open_holds)
+        self._close_hold = NextTurnBatch(functools.partial(self.in_ledger, "settle_many"), self._open_holds)
 
     async def in_ledger(self, operation: str, *args):
         """Run a ledger operation without stalling the event loop.
@@ -311,6 +313,7 @@ class Gate:
             )
         admission.price = price
         admission.hold_id = reservation.hold_id
+        self._open_holds.add(reservation.hold_id)
         admission.hold_micros = worst_case
         admission.remaining_micros = reservation.remaining_micros
         admission.upstream_body = admission.wire.upstream_body(facts, call.body, cap)
@@ -352,6 +355,7 @@ class Gate:
             return Settlement(0, "none")
         if cost > admission.hold_micros:
             log.warning("key %s: cost %s exceeded its hold %s", admission.key.key_id, cost, admission.hold_micros)
+        self._open_holds.discard(admission.hold_id)
         settled = await self._close_hold((admission.hold_id, cost))
         admission.settled = True  # only now: a settlement that failed can be tried again
         if not settled:  # a sweep took this call for dead and already charged its full hold
@@ -370,23 +374,28 @@ class NextTurnBatch:
     them at once on the next turn: one commit (or one round trip) instead of one per call.
 
     Under load, calls arrive and finish in bunches (at 16 at once, two in three settlements came in
-    bunches of three to six), so this halves and more the store's work per call; one call alone
-    waits a single turn of the loop. `write_many` takes the list of arguments and returns one
-    answer for each, in order; if it fails, each call fails as it would have alone.
+    bunches of three to six), so this halves and more the store's work per call. A call with no
+    other in flight (`others`, the open holds) has nobody to share a write with, and is written at
+    once. `write_many` takes the list of arguments and returns one answer for each, in order; if it
+    fails, each call fails as it would have alone.
     """
 
-    def __init__(self, write_many):
+    def __init__(self, write_many, others: Collection):
         self.write_many = write_many
+        self.others = others
         self._waiting: list[tuple[tuple, asyncio.Future]] = []
         self._writing: set[asyncio.Task] = set()  # the loop keeps only a weak reference to a task
 
-    def __call__(self, arguments: tuple) -> asyncio.Future:
+    async def __call__(self, arguments: tuple):
+        if not self._waiting and not self.others:
+            (answer,) = await self.write_many([arguments])
+            return answer
         loop = asyncio.get_running_loop()
         if not self._waiting:
             loop.call_soon(self._write)
         answer = loop.create_future()
         self._waiting.append((arguments, answer))
-        return answer
+        return await answer
 
     def _write(self) -> None:
         batch, self._waiting = self._waiting, []

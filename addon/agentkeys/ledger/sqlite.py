@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS holds (
     key_id        TEXT NOT NULL REFERENCES keys(key_id),
     amount_micros INTEGER NOT NULL,
     created_at    REAL NOT NULL,
+    remaining_after_micros INTEGER,  -- what the key had left once this hold was taken
     charge_micros INTEGER  -- set once, to close the hold (see hold_closed)
 );
 -- A hold taken is held on its key.
@@ -59,13 +60,15 @@ CREATE TRIGGER IF NOT EXISTS hold_closed AFTER UPDATE OF charge_micros ON holds 
     DELETE FROM holds WHERE hold_id = NEW.hold_id;
 END;
 """
-# Files made before holds were closed by trigger lack the column (and have none open that matter to it).
-ADD_CHARGE_COLUMN = "ALTER TABLE holds ADD COLUMN charge_micros INTEGER"
+# Columns that files made by earlier versions lack; added when such a file is opened.
+ADDED_HOLD_COLUMNS = {"remaining_after_micros": "INTEGER", "charge_micros": "INTEGER"}
 # The hold, taken only if the key is live and the amount fits what remains: one atomic statement.
 TAKE_HOLD = (
-    "INSERT INTO holds (key_id, amount_micros, created_at) SELECT key_id, ?, ? FROM keys"
-    " WHERE key_id = ? AND revoked_at IS NULL AND ? < expires_at AND budget_micros - spent_micros - held_micros >= ?"
-    " RETURNING hold_id"
+    "INSERT INTO holds (key_id, amount_micros, created_at, remaining_after_micros)"
+    " SELECT key_id, :amount, :now, budget_micros - spent_micros - held_micros - :amount FROM keys"
+    " WHERE key_id = :key_id AND revoked_at IS NULL AND :now < expires_at"
+    " AND budget_micros - spent_micros - held_micros >= :amount"
+    " RETURNING hold_id, remaining_after_micros"
 )
 CLOSE_HOLD = "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND charge_micros IS NULL"
 KEY_COLUMNS = (
@@ -86,10 +89,10 @@ class SqliteLedger:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'holds'").fetchone():
-                columns = [row[1] for row in self._db.execute("PRAGMA table_info(holds)")]
-                if "charge_micros" not in columns:
-                    self._db.execute(ADD_CHARGE_COLUMN)
+            columns = [row[1] for row in self._db.execute("PRAGMA table_info(holds)")]
+            for name, kind in ADDED_HOLD_COLUMNS.items():
+                if columns and name not in columns:
+                    self._db.execute(f"ALTER TABLE holds ADD COLUMN {name} {kind}")
             self._db.executescript(SCHEMA)
         except sqlite3.Error as e:
             raise LedgerUnavailable(f"cannot open {self.path}: {e}") from e
@@ -172,13 +175,10 @@ class SqliteLedger:
 
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
         """Every call's first write, so one statement when the hold fits; else a transaction that says why."""
-        taken = self._query(TAKE_HOLD, (amount_micros, now, key_id, now, amount_micros))
+        taken = self._query(TAKE_HOLD, {"key_id": key_id, "amount": amount_micros, "now": now})
         if taken:
-            # What remains right after: for the agent's information, so a read of its own suffices.
-            ((remaining,),) = self._query(
-                "SELECT budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?", (key_id,)
-            )
-            return Reservation(taken[0][0], None, remaining)
+            ((hold_id, remaining),) = taken
+            return Reservation(hold_id, None, remaining)
         return self._reserve_or_refuse(key_id, amount_micros, now)
 
     def _reserve_or_refuse(self, key_id: str, amount_micros: int, now: float) -> Reservation:
@@ -270,8 +270,10 @@ def take_hold_or_refuse(db: sqlite3.Connection, key_id: str, amount_micros: int,
         return Reservation(None, Refusal.EXPIRED, remaining)
     if amount_micros > remaining:
         return Reservation(None, Refusal.BUDGET, remaining)
-    ((hold_id,),) = db.execute(TAKE_HOLD, (amount_micros, now, key_id, now, amount_micros)).fetchall()
-    return Reservation(hold_id, None, remaining - amount_micros)
+    ((hold_id, remaining_after),) = db.execute(
+        TAKE_HOLD, {"key_id": key_id, "amount": amount_micros, "now": now}
+    ).fetchall()
+    return Reservation(hold_id, None, remaining_after)
 
 
 def unavailable(path: Path, error: sqlite3.OperationalError) -> LedgerUnavailable:
