@@ -217,6 +217,7 @@ class AgentKeys:
     async def done(self):
         if self._purge_task:
             self._purge_task.cancel()
+        await asyncio.sleep(0)  # settlements scheduled on this turn of the loop start their tasks
         if self._settling:  # let settlements in flight reach the store and the audit log
             await asyncio.wait(self._settling, timeout=5)
         if self.audit:
@@ -458,9 +459,12 @@ class AgentKeys:
     def _settle_in_background(self, settling: Coroutine, flow: http.HTTPFlow, state: CallState, reason: str):
         """Settle and record after the agent has its answer: the hold covers the call meanwhile.
 
-        (mitmproxy 12 starts tasks eagerly: this one runs up to its write to the store, which the
-        gate makes on the loop's next turn, after the response is sent.)
+        The task is made on the loop's next turn: mitmproxy 12 creates tasks eagerly, so one made
+        here would write to the store and the audit log before the response is sent.
         """
+        asyncio.get_running_loop().call_soon(self._start_settling, settling, flow, state, reason)
+
+    def _start_settling(self, settling: Coroutine, flow: http.HTTPFlow, state: CallState, reason: str):
         task = asyncio.get_running_loop().create_task(self._settle_then_record(settling, flow, state, reason))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
