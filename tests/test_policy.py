@@ -224,14 +224,14 @@ def test_load_config_merges_defaults_and_resolves_paths(tmp_path):
     config = load_config(path)
     assert config.providers["anthropic"].key_env == "ANTHROPIC_API_KEY"
     assert config.providers["openai"].upstream == "https://api.openai.com"
-    assert config.sqlite_path == (tmp_path / "data" / "keys.db").resolve()
+    assert config.store_url == f"sqlite:///{(tmp_path / 'data' / 'keys.db').resolve()}"
 
 
 def test_proxy_config_accepts_a_redis_store(tmp_path):
     path = tmp_path / "agentkeys.yaml"
     path.write_text("store: redis://localhost:6379/2\n")
     config = load_config(path)
-    assert config.store == "redis://localhost:6379/2" and config.sqlite_path is None
+    assert config.store_url == "redis://localhost:6379/2"
 
 
 @pytest.mark.parametrize("store", ["postgres://x", "agentkeys.db"])

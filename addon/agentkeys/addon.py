@@ -151,7 +151,7 @@ class AgentKeys:
             prices = config.price_table()
         except ConfigError as e:
             raise exceptions.OptionsError(f"agentkeys: bad config:\n{e}") from None
-        ledger = open_ledger(config.store, config.sqlite_path)
+        ledger = open_ledger(config.store_url)
         if self.audit:
             self.audit.close()
         self.config = config

@@ -114,7 +114,7 @@ def read_config(args) -> ProxyConfig:
 
 
 def open_store(config: ProxyConfig):
-    return open_ledger(config.store, config.sqlite_path)
+    return open_ledger(config.store_url)
 
 
 # ----- serve -----

@@ -214,11 +214,11 @@ class ProxyConfig(BaseModel):
         return load_prices(prices_file, self.prices, self.providers)
 
     @property
-    def sqlite_path(self) -> Path | None:
-        """The SQLite file, relative to the config's folder; None when the store is not SQLite."""
+    def store_url(self) -> str:
+        """`store`, with a SQLite file's path made absolute (a relative one is the config folder's)."""
         if not self.store.startswith("sqlite:///"):
-            return None
-        return self.path(self.store.removeprefix("sqlite:///"))
+            return self.store
+        return f"sqlite:///{self.path(self.store.removeprefix('sqlite:///'))}"
 
 
 def load_config(path: Path | None) -> ProxyConfig:

@@ -2,11 +2,9 @@
 
 Every money-moving step is one atomic operation in the store, so the hard cap holds across
 threads, processes and proxy replicas: `reserve` checks the key and its remaining budget and takes
-a hold in the same transaction (SQLite) or script (Redis); `settle` turns a hold into spend (or
-releases it) exactly once; `sweep_stale_holds` settles, at their full amount, holds whose proxy died.
+a hold in the same statement or transaction (SQLite) or script (Redis); `settle` turns a hold into
+spend (or releases it) exactly once; `sweep_stale_holds` settles, at their full amount, holds whose proxy died.
 """
-
-from pathlib import Path
 
 from agentkeys.ledger.base import (
     KeyExists,
@@ -22,11 +20,13 @@ from agentkeys.ledger.redis import RedisLedger
 from agentkeys.ledger.sqlite import SqliteLedger
 
 
-def open_ledger(store_url: str, sqlite_path: str | Path | None = None) -> Ledger:
-    """The ledger behind `store_url`: sqlite:///PATH (`sqlite_path`, if given, wins: it is PATH resolved
-    against the config's folder), or redis://HOST:PORT/DB (rediss:// for TLS)."""
+def open_ledger(store_url: str) -> Ledger:
+    """The ledger behind `store_url`: sqlite:///PATH, or redis://HOST:PORT/DB (rediss:// for TLS).
+
+    A config's store is opened with `open_ledger(config.store_url)`, where PATH is absolute.
+    """
     if store_url.startswith("sqlite:///"):
-        return SqliteLedger(sqlite_path or store_url.removeprefix("sqlite:///"))
+        return SqliteLedger(store_url.removeprefix("sqlite:///"))
     if store_url.startswith(("redis://", "rediss://")):
         return RedisLedger(store_url)
     raise ValueError(f"unsupported store {store_url!r}")
