@@ -328,12 +328,7 @@ class RedisLedger:
             return reservation(self._reserve(args=[key_id, amount_micros, now]))
 
     def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
-        """Each reserve is its own script (atomic by itself); a pipeline sends them in one round trip."""
-        with self._store():
-            pipeline = self._redis.pipeline(transaction=False)
-            for key_id, amount_micros, now in requests:
-                self._reserve(args=[key_id, amount_micros, now], client=pipeline)
-            return [reservation(answer) for answer in pipeline.execute()]
+        return [reservation(answer) for answer in self._in_one_round_trip(self._reserve, requests)]
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
@@ -341,12 +336,15 @@ class RedisLedger:
             return bool(self._settle(args=[hold_id, amount_micros]))
 
     def settle_many(self, settlements: list[tuple[int, int]]) -> list[bool]:
-        """Each settlement is its own script (atomic by itself); a pipeline sends them in one round trip."""
+        return [bool(settled) for settled in self._in_one_round_trip(self._settle, settlements)]
+
+    def _in_one_round_trip(self, script, argument_lists: list[tuple]) -> list:
+        """The script once per argument list, each atomic by itself, sent in one pipeline."""
         with self._store():
             pipeline = self._redis.pipeline(transaction=False)
-            for hold_id, amount_micros in settlements:
-                self._settle(args=[hold_id, amount_micros], client=pipeline)
-            return [bool(settled) for settled in pipeline.execute()]
+            for arguments in argument_lists:
+                script(args=list(arguments), client=pipeline)
+            return pipeline.execute()
 
     def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""

@@ -70,7 +70,7 @@ TAKE_HOLD = (
     " AND budget_micros - spent_micros - held_micros >= :amount"
     " RETURNING hold_id, remaining_after_micros"
 )
-CLOSE_HOLD = "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND charge_micros IS NULL"
+CLOSE_HOLD = "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND charge_micros IS NULL RETURNING hold_id"
 KEY_COLUMNS = (
     "key_id, key_hash, name, policy_name, policy_json, created_at, expires_at,"
     " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros"
@@ -194,17 +194,13 @@ class SqliteLedger:
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
-        with self._lock:
-            try:
-                return self._db.execute(CLOSE_HOLD, (amount_micros, hold_id)).rowcount == 1
-            except sqlite3.OperationalError as e:
-                raise unavailable(self.path, e) from e
+        return bool(self._query(CLOSE_HOLD, (amount_micros, hold_id)))
 
     def settle_many(self, settlements: list[tuple[int, int]]) -> list[bool]:
         if len(settlements) == 1:
             return [self.settle(*settlements[0])]
         with self._transaction() as db:
-            return [db.execute(CLOSE_HOLD, (amount, hold_id)).rowcount == 1 for hold_id, amount in settlements]
+            return [bool(db.execute(CLOSE_HOLD, (amount, hold_id)).fetchall()) for hold_id, amount in settlements]
 
     def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
