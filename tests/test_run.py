@@ -77,8 +77,16 @@ def test_run_passes_the_exit_status_and_revokes_the_key(proxy, mock, agent, tmp_
     assert "gpt-4o-mini: 1 calls" in stderr
 
 
+def interruptible():
+    """Ctrl-C as at a terminal: a background job (a CI runner's, `make test &`) starts with SIGINT
+    ignored, and the agent would inherit that and sleep through the interrupt passed on to it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_run_revokes_the_key_on_ctrl_c(proxy, agent, tmp_path):
-    running = run_agent(proxy.config_path, write_policy(tmp_path), sys.executable, str(agent), "wait")
+    running = run_agent(
+        proxy.config_path, write_policy(tmp_path), sys.executable, str(agent), "wait", preexec_fn=interruptible
+    )
     assert "agent got:" in running.stdout.readline()
     running.send_signal(signal.SIGINT)
     _, stderr = running.communicate(timeout=30)
