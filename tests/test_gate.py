@@ -659,6 +659,37 @@ def test_holds_and_settlements_asked_for_in_one_turn_of_the_loop_are_written_tog
     env.ledger.close()
 
 
+def test_a_call_cancelled_while_its_hold_is_written_leaves_nothing_held(env):
+    """It never reaches the provider, so the hold written for it in its batch is freed at once."""
+    key = env.issue()
+
+    async def three_at_once_one_cancelled():
+        in_flight = await env.gate.admit(call(key))  # one call in flight: the next three are batched
+        calls = [asyncio.ensure_future(env.gate.admit(call(key))) for _ in range(3)]
+        await asyncio.sleep(0)  # all three wait for the next turn's write
+        calls[0].cancel()
+        admissions = await asyncio.gather(*calls[1:])
+        await asyncio.sleep(0.01)  # the cancelled call's hold is freed by the batch's own task
+        for admission in (in_flight, *admissions):
+            await env.gate.release(admission)
+        return calls[0]
+
+    cancelled = run(three_at_once_one_cancelled())
+    assert cancelled.cancelled()
+    assert env.balances(key) == (0, 0)
+
+
+def test_a_swept_hold_no_longer_counts_as_a_call_in_flight(env):
+    key = env.issue()
+    admission = env.admitted(call(key))
+    assert env.gate._open_holds == {admission.hold_id}
+    env.clock.now += env.gate.config.stale_hold_after + 1
+    swept = run(env.gate.sweep_stale_holds())
+    assert [hold.hold_id for hold in swept] == [admission.hold_id]
+    assert env.gate._open_holds == set()
+    assert env.balances(key) == (admission.hold_micros, 0)
+
+
 def test_a_long_prompt_is_held_at_its_bytes_and_counted_exactly_only_when_that_does_not_fit(env):
     """Counting 400 KB exactly costs milliseconds; bytes bound it in microseconds, at a larger hold."""
     body = chat(messages=[user("hello " * 20_000)], max_tokens=10)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from agentkeys import credentials, tokens
-from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, StaleHold
+from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, Reservation, StaleHold
 from agentkeys.money import format_usd
 from agentkeys.policy import Policy, ProxyConfig
 from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
@@ -103,7 +103,9 @@ class Gate:
         # still usable is decided by the store itself, in `reserve` (or a fresh read for free calls).
         self._known_keys: dict[str, KeyRecord] = {}
         self._open_holds: set[int] = set()  # of calls in flight: while there are any, writes are batched
-        self._take_hold = NextTurnBatch(functools.partial(self.in_ledger, "reserve_many"), self._open_holds)
+        self._take_hold = NextTurnBatch(
+            functools.partial(self.in_ledger, "reserve_many"), self._open_holds, undo_many=self._release_unclaimed
+        )
         self._close_hold = NextTurnBatch(functools.partial(self.in_ledger, "settle_many"), self._open_holds)
 
     async def in_ledger(self, operation: str, *args):
@@ -362,8 +364,17 @@ class Gate:
             return Settlement(admission.hold_micros, "held", usage)
         return Settlement(cost, metering, usage)
 
+    async def _release_unclaimed(self, reservations: list[Reservation]) -> None:
+        """Holds taken for calls cancelled while they waited for them: those calls never reach the provider."""
+        holds = [(reservation.hold_id, 0) for reservation in reservations if reservation.hold_id is not None]
+        if holds:
+            await self.in_ledger("settle_many", holds)
+
     async def sweep_stale_holds(self) -> list[StaleHold]:
-        return await self.in_ledger("sweep_stale_holds", self.clock(), self.config.stale_hold_after)
+        swept = await self.in_ledger("sweep_stale_holds", self.clock(), self.config.stale_hold_after)
+        # A call whose flow never came back (a hook that never ran) no longer counts as one in flight.
+        self._open_holds.difference_update(hold.hold_id for hold in swept)
+        return swept
 
     async def purge_expired(self) -> list[str]:
         return await self.in_ledger("purge_expired", self.clock())
@@ -377,12 +388,14 @@ class NextTurnBatch:
     so this cuts the store's work per call to a fraction. A call with no
     other in flight (`others`, the open holds) has nobody to share a write with, and is written at
     once. `write_many` takes the list of arguments and returns one answer for each, in order; if it
-    fails, each call fails as it would have alone.
+    fails, each call fails as it would have alone. Answers that no call is waiting for any more (it
+    was cancelled meanwhile) go to `undo_many`, if given.
     """
 
-    def __init__(self, write_many, others: Collection):
+    def __init__(self, write_many, others: Collection, undo_many=None):
         self.write_many = write_many
         self.others = others
+        self.undo_many = undo_many
         self._waiting: list[tuple[tuple, asyncio.Future]] = []
         self._writing: set[asyncio.Task] = set()  # the loop keeps only a weak reference to a task
 
@@ -408,13 +421,20 @@ class NextTurnBatch:
             results = await self.write_many([arguments for arguments, _ in batch])
         except Exception as e:
             results = [e] * len(batch)
+        unclaimed = []
         for (_, answer), result in zip(batch, results, strict=True):
-            if answer.cancelled():  # its call was cancelled meanwhile; a hold it took is swept as stale
-                continue
             if isinstance(result, Exception):
-                answer.set_exception(result)
+                if not answer.cancelled():
+                    answer.set_exception(result)
+            elif answer.cancelled():
+                unclaimed.append(result)
             else:
                 answer.set_result(result)
+        if unclaimed and self.undo_many:
+            try:
+                await self.undo_many(unclaimed)
+            except Exception:
+                log.exception("undoing the writes of %d cancelled calls failed", len(unclaimed))
 
 
 def first_given(*values: int | None) -> int | None:
