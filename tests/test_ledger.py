@@ -208,7 +208,8 @@ def test_settle_many_settles_each_hold_as_settle_would(ledger):
     first, second = ledger.reserve("k1", 300, NOW).hold_id, ledger.reserve("k1", 200, NOW).hold_id
     third = ledger.reserve("k2", 400, NOW).hold_id
     ledger.settle(second, 50)  # already settled: reported False, charged nothing more
-    assert ledger.settle_many([(first, 100), (second, 999), (third, 0), (12345, 7)]) == [True, False, True, False]
+    settled = ledger.settle_many([(first, 100), (second, 999), (third, 0), (12345, 7), (first, 300)])
+    assert settled == [True, False, True, False, False]
     assert balances(ledger, "k1") == (150, 0) and balances(ledger, "k2") == (0, 0)
     assert ledger.settle_many([(first, 100)]) == [False]
 
