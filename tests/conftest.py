@@ -31,7 +31,9 @@ from mock_provider import MockProvider
 
 REPO = Path(__file__).resolve().parent.parent
 ADDON = REPO / "addon" / "agentkeys" / "addon.py"
-MITMDUMP = Path(os.environ.get("AGENTKEYS_MITMDUMP", Path(sys.executable).with_name("mitmdump")))
+# The interpreter the proxies run on: another venv's (say Python 3.11 with mitmproxy 11) to test that pairing.
+PROXY_PYTHON = Path(os.environ.get("AGENTKEYS_PROXY_PYTHON", sys.executable))
+MITMDUMP = PROXY_PYTHON.with_name("mitmdump")
 OPENAI_REAL_KEY = "sk-test-real-openai"
 ANTHROPIC_REAL_KEY = "sk-ant-test-real-anthropic"
 # Real keys of the other providers the tests configure (the mock's defaults), by the variable holding each.
@@ -137,7 +139,9 @@ def write_policy(directory: Path, name: str = "test", **fields) -> Path:
     return path
 
 
-def start_proxy(directory: Path, mock: MockProvider, **config_fields) -> Proxy:
+def start_proxy(directory: Path, mock: MockProvider, launcher: str = "serve", **config_fields) -> Proxy:
+    """A proxy on free ports in `directory`, as `agentkeys serve` runs it, or with launcher="mitmdump" as
+    a plain mitmdump script (every mitmdump addon loaded, the settings as mitmproxy options)."""
     directory.mkdir(parents=True, exist_ok=True)
     proxy_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
     config = {
@@ -162,23 +166,7 @@ def start_proxy(directory: Path, mock: MockProvider, **config_fields) -> Proxy:
     env = {**os.environ, "OPENAI_API_KEY": OPENAI_REAL_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_REAL_KEY, **OTHER_REAL_KEYS}
     env.pop("HTTPS_PROXY", None)
     process = subprocess.Popen(
-        [
-            str(MITMDUMP),
-            "--mode",
-            f"regular@127.0.0.1:{proxy_port}",
-            "--mode",
-            f"reverse:http://127.0.0.1:9@127.0.0.1:{gateway_port}",
-            "--set",
-            f"confdir={directory / 'certs'}",
-            "--set",
-            "flow_detail=0",
-            "--set",
-            "connection_strategy=lazy",
-            "-s",
-            str(ADDON),
-            "--set",
-            f"agentkeys_config={config_path}",
-        ],  # fmt: skip
+        proxy_command(launcher, config_path, proxy_port, gateway_port),
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
         env=env,
@@ -188,6 +176,22 @@ def start_proxy(directory: Path, mock: MockProvider, **config_fields) -> Proxy:
     wait_for_port(proxy_port, process, log_path)
     wait_for_port(gateway_port, process, log_path)
     return proxy
+
+
+def proxy_command(launcher: str, config_path: Path, proxy_port: int, gateway_port: int) -> list[str]:
+    if launcher == "serve":
+        return [str(PROXY_PYTHON), "-m", "agentkeys.cli", "--config", str(config_path), "serve"]
+    assert launcher == "mitmdump", launcher
+    return [
+        str(MITMDUMP),
+        "--mode", f"regular@127.0.0.1:{proxy_port}",
+        "--mode", f"reverse:http://127.0.0.1:9@127.0.0.1:{gateway_port}",
+        "--set", f"confdir={config_path.parent / 'certs'}",
+        "--set", "flow_detail=0",
+        "--set", "connection_strategy=lazy",
+        "-s", str(ADDON),
+        "--set", f"agentkeys_config={config_path}",
+    ]  # fmt: skip
 
 
 def stop_proxy(proxy: Proxy) -> None:
@@ -208,8 +212,9 @@ def mock():
 
 
 @pytest.fixture(scope="module")
-def proxy(mock, tmp_path_factory):
-    running = start_proxy(tmp_path_factory.mktemp("proxy"), mock)
+def proxy(mock, tmp_path_factory, request):
+    """One proxy for the module: `agentkeys serve`, or what the module's PROXY_LAUNCHER names."""
+    running = start_proxy(tmp_path_factory.mktemp("proxy"), mock, getattr(request.module, "PROXY_LAUNCHER", "serve"))
     yield running
     stop_proxy(running)
     log = running.log_path.read_text()

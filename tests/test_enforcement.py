@@ -1,7 +1,8 @@
 """The core path end to end: official SDKs → real mitmdump with the addon → mock provider.
 
 Both listeners: proxy mode (HTTPS_PROXY + our CA; the SDK keeps its default base URL) and gateway
-mode (base URL on the reverse listener, no CA).
+mode (base URL on the reverse listener, no CA). Here the addon is loaded as a plain mitmdump script
+(`mitmdump -s addon.py`, every mitmdump addon beside it); the other modules run `agentkeys serve`.
 """
 
 import time
@@ -13,6 +14,7 @@ import pytest
 from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, httpx, write_policy
 
 MODES = ["proxy", "gateway"]
+PROXY_LAUNCHER = "mitmdump"
 
 
 @pytest.fixture(scope="module")

@@ -121,27 +121,22 @@ def open_store(config: ProxyConfig):
 
 
 def cmd_serve(args) -> int:
-    from mitmproxy.tools.main import mitmdump
+    from agentkeys.server import serve
 
     config = read_config(args)
     certs_dir = config.path(config.certs_dir)
     ensure_ca(certs_dir)
-    addon_path = Path(__file__).with_name("addon.py")
     host = config.listen_host
-    mitm_args = [
-        "--mode", f"regular@{host}:{config.proxy_port}",
+    modes = [
+        f"regular@{host}:{config.proxy_port}",
         # The reverse target is never dialled: the addon routes every gateway call by its path prefix.
-        "--mode", f"reverse:http://127.0.0.1:9@{host}:{config.gateway_port}",
-        "--set", f"confdir={certs_dir}",
-        "--set", "connection_strategy=lazy",
-        "--set", "flow_detail=0",
-        "-s", str(addon_path),
-    ]  # fmt: skip
+        f"reverse:http://127.0.0.1:9@{host}:{config.gateway_port}",
+    ]
+    settings = {"confdir": str(certs_dir), "connection_strategy": "lazy"}
     if config_file(args):
-        mitm_args += ["--set", f"agentkeys_config={config_file(args)}"]
+        settings["agentkeys_config"] = str(config_file(args))
     print_how_to_connect(config, certs_dir)
-    mitmdump(mitm_args)
-    return 0
+    return serve(settings, modes)
 
 
 def print_how_to_connect(config: ProxyConfig, certs_dir: Path) -> None:

@@ -1,0 +1,57 @@
+"""`agentkeys serve`: mitmproxy's proxy core with the Agent Keys addon, and nothing else.
+
+mitmdump loads some thirty addons (replay, map-local, cookie stickiness, HAR export, …) and asks
+every one of them about every event of every flow; none of them has work to do in this proxy, and
+asking them all is about a tenth of bare mitmdump's time per call. This keeps the ones a proxy needs:
+its listeners (proxyserver, next_layer, tlsconfig), its safety checks (block: refuse clients from
+public addresses unless configured; disable_h2c: no cleartext HTTP/2 upgrade smuggling;
+update_alt_svc), its own options and commands (core), start-up error reporting (errorcheck) and the
+log (termlog). The addon still loads into a full mitmdump as a script (see `addon.py`).
+"""
+
+import asyncio
+import logging
+import signal
+import sys
+
+from mitmproxy import exceptions, master, options
+from mitmproxy.addons import block, core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig, update_alt_svc
+
+from agentkeys.addon import AgentKeys
+
+
+class ProxyMaster(master.Master):
+    def __init__(self, opts: options.Options):
+        super().__init__(opts, with_termlog=True)
+        self.addons.add(
+            core.Core(),
+            block.Block(),
+            disable_h2c.DisableH2C(),
+            proxyserver.Proxyserver(),
+            next_layer.NextLayer(),
+            tlsconfig.TlsConfig(),
+            update_alt_svc.UpdateAltSvc(),
+            AgentKeys(),
+            errorcheck.ErrorCheck(),
+        )
+
+
+def serve(settings: dict, modes: list[str]) -> int:
+    """Run until SIGINT or SIGTERM; `settings` are mitmproxy and agentkeys_* options by name."""
+    return asyncio.run(_serve(settings, modes))
+
+
+async def _serve(settings: dict, modes: list[str]) -> int:
+    logging.getLogger().setLevel(logging.INFO)
+    proxy = ProxyMaster(options.Options())
+    try:
+        proxy.options.update(mode=modes, **settings)
+    except exceptions.OptionsError as e:
+        print(f"agentkeys: {e}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, proxy.shutdown)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a client gone mid-write is an error to handle, not a death
+    await proxy.run()
+    return 0
