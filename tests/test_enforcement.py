@@ -6,11 +6,13 @@ mode (base URL on the reverse listener, no CA). Here the addon is loaded as a pl
 """
 
 import time
+from urllib.parse import urlsplit
 
 import anthropic
 import openai
 import pytest
 
+from agentkeys.addon import Upstream
 from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, httpx, write_policy
 
 MODES = ["proxy", "gateway"]
@@ -137,6 +139,26 @@ def test_anthropic_stream_is_metered(proxy, mock, key, mode, monkeypatch):
     record = last_audit(proxy, key)
     assert record["metering"] == "usage" and record["output_tokens"] == 4
     assert record["input_tokens"] == mock.reported[-1]["input_tokens"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_provider_is_asked_by_its_own_host_name(proxy, mock, key, mode, monkeypatch):
+    """A provider behind a CDN routes by the Host header: it must name the upstream, never the proxy."""
+    chat(openai_client(proxy, mode, key["key"], monkeypatch), max_tokens=2)
+    assert mock.received[-1].headers["host"] == urlsplit(mock.url).netloc
+
+
+@pytest.mark.parametrize(
+    "base_url, authority",
+    [
+        ("https://api.openai.com/v1", b"api.openai.com"),
+        ("http://127.0.0.1:8000", b"127.0.0.1:8000"),
+        ("https://[::1]:8443/v1", b"[::1]:8443"),
+        ("https://bücher.example", b"xn--bcher-kva.example"),
+    ],
+)
+def test_an_upstream_names_itself_as_a_host_header_would(base_url, authority):
+    assert Upstream.parse(base_url).authority == authority
 
 
 def test_key_as_x_api_key_header(proxy, mock, key):

@@ -99,12 +99,18 @@ class Upstream:
     host: str
     port: int
     base_path: str
+    authority: bytes  # host[:port], as the Host header (and HTTP/2's :authority) names it
 
     @classmethod
     def parse(cls, base_url: str) -> "Upstream":
         parts = urlsplit(base_url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        name = parts.hostname.encode("idna")
+        if b":" in name:  # an IPv6 address
+            name = b"[" + name + b"]"
+        authority = name if port == default_port else b"%s:%d" % (name, port)
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"), authority)
 
 
 @dataclass
@@ -344,12 +350,15 @@ class AgentKeys:
         """Swap the agent's credentials for the real key and point the request at the provider."""
         admission, call, request = state.admission, state.call, flow.request
         key_name, key_value = admission.wire.real_key_header(admission.real_key)
-        # Every credential header the agent sent goes; identity encoding, so streamed SSE can be read as it passes.
-        replace_headers(request.headers, {key_name: key_value, "accept-encoding": "identity"}, REPLACED_REQUEST_FIELDS)
         upstream = self.upstreams[call.provider]
+        # Every credential header the agent sent goes; identity encoding, so streamed SSE can be read as it passes.
+        added = {key_name: key_value, "accept-encoding": "identity"}
+        replace_headers(request.headers, added, REPLACED_REQUEST_FIELDS, rewritten={b"host": upstream.authority})
+        # Set directly: mitmproxy's `host` setter would encode the name again and look for Host once more.
         request.scheme = upstream.scheme
-        request.data.port = upstream.port  # set quietly: the host setter below rewrites Host (and :authority) once
-        request.host = upstream.host
+        request.data.host, request.data.port = upstream.host, upstream.port
+        if request.data.authority:
+            request.data.authority = upstream.authority
         query = without_query_credentials(call.query)  # Google's ?key=: the real key goes in a header
         request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
         if admission.upstream_body is not None:
@@ -566,11 +575,21 @@ def credential_headers(headers: http.Headers) -> dict[str, str]:
     return found
 
 
-def replace_headers(headers: http.Headers, added: dict[str, str], dropped: frozenset[bytes] = frozenset()) -> None:
-    """Remove the headers named in `dropped` or `added`, then append `added`, in one pass over the raw fields."""
+def replace_headers(
+    headers: http.Headers,
+    added: dict[str, str],
+    dropped: frozenset[bytes] = frozenset(),
+    rewritten: dict[bytes, bytes] | None = None,
+) -> None:
+    """Remove the headers named in `dropped` or `added`, give those named in `rewritten` (lower-case) a new
+    value where they are present, then append `added`: one pass over the raw fields."""
     new_fields = tuple((name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in added.items())
     gone = dropped.union(name for name, _ in new_fields)
-    headers.fields = tuple(field for field in headers.fields if field[0].lower() not in gone) + new_fields
+    rewritten = rewritten or {}
+    kept = tuple(
+        (name, rewritten.get(lowered, value)) for name, value in headers.fields if (lowered := name.lower()) not in gone
+    )
+    headers.fields = kept + new_fields
 
 
 def budget_headers(admission: Admission, cost: int | None) -> dict[str, str]:

@@ -94,6 +94,7 @@ class Gate:
         self.prices = prices
         self.clock = clock
         self.real_keys = {name: spec.real_key() for name, spec in config.providers.items()}
+        self._real_key_values = frozenset(key for key in self.real_keys.values() if key)
         self._ledger_now = ledger.nonblocking()
         # An embedded store needs one thread for the rare wait on a lock; a network store gets several, so
         # one slow round trip does not queue every other call behind it.
@@ -187,8 +188,7 @@ class Gate:
         found = credentials.credentials_in(call.headers) + credentials.credentials_in_query(call.query)
         if call.tunnel_credential:
             found.append(call.tunnel_credential)
-        real = {key for key in self.real_keys.values() if key}
-        if any(credential in real for credential in found):
+        if any(credential in self._real_key_values for credential in found):
             return Denial(DenyKind.UNAUTHENTICATED, "agentkeys: a real provider key was sent; use a scoped ak_ key")
         scoped = {credential for credential in found if credentials.key_id_of(credential)}
         if not scoped:
