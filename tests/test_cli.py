@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,16 @@ def test_serve_runs_both_listeners_and_enforces(config, mock, tmp_path):
     assert f"export HTTPS_PROXY=http://127.0.0.1:{settings['proxy_port']}" in printed
     assert f"http://127.0.0.1:{settings['gateway_port']}/openai/v1" in printed
     assert OPENAI_REAL_KEY not in printed
+
+
+def test_serve_on_a_busy_port_says_so_and_exits(config, tmp_path):
+    settings = yaml.safe_load(config.read_text())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", settings["proxy_port"]))
+        taken.listen()
+        server = run("--config", str(config), "serve")
+    assert server.returncode == 1
+    assert f"failed to listen on 127.0.0.1:{settings['proxy_port']}" in server.stdout + server.stderr
 
 
 def test_keys_issue_list_show_revoke(config, tmp_path):
