@@ -658,7 +658,7 @@ def print_report(rows, stores: dict, targets, overhead: dict, checks: list[tuple
         )
     print(
         f"  x3: three proxies share this machine's {os.cpu_count()} cores with the mock and this load generator."
-        "\n  One mitmdump uses one core at most, so three can gain on one by using the others: these rows"
+        "\n  One proxy uses one core at most, so three can gain on one by using the others: these rows"
         "\n  show a shared store staying correct under contention, not how replicas scale out."
         "\n  CPU ms: CPU time of the proxy processes (all replicas) per call, from /proc."
     )

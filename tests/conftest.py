@@ -1,6 +1,7 @@
-"""Fixtures for end-to-end tests: the mock provider, a real mitmdump with the addon, keys.
+"""Fixtures for end-to-end tests: the mock provider, a real proxy with the addon, keys.
 
-One mitmdump per test module (`proxy` is module-scoped): starting one takes about a second.
+The proxy is `agentkeys serve` (or, for a module that sets PROXY_LAUNCHER = "mitmdump", the addon
+as a mitmdump script). One per test module (`proxy` is module-scoped): starting one takes about a second.
 """
 
 import contextlib
