@@ -79,6 +79,43 @@ def test_serve_on_a_busy_port_says_so_and_exits(config, tmp_path):
     assert f"failed to listen on 127.0.0.1:{settings['proxy_port']}" in server.stdout + server.stderr
 
 
+def with_mitmproxy_options(config: Path, **options) -> dict:
+    settings = {**yaml.safe_load(config.read_text()), "mitmproxy": options}
+    config.write_text(yaml.safe_dump(settings))
+    return settings
+
+
+def test_serve_passes_the_configs_mitmproxy_options_on(config, tmp_path):
+    settings = with_mitmproxy_options(config, termlog_verbosity="warn")
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen(
+        [str(AGENTKEYS), "serve", "--config", str(config)], stdout=open(log, "w"), stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for_port(settings["gateway_port"], server, log)
+        wait_for_port(settings["proxy_port"], server, log)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=15)
+    printed = log.read_text()
+    assert "gateway mode on" in printed  # agentkeys' own banner
+    assert "listening at" not in printed, "mitmproxy still logs at info"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"no_such_option": 1}, "no such mitmproxy option in agentkeys serve: no_such_option"),
+        ({"ssl_insecure": "maybe"}, "Expected <class 'bool'> for ssl_insecure"),
+    ],
+)
+def test_serve_refuses_a_bad_mitmproxy_option(config, options, message):
+    with_mitmproxy_options(config, **options)
+    server = run("--config", str(config), "serve")
+    assert server.returncode == 2
+    assert message in server.stderr
+
+
 def test_keys_issue_list_show_revoke(config, tmp_path):
     policy = write_policy(tmp_path, "ci", budget_usd=2.5)
     issued = run("--config", str(config), "keys", "issue", str(policy), "--ttl", "30m", "--name", "job-42")

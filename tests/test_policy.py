@@ -242,6 +242,14 @@ def test_proxy_config_rejects_unknown_store(tmp_path, store):
         load_config(path)
 
 
+@pytest.mark.parametrize("option", ["mode", "confdir", "connection_strategy", "agentkeys_store"])
+def test_proxy_config_keeps_the_mitmproxy_options_serve_sets_itself(tmp_path, option):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text(f"proxy_port: 8080\nmitmproxy:\n  ssl_insecure: true\n  {option}: x\n")
+    with pytest.raises(ConfigError, match=f":2: mitmproxy: {option}: set by agentkeys serve"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     "fields",
     [

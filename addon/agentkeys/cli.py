@@ -132,7 +132,7 @@ def cmd_serve(args) -> int:
         # The reverse target is never dialled: the addon routes every gateway call by its path prefix.
         f"reverse:http://127.0.0.1:9@{host}:{config.gateway_port}",
     ]
-    settings = {"confdir": str(certs_dir), "connection_strategy": "lazy"}
+    settings = {**config.mitmproxy, "confdir": str(certs_dir), "connection_strategy": "lazy"}
     if config_file(args):
         settings["agentkeys_config"] = str(config_file(args))
     print_how_to_connect(config, certs_dir)

@@ -149,6 +149,10 @@ DEFAULT_PROVIDERS = {
 }
 
 
+# mitmproxy options that `agentkeys serve` sets itself, so a config's `mitmproxy` section may not.
+SERVE_OWN_OPTIONS = frozenset({"mode", "confdir", "connection_strategy", "scripts"})
+
+
 class IssuerConfig(BaseModel):
     """A program (a CI system) allowed to mint keys remotely with a token, from these policies only."""
 
@@ -182,6 +186,10 @@ class ProxyConfig(BaseModel):
         default_factory=dict, description="price overrides: provider -> model -> USD per million tokens"
     )
     issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
+    mitmproxy: dict[str, str | int | bool | list[str]] = Field(
+        default_factory=dict,
+        description="mitmproxy options for `agentkeys serve`, by name (say ssl_verify_upstream_trusted_ca)",
+    )
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("store")
@@ -190,6 +198,16 @@ class ProxyConfig(BaseModel):
         if not url.startswith(("sqlite:///", "redis://", "rediss://")):
             raise ValueError(f"{url!r}: the store must be sqlite:///PATH or redis://HOST:PORT/DB (rediss:// for TLS)")
         return url
+
+    @field_validator("mitmproxy")
+    @classmethod
+    def not_the_proxys_own(cls, options: dict) -> dict:
+        own = sorted(name for name in options if name in SERVE_OWN_OPTIONS or name.startswith("agentkeys_"))
+        if own:
+            raise ValueError(
+                f"{', '.join(own)}: set by agentkeys serve from this config (proxy_port, gateway_port, certs_dir, …)"
+            )
+        return options
 
     @model_validator(mode="before")
     @classmethod

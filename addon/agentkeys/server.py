@@ -46,11 +46,15 @@ def serve(settings: dict, modes: list[str]) -> int:
 async def _serve(settings: dict, modes: list[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
     proxy = ProxyMaster(options.Options())
+    unknown = sorted(set(settings) - set(proxy.options.keys()))
+    if unknown:
+        print(f"agentkeys: no such mitmproxy option in agentkeys serve: {', '.join(unknown)}", file=sys.stderr)
+        return 2
     try:
         proxy.options.update(mode=modes, **settings)
-    except exceptions.OptionsError as e:
+    except (exceptions.OptionsError, TypeError) as e:  # mitmproxy's type check raises TypeError
         print(f"agentkeys: {e}", file=sys.stderr)
-        return 1
+        return 2
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, proxy.shutdown)
