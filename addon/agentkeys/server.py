@@ -55,6 +55,8 @@ async def _serve(settings: dict, modes: list[str]) -> int:
     except (exceptions.OptionsError, TypeError) as e:  # mitmproxy's type check raises TypeError
         print(f"agentkeys: {e}", file=sys.stderr)
         return 2
+    if proxy.options.termlog_verbosity == "debug":  # else debug records are not even made (several per call)
+        logging.getLogger().setLevel(logging.DEBUG)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, proxy.shutdown)
