@@ -6,12 +6,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
 import pytest
 import yaml
 
+from agentkeys.ledger import open_ledger
+from agentkeys.policy import load_config
 from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, free_port, wait_for_port, write_policy
 
 AGENTKEYS = Path(sys.executable).with_name("agentkeys")
@@ -136,11 +139,14 @@ def test_keys_issue_list_show_revoke(config, tmp_path):
     db = (tmp_path / "var" / "keys.db").read_bytes()
     assert key.encode() not in db, "only the key's hash may be stored"
 
+    ledger = open_ledger(load_config(config).store_url)
+    ledger.settle(ledger.reserve(key_id, 9, time.time()).hold_id, 9)  # a call that cost $0.000009
     listing = run("--config", str(config), "keys", "list")
     assert "job-42" in listing.stdout and key_id in listing.stdout and "active" in listing.stdout
+    assert listing.stdout.splitlines()[1].split()[-4:] == ["2.500000", "0.000009", "0.000000", "2.499991"]
     assert key not in listing.stdout
     shown = json.loads(run("--config", str(config), "keys", "show", key_id, "--json").stdout)
-    assert shown["budget_usd"] == 2.5 and shown["remaining_usd"] == 2.5 and shown["policy"] == "ci"
+    assert shown["budget_usd"] == 2.5 and shown["remaining_usd"] == 2.499991 and shown["policy"] == "ci"
 
     assert run("--config", str(config), "keys", "revoke", key_id).returncode == 0
     assert json.loads(run("--config", str(config), "keys", "list", "--json").stdout)[0]["status"] == "revoked"

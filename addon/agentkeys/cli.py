@@ -200,7 +200,8 @@ def cmd_keys_list(args) -> int:
         print(json.dumps(summaries, indent=2))
         return 0
     columns = ["id", "name", "policy", "status", "expires_at", "budget_usd", "spent_usd", "held_usd", "remaining_usd"]
-    rows = [[str(s[c]) if not c.endswith("_usd") else f"{s[c]:.4f}" for c in columns] for s in summaries]
+    # USD to the micro-dollar, the ledger's own unit: a few cheap calls still show.
+    rows = [[str(s[c]) if not c.endswith("_usd") else f"{s[c]:.6f}" for c in columns] for s in summaries]
     print_table(columns, rows)
     return 0
 
