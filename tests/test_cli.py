@@ -1,5 +1,6 @@
 """The `agentkeys` command as a user runs it: serve, keys, policy check, ca."""
 
+import contextlib
 import json
 import os
 import signal
@@ -42,7 +43,10 @@ def config(tmp_path, mock):
     return path
 
 
-def test_serve_runs_both_listeners_and_enforces(config, mock, tmp_path):
+@contextlib.contextmanager
+def serving(config: Path, tmp_path: Path):
+    """`agentkeys serve` on `config` for the block: its settings, and an OpenAI client on its gateway with a
+    fresh key. Its output is in tmp_path/serve.log once the block ends."""
     settings = yaml.safe_load(config.read_text())
     env = {**os.environ, "OPENAI_API_KEY": OPENAI_REAL_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_REAL_KEY}
     log = tmp_path / "serve.log"
@@ -52,21 +56,28 @@ def test_serve_runs_both_listeners_and_enforces(config, mock, tmp_path):
     try:
         wait_for_port(settings["gateway_port"], server, log)
         wait_for_port(settings["proxy_port"], server, log)
-        issued = run("--config", str(config), "keys", "issue", str(write_policy(tmp_path)), "--json")
-        key = json.loads(issued.stdout)
-        client = openai.OpenAI(
+        key = json.loads(run("--config", str(config), "keys", "issue", str(write_policy(tmp_path)), "--json").stdout)
+        with openai.OpenAI(
             api_key=key["key"], base_url=f"http://127.0.0.1:{settings['gateway_port']}/openai/v1", max_retries=0
-        )
-        reply = client.chat.completions.create(
-            model="gpt-4o-mini", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
-        )
-        assert reply.choices[0].message.content == "hello hello"
-        assert mock.received[-1].headers["authorization"] == f"Bearer {OPENAI_REAL_KEY}"
-        assert (tmp_path / "var" / "keys.db").exists() and (tmp_path / "audit.jsonl").exists()
+        ) as client:
+            yield settings, client
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=15)
-    printed = log.read_text()
+
+
+def small_chat(client: openai.OpenAI):
+    return client.chat.completions.create(
+        model="gpt-4o-mini", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+    )
+
+
+def test_serve_runs_both_listeners_and_enforces(config, mock, tmp_path):
+    with serving(config, tmp_path) as (settings, client):
+        assert small_chat(client).choices[0].message.content == "hello hello"
+        assert mock.received[-1].headers["authorization"] == f"Bearer {OPENAI_REAL_KEY}"
+        assert (tmp_path / "var" / "keys.db").exists() and (tmp_path / "audit.jsonl").exists()
+    printed = (tmp_path / "serve.log").read_text()
     assert f"export HTTPS_PROXY=http://127.0.0.1:{settings['proxy_port']}" in printed
     assert f"http://127.0.0.1:{settings['gateway_port']}/openai/v1" in printed
     assert OPENAI_REAL_KEY not in printed
@@ -82,35 +93,18 @@ def test_serve_on_a_busy_port_says_so_and_exits(config, tmp_path):
     assert f"failed to listen on 127.0.0.1:{settings['proxy_port']}" in server.stdout + server.stderr
 
 
-def with_mitmproxy_options(config: Path, **options) -> dict:
-    settings = {**yaml.safe_load(config.read_text()), "mitmproxy": options}
-    config.write_text(yaml.safe_dump(settings))
-    return settings
+def with_mitmproxy_options(config: Path, **options) -> None:
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "mitmproxy": options}))
 
 
 @pytest.mark.parametrize(
     "verbosity, shown, hidden", [("warn", "", "listening at"), ("debug", "closing transports", "")]
 )
 def test_serve_passes_the_configs_mitmproxy_options_on(config, tmp_path, verbosity, shown, hidden):
-    settings = with_mitmproxy_options(config, termlog_verbosity=verbosity)
-    env = {**os.environ, "OPENAI_API_KEY": OPENAI_REAL_KEY}
-    log = tmp_path / "serve.log"
-    server = subprocess.Popen(
-        [str(AGENTKEYS), "serve", "--config", str(config)], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env
-    )
-    try:
-        wait_for_port(settings["gateway_port"], server, log)
-        wait_for_port(settings["proxy_port"], server, log)
-        key = json.loads(run("--config", str(config), "keys", "issue", str(write_policy(tmp_path)), "--json").stdout)
-        client = openai.OpenAI(
-            api_key=key["key"], base_url=f"http://127.0.0.1:{settings['gateway_port']}/openai/v1", max_retries=0
-        )
-        client.chat.completions.create(model="gpt-4o-mini", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
-        client.close()
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=15)
-    printed = log.read_text()
+    with_mitmproxy_options(config, termlog_verbosity=verbosity)
+    with serving(config, tmp_path) as (_, client):
+        small_chat(client)
+    printed = (tmp_path / "serve.log").read_text()
     assert "gateway mode on" in printed  # agentkeys' own banner, whatever mitmproxy's verbosity
     assert shown in printed and (not hidden or hidden not in printed), printed
 
