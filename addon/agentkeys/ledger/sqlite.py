@@ -299,10 +299,9 @@ def take_hold_or_refuse(db: sqlite3.Connection, key_id: str, amount_micros: int,
         return Reservation(None, Refusal.EXPIRED, remaining)
     if amount_micros > remaining:
         return Reservation(None, Refusal.BUDGET, remaining)
-    ((hold_id, remaining_after),) = db.execute(
-        TAKE_HOLD, {"key_id": key_id, "amount": amount_micros, "now": now}
-    ).fetchall()
-    return Reservation(hold_id, None, remaining_after)
+    reservation = take_hold(db, key_id, amount_micros, now)
+    assert reservation is not None, "the hold fit a moment ago, in this same transaction"
+    return reservation
 
 
 def unavailable(path: Path, error: sqlite3.OperationalError) -> LedgerUnavailable:
