@@ -133,7 +133,7 @@ def test_an_agent_that_gives_up_after_the_call_reached_the_provider_is_charged_t
     with pytest.raises(openai.APITimeoutError):
         ask(impatient, max_tokens=5)
     [record] = proxy.records_for(key["id"])
-    assert record["reason"] == "error: Client disconnected." and record["metering"] == "held"
+    assert record["reason"].startswith("error: Client disconnected.") and record["metering"] == "held"
     assert record["cost_micros"] == record["hold_micros"] > 0
     assert_ledger_matches_audit(proxy, key["id"])
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import dataclasses
 import json
 import threading
 from dataclasses import dataclass
@@ -11,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentkeys import credentials, tokens
-from agentkeys.gate import Admission, CallRequest, Denial, Gate, Settlement
+from agentkeys.calls import CallRequest, Denial, Outcome
+from agentkeys.gate import Admission, Charge, Gate, charge_for
 from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
 from agentkeys.money import format_usd, usd_to_micros
 from agentkeys.policy import Policy, ProxyConfig
@@ -19,7 +21,7 @@ from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers import FORMATS
 from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE as ANTHROPIC_IMAGE_ALLOWANCE
 from agentkeys.providers.base import DenyKind, StreamResult
-from agentkeys.tokens import count_tokens
+from agentkeys.store import Store
 from mock_provider import _Anthropic, _OpenAI, count_o200k_tokens
 
 OPENAI_REAL_KEY = "sk-real-openai-0123456789"
@@ -71,7 +73,7 @@ class Env:
         return record.spent_micros, record.held_micros
 
     def admit(self, call: CallRequest) -> Admission | Denial:
-        return asyncio.run(self.gate.admit(call))
+        return asyncio.run(admit_or_denial(self.gate, call))
 
     def admitted(self, call: CallRequest) -> Admission:
         result = self.admit(call)
@@ -91,7 +93,22 @@ def make_env(tmp_path, monkeypatch, ledger_class=SqliteLedger) -> Env:
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_REAL_KEY)
     monkeypatch.setenv("ANTHROPIC_API_KEY", ANTHROPIC_REAL_KEY)
     ledger, clock = ledger_class(tmp_path / "gate.db"), Clock()
-    return Env(Gate(ProxyConfig(), ledger, PriceTable.bundled(), clock=clock), ledger, clock)
+    return Env(Gate(ProxyConfig(), Store(ledger, clock), PriceTable.bundled()), ledger, clock)
+
+
+async def admit_or_denial(gate: Gate, call: CallRequest) -> Admission | Denial:
+    try:
+        return await gate.admit(call)
+    except Denial as denial:
+        return denial
+
+
+def answered(usage: Usage | None = None, stream: StreamResult | None = None) -> Outcome:
+    """A call the provider answered in full, with this usage (or stream)."""
+    return Outcome(reached_provider=True, complete=True, status=200, usage=usage, stream=stream)
+
+
+NEVER_SENT = Outcome(reached_provider=False, complete=False)
 
 
 @pytest.fixture
@@ -255,13 +272,13 @@ def test_free_endpoints_are_forwarded_without_a_hold(env):
     key = env.issue()
     admission = env.admitted(call(key, b"", method="GET", path="/v1/models"))
     assert (admission.facts.metered, admission.hold_id, admission.upstream_body) == (False, None, None)
-    assert run(env.gate.release(admission)) == Settlement(0, "none")
+    assert run(env.gate.settle(admission, answered())).cost_micros == 0
     assert env.balances(key) == (0, 0)
 
 
 def test_a_provider_without_a_real_key_is_unavailable(env, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY")
-    env.gate = Gate(ProxyConfig(), env.ledger, PRICES, clock=env.clock)  # real keys are read at start
+    env.gate = Gate(ProxyConfig(), Store(env.ledger, env.clock), PRICES)  # real keys are read at start
     env.denied(call(env.issue(), provider="anthropic"), DenyKind.UNAVAILABLE, "set ANTHROPIC_API_KEY")
 
 
@@ -361,58 +378,59 @@ def admission_and_key(env):
 def test_settle_usage_charges_the_exact_cost_and_frees_the_rest(env, admission_and_key):
     admission, key = admission_and_key
     usage = Usage(input_tokens=12, output_tokens=34)
-    settlement = run(env.gate.settle_usage(admission, usage))
-    assert settlement == Settlement(cost_micros(MINI, usage), "usage", usage)
+    settlement = run(env.gate.settle(admission, answered(usage)))
+    assert (settlement.cost_micros, settlement.metering, settlement.usage) == (cost_micros(MINI, usage), "usage", usage)
     assert 0 < settlement.cost_micros < admission.hold_micros
     assert env.balances(key) == (settlement.cost_micros, 0)
 
 
 def test_settle_without_usage_charges_the_full_hold(env, admission_and_key):
     admission, key = admission_and_key
-    settlement = run(env.gate.settle_usage(admission, None))
+    settlement = run(env.gate.settle(admission, answered()))
     assert (settlement.cost_micros, settlement.metering) == (admission.hold_micros, "held")
     assert env.balances(key) == (admission.hold_micros, 0)
 
 
-@pytest.mark.parametrize("text", ["Hello there, how are you", "hello " * 5000], ids=["short", "beyond-max-output"])
-def test_a_broken_stream_is_charged_an_estimate_within_the_hold(env, admission_and_key, text):
+@pytest.mark.parametrize("complete", [False, True], ids=["cut", "ended-without-usage"])
+def test_a_stream_without_the_providers_usage_is_charged_its_full_hold(env, admission_and_key, complete):
+    """What was visible is no measure of what the provider bills (reasoning tokens are invisible)."""
     admission, key = admission_and_key
-    result = StreamResult(usage=None, complete=False, streamed_text=text)
-    settlement = run(env.gate.settle_stream(admission, result))
-    estimate = Usage(input_tokens=admission.facts.input_token_bound, output_tokens=count_tokens(text, "gpt-4o-mini"))
-    assert settlement.metering == "estimated"
-    assert settlement.cost_micros == min(cost_micros(MINI, estimate), admission.hold_micros)
-    assert 0 < settlement.cost_micros <= admission.hold_micros
-    assert env.balances(key) == (settlement.cost_micros, 0)
+    result = StreamResult(usage=None, complete=complete, streamed_text="Hello")
+    outcome = Outcome(reached_provider=True, complete=complete, status=200, stream=result)
+    settlement = run(env.gate.settle(admission, outcome))
+    assert (settlement.cost_micros, settlement.metering) == (admission.hold_micros, "held")
+    assert "full hold" in settlement.why
+    assert env.balances(key) == (admission.hold_micros, 0)
 
 
 def test_a_complete_stream_is_charged_its_usage(env, admission_and_key):
     admission, key = admission_and_key
     usage = Usage(input_tokens=9, output_tokens=3)
-    settlement = run(env.gate.settle_stream(admission, StreamResult(usage=usage, complete=True, streamed_text="hi")))
-    assert settlement == Settlement(cost_micros(MINI, usage), "usage", usage)
+    settlement = run(env.gate.settle(admission, answered(stream=StreamResult(usage, True, "hi"))))
+    assert (settlement.cost_micros, settlement.metering) == (cost_micros(MINI, usage), "usage")
 
 
-def test_release_charges_nothing(env, admission_and_key):
+def test_a_call_that_never_reached_the_provider_is_charged_nothing(env, admission_and_key):
     admission, key = admission_and_key
-    assert run(env.gate.release(admission)) == Settlement(0, "none")
+    settlement = run(env.gate.settle(admission, NEVER_SENT))
+    assert (settlement.cost_micros, settlement.metering) == (0, "none")
     assert env.balances(key) == (0, 0)
 
 
 @pytest.mark.parametrize(
     "again",
     [
-        lambda gate, a: gate.settle_usage(a, None),
-        lambda gate, a: gate.settle_usage(a, Usage(input_tokens=999, output_tokens=999)),
-        lambda gate, a: gate.release(a),
-        lambda gate, a: gate.settle_stream(a, StreamResult(None, False, "more text")),
+        lambda gate, a: gate.settle(a, answered()),
+        lambda gate, a: gate.settle(a, answered(Usage(input_tokens=999, output_tokens=999))),
+        lambda gate, a: gate.settle(a, NEVER_SENT),
+        lambda gate, a: gate.settle(a, answered(stream=StreamResult(None, False, "more text"))),
     ],
     ids=["full-hold", "usage", "release", "stream"],
 )
 def test_settling_twice_charges_once(env, admission_and_key, again):
     admission, key = admission_and_key
-    first = run(env.gate.settle_usage(admission, Usage(input_tokens=10, output_tokens=10)))
-    assert run(again(env.gate, admission)) == Settlement(0, "none")
+    first = run(env.gate.settle(admission, answered(Usage(input_tokens=10, output_tokens=10))))
+    assert run(again(env.gate, admission)).cost_micros == 0
     assert env.balances(key) == (first.cost_micros, 0)
 
 
@@ -444,16 +462,15 @@ def test_an_unavailable_store_refuses_the_call(tmp_path, monkeypatch, method):
     env.ledger.close()
 
 
-def test_a_settlement_that_failed_can_be_retried(tmp_path, monkeypatch):
-    env = make_env(tmp_path, monkeypatch, failing_ledger("settle", times=1))
+def test_a_settlement_that_failed_is_retried_with_the_real_charge(tmp_path, monkeypatch):
+    env = make_env(tmp_path, monkeypatch, failing_ledger("settle_many", times=1))
     key = env.issue()
     admission = env.admitted(call(key))
-    with pytest.raises(LedgerUnavailable):
-        run(env.gate.settle_usage(admission, Usage(input_tokens=5, output_tokens=5)))
-    retried = run(env.gate.settle_usage(admission, None))  # what addon.response does after a failed settle
+    usage = Usage(input_tokens=5, output_tokens=5)
+    settled = run(env.gate.settle(admission, answered(usage)))
     try:
-        assert retried.cost_micros == admission.hold_micros
-        assert env.balances(key) == (admission.hold_micros, 0)  # no hold left behind
+        assert (settled.cost_micros, settled.metering) == (cost_micros(MINI, usage), "usage")
+        assert env.balances(key) == (cost_micros(MINI, usage), 0)  # no hold left behind, not the full hold
     finally:
         env.ledger.close()
 
@@ -650,7 +667,7 @@ def test_holds_and_settlements_asked_for_in_one_turn_of_the_loop_are_written_tog
         first = await env.gate.admit(call(key))
         admissions = [first, *await asyncio.gather(*(env.gate.admit(call(key)) for _ in range(3)))]
         usage = Usage(input_tokens=5, output_tokens=5)
-        return admissions, await asyncio.gather(*(env.gate.settle_usage(a, usage) for a in admissions))
+        return admissions, await asyncio.gather(*(env.gate.settle(a, answered(usage)) for a in admissions))
 
     admissions, settlements = run(one_call_then_three_at_once())
     assert len({admission.hold_id for admission in admissions}) == 4
@@ -682,11 +699,11 @@ def test_a_call_cancelled_while_its_hold_is_written_leaves_nothing_held(env):
 def test_a_swept_hold_no_longer_counts_as_a_call_in_flight(env):
     key = env.issue()
     admission = env.admitted(call(key))
-    assert env.gate._open_holds == {admission.hold_id}
+    assert env.gate.store.open_holds == {admission.hold_id}
     env.clock.now += env.gate.config.stale_hold_after + 1
-    swept = run(env.gate.sweep_stale_holds())
+    swept = run(env.gate.store.sweep_stale_holds(env.gate.config.stale_hold_after))
     assert [hold.hold_id for hold in swept] == [admission.hold_id]
-    assert env.gate._open_holds == set()
+    assert env.gate.store.open_holds == set()
     assert env.balances(key) == (admission.hold_micros, 0)
 
 
@@ -703,3 +720,87 @@ def test_a_long_prompt_is_held_at_its_bytes_and_counted_exactly_only_when_that_d
     tight = env.admitted(call(env.issue(budget_usd=(exact_hold + 5) / 1e6), body))
     assert tight.facts.input_token_bound == exact.input_token_bound and tight.hold_micros == exact_hold
     env.denied(call(env.issue(budget_usd=(exact_hold - 5) / 1e6), body), DenyKind.BUDGET, "could cost up to")
+
+
+# ----- the settlement rules, as a table -----
+
+
+def metered_admission(hold_micros: int = 1_000) -> Admission:
+    return Admission(
+        key=None, policy=None, wire=FORMATS["openai"], facts=None, real_key="sk", metering="metered",
+        remaining_micros=0, price=MINI, hold_id=1, hold_micros=hold_micros,
+    )  # fmt: skip
+
+
+SMALL = Usage(input_tokens=100, output_tokens=50)
+
+
+def cut_stream(result: StreamResult) -> Outcome:
+    return Outcome(reached_provider=True, complete=False, status=200, stream=result)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "cost", "metering"),
+    [
+        (NEVER_SENT, 0, "none"),
+        (Outcome(reached_provider=True, complete=True, status=429), 0, "none"),
+        (Outcome(reached_provider=True, complete=False, status=500), 0, "none"),
+        (answered(SMALL), cost_micros(MINI, SMALL), "usage"),
+        (answered(), 1_000, "held"),
+        (Outcome(reached_provider=True, complete=False), 1_000, "held"),
+        (Outcome(reached_provider=True, complete=False, status=200), 1_000, "held"),
+        (cut_stream(StreamResult(None, False, "Hi")), 1_000, "held"),
+        (cut_stream(StreamResult(SMALL, False, "")), cost_micros(MINI, SMALL), "usage"),
+        (Outcome(True, True, 200, stream=StreamResult(SMALL, True, ""), meter_broken=True), 1_000, "held"),
+    ],
+    ids=["never-sent", "429", "cut-500", "usage", "no-usage", "cut-before-headers", "cut-after-headers", "stream-cut",
+         "stream-cut-after-usage", "meter-broken"],
+)  # fmt: skip
+def test_each_settlement_rule(outcome, cost, metering):
+    charge = charge_for(metered_admission(), outcome)
+    assert (charge.cost_micros, charge.metering) == (cost, metering)
+
+
+def test_usage_above_the_hold_is_charged_in_full_as_an_overrun():
+    """The provider spent it (it ignored the output limit), so the budget pays it; the audit says so."""
+    big = Usage(input_tokens=10_000, output_tokens=10_000)
+    charge = charge_for(metered_admission(hold_micros=10), answered(big))
+    assert (charge.cost_micros, charge.metering) == (cost_micros(MINI, big), "overrun")
+    assert charge.cost_micros > 10 and "more than the call's hold" in charge.why
+
+
+@pytest.mark.parametrize("metering", ["free", "unmetered"])
+def test_calls_without_a_hold_are_charged_nothing(metering):
+    admission = dataclasses.replace(metered_admission(), metering=metering, hold_id=None, hold_micros=0)
+    assert charge_for(admission, answered(SMALL)) == Charge(0, metering)
+
+
+@given(
+    reached=st.booleans(),
+    complete=st.booleans(),
+    status=st.sampled_from([None, 200, 400, 429, 500]),
+    reported=st.sampled_from(["body", "stream", "none"]),
+    meter_broken=st.booleans(),
+    input_tokens=st.integers(0, 2_000),
+    output_tokens=st.integers(0, 500),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_charge_is_never_below_what_the_provider_bills(
+    reached, complete, status, reported, meter_broken, input_tokens, output_tokens
+):
+    """Whatever the client did and however far the response got, the proxy charges at least the bill.
+
+    The provider bills a call it received and did not refuse; the proxy sees the usage only if the
+    provider reported it (in the body of a complete response, or in a stream's usage event)."""
+    true_usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+    hold = cost_micros(MINI, Usage(input_tokens=2_000, output_tokens=500))
+    billed = cost_micros(MINI, true_usage) if reached and (status is None or status < 400) else 0
+    seen = true_usage if reported != "none" and (complete or reported == "stream") else None
+    outcome = Outcome(
+        reached_provider=reached, complete=complete, status=status, meter_broken=meter_broken,
+        usage=seen if reported == "body" else None,
+        stream=StreamResult(seen, complete, "") if reported == "stream" else None,
+    )  # fmt: skip
+    charge = charge_for(metered_admission(hold_micros=hold), outcome)
+    assert charge.cost_micros >= billed
+    assert charge.cost_micros <= hold  # and never more than the hold, while the provider keeps to it

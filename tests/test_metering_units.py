@@ -9,7 +9,8 @@ import json
 import pytest
 
 from agentkeys import credentials
-from agentkeys.gate import Admission, CallRequest, Denial, Gate
+from agentkeys.calls import CallRequest, Denial
+from agentkeys.gate import Admission, Gate
 from agentkeys.ledger import KeyRecord, SqliteLedger
 from agentkeys.money import usd_to_micros
 from agentkeys.policy import Policy, ProxyConfig
@@ -27,6 +28,7 @@ from agentkeys.pricing import (
 )
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, SseSplitter, Unmeterable, set_output_cap
+from agentkeys.store import Store
 from agentkeys.tokens import count_tokens, token_bound
 from agentkeys.yamlfile import ConfigError
 from mock_provider import _Anthropic, _Completions, _Embeddings, _Gemini, _OpenAI, _Responses, count_o200k_tokens
@@ -64,13 +66,20 @@ def feed(meter, events: list[bytes]) -> None:
 # ----- the gate, with a real SQLite ledger -----
 
 
+async def admit_or_denial(gate: Gate, call: CallRequest) -> Admission | Denial:
+    try:
+        return await gate.admit(call)
+    except Denial as denial:
+        return denial
+
+
 class Env:
     def __init__(self, tmp_path, monkeypatch):
         for name, value in REAL_KEYS.items():
             monkeypatch.setenv(name, value)
         self.ledger = SqliteLedger(tmp_path / "units.db")
         config = ProxyConfig.model_validate({"providers": {"azure": AZURE_PROVIDER}})
-        self.gate = Gate(config, self.ledger, PriceTable.bundled(), clock=lambda: 1_700_000_000.0)
+        self.gate = Gate(config, Store(self.ledger, clock=lambda: 1_700_000_000.0), PriceTable.bundled())
 
     def issue(self, budget_usd: float = 1.0, **policy_fields) -> str:
         policy = Policy.model_validate({**POLICY, **policy_fields})
@@ -87,7 +96,7 @@ class Env:
     def admit(self, key: str, provider: str, path: str, body, method: str = "POST", query: str = ""):
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         call = CallRequest(provider, method, path, {"authorization": f"Bearer {key}"}, raw, query=query)
-        return asyncio.run(self.gate.admit(call))
+        return asyncio.run(admit_or_denial(self.gate, call))
 
     def admitted(self, *args, **kwargs) -> Admission:
         result = self.admit(*args, **kwargs)
@@ -543,9 +552,9 @@ def test_a_key_in_the_query_string_counts_as_a_credential(env):
     key = env.issue()
     path, body = "/v1beta/models/gemini-2.5-flash:generateContent", b'{"contents": [{"parts": [{"text": "hi"}]}]}'
     call = CallRequest("gemini", "POST", path, {}, body, query=f"alt=sse&key={key}")
-    assert isinstance(asyncio.run(env.gate.admit(call)), Admission)
+    assert isinstance(asyncio.run(admit_or_denial(env.gate, call)), Admission)
     real = CallRequest("gemini", "POST", path, {}, body, query="key=real-g")
-    refused = asyncio.run(env.gate.admit(real))
+    refused = asyncio.run(admit_or_denial(env.gate, real))
     assert isinstance(refused, Denial) and "real provider key" in refused.message
 
 

@@ -1,13 +1,10 @@
-"""The mitmproxy addon: a thin adapter from flows to the gate.
+"""The mitmproxy addon: hooks that turn flows into the gate's plain data and back.
 
-Two listeners feed it. In proxy mode (HTTPS_PROXY) a provider is recognised by its host and only
-provider hosts are intercepted; everything else is an untouched TLS tunnel (or refused, with
-`egress: allowlist`). In gateway mode (a reverse-proxy listener) the first path segment names the
-provider: `/openai/v1/...`, `/anthropic/v1/...`.
-
-Every hook catches its own errors: mitmproxy logs a raising hook and lets the flow continue,
-which here would mean forwarding unchecked. A failure before forwarding answers with an error;
-a failure after it charges the full hold.
+Routing (`routing.py`) says where a request goes, the gate (`gate.py`) decides, and this module
+only translates: a flow becomes a CallRequest, a Denial becomes the provider's own error shape, an
+Admission becomes a rewritten request, and what happened to the call becomes an Outcome that the
+gate settles. Every hook catches its own errors: mitmproxy logs a raising hook and lets the flow
+continue, which here would mean forwarding unchecked.
 
 Loads as `agentkeys serve` or as a plain script: `mitmdump -s .../agentkeys/addon.py
 --set agentkeys_config=agentkeys.yaml`.
@@ -19,33 +16,34 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Coroutine
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from agentkeys import tokens
 from agentkeys.audit import AuditLog, CallRecord
-from agentkeys.control import Control, ControlAnswer, is_control_path, issuers_from
+from agentkeys.calls import CallRequest, Denial, Outcome
+from agentkeys.control import Control, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
-from agentkeys.gate import LARGE_BODY_BYTES, Admission, CallRequest, Denial, Gate, Settlement
-from agentkeys.keys import iso
-from agentkeys.ledger import KeyRecord, LedgerUnavailable, StaleHold, open_ledger
+from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement
+from agentkeys.ledger import LedgerUnavailable, open_ledger
 from agentkeys.metrics import Metrics
 from agentkeys.money import micros_to_usd
 from agentkeys.policy import ProxyConfig, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, SseSplitter, StreamMeter, WireFormat
+from agentkeys.records import Timings, allowed_record, control_record, denied_record, stale_hold_record
+from agentkeys.routing import ControlRoute, NoProvider, OtherHost, ProviderRoute, Router, Upstream
+from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
 
 log = logging.getLogger(__name__)
 
 STATE = "agentkeys"
-CONTROL_HOST = "agentkeys.local"  # the proxy's own API through proxy mode: http://agentkeys.local/_agentkeys/v1/...
 CONTROL_PROVIDER = "agentkeys"  # how control calls appear in the audit log
 RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true"}
 # Told to the agent on every forwarded call, in USD: what this call cost, what its key has left.
@@ -53,7 +51,7 @@ COST_HEADER = "x-agentkeys-cost"
 REMAINING_HEADER = "x-agentkeys-budget-remaining"
 CLAMPED_HEADER = "x-agentkeys-max-tokens-clamped"
 CREDENTIAL_FIELDS = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
-# Replaced on every forwarded request: the agent's credentials, and its accept-encoding (see `_forward`).
+# Replaced on every forwarded request: the agent's credentials, and its accept-encoding (see `forward`).
 REPLACED_REQUEST_FIELDS = CREDENTIAL_FIELDS | {b"accept-encoding"}
 
 
@@ -91,35 +89,15 @@ def non_empty(*chunks: bytes) -> list[bytes]:
     return [chunk for chunk in chunks if chunk]
 
 
-@dataclass(frozen=True)
-class Upstream:
-    """A provider's base URL, split once at configure time."""
-
-    scheme: str
-    host: str
-    port: int
-    base_path: str
-    authority: bytes  # host[:port], as the Host header (and HTTP/2's :authority) names it
-
-    @classmethod
-    def parse(cls, base_url: str) -> "Upstream":
-        parts = urlsplit(base_url)
-        default_port = 443 if parts.scheme == "https" else 80
-        port = parts.port or default_port
-        name = parts.hostname.encode("idna")
-        if b":" in name:  # an IPv6 address
-            name = b"[" + name + b"]"
-        authority = name if port == default_port else b"%s:%d" % (name, port)
-        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"), authority)
-
-
 @dataclass
 class CallState:
     """What one flow carries between hooks, in `flow.metadata[STATE]`."""
 
     call: CallRequest
     wire: WireFormat
+    gate: Gate  # the gate that admitted it, which settles it (a reload may bring a new one meanwhile)
     admission: Admission | None = None
+    forwarded: bool = False
     relay: StreamRelay | None = None
     usage: Usage | None = None  # of a whole (not streamed) response, read once for its headers and settlement
     usage_read: bool = False
@@ -130,14 +108,16 @@ class CallState:
 class AgentKeys:
     def __init__(self):
         self.config: ProxyConfig | None = None
+        self.router: Router | None = None
         self.gate: Gate | None = None
+        self.control: Control | None = None
         self.audit: AuditLog | None = None
         self.metrics = Metrics()
-        self.provider_by_host: dict[str, str] = {}
-        self.tunnel_credentials: dict[str, str] = {}
+        # The key given as the HTTPS_PROXY user, for every flow of its client connection.
+        self.tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
         self._metrics_started = False
         self._purge_task: asyncio.Task | None = None
-        self._settling: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # settlements and retired stores, until they finish
 
     # ----- set-up -----
 
@@ -158,16 +138,14 @@ class AgentKeys:
             prices = config.price_table()
         except ConfigError as e:
             raise exceptions.OptionsError(f"agentkeys: bad config:\n{e}") from None
-        ledger = open_ledger(config.store_url)
-        if self.audit:
-            self.audit.close()
+        self._retire(self.gate, self.audit)
+        store = Store(open_ledger(config.store_url))
         self.config = config
-        self.gate = Gate(config, ledger, prices)
-        self.control = Control(self.gate, issuers)
+        self.router = Router(config)
+        self.gate = Gate(config, store, prices)
+        self.control = Control(store, self.gate.auth, issuers)
         self.audit = AuditLog(config.path(config.audit_log) if config.audit_log else None)
-        self.provider_by_host = {host: name for name, spec in config.providers.items() for host in spec.hosts}
-        self.upstreams = {name: Upstream.parse(spec.upstream) for name, spec in config.providers.items()}
-        tokens.preload()  # half a second, once, rather than on the event loop during the first call
+        tokens.preload()  # once, rather than on the event loop during the first call
         for name, spec in config.providers.items():
             if not spec.real_key():
                 log.warning(
@@ -190,6 +168,19 @@ class AgentKeys:
         merged.base_dir = config.base_dir
         return merged
 
+    def _retire(self, gate: Gate | None, audit: AuditLog | None):
+        """Close a replaced store and audit log once the calls they admitted have settled."""
+        if gate is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # configured before the proxy runs: nothing can be in flight
+            gate.store.close()
+            if audit:
+                audit.close()
+            return
+        self._run_in_background(loop, retire_when_settled(gate, audit, self.config.stale_hold_after))
+
     def running(self):
         if sys.version_info < (3, 12):
             log.warning(
@@ -206,7 +197,7 @@ class AgentKeys:
         if self._purge_task is None:
             self._purge_task = asyncio.get_running_loop().create_task(self._keep_the_books())
             # The price table, the tokenizers and mitmproxy's own start-up objects live as long as the
-            # proxy: every garbage collection from now on leaves them out (about 0.04 ms less per call).
+            # proxy: garbage collections from now on leave them out.
             gc.freeze()
 
     async def _keep_the_books(self):
@@ -215,10 +206,11 @@ class AgentKeys:
         while True:
             await asyncio.sleep(self.config.purge_interval)
             try:
-                for hold in await self.gate.sweep_stale_holds():
+                store = self.gate.store
+                for hold in await store.sweep_stale_holds(self.config.stale_hold_after):
                     log.warning("agentkeys: hold %d of key %s outlived its call", hold.hold_id, hold.key_id)
                     self._write_record(stale_hold_record(hold))
-                purged = await self.gate.purge_expired()
+                purged = await store.purge_expired()
                 if purged:
                     log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
             except Exception:
@@ -228,164 +220,91 @@ class AgentKeys:
         if self._purge_task:
             self._purge_task.cancel()
         await asyncio.sleep(0)  # settlements scheduled on this turn of the loop start their tasks
-        if self._settling:  # let settlements in flight reach the store and the audit log
-            await asyncio.wait(self._settling, timeout=5)
+        if self._background:  # let settlements in flight reach the store and the audit log
+            await asyncio.wait(self._background, timeout=5)
         if self.audit:
             self.audit.close()
+        if self.gate:
+            self.gate.store.close()
 
     # ----- connections -----
 
     def http_connect(self, flow: http.HTTPFlow):
-        """Remember the key given as the HTTPS_PROXY user, for every flow in this tunnel."""
         credential = proxy_auth_user(flow.request.headers.get("proxy-authorization", ""))
         if credential:
-            self.tunnel_credentials[flow.client_conn.id] = credential
-        if self.config.egress == "allowlist" and flow.request.host not in self.provider_by_host:
+            self.tunnel_credentials[flow.client_conn] = credential
+        if not self.router.egress_allowed(flow.request.host):
             flow.response = egress_refused(flow.request.host)
 
     def tls_clienthello(self, data: tls.ClientHelloData):
         """Intercept provider hosts only; any other TLS connection is relayed untouched."""
         host = data.client_hello.sni or (data.context.server.address or ("",))[0]
-        if host not in self.provider_by_host:
+        if not self.router.intercepts(host):
             data.ignore_connection = True
-
-    def client_disconnected(self, client):
-        self.tunnel_credentials.pop(client.id, None)
 
     # ----- the call -----
 
     async def request(self, flow: http.HTTPFlow):
-        started = time.perf_counter()
-        state = None
         try:
-            if self._is_control(flow):
-                await self._answer_control(flow)
-                return
-            state = self._route(flow)
-            if state is None:
-                return
-            flow.metadata[STATE] = state
-            outcome = await self.gate.admit(state.call)
-            if isinstance(outcome, Denial):
-                self._deny(flow, state, outcome)
-                return
-            state.admission = outcome
-            self._forward(flow, state)
+            gateway = isinstance(flow.client_conn.proxy_mode, ReverseMode)
+            route = self.router.route(gateway, flow.request.pretty_host, flow.request.path)
+            match route:
+                case ProviderRoute():
+                    await self._gate_call(flow, route)
+                case ControlRoute():
+                    await self._answer_control(flow, route)
+                case NoProvider(prefix=prefix):
+                    flow.response = no_provider(prefix, self.router.providers)
+                case OtherHost(host=host) if not self.router.egress_allowed(host):
+                    flow.response = egress_refused(host)
         except Exception:
             log.exception("agentkeys: request hook failed; refusing the call")
-            await self._fail_closed(flow, state)
+            if flow.metadata.get(STATE) is None:
+                flow.response = http.Response.make(500, b"agentkeys: internal error\n", {"content-type": "text/plain"})
+
+    async def _gate_call(self, flow: http.HTTPFlow, route: ProviderRoute):
+        started = time.perf_counter()
+        call = call_of(flow, route.provider, route.path, route.query, self.tunnel_credentials.get(flow.client_conn))
+        wire = FORMATS[self.config.providers[route.provider].format]
+        state = flow.metadata[STATE] = CallState(call, wire, self.gate)
+        try:
+            state.admission = await state.gate.admit(call)
+            forward(flow.request, state.admission, call, self.router.upstream(call.provider))
+            state.forwarded = True
+        except Denial as denial:
+            self._deny(flow, state, denial)
+        except Exception:
+            log.exception("agentkeys: request hook failed; refusing the call")
+            key = state.admission.key if state.admission else None
+            if state.admission:
+                await state.gate.release(state.admission)
+            failed = Denial(DenyKind.INTERNAL, "agentkeys: internal error; the call was not forwarded", key)
+            self._deny(flow, state, failed)
         finally:
-            if state:
-                state.overhead_seconds += time.perf_counter() - started
+            state.overhead_seconds += time.perf_counter() - started
 
-    def _route(self, flow: http.HTTPFlow) -> CallState | None:
-        """Which provider this is and the path in its own terms; None for traffic we leave alone."""
-        split = urlsplit(flow.request.path)
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            prefix, _, rest = split.path.lstrip("/").partition("/")
-            provider, path = prefix, "/" + rest
-            if provider not in self.config.providers:
-                wire = FORMATS["openai"]
-                status, body = wire.error(
-                    DenyKind.FORBIDDEN,
-                    f"agentkeys: no provider at /{prefix}; use one of "
-                    + ", ".join(f"/{name}" for name in self.config.providers),
-                )
-                flow.response = json_response(404, body)
-                return None
-        else:
-            provider, path = self.provider_by_host.get(flow.request.pretty_host), split.path
-            if provider is None:
-                self._non_provider(flow)
-                return None
-            # A host whose API lives under a path (Groq's /openai/v1): that path is the upstream URL's.
-            base_path = self.upstreams[provider].base_path
-            if base_path and path.startswith(base_path + "/"):
-                path = path.removeprefix(base_path)
-        call = self._call_of(flow, provider, path, split.query)
-        return CallState(call=call, wire=FORMATS[self.config.providers[provider].format])
-
-    def _call_of(self, flow: http.HTTPFlow, provider: str, path: str, query: str = "") -> CallRequest:
-        return CallRequest(
-            provider=provider,
-            method=flow.request.method,
-            path=path,
-            query=query,
-            headers=credential_headers(flow.request.headers),
-            body=flow.request.get_content(strict=False) or b"",
-            tunnel_credential=self.tunnel_credentials.get(flow.client_conn.id),
-        )
-
-    def _is_control(self, flow: http.HTTPFlow) -> bool:
-        """The proxy's own API: on the gateway, or through the proxy at a provider host or `agentkeys.local`."""
-        if not is_control_path(flow.request.path):
-            return False
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            return True
-        host = flow.request.pretty_host
-        return host in self.provider_by_host or host == CONTROL_HOST
-
-    async def _answer_control(self, flow: http.HTTPFlow):
-        call = self._call_of(flow, CONTROL_PROVIDER, urlsplit(flow.request.path).path)
+    async def _answer_control(self, flow: http.HTTPFlow, route: ControlRoute):
+        call = call_of(flow, CONTROL_PROVIDER, route.path, route.query, self.tunnel_credentials.get(flow.client_conn))
         try:
             answer = await self.control.handle(call)
         except LedgerUnavailable as e:
             log.error("agentkeys: %s", e)
-            answer = ControlAnswer(503, {"error": {"message": "agentkeys: the key store is unavailable"}}, str(e))
-        retry = RETRY_HEADER[DenyKind.UNAVAILABLE] if answer.status == 503 else None
+            status, body = FORMATS["openai"].error(DenyKind.UNAVAILABLE, "agentkeys: the key store is unavailable")
+            flow.response = json_response(status, body, RETRY_HEADER[DenyKind.UNAVAILABLE])
+            self._write_record(control_record(call, None, status, "the key store is unavailable", CONTROL_PROVIDER))
+            return
+        retry = "false" if answer.status >= 400 else None
         flow.response = json_response(answer.status, answer.body, retry)
-        self._write_record(
-            record_of(
-                answer.key, provider=CONTROL_PROVIDER, method=call.method, path=call.path, model=None,
-                decision="allow" if answer.status < 400 else "deny", reason=answer.reason, status=answer.status,
-                metering="free",
-            )
-        )  # fmt: skip
-
-    def _non_provider(self, flow: http.HTTPFlow):
-        if self.config.egress == "allowlist":
-            flow.response = egress_refused(flow.request.pretty_host)
-
-    def _forward(self, flow: http.HTTPFlow, state: CallState):
-        """Swap the agent's credentials for the real key and point the request at the provider."""
-        admission, call, request = state.admission, state.call, flow.request
-        key_name, key_value = admission.wire.real_key_header(admission.real_key)
-        upstream = self.upstreams[call.provider]
-        # Every credential header the agent sent goes; identity encoding, so streamed SSE can be read as it passes.
-        added = {key_name: key_value, "accept-encoding": "identity"}
-        replace_headers(request.headers, added, REPLACED_REQUEST_FIELDS, rewritten={b"host": upstream.authority})
-        # Set directly: mitmproxy's `host` setter would encode the name again and look for Host once more.
-        request.scheme = upstream.scheme
-        request.data.host, request.data.port = upstream.host, upstream.port
-        if request.data.authority:
-            request.data.authority = upstream.authority
-        query = without_query_credentials(call.query)  # Google's ?key=: the real key goes in a header
-        request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
-        if admission.upstream_body is not None:
-            request.content = admission.upstream_body
+        self._write_record(control_record(call, answer.key, answer.status, answer.reason, CONTROL_PROVIDER))
 
     def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
         status, body = state.wire.error(denial.kind, denial.message)
         flow.response = json_response(status, body, RETRY_HEADER.get(denial.kind))
         state.finished = True
-        self._write_record(
-            record_of(
-                denial.key, key_id=denial.presented_key_id, provider=state.call.provider,
-                method=state.call.method, path=state.call.path, model=denial.model,
-                decision="deny", reason=denial.message, status=status,
-            )
-        )  # fmt: skip
-
-    async def _fail_closed(self, flow: http.HTTPFlow, state: CallState | None):
-        if state is None:
-            flow.response = http.Response.make(500, b"agentkeys: internal error\n", {"content-type": "text/plain"})
-            return
-        if state.admission:
-            await self.gate.release(state.admission)
-        self._deny(flow, state, Denial(DenyKind.INTERNAL, "agentkeys: internal error; the call was not forwarded"))
+        self._write_record(denied_record(state.call, denial, status))
 
     def responseheaders(self, flow: http.HTTPFlow):
-        state = self._in_flight(flow)
+        state = in_flight(flow)
         if state is None:
             return
         try:
@@ -400,40 +319,48 @@ class AgentKeys:
             log.exception("agentkeys: responseheaders hook failed")
 
     async def response(self, flow: http.HTTPFlow):
-        state = self._in_flight(flow)
+        state = in_flight(flow)
         if state is None:
             return
         state.finished = True
-        if not state.relay:
-            await self._add_cost_headers(flow, state)
-        self._settle_in_background(self._settle_response(flow, state), flow, state, reason="ok")
-
-    async def _add_cost_headers(self, flow: http.HTTPFlow, state: CallState):
-        """This call's cost and what its key has left, worked out before the settlement is written.
-
-        Both come from the response's usage at once, so the agent need not wait for the ledger: the
-        settlement then charges exactly this cost.
-        """
-        admission = state.admission
+        status = flow.response.status_code
         try:
-            cost = 0
-            if admission.facts.metered and flow.response.status_code < 400:
-                cost = self.gate.charge(admission, await self._response_usage(flow, state))
-            replace_headers(flow.response.headers, budget_headers(admission, cost))
+            outcome = await self._finished_outcome(flow, state)
+            if not state.relay:
+                charge = state.gate.charge_for(state.admission, outcome)
+                replace_headers(flow.response.headers, budget_headers(state.admission, charge.cost_micros))
         except Exception:
-            log.exception("agentkeys: working out the cost headers failed; the settlement reads the usage itself")
+            log.exception("agentkeys: reading the response failed; the call is charged its full hold")
+            outcome = Outcome(reached_provider=True, complete=True, status=status, meter_broken=True, note="ok")
+        self._settle_in_background(flow, state, outcome)
 
-    async def _settle_response(self, flow: http.HTTPFlow, state: CallState) -> Settlement:
-        admission = state.admission
-        if not admission.facts.metered:
-            return Settlement(0, "unmetered" if admission.unmetered else "free")
-        if flow.response.status_code >= 400:
-            return await self.gate.release(admission)
-        if state.relay:
-            if state.relay.broken:
-                return await self.gate.settle_usage(admission, None)
-            return await self.gate.settle_stream(admission, state.relay.meter.result())
-        return await self.gate.settle_usage(admission, await self._response_usage(flow, state))
+    def error(self, flow: http.HTTPFlow):
+        state = in_flight(flow)
+        if state is None:
+            return
+        state.finished = True
+        relay, server = state.relay, flow.server_conn
+        outcome = Outcome(
+            reached_provider=state.forwarded and server.timestamp_tcp_setup is not None
+            and (not server.tls or server.timestamp_tls_setup is not None),
+            complete=False,
+            status=flow.response.status_code if flow.response else None,
+            stream=relay.meter.result() if relay else None,
+            meter_broken=bool(relay and relay.broken),
+            note=f"error: {flow.error.msg if flow.error else 'unknown'}",
+        )  # fmt: skip
+        self._settle_in_background(flow, state, outcome)
+
+    async def _finished_outcome(self, flow: http.HTTPFlow, state: CallState) -> Outcome:
+        """The outcome of a response that arrived in full, with the usage its stream or its body showed."""
+        status, relay = flow.response.status_code, state.relay
+        if relay:
+            stream = relay.meter.result()
+            return Outcome(
+                reached_provider=True, complete=True, status=status, stream=stream, meter_broken=relay.broken, note="ok"
+            )
+        usage = await self._response_usage(flow, state) if should_read_usage(state, flow) else None
+        return Outcome(reached_provider=True, complete=True, status=status, usage=usage, note="ok")
 
     async def _response_usage(self, flow: http.HTTPFlow, state: CallState) -> Usage | None:
         """The usage of a whole response, read once; a large body (many embeddings) is parsed off the loop."""
@@ -446,85 +373,34 @@ class AgentKeys:
             state.usage_read = True
         return state.usage
 
-    def error(self, flow: http.HTTPFlow):
-        state = self._in_flight(flow)
-        if state is None:
-            return
-        state.finished = True
-        reason = f"error: {flow.error.msg if flow.error else 'unknown'}"
-        self._settle_in_background(self._settle_broken(flow, state), flow, state, reason)
-
-    async def _settle_broken(self, flow: http.HTTPFlow, state: CallState) -> Settlement:
-        """A call that broke off, settled as the provider would bill it.
-
-        A stream cut short: what was streamed (an estimate). An agent that gave up waiting after its
-        call reached the provider: the full hold, since the provider finishes and bills the call anyway.
-        A provider that could not be reached, or failed before answering: nothing.
-        """
-        relay = state.relay
-        if relay and relay.first_chunk_at is not None and not relay.broken:
-            return await self.gate.settle_stream(state.admission, relay.meter.result())
-        agent_gave_up = flow.error is not None and flow.error.msg.lower().startswith("client disconnected")
-        if relay or (agent_gave_up and flow.server_conn.timestamp_tcp_setup is not None):
-            return await self.gate.settle_usage(state.admission, None)
-        return await self.gate.release(state.admission)
-
-    def _settle_in_background(self, settling: Coroutine, flow: http.HTTPFlow, state: CallState, reason: str):
+    def _settle_in_background(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
         """Settle and record after the agent has its answer: the hold covers the call meanwhile.
 
         The task is made on the loop's next turn: mitmproxy 12 creates tasks eagerly, so one made
         here would write to the store and the audit log before the response is sent.
         """
-        asyncio.get_running_loop().call_soon(self._start_settling, settling, flow, state, reason)
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._run_in_background, loop, self._settle_then_record(flow, state, outcome))
 
-    def _start_settling(self, settling: Coroutine, flow: http.HTTPFlow, state: CallState, reason: str):
-        task = asyncio.get_running_loop().create_task(self._settle_then_record(settling, flow, state, reason))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+    def _run_in_background(self, loop: asyncio.AbstractEventLoop, work):
+        task = loop.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def _settle_then_record(self, settling: Coroutine, flow: http.HTTPFlow, state: CallState, reason: str):
+    async def _settle_then_record(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
         started = time.perf_counter()
+        admission = state.admission
         try:
-            settlement = await settling
+            settlement = await state.gate.settle(admission, outcome)
         except Exception:
-            log.exception("agentkeys: settling failed; charging the full hold")
-            try:
-                settlement = await self.gate.settle_usage(state.admission, None)
-            except Exception:
-                log.exception("agentkeys: the hold of key %s stays in the store unsettled", state.admission.key.key_id)
-                settlement = Settlement(state.admission.hold_micros, "held")
+            log.exception("agentkeys: the hold of key %s stays in the store unsettled", admission.key.key_id)
+            settlement = Settlement(admission.hold_micros, "held", why="the settlement could not be written")
         state.overhead_seconds += time.perf_counter() - started
-        self._record_allowed(flow, state, settlement, reason)
-
-    def _in_flight(self, flow: http.HTTPFlow) -> CallState | None:
-        state = flow.metadata.get(STATE)
-        if state is None or state.admission is None or state.finished:
-            return None
-        return state
+        status = flow.response.status_code if flow.response else None
+        record = allowed_record(state.call, admission, settlement, status, outcome.note, timings(flow, state))
+        self._write_record(record)
 
     # ----- record -----
-
-    def _record_allowed(self, flow: http.HTTPFlow, state: CallState, settlement: Settlement, reason: str):
-        admission, usage = state.admission, settlement.usage
-        request, response = flow.request, flow.response
-        overhead_seconds = state.overhead_seconds + (state.relay.seconds_spent if state.relay else 0)
-        record = record_of(
-            admission.key, provider=state.call.provider, method=state.call.method, path=state.call.path,
-            model=admission.facts.model, decision="allow", reason=reason + clamp_note(admission),
-            status=response.status_code if response else None, metering=settlement.metering,
-            cost_micros=settlement.cost_micros, cost_usd=micros_to_usd(settlement.cost_micros),
-            hold_micros=admission.hold_micros,
-            proxy_overhead_ms=round(overhead_seconds * 1000, 3),
-        )  # fmt: skip
-        if usage:
-            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
-            record.cached_tokens, record.cache_write_tokens = usage.cached_tokens, usage.cache_write_tokens
-            record.reasoning_tokens = usage.reasoning_tokens
-        if response and request.timestamp_end and response.timestamp_start:
-            record.upstream_latency_ms = round((response.timestamp_start - request.timestamp_end) * 1000, 3)
-        if state.relay and state.relay.first_chunk_at and request.timestamp_end:
-            record.ttft_ms = round((state.relay.first_chunk_at - request.timestamp_end) * 1000, 3)
-        self._write_record(record)
 
     def _write_record(self, record: CallRecord):
         try:
@@ -534,21 +410,65 @@ class AgentKeys:
             log.exception("agentkeys: writing the audit record failed")
 
 
-def record_of(key: KeyRecord | None, key_id: str | None = None, **fields) -> CallRecord:
-    """An audit record naming the key it was made with (or just the id presented, for an unknown key)."""
-    if key is None:
-        return CallRecord(key_id=key_id, key_name=None, policy=None, **fields)
-    return CallRecord(key_id=key.key_id, key_name=key.name, policy=key.policy_name, **fields)
+async def retire_when_settled(gate: Gate, audit: AuditLog | None, longest_call_seconds: float):
+    deadline = time.monotonic() + longest_call_seconds
+    while gate.store.open_holds and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+    gate.store.close()
+    if audit:
+        audit.close()
 
 
-def stale_hold_record(hold: StaleHold) -> CallRecord:
-    return CallRecord(
-        key_id=hold.key_id, key_name=None, policy=None, provider=None, method="", path="", model=None,
-        decision="allow", metering="held", cost_micros=hold.amount_micros, cost_usd=micros_to_usd(hold.amount_micros),
-        hold_micros=hold.amount_micros,
-        reason=f"settled at its full hold: the proxy that made this call (hold {hold.hold_id}, taken at"
-        f" {iso(hold.created_at)}) stopped before settling it, and the provider may have billed it",
-    )  # fmt: skip
+def in_flight(flow: http.HTTPFlow) -> CallState | None:
+    """The state of a forwarded call that has not been settled yet, else None."""
+    state = flow.metadata.get(STATE)
+    if state is None or state.admission is None or state.finished:
+        return None
+    return state
+
+
+def should_read_usage(state: CallState, flow: http.HTTPFlow) -> bool:
+    return state.admission.facts.metered and flow.response.status_code < 400
+
+
+def call_of(flow: http.HTTPFlow, provider: str, path: str, query: str, tunnel_credential: str | None) -> CallRequest:
+    return CallRequest(
+        provider=provider,
+        method=flow.request.method,
+        path=path,
+        query=query,
+        headers=credential_headers(flow.request.headers),
+        body=flow.request.get_content(strict=False) or b"",
+        tunnel_credential=tunnel_credential,
+    )
+
+
+def timings(flow: http.HTTPFlow, state: CallState) -> Timings:
+    request, response, relay = flow.request, flow.response, state.relay
+    overhead_seconds = state.overhead_seconds + (relay.seconds_spent if relay else 0)
+    upstream_latency = ttft = None
+    if response and request.timestamp_end and response.timestamp_start:
+        upstream_latency = round((response.timestamp_start - request.timestamp_end) * 1000, 3)
+    if relay and relay.first_chunk_at and request.timestamp_end:
+        ttft = round((relay.first_chunk_at - request.timestamp_end) * 1000, 3)
+    return Timings(round(overhead_seconds * 1000, 3), upstream_latency, ttft)
+
+
+def forward(request: http.Request, admission: Admission, call: CallRequest, upstream: Upstream) -> None:
+    """Swap the agent's credentials for the real key and point the request at the provider."""
+    key_name, key_value = admission.wire.real_key_header(admission.real_key)
+    # Every credential header the agent sent goes; identity encoding, so streamed SSE can be read as it passes.
+    added = {key_name: key_value, "accept-encoding": "identity"}
+    replace_headers(request.headers, added, REPLACED_REQUEST_FIELDS, rewritten={b"host": upstream.authority})
+    # Set directly: mitmproxy's `host` setter would encode the name again and look for Host once more.
+    request.scheme = upstream.scheme
+    request.data.host, request.data.port = upstream.host, upstream.port
+    if request.data.authority:
+        request.data.authority = upstream.authority
+    query = without_query_credentials(call.query)  # Google's ?key=: the real key goes in a header
+    request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
+    if admission.upstream_body is not None:
+        request.content = admission.upstream_body
 
 
 def json_response(status: int, body: dict, should_retry: str | None = None) -> http.Response:
@@ -557,6 +477,14 @@ def json_response(status: int, body: dict, should_retry: str | None = None) -> h
     if should_retry:
         headers["x-should-retry"] = should_retry
     return http.Response.make(status, json.dumps(body).encode(), headers)
+
+
+def no_provider(prefix: str, providers: tuple[str, ...]) -> http.Response:
+    status, body = FORMATS["openai"].error(
+        DenyKind.FORBIDDEN,
+        f"agentkeys: no provider at /{prefix}; use one of " + ", ".join(f"/{name}" for name in providers),
+    )
+    return json_response(404, body)
 
 
 def egress_refused(host: str) -> http.Response:
@@ -610,12 +538,6 @@ def budget_headers(admission: Admission, cost: int | None) -> dict[str, str]:
 def usd_header(micros: int) -> str:
     """Micro-dollars as a plain USD amount with every digit: `0.000123`."""
     return f"{micros_to_usd(micros):.6f}"
-
-
-def clamp_note(admission: Admission) -> str:
-    if not admission.clamped_to:
-        return ""
-    return f"; output limit lowered to {admission.clamped_to} tokens to fit the budget"
 
 
 addons = [AgentKeys()]

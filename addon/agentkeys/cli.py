@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from agentkeys.certs import agent_environment, bundle_path, ca_cert_path, ensure_ca
-from agentkeys.keys import iso, issue_key
-from agentkeys.ledger import KeyRecord, LedgerUnavailable, open_ledger
-from agentkeys.money import format_usd, micros_to_usd
+from agentkeys.keys import describe, iso, issue_key
+from agentkeys.ledger import LedgerUnavailable, open_ledger
+from agentkeys.money import format_usd
 from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_duration
 from agentkeys.pricing import price_rows
 from agentkeys.runner import run_with_key
@@ -167,7 +167,7 @@ def cmd_keys_issue(args) -> int:
         return 2
     record = issued.record
     if args.json:
-        print(json.dumps({**key_summary(record, time.time()), "key": issued.key}))
+        print(json.dumps({**describe(record, time.time()), "key": issued.key}))
     else:
         print(issued.key)
         print(
@@ -178,24 +178,9 @@ def cmd_keys_issue(args) -> int:
     return 0
 
 
-def key_summary(record: KeyRecord, now: float) -> dict:
-    return {
-        "id": record.key_id,
-        "name": record.name,
-        "policy": record.policy_name,
-        "status": record.status(now),
-        "created_at": iso(record.created_at),
-        "expires_at": iso(record.expires_at),
-        "budget_usd": micros_to_usd(record.budget_micros),
-        "spent_usd": micros_to_usd(record.spent_micros),
-        "held_usd": micros_to_usd(record.held_micros),
-        "remaining_usd": micros_to_usd(record.remaining_micros),
-    }
-
-
 def cmd_keys_list(args) -> int:
     now = time.time()
-    summaries = [key_summary(record, now) for record in open_store(read_config(args)).list_keys()]
+    summaries = [describe(record, now) for record in open_store(read_config(args)).list_keys()]
     if args.json:
         print(json.dumps(summaries, indent=2))
         return 0
@@ -211,7 +196,7 @@ def cmd_keys_show(args) -> int:
     if record is None:
         print(f"error: no key {args.key_id}", file=sys.stderr)
         return 1
-    summary = {**key_summary(record, time.time()), "policy_rules": json.loads(record.policy_json)}
+    summary = {**describe(record, time.time()), "policy_rules": json.loads(record.policy_json)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

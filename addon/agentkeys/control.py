@@ -7,7 +7,7 @@
     DELETE /_agentkeys/v1/keys/{child_id}  revoke one of the calling key's children (and its descendants)
 
 These routes are answered by the proxy on either listener and never reach a provider. Plain async
-code over the gate and the ledger (no mitmproxy here); each answer is audited by the addon.
+code over the store's door (no mitmproxy here); each answer is audited by the addon.
 """
 
 import hmac
@@ -18,11 +18,21 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentkeys import credentials
-from agentkeys.gate import CallRequest, Denial, Gate, parse_policy
-from agentkeys.keys import ChildRefused, ChildRequest, IssuedKey, child_policy, iso, new_key_record
-from agentkeys.ledger import KeyRecord, Refusal
-from agentkeys.money import format_usd, micros_to_usd, usd_to_micros
-from agentkeys.policy import Duration, Policy, ProxyConfig, load_policy
+from agentkeys.auth import Authenticator
+from agentkeys.calls import CallRequest, Denial
+from agentkeys.keys import (
+    ChildRefused,
+    ChildRequest,
+    IssuedKey,
+    check_depth_and_lifetime,
+    child_policy,
+    child_refusal_message,
+    describe,
+    new_key_record,
+)
+from agentkeys.ledger import KeyRecord
+from agentkeys.policy import Duration, Policy, ProxyConfig, load_policy, parse_stored_policy
+from agentkeys.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +71,9 @@ def is_control_path(path: str) -> bool:
 
 
 class Control:
-    def __init__(self, gate: Gate, issuers: list[Issuer]):
-        self.gate = gate
+    def __init__(self, store: Store, auth: Authenticator, issuers: list[Issuer]):
+        self.store = store
+        self.auth = auth
         self.issuers = issuers
 
     async def handle(self, call: CallRequest) -> ControlAnswer:
@@ -79,12 +90,10 @@ class Control:
 
     async def caller(self, call: CallRequest) -> KeyRecord | ControlAnswer:
         """The calling agent key, read afresh from the store (it may have been revoked a moment ago)."""
-        key = self.gate.identify(call)
-        if isinstance(key, Denial):
-            return error(401, key.message)
-        record = await self.gate.in_ledger("get_key", credentials.key_id_of(key))
-        denial = self.gate.authenticate(key, record)
-        return error(401, denial.message, denial.key) if denial else record
+        try:
+            return await self.auth.caller(call, fresh=True)
+        except Denial as denial:
+            return error(401, denial.message, denial.key)
 
     # ----- self -----
 
@@ -92,9 +101,9 @@ class Control:
         record = await self.caller(call)
         if isinstance(record, ControlAnswer):
             return record
-        children = await self.gate.in_ledger("children", record.key_id)
-        policy = parse_policy(record.policy_json)
-        now = self.gate.clock()
+        children = await self.store.children(record.key_id)
+        policy = parse_stored_policy(record.policy_json)
+        now = self.store.clock()
         body = {
             **describe(record, now),
             "providers": policy.providers,
@@ -110,10 +119,10 @@ class Control:
             return caller
         key_id = caller.key_id if target == "self" else target
         if key_id != caller.key_id:
-            target_record = await self.gate.in_ledger("get_key", key_id)
+            target_record = await self.store.key(key_id)
             if target_record is None or target_record.parent_id != caller.key_id:
                 return error(404, f"agentkeys: {key_id} is not a child of this key", caller)
-        await self.gate.in_ledger("revoke", key_id, self.gate.clock())
+        await self.store.revoke(key_id)
         return ControlAnswer(200, {"id": key_id, "status": "revoked"}, f"revoked {key_id}", caller)
 
     # ----- child keys -----
@@ -126,15 +135,15 @@ class Control:
             request = ChildRequest.model_validate_json(call.body)
         except ValidationError as e:
             return error(400, f"agentkeys: bad child key request: {validation_message(e)}", parent)
-        parent_policy = parse_policy(parent.policy_json)
-        now = self.gate.clock()
+        parent_policy = parse_stored_policy(parent.policy_json)
+        now = self.store.clock()
         try:
             policy = child_policy(parent_policy, request)
             check_depth_and_lifetime(parent, parent_policy, request, now)
         except ChildRefused as refused:
             return error(403, f"agentkeys: child key refused: {refused}", parent)
         issued = new_key_record(policy, request.ttl, request.budget_usd, request.name, now, parent)
-        refusal = await self.gate.in_ledger("create_child", issued.record, parent_policy.max_children, now)
+        refusal = await self.store.create_child(issued.record, parent_policy.max_children)
         if refusal is not None:
             return error(
                 403, f"agentkeys: child key refused: {child_refusal_message(refusal, parent, request)}", parent
@@ -167,12 +176,12 @@ class Control:
             return error(
                 403, f"agentkeys: budget ${request.budget_usd} exceeds policy {policy.name}'s ${policy.budget_usd}"
             )
-        now = self.gate.clock()
+        now = self.store.clock()
         issued = new_key_record(
             policy, request.ttl or policy.ttl, request.budget_usd or policy.budget_usd,
             request.name or f"{issuer.name}: {policy.name}", now,
         )  # fmt: skip
-        await self.gate.in_ledger("create_key", issued.record)
+        await self.store.create_key(issued.record)
         return created(issued, now)
 
 
@@ -189,46 +198,9 @@ def issuers_from(config: ProxyConfig) -> list[Issuer]:
     return issuers
 
 
-def check_depth_and_lifetime(parent: KeyRecord, policy: Policy, request: ChildRequest, now: float) -> None:
-    if parent.depth + 1 > policy.max_child_depth:
-        raise ChildRefused(
-            f"max_child_depth: policy {policy.name} allows {policy.max_child_depth} level(s) of child keys"
-            f" and this key is at depth {parent.depth}"
-        )
-    if now + request.ttl > parent.expires_at:
-        raise ChildRefused(
-            f"ttl: {request.ttl}s would outlive the parent, which expires at {iso(parent.expires_at)}"
-            f" ({int(parent.expires_at - now)}s from now)"
-        )
-
-
-def child_refusal_message(refusal: Refusal, parent: KeyRecord, request: ChildRequest) -> str:
-    if refusal is Refusal.BUDGET:
-        asked = format_usd(usd_to_micros(request.budget_usd))
-        return f"budget_usd: asked {asked}, the parent has {format_usd(parent.remaining_micros)} remaining"
-    if refusal is Refusal.TOO_MANY_CHILDREN:
-        return f"max_children: key {parent.key_id} has as many live child keys as its policy allows"
-    return f"the parent key is {refusal.value}"
-
-
 def created(issued: IssuedKey, now: float, parent: KeyRecord | None = None) -> ControlAnswer:
     body = {**describe(issued.record, now), "key": issued.key}
     return ControlAnswer(201, body, f"issued key {issued.record.key_id}", parent or issued.record)
-
-
-def describe(record: KeyRecord, now: float) -> dict:
-    return {
-        "id": record.key_id,
-        "name": record.name,
-        "policy": record.policy_name,
-        "parent_id": record.parent_id,
-        "status": record.status(now),
-        "expires_at": iso(record.expires_at),
-        "budget_usd": micros_to_usd(record.budget_micros),
-        "spent_usd": micros_to_usd(record.spent_micros),
-        "held_usd": micros_to_usd(record.held_micros),
-        "remaining_usd": micros_to_usd(record.remaining_micros),
-    }
 
 
 def error(status: int, message: str, key: KeyRecord | None = None) -> ControlAnswer:

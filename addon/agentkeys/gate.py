@@ -2,439 +2,397 @@
 
     identify → authorize → read the request → price the worst case → reserve → (forward) → settle
 
-`admit` returns an Admission (forward it, with this hold) or a Denial (answer with this error).
-After the provider answers, exactly one of `settle_usage`, `settle_stream` or `release` turns the
-hold into spend. An embedded store is asked on the event loop (it answers in microseconds) and
-waits only on a worker thread; a network store is always asked from worker threads. Holds and
-settlements asked for in one turn of the loop are written together on the next (`NextTurnBatch`).
+`admit` runs the steps in order and returns a frozen Admission (forward the call, with this hold),
+or raises a Denial from whichever step refused it. After the call, `settle` turns the hold into
+spend from the Outcome's plain facts: every settlement rule lives here, so each is unit-tested
+without mitmproxy.
 """
 
 import asyncio
 import dataclasses
 import functools
 import logging
-import time
-from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from agentkeys import credentials, tokens
-from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, Reservation, StaleHold
+from agentkeys import tokens
+from agentkeys.auth import Authenticator
+from agentkeys.calls import CallRequest, Denial, Outcome
+from agentkeys.ledger import KeyRecord, LedgerUnavailable, Refusal, Reservation
 from agentkeys.money import format_usd
-from agentkeys.policy import Policy, ProxyConfig
+from agentkeys.policy import Policy, ProxyConfig, parse_stored_policy
 from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import (
-    DenyKind,
-    MalformedRequest,
-    RequestFacts,
-    StreamResult,
-    Unmeterable,
-    WireFormat,
-)
+from agentkeys.providers.base import DenyKind, MalformedRequest, RequestFacts, Unmeterable, WireFormat
+from agentkeys.store import Store
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS_LIMIT = 10_000
-NETWORK_STORE_WORKERS = 8
 # Bodies above this are read (and tokenized) on a worker thread, so a huge prompt delays only itself.
 LARGE_BODY_BYTES = 32 * 1024
+SETTLE_ATTEMPTS = (0.0, 0.2, 1.0)  # seconds to wait before each attempt to write a settlement
 
 
 @dataclass(frozen=True)
-class CallRequest:
-    """One request as the agent sent it, with the path in the provider's own terms."""
-
-    provider: str
-    method: str
-    path: str
-    headers: dict[str, str]  # the credential headers it carries (lower-cased names; see CREDENTIAL_HEADERS)
-    body: bytes
-    query: str = ""
-    tunnel_credential: str | None = None
-
-
-@dataclass(frozen=True)
-class Denial:
-    kind: DenyKind
-    message: str
-    key: KeyRecord | None = None
-    model: str | None = None
-    presented_key_id: str | None = None  # the id in a key the store does not know (forged, or purged)
-
-
-@dataclass
 class Admission:
+    """A call let through: what was decided about it, and the hold that covers it while it runs."""
+
     key: KeyRecord
     policy: Policy
     wire: WireFormat
     facts: RequestFacts
     real_key: str
-    upstream_body: bytes | None = None  # None: forward the body as the agent sent it
+    metering: str  # "metered" (a hold covers it), "free" (the provider does not bill it), or "unmetered"
+    remaining_micros: int  # the key's budget left once this call's hold was taken
     price: ModelPrice | None = None
     hold_id: int | None = None
     hold_micros: int = 0
-    remaining_micros: int = 0  # the key's budget left once this call's hold was taken
-    unmetered: bool = False  # an endpoint the proxy cannot meter, allowed by the policy's unmetered_endpoints
+    upstream_body: bytes | None = None  # None: forward the body as the agent sent it
     clamped_to: int | None = None  # the output limit the budget lowered this call to (clamp_max_tokens)
-    settled: bool = field(default=False, init=False)
+
+    @property
+    def unmetered(self) -> bool:
+        """An endpoint the proxy cannot meter, allowed by the policy's unmetered_endpoints."""
+        return self.metering == "unmetered"
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a call costs, how that was decided (the audit's `metering`), and why, when it is not the usage."""
+
+    cost_micros: int
+    metering: str  # "usage" | "overrun" | "held" (the full hold) | "none" | "free" | "unmetered"
+    usage: Usage | None = None
+    why: str = ""
 
 
 @dataclass(frozen=True)
 class Settlement:
     cost_micros: int
-    metering: str  # "usage" | "estimated" | "held" (charged the full hold) | "none" | "free" | "unmetered"
+    metering: str
     usage: Usage | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class HoldPlan:
+    """The most a call may cost, and the output limit to send so the provider keeps to it."""
+
+    facts: RequestFacts
+    max_output: int
+    worst_case: int
+    cap: int | None  # an output limit to write into the request; None: forward the agent's own
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A hold taken, and the plan it was taken for."""
+
+    hold_id: int
+    remaining_micros: int  # the key's budget left once it was taken
+    plan: HoldPlan
+    clamped_to: int | None  # the output limit the budget lowered the call to, if it did
 
 
 class Gate:
-    def __init__(self, config: ProxyConfig, ledger: Ledger, prices: PriceTable, clock=time.time):
+    def __init__(self, config: ProxyConfig, store: Store, prices: PriceTable):
         self.config = config
-        self.ledger = ledger
+        self.store = store
         self.prices = prices
-        self.clock = clock
+        self.clock = store.clock
         self.real_keys = {name: spec.real_key() for name, spec in config.providers.items()}
-        self._real_key_values = frozenset(key for key in self.real_keys.values() if key)
-        self._ledger_now = ledger.nonblocking()
-        # An embedded store needs one thread for the rare wait on a lock; a network store gets several, so
-        # one slow round trip does not queue every other call behind it.
-        workers = 1 if self._ledger_now is not None else NETWORK_STORE_WORKERS
-        self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agentkeys-ledger")
-        # Key records by id, for the parts that never change (hash, policy, name). Whether a key is
-        # still usable is decided by the store itself, in `reserve` (or a fresh read for free calls).
-        self._known_keys: dict[str, KeyRecord] = {}
-        self._open_holds: set[int] = set()  # of calls in flight: while there are any, writes are batched
-        self._take_hold = NextTurnBatch(
-            functools.partial(self.in_ledger, "reserve_many"), self._open_holds, undo_many=self._release_unclaimed
-        )
-        self._close_hold = NextTurnBatch(functools.partial(self.in_ledger, "settle_many"), self._open_holds)
-
-    async def in_ledger(self, operation: str, *args):
-        """Run a ledger operation without stalling the event loop.
-
-        An embedded store answers in microseconds, far less than a hop to a worker thread costs, so
-        it is asked on the loop first with no waiting; only when another writer holds the lock (or
-        the store is remote) does the call wait, on the worker thread.
-        """
-        if self._ledger_now is not None:
-            try:
-                return getattr(self._ledger_now, operation)(*args)
-            except LedgerBusy:
-                pass
-        return await asyncio.get_running_loop().run_in_executor(self._worker, getattr(self.ledger, operation), *args)
+        real_key_values = frozenset(key for key in self.real_keys.values() if key)
+        self.auth = Authenticator(store, real_key_values, store.clock)
 
     # ----- admit -----
 
-    async def admit(self, call: CallRequest) -> Admission | Denial:
+    async def admit(self, call: CallRequest) -> Admission:
+        """The admission to forward `call` with; Denial if any step refuses it."""
         try:
             return await self._admit(call)
         except LedgerUnavailable as e:
             log.error("refusing call: %s", e)
-            return Denial(DenyKind.UNAVAILABLE, "agentkeys: the key store is unavailable; try again shortly")
+            raise Denial(DenyKind.UNAVAILABLE, "agentkeys: the key store is unavailable; try again shortly") from None
 
-    async def _admit(self, call: CallRequest) -> Admission | Denial:
-        key_or_denial = self.identify(call)
-        if isinstance(key_or_denial, Denial):
-            return key_or_denial
-        record = await self.key_record(credentials.key_id_of(key_or_denial))
-        denial = self.authenticate(key_or_denial, record)
-        if denial:
-            return denial
-        policy = parse_policy(record.policy_json)
+    async def _admit(self, call: CallRequest) -> Admission:
+        key = await self.auth.caller(call)
+        policy = parse_stored_policy(key.policy_json)
         wire = FORMATS[self.config.providers[call.provider].format]
-        denial = self.authorize_endpoint(call, record, policy, wire)
-        if denial:
-            return denial
-        real_key = self.real_keys.get(call.provider)
-        if not real_key:
-            env = self.config.providers[call.provider].key_env
-            return Denial(
-                DenyKind.UNAVAILABLE, f"agentkeys: the proxy has no key for {call.provider} (set {env})", record
-            )
-        try:
-            facts = self.as_served(call.provider, await self.read_request(wire, call))
-        except MalformedRequest as e:
-            return Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", record)
-        except Unmeterable as e:
-            return Denial(DenyKind.FORBIDDEN, f"agentkeys: {e}", record)
+        authorize_provider(call, key, policy)
+        endpoint = authorize_endpoint(call, key, policy, wire)
+        real_key = self.real_key_for(call.provider, key)
+        facts = await self.read_request(call, wire, key)
         if not facts.metered:
-            # No reserve will look at the key in the store, so read it afresh: it may have been revoked.
-            record = await self.in_ledger("get_key", record.key_id)
-            unmetered = wire.endpoint_kind(call.method, call.path) is None
-            return self.authenticate(key_or_denial, record) or Admission(
-                record, policy, wire, facts, real_key, remaining_micros=record.remaining_micros, unmetered=unmetered
-            )
-        admission = Admission(key=record, policy=policy, wire=wire, facts=facts, real_key=real_key)
-        outcome = await self.price_and_reserve(call, admission)
-        too_dear = isinstance(outcome, Denial) and outcome.kind is DenyKind.BUDGET
-        if too_dear and len(call.body) > tokens.EXACT_COUNT_CHARS:
-            # A long text was bounded by its bytes; count it exactly before refusing the call.
-            admission.facts = self.as_served(call.provider, await self.read_request(wire, call, exact=True))
-            outcome = await self.price_and_reserve(call, admission)
-        return outcome
+            return await self.admit_unbilled(call, policy, wire, facts, real_key, endpoint)
+        authorize_model(facts, key, policy)
+        price = self.price_for(call.provider, wire, facts, key)
+        plan = plan_hold(facts, key, policy, price)
+        upstream_body = body_for_provider(wire, plan, call, key)  # bad input is refused before any hold
+        hold = await self.reserve(call, wire, key, policy, price, plan)
+        if hold.plan.cap != plan.cap:
+            upstream_body = await self.rewrite_body_under_hold(hold, wire, call, key)
+        return Admission(
+            key=key, policy=policy, wire=wire, facts=hold.plan.facts, real_key=real_key, metering="metered",
+            remaining_micros=hold.remaining_micros, price=price, hold_id=hold.hold_id,
+            hold_micros=hold.plan.worst_case, upstream_body=upstream_body, clamped_to=hold.clamped_to,
+        )  # fmt: skip
 
-    async def key_record(self, key_id: str) -> KeyRecord | None:
-        record = self._known_keys.get(key_id)
-        if record is None:
-            record = await self.in_ledger("get_key", key_id)
-            if record is not None:
-                if len(self._known_keys) >= KNOWN_KEYS_LIMIT:
-                    self._known_keys.pop(next(iter(self._known_keys)))
-                self._known_keys[key_id] = record
-        return record
+    def real_key_for(self, provider: str, key: KeyRecord) -> str:
+        real_key = self.real_keys.get(provider)
+        if not real_key:
+            env = self.config.providers[provider].key_env
+            raise Denial(DenyKind.UNAVAILABLE, f"agentkeys: the proxy has no key for {provider} (set {env})", key)
+        return real_key
 
-    def identify(self, call: CallRequest) -> str | Denial:
-        """The one scoped key the request carries; a real provider key or none at all is refused."""
-        found = credentials.credentials_in(call.headers) + credentials.credentials_in_query(call.query)
-        if call.tunnel_credential:
-            found.append(call.tunnel_credential)
-        if any(credential in self._real_key_values for credential in found):
-            return Denial(DenyKind.UNAUTHENTICATED, "agentkeys: a real provider key was sent; use a scoped ak_ key")
-        scoped = {credential for credential in found if credentials.key_id_of(credential)}
-        if not scoped:
-            return Denial(
-                DenyKind.UNAUTHENTICATED,
-                "agentkeys: no agent key; send your ak_… key as the API key or as the HTTPS_PROXY user",
-            )
-        if len(scoped) > 1:
-            return Denial(DenyKind.UNAUTHENTICATED, "agentkeys: the request carries two different agent keys")
-        return scoped.pop()
-
-    def authenticate(self, key: str, record: KeyRecord | None) -> Denial | None:
-        if record is None or not credentials.matches(key, record.key_hash):
-            return Denial(
-                DenyKind.UNAUTHENTICATED, "agentkeys: unknown agent key", presented_key_id=credentials.key_id_of(key)
-            )
-        status = record.status(self.clock())
-        if status != "active":
-            return Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {record.key_id} is {status}", record)
-        return None
-
-    def authorize_endpoint(self, call: CallRequest, record: KeyRecord, policy: Policy, wire: WireFormat):
-        if call.provider not in policy.providers:
-            return Denial(
-                DenyKind.FORBIDDEN,
-                f"agentkeys: provider {call.provider} is not allowed by policy {policy.name}"
-                f" (allowed: {', '.join(policy.providers)})",
-                record,
-            )
-        kind = wire.endpoint_kind(call.method, call.path)
-        if kind is None and policy.allows_unmetered(call.method, call.path):
-            return None  # the policy takes the provider's charge for it on trust; the audit says "unmetered"
-        if not policy.allows_endpoint(call.method, call.path):
-            allowed = ", ".join(str(rule) for rule in policy.endpoints)
-            return Denial(
-                DenyKind.FORBIDDEN,
-                f"agentkeys: endpoint {call.method} {call.path} is not allowed by policy {policy.name}"
-                f" (allowed: {allowed})",
-                record,
-            )
-        if kind is None:
-            return Denial(
-                DenyKind.FORBIDDEN,
-                f"agentkeys: {call.method} {call.path} cannot be metered by this proxy, so it is refused"
-                " (a policy may allow it, unmetered, under unmetered_endpoints)",
-                record,
-            )
-        return None
-
-    async def read_request(self, wire: WireFormat, call: CallRequest, exact: bool = False) -> RequestFacts:
+    async def read_request(
+        self, call: CallRequest, wire: WireFormat, key: KeyRecord, exact: bool = False
+    ) -> RequestFacts:
         """The request's facts; a large body, or an exact count of its texts, is worked out off the loop."""
         read = functools.partial(wire.request_facts, call.method, call.path, call.body, call.query)
         if exact:
             read = functools.partial(tokens.with_exact_counts, read)
-        if len(call.body) > LARGE_BODY_BYTES or exact:
-            return await asyncio.get_running_loop().run_in_executor(None, read)
-        return read()
-
-    def price_of(self, provider: str, wire: WireFormat, model: str) -> ModelPrice | None:
-        """An OpenAI-compatible host serving OpenAI's models falls back to its wire format's prices."""
-        match = self.prices.find(model, provider, wire.name)
-        return match.price if match else None
+        try:
+            if len(call.body) > LARGE_BODY_BYTES or exact:
+                facts = await asyncio.get_running_loop().run_in_executor(None, read)
+            else:
+                facts = read()
+        except MalformedRequest as e:
+            raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", key) from None
+        except Unmeterable as e:
+            raise Denial(DenyKind.FORBIDDEN, f"agentkeys: {e}", key) from None
+        return self.as_served(call.provider, facts)
 
     def as_served(self, provider: str, facts: RequestFacts) -> RequestFacts:
         """An Azure deployment is billed as the model it runs: price it and match the policy by that model."""
         served = self.config.providers[provider].deployments.get(facts.model or "")
         return dataclasses.replace(facts, model=served) if served else facts
 
-    async def price_and_reserve(self, call: CallRequest, admission: Admission) -> Admission | Denial:
-        facts, policy, record = admission.facts, admission.policy, admission.key
-        if not policy.allows_model(facts.model):
-            return Denial(
-                DenyKind.FORBIDDEN,
-                f"agentkeys: model {facts.model} is not allowed by policy {policy.name}"
-                f" (allowed: {', '.join(policy.models)})",
-                record,
-                facts.model,
-            )
-        price = self.price_of(call.provider, admission.wire, facts.model)
-        if price is None:
-            return Denial(
+    async def admit_unbilled(
+        self, call: CallRequest, policy: Policy, wire: WireFormat, facts: RequestFacts, real_key: str, endpoint: str
+    ) -> Admission:
+        """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
+        key is read afresh here, since no reservation will ask the store whether it is still active."""
+        key = await self.auth.caller(call, fresh=True)
+        metering = "unmetered" if endpoint == "unmetered" else "free"
+        return Admission(key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros)
+
+    def price_for(self, provider: str, wire: WireFormat, facts: RequestFacts, key: KeyRecord) -> ModelPrice:
+        """The model's price; an OpenAI-compatible host serving OpenAI's models falls back to its format's."""
+        match = self.prices.find(facts.model, provider, wire.name)
+        if match is None:
+            raise Denial(
                 DenyKind.FORBIDDEN,
                 f"agentkeys: no price is known for model {facts.model}, so the call cannot be metered",
-                record,
+                key,
                 facts.model,
             )
-        max_output = first_given(facts.max_output_tokens, policy.default_max_output_tokens, price.max_output_tokens)
-        if max_output is None:
-            return Denial(
-                DenyKind.BAD_REQUEST, f"agentkeys: set max_tokens; the limit of {facts.model} is unknown", record
-            )
-        if facts.unseen_input:
-            if price.max_input_tokens is None:
-                return Denial(
-                    DenyKind.FORBIDDEN,
-                    f"agentkeys: the call uses input only the provider can see ({facts.unseen_input}) and the"
-                    f" context window of {facts.model} is unknown, so its cost cannot be bounded",
-                    record,
-                    facts.model,
-                )
-            # Whatever the provider adds, the whole input must fit the model's context window.
-            facts = admission.facts = dataclasses.replace(facts, input_token_bound=price.max_input_tokens)
-        # A default the provider does not know about must be sent, or the hold would not bound the call.
-        cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None
-        worst_case = call_worst_case(price, facts, max_output)
-        reservation = await self._take_hold((record.key_id, worst_case, self.clock()))
-        if reservation.refusal is Refusal.BUDGET and policy.clamp_max_tokens and max_output > 1:
-            clamped = affordable_output(price, facts, max_output - 1, reservation.remaining_micros)
+        return match.price
+
+    async def reserve(
+        self, call: CallRequest, wire: WireFormat, key: KeyRecord, policy: Policy, price: ModelPrice, plan: HoldPlan
+    ) -> Hold:
+        """Hold the worst case against the budget. When it does not fit, try a tighter plan before
+        refusing: an exact count of a long input bounded by its bytes, then (with `clamp_max_tokens`)
+        the largest output limit that fits what remains."""
+        reservation = await self.store.take_hold(key.key_id, plan.worst_case)
+        if refused_for_budget(reservation) and len(call.body) > tokens.EXACT_COUNT_CHARS:
+            exact = await self.read_request(call, wire, key, exact=True)
+            plan = plan_hold(exact, key, policy, price)
+            reservation = await self.store.take_hold(key.key_id, plan.worst_case)
+        clamped_to = None
+        if refused_for_budget(reservation) and policy.clamp_max_tokens:
+            clamped = clamp_plan(plan, price, reservation.remaining_micros)
             if clamped:
-                cap, worst_case = clamped
-                admission.clamped_to = cap
-                reservation = await self._take_hold((record.key_id, worst_case, self.clock()))
-        if reservation.refusal is Refusal.BUDGET:
-            return Denial(
-                DenyKind.BUDGET,
-                f"agentkeys: budget exhausted: this call could cost up to {format_usd(worst_case)},"
-                f" {format_usd(reservation.remaining_micros)} remains",
-                record,
-                facts.model,
-            )
-        if reservation.refusal is not None:
-            return Denial(
-                DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {record.key_id} is {reservation.refusal.value}", record
-            )
-        admission.price = price
-        admission.hold_id = reservation.hold_id
-        self._open_holds.add(reservation.hold_id)
-        admission.hold_micros = worst_case
-        admission.remaining_micros = reservation.remaining_micros
-        admission.upstream_body = admission.wire.upstream_body(facts, call.body, cap)
-        return admission
+                plan, clamped_to = clamped, clamped.cap
+                reservation = await self.store.take_hold(key.key_id, plan.worst_case)
+        check_reservation(reservation, plan, key)
+        return Hold(reservation.hold_id, reservation.remaining_micros, plan, clamped_to)
+
+    async def rewrite_body_under_hold(self, hold: Hold, wire: WireFormat, call: CallRequest, key: KeyRecord):
+        """The body for a plan tightened while holding; if that fails the call is not forwarded, so its
+        hold is freed at once rather than left for the sweeper to charge in full."""
+        try:
+            return body_for_provider(wire, hold.plan, call, key)
+        except BaseException:
+            await self.store.close_hold(hold.hold_id, 0)
+            raise
 
     # ----- settle -----
 
-    async def settle_usage(self, admission: Admission, usage: Usage | None) -> Settlement:
-        """A finished response: charge its usage, or the full hold if it reported none."""
-        if usage is None:
-            log.warning("key %s: a metered response carried no usage; charging the full hold", admission.key.key_id)
-            return await self._settle(admission, self.charge(admission, None), "held")
-        return await self._settle(admission, self.charge(admission, usage), "usage", usage)
+    def charge_for(self, admission: Admission, outcome: Outcome) -> Charge:
+        """What the call costs. Never less than the provider bills: when the usage is unknown, the full hold."""
+        return charge_for(admission, outcome)
 
-    @staticmethod
-    def charge(admission: Admission, usage: Usage | None) -> int:
-        """What a finished response costs: its usage at the model's price, or the full hold if it reported none."""
-        return admission.hold_micros if usage is None else cost_micros(admission.price, usage)
+    async def settle(self, admission: Admission, outcome: Outcome) -> Settlement:
+        """Turn the call's hold into its charge, once; a hold a sweep took first was charged in full."""
+        charge = self.charge_for(admission, outcome)
+        if admission.hold_id is None:
+            return Settlement(charge.cost_micros, charge.metering, charge.usage, charge.why)
+        if charge.metering == "overrun":
+            log.warning(
+                "key %s: cost %s exceeded its hold %s", admission.key.key_id, charge.cost_micros, admission.hold_micros
+            )
+        closed = await self.close_hold(admission, charge.cost_micros)
+        if closed is None:
+            return Settlement(0, "none", why="already settled")
+        if closed is False:
+            why = "a sweep took this call for dead and charged its full hold first"
+            return Settlement(admission.hold_micros, "held", charge.usage, why)
+        return Settlement(charge.cost_micros, charge.metering, charge.usage, charge.why)
 
-    async def settle_stream(self, admission: Admission, result: StreamResult) -> Settlement:
-        """A stream that ended, completely or not: the provider's usage, else an estimate from what was sent."""
-        if result.complete or result.usage is not None:
-            return await self.settle_usage(admission, result.usage)
-        model = admission.facts.model or ""
-        output = await asyncio.get_running_loop().run_in_executor(
-            None, tokens.count_tokens, result.streamed_text, model
-        )
-        input_tokens = result.input_tokens_seen or admission.facts.input_token_bound
-        usage = Usage(input_tokens=input_tokens, output_tokens=output)
-        cost = min(cost_micros(admission.price, usage), admission.hold_micros)
-        return await self._settle(admission, cost, "estimated", usage)
-
-    async def release(self, admission: Admission) -> Settlement:
-        """The provider did not bill (an error status, or no answer at all)."""
-        return await self._settle(admission, 0, "none")
-
-    async def _settle(self, admission: Admission, cost: int, metering: str, usage: Usage | None = None) -> Settlement:
-        if admission.settled or admission.hold_id is None:
-            return Settlement(0, "none")
-        if cost > admission.hold_micros:
-            log.warning("key %s: cost %s exceeded its hold %s", admission.key.key_id, cost, admission.hold_micros)
-        self._open_holds.discard(admission.hold_id)
-        settled = await self._close_hold((admission.hold_id, cost))
-        admission.settled = True  # only now: a settlement that failed can be tried again
-        if not settled:  # a sweep took this call for dead and already charged its full hold
-            return Settlement(admission.hold_micros, "held", usage)
-        return Settlement(cost, metering, usage)
-
-    async def _release_unclaimed(self, reservations: list[Reservation]) -> None:
-        """Holds taken for calls cancelled while they waited for them: those calls never reach the provider."""
-        holds = [(reservation.hold_id, 0) for reservation in reservations if reservation.hold_id is not None]
-        if holds:
-            await self.in_ledger("settle_many", holds)
-
-    async def sweep_stale_holds(self) -> list[StaleHold]:
-        swept = await self.in_ledger("sweep_stale_holds", self.clock(), self.config.stale_hold_after)
-        # A call whose flow never came back (a hook that never ran) no longer counts as one in flight.
-        self._open_holds.difference_update(hold.hold_id for hold in swept)
-        return swept
-
-    async def purge_expired(self) -> list[str]:
-        return await self.in_ledger("purge_expired", self.clock())
-
-
-class NextTurnBatch:
-    """One ledger operation, asked for by many calls in one turn of the event loop, done for all of
-    them at once on the next turn: one commit (or one round trip) instead of one per call.
-
-    Under load, calls arrive and finish in bunches (at 16 at once, a probe saw bunches of 3 to 15),
-    so this cuts the store's work per call to a fraction. A call with no
-    other in flight (`others`, the open holds) has nobody to share a write with, and is written at
-    once. `write_many` takes the list of arguments and returns one answer for each, in order; if it
-    fails, each call fails as it would have alone. Answers that no call is waiting for any more (it
-    was cancelled meanwhile) go to `undo_many`, if given.
-    """
-
-    def __init__(self, write_many, others: Collection, undo_many=None):
-        self.write_many = write_many
-        self.others = others
-        self.undo_many = undo_many
-        self._waiting: list[tuple[tuple, asyncio.Future]] = []
-        self._writing: set[asyncio.Task] = set()  # the loop keeps only a weak reference to a task
-
-    async def __call__(self, arguments: tuple):
-        if not self._waiting and not self.others:
-            (answer,) = await self.write_many([arguments])
-            return answer
-        loop = asyncio.get_running_loop()
-        if not self._waiting:
-            loop.call_soon(self._write)
-        answer = loop.create_future()
-        self._waiting.append((arguments, answer))
-        return await answer
-
-    def _write(self) -> None:
-        batch, self._waiting = self._waiting, []
-        task = asyncio.get_running_loop().create_task(self._write_batch(batch))
-        self._writing.add(task)
-        task.add_done_callback(self._writing.discard)
-
-    async def _write_batch(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
-        try:
-            results = await self.write_many([arguments for arguments, _ in batch])
-        except Exception as e:
-            results = [e] * len(batch)
-        unclaimed = []
-        for (_, answer), result in zip(batch, results, strict=True):
-            if isinstance(result, Exception):
-                if not answer.cancelled():
-                    answer.set_exception(result)
-            elif answer.cancelled():
-                unclaimed.append(result)
-            else:
-                answer.set_result(result)
-        if unclaimed and self.undo_many:
+    async def close_hold(self, admission: Admission, cost: int) -> bool | None:
+        """Write the settlement, trying again when the store fails: the real charge is never replaced."""
+        for attempt, delay in enumerate(SETTLE_ATTEMPTS):
+            await asyncio.sleep(delay)
             try:
-                await self.undo_many(unclaimed)
+                return await self.store.close_hold(admission.hold_id, cost)
             except Exception:
-                log.exception("undoing the writes of %d cancelled calls failed", len(unclaimed))
+                if attempt == len(SETTLE_ATTEMPTS) - 1:
+                    raise
+                log.warning("key %s: writing a settlement failed; trying again", admission.key.key_id, exc_info=True)
+        raise AssertionError("unreachable")
+
+    async def release(self, admission: Admission) -> None:
+        """Free the hold of a call that was never forwarded."""
+        if admission.hold_id is not None:
+            await self.store.close_hold(admission.hold_id, 0)
+
+
+# ----- the steps, as plain functions -----
+
+
+def authorize_provider(call: CallRequest, key: KeyRecord, policy: Policy) -> None:
+    if call.provider not in policy.providers:
+        raise Denial(
+            DenyKind.FORBIDDEN,
+            f"agentkeys: provider {call.provider} is not allowed by policy {policy.name}"
+            f" (allowed: {', '.join(policy.providers)})",
+            key,
+        )
+
+
+def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Policy, wire: WireFormat) -> str:
+    """`metered` or `free` (the wire format's kind of endpoint), or `unmetered` (allowed on trust)."""
+    kind = wire.endpoint_kind(call.method, call.path)
+    if kind is None and policy.allows_unmetered(call.method, call.path):
+        return "unmetered"  # the policy takes the provider's charge for it on trust; the audit says so
+    if not policy.allows_endpoint(call.method, call.path):
+        allowed = ", ".join(str(rule) for rule in policy.endpoints)
+        raise Denial(
+            DenyKind.FORBIDDEN,
+            f"agentkeys: endpoint {call.method} {call.path} is not allowed by policy {policy.name}"
+            f" (allowed: {allowed})",
+            key,
+        )
+    if kind is None:
+        raise Denial(
+            DenyKind.FORBIDDEN,
+            f"agentkeys: {call.method} {call.path} cannot be metered by this proxy, so it is refused"
+            " (a policy may allow it, unmetered, under unmetered_endpoints)",
+            key,
+        )
+    return kind
+
+
+def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Policy) -> None:
+    if not policy.allows_model(facts.model):
+        raise Denial(
+            DenyKind.FORBIDDEN,
+            f"agentkeys: model {facts.model} is not allowed by policy {policy.name}"
+            f" (allowed: {', '.join(policy.models)})",
+            key,
+            facts.model,
+        )
+
+
+def plan_hold(facts: RequestFacts, key: KeyRecord, policy: Policy, price: ModelPrice) -> HoldPlan:
+    """The worst case of the call as asked: its output limit (the request's, else the policy's default,
+    else the model's), with input the provider holds bounded by the model's context window."""
+    max_output = first_given(facts.max_output_tokens, policy.default_max_output_tokens, price.max_output_tokens)
+    if max_output is None:
+        raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: set max_tokens; the limit of {facts.model} is unknown", key)
+    facts = bound_unseen_input(facts, key, price)
+    # A default the provider does not know about must be sent, or the hold would not bound the call.
+    cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None
+    return HoldPlan(facts, max_output, call_worst_case(price, facts, max_output), cap)
+
+
+def bound_unseen_input(facts: RequestFacts, key: KeyRecord, price: ModelPrice) -> RequestFacts:
+    """Input only the provider can see (a previous response, a file) is bounded by the context window."""
+    if not facts.unseen_input:
+        return facts
+    if price.max_input_tokens is None:
+        raise Denial(
+            DenyKind.FORBIDDEN,
+            f"agentkeys: the call uses input only the provider can see ({facts.unseen_input}) and the"
+            f" context window of {facts.model} is unknown, so its cost cannot be bounded",
+            key,
+            facts.model,
+        )
+    return dataclasses.replace(facts, input_token_bound=price.max_input_tokens)
+
+
+def clamp_plan(plan: HoldPlan, price: ModelPrice, remaining: int) -> HoldPlan | None:
+    """The plan with the largest output limit below the asked one whose worst case fits `remaining`."""
+    if plan.max_output <= 1:
+        return None
+    fitting = affordable_output(price, plan.facts, plan.max_output - 1, remaining)
+    if fitting is None:
+        return None
+    cap, worst_case = fitting
+    return HoldPlan(plan.facts, cap, worst_case, cap)
+
+
+def body_for_provider(wire: WireFormat, plan: HoldPlan, call: CallRequest, key: KeyRecord) -> bytes | None:
+    """The body to forward (None: the agent's own), with the plan's output cap written in."""
+    try:
+        return wire.upstream_body(plan.facts, call.body, plan.cap)
+    except MalformedRequest as e:
+        raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", key, plan.facts.model) from None
+
+
+def refused_for_budget(reservation: Reservation) -> bool:
+    return reservation.refusal is Refusal.BUDGET
+
+
+def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) -> None:
+    if refused_for_budget(reservation):
+        raise Denial(
+            DenyKind.BUDGET,
+            f"agentkeys: budget exhausted: this call could cost up to {format_usd(plan.worst_case)},"
+            f" {format_usd(reservation.remaining_micros)} remains",
+            key,
+            plan.facts.model,
+        )
+    if reservation.refusal is not None:
+        raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {key.key_id} is {reservation.refusal.value}", key)
+
+
+def charge_for(admission: Admission, outcome: Outcome) -> Charge:
+    """The settlement rules, in order. The provider bills a call once it has it, whether or not the
+    agent waits for the answer; so once a call reached the provider, it is charged its usage if the
+    provider reported it in full, and its whole hold (the most it could cost) otherwise."""
+    if admission.metering != "metered":
+        return Charge(0, admission.metering)
+    if not outcome.reached_provider:
+        return Charge(0, "none", why="the call never reached the provider")
+    if outcome.status is not None and outcome.status >= 400:
+        return Charge(0, "none", why=f"the provider answered {outcome.status}")
+    if outcome.meter_broken:
+        return Charge(admission.hold_micros, "held", why="the stream could not be metered; charged its full hold")
+    usage = outcome.stream.usage if outcome.stream else outcome.usage
+    if usage is None:
+        return Charge(admission.hold_micros, "held", why=missing_usage_reason(outcome))
+    cost = cost_micros(admission.price, usage)
+    if cost > admission.hold_micros:
+        return Charge(cost, "overrun", usage, f"the provider billed {format_usd(cost - admission.hold_micros)} more"
+                      " than the call's hold (it did not keep to the output limit)")  # fmt: skip
+    return Charge(cost, "usage", usage)
+
+
+def missing_usage_reason(outcome: Outcome) -> str:
+    if not outcome.complete:
+        return "the call broke off before the provider's usage arrived; charged the full hold"
+    return "the response carried no usage the proxy could read; charged the full hold"
 
 
 def first_given(*values: int | None) -> int | None:
@@ -457,9 +415,3 @@ def affordable_output(price: ModelPrice, facts: RequestFacts, at_most: int, rema
         middle = (low + high + 1) // 2
         low, high = (middle, high) if call_worst_case(price, facts, middle) <= remaining else (low, middle - 1)
     return (low, call_worst_case(price, facts, low)) if low else None
-
-
-@functools.lru_cache(maxsize=1024)
-def parse_policy(policy_json: str) -> Policy:
-    """Policies are stored as JSON beside each key; parse each distinct one once."""
-    return Policy.model_validate_json(policy_json)

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentkeys import credentials
-from agentkeys.ledger import KeyRecord, Ledger
-from agentkeys.money import usd_to_micros
+from agentkeys.ledger import KeyRecord, Ledger, Refusal
+from agentkeys.money import format_usd, micros_to_usd, usd_to_micros
 from agentkeys.policy import Duration, EndpointRule, Policy
 
 
@@ -105,6 +105,49 @@ def glob_within(inner: str, outer: str) -> bool:
 
 def has_wildcard(pattern: str) -> bool:
     return any(char in pattern for char in "*?[")
+
+
+def check_depth_and_lifetime(parent: KeyRecord, policy: Policy, request: ChildRequest, now: float) -> None:
+    if parent.depth + 1 > policy.max_child_depth:
+        raise ChildRefused(
+            f"max_child_depth: policy {policy.name} allows {policy.max_child_depth} level(s) of child keys"
+            f" and this key is at depth {parent.depth}"
+        )
+    if now + request.ttl > parent.expires_at:
+        raise ChildRefused(
+            f"ttl: {request.ttl}s would outlive the parent, which expires at {iso(parent.expires_at)}"
+            f" ({int(parent.expires_at - now)}s from now)"
+        )
+
+
+def child_refusal_message(refusal: Refusal, parent: KeyRecord, request: ChildRequest) -> str:
+    if refusal is Refusal.BUDGET:
+        asked = format_usd(usd_to_micros(request.budget_usd))
+        return f"budget_usd: asked {asked}, the parent has {format_usd(parent.remaining_micros)} remaining"
+    if refusal is Refusal.TOO_MANY_CHILDREN:
+        return f"max_children: key {parent.key_id} has as many live child keys as its policy allows"
+    return f"the parent key is {refusal.value}"
+
+
+def describe(record: KeyRecord, now: float) -> dict:
+    """A key as the CLI and the control API show it: never its secret or its hash.
+
+    A key that can no longer spend (revoked or expired) has nothing remaining, whatever is unspent.
+    """
+    status = record.status(now)
+    return {
+        "id": record.key_id,
+        "name": record.name,
+        "policy": record.policy_name,
+        "parent_id": record.parent_id,
+        "status": status,
+        "created_at": iso(record.created_at),
+        "expires_at": iso(record.expires_at),
+        "budget_usd": micros_to_usd(record.budget_micros),
+        "spent_usd": micros_to_usd(record.spent_micros),
+        "held_usd": micros_to_usd(record.held_micros),
+        "remaining_usd": micros_to_usd(record.remaining_micros if status == "active" else 0),
+    }
 
 
 def iso(timestamp: float) -> str:

@@ -6,6 +6,7 @@ resulting typed objects.
 """
 
 import fnmatch
+import functools
 import os
 import re
 from pathlib import Path
@@ -102,6 +103,12 @@ class Policy(BaseModel):
 
 def load_policy(path: Path) -> Policy:
     return load_yaml_model(Path(path), Policy)
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_stored_policy(policy_json: str) -> Policy:
+    """Policies are stored as JSON beside each key; parse each distinct one once."""
+    return Policy.model_validate_json(policy_json)
 
 
 class ProviderConfig(BaseModel):

@@ -1,0 +1,80 @@
+"""What each audit record says, built from the gate's plain data (no mitmproxy here).
+
+One record per call the proxy decided: a refusal, a forwarded call with what it was charged, an
+answer of the proxy's own API, or a hold that a sweep settled because its call's proxy died.
+"""
+
+from dataclasses import dataclass
+
+from agentkeys.audit import CallRecord
+from agentkeys.calls import CallRequest, Denial
+from agentkeys.gate import Admission, Settlement
+from agentkeys.keys import iso
+from agentkeys.ledger import KeyRecord, StaleHold
+from agentkeys.money import micros_to_usd
+
+
+@dataclass(frozen=True)
+class Timings:
+    """How long the parts of a forwarded call took, in milliseconds (None when not known)."""
+
+    proxy_overhead_ms: float
+    upstream_latency_ms: float | None = None
+    ttft_ms: float | None = None
+
+
+def record_of(key: KeyRecord | None, key_id: str | None = None, **fields) -> CallRecord:
+    """An audit record naming the key it was made with (or just the id presented, for an unknown key)."""
+    if key is None:
+        return CallRecord(key_id=key_id, key_name=None, policy=None, **fields)
+    return CallRecord(key_id=key.key_id, key_name=key.name, policy=key.policy_name, **fields)
+
+
+def denied_record(call: CallRequest, denial: Denial, status: int) -> CallRecord:
+    return record_of(
+        denial.key, key_id=denial.presented_key_id, provider=call.provider, method=call.method, path=call.path,
+        model=denial.model, decision="deny", reason=denial.message, status=status,
+    )  # fmt: skip
+
+
+def allowed_record(
+    call: CallRequest, admission: Admission, settlement: Settlement, status: int | None, note: str, timings: Timings
+) -> CallRecord:
+    reasons = [note, settlement.why, clamp_note(admission)]
+    record = record_of(
+        admission.key, provider=call.provider, method=call.method, path=call.path, model=admission.facts.model,
+        decision="allow", reason="; ".join(reason for reason in reasons if reason), status=status,
+        metering=settlement.metering, cost_micros=settlement.cost_micros,
+        cost_usd=micros_to_usd(settlement.cost_micros), hold_micros=admission.hold_micros,
+        proxy_overhead_ms=timings.proxy_overhead_ms, upstream_latency_ms=timings.upstream_latency_ms,
+        ttft_ms=timings.ttft_ms,
+    )  # fmt: skip
+    usage = settlement.usage
+    if usage:
+        record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
+        record.cached_tokens, record.cache_write_tokens = usage.cached_tokens, usage.cache_write_tokens
+        record.reasoning_tokens = usage.reasoning_tokens
+    return record
+
+
+def control_record(call: CallRequest, key: KeyRecord | None, status: int, reason: str, provider: str) -> CallRecord:
+    return record_of(
+        key, provider=provider, method=call.method, path=call.path, model=None,
+        decision="allow" if status < 400 else "deny", reason=reason, status=status, metering="free",
+    )  # fmt: skip
+
+
+def stale_hold_record(hold: StaleHold) -> CallRecord:
+    return CallRecord(
+        key_id=hold.key_id, key_name=None, policy=None, provider=None, method="", path="", model=None,
+        decision="allow", metering="held", cost_micros=hold.amount_micros, cost_usd=micros_to_usd(hold.amount_micros),
+        hold_micros=hold.amount_micros,
+        reason=f"settled at its full hold: the proxy that made this call (hold {hold.hold_id}, taken at"
+        f" {iso(hold.created_at)}) stopped before settling it, and the provider may have billed it",
+    )  # fmt: skip
+
+
+def clamp_note(admission: Admission) -> str:
+    if not admission.clamped_to:
+        return ""
+    return f"output limit lowered to {admission.clamped_to} tokens to fit the budget"

@@ -1,0 +1,113 @@
+"""Where a request goes: listener mode + host + path → a route (no mitmproxy here).
+
+In proxy mode (HTTPS_PROXY) a provider is recognised by its host and only provider hosts are
+intercepted; everything else is an untouched TLS tunnel (or refused, with `egress: allowlist`). In
+gateway mode (a reverse-proxy listener) the first path segment names the provider:
+`/openai/v1/...`, `/anthropic/v1/...`. The proxy's own API (`/_agentkeys/...`) is answered on the
+gateway, and through the proxy at a provider host or at `agentkeys.local`.
+"""
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from agentkeys.policy import ProxyConfig
+
+CONTROL_PREFIX = "/_agentkeys/"
+CONTROL_HOST = "agentkeys.local"  # the proxy's own API through proxy mode: http://agentkeys.local/_agentkeys/v1/...
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A provider's base URL, split once at configure time."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    authority: bytes  # host[:port], as the Host header (and HTTP/2's :authority) names it
+
+    @classmethod
+    def parse(cls, base_url: str) -> "Upstream":
+        parts = urlsplit(base_url)
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        name = parts.hostname.encode("idna")
+        if b":" in name:  # an IPv6 address
+            name = b"[" + name + b"]"
+        authority = name if port == default_port else b"%s:%d" % (name, port)
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"), authority)
+
+
+@dataclass(frozen=True)
+class ProviderRoute:
+    """A call for a provider, with the path (and query) in the provider's own terms."""
+
+    provider: str
+    path: str
+    query: str
+
+
+@dataclass(frozen=True)
+class ControlRoute:
+    """The proxy's own API."""
+
+    path: str
+    query: str
+
+
+@dataclass(frozen=True)
+class NoProvider:
+    """A gateway path whose first segment names no configured provider."""
+
+    prefix: str
+
+
+@dataclass(frozen=True)
+class OtherHost:
+    """Proxy-mode traffic to a host that is not a provider's: passed on or refused per `egress`."""
+
+    host: str
+
+
+Route = ProviderRoute | ControlRoute | NoProvider | OtherHost
+
+
+class Router:
+    def __init__(self, config: ProxyConfig):
+        self.providers = tuple(config.providers)
+        self.provider_by_host = {host: name for name, spec in config.providers.items() for host in spec.hosts}
+        self.upstreams = {name: Upstream.parse(spec.upstream) for name, spec in config.providers.items()}
+        self.allowlist = config.egress == "allowlist"
+
+    def route(self, gateway: bool, host: str, target: str) -> Route:
+        """The route of a request that arrived on the gateway (`gateway`) or the proxy listener."""
+        split = urlsplit(target)
+        if split.path.startswith(CONTROL_PREFIX) and (gateway or self.answers_control_at(host)):
+            return ControlRoute(split.path, split.query)
+        if gateway:
+            prefix, _, rest = split.path.lstrip("/").partition("/")
+            if prefix not in self.upstreams:
+                return NoProvider(prefix)
+            return ProviderRoute(prefix, "/" + rest, split.query)
+        provider = self.provider_by_host.get(host)
+        if provider is None:
+            return OtherHost(host)
+        # A host whose API lives under a path (Groq's /openai/v1): that path is the upstream URL's.
+        path, base_path = split.path, self.upstreams[provider].base_path
+        if base_path and path.startswith(base_path + "/"):
+            path = path.removeprefix(base_path)
+        return ProviderRoute(provider, path, split.query)
+
+    def answers_control_at(self, host: str) -> bool:
+        return host in self.provider_by_host or host == CONTROL_HOST
+
+    def intercepts(self, host: str) -> bool:
+        """Whether TLS to `host` is opened up here (a provider's) or relayed untouched."""
+        return host in self.provider_by_host
+
+    def egress_allowed(self, host: str) -> bool:
+        """Whether proxy-mode traffic may go to `host`: any host passes, unless `egress: allowlist`."""
+        return not self.allowlist or host in self.provider_by_host
+
+    def upstream(self, provider: str) -> Upstream:
+        return self.upstreams[provider]

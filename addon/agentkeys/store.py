@@ -1,0 +1,198 @@
+"""The one asynchronous door to the ledger, for the gate and the control API alike.
+
+Every method is typed and awaitable; none stalls the event loop. An embedded store (SQLite) is
+asked on the loop first, with no waiting, and only when another writer holds its lock does the
+call wait on a worker thread; a network store (Redis) is always asked from worker threads.
+
+Holds and settlements asked for in one turn of the loop are written together on the next
+(`NextTurnBatch`): one commit or round trip for many calls. The door also keeps the set of holds
+still open on this proxy (the one place that says whether a call's hold is settled) and a cache
+of key records' parts that never change.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, Refusal, Reservation, StaleHold
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KNOWN_KEYS_LIMIT = 10_000
+NETWORK_STORE_WORKERS = 8
+
+
+class Store:
+    def __init__(self, ledger: Ledger, clock: Callable[[], float] = time.time):
+        self.ledger = ledger
+        self.clock = clock
+        self._ledger_now = ledger.nonblocking()
+        # An embedded store needs one thread for the rare wait on a lock; a network store gets several, so
+        # one slow round trip does not queue every other call behind it.
+        workers = 1 if self._ledger_now is not None else NETWORK_STORE_WORKERS
+        self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agentkeys-ledger")
+        # Key records by id, for the parts that never change (hash, policy, name). Whether a key is
+        # still usable is decided by the store itself, when a hold is taken (or by a fresh read).
+        self._known_keys: dict[str, KeyRecord] = {}
+        self.open_holds: set[int] = set()  # of calls in flight here: while there are any, writes are batched
+        self._take_hold = NextTurnBatch(self._reserve_many, self.open_holds, undo_many=self._release_unclaimed)
+        self._close_hold = NextTurnBatch(self._settle_many, self.open_holds)
+
+    async def _ask(self, operation: Callable[[Ledger], T]) -> T:
+        """Run one ledger operation without stalling the event loop."""
+        if self._ledger_now is not None:
+            try:
+                return operation(self._ledger_now)
+            except LedgerBusy:
+                pass
+        return await asyncio.get_running_loop().run_in_executor(self._worker, operation, self.ledger)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+        if self._ledger_now is not None:
+            self._ledger_now.close()
+        self.ledger.close()
+
+    # ----- keys -----
+
+    async def key(self, key_id: str) -> KeyRecord | None:
+        """A key's record as the store has it now (revocation, spend and all)."""
+        return await self._ask(lambda ledger: ledger.get_key(key_id))
+
+    async def known_key(self, key_id: str) -> KeyRecord | None:
+        """A key's record, from the cache when it was read before: only its unchanging parts may be trusted."""
+        record = self._known_keys.get(key_id)
+        if record is None:
+            record = await self.key(key_id)
+            if record is not None:
+                if len(self._known_keys) >= KNOWN_KEYS_LIMIT:
+                    self._known_keys.pop(next(iter(self._known_keys)))
+                self._known_keys[key_id] = record
+        return record
+
+    async def create_key(self, record: KeyRecord) -> None:
+        await self._ask(lambda ledger: ledger.create_key(record))
+
+    async def create_child(self, record: KeyRecord, max_children: int) -> Refusal | None:
+        now = self.clock()
+        return await self._ask(lambda ledger: ledger.create_child(record, max_children, now))
+
+    async def children(self, key_id: str) -> list[KeyRecord]:
+        return await self._ask(lambda ledger: ledger.children(key_id))
+
+    async def revoke(self, key_id: str) -> bool:
+        now = self.clock()
+        return await self._ask(lambda ledger: ledger.revoke(key_id, now))
+
+    # ----- holds -----
+
+    async def take_hold(self, key_id: str, amount_micros: int) -> Reservation:
+        """Hold `amount_micros` of the key's budget, if the key is active and has that much left."""
+        reservation = await self._take_hold((key_id, amount_micros, self.clock()))
+        if reservation.hold_id is not None:
+            self.open_holds.add(reservation.hold_id)
+        return reservation
+
+    async def close_hold(self, hold_id: int, cost_micros: int) -> bool | None:
+        """Turn an open hold into `cost_micros` of spend (0 releases it).
+
+        None if this proxy already closed it (so a call is never settled twice); False if a sweep
+        took it first, having charged it in full.
+        """
+        if hold_id not in self.open_holds:
+            return None
+        self.open_holds.discard(hold_id)
+        try:
+            return await self._close_hold((hold_id, cost_micros))
+        except BaseException:
+            self.open_holds.add(hold_id)  # not written: a later attempt may close it
+            raise
+
+    def is_open(self, hold_id: int | None) -> bool:
+        return hold_id in self.open_holds
+
+    async def _reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
+        return await self._ask(lambda ledger: ledger.reserve_many(requests))
+
+    async def _settle_many(self, settlements: list[tuple[int, int]]) -> list[bool]:
+        return await self._ask(lambda ledger: ledger.settle_many(settlements))
+
+    async def _release_unclaimed(self, reservations: list[Reservation]) -> None:
+        """Holds taken for calls cancelled while they waited for them: those calls never reach the provider."""
+        holds = [(reservation.hold_id, 0) for reservation in reservations if reservation.hold_id is not None]
+        if holds:
+            await self._settle_many(holds)
+
+    # ----- books -----
+
+    async def sweep_stale_holds(self, older_than_seconds: float) -> list[StaleHold]:
+        now = self.clock()
+        swept = await self._ask(lambda ledger: ledger.sweep_stale_holds(now, older_than_seconds))
+        # A call whose flow never came back (a hook that never ran) no longer counts as one in flight.
+        self.open_holds.difference_update(hold.hold_id for hold in swept)
+        return swept
+
+    async def purge_expired(self) -> list[str]:
+        now = self.clock()
+        return await self._ask(lambda ledger: ledger.purge_expired(now))
+
+
+class NextTurnBatch:
+    """One ledger operation, asked for by many calls in one turn of the event loop, done for all of
+    them at once on the next turn: one commit (or one round trip) instead of one per call.
+
+    Under load calls arrive and finish in bunches, so this cuts the store's work per call to a
+    fraction. A call with no other in flight (`others`, the open holds) has nobody to share a write
+    with, and is written at once. `write_many` takes the list of arguments and returns one answer
+    for each, in order; if it fails, each call fails as it would have alone. Answers that no call is
+    waiting for any more (it was cancelled meanwhile) go to `undo_many`, if given.
+    """
+
+    def __init__(self, write_many, others: Collection, undo_many=None):
+        self.write_many = write_many
+        self.others = others
+        self.undo_many = undo_many
+        self._waiting: list[tuple[tuple, asyncio.Future]] = []
+        self._writing: set[asyncio.Task] = set()  # the loop keeps only a weak reference to a task
+
+    async def __call__(self, arguments: tuple):
+        if not self._waiting and not self.others:
+            (answer,) = await self.write_many([arguments])
+            return answer
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._write)
+        answer = loop.create_future()
+        self._waiting.append((arguments, answer))
+        return await answer
+
+    def _write(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.get_running_loop().create_task(self._write_batch(batch))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _write_batch(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+        try:
+            results = await self.write_many([arguments for arguments, _ in batch])
+        except Exception as e:
+            results = [e] * len(batch)
+        unclaimed = []
+        for (_, answer), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                if not answer.cancelled():
+                    answer.set_exception(result)
+            elif answer.cancelled():
+                unclaimed.append(result)
+            else:
+                answer.set_result(result)
+        if unclaimed and self.undo_many:
+            try:
+                await self.undo_many(unclaimed)
+            except Exception:
+                log.exception("undoing the writes of %d cancelled calls failed", len(unclaimed))

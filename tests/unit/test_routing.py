@@ -1,0 +1,73 @@
+"""Routing without mitmproxy: listener mode + host + request target → a route."""
+
+import pytest
+
+from agentkeys.policy import ProxyConfig
+from agentkeys.routing import CONTROL_HOST, ControlRoute, NoProvider, OtherHost, ProviderRoute, Router, Upstream
+
+GROQ = {"format": "openai", "upstream": "https://api.groq.com/openai", "hosts": ["api.groq.com"], "key_env": "G"}
+
+
+def router(**config) -> Router:
+    return Router(ProxyConfig.model_validate({"providers": {"groq": GROQ}, **config}))
+
+
+@pytest.mark.parametrize(
+    ("target", "route"),
+    [
+        ("/openai/v1/chat/completions", ProviderRoute("openai", "/v1/chat/completions", "")),
+        ("/gemini/v1beta/models/m:generate?alt=sse", ProviderRoute("gemini", "/v1beta/models/m:generate", "alt=sse")),
+        ("/anthropic", ProviderRoute("anthropic", "/", "")),
+        ("/nosuch/v1/chat/completions", NoProvider("nosuch")),
+        ("/_agentkeys/v1/keys/self", ControlRoute("/_agentkeys/v1/keys/self", "")),
+    ],
+)  # fmt: skip
+def test_the_gateway_routes_by_the_first_path_segment(target, route):
+    assert router().route(gateway=True, host="127.0.0.1", target=target) == route
+
+
+def test_proxy_mode_routes_by_host_and_keeps_the_path():
+    route = router().route(gateway=False, host="api.anthropic.com", target="/v1/messages?beta=true")
+    assert route == ProviderRoute("anthropic", "/v1/messages", "beta=true")
+
+
+def test_a_host_whose_api_lives_under_a_path_drops_that_path():
+    """Groq's API is at /openai/v1: policies name /v1/... as for OpenAI."""
+    route = router().route(gateway=False, host="api.groq.com", target="/openai/v1/chat/completions")
+    assert route == ProviderRoute("groq", "/v1/chat/completions", "")
+
+
+def test_proxy_mode_leaves_other_hosts_to_egress():
+    assert router().route(gateway=False, host="pypi.org", target="/simple/") == OtherHost("pypi.org")
+
+
+@pytest.mark.parametrize("host", ["api.openai.com", CONTROL_HOST])
+def test_the_control_api_answers_through_the_proxy_at_provider_hosts_and_its_own(host):
+    route = router().route(gateway=False, host=host, target="/_agentkeys/v1/keys/self")
+    assert route == ControlRoute("/_agentkeys/v1/keys/self", "")
+
+
+def test_the_control_api_is_not_answered_for_other_hosts():
+    assert router().route(gateway=False, host="example.com", target="/_agentkeys/v1/keys") == OtherHost("example.com")
+
+
+@pytest.mark.parametrize(("egress", "allowed"), [("passthrough", True), ("allowlist", False)])
+def test_egress_to_other_hosts_follows_the_config(egress, allowed):
+    routes = router(egress=egress)
+    assert routes.egress_allowed("example.com") is allowed
+    assert routes.egress_allowed("api.openai.com") is True
+    assert routes.intercepts("api.openai.com") and not routes.intercepts("example.com")
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "base_path", "authority"),
+    [
+        ("https://api.openai.com", "api.openai.com", 443, "", b"api.openai.com"),
+        ("http://127.0.0.1:8999/v1/", "127.0.0.1", 8999, "/v1", b"127.0.0.1:8999"),
+        ("https://[::1]:8443", "::1", 8443, "", b"[::1]:8443"),
+        ("https://bücher.example", "bücher.example", 443, "", b"xn--bcher-kva.example"),
+    ],
+)
+def test_an_upstream_url_is_split_once(url, host, port, base_path, authority):
+    upstream = Upstream.parse(url)
+    assert (upstream.host, upstream.port, upstream.base_path, upstream.authority) == (host, port, base_path, authority)
