@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import functools
 import json
 import os
@@ -936,6 +937,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, api.error(400, "this mock streams Gemini only as server-sent events (?alt=sse)"))
             return
         call = api.call(body, mock_provider.count_tokens, mock_provider.output_tokens, mock_provider._prompt_cache)
+        overrun = mock_provider._take_overrun()
+        if overrun is not None:
+            call = dataclasses.replace(call, output_tokens=overrun, truncated=False)
 
         delay, fail_status, cut_after = mock_provider._take_behaviours(call.stream)
         if delay:
@@ -960,6 +964,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_chunks(head + content[:cut_after])
             self._drop_connection()
             return
+        stall = mock_provider._take_stall()
+        if stall:
+            self._write_chunks(head + content[:1])
+            time.sleep(stall)
+            head, content = [], content[1:]
         self._write_chunks(head + content)
         mock_provider._report(usage)  # before the client can see the end of the stream
         self._write_chunks(tail, last=True)
@@ -1096,6 +1105,17 @@ class MockProvider:
         with self._lock:
             self._delay = seconds
 
+    def overrun_next(self, output_tokens: int) -> None:
+        """Answer the next metered call with ``output_tokens``, whatever its max_tokens (a provider that
+        does not keep to the limit)."""
+        with self._lock:
+            self._overrun_output = output_tokens
+
+    def stall_next_stream(self, seconds: float) -> None:
+        """Pause the next stream for ``seconds`` after its first content event (a model still thinking)."""
+        with self._lock:
+            self._stall = seconds
+
     # -- used by the handler ------------------------------------------------
 
     def _clear_behaviours(self) -> None:
@@ -1103,6 +1123,18 @@ class MockProvider:
         self._fail_count = 0
         self._cut_after: int | None = None
         self._delay = 0.0
+        self._stall = 0.0
+        self._overrun_output: int | None = None
+
+    def _take_overrun(self) -> int | None:
+        with self._lock:
+            overrun, self._overrun_output = self._overrun_output, None
+            return overrun
+
+    def _take_stall(self) -> float:
+        with self._lock:
+            stall, self._stall = self._stall, 0.0
+            return stall
 
     def _take_behaviours(self, stream: bool) -> tuple[float, int | None, int | None]:
         """Consume the behaviours pending for a metered call: (delay, fail status, cut after).

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agentkeys import credentials, tokens
 from agentkeys.calls import CallRequest, Denial, Outcome
-from agentkeys.gate import Admission, Charge, Gate, charge_for
+from agentkeys.gate import Admission, Gate, Settlement, charge_for
 from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
 from agentkeys.money import format_usd, usd_to_micros
 from agentkeys.policy import Policy, ProxyConfig
@@ -772,7 +772,7 @@ def test_usage_above_the_hold_is_charged_in_full_as_an_overrun():
 @pytest.mark.parametrize("metering", ["free", "unmetered"])
 def test_calls_without_a_hold_are_charged_nothing(metering):
     admission = dataclasses.replace(metered_admission(), metering=metering, hold_id=None, hold_micros=0)
-    assert charge_for(admission, answered(SMALL)) == Charge(0, metering)
+    assert charge_for(admission, answered(SMALL)) == Settlement(0, metering)
 
 
 @given(
@@ -804,3 +804,22 @@ def test_the_charge_is_never_below_what_the_provider_bills(
     charge = charge_for(metered_admission(hold_micros=hold), outcome)
     assert charge.cost_micros >= billed
     assert charge.cost_micros <= hold  # and never more than the hold, while the provider keeps to it
+
+
+def test_a_failure_after_the_hold_frees_it_at_once(env, monkeypatch):
+    """The body is rewritten under the hold when the budget lowers the output limit; if that fails, the
+    call is not forwarded and nothing stays held for the sweeper to charge."""
+    key = env.issue(budget_usd=0.00005, clamp_max_tokens=True)
+    wire = FORMATS["openai"]
+    real = wire.upstream_body
+
+    def fails_when_clamped(facts, body, cap):
+        if cap is not None and cap < 256:
+            raise RuntimeError("a bug while writing the clamped body")
+        return real(facts, body, cap)
+
+    monkeypatch.setattr(wire, "upstream_body", fails_when_clamped)
+    with pytest.raises(RuntimeError):
+        env.admit(call(key, chat()))
+    assert env.balances(key) == (0, 0)
+    assert env.gate.store.open_holds == set()

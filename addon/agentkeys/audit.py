@@ -19,7 +19,9 @@ class CallRecord:
     decision: str  # "allow" | "deny"
     reason: str
     status: int | None = None
-    metering: str = "none"  # "usage" | "estimated" | "held" | "none" | "free" | "unmetered"
+    # "usage" | "overrun" (usage above the hold, charged in full) | "held" (charged the full hold)
+    # | "none" | "free" | "unmetered"
+    metering: str = "none"
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0

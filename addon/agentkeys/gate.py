@@ -56,19 +56,11 @@ class Admission:
 
 
 @dataclass(frozen=True)
-class Charge:
+class Settlement:
     """What a call costs, how that was decided (the audit's `metering`), and why, when it is not the usage."""
 
     cost_micros: int
     metering: str  # "usage" | "overrun" | "held" (the full hold) | "none" | "free" | "unmetered"
-    usage: Usage | None = None
-    why: str = ""
-
-
-@dataclass(frozen=True)
-class Settlement:
-    cost_micros: int
-    metering: str
     usage: Usage | None = None
     why: str = ""
 
@@ -218,7 +210,7 @@ class Gate:
 
     # ----- settle -----
 
-    def charge_for(self, admission: Admission, outcome: Outcome) -> Charge:
+    def charge_for(self, admission: Admission, outcome: Outcome) -> Settlement:
         """What the call costs. Never less than the provider bills: when the usage is unknown, the full hold."""
         return charge_for(admission, outcome)
 
@@ -226,7 +218,7 @@ class Gate:
         """Turn the call's hold into its charge, once; a hold a sweep took first was charged in full."""
         charge = self.charge_for(admission, outcome)
         if admission.hold_id is None:
-            return Settlement(charge.cost_micros, charge.metering, charge.usage, charge.why)
+            return charge
         if charge.metering == "overrun":
             log.warning(
                 "key %s: cost %s exceeded its hold %s", admission.key.key_id, charge.cost_micros, admission.hold_micros
@@ -237,7 +229,7 @@ class Gate:
         if closed is False:
             why = "a sweep took this call for dead and charged its full hold first"
             return Settlement(admission.hold_micros, "held", charge.usage, why)
-        return Settlement(charge.cost_micros, charge.metering, charge.usage, charge.why)
+        return charge
 
     async def close_hold(self, admission: Admission, cost: int) -> bool | None:
         """Write the settlement, trying again when the store fails: the real charge is never replaced."""
@@ -367,26 +359,26 @@ def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) 
         raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {key.key_id} is {reservation.refusal.value}", key)
 
 
-def charge_for(admission: Admission, outcome: Outcome) -> Charge:
+def charge_for(admission: Admission, outcome: Outcome) -> Settlement:
     """The settlement rules, in order. The provider bills a call once it has it, whether or not the
     agent waits for the answer; so once a call reached the provider, it is charged its usage if the
     provider reported it in full, and its whole hold (the most it could cost) otherwise."""
     if admission.metering != "metered":
-        return Charge(0, admission.metering)
+        return Settlement(0, admission.metering)
     if not outcome.reached_provider:
-        return Charge(0, "none", why="the call never reached the provider")
+        return Settlement(0, "none", why="the call never reached the provider")
     if outcome.status is not None and outcome.status >= 400:
-        return Charge(0, "none", why=f"the provider answered {outcome.status}")
+        return Settlement(0, "none", why=f"the provider answered {outcome.status}")
     if outcome.meter_broken:
-        return Charge(admission.hold_micros, "held", why="the stream could not be metered; charged its full hold")
+        return Settlement(admission.hold_micros, "held", why="the stream could not be metered; charged its full hold")
     usage = outcome.stream.usage if outcome.stream else outcome.usage
     if usage is None:
-        return Charge(admission.hold_micros, "held", why=missing_usage_reason(outcome))
+        return Settlement(admission.hold_micros, "held", why=missing_usage_reason(outcome))
     cost = cost_micros(admission.price, usage)
     if cost > admission.hold_micros:
-        return Charge(cost, "overrun", usage, f"the provider billed {format_usd(cost - admission.hold_micros)} more"
+        return Settlement(cost, "overrun", usage, f"the provider billed {format_usd(cost - admission.hold_micros)} more"
                       " than the call's hold (it did not keep to the output limit)")  # fmt: skip
-    return Charge(cost, "usage", usage)
+    return Settlement(cost, "usage", usage)
 
 
 def missing_usage_reason(outcome: Outcome) -> str:

@@ -28,6 +28,10 @@ class Metrics:
             "agentkeys_time_to_first_token_seconds", "Time to the first streamed bytes",
             ["provider"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.overruns = Counter(
+            "agentkeys_overruns", "Calls the provider billed above their hold (it ignored the output limit)",
+            ["provider", "model", "policy"], registry=self.registry,
+        )  # fmt: skip
         self.overhead = Histogram(
             "agentkeys_proxy_overhead_seconds", "Time spent in the addon for one call",
             buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -50,6 +54,8 @@ class Metrics:
         self._series(self.requests, provider, policy, outcome).inc()
         if record.cost_micros:
             self._series(self.spend, provider, model, policy).inc(record.cost_micros / 1_000_000)
+        if record.metering == "overrun":
+            self._series(self.overruns, provider, model, policy).inc()
         for kind in ("input", "output", "cached"):
             count = getattr(record, f"{kind}_tokens")
             if count:

@@ -42,7 +42,6 @@ class H2Agent:
         context.set_alpn_protocols(["h2"])
         self.sock = context.wrap_socket(raw, server_hostname=HOST)
         assert self.sock.selected_alpn_protocol() == "h2"
-        self.raw = raw
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
         self.key = key
@@ -82,8 +81,8 @@ class H2Agent:
         raise AssertionError("the expected frame never came")
 
     def tcp_reset(self):
-        self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.raw.close()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
 
     def close(self):
         try:
@@ -161,15 +160,13 @@ def test_an_h2_call_abandoned_after_it_reached_the_provider_is_charged_its_hold(
 def test_an_h2_stream_abandoned_part_way_is_charged_its_hold(proxy, mock, policy, leave):
     """The first visible tokens say nothing of what the provider bills for the rest (or for reasoning)."""
     key = proxy.issue(policy)
+    mock.stall_next_stream(1.5)
     agent = H2Agent(proxy, key["key"])
     stream_id = agent.post(chat(stream=True))
     agent.read_until(lambda event: isinstance(event, h2.events.DataReceived) and b"content" in event.data)
     leave(agent, stream_id)
     record = settled_record(proxy, key)
-    assert record["metering"] in ("held", "usage")
-    assert record["cost_micros"] == record["hold_micros"] or record["metering"] == "usage"
-    if record["metering"] == "usage":  # the whole stream, usage included, had already passed the proxy
-        assert record["cost_micros"] > 0
+    assert record["metering"] == "held" and record["cost_micros"] == record["hold_micros"] > 0
 
 
 def test_an_h2_call_that_completes_is_charged_its_usage(proxy, mock, policy):
@@ -205,3 +202,27 @@ def test_an_h2_call_abandoned_before_it_reached_the_provider_costs_nothing(proxy
     record = settled_record(proxy, key)
     assert stream_id and record["decision"] == "deny" and record["cost_micros"] == 0
     assert not mock.received
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_an_http1_call_abandoned_after_it_reached_the_provider_is_charged_its_hold(proxy, mock, policy, stream):
+    """HTTP/1.1 has one way to give up: closing the connection (here with a TCP reset, the harshest)."""
+    key = proxy.issue(policy)
+    if stream:
+        mock.stall_next_stream(1.5)
+    else:
+        mock.delay_next(1.5)
+    body = json.dumps(chat(stream=stream)).encode()
+    agent = socket.create_connection(("127.0.0.1", proxy.gateway_port), timeout=10)
+    agent.sendall(
+        b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (key["key"].encode(), len(body), body)
+    )
+    if stream:
+        assert b"content" in agent.recv(65536) or b"content" in agent.recv(65536)
+    else:
+        wait_for_the_provider(mock)
+    agent.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    agent.close()
+    record = settled_record(proxy, key)
+    assert record["metering"] == "held" and record["cost_micros"] == record["hold_micros"] > 0

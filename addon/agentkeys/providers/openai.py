@@ -138,7 +138,7 @@ def read_chat(data: dict) -> RequestFacts:
         )
     if "audio" in (data.get("modalities") or []) or has_audio_input(messages):
         raise Unmeterable("audio tokens are priced apart from text, so this proxy cannot meter them yet")
-    stream_options = data.get("stream_options") or {}
+    stream_options = stream_options_of(data)
     return RequestFacts(
         metered=True,
         endpoint=CHAT,
@@ -147,7 +147,7 @@ def read_chat(data: dict) -> RequestFacts:
         choices=optional_positive_int(data, "n") or 1,
         stream=data.get("stream") is True,
         input_token_bound=chat_input_bound(model, messages, data),
-        client_wants_stream_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+        client_wants_stream_usage=bool(stream_options.get("include_usage")),
     )
 
 
@@ -189,7 +189,7 @@ def read_completions(data: dict) -> RequestFacts:
     max_tokens = optional_positive_int(data, "max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS
     # `best_of` completions are generated (and billed) server-side; `n` of them are returned.
     per_prompt = max(optional_positive_int(data, "n") or 1, optional_positive_int(data, "best_of") or 1)
-    stream_options = data.get("stream_options") or {}
+    stream_options = stream_options_of(data)
     return RequestFacts(
         metered=True,
         endpoint=COMPLETIONS,
@@ -198,7 +198,7 @@ def read_completions(data: dict) -> RequestFacts:
         choices=prompts * per_prompt,
         stream=data.get("stream") is True,
         input_token_bound=tokens,
-        client_wants_stream_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+        client_wants_stream_usage=bool(stream_options.get("include_usage")),
     )
 
 
@@ -414,3 +414,13 @@ class ResponsesStreamMeter:
 
 
 FORMAT = OpenAIFormat()
+
+
+def stream_options_of(data: dict) -> dict:
+    """`stream_options`, which the proxy may have to add `include_usage` to: an object, or absent."""
+    options = data.get("stream_options")
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise MalformedRequest("'stream_options' must be an object")
+    return options
