@@ -276,10 +276,10 @@ def test_free_endpoints_are_forwarded_without_a_hold(env):
     assert env.balances(key) == (0, 0)
 
 
-def test_a_provider_without_a_real_key_is_unavailable(env, monkeypatch):
+def test_a_provider_without_a_real_key_is_the_operators_to_fix(env, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     env.gate = Gate(ProxyConfig(), Store(env.ledger, env.clock), PRICES)  # real keys are read at start
-    env.denied(call(env.issue(), provider="anthropic"), DenyKind.UNAVAILABLE, "set ANTHROPIC_API_KEY")
+    env.denied(call(env.issue(), provider="anthropic"), DenyKind.NOT_CONFIGURED, "must set ANTHROPIC_API_KEY")
 
 
 # ----- price and reserve -----

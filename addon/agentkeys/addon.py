@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 STATE = "agentkeys"
 CONTROL_PROVIDER = "agentkeys"  # how control calls appear in the audit log
-RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true"}
+RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true", DenyKind.NOT_CONFIGURED: "false"}
 # Told to the agent on every forwarded call, in USD: what this call cost, what its key has left.
 COST_HEADER = "x-agentkeys-cost"
 REMAINING_HEADER = "x-agentkeys-budget-remaining"
@@ -481,10 +481,10 @@ def json_response(status: int, body: dict, should_retry: str | None = None) -> h
 
 def no_provider(prefix: str, providers: tuple[str, ...]) -> http.Response:
     status, body = FORMATS["openai"].error(
-        DenyKind.FORBIDDEN,
+        DenyKind.NOT_FOUND,
         f"agentkeys: no provider at /{prefix}; use one of " + ", ".join(f"/{name}" for name in providers),
     )
-    return json_response(404, body)
+    return json_response(status, body)
 
 
 def egress_refused(host: str) -> http.Response:

@@ -107,6 +107,15 @@ class Gate:
 
     async def _admit(self, call: CallRequest) -> Admission:
         key = await self.auth.caller(call)
+        try:
+            return await self._admit_key(call, key)
+        except Denial as denial:
+            if denial.kind not in (DenyKind.UNAUTHENTICATED, DenyKind.UNAVAILABLE):
+                # The cached record does not show a revocation: a dead key hears that, not what else is wrong.
+                await self.auth.caller(call, fresh=True)
+            raise
+
+    async def _admit_key(self, call: CallRequest, key: KeyRecord) -> Admission:
         policy = parse_stored_policy(key.policy_json)
         wire = FORMATS[self.config.providers[call.provider].format]
         authorize_provider(call, key, policy)
@@ -132,7 +141,12 @@ class Gate:
         real_key = self.real_keys.get(provider)
         if not real_key:
             env = self.config.providers[provider].key_env
-            raise Denial(DenyKind.UNAVAILABLE, f"agentkeys: the proxy has no key for {provider} (set {env})", key)
+            raise Denial(
+                DenyKind.NOT_CONFIGURED,
+                f"agentkeys: the proxy has no real key for {provider}: its operator must set {env} in the"
+                " proxy's environment and restart it",
+                key,
+            )
         return real_key
 
     async def read_request(

@@ -67,6 +67,7 @@ def proxy_for(config: ProxyConfig, config_path: Path | None, proxy_url: str | No
     try:
         wait_until_listening(config, server, log)
         print(f"agentkeys: started a proxy at {url} for this command (log: {log})", file=sys.stderr)
+        warn_of_missing_real_keys(config)
         yield url
     finally:
         server.send_signal(signal.SIGINT)
@@ -74,6 +75,17 @@ def proxy_for(config: ProxyConfig, config_path: Path | None, proxy_url: str | No
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def warn_of_missing_real_keys(config: ProxyConfig) -> None:
+    """The proxy started here logs to a file the user does not read: say on the terminal what it cannot serve."""
+    for name, spec in config.providers.items():
+        if not spec.real_key():
+            print(
+                f"agentkeys: warning: {spec.key_env} is not set, so the proxy refuses every {name} call;"
+                f" set it in this shell to let the command use {name}",
+                file=sys.stderr,
+            )
 
 
 def listening(host: str, port: int) -> bool:

@@ -42,6 +42,8 @@ ERRORS = {
     DenyKind.BUDGET: (402, "billing_error"),
     DenyKind.BAD_REQUEST: (400, "invalid_request_error"),
     DenyKind.UNAVAILABLE: (503, "api_error"),
+    DenyKind.NOT_CONFIGURED: (500, "api_error"),
+    DenyKind.NOT_FOUND: (404, "not_found_error"),
     DenyKind.INTERNAL: (500, "api_error"),
 }
 

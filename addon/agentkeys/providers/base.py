@@ -33,6 +33,8 @@ class DenyKind(Enum):
     BUDGET = "budget"
     BAD_REQUEST = "bad_request"
     UNAVAILABLE = "unavailable"
+    NOT_CONFIGURED = "not_configured"  # the operator's mistake (no real key set): retrying cannot help
+    NOT_FOUND = "not_found"
     INTERNAL = "internal"
 
 

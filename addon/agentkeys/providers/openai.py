@@ -64,6 +64,8 @@ ERRORS = {
     DenyKind.BUDGET: (429, "insufficient_quota", "insufficient_quota"),
     DenyKind.BAD_REQUEST: (400, "invalid_request_error", "invalid_request"),
     DenyKind.UNAVAILABLE: (503, "server_error", "store_unavailable"),
+    DenyKind.NOT_CONFIGURED: (500, "server_error", "provider_not_configured"),
+    DenyKind.NOT_FOUND: (404, "invalid_request_error", "not_found"),
     DenyKind.INTERNAL: (500, "server_error", "proxy_error"),
 }
 
