@@ -937,6 +937,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, api.error(400, "this mock streams Gemini only as server-sent events (?alt=sse)"))
             return
         call = api.call(body, mock_provider.count_tokens, mock_provider.output_tokens, mock_provider._prompt_cache)
+        echo = mock_provider._take_echo()
+        if echo is not None:
+            self._send_json(echo, api.error(echo, f"bad request; you sent {request.headers}"), request.headers)
+            return
         overrun = mock_provider._take_overrun()
         if overrun is not None:
             call = dataclasses.replace(call, output_tokens=overrun, truncated=False)
@@ -993,9 +997,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
 
-    def _send_json(self, status: int, payload: Any) -> None:
+    def _send_json(self, status: int, payload: Any, echoed: dict[str, str] | None = None) -> None:
         data = json.dumps(payload, separators=(",", ":")).encode()
         self.send_response(status)
+        for name, value in (echoed or {}).items():
+            self.send_header(f"x-echo-{name}", value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -1105,6 +1111,12 @@ class MockProvider:
         with self._lock:
             self._delay = seconds
 
+    def echo_next_error(self, status: int) -> None:
+        """Answer the next metered call with ``status``, echoing its request headers in a response header
+        and in the error body (as some upstreams' error pages do)."""
+        with self._lock:
+            self._echo_status = status
+
     def overrun_next(self, output_tokens: int) -> None:
         """Answer the next metered call with ``output_tokens``, whatever its max_tokens (a provider that
         does not keep to the limit)."""
@@ -1125,6 +1137,12 @@ class MockProvider:
         self._delay = 0.0
         self._stall = 0.0
         self._overrun_output: int | None = None
+        self._echo_status: int | None = None
+
+    def _take_echo(self) -> int | None:
+        with self._lock:
+            echo, self._echo_status = self._echo_status, None
+            return echo
 
     def _take_overrun(self) -> int | None:
         with self._lock:

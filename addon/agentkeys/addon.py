@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mitmproxy import connection, ctx, exceptions, http, tls
+from mitmproxy import connection, ctx, exceptions, http, tcp, tls
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from agentkeys import tokens
@@ -36,8 +36,15 @@ from agentkeys.policy import ProxyConfig, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, SseSplitter, StreamMeter, WireFormat
-from agentkeys.records import Timings, allowed_record, control_record, denied_record, stale_hold_record
-from agentkeys.routing import ControlRoute, NoProvider, OtherHost, ProviderRoute, Router, Upstream
+from agentkeys.records import (
+    Timings,
+    allowed_record,
+    control_record,
+    denied_record,
+    egress_record,
+    stale_hold_record,
+)
+from agentkeys.routing import ControlRoute, NoProvider, OtherHost, ProviderRoute, Router, Upstream, host_conflict
 from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
 
@@ -53,6 +60,7 @@ CLAMPED_HEADER = "x-agentkeys-max-tokens-clamped"
 CREDENTIAL_FIELDS = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
 # Replaced on every forwarded request: the agent's credentials, and its accept-encoding (see `forward`).
 REPLACED_REQUEST_FIELDS = CREDENTIAL_FIELDS | {b"accept-encoding"}
+REDACTED = b"[redacted by agentkeys]"
 
 
 @dataclass
@@ -233,21 +241,40 @@ class AgentKeys:
         credential = proxy_auth_user(flow.request.headers.get("proxy-authorization", ""))
         if credential:
             self.tunnel_credentials[flow.client_conn] = credential
-        if not self.router.egress_allowed(flow.request.host):
-            flow.response = egress_refused(flow.request.host)
+        host, port = flow.request.host, flow.request.port
+        refusal = self.router.tunnel_refusal(host, port)
+        if refusal:
+            flow.response = egress_refused(refusal)
+        if refusal or not self.router.intercepts(host):
+            self._write_record(egress_record("CONNECT", host, port, client_address(flow.client_conn), refusal))
 
     def tls_clienthello(self, data: tls.ClientHelloData):
-        """Intercept provider hosts only; any other TLS connection is relayed untouched."""
-        host = data.client_hello.sni or (data.context.server.address or ("",))[0]
-        if not self.router.intercepts(host):
+        """Intercept provider hosts only; any other TLS connection is relayed untouched.
+
+        A tunnel opened to a provider's host is intercepted whatever name its ClientHello gives, so a
+        made-up SNI cannot carry a call to the provider past the proxy.
+        """
+        tunnel_host = (data.context.server.address or ("",))[0]
+        if not (self.router.intercepts(data.client_hello.sni or "") or self.router.intercepts(tunnel_host)):
             data.ignore_connection = True
+
+    def tcp_start(self, flow: tcp.TCPFlow):
+        """A tunnel to a provider's host carries HTTP and nothing else: raw bytes there would pass unchecked."""
+        host, port = flow.server_conn.address or ("", 0)
+        if self.router.intercepts(host):
+            flow.kill()
+            refusal = f"a tunnel to {host} must carry HTTP(S); raw traffic to a provider is refused"
+            self._write_record(egress_record("TCP", host, port, client_address(flow.client_conn), refusal))
 
     # ----- the call -----
 
     async def request(self, flow: http.HTTPFlow):
         try:
             gateway = isinstance(flow.client_conn.proxy_mode, ReverseMode)
-            route = self.router.route(gateway, flow.request.pretty_host, flow.request.path)
+            if not gateway and host_conflict(flow.request.host, flow.request.host_header):
+                flow.response = host_refused(flow.request.host, flow.request.host_header)
+                return
+            route = self.router.route(gateway, flow.request.host, flow.request.path)
             match route:
                 case ProviderRoute():
                     await self._gate_call(flow, route)
@@ -255,12 +282,20 @@ class AgentKeys:
                     await self._answer_control(flow, route)
                 case NoProvider(prefix=prefix):
                     flow.response = no_provider(prefix, self.router.providers)
-                case OtherHost(host=host) if not self.router.egress_allowed(host):
-                    flow.response = egress_refused(host)
+                case OtherHost(host=host):
+                    self._other_host(flow, host)
         except Exception:
             log.exception("agentkeys: request hook failed; refusing the call")
             if flow.metadata.get(STATE) is None:
                 flow.response = http.Response.make(500, b"agentkeys: internal error\n", {"content-type": "text/plain"})
+
+    def _other_host(self, flow: http.HTTPFlow, host: str):
+        """Plain HTTP to a host that is not a provider's (a tunnel's requests never get here)."""
+        refusal = None if self.router.egress_allowed(host) else f"egress to {host} is not allowed"
+        if refusal:
+            flow.response = egress_refused(refusal)
+        client = client_address(flow.client_conn)
+        self._write_record(egress_record(flow.request.method, host, flow.request.port, client, refusal))
 
     async def _gate_call(self, flow: http.HTTPFlow, route: ProviderRoute):
         started = time.perf_counter()
@@ -324,6 +359,8 @@ class AgentKeys:
             return
         state.finished = True
         status = flow.response.status_code
+        if status >= 400:  # an upstream that echoes the request would hand the agent the real key
+            redact(flow.response, state.gate.auth.secrets_in_play(state.call))
         try:
             outcome = await self._finished_outcome(flow, state)
             if not state.relay:
@@ -487,8 +524,18 @@ def no_provider(prefix: str, providers: tuple[str, ...]) -> http.Response:
     return json_response(status, body)
 
 
-def egress_refused(host: str) -> http.Response:
-    return http.Response.make(403, f"agentkeys: egress to {host} is not allowed\n", {"content-type": "text/plain"})
+def egress_refused(reason: str) -> http.Response:
+    return http.Response.make(403, f"agentkeys: {reason}\n", {"content-type": "text/plain"})
+
+
+def host_refused(target: str, host_header: str) -> http.Response:
+    message = f"agentkeys: the request is sent to {target} but its Host header names {host_header}"
+    return http.Response.make(400, message.encode() + b"\n", {"content-type": "text/plain"})
+
+
+def client_address(client: connection.Client) -> str:
+    host, port, *_ = client.peername or ("", 0)
+    return f"{host}:{port}"
 
 
 def credential_headers(headers: http.Headers) -> dict[str, str]:
@@ -518,6 +565,18 @@ def replace_headers(
         (name, rewritten.get(lowered, value)) for name, value in headers.fields if (lowered := name.lower()) not in gone
     )
     headers.fields = kept + new_fields
+
+
+def redact(response: http.Response, secrets: list[str]) -> None:
+    """Replace every secret in the response's headers and body."""
+    raw_secrets = [secret.encode("utf-8", "surrogateescape") for secret in secrets if len(secret) >= 8]
+    content = response.get_content(strict=False) or b""
+    fields = response.headers.fields
+    for secret in raw_secrets:
+        content = content.replace(secret, REDACTED)
+        fields = tuple((name, value.replace(secret, REDACTED)) for name, value in fields)
+    response.headers.fields = fields
+    response.set_content(content)
 
 
 def budget_headers(admission: Admission, cost: int | None) -> dict[str, str]:

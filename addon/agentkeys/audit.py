@@ -33,6 +33,9 @@ class CallRecord:
     upstream_latency_ms: float | None = None
     ttft_ms: float | None = None
     proxy_overhead_ms: float | None = None
+    host: str | None = None  # of traffic that is not a provider call (a tunnel passed through, egress refused)
+    port: int | None = None
+    client: str | None = None  # the agent's address, for traffic the proxy passed or refused by host
     ts: float = 0.0
 
 

@@ -48,6 +48,13 @@ class Authenticator:
             raise Denial(DenyKind.UNAUTHENTICATED, "agentkeys: the request carries two different agent keys")
         return scoped.pop()
 
+    def secrets_in_play(self, call: CallRequest) -> list[str]:
+        """Every key an answer to this call must never show the agent: the real keys, and its own."""
+        presented = credentials.credentials_in(call.headers) + credentials.credentials_in_query(call.query)
+        if call.tunnel_credential:
+            presented.append(call.tunnel_credential)
+        return [*self.real_keys, *presented]
+
     def check(self, key: str, record: KeyRecord | None) -> None:
         """The key must be the one the record was made for, and still active."""
         if record is None or not credentials.matches(key, record.key_hash):

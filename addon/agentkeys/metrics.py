@@ -50,7 +50,7 @@ class Metrics:
 
     def observe(self, record: CallRecord) -> None:
         provider, model, policy = record.provider or "", record.model or "", record.policy or ""
-        outcome = "allowed" if record.decision == "allow" else f"denied_{record.status}"
+        outcome = {"allow": "allowed", "pass": "passed"}.get(record.decision, f"denied_{record.status}")
         self._series(self.requests, provider, policy, outcome).inc()
         if record.cost_micros:
             self._series(self.spend, provider, model, policy).inc(record.cost_micros / 1_000_000)

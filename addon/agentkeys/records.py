@@ -64,6 +64,15 @@ def control_record(call: CallRequest, key: KeyRecord | None, status: int, reason
     )  # fmt: skip
 
 
+def egress_record(method: str, host: str, port: int, client: str, refusal: str | None) -> CallRecord:
+    """Traffic to a host that is not a provider's call: a tunnel or request passed on, or refused."""
+    return CallRecord(
+        key_id=None, key_name=None, policy=None, provider=None, method=method, path="", model=None,
+        decision="deny" if refusal else "pass", reason=refusal or "passed through untouched (egress: passthrough)",
+        status=403 if refusal else None, host=host, port=port, client=client,
+    )  # fmt: skip
+
+
 def stale_hold_record(hold: StaleHold) -> CallRecord:
     return CallRecord(
         key_id=hold.key_id, key_name=None, policy=None, provider=None, method="", path="", model=None,

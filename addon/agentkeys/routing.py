@@ -78,6 +78,10 @@ class Router:
         self.provider_by_host = {host: name for name, spec in config.providers.items() for host in spec.hosts}
         self.upstreams = {name: Upstream.parse(spec.upstream) for name, spec in config.providers.items()}
         self.allowlist = config.egress == "allowlist"
+        self.provider_ports = {
+            host: {443} | {upstream.port for upstream in self.upstreams.values() if upstream.host == host}
+            for host in self.provider_by_host
+        }
 
     def route(self, gateway: bool, host: str, target: str) -> Route:
         """The route of a request that arrived on the gateway (`gateway`) or the proxy listener."""
@@ -98,6 +102,20 @@ class Router:
             path = path.removeprefix(base_path)
         return ProviderRoute(provider, path, split.query)
 
+    def tunnel_refusal(self, host: str, port: int) -> str | None:
+        """Why a CONNECT to host:port is refused, or None. A provider's host is reached only on its own
+        port (443, or its configured upstream's), where the proxy intercepts it; any other host only
+        when `egress` lets traffic pass."""
+        if host in self.provider_by_host:
+            ports = self.provider_ports[host]
+            if port not in ports:
+                allowed = ", ".join(str(p) for p in sorted(ports))
+                return f"{host} is a provider's host, reached through this proxy on port {allowed} only"
+            return None
+        if not self.egress_allowed(host):
+            return f"egress to {host} is not allowed"
+        return None
+
     def answers_control_at(self, host: str) -> bool:
         return host in self.provider_by_host or host == CONTROL_HOST
 
@@ -111,3 +129,12 @@ class Router:
 
     def upstream(self, provider: str) -> Upstream:
         return self.upstreams[provider]
+
+
+def host_conflict(target_host: str, host_header: str | None) -> bool:
+    """Whether a request names another host in its Host header than the one it is sent to: routing
+    trusts the target, so such a request is refused rather than routed one way and read another."""
+    if not host_header:
+        return False
+    named = urlsplit(f"//{host_header}").hostname or ""
+    return named.lower() != target_host.lower()
