@@ -51,6 +51,7 @@ from agentkeys.yamlfile import ConfigError
 log = logging.getLogger(__name__)
 
 STATE = "agentkeys"
+SETTLING_SECONDS = 5  # how long settlements already under way may take to be written, at a reload or a stop
 CONTROL_PROVIDER = "agentkeys"  # how control calls appear in the audit log
 RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true", DenyKind.NOT_CONFIGURED: "false"}
 # Told to the agent on every forwarded call, in USD: what this call cost, what its key has left.
@@ -126,6 +127,7 @@ class AgentKeys:
         self._metrics_started = False
         self._purge_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # settlements and retired stores, until they finish
+        self._calls_in_flight = 0  # forwarded and not yet settled and audited
 
     # ----- set-up -----
 
@@ -141,19 +143,40 @@ class AgentKeys:
         if not any(name.startswith("agentkeys_") for name in updated):
             return
         try:
-            config = self._read_config()
-            issuers = issuers_from(config)
-            prices = config.price_table()
+            self._apply(self._read_config())
         except ConfigError as e:
             raise exceptions.OptionsError(f"agentkeys: bad config:\n{e}") from None
-        self._retire(self.gate, self.audit)
-        store = Store(open_ledger(config.store_url))
+        tokens.preload()  # once, rather than on the event loop during the first call
+
+    def reload(self):
+        """SIGHUP: read the config, prices, issuers and their policy files again, keeping every connection.
+
+        A file that does not load leaves the running config in place, and the log says why.
+        """
+        try:
+            self._apply(self._read_config())
+        except (ConfigError, OSError, ValueError) as e:
+            log.error("agentkeys: reload refused; the running config stays:\n%s", e)
+            return
+        log.info("agentkeys: reloaded the config, prices, issuers and policies")
+
+    def _apply(self, config: ProxyConfig):
+        """Put a config in force; raises ConfigError (before changing anything) if one of its files is bad.
+
+        Calls in flight settle with the gate that admitted them; a store or audit log that the new
+        config no longer names is closed once they have.
+        """
+        issuers, prices = issuers_from(config), config.price_table()
+        old_gate, old_audit = self.gate, self.audit
+        same_store = old_gate is not None and self.config.store_url == config.store_url
+        same_audit = old_audit is not None and self.config.audit_log == config.audit_log
+        store = old_gate.store if same_store else Store(open_ledger(config.store_url))
         self.config = config
         self.router = Router(config)
         self.gate = Gate(config, store, prices)
         self.control = Control(store, self.gate.auth, issuers)
-        self.audit = AuditLog(config.path(config.audit_log) if config.audit_log else None)
-        tokens.preload()  # once, rather than on the event loop during the first call
+        self.audit = old_audit if same_audit else AuditLog(config.path(config.audit_log) if config.audit_log else None)
+        self._retire(None if same_store else old_gate, None if same_audit else old_audit)
         for name, spec in config.providers.items():
             if not spec.real_key():
                 log.warning(
@@ -178,14 +201,12 @@ class AgentKeys:
 
     def _retire(self, gate: Gate | None, audit: AuditLog | None):
         """Close a replaced store and audit log once the calls they admitted have settled."""
-        if gate is None:
+        if gate is None and audit is None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # configured before the proxy runs: nothing can be in flight
-            gate.store.close()
-            if audit:
-                audit.close()
+            retire_now(gate, audit)
             return
         self._run_in_background(loop, retire_when_settled(gate, audit, self.config.stale_hold_after))
 
@@ -224,12 +245,20 @@ class AgentKeys:
             except Exception:
                 log.exception("agentkeys: keeping the books failed; will try again")
 
+    async def drain(self, grace_seconds: float):
+        """Wait, up to `grace_seconds`, until every call in flight has finished and been settled and audited."""
+        deadline = time.monotonic() + grace_seconds
+        while self._calls_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._calls_in_flight:
+            log.warning("agentkeys: %d calls still in flight after %ds; stopping", self._calls_in_flight, grace_seconds)
+
     async def done(self):
         if self._purge_task:
             self._purge_task.cancel()
         await asyncio.sleep(0)  # settlements scheduled on this turn of the loop start their tasks
         if self._background:  # let settlements in flight reach the store and the audit log
-            await asyncio.wait(self._background, timeout=5)
+            await asyncio.wait(self._background, timeout=SETTLING_SECONDS)
         if self.audit:
             self.audit.close()
         if self.gate:
@@ -306,6 +335,7 @@ class AgentKeys:
             state.admission = await state.gate.admit(call)
             forward(flow.request, state.admission, call, self.router.upstream(call.provider))
             state.forwarded = True
+            self._calls_in_flight += 1
         except Denial as denial:
             self._deny(flow, state, denial)
         except Exception:
@@ -432,10 +462,13 @@ class AgentKeys:
         except Exception:
             log.exception("agentkeys: the hold of key %s stays in the store unsettled", admission.key.key_id)
             settlement = Settlement(admission.hold_micros, "held", why="the settlement could not be written")
-        state.overhead_seconds += time.perf_counter() - started
-        status = flow.response.status_code if flow.response else None
-        record = allowed_record(state.call, admission, settlement, status, outcome.note, timings(flow, state))
-        self._write_record(record)
+        try:
+            state.overhead_seconds += time.perf_counter() - started
+            status = flow.response.status_code if flow.response else None
+            record = allowed_record(state.call, admission, settlement, status, outcome.note, timings(flow, state))
+            self._write_record(record)
+        finally:
+            self._calls_in_flight -= 1
 
     # ----- record -----
 
@@ -447,11 +480,17 @@ class AgentKeys:
             log.exception("agentkeys: writing the audit record failed")
 
 
-async def retire_when_settled(gate: Gate, audit: AuditLog | None, longest_call_seconds: float):
+async def retire_when_settled(gate: Gate | None, audit: AuditLog | None, longest_call_seconds: float):
     deadline = time.monotonic() + longest_call_seconds
-    while gate.store.open_holds and time.monotonic() < deadline:
+    while gate and gate.store.open_holds and time.monotonic() < deadline:
         await asyncio.sleep(1)
-    gate.store.close()
+    await asyncio.sleep(SETTLING_SECONDS)  # the last settlements' records
+    retire_now(gate, audit)
+
+
+def retire_now(gate: Gate | None, audit: AuditLog | None):
+    if gate:
+        gate.store.close()
     if audit:
         audit.close()
 

@@ -184,6 +184,9 @@ class ProxyConfig(BaseModel):
         description="non-provider hosts in proxy mode: pass through as an untouched tunnel, or refuse",
     )
     purge_interval: Duration = 60
+    shutdown_grace: Duration = Field(
+        default=30, description="on SIGTERM, how long calls and streams in flight may take to finish"
+    )
     stale_hold_after: Duration = Field(
         default=900, description="a hold older than this was left by a proxy that died; it is charged in full"
     )

@@ -25,6 +25,7 @@ from agentkeys.addon import AgentKeys
 class ProxyMaster(master.Master):
     def __init__(self, opts: options.Options):
         super().__init__(opts, with_termlog=True)
+        self.agentkeys = AgentKeys()
         self.addons.add(
             core.Core(),
             block.Block(),
@@ -33,13 +34,32 @@ class ProxyMaster(master.Master):
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
             update_alt_svc.UpdateAltSvc(),
-            AgentKeys(),
+            self.agentkeys,
             errorcheck.ErrorCheck(),
         )
+        self._draining: asyncio.Task | None = None
+
+    def drain(self) -> None:
+        """SIGTERM: stop accepting connections, let the calls in flight finish (up to the config's
+        `shutdown_grace`) and settle, then stop. A second SIGTERM stops at once."""
+        if self._draining is not None:
+            self.shutdown()
+            return
+        self._draining = asyncio.get_running_loop().create_task(self._drain_then_stop())
+
+    async def _drain_then_stop(self) -> None:
+        grace = self.agentkeys.config.shutdown_grace
+        logging.info("agentkeys: stopping: no new connections; calls in flight have %ds to finish", grace)
+        self.options.update(mode=[])
+        await self.agentkeys.drain(grace)
+        self.shutdown()
 
 
 def serve(settings: dict, modes: list[str]) -> int:
-    """Run until SIGINT or SIGTERM; `settings` are mitmproxy and agentkeys_* options by name."""
+    """Run until SIGINT (at once) or SIGTERM (gracefully); SIGHUP reloads the config.
+
+    `settings` are mitmproxy and agentkeys_* options by name.
+    """
     return asyncio.run(_serve(settings, modes))
 
 
@@ -58,8 +78,9 @@ async def _serve(settings: dict, modes: list[str]) -> int:
     if proxy.options.termlog_verbosity == "debug":  # else debug records are not even made (several per call)
         logging.getLogger().setLevel(logging.DEBUG)
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, proxy.shutdown)
+    loop.add_signal_handler(signal.SIGINT, proxy.shutdown)
+    loop.add_signal_handler(signal.SIGTERM, proxy.drain)
+    loop.add_signal_handler(signal.SIGHUP, proxy.agentkeys.reload)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a client gone mid-write is an error to handle, not a death
     await proxy.run()
     return 0
