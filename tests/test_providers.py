@@ -221,6 +221,8 @@ EXPECTED_ERRORS = {
         DenyKind.BUDGET: (429, "insufficient_quota"),
         DenyKind.BAD_REQUEST: (400, "invalid_request_error"),
         DenyKind.UNAVAILABLE: (503, "server_error"),
+        DenyKind.NOT_CONFIGURED: (500, "server_error"),
+        DenyKind.NOT_FOUND: (404, "invalid_request_error"),
         DenyKind.INTERNAL: (500, "server_error"),
     },
     "anthropic": {
@@ -229,6 +231,8 @@ EXPECTED_ERRORS = {
         DenyKind.BUDGET: (402, "billing_error"),
         DenyKind.BAD_REQUEST: (400, "invalid_request_error"),
         DenyKind.UNAVAILABLE: (503, "api_error"),
+        DenyKind.NOT_CONFIGURED: (500, "api_error"),
+        DenyKind.NOT_FOUND: (404, "not_found_error"),
         DenyKind.INTERNAL: (500, "api_error"),
     },
 }

@@ -78,7 +78,8 @@ def test_sighup_reloads_prices_and_a_bad_file_keeps_the_running_config(mock, tmp
 
         before = cost_of_a_call()
         config = yaml.safe_load(proxy.config_path.read_text())
-        config["prices"] = {"openai": {"gpt-4o-mini": {"input_per_mtok": 150, "output_per_mtok": 600}}}  # a thousand times dearer
+        dearer = {"input_per_mtok": 150, "output_per_mtok": 600}  # a thousand times the bundled price
+        config["prices"] = {"openai": {"gpt-4o-mini": dearer}}
         proxy.config_path.write_text(yaml.safe_dump(config))
         proxy.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
