@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mitmproxy import connection, ctx, exceptions, http, tcp, tls
+from mitmproxy.net.http.http1 import assemble_response
+from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from agentkeys import tokens
@@ -132,6 +134,7 @@ class AgentKeys:
     # ----- set-up -----
 
     def load(self, loader):
+        answer_proxy_errors_as_json()
         loader.add_option("agentkeys_config", str, "", "Agent Keys proxy config file (YAML).")
         loader.add_option("agentkeys_store", str, "", "Agent Keys store URL; overrides the config's `store`.")
         loader.add_option("agentkeys_audit_log", str, "", "Audit log path; overrides the config's `audit_log`.")
@@ -545,6 +548,31 @@ def forward(request: http.Request, admission: Admission, call: CallRequest, upst
     request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
     if admission.upstream_body is not None:
         request.content = admission.upstream_body
+
+
+def answer_proxy_errors_as_json() -> None:
+    """Make mitmproxy's own error answers (an upstream it could not reach, a malformed request) JSON in
+    the shape the providers' SDKs read, rather than an HTML page that names the upstream's address.
+
+    mitmproxy writes these answers itself, after every hook has run, so its page writers are
+    replaced: the HTTP/1 one whole (with `x-should-retry` for a gateway error), the HTTP/2 one's body.
+    """
+    _http1.make_error_response = http1_error_response
+    _http2.format_error = proxy_error_body
+
+
+def proxy_error_body(status: int, message: str) -> bytes:
+    if status >= 500:  # the upstream's failure: its message names internal addresses
+        message = "the provider could not be reached or did not answer; try again shortly"
+    error = {"message": f"agentkeys: {message}", "type": "api_error", "code": f"proxy_{status}"}
+    return json.dumps({"type": "error", "error": error}).encode()
+
+
+def http1_error_response(status: int, message: str = "") -> bytes:
+    headers = {"content-type": "application/json", "connection": "close"}
+    if status in (502, 503, 504):
+        headers["x-should-retry"] = "true"
+    return assemble_response(http.Response.make(status, proxy_error_body(status, message), headers))
 
 
 def json_response(status: int, body: dict, should_retry: str | None = None) -> http.Response:

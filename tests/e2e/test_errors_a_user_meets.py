@@ -52,3 +52,24 @@ def test_an_unknown_gateway_prefix_is_a_404_that_says_so(proxy, mock):
     assert answer.status_code == 404
     error = answer.json()["error"]
     assert error["code"] == "not_found" and "/openai" in error["message"]
+
+
+def test_an_unreachable_provider_is_a_json_502_that_names_no_address(mock, tmp_path, policy):
+    unreachable = {"openai": {"upstream": "http://127.0.0.1:1"}, "anthropic": {"upstream": mock.url}}
+    proxy = start_proxy(tmp_path / "unreachable", mock, providers=unreachable)
+    try:
+        key = proxy.issue(policy)
+        answer = httpx.post(
+            f"{proxy.gateway_url}/openai/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": f"Bearer {key['key']}"},
+            timeout=10,
+        )
+        assert answer.status_code == 502 and answer.headers["x-should-retry"] == "true"
+        assert answer.headers["content-type"] == "application/json"
+        assert "could not be reached" in answer.json()["error"]["message"]
+        assert "127.0.0.1" not in answer.text and "<html" not in answer.text
+        [record] = proxy.records_for(key["id"])
+        assert record["cost_micros"] == 0 and record["metering"] == "none"
+    finally:
+        stop_proxy(proxy)
