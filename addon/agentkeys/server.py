@@ -2,7 +2,7 @@
 
 mitmdump loads some thirty addons (replay, map-local, cookie stickiness, HAR export, …) and asks
 every one of them about every event of every flow; none of them has work to do in this proxy, and
-asking them all costs about 0.4 ms of CPU per call, a third of bare mitmdump's (`make bench`).
+asking them all is a large share of a call's CPU (docs/performance.md has the figure).
 
 This keeps the ones a proxy needs: its listeners (proxyserver, next_layer, tlsconfig), its safety
 checks (block: refuse clients from public addresses unless configured; disable_h2c: no cleartext

@@ -74,7 +74,7 @@ def token_bound(text: str, model: str) -> int:
     `exact_counts`). Otherwise the UTF-8 bytes plus one: a token is at least one byte in every
     byte-level vocabulary, and the one covers a SentencePiece word prefix. That is the only bound for
     models whose tokenizer we do not ship (Llama, Mistral, Gemini, … behind an OpenAI-compatible
-    host), and a cheap one for long texts: counting 400 KB exactly takes about 13 ms, its bytes 0.02 ms.
+    host), and a cheap one for long texts, whose exact count costs far more (docs/performance.md).
     """
     if is_openai_model(model) and (len(text) <= EXACT_COUNT_CHARS or _exact.get()):
         return count_tokens(text, model)
