@@ -4,9 +4,20 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
-from agentkeys.policy import EndpointRule, Policy, ProxyConfig, load_config, load_policy, parse_duration
+from agentkeys.policy import (
+    EndpointRule,
+    Policy,
+    ProxyConfig,
+    Scope,
+    current_policies,
+    load_config,
+    load_policy,
+    parse_duration,
+    scope_of,
+)
 from agentkeys.yamlfile import ConfigError
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -262,3 +273,33 @@ def test_proxy_config_keeps_the_mitmproxy_options_serve_sets_itself(tmp_path, op
 def test_proxy_config_rejects_bad_values(fields):
     with pytest.raises(ValidationError):
         ProxyConfig.model_validate(fields)
+
+
+def scope_policy(**fields) -> Policy:
+    endpoints = ["POST /v1/chat/completions", "POST /v1/messages"]
+    base = {"name": "team", "budget_usd": 1, "providers": ["openai", "anthropic"], "endpoints": endpoints,
+            "models": ["gpt-4o*", "claude-*"]}  # fmt: skip
+    return Policy.model_validate({**base, **fields})
+
+
+def test_a_scope_allows_only_what_every_policy_in_it_allows():
+    issued = scope_policy(default_max_output_tokens=500, clamp_max_tokens=True)
+    current = scope_policy(providers=["openai"], models=["gpt-4o-mini*"], endpoints=["POST /v1/chat/completions"],
+                           default_max_output_tokens=100)  # fmt: skip
+    scope = Scope((issued, current), "abc")
+    assert scope.providers == ["openai"]
+    assert scope.allows_model("gpt-4o-mini") and not scope.allows_model("gpt-4o") and not scope.allows_model("claude-x")
+    assert scope.allows_endpoint("POST", "/v1/chat/completions") and not scope.allows_endpoint("POST", "/v1/messages")
+    assert (scope.default_max_output_tokens, scope.clamp_max_tokens) == (100, False)
+
+
+def test_a_key_is_scoped_by_its_issued_copy_and_the_current_file_of_that_name(tmp_path):
+    issued = scope_policy()
+    path = tmp_path / "team.policy.yaml"
+    path.write_text(yaml.safe_dump(scope_policy(models=["gpt-4o-mini*"]).model_dump(mode="json")))
+    config = ProxyConfig.model_validate({"policies": ["*.policy.yaml"], "base_dir": tmp_path})
+    current = current_policies(config)
+    scope = scope_of(issued.model_dump_json(), current)
+    assert scope.revision == current["team"].revision and len(scope.revision) == 12
+    assert not scope.allows_model("gpt-4o") and scope.allows_model("gpt-4o-mini")
+    assert scope_of(scope_policy(name="other").model_dump_json(), current).revision is None

@@ -34,7 +34,7 @@ from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement
 from agentkeys.ledger import LedgerUnavailable, open_ledger
 from agentkeys.metrics import Metrics
 from agentkeys.money import micros_to_usd
-from agentkeys.policy import ProxyConfig, load_config
+from agentkeys.policy import ProxyConfig, current_policies, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, SseSplitter, StreamMeter, WireFormat
@@ -169,14 +169,14 @@ class AgentKeys:
         Calls in flight settle with the gate that admitted them; a store or audit log that the new
         config no longer names is closed once they have.
         """
-        issuers, prices = issuers_from(config), config.price_table()
+        issuers, prices, policies = issuers_from(config), config.price_table(), current_policies(config)
         old_gate, old_audit = self.gate, self.audit
         same_store = old_gate is not None and self.config.store_url == config.store_url
         same_audit = old_audit is not None and self.config.audit_log == config.audit_log
         store = old_gate.store if same_store else Store(open_ledger(config.store_url))
         self.config = config
         self.router = Router(config)
-        self.gate = Gate(config, store, prices)
+        self.gate = Gate(config, store, prices, policies)
         self.control = Control(store, self.gate.auth, issuers)
         self.audit = old_audit if same_audit else AuditLog(config.path(config.audit_log) if config.audit_log else None)
         self._retire(None if same_store else old_gate, None if same_audit else old_audit)
@@ -369,7 +369,8 @@ class AgentKeys:
         status, body = state.wire.error(denial.kind, denial.message)
         flow.response = json_response(status, body, RETRY_HEADER.get(denial.kind))
         state.finished = True
-        self._write_record(denied_record(state.call, denial, status))
+        revision = state.gate.policies.get(denial.key.policy_name) if denial.key else None
+        self._write_record(denied_record(state.call, denial, status, revision.revision if revision else None))
 
     def responseheaders(self, flow: http.HTTPFlow):
         state = in_flight(flow)

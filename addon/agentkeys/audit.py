@@ -33,6 +33,7 @@ class CallRecord:
     upstream_latency_ms: float | None = None
     ttft_ms: float | None = None
     proxy_overhead_ms: float | None = None
+    policy_revision: str | None = None  # of the policy file that narrowed the key's scope, if the proxy has one
     host: str | None = None  # of traffic that is not a provider call (a tunnel passed through, egress refused)
     port: int | None = None
     client: str | None = None  # the agent's address, for traffic the proxy passed or refused by host

@@ -19,7 +19,7 @@ from agentkeys.auth import Authenticator
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.ledger import KeyRecord, LedgerUnavailable, Refusal, Reservation
 from agentkeys.money import format_usd
-from agentkeys.policy import Policy, ProxyConfig, parse_stored_policy
+from agentkeys.policy import PolicyFile, ProxyConfig, Scope, scope_of
 from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, MalformedRequest, RequestFacts, Unmeterable, WireFormat
@@ -37,7 +37,7 @@ class Admission:
     """A call let through: what was decided about it, and the hold that covers it while it runs."""
 
     key: KeyRecord
-    policy: Policy
+    policy: Scope
     wire: WireFormat
     facts: RequestFacts
     real_key: str
@@ -86,10 +86,13 @@ class Hold:
 
 
 class Gate:
-    def __init__(self, config: ProxyConfig, store: Store, prices: PriceTable):
+    def __init__(
+        self, config: ProxyConfig, store: Store, prices: PriceTable, policies: dict[str, PolicyFile] | None = None
+    ):
         self.config = config
         self.store = store
         self.prices = prices
+        self.policies = policies or {}  # the policy files as they are now, by name
         self.clock = store.clock
         self.real_keys = {name: spec.real_key() for name, spec in config.providers.items()}
         real_key_values = frozenset(key for key in self.real_keys.values() if key)
@@ -116,7 +119,7 @@ class Gate:
             raise
 
     async def _admit_key(self, call: CallRequest, key: KeyRecord) -> Admission:
-        policy = parse_stored_policy(key.policy_json)
+        policy = scope_of(key.policy_json, self.policies)
         wire = FORMATS[self.config.providers[call.provider].format]
         authorize_provider(call, key, policy)
         endpoint = authorize_endpoint(call, key, policy, wire)
@@ -173,7 +176,7 @@ class Gate:
         return dataclasses.replace(facts, model=served) if served else facts
 
     async def admit_unbilled(
-        self, call: CallRequest, policy: Policy, wire: WireFormat, facts: RequestFacts, real_key: str, endpoint: str
+        self, call: CallRequest, policy: Scope, wire: WireFormat, facts: RequestFacts, real_key: str, endpoint: str
     ) -> Admission:
         """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
         key is read afresh here, since no reservation will ask the store whether it is still active."""
@@ -194,7 +197,7 @@ class Gate:
         return match.price
 
     async def reserve(
-        self, call: CallRequest, wire: WireFormat, key: KeyRecord, policy: Policy, price: ModelPrice, plan: HoldPlan
+        self, call: CallRequest, wire: WireFormat, key: KeyRecord, policy: Scope, price: ModelPrice, plan: HoldPlan
     ) -> Hold:
         """Hold the worst case against the budget. When it does not fit, try a tighter plan before
         refusing: an exact count of a long input bounded by its bytes, then (with `clamp_max_tokens`)
@@ -266,7 +269,7 @@ class Gate:
 # ----- the steps, as plain functions -----
 
 
-def authorize_provider(call: CallRequest, key: KeyRecord, policy: Policy) -> None:
+def authorize_provider(call: CallRequest, key: KeyRecord, policy: Scope) -> None:
     if call.provider not in policy.providers:
         raise Denial(
             DenyKind.FORBIDDEN,
@@ -276,7 +279,7 @@ def authorize_provider(call: CallRequest, key: KeyRecord, policy: Policy) -> Non
         )
 
 
-def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Policy, wire: WireFormat) -> str:
+def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, wire: WireFormat) -> str:
     """`metered` or `free` (the wire format's kind of endpoint), or `unmetered` (allowed on trust)."""
     kind = wire.endpoint_kind(call.method, call.path)
     if kind is None and policy.allows_unmetered(call.method, call.path):
@@ -299,7 +302,7 @@ def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Policy, wire: 
     return kind
 
 
-def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Policy) -> None:
+def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Scope) -> None:
     if not policy.allows_model(facts.model):
         raise Denial(
             DenyKind.FORBIDDEN,
@@ -310,7 +313,7 @@ def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Policy) -> None
         )
 
 
-def plan_hold(facts: RequestFacts, key: KeyRecord, policy: Policy, price: ModelPrice) -> HoldPlan:
+def plan_hold(facts: RequestFacts, key: KeyRecord, policy: Scope, price: ModelPrice) -> HoldPlan:
     """The worst case of the call as asked: its output limit (the request's, else the policy's default,
     else the model's), with input the provider holds bounded by the model's context window."""
     max_output = first_given(facts.max_output_tokens, policy.default_max_output_tokens, price.max_output_tokens)

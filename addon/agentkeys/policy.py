@@ -7,15 +7,17 @@ resulting typed objects.
 
 import fnmatch
 import functools
+import hashlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from agentkeys.pricing import ConfigPrice, PriceTable, load_prices
-from agentkeys.yamlfile import load_yaml_model
+from agentkeys.yamlfile import ConfigError, load_yaml_model
 
 DURATION_PART = re.compile(r"(\d+)([smhd])")
 SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -196,6 +198,10 @@ class ProxyConfig(BaseModel):
         default_factory=dict, description="price overrides: provider -> model -> USD per million tokens"
     )
     issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
+    policies: list[str] = Field(
+        default_factory=list,
+        description="policy files (globs allowed) whose current text narrows the keys issued from them",
+    )
     mitmproxy: dict[str, str | int | bool | list[str]] = Field(
         default_factory=dict,
         description="mitmproxy options for `agentkeys serve`, by name (say ssl_verify_upstream_trusted_ca)",
@@ -236,6 +242,9 @@ class ProxyConfig(BaseModel):
     def path(self, value: str) -> Path:
         return (self.base_dir / value).resolve()
 
+    def issuers_policy_files(self) -> list[str]:
+        return [path for issuer in self.issuers.values() for path in issuer.policies]
+
     def price_table(self) -> PriceTable:
         """The bundled prices with this config's overrides: its `prices_file`, then its `prices`."""
         prices_file = self.path(self.prices_file) if self.prices_file else None
@@ -247,6 +256,86 @@ class ProxyConfig(BaseModel):
         if not self.store.startswith("sqlite:///"):
             return self.store
         return f"sqlite:///{self.path(self.store.removeprefix('sqlite:///'))}"
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    """A policy as its file says now, and which revision of the file that is (for the audit)."""
+
+    policy: Policy
+    revision: str  # the first 12 hex digits of the file's SHA-256
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a key may do now: what every one of `policies` allows. A key's scope is the copy of its
+    policy taken when it was issued, narrowed by the policy's file as it is now (when the proxy knows
+    the file): tightening the file reaches keys already issued, loosening it only new ones."""
+
+    policies: tuple[Policy, ...]
+    revision: str | None = None  # of the policy file that narrowed it, for the audit
+
+    @property
+    def name(self) -> str:
+        return self.policies[0].name
+
+    @property
+    def providers(self) -> list[str]:
+        return [p for p in self.policies[0].providers if all(p in policy.providers for policy in self.policies)]
+
+    @property
+    def endpoints(self) -> list[EndpointRule]:
+        return self.policies[-1].endpoints  # the newest, for messages; allows_endpoint asks them all
+
+    @property
+    def models(self) -> list[str]:
+        return self.policies[-1].models
+
+    @property
+    def default_max_output_tokens(self) -> int | None:
+        given = [p.default_max_output_tokens for p in self.policies if p.default_max_output_tokens is not None]
+        return min(given) if given else None
+
+    @property
+    def clamp_max_tokens(self) -> bool:
+        return all(policy.clamp_max_tokens for policy in self.policies)
+
+    def allows_endpoint(self, method: str, path: str) -> bool:
+        return all(policy.allows_endpoint(method, path) for policy in self.policies)
+
+    def allows_unmetered(self, method: str, path: str) -> bool:
+        return all(policy.allows_unmetered(method, path) for policy in self.policies)
+
+    def allows_model(self, model: str) -> bool:
+        return all(policy.allows_model(model) for policy in self.policies)
+
+
+def scope_of(policy_json: str, current: "dict[str, PolicyFile]") -> Scope:
+    """A key's scope, from the policy stored with it and the current files by name."""
+    issued = parse_stored_policy(policy_json)
+    now = current.get(issued.name)
+    return Scope((issued, now.policy), now.revision) if now else Scope((issued,))
+
+
+def current_policies(config: ProxyConfig) -> dict[str, PolicyFile]:
+    """The policies the proxy keeps in step with their files, by name: the config's `policies` and every
+    issuer's. A key issued from one of them is bound by the file as it is now, as well as by the copy
+    taken when it was issued, so tightening a file reaches keys already out."""
+    paths = [config.path(path) for path in config.issuers_policy_files()]
+    for pattern in config.policies:
+        matched = sorted(config.base_dir.glob(pattern)) if any(c in pattern for c in "*?[") else [config.path(pattern)]
+        paths.extend(path.resolve() for path in matched)
+    found: dict[str, PolicyFile] = {}
+    for path in dict.fromkeys(paths):
+        policy = load_policy(path)
+        if policy.name in found and found[policy.name].revision != file_revision(path):
+            raise ConfigError(f"{path}: name: policy {policy.name} is also defined by another file")
+        found[policy.name] = PolicyFile(policy, file_revision(path))
+    return found
+
+
+def file_revision(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def load_config(path: Path | None) -> ProxyConfig:

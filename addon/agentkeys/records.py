@@ -30,10 +30,10 @@ def record_of(key: KeyRecord | None, key_id: str | None = None, **fields) -> Cal
     return CallRecord(key_id=key.key_id, key_name=key.name, policy=key.policy_name, **fields)
 
 
-def denied_record(call: CallRequest, denial: Denial, status: int) -> CallRecord:
+def denied_record(call: CallRequest, denial: Denial, status: int, policy_revision: str | None) -> CallRecord:
     return record_of(
         denial.key, key_id=denial.presented_key_id, provider=call.provider, method=call.method, path=call.path,
-        model=denial.model, decision="deny", reason=denial.message, status=status,
+        model=denial.model, decision="deny", reason=denial.message, status=status, policy_revision=policy_revision,
     )  # fmt: skip
 
 
@@ -47,7 +47,7 @@ def allowed_record(
         metering=settlement.metering, cost_micros=settlement.cost_micros,
         cost_usd=micros_to_usd(settlement.cost_micros), hold_micros=admission.hold_micros,
         proxy_overhead_ms=timings.proxy_overhead_ms, upstream_latency_ms=timings.upstream_latency_ms,
-        ttft_ms=timings.ttft_ms,
+        ttft_ms=timings.ttft_ms, policy_revision=admission.policy.revision,
     )  # fmt: skip
     usage = settlement.usage
     if usage:

@@ -100,3 +100,48 @@ def test_sighup_reloads_prices_and_a_bad_file_keeps_the_running_config(mock, tmp
         assert cost_of_a_call() == after, "the running config stays"
     finally:
         stop_proxy(proxy)
+
+
+def wait_for_log(proxy, text: str, after: int) -> None:
+    deadline = time.monotonic() + 10
+    while text not in proxy.log_path.read_text()[after:]:
+        assert time.monotonic() < deadline, proxy.log_path.read_text()
+        time.sleep(0.1)
+
+
+def test_tightening_a_policy_file_reaches_issued_keys_and_loosening_only_new_ones(mock, tmp_path):
+    folder = tmp_path / "policy-files"
+    folder.mkdir()
+    policy_file = write_policy(folder, "team", models=["gpt-4o-mini*", "claude-haiku-4-5*"])
+    proxy = start_proxy(folder / "proxy", mock, policies=[str(policy_file)])
+    try:
+        old_key = proxy.issue(policy_file)["key"]
+
+        def ask(key: str, model: str) -> int:
+            client = openai.OpenAI(api_key=key, base_url=f"{proxy.gateway_url}/openai/v1", max_retries=0)
+            try:
+                client.chat.completions.create(model=model, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+            except openai.APIStatusError as e:
+                return e.status_code
+            return 200
+
+        assert ask(old_key, "gpt-4o-mini") == 200
+        first_revision = proxy.audit()[-1]["policy_revision"]
+
+        write_policy(folder, "team", models=["claude-haiku-4-5*"])  # tightened: no OpenAI model left
+        log_size = len(proxy.log_path.read_text())
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_for_log(proxy, "reloaded", log_size)
+        assert ask(old_key, "gpt-4o-mini") == 403
+        refused = proxy.audit()[-1]
+        assert refused["decision"] == "deny" and refused["policy_revision"] not in (None, first_revision)
+
+        write_policy(folder, "team", models=["gpt-4o*", "claude-haiku-4-5*"])  # loosened beyond the first
+        log_size = len(proxy.log_path.read_text())
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_for_log(proxy, "reloaded", log_size)
+        assert ask(old_key, "gpt-4o-mini") == 200, "back within both the issued copy and the file"
+        assert ask(old_key, "gpt-4o") == 403, "the key keeps the scope it was issued with"
+        assert ask(proxy.issue(policy_file)["key"], "gpt-4o") == 200, "a new key gets the loosened file"
+    finally:
+        stop_proxy(proxy)
