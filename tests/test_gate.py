@@ -823,3 +823,32 @@ def test_a_failure_after_the_hold_frees_it_at_once(env, monkeypatch):
         env.admit(call(key, chat()))
     assert env.balances(key) == (0, 0)
     assert env.gate.store.open_holds == set()
+
+
+@pytest.mark.parametrize(
+    ("asked", "sent"),
+    [(64_000, 1_000), (None, 1_000), (500, None)],
+    ids=["framework-default-above", "none-asked-model-limit-above", "below-the-ceiling"],
+)
+def test_the_policys_output_ceiling_lowers_larger_limits(env, asked, sent):
+    """Frameworks send max_tokens 64000 for Claude (or none, and the model's limit applies): a key whose
+    budget comfortably pays for a call must not be refused for a default it never chose."""
+    key = env.issue(budget_usd=0.05, max_output_tokens=1_000, default_max_output_tokens=None)
+    body = messages(max_tokens=asked) if asked else messages()
+    if asked is None:
+        body = json.dumps({k: v for k, v in json.loads(body).items() if k != "max_tokens"}).encode()
+        admission = env.admit(call(key, body, "anthropic"))
+        assert isinstance(admission, Denial) and "max_tokens" in admission.message  # Anthropic requires it
+        return
+    admission = env.admitted(call(key, body, "anthropic"))
+    forwarded = json.loads(admission.upstream_body)["max_tokens"] if admission.upstream_body else asked
+    assert forwarded == (sent or asked)
+    assert admission.clamped_to == sent and admission.clamped_by == ("policy" if sent else None)
+    assert admission.hold_micros == cost_micros(HAIKU, Usage(admission.facts.input_token_bound, sent or asked))
+
+
+def test_the_ceiling_applies_when_the_request_names_no_limit(env):
+    key = env.issue(max_output_tokens=300, default_max_output_tokens=None)
+    admission = env.admitted(call(key, chat()))
+    sent = json.loads(admission.upstream_body)
+    assert sent.get("max_completion_tokens", sent.get("max_tokens")) == 300 and admission.clamped_by == "policy"

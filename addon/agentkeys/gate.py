@@ -47,7 +47,8 @@ class Admission:
     hold_id: int | None = None
     hold_micros: int = 0
     upstream_body: bytes | None = None  # None: forward the body as the agent sent it
-    clamped_to: int | None = None  # the output limit the budget lowered this call to (clamp_max_tokens)
+    clamped_to: int | None = None  # the output limit the proxy lowered this call to, if it did
+    clamped_by: str | None = None  # what lowered it: "policy" (its max_output_tokens) or "budget" (clamp_max_tokens)
 
     @property
     def unmetered(self) -> bool:
@@ -73,6 +74,7 @@ class HoldPlan:
     max_output: int
     worst_case: int
     cap: int | None  # an output limit to write into the request; None: forward the agent's own
+    lowered_by: str | None = None  # what lowered the output limit the agent asked for: "policy" or "budget"
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,6 @@ class Hold:
     hold_id: int
     remaining_micros: int  # the key's budget left once it was taken
     plan: HoldPlan
-    clamped_to: int | None  # the output limit the budget lowered the call to, if it did
 
 
 class Gate:
@@ -137,7 +138,8 @@ class Gate:
         return Admission(
             key=key, policy=policy, wire=wire, facts=hold.plan.facts, real_key=real_key, metering="metered",
             remaining_micros=hold.remaining_micros, price=price, hold_id=hold.hold_id,
-            hold_micros=hold.plan.worst_case, upstream_body=upstream_body, clamped_to=hold.clamped_to,
+            hold_micros=hold.plan.worst_case, upstream_body=upstream_body,
+            clamped_to=hold.plan.cap if hold.plan.lowered_by else None, clamped_by=hold.plan.lowered_by,
         )  # fmt: skip
 
     def real_key_for(self, provider: str, key: KeyRecord) -> str:
@@ -207,14 +209,13 @@ class Gate:
             exact = await self.read_request(call, wire, key, exact=True)
             plan = plan_hold(exact, key, policy, price)
             reservation = await self.store.take_hold(key.key_id, plan.worst_case)
-        clamped_to = None
         if refused_for_budget(reservation) and policy.clamp_max_tokens:
             clamped = clamp_plan(plan, price, reservation.remaining_micros)
             if clamped:
-                plan, clamped_to = clamped, clamped.cap
+                plan = clamped
                 reservation = await self.store.take_hold(key.key_id, plan.worst_case)
         check_reservation(reservation, plan, key)
-        return Hold(reservation.hold_id, reservation.remaining_micros, plan, clamped_to)
+        return Hold(reservation.hold_id, reservation.remaining_micros, plan)
 
     async def rewrite_body_under_hold(self, hold: Hold, wire: WireFormat, call: CallRequest, key: KeyRecord):
         """The body for a plan tightened while holding; if that fails the call is not forwarded, so its
@@ -320,6 +321,9 @@ def plan_hold(facts: RequestFacts, key: KeyRecord, policy: Scope, price: ModelPr
     if max_output is None:
         raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: set max_tokens; the limit of {facts.model} is unknown", key)
     facts = bound_unseen_input(facts, key, price)
+    ceiling = policy.max_output_tokens
+    if ceiling is not None and max_output > ceiling:  # a framework's generous default, lowered to the policy's
+        return HoldPlan(facts, ceiling, call_worst_case(price, facts, ceiling), ceiling, lowered_by="policy")
     # A default the provider does not know about must be sent, or the hold would not bound the call.
     cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None
     return HoldPlan(facts, max_output, call_worst_case(price, facts, max_output), cap)
@@ -348,7 +352,7 @@ def clamp_plan(plan: HoldPlan, price: ModelPrice, remaining: int) -> HoldPlan | 
     if fitting is None:
         return None
     cap, worst_case = fitting
-    return HoldPlan(plan.facts, cap, worst_case, cap)
+    return HoldPlan(plan.facts, cap, worst_case, cap, lowered_by="budget")
 
 
 def body_for_provider(wire: WireFormat, plan: HoldPlan, call: CallRequest, key: KeyRecord) -> bytes | None:

@@ -84,6 +84,10 @@ class Policy(BaseModel):
     endpoints: list[EndpointRule] = Field(min_length=1)
     models: list[str] = Field(min_length=1, description="globs, e.g. gpt-4o-mini*")
     default_max_output_tokens: int | None = Field(default=None, gt=0)
+    max_output_tokens: int | None = Field(
+        default=None, gt=0,
+        description="an output ceiling: a call asking for more (or for the model's limit) is sent with this",
+    )
     clamp_max_tokens: bool = Field(
         default=False, description="send a call that would not fit with its output limit lowered to what remains"
     )
@@ -294,6 +298,11 @@ class Scope:
     @property
     def default_max_output_tokens(self) -> int | None:
         given = [p.default_max_output_tokens for p in self.policies if p.default_max_output_tokens is not None]
+        return min(given) if given else None
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        given = [p.max_output_tokens for p in self.policies if p.max_output_tokens is not None]
         return min(given) if given else None
 
     @property

@@ -86,4 +86,5 @@ def stale_hold_record(hold: StaleHold) -> CallRecord:
 def clamp_note(admission: Admission) -> str:
     if not admission.clamped_to:
         return ""
-    return f"output limit lowered to {admission.clamped_to} tokens to fit the budget"
+    why = "the policy's max_output_tokens" if admission.clamped_by == "policy" else "to fit the budget"
+    return f"output limit lowered to {admission.clamped_to} tokens ({why})"
