@@ -46,7 +46,16 @@ from agentkeys.records import (
     egress_record,
     stale_hold_record,
 )
-from agentkeys.routing import ControlRoute, NoProvider, OtherHost, ProviderRoute, Router, Upstream, host_conflict
+from agentkeys.routing import (
+    ControlRoute,
+    NoEndpoint,
+    NoProvider,
+    OtherHost,
+    ProviderRoute,
+    Router,
+    Upstream,
+    host_conflict,
+)
 from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
 
@@ -314,6 +323,8 @@ class AgentKeys:
                     await self._answer_control(flow, route)
                 case NoProvider(prefix=prefix):
                     flow.response = no_provider(prefix, self.router.providers)
+                case NoEndpoint(provider=provider, path=path):
+                    flow.response = no_endpoint(self.router.formats[provider], provider, flow.request.method, path)
                 case OtherHost(host=host):
                     self._other_host(flow, host)
         except Exception:
@@ -589,6 +600,11 @@ def no_provider(prefix: str, providers: tuple[str, ...]) -> http.Response:
         DenyKind.NOT_FOUND,
         f"agentkeys: no provider at /{prefix}; use one of " + ", ".join(f"/{name}" for name in providers),
     )
+    return json_response(status, body)
+
+
+def no_endpoint(wire: WireFormat, provider: str, method: str, path: str) -> http.Response:
+    status, body = wire.error(DenyKind.NOT_FOUND, f"agentkeys: {provider} has no endpoint {method} {path}")
     return json_response(status, body)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from agentkeys.policy import ProxyConfig
+from agentkeys.providers import FORMATS
 
 CONTROL_PREFIX = "/_agentkeys/"
 CONTROL_HOST = "agentkeys.local"  # the proxy's own API through proxy mode: http://agentkeys.local/_agentkeys/v1/...
@@ -63,13 +64,22 @@ class NoProvider:
 
 
 @dataclass(frozen=True)
+class NoEndpoint:
+    """A gateway path with no API version that names no endpoint of its provider either."""
+
+    provider: str
+    path: str
+
+
+@dataclass(frozen=True)
 class OtherHost:
     """Proxy-mode traffic to a host that is not a provider's: passed on or refused per `egress`."""
 
     host: str
 
 
-Route = ProviderRoute | ControlRoute | NoProvider | OtherHost
+Route = ProviderRoute | ControlRoute | NoProvider | NoEndpoint | OtherHost
+VERSIONED = ("/v1/", "/v1beta/", "/v1alpha/", "/openai/")  # API paths as providers (and Azure) write them
 
 
 class Router:
@@ -78,6 +88,7 @@ class Router:
         self.provider_by_host = {host: name for name, spec in config.providers.items() for host in spec.hosts}
         self.upstreams = {name: Upstream.parse(spec.upstream) for name, spec in config.providers.items()}
         self.allowlist = config.egress == "allowlist"
+        self.formats = {name: FORMATS[spec.format] for name, spec in config.providers.items()}
         self.provider_ports = {
             host: {443} | {upstream.port for upstream in self.upstreams.values() if upstream.host == host}
             for host in self.provider_by_host
@@ -92,7 +103,7 @@ class Router:
             prefix, _, rest = split.path.lstrip("/").partition("/")
             if prefix not in self.upstreams:
                 return NoProvider(prefix)
-            return ProviderRoute(prefix, "/" + rest, split.query)
+            return self.gateway_route(prefix, "/" + rest, split.query)
         provider = self.provider_by_host.get(host)
         if provider is None:
             return OtherHost(host)
@@ -115,6 +126,17 @@ class Router:
         if not self.egress_allowed(host):
             return f"egress to {host} is not allowed"
         return None
+
+    def gateway_route(self, provider: str, path: str, query: str) -> ProviderRoute | NoEndpoint:
+        """SDKs disagree on whether a base URL includes the API version: the Anthropic SDK wants
+        `…/anthropic` and sends `/v1/messages`, the AI SDK reads the same variable and sends
+        `/messages`. A path without a version is taken as `/v1` when that names an endpoint."""
+        if path.startswith(VERSIONED) or path in ("/", "/v1"):
+            return ProviderRoute(provider, path, query)
+        versioned = "/v1" + path
+        if any(self.formats[provider].endpoint_kind(method, versioned) for method in ("GET", "POST", "DELETE")):
+            return ProviderRoute(provider, versioned, query)
+        return NoEndpoint(provider, path)
 
     def answers_control_at(self, host: str) -> bool:
         return host in self.provider_by_host or host == CONTROL_HOST

@@ -4,7 +4,7 @@ Claude; with the policy's output ceiling, a $0.50 key runs the call instead of r
 import anthropic
 import pytest
 
-from conftest import write_policy
+from conftest import httpx, write_policy
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +34,18 @@ def test_without_a_ceiling_the_same_call_is_refused_on_a_small_key(proxy, mock, 
             model="claude-haiku-4-5", max_tokens=64_000, messages=[{"role": "user", "content": "hi"}], stream=True
         )
     assert refused.value.status_code == 402 and not mock.received
+
+
+def test_a_base_url_without_the_version_works_as_the_ai_sdk_uses_it(proxy, mock, policy):
+    """@ai-sdk/anthropic reads ANTHROPIC_BASE_URL=…/anthropic and posts to …/anthropic/messages."""
+    key = proxy.issue(policy)
+    answer = httpx.post(
+        f"{proxy.gateway_url}/anthropic/messages",
+        json={"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-api-key": key["key"], "anthropic-version": "2023-06-01"},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    assert mock.received[-1].path == "/v1/messages"
+    unknown = httpx.post(f"{proxy.gateway_url}/anthropic/nothing-here", json={}, headers={"x-api-key": key["key"]})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"

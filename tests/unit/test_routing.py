@@ -3,7 +3,16 @@
 import pytest
 
 from agentkeys.policy import ProxyConfig
-from agentkeys.routing import CONTROL_HOST, ControlRoute, NoProvider, OtherHost, ProviderRoute, Router, Upstream
+from agentkeys.routing import (
+    CONTROL_HOST,
+    ControlRoute,
+    NoEndpoint,
+    NoProvider,
+    OtherHost,
+    ProviderRoute,
+    Router,
+    Upstream,
+)
 
 GROQ = {"format": "openai", "upstream": "https://api.groq.com/openai", "hosts": ["api.groq.com"], "key_env": "G"}
 
@@ -71,3 +80,19 @@ def test_egress_to_other_hosts_follows_the_config(egress, allowed):
 def test_an_upstream_url_is_split_once(url, host, port, base_path, authority):
     upstream = Upstream.parse(url)
     assert (upstream.host, upstream.port, upstream.base_path, upstream.authority) == (host, port, base_path, authority)
+
+
+@pytest.mark.parametrize(
+    ("target", "route"),
+    [
+        ("/anthropic/messages", ProviderRoute("anthropic", "/v1/messages", "")),
+        ("/anthropic/v1/messages", ProviderRoute("anthropic", "/v1/messages", "")),
+        ("/openai/chat/completions", ProviderRoute("openai", "/v1/chat/completions", "")),
+        ("/openai/responses?x=1", ProviderRoute("openai", "/v1/responses", "x=1")),
+        ("/gemini/v1/models/m:generateContent", ProviderRoute("gemini", "/v1/models/m:generateContent", "")),
+        ("/anthropic/nothing-here", NoEndpoint("anthropic", "/nothing-here")),
+    ],
+)
+def test_a_gateway_base_url_with_or_without_the_api_version_reaches_the_same_endpoint(target, route):
+    """The Anthropic SDK wants ANTHROPIC_BASE_URL=…/anthropic, the AI SDK reads it and sends /messages."""
+    assert router().route(gateway=True, host="127.0.0.1", target=target) == route
