@@ -852,3 +852,9 @@ def test_the_ceiling_applies_when_the_request_names_no_limit(env):
     admission = env.admitted(call(key, chat()))
     sent = json.loads(admission.upstream_body)
     assert sent.get("max_completion_tokens", sent.get("max_tokens")) == 300 and admission.clamped_by == "policy"
+
+
+def test_a_refusal_of_the_body_names_the_model_it_asked_for(env):
+    denial = env.denied(call(env.issue(), chat(max_tokens=-1)), DenyKind.BAD_REQUEST)
+    assert denial.model == "gpt-4o-mini"
+    assert env.denied(call(env.issue(), b"{not json"), DenyKind.BAD_REQUEST).model is None

@@ -11,6 +11,7 @@ without mitmproxy.
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 from dataclasses import dataclass
 
@@ -167,9 +168,9 @@ class Gate:
             else:
                 facts = read()
         except MalformedRequest as e:
-            raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", key) from None
+            raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", key, model_named_in(call.body)) from None
         except Unmeterable as e:
-            raise Denial(DenyKind.FORBIDDEN, f"agentkeys: {e}", key) from None
+            raise Denial(DenyKind.FORBIDDEN, f"agentkeys: {e}", key, model_named_in(call.body)) from None
         return self.as_served(call.provider, facts)
 
     def as_served(self, provider: str, facts: RequestFacts) -> RequestFacts:
@@ -406,6 +407,16 @@ def missing_usage_reason(outcome: Outcome) -> str:
     if not outcome.complete:
         return "the call broke off before the provider's usage arrived; charged the full hold"
     return "the response carried no usage the proxy could read; charged the full hold"
+
+
+def model_named_in(body: bytes) -> str | None:
+    """The model a request names, if it can be read at all: for the audit of a request refused as unreadable."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def first_given(*values: int | None) -> int | None:
