@@ -77,6 +77,13 @@ class Control:
         self.issuers = issuers
 
     async def handle(self, call: CallRequest) -> ControlAnswer:
+        """The answer to a call; every refusal, raised by whichever step made it, is turned into one here."""
+        try:
+            return await self.answer(call)
+        except Refused as refused:
+            return refused.answer()
+
+    async def answer(self, call: CallRequest) -> ControlAnswer:
         if (call.method, call.path) == ("GET", "/_agentkeys/v1/keys/self"):
             return await self.show_self(call)
         if (call.method, call.path) == ("POST", "/_agentkeys/v1/keys"):
@@ -84,23 +91,21 @@ class Control:
             return await (self.issue_for(issuer, call) if issuer else self.mint_child(call))
         if call.method == "DELETE" and call.path.startswith("/_agentkeys/v1/keys/"):
             return await self.revoke(call, call.path.removeprefix("/_agentkeys/v1/keys/"))
-        return error(
+        raise Refused(
             404, f"no such route: {call.method} {call.path} (see /_agentkeys/v1/keys, /_agentkeys/v1/keys/self)"
         )
 
-    async def caller(self, call: CallRequest) -> KeyRecord | ControlAnswer:
+    async def caller(self, call: CallRequest) -> KeyRecord:
         """The calling agent key, read afresh from the store (it may have been revoked a moment ago)."""
         try:
             return await self.auth.caller(call, fresh=True)
         except Denial as denial:
-            return error(401, denial.message, denial.key)
+            raise Refused(401, denial.message, denial.key) from None
 
     # ----- self -----
 
     async def show_self(self, call: CallRequest) -> ControlAnswer:
         record = await self.caller(call)
-        if isinstance(record, ControlAnswer):
-            return record
         children = await self.store.children(record.key_id)
         policy = parse_stored_policy(record.policy_json)
         now = self.store.clock()
@@ -115,13 +120,11 @@ class Control:
 
     async def revoke(self, call: CallRequest, target: str) -> ControlAnswer:
         caller = await self.caller(call)
-        if isinstance(caller, ControlAnswer):
-            return caller
         key_id = caller.key_id if target == "self" else target
         if key_id != caller.key_id:
             target_record = await self.store.key(key_id)
             if target_record is None or target_record.parent_id != caller.key_id:
-                return error(404, f"agentkeys: {key_id} is not a child of this key", caller)
+                raise Refused(404, f"agentkeys: {key_id} is not a child of this key", caller)
         await self.store.revoke(key_id)
         return ControlAnswer(200, {"id": key_id, "status": "revoked"}, f"revoked {key_id}", caller)
 
@@ -129,23 +132,21 @@ class Control:
 
     async def mint_child(self, call: CallRequest) -> ControlAnswer:
         parent = await self.caller(call)
-        if isinstance(parent, ControlAnswer):
-            return parent
         try:
             request = ChildRequest.model_validate_json(call.body)
         except ValidationError as e:
-            return error(400, f"agentkeys: bad child key request: {validation_message(e)}", parent)
+            raise Refused(400, f"agentkeys: bad child key request: {validation_message(e)}", parent) from None
         parent_policy = parse_stored_policy(parent.policy_json)
         now = self.store.clock()
         try:
             policy = child_policy(parent_policy, request)
             check_depth_and_lifetime(parent, parent_policy, request, now)
         except ChildRefused as refused:
-            return error(403, f"agentkeys: child key refused: {refused}", parent)
+            raise Refused(403, f"agentkeys: child key refused: {refused}", parent) from None
         issued = new_key_record(policy, request.ttl, request.budget_usd, request.name, now, parent)
         refusal = await self.store.create_child(issued.record, parent_policy.max_children)
         if refusal is not None:
-            return error(
+            raise Refused(
                 403, f"agentkeys: child key refused: {child_refusal_message(refusal, parent, request)}", parent
             )
         return created(issued, now, parent)
@@ -163,17 +164,17 @@ class Control:
         try:
             request = IssueRequest.model_validate_json(call.body)
         except ValidationError as e:
-            return error(400, f"agentkeys: bad key request: {validation_message(e)}")
+            raise Refused(400, f"agentkeys: bad key request: {validation_message(e)}") from None
         policy = issuer.policies.get(request.policy)
         if policy is None:
             allowed = ", ".join(sorted(issuer.policies))
-            return error(
+            raise Refused(
                 403, f"agentkeys: issuer {issuer.name} may not issue policy {request.policy} (allowed: {allowed})"
             )
         if request.ttl and request.ttl > policy.ttl:
-            return error(403, f"agentkeys: ttl {request.ttl}s exceeds policy {policy.name}'s {policy.ttl}s")
+            raise Refused(403, f"agentkeys: ttl {request.ttl}s exceeds policy {policy.name}'s {policy.ttl}s")
         if request.budget_usd and request.budget_usd > policy.budget_usd:
-            return error(
+            raise Refused(
                 403, f"agentkeys: budget ${request.budget_usd} exceeds policy {policy.name}'s ${policy.budget_usd}"
             )
         now = self.store.clock()
@@ -203,9 +204,18 @@ def created(issued: IssuedKey, now: float, parent: KeyRecord | None = None) -> C
     return ControlAnswer(201, body, f"issued key {issued.record.key_id}", parent or issued.record)
 
 
-def error(status: int, message: str, key: KeyRecord | None = None) -> ControlAnswer:
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found"}
-    return ControlAnswer(status, {"error": {"message": message, "type": kinds.get(status, "error")}}, message, key)
+class Refused(Exception):
+    """A control call refused: its status, what the caller is told, and the key it was made with."""
+
+    KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found"}
+
+    def __init__(self, status: int, message: str, key: KeyRecord | None = None):
+        super().__init__(message)
+        self.status, self.message, self.key = status, message, key
+
+    def answer(self) -> ControlAnswer:
+        body = {"error": {"message": self.message, "type": self.KINDS.get(self.status, "error")}}
+        return ControlAnswer(self.status, body, self.message, self.key)
 
 
 def validation_message(error: ValidationError) -> str:
