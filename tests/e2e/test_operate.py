@@ -115,7 +115,8 @@ def test_tightening_a_policy_file_reaches_issued_keys_and_loosening_only_new_one
     policy_file = write_policy(folder, "team", models=["gpt-4o-mini*", "claude-haiku-4-5*"])
     proxy = start_proxy(folder / "proxy", mock, policies=[str(policy_file)])
     try:
-        old_key = proxy.issue(policy_file)["key"]
+        old = proxy.issue(policy_file)
+        old_key = old["key"]
 
         def ask(key: str, model: str) -> int:
             client = openai.OpenAI(api_key=key, base_url=f"{proxy.gateway_url}/openai/v1", max_retries=0)
@@ -126,14 +127,14 @@ def test_tightening_a_policy_file_reaches_issued_keys_and_loosening_only_new_one
             return 200
 
         assert ask(old_key, "gpt-4o-mini") == 200
-        first_revision = proxy.audit()[-1]["policy_revision"]
+        first_revision = proxy.records_for(old["id"])[-1]["policy_revision"]
 
         write_policy(folder, "team", models=["claude-haiku-4-5*"])  # tightened: no OpenAI model left
         log_size = len(proxy.log_path.read_text())
         proxy.process.send_signal(signal.SIGHUP)
         wait_for_log(proxy, "reloaded", log_size)
         assert ask(old_key, "gpt-4o-mini") == 403
-        refused = proxy.audit()[-1]
+        refused = proxy.records_for(old["id"], count=2)[-1]
         assert refused["decision"] == "deny" and refused["policy_revision"] not in (None, first_revision)
 
         write_policy(folder, "team", models=["gpt-4o*", "claude-haiku-4-5*"])  # loosened beyond the first
