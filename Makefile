@@ -7,7 +7,11 @@ STAMP := $(VENV)/.installed
 # The best interpreter on this machine: 3.12+ on PATH, then pyenv's 3.12+, then 3.11 (mitmproxy 11).
 PYTHON ?= $(shell scripts/find-python)
 
-.PHONY: install run test bench lint clean redis-server
+# The Node SDK the namespace tests run as an agent, pinned (7.x needs Node 22; the machine has Node 20).
+NODE_OPENAI := openai@6.49.0
+NODE_DIR := $(VENV)/node
+
+.PHONY: install run test bench lint clean redis-server iptables node-sdk
 
 install: $(STAMP)
 
@@ -22,7 +26,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/agentkeys serve --config agentkeys.yaml
 
-test: install redis-server
+test: install redis-server iptables node-sdk
 	$(PY) -m pytest -q tests
 
 # The Redis tests start their own throwaway redis-server; install Debian's if the machine has none.
@@ -30,6 +34,19 @@ redis-server:
 	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && \
 		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
 		{ echo "error: the tests need redis-server (apt-get install redis-server)" >&2; exit 1; }; }
+
+# The namespace tests (tests/test_netns.py) write REDIRECT rules; install Debian's iptables if absent.
+iptables:
+	@command -v iptables >/dev/null || { command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq iptables >/dev/null) || \
+		echo "warning: no iptables: the namespace tests will be skipped (apt-get install iptables)" >&2; }
+
+# The Node openai SDK, for the namespace tests' Node agent; skipped (and so are those tests) without npm.
+node-sdk: $(NODE_DIR)/node_modules/openai/package.json
+
+$(NODE_DIR)/node_modules/openai/package.json:
+	@command -v npm >/dev/null || { echo "warning: no npm: the Node SDK tests will be skipped" >&2; exit 0; }; \
+		mkdir -p $(NODE_DIR) && npm install --silent --no-audit --no-fund --prefix $(NODE_DIR) $(NODE_OPENAI)
 
 bench: install redis-server
 	$(PY) bench/bench.py

@@ -116,3 +116,36 @@ def test_run_starts_a_proxy_when_none_is_running(mock, agent, tmp_path):
     time.sleep(0.5)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", proxy_port), timeout=1).close()
+
+
+NODE_MODULES = Path(__file__).resolve().parent.parent / ".venv" / "node" / "node_modules"  # make install's
+# A Node agent: Node's fetch ignores HTTPS_PROXY, so only a base URL brings it to the proxy. It stops
+# rather than call the real provider when it has none.
+NODE_AGENT = textwrap.dedent(
+    """
+    const OpenAI = require("openai");
+    if (!process.env.OPENAI_BASE_URL) { console.log("no OPENAI_BASE_URL"); process.exit(3); }
+    console.log("anthropic:", process.env.ANTHROPIC_BASE_URL);
+    new OpenAI({ maxRetries: 0 }).chat.completions
+      .create({ model: "gpt-4o-mini", max_tokens: 3, messages: [{ role: "user", content: "hi" }] })
+      .then((reply) => console.log("agent got:", reply.choices[0].message.content));
+    """
+)
+
+
+def test_run_points_node_sdks_at_the_gateway(proxy, mock, tmp_path):
+    if not (NODE_MODULES / "openai").is_dir():
+        pytest.skip(f"the Node openai SDK is not installed in {NODE_MODULES} (make install does it, with npm)")
+    agent = tmp_path / "agent.cjs"
+    agent.write_text(NODE_AGENT)
+    finished = run_agent(
+        proxy.config_path, write_policy(tmp_path), "env", f"NODE_PATH={NODE_MODULES}", "node", str(agent)
+    )
+    stdout, stderr = finished.communicate(timeout=60)
+    assert finished.returncode == 0, stdout + stderr
+    assert "agent got: hello hello hello" in stdout
+    assert f"anthropic: {proxy.gateway_url}/anthropic" in stdout
+    assert mock.received[-1].headers["authorization"] == f"Bearer {OPENAI_REAL_KEY}"
+    key_id = stderr.split("agentkeys: key ", 1)[1].split()[0]
+    [record] = proxy.records_for(key_id)
+    assert record["metering"] == "usage" and record["cost_micros"] > 0

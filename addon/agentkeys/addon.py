@@ -19,11 +19,12 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, exceptions, http, tcp, tls
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1, _http2
-from mitmproxy.proxy.mode_specs import ReverseMode
+from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
 from agentkeys import tokens
 from agentkeys.audit import AuditLog, CallRecord
@@ -296,8 +297,18 @@ class AgentKeys:
         made-up SNI cannot carry a call to the provider past the proxy.
         """
         tunnel_host = (data.context.server.address or ("",))[0]
-        if not (self.router.intercepts(data.client_hello.sni or "") or self.router.intercepts(tunnel_host)):
+        if isinstance(data.context.client.proxy_mode, TransparentMode):
+            self._redirected_clienthello(data)
+        elif not (self.router.intercepts(data.client_hello.sni or "") or self.router.intercepts(tunnel_host)):
             data.ignore_connection = True
+
+    def _redirected_clienthello(self, data: tls.ClientHelloData):
+        """TLS the kernel redirected here: only its server name says where it goes (the address is an IP)."""
+        host, port = data.context.server.address or ("", 0)
+        name = data.client_hello.sni or host
+        if not self.router.intercepts_redirected(name):
+            data.ignore_connection = True
+            self._write_record(egress_record("TLS", name, port, client_address(data.context.client), None))
 
     def tcp_start(self, flow: tcp.TCPFlow):
         """A tunnel to a provider's host carries HTTP and nothing else: raw bytes there would pass unchecked."""
@@ -312,10 +323,11 @@ class AgentKeys:
     async def request(self, flow: http.HTTPFlow):
         try:
             gateway = isinstance(flow.client_conn.proxy_mode, ReverseMode)
-            if not gateway and host_conflict(flow.request.host, flow.request.host_header):
-                flow.response = host_refused(flow.request.host, flow.request.host_header)
+            target = target_host(flow)
+            if not gateway and host_conflict(target, flow.request.host_header):
+                flow.response = host_refused(target, flow.request.host_header)
                 return
-            route = self.router.route(gateway, flow.request.host, flow.request.path)
+            route = self.router.route(gateway, target, flow.request.path)
             match route:
                 case ProviderRoute():
                     await self._gate_call(flow, route)
@@ -606,6 +618,15 @@ def no_provider(prefix: str, providers: tuple[str, ...]) -> http.Response:
 def no_endpoint(wire: WireFormat, provider: str, method: str, path: str) -> http.Response:
     status, body = wire.error(DenyKind.NOT_FOUND, f"agentkeys: {provider} has no endpoint {method} {path}")
     return json_response(status, body)
+
+
+def target_host(flow: http.HTTPFlow) -> str:
+    """The host a request is sent to: the tunnel's or the URL's; on the transparent listener, where the
+    kernel's redirect left only an address, the name the agent dialled: its TLS server name, or (plain
+    HTTP) its Host header."""
+    if not isinstance(flow.client_conn.proxy_mode, TransparentMode):
+        return flow.request.host
+    return flow.client_conn.sni or urlsplit(f"//{flow.request.host_header or ''}").hostname or flow.request.host
 
 
 def egress_refused(reason: str) -> http.Response:

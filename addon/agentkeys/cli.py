@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 from agentkeys.certs import agent_environment, bundle_path, ca_cert_path, ensure_ca
+from agentkeys.isolate import IsolationError, check_privileges
 from agentkeys.keys import describe, iso, issue_key
 from agentkeys.ledger import LedgerUnavailable, open_ledger
 from agentkeys.money import format_usd
+from agentkeys.netrules import RedirectSpec, Rules, RulesError, describe_rules, parse_ports
 from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_duration
 from agentkeys.pricing import price_rows
 from agentkeys.runner import run_with_key
@@ -76,14 +78,34 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run a command with a fresh key, revoked when it ends",
-        usage="agentkeys run --policy FILE [--ttl 30m] [--budget 2] [--proxy URL] -- CMD ARGS...",
+        usage="agentkeys run --policy FILE [--ttl 30m] [--budget 2] [--proxy URL] [--isolate] -- CMD ARGS...",
     )
     run.add_argument("--policy", type=Path, required=True, help="the key's policy")
     run.add_argument("--ttl", help="lifetime (default: the policy's ttl)")
     run.add_argument("--budget", type=float, help="USD cap (default: the policy's budget_usd)")
     run.add_argument("--proxy", help="a running proxy's URL (default: the config's, started if none is listening)")
+    run.add_argument(
+        "--isolate", action="store_true",
+        help="run CMD in its own network namespace whose only way out is the proxy (root or CAP_NET_ADMIN)",
+    )  # fmt: skip
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     run.set_defaults(run=cmd_run)
+
+    sidecar = commands.add_parser(
+        "sidecar-init",
+        help="redirect this network namespace's outgoing HTTP(S) to the proxy's transparent listener (iptables)",
+        description="Write (or with --remove, take away) the iptables rules that send this network namespace's"
+        " outgoing TCP to the proxy's transparent_port, the proxy's own connections excepted. Idempotent."
+        " Needs root or CAP_NET_ADMIN: what a Kubernetes init container runs.",
+    )
+    sidecar.add_argument("--proxy-uid", type=int, help="the user id the proxy runs as; its connections are left alone")
+    sidecar.add_argument("--to-port", type=int, help="the proxy's transparent port (default: the config's)")
+    sidecar.add_argument("--ports", default="80,443", help="TCP ports to redirect (default: 80,443)")
+    sidecar.add_argument(
+        "--drop-others", action="store_true", help="refuse all other outgoing traffic but the proxy's, loopback, DNS"
+    )
+    sidecar.add_argument("--remove", action="store_true", help="remove the rules this command wrote")
+    sidecar.set_defaults(run=cmd_sidecar_init)
 
     policy = commands.add_parser("policy", help="policy files").add_subparsers(required=True, metavar="ACTION")
     check = policy.add_parser("check", help="validate policy files; exit status 1 if any is invalid")
@@ -132,6 +154,8 @@ def cmd_serve(args) -> int:
         # The reverse target is never dialled: the addon routes every gateway call by its path prefix.
         f"reverse:http://127.0.0.1:9@{host}:{config.gateway_port}",
     ]
+    if config.transparent_port:  # the original destination of each connection comes from its socket
+        modes.append(f"transparent@{host}:{config.transparent_port}")
     settings = {**config.mitmproxy, "confdir": str(certs_dir), "connection_strategy": "lazy"}
     if config_file(args):
         settings["agentkeys_config"] = str(config_file(args))
@@ -142,11 +166,14 @@ def cmd_serve(args) -> int:
 def print_how_to_connect(config: ProxyConfig, certs_dir: Path) -> None:
     host = config.listen_host
     print(f"agentkeys: proxy mode on {host}:{config.proxy_port}, gateway mode on {host}:{config.gateway_port}")
+    if config.transparent_port:
+        print(f"agentkeys: transparent mode on {host}:{config.transparent_port} (see agentkeys sidecar-init)")
     print("Issue a key:   agentkeys keys issue policies/example.policy.yaml --ttl 1h --budget 5")
     print("Proxy mode (no code change; the agent trusts our CA):")
     for name, value in agent_environment(certs_dir, f"http://{host}:{config.proxy_port}").items():
         print(f"  export {name}={value}")
     print("  export OPENAI_API_KEY=ak_…   # or ANTHROPIC_API_KEY=ak_…")
+    print("  # Node's fetch ignores HTTPS_PROXY: give a Node agent the gateway's base URL (agentkeys run sets both)")
     print("Gateway mode (no CA; set the SDK's base URL):")
     for name in config.providers:
         print(f"  {name}: http://{host}:{config.gateway_port}/{name}" + ("/v1" if name == "openai" else ""))
@@ -221,7 +248,43 @@ def cmd_run(args) -> int:
     config = read_config(args)
     ttl = parse_duration(args.ttl) if args.ttl else None
     policy = load_policy(args.policy)
-    return run_with_key(config, config_file(args), open_store(config), policy, command, ttl, args.budget, args.proxy)
+    try:
+        if args.isolate:
+            check_privileges()  # before a key is minted: without them, nothing runs
+        return run_with_key(
+            config, config_file(args), open_store(config), policy, command, ttl, args.budget, args.proxy, args.isolate
+        )
+    except (IsolationError, RulesError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+# ----- sidecar-init -----
+
+
+def cmd_sidecar_init(args) -> int:
+    rules = Rules()
+    try:
+        if args.remove:
+            rules.remove()
+            print("agentkeys: the redirect rules are removed")
+            return 0
+        spec = redirect_spec(args)
+        rules.apply(spec)
+    except (ValueError, RulesError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(describe_rules(spec))
+    return 0
+
+
+def redirect_spec(args) -> RedirectSpec:
+    if args.proxy_uid is None:
+        raise ValueError("give --proxy-uid, the user the proxy runs as, or its own connections would loop back to it")
+    to_port = args.to_port or read_config(args).transparent_port
+    if not to_port:
+        raise ValueError("give --to-port, or set transparent_port in the config")
+    return RedirectSpec(to_port, parse_ports(args.ports), args.proxy_uid, args.drop_others)
 
 
 # ----- policy, ca -----

@@ -181,6 +181,10 @@ class ProxyConfig(BaseModel):
     listen_host: str = "127.0.0.1"
     proxy_port: int = Field(default=8080, ge=0, le=65535)
     gateway_port: int = Field(default=8081, ge=0, le=65535)
+    transparent_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="transparent mode: connections the kernel redirected here (iptables REDIRECT, sidecar-init)",
+    )  # fmt: skip
     store: str = "sqlite:///agentkeys.db"
     audit_log: str | None = "audit.jsonl"
     metrics_port: int | None = Field(default=9464, ge=0, le=65535)

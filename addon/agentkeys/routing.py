@@ -1,6 +1,7 @@
 """Where a request goes: listener mode + host + path → a route (no mitmproxy here).
 
-In proxy mode (HTTPS_PROXY) a provider is recognised by its host and only provider hosts are
+In proxy mode (HTTPS_PROXY), and in transparent mode (connections the kernel redirected to the
+proxy: `transparent_port`), a provider is recognised by its host and only provider hosts are
 intercepted; everything else is an untouched TLS tunnel (or refused, with `egress: allowlist`). In
 gateway mode (a reverse-proxy listener) the first path segment names the provider:
 `/openai/v1/...`, `/anthropic/v1/...`. The proxy's own API (`/_agentkeys/...`) is answered on the
@@ -144,6 +145,12 @@ class Router:
     def intercepts(self, host: str) -> bool:
         """Whether TLS to `host` is opened up here (a provider's) or relayed untouched."""
         return host in self.provider_by_host
+
+    def intercepts_redirected(self, name: str) -> bool:
+        """Whether TLS that the kernel redirected here (transparent mode) for `name` is opened up: a
+        provider's, to govern its calls, and any other that egress refuses, since there was no CONNECT
+        to refuse: its requests are then answered, and audited, as refused."""
+        return self.intercepts(name) or not self.egress_allowed(name)
 
     def egress_allowed(self, host: str) -> bool:
         """Whether proxy-mode traffic may go to `host`: any host passes, unless `egress: allowlist`."""

@@ -1,9 +1,11 @@
 """`agentkeys run`: a fresh key for one command, gone when the command ends.
 
 Mints a key, runs the command with the environment an agent needs (every provider's key variable
-set to the scoped key, HTTPS_PROXY, the CA bundle variables), revokes the key however the command
-ends (exit, failure, Ctrl-C), prints what it spent, and exits with the command's status. With no
-proxy listening at the configured address, it runs one for the duration of the command.
+set to the scoped key, the SDKs' base-URL variables set to the gateway, HTTPS_PROXY, the CA bundle
+variables), revokes the key however the command ends (exit, failure, Ctrl-C), prints what it spent,
+and exits with the command's status. With no proxy listening at the configured address, it runs one
+for the duration of the command. With `isolate`, the command runs in a network namespace whose only
+way out is the proxy (`isolate.py`), for agents that heed none of these variables.
 """
 
 import os
@@ -15,15 +17,26 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from agentkeys.audit import read_records
 from agentkeys.certs import agent_environment, ensure_ca
+from agentkeys.isolate import command_in, isolated
 from agentkeys.keys import IssuedKey, issue_key
 from agentkeys.ledger import Ledger
 from agentkeys.money import format_usd
 from agentkeys.policy import Policy, ProxyConfig
+from agentkeys.routing import CONTROL_HOST
 
 PROXY_START_TIMEOUT = 30
+# The variable each SDK reads its base URL from, by the variable it reads its key from, and the path
+# under the provider's gateway prefix it expects. Node's fetch ignores HTTPS_PROXY: these it obeys.
+BASE_URL_VARIABLES = {
+    "OPENAI_API_KEY": ("OPENAI_BASE_URL", "/v1"),
+    "ANTHROPIC_API_KEY": ("ANTHROPIC_BASE_URL", ""),
+    "GEMINI_API_KEY": ("GOOGLE_GEMINI_BASE_URL", ""),
+    "AZURE_OPENAI_API_KEY": ("AZURE_OPENAI_ENDPOINT", ""),
+}
 SETTLE_TIMEOUT = 5
 
 
@@ -36,27 +49,42 @@ def run_with_key(
     ttl_seconds: int | None,
     budget_usd: float | None,
     proxy_url: str | None,
+    isolate: bool = False,
 ) -> int:
     issued = issue_key(ledger, policy, ttl_seconds, budget_usd, name=f"run: {' '.join(command)[:60]}")
     print(f"agentkeys: key {issued.record.key_id} ({format_usd(issued.record.budget_micros)})", file=sys.stderr)
     try:
-        with proxy_for(config, config_path, proxy_url) as url:
-            status = run_command(command, agent_env(config, issued, url))
+        with proxy_for(config, config_path, proxy_url) as (proxy, gateway):
+            env = agent_env(config, issued, proxy, gateway)
+            if isolate:
+                status = run_isolated(config, command, env, proxy, gateway)
+            else:
+                status = run_command(command, env)
     finally:
         ledger.revoke(issued.record.key_id, time.time())
         print_spend(config, ledger, issued)
     return status
 
 
+def run_isolated(config: ProxyConfig, command: list[str], env: dict[str, str], proxy: str, gateway: str) -> int:
+    """The command in a namespace of its own, the proxy its only way out: it needs no HTTPS_PROXY there."""
+    hosts = [host for spec in config.providers.values() for host in spec.hosts] + [CONTROL_HOST]
+    with isolated(hosts, proxy, gateway) as namespace:
+        print(f"agentkeys: running in network namespace {namespace}; its only way out is the proxy", file=sys.stderr)
+        return run_command(command_in(namespace, command), {k: v for k, v in env.items() if k != "HTTPS_PROXY"})
+
+
 @contextmanager
 def proxy_for(config: ProxyConfig, config_path: Path | None, proxy_url: str | None):
-    """The proxy to use: the one given, the one already listening, or one started for the command."""
+    """The proxy to use, and its gateway: the one given, the one already listening, or one started for
+    the command. A proxy given by URL is taken to have its gateway on the config's gateway_port."""
     if proxy_url:
-        yield proxy_url
+        yield proxy_url, f"http://{urlsplit(proxy_url).hostname}:{config.gateway_port}"
         return
     url = f"http://{config.listen_host}:{config.proxy_port}"
+    gateway = f"http://{config.listen_host}:{config.gateway_port}"
     if listening(config.listen_host, config.proxy_port):
-        yield url
+        yield url, gateway
         return
     log = config.path("agentkeys-run-proxy.log")
     config_args = ["--config", str(config_path)] if config_path else []
@@ -68,7 +96,7 @@ def proxy_for(config: ProxyConfig, config_path: Path | None, proxy_url: str | No
         wait_until_listening(config, server, log)
         print(f"agentkeys: started a proxy at {url} for this command (log: {log})", file=sys.stderr)
         warn_of_missing_real_keys(config)
-        yield url
+        yield url, gateway
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -104,15 +132,19 @@ def wait_until_listening(config: ProxyConfig, server: subprocess.Popen, log: Pat
         time.sleep(0.1)
 
 
-def agent_env(config: ProxyConfig, issued: IssuedKey, proxy_url: str) -> dict[str, str]:
-    """The command's environment: no real provider key survives into it."""
+def agent_env(config: ProxyConfig, issued: IssuedKey, proxy_url: str, gateway_url: str) -> dict[str, str]:
+    """The command's environment: no real provider key survives into it, and every SDK that reads a
+    base URL from its environment is pointed at the gateway."""
     env = dict(os.environ)
     certs_dir = config.path(config.certs_dir)
     ensure_ca(certs_dir)
     env.update(agent_environment(certs_dir, proxy_url))
     env["AGENTKEYS_KEY_ID"] = issued.record.key_id
-    for provider in config.providers.values():
+    for name, provider in config.providers.items():
         env[provider.key_env] = issued.key
+        if provider.key_env in BASE_URL_VARIABLES:
+            variable, suffix = BASE_URL_VARIABLES[provider.key_env]
+            env[variable] = f"{gateway_url}/{name}{suffix}"
     return env
 
 

@@ -66,6 +66,9 @@ def test_egress_to_other_hosts_follows_the_config(egress, allowed):
     assert routes.egress_allowed("example.com") is allowed
     assert routes.egress_allowed("api.openai.com") is True
     assert routes.intercepts("api.openai.com") and not routes.intercepts("example.com")
+    # Redirected TLS (transparent mode) had no CONNECT to refuse: refused egress is opened up to be answered.
+    assert routes.intercepts_redirected("api.openai.com")
+    assert routes.intercepts_redirected("example.com") is not allowed
 
 
 @pytest.mark.parametrize(
