@@ -38,7 +38,7 @@ from agentkeys.money import micros_to_usd
 from agentkeys.policy import ProxyConfig, current_policies, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import DenyKind, SseSplitter, StreamMeter, WireFormat
+from agentkeys.providers.base import DenyKind, SseEventTooLarge, SseSplitter, StreamMeter, WireFormat
 from agentkeys.records import (
     Timings,
     allowed_record,
@@ -97,6 +97,10 @@ class StreamRelay:
             if self.broken:
                 return [chunk]
             return [event.raw for event in self.splitter.feed(chunk) if self.meter.feed(event)]
+        except SseEventTooLarge as too_large:
+            log.warning("agentkeys: %s; passing the rest of the stream through, charged its full hold", too_large)
+            self.broken = True
+            return non_empty(too_large.held)
         except Exception:
             # Never cut the agent's stream over our own bug; the call is then charged its full hold.
             log.exception("agentkeys: stream metering failed; passing the rest through")
@@ -403,7 +407,8 @@ class AgentKeys:
             admission = state.admission
             streaming = flow.response.headers.get("content-type", "").startswith("text/event-stream")
             if streaming and admission.facts.metered and flow.response.status_code < 400:
-                state.relay = StreamRelay(admission.wire.stream_meter(admission.facts))
+                splitter = SseSplitter(self.config.max_stream_event_bytes)
+                state.relay = StreamRelay(admission.wire.stream_meter(admission.facts), splitter)
                 flow.response.stream = state.relay
                 # A stream's headers leave before its usage is known: it gets what remains after its hold.
                 replace_headers(flow.response.headers, budget_headers(admission, cost=None))

@@ -125,6 +125,7 @@ class Gate:
         wire = FORMATS[self.config.providers[call.provider].format]
         authorize_provider(call, key, policy)
         endpoint = authorize_endpoint(call, key, policy, wire)
+        check_body_size(call, self.config, key)
         real_key = self.real_key_for(call.provider, key)
         facts = await self.read_request(call, wire, key)
         if not facts.metered:
@@ -302,6 +303,18 @@ def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, wire: W
             key,
         )
     return kind
+
+
+def check_body_size(call: CallRequest, config: ProxyConfig, key: KeyRecord) -> None:
+    """A body over `max_request_bytes` is refused before it is parsed or counted: reading it is the
+    work an attacker would make the proxy do."""
+    if len(call.body) > config.max_request_bytes:
+        raise Denial(
+            DenyKind.TOO_LARGE,
+            f"agentkeys: the request body is {len(call.body):,} bytes, over this proxy's limit of"
+            f" {config.max_request_bytes:,} (max_request_bytes)",
+            key,
+        )
 
 
 def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Scope) -> None:

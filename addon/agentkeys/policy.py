@@ -42,6 +42,26 @@ def parse_duration(value: str | int | float) -> int:
 
 Duration = Annotated[int, BeforeValidator(parse_duration)]
 
+BYTE_SIZE = re.compile(r"(\d+)\s*(|k|m|g)(?:i?b)?", re.IGNORECASE)
+BYTES_PER_UNIT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_byte_size(value: str | int) -> int:
+    """`1048576`, `"512k"`, `"64MiB"`, `"1g"` → bytes (binary units, as mitmproxy's own size options)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = BYTE_SIZE.fullmatch(str(value).strip())
+        if not match:
+            raise ValueError(f"{value!r} is not a size (use e.g. 65536, 512k, 64MiB, 1g)")
+        size = int(match[1]) * BYTES_PER_UNIT[match[2].lower()]
+    if size <= 0:
+        raise ValueError("a size must be positive")
+    return size
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
+
 
 class EndpointRule(BaseModel):
     """`POST /v1/chat/completions`: a method (or `*`) and a path glob, in the provider's own paths."""
@@ -200,6 +220,16 @@ class ProxyConfig(BaseModel):
     stale_hold_after: Duration = Field(
         default=900, description="a hold older than this was left by a proxy that died; it is charged in full"
     )
+    max_request_bytes: ByteSize = Field(
+        default=64 * 1024**2, description="a larger request body is refused (413) before it is read for metering"
+    )
+    max_stream_event_bytes: ByteSize = Field(
+        default=16 * 1024**2,
+        description="a larger server-sent event ends metering: the rest of the stream passes through, charged its hold",
+    )
+    max_connections: int = Field(default=512, ge=1, description="client connections open at once")
+    header_timeout: Duration = Field(default=10, description="a new connection's first request must arrive by then")
+    idle_timeout: Duration = Field(default=120, description="a connection with no request in flight is closed after")
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     prices_file: str | None = Field(default=None, description="price overrides in LiteLLM's price-map format")
     prices: dict[str, dict[str, ConfigPrice]] = Field(

@@ -7,6 +7,7 @@ we call its constructors with the file location redirected to our copy.
 
 import contextvars
 import functools
+import re
 import threading
 from importlib import resources
 
@@ -59,8 +60,46 @@ def encoding_for_model(model: str) -> tiktoken.Encoding:
     return encoding("o200k_base")
 
 
+# tiktoken splits a text into pieces (a word, a run of punctuation, of spaces) and merges each piece's
+# bytes; the merging grows faster than the piece, so one long piece (megabytes of one letter) takes minutes.
+# In both encodings' patterns a piece is whitespace only, or one leading character, then non-whitespace,
+# then newlines and slashes: so it can only be long inside a long run of one of those three. `(?<!…)`
+# starts a match only where a run starts, so each run is read once. Whitespace is Unicode's White_Space,
+# as tiktoken's own regex engine has it (Python's `\s` adds four control characters).
+WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+LONG_RUN_CHARS = 256
+LONG_RUN = re.compile(
+    "|".join(f"(?<!{chars}){chars}{{{LONG_RUN_CHARS}}}" for chars in (f"[^{WHITESPACE}]", f"[{WHITESPACE}]", "[\r\n/]"))
+)
+# A newline followed by anything but whitespace or a slash: no piece spans it in either pattern (a piece
+# that trails newlines stops there, and a word's one leading character is never a newline), so the text
+# on each side tokenizes exactly as it does inside the whole.
+PIECE_BOUNDARY = re.compile(f"[\r\n](?=[^{WHITESPACE}/])")
+LAST_PIECE_BOUNDARY = re.compile(f"(?s:.*)[\r\n](?=[^{WHITESPACE}/])")
+
+
 def count_tokens(text: str, model: str) -> int:
-    return len(encoding_for_model(model).encode(text, disallowed_special=()))
+    """The tokens `model` makes of `text`: exact, except that a stretch holding a long run counts a token per
+    byte (an upper bound: every token is at least one byte). Linear in the text's length.
+
+    The stretch is the long run widened to the piece boundaries around it, so everything else is
+    counted exactly by tiktoken, in pieces of bounded length.
+    """
+    exact = encoding_for_model(model).encode
+    total, done = 0, 0
+    while run := LONG_RUN.search(text, done):
+        start = last_piece_boundary(text, done, run.start())
+        after = PIECE_BOUNDARY.search(text, run.end())
+        end = after.end() if after else len(text)
+        total += len(exact(text[done:start], disallowed_special=())) + len(text[start:end].encode())
+        done = end
+    return total + len(exact(text[done:], disallowed_special=()))
+
+
+def last_piece_boundary(text: str, start: int, end: int) -> int:
+    """The last piece boundary in text[start:end] (`start` if there is none)."""
+    found = LAST_PIECE_BOUNDARY.match(text, start, end + 1)
+    return found.end() if found else start
 
 
 def is_openai_model(model: str) -> bool:

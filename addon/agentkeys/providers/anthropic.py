@@ -41,6 +41,7 @@ ERRORS = {
     DenyKind.FORBIDDEN: (403, "permission_error"),
     DenyKind.BUDGET: (402, "billing_error"),
     DenyKind.BAD_REQUEST: (400, "invalid_request_error"),
+    DenyKind.TOO_LARGE: (413, "request_too_large"),
     DenyKind.UNAVAILABLE: (503, "api_error"),
     DenyKind.NOT_CONFIGURED: (500, "api_error"),
     DenyKind.NOT_FOUND: (404, "not_found_error"),

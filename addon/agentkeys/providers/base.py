@@ -9,7 +9,7 @@ where the real key goes. It knows nothing of budgets or keys.
 import fnmatch
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
@@ -32,6 +32,7 @@ class DenyKind(Enum):
     FORBIDDEN = "forbidden"
     BUDGET = "budget"
     BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
     UNAVAILABLE = "unavailable"
     NOT_CONFIGURED = "not_configured"  # the operator's mistake (no real key set): retrying cannot help
     NOT_FOUND = "not_found"
@@ -147,6 +148,8 @@ def utf8_len(value) -> int:
 
 
 EVENT_BOUNDARY = re.compile(rb"\r?\n\r?\n")
+BOUNDARY_MAX_BYTES = 4  # \r\n\r\n
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -156,26 +159,50 @@ class SseEvent:
     data: str
 
 
+class SseEventTooLarge(Exception):
+    """One event grew past the splitter's limit: metering gives up on the stream.
+
+    `held` is every byte the splitter had not handed on; the relay passes it, and the rest of the
+    stream, through untouched, and the call is charged its full hold.
+    """
+
+    def __init__(self, held: bytes, limit: int):
+        super().__init__(f"a server-sent event exceeded {limit:,} bytes (max_stream_event_bytes)")
+        self.held = held
+
+
 @dataclass
 class SseSplitter:
     """Cuts a byte stream into complete server-sent events as they arrive.
 
     Only an incomplete trailing event is held back: every complete event is handed on at once,
-    so the proxy adds no latency a client could notice.
+    so the proxy adds no latency a client could notice. Each byte is searched once (a boundary may
+    straddle two chunks, so the last few bytes of a chunk are searched again), and an event larger
+    than `max_event_bytes` raises SseEventTooLarge rather than growing without end.
     """
 
-    pending: bytes = b""
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    pending: bytearray = field(default_factory=bytearray)
+    searched: int = 0  # bytes of `pending` known to hold no boundary
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         self.pending += chunk
-        events = []
-        while match := EVENT_BOUNDARY.search(self.pending):
-            raw, self.pending = self.pending[: match.end()], self.pending[match.end() :]
-            events.append(parse_event(raw))
+        events, start = [], 0
+        while match := EVENT_BOUNDARY.search(self.pending, max(start, self.searched - BOUNDARY_MAX_BYTES + 1)):
+            if match.end() - start > self.max_event_bytes:
+                break
+            events.append(parse_event(bytes(self.pending[start : match.end()])))
+            start = match.end()
+        if len(self.pending) - start > self.max_event_bytes:
+            held = bytes(self.pending)
+            self.pending, self.searched = bytearray(), 0
+            raise SseEventTooLarge(held, self.max_event_bytes)
+        del self.pending[:start]
+        self.searched = len(self.pending)
         return events
 
     def flush(self) -> bytes:
-        rest, self.pending = self.pending, b""
+        rest, self.pending, self.searched = bytes(self.pending), bytearray(), 0
         return rest
 
 

@@ -63,6 +63,7 @@ ERRORS = {
     DenyKind.FORBIDDEN: (403, "permission_error", "forbidden"),
     DenyKind.BUDGET: (429, "insufficient_quota", "insufficient_quota"),
     DenyKind.BAD_REQUEST: (400, "invalid_request_error", "invalid_request"),
+    DenyKind.TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
     DenyKind.UNAVAILABLE: (503, "server_error", "store_unavailable"),
     DenyKind.NOT_CONFIGURED: (500, "server_error", "provider_not_configured"),
     DenyKind.NOT_FOUND: (404, "invalid_request_error", "not_found"),
