@@ -29,6 +29,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 from agentkeys import tokens
 from agentkeys.audit import AuditLog, CallRecord
 from agentkeys.calls import CallRequest, Denial, Outcome
+from agentkeys.connections import ConnectionGuard
 from agentkeys.control import Control, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
 from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement
@@ -709,4 +710,4 @@ def usd_header(micros: int) -> str:
     return f"{micros_to_usd(micros):.6f}"
 
 
-addons = [AgentKeys()]
+addons = [ConnectionGuard(), AgentKeys()]

@@ -156,11 +156,21 @@ def cmd_serve(args) -> int:
     ]
     if config.transparent_port:  # the original destination of each connection comes from its socket
         modes.append(f"transparent@{host}:{config.transparent_port}")
-    settings = {**config.mitmproxy, "confdir": str(certs_dir), "connection_strategy": "lazy"}
+    settings = {**config.mitmproxy, **connection_limits(config)}
+    settings.update(confdir=str(certs_dir), connection_strategy="lazy")
     if config_file(args):
         settings["agentkeys_config"] = str(config_file(args))
     print_how_to_connect(config, certs_dir)
     return serve(settings, modes)
+
+
+def connection_limits(config: ProxyConfig) -> dict:
+    """The config's connection limits, as the options of the proxy's ConnectionGuard."""
+    return {
+        "agentkeys_max_connections": config.max_connections,
+        "agentkeys_header_timeout": float(config.header_timeout),
+        "agentkeys_idle_timeout": float(config.idle_timeout),
+    }
 
 
 def print_how_to_connect(config: ProxyConfig, certs_dir: Path) -> None:

@@ -20,6 +20,7 @@ from mitmproxy import exceptions, master, options
 from mitmproxy.addons import block, core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig, update_alt_svc
 
 from agentkeys.addon import AgentKeys
+from agentkeys.connections import ConnectionGuard
 
 
 class ProxyMaster(master.Master):
@@ -34,6 +35,7 @@ class ProxyMaster(master.Master):
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
             update_alt_svc.UpdateAltSvc(),
+            ConnectionGuard(),
             self.agentkeys,
             errorcheck.ErrorCheck(),
         )
