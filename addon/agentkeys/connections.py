@@ -63,12 +63,12 @@ class ConnectionGuard:
 
     def client_connected(self, client: connection.Client):
         if len(self.clients) >= ctx.options.agentkeys_max_connections:
-            longest = min((s for s in self.clients.values() if s.waiting()), key=lambda s: s.waiting_since, default=None)
-            if longest is None:
+            waiting = [state for state in self.clients.values() if state.waiting()]
+            if not waiting:
                 client.error = "agentkeys: too many connections"
                 log.warning("agentkeys: refused a connection from %s: every connection is busy", client.peername)
                 return
-            self._close(longest, "to make room for a new connection (agentkeys_max_connections)")
+            self._close(min(waiting, key=lambda state: state.waiting_since), "to make room for a new connection (agentkeys_max_connections)")
         self.clients[client.id] = ClientState(client, self.clock())
 
     def client_disconnected(self, client: connection.Client):
