@@ -68,7 +68,8 @@ class ConnectionGuard:
                 client.error = "agentkeys: too many connections"
                 log.warning("agentkeys: refused a connection from %s: every connection is busy", client.peername)
                 return
-            self._close(min(waiting, key=lambda state: state.waiting_since), "to make room for a new connection (agentkeys_max_connections)")
+            longest = min(waiting, key=lambda state: state.waiting_since)
+            self._close(longest, "to make room for a new connection (agentkeys_max_connections)")
         self.clients[client.id] = ClientState(client, self.clock())
 
     def client_disconnected(self, client: connection.Client):
