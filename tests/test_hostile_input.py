@@ -12,7 +12,18 @@ import time
 
 import pytest
 
-from conftest import httpx, start_proxy, stop_proxy, write_policy
+import conftest
+from agentkeys.cli import main as agentkeys_main
+from conftest import (
+    ANTHROPIC_REAL_KEY,
+    OPENAI_REAL_KEY,
+    OTHER_REAL_KEYS,
+    httpx,
+    proxy_command,
+    start_proxy,
+    stop_proxy,
+    write_policy,
+)
 
 SLOW = pytest.mark.timeout(120)
 
@@ -83,3 +94,52 @@ def test_a_flood_of_idle_and_slow_header_connections_is_bounded_while_calls_are_
             s.close()
     finally:
         stop_proxy(proxy)
+
+
+# ----- secrets: never in the log -----
+
+
+def real_keys_in(text: str) -> list[str]:
+    return [key for key in (OPENAI_REAL_KEY, ANTHROPIC_REAL_KEY, *OTHER_REAL_KEYS.values()) if key in text]
+
+
+@SLOW
+def test_mitmdump_options_that_print_headers_are_lowered_so_no_real_key_reaches_the_log(
+    mock, tmp_path, policy, monkeypatch
+):
+    def with_verbose_options(*args):
+        command = [arg if arg != "flow_detail=0" else "flow_detail=4" for arg in proxy_command(*args)]
+        return [*command, "--set", "proxy_debug=true"]
+
+    monkeypatch.setattr(conftest, "proxy_command", with_verbose_options)
+    proxy = start_proxy(tmp_path / "proxy", mock, launcher="mitmdump")
+    try:
+        key = proxy.issue(policy)
+        assert gateway_chat(proxy, key["key"], chat_body()).status_code == 200
+        assert mock.received[-1].headers["authorization"] == f"Bearer {OPENAI_REAL_KEY}"  # it was swapped in
+    finally:
+        stop_proxy(proxy)
+    log = proxy.log_path.read_text()
+    assert "flow_detail, proxy_debug would print the real provider keys" in log
+    assert real_keys_in(log) == []
+
+
+@SLOW
+def test_serve_at_debug_verbosity_prints_no_real_key(mock, tmp_path, policy):
+    proxy = start_proxy(tmp_path / "proxy", mock, mitmproxy={"termlog_verbosity": "debug"})
+    try:
+        key = proxy.issue(policy)
+        assert gateway_chat(proxy, key["key"], chat_body()).status_code == 200
+        assert gateway_chat(proxy, key["key"], chat_body(), headers={"accept": "text/event-stream"}).status_code == 200
+    finally:
+        stop_proxy(proxy)
+    log = proxy.log_path.read_text()
+    assert "DEBUG" in log or "debug" in log.lower()
+    assert real_keys_in(log) == []
+
+
+def test_serve_refuses_proxy_debug_in_its_config(tmp_path, capsys):
+    config = tmp_path / "agentkeys.yaml"
+    config.write_text("store: sqlite:///agentkeys.db\nmitmproxy:\n  proxy_debug: true\n")
+    assert agentkeys_main(["--config", str(config), "serve"]) == 2
+    assert f"{config}:2: mitmproxy: proxy_debug: would print the real provider keys" in capsys.readouterr().err

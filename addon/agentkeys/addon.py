@@ -34,6 +34,7 @@ from agentkeys.control import Control, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
 from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement
 from agentkeys.ledger import LedgerUnavailable, open_ledger
+from agentkeys.logguard import LogGuard
 from agentkeys.metrics import Metrics
 from agentkeys.money import micros_to_usd
 from agentkeys.policy import ProxyConfig, current_policies, load_config
@@ -710,4 +711,4 @@ def usd_header(micros: int) -> str:
     return f"{micros_to_usd(micros):.6f}"
 
 
-addons = [ConnectionGuard(), AgentKeys()]
+addons = [LogGuard(), ConnectionGuard(), AgentKeys()]

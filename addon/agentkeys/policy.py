@@ -182,6 +182,23 @@ DEFAULT_PROVIDERS = {
 }
 
 
+# mitmproxy options that print a forwarded request, real key and all, to the log (mitmdump's headers and
+# bodies, the proxy core's every event): name → (the safe value, whether a value would show a real key).
+KEY_SHOWING_OPTIONS = {
+    "flow_detail": (1, lambda value: value >= 2),
+    "proxy_debug": (False, bool),
+}
+
+
+def key_showing(options: dict[str, object]) -> dict[str, object]:
+    """Of `options` (by name), those whose value would print a real key, with the safe value for each."""
+    return {
+        name: safe
+        for name, (safe, shows_keys) in KEY_SHOWING_OPTIONS.items()
+        if name in options and shows_keys(options[name])
+    }
+
+
 # mitmproxy options that `agentkeys serve` sets itself, so a config's `mitmproxy` section may not.
 SERVE_OWN_OPTIONS = frozenset({"mode", "confdir", "connection_strategy", "scripts"})
 
@@ -261,6 +278,9 @@ class ProxyConfig(BaseModel):
             raise ValueError(
                 f"{', '.join(own)}: set by agentkeys serve from this config (proxy_port, gateway_port, certs_dir, …)"
             )
+        unsafe = key_showing(options)
+        if unsafe:
+            raise ValueError(f"{', '.join(unsafe)}: would print the real provider keys to the proxy's log")
         return options
 
     @model_validator(mode="before")

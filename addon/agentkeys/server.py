@@ -21,6 +21,7 @@ from mitmproxy.addons import block, core, disable_h2c, errorcheck, next_layer, p
 
 from agentkeys.addon import AgentKeys
 from agentkeys.connections import ConnectionGuard
+from agentkeys.logguard import LogGuard
 
 
 class ProxyMaster(master.Master):
@@ -35,6 +36,7 @@ class ProxyMaster(master.Master):
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
             update_alt_svc.UpdateAltSvc(),
+            LogGuard(),
             ConnectionGuard(),
             self.agentkeys,
             errorcheck.ErrorCheck(),
