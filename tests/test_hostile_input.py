@@ -7,13 +7,20 @@ through a real proxy.
 """
 
 import json
+import os
 import socket
+import stat
 import time
+from pathlib import Path
 
 import pytest
 
 import conftest
+from agentkeys.audit import AuditLog, CallRecord
 from agentkeys.cli import main as agentkeys_main
+from agentkeys.keys import issue_key
+from agentkeys.ledger.sqlite import SqliteLedger
+from agentkeys.policy import load_policy
 from conftest import (
     ANTHROPIC_REAL_KEY,
     OPENAI_REAL_KEY,
@@ -143,3 +150,36 @@ def test_serve_refuses_proxy_debug_in_its_config(tmp_path, capsys):
     config.write_text("store: sqlite:///agentkeys.db\nmitmproxy:\n  proxy_debug: true\n")
     assert agentkeys_main(["--config", str(config), "serve"]) == 2
     assert f"{config}:2: mitmproxy: proxy_debug: would print the real provider keys" in capsys.readouterr().err
+
+
+# ----- secrets: state files are the proxy user's own -----
+
+
+@pytest.fixture()
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_state_files_are_owner_only_whatever_the_umask(tmp_path, policy, umask_022):
+    config = tmp_path / "agentkeys.yaml"
+    config.write_text("store: sqlite:///state/agentkeys.db\naudit_log: logs/audit.jsonl\ncerts_dir: certs\n")
+    assert agentkeys_main(["--config", str(config), "ca"]) == 0
+    ledger = SqliteLedger(tmp_path / "state" / "agentkeys.db")  # as the proxy holds it: open, in WAL mode
+    issue_key(ledger, load_policy(policy))
+    audit = AuditLog(tmp_path / "logs" / "audit.jsonl")
+    audit.write(CallRecord(None, None, None, None, "GET", "/", None, "deny", "test"))
+    audit.close()
+    files = [tmp_path / "state" / name for name in ("agentkeys.db", "agentkeys.db-wal", "agentkeys.db-shm")]
+    assert {path.name: oct(mode_of(path)) for path in [*files, tmp_path / "logs" / "audit.jsonl"]} == {
+        "agentkeys.db": "0o600",
+        "agentkeys.db-wal": "0o600",
+        "agentkeys.db-shm": "0o600",
+        "audit.jsonl": "0o600",
+    }
+    assert oct(mode_of(tmp_path / "certs")) == "0o700"

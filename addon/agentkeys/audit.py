@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentkeys.private import private_opener
+
 
 @dataclass
 class CallRecord:
@@ -49,7 +51,7 @@ class AuditLog:
         self._file = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")
+            self._file = open(path, "a", encoding="utf-8", opener=private_opener)
 
     def write(self, record: CallRecord) -> None:
         record.ts = record.ts or time.time()

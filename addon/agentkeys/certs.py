@@ -10,6 +10,8 @@ from pathlib import Path
 
 from mitmproxy.certs import CertStore
 
+from agentkeys.private import private_folder
+
 CA_BASENAME = "mitmproxy"
 BUNDLE_NAME = "agentkeys-ca-bundle.pem"
 SYSTEM_ROOTS = [Path("/etc/ssl/certs/ca-certificates.crt"), Path("/etc/pki/tls/certs/ca-bundle.crt")]
@@ -34,7 +36,7 @@ def system_roots() -> str:
 
 def ensure_ca(certs_dir: Path) -> Path:
     """Create the CA if there is none, (re)write the bundle, and return the bundle's path."""
-    certs_dir.mkdir(parents=True, exist_ok=True)
+    private_folder(certs_dir)
     CertStore.from_store(certs_dir, CA_BASENAME, 2048)
     bundle = bundle_path(certs_dir)
     bundle.write_text(system_roots().rstrip("\n") + "\n" + ca_cert_path(certs_dir).read_text())

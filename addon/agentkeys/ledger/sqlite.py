@@ -23,6 +23,7 @@ from agentkeys.ledger.base import (
     Reservation,
     StaleHold,
 )
+from agentkeys.private import create_private_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -85,6 +86,7 @@ class SqliteLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         try:
+            create_private_file(self.path)
             self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
             )
@@ -95,7 +97,7 @@ class SqliteLedger:
                 if columns and name not in columns:
                     self._db.execute(f"ALTER TABLE holds ADD COLUMN {name} {kind}")
             self._db.executescript(SCHEMA)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise LedgerUnavailable(f"cannot open {self.path}: {e}") from e
 
     @contextmanager
