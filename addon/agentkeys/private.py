@@ -19,8 +19,16 @@ def private_opener(path: str, flags: int) -> int:
 
 
 def create_private_file(path: Path) -> None:
-    """Create `path` empty and owner-only if it does not exist; an existing file is left as it is."""
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, FILE_MODE))
+    """Create `path` empty and owner-only if it does not exist; an existing file is not even opened.
+
+    Not opened, because closing any descriptor of a file drops every POSIX lock this process holds on
+    it: a second handle on an open SQLite store (the gate's nonblocking one) would release the first
+    one's locks, and its reads would see a stale snapshot.
+    """
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
+    except FileExistsError:
+        pass
 
 
 def private_folder(path: Path) -> None:
