@@ -14,13 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
+import tiktoken
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import conftest
+from agentkeys import tokens
+from agentkeys.addon import StreamRelay
 from agentkeys.audit import AuditLog, CallRecord
 from agentkeys.cli import main as agentkeys_main
 from agentkeys.keys import issue_key
 from agentkeys.ledger.sqlite import SqliteLedger
 from agentkeys.policy import load_policy
+from agentkeys.providers import FORMATS
+from agentkeys.providers.base import RequestFacts, SseSplitter
 from conftest import (
     ANTHROPIC_REAL_KEY,
     OPENAI_REAL_KEY,
@@ -183,3 +190,145 @@ def test_state_files_are_owner_only_whatever_the_umask(tmp_path, policy, umask_0
         "audit.jsonl": "0o600",
     }
     assert oct(mode_of(tmp_path / "certs")) == "0o700"
+
+
+# ----- bounded work: request size, token counts, stream events -----
+
+
+@pytest.fixture(scope="module")
+def proxy(mock, tmp_path_factory):
+    """This module's proxy, with small limits so that going over them is cheap."""
+    running = start_proxy(tmp_path_factory.mktemp("proxy"), mock, max_request_bytes="256k")
+    yield running
+    stop_proxy(running)
+    assert real_keys_in(running.log_path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "route, body, shape",
+    [
+        ("/openai/v1/chat/completions", chat_body, lambda b: b["error"]["code"] == "request_too_large"),
+        (
+            "/anthropic/v1/messages",
+            lambda text: {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": text}],
+            },
+            lambda b: b["type"] == "error" and b["error"]["type"] == "request_too_large",
+        ),
+    ],
+)
+def test_a_body_over_max_request_bytes_is_413_in_the_providers_shape(proxy, mock, key, route, body, shape):
+    answer = httpx.post(
+        proxy.gateway_url + route,
+        json=body("a" * 300_000),
+        headers={"authorization": f"Bearer {key['key']}", "x-api-key": key["key"]},
+        timeout=30,
+    )
+    assert answer.status_code == 413, answer.text
+    assert shape(answer.json()) and "max_request_bytes" in answer.text
+    assert mock.received == []
+    small = httpx.post(proxy.gateway_url + route, json=body("a" * 1000), headers={"x-api-key": key["key"]}, timeout=30)
+    assert small.status_code == 200, small.text
+
+
+def long_run_texts():
+    """Texts of runs, some long: one letter, accented letters, punctuation, slashes, newlines, spaces, digits."""
+    run = st.tuples(st.sampled_from(["a", "e\u0301", "!", "/\n", "\n", " ", "7", "ab", "中", "\t", "\x1c", "x "]),
+                    st.integers(1, 400))  # fmt: skip
+    return st.lists(run, max_size=8).map(lambda runs: "".join(piece * count for piece, count in runs))
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=long_run_texts(), model=st.sampled_from(["gpt-4o", "gpt-4"]))
+def test_token_count_is_an_upper_bound_and_exact_without_long_runs(text, model):
+    exact = len(tokens.encoding_for_model(model).encode(text, disallowed_special=()))
+    counted = tokens.count_tokens(text, model)
+    assert counted >= exact
+    if not tokens.LONG_RUN.search(text):
+        assert counted == exact
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=2000), model=st.sampled_from(["gpt-4o", "gpt-4"]))
+def test_token_count_is_exact_on_ordinary_text(text, model):
+    exact = len(tokens.encoding_for_model(model).encode(text, disallowed_special=()))
+    assert tokens.count_tokens(text, model) == exact or tokens.LONG_RUN.search(text)
+
+
+def test_token_counting_never_hands_tiktoken_a_long_piece(monkeypatch):
+    """The work is linear: tiktoken (whose merging grows faster than a piece) only ever sees text without a
+    long run, and no more text than it was given."""
+    given = []
+    real_encode = tiktoken.Encoding.encode
+
+    def recording_encode(self, text, **kwargs):
+        given.append(text)
+        return real_encode(self, text, **kwargs)
+
+    monkeypatch.setattr(tiktoken.Encoding, "encode", recording_encode)
+    prose = "The quick brown fox jumps over the lazy dog.\n" * 2000
+    for text in ("a" * 2_000_000, prose + "b" * 500_000 + "\n" + prose, " " * 1_000_000, "!" + "/\n" * 500_000):
+        given.clear()
+        assert tokens.count_tokens(text, "gpt-4o") >= len(text.encode()) // 10
+        assert sum(map(len, given)) <= len(text)
+        assert not any(tokens.LONG_RUN.search(piece) for piece in given)
+
+
+def seconds_to(fn, *args) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def test_one_repeated_character_costs_no_more_than_as_much_prose():
+    size = 1_000_000
+    prose = ("The quick brown fox jumps over the lazy dog. " * (size // 45 + 1))[:size]
+    repeated = "a" * size
+    tokens.count_tokens("warm up", "gpt-4o")
+    assert seconds_to(tokens.count_tokens, repeated, "gpt-4o") < 2 * seconds_to(tokens.count_tokens, prose, "gpt-4o")
+
+
+def split_in_chunks(splitter: SseSplitter, data: bytes, chunk: int = 1024) -> list:
+    return [event for i in range(0, len(data), chunk) for event in splitter.feed(data[i : i + chunk])]
+
+
+def test_the_sse_splitter_is_linear_in_an_events_size():
+    def one_event(size: int):
+        events = split_in_chunks(SseSplitter(), b"data: " + b"x" * size + b"\n\n")
+        assert len(events) == 1 and len(events[0].data) == size
+
+    small, large = seconds_to(one_event, 250_000), seconds_to(one_event, 2_000_000)
+    assert large < 25 * small  # 8 times the size: quadratic would be 64 times the time
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    events=st.lists(st.binary(max_size=50).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")), max_size=10),
+    separator=st.sampled_from([b"\n\n", b"\r\n\r\n", b"\n\r\n"]),
+    chunk=st.integers(1, 40),
+)
+def test_the_sse_splitter_finds_every_event_whatever_the_chunking(events, separator, chunk):
+    stream = b"".join(b"data: " + body + separator for body in events)
+    splitter = SseSplitter()
+    found = split_in_chunks(splitter, stream, chunk)
+    assert [event.raw for event in found] == [b"data: " + body + separator for body in events]
+    assert splitter.flush() == b""
+
+
+def test_an_event_over_the_limit_passes_the_stream_through_unmetered_and_charged():
+    facts = RequestFacts(metered=True, endpoint="/v1/chat/completions", model="gpt-4o-mini", stream=True)
+    meter = FORMATS["openai"].stream_meter(facts)
+    relay = StreamRelay(meter, SseSplitter(max_event_bytes=10_000))
+    first = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
+    huge = b"data: " + b"x" * 50_000 + b"\n\n"
+    stream = first + huge + b"data: [DONE]\n\n"
+    passed = [piece for i in range(0, len(stream), 4096) for piece in relay(stream[i : i + 4096])]
+    passed += relay(b"")
+    assert b"".join(passed) == stream  # every byte, once, in order
+    assert relay.broken  # settled at its full hold
+    assert all(passed)

@@ -39,6 +39,8 @@ class Authenticator:
         if any(credential in self.real_keys for credential in found):
             raise Denial(DenyKind.UNAUTHENTICATED, "agentkeys: a real provider key was sent; use a scoped ak_ key")
         scoped = {credential for credential in found if credentials.key_id_of(credential)}
+        if not scoped and any(credential.startswith(credentials.PREFIX) for credential in found):
+            raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: malformed agent key; {credentials.KEY_SHAPE}")
         if not scoped:
             raise Denial(
                 DenyKind.UNAUTHENTICATED,

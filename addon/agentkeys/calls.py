@@ -1,8 +1,8 @@
 """The plain data of one call, as the adapter hands it to the gate and back (no mitmproxy here).
 
-    CallRequest  what the agent sent, in the provider's own terms
-    Denial       why the proxy answers instead of the provider (raised by any step of the gate)
-    Outcome      what became of a forwarded call: the facts the settlement rules decide from
+CallRequest  what the agent sent, in the provider's own terms
+Denial       why the proxy answers instead of the provider (raised by any step of the gate)
+Outcome      what became of a forwarded call: the facts the settlement rules decide from
 """
 
 from dataclasses import dataclass

@@ -10,7 +10,6 @@ These routes are answered by the proxy on either listener and never reach a prov
 code over the store's door (no mitmproxy here); each answer is audited by the addon.
 """
 
-import hmac
 import logging
 import os
 from dataclasses import dataclass
@@ -88,6 +87,8 @@ class Control:
             return await self.show_self(call)
         if (call.method, call.path) == ("POST", "/_agentkeys/v1/keys"):
             issuer = self.issuer_of(call)
+            if issuer is None and not carries_agent_key(call):
+                return error(401, "agentkeys: the credential sent is not an agent key or issuer token")
             return await (self.issue_for(issuer, call) if issuer else self.mint_child(call))
         if call.method == "DELETE" and call.path.startswith("/_agentkeys/v1/keys/"):
             return await self.revoke(call, call.path.removeprefix("/_agentkeys/v1/keys/"))
@@ -156,7 +157,7 @@ class Control:
     def issuer_of(self, call: CallRequest) -> Issuer | None:
         presented = credentials.credentials_in(call.headers)
         return next(
-            (issuer for issuer in self.issuers for token in presented if hmac.compare_digest(token, issuer.token)),
+            (issuer for issuer in self.issuers for token in presented if credentials.same_secret(token, issuer.token)),
             None,
         )
 
@@ -184,6 +185,13 @@ class Control:
         )  # fmt: skip
         await self.store.create_key(issued.record)
         return created(issued, now)
+
+
+def carries_agent_key(call: CallRequest) -> bool:
+    """Whether the call presents something meant as an agent key (well-formed or not): it is then told
+    what is wrong with that key, not that issuers' tokens are also taken."""
+    presented = credentials.credentials_in(call.headers) + credentials.credentials_in_query(call.query)
+    return any(credential.startswith(credentials.PREFIX) for credential in [*presented, call.tunnel_credential or ""])
 
 
 def issuers_from(config: ProxyConfig) -> list[Issuer]:

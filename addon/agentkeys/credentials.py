@@ -10,11 +10,16 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 PREFIX = "ak_"
+# What `mint` makes: an id of letters and digits, a URL-safe secret. Anything else is refused before
+# it is looked up or hashed (a byte that is not UTF-8 arrives as a lone surrogate, which cannot be).
+KEY_FORMAT = re.compile(r"ak_([0-9A-Za-z]+)_[0-9A-Za-z_-]+")
+KEY_SHAPE = "an agent key reads ak_<id>_<secret>, in letters, digits, '-' and '_'"
 # Headers through which SDKs send an API key. All are stripped before forwarding.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization")
 # Query parameters through which an API key travels (Google's `?key=`). Also stripped before forwarding.
@@ -40,14 +45,17 @@ def hash_key(key: str) -> str:
 
 def key_id_of(key: str) -> str | None:
     """The id part of a well-formed scoped key, else None."""
-    if not key.startswith(PREFIX):
-        return None
-    key_id, sep, secret = key[len(PREFIX) :].partition("_")
-    return key_id if sep and key_id and secret else None
+    match = KEY_FORMAT.fullmatch(key)
+    return match[1] if match else None
 
 
 def matches(key: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_key(key), stored_hash)
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """A constant-time comparison that also takes text `compare_digest` refuses (anything not ASCII)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
 def credential_from_header(name: str, value: str) -> str | None:

@@ -19,7 +19,7 @@ from agentkeys import tokens
 from agentkeys.auth import Authenticator
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.ledger import KeyRecord, LedgerUnavailable, Refusal, Reservation
-from agentkeys.money import format_usd
+from agentkeys.money import format_usd, remaining_phrase
 from agentkeys.policy import PolicyFile, ProxyConfig, Scope, scope_of
 from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
 from agentkeys.providers import FORMATS
@@ -386,7 +386,7 @@ def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) 
         raise Denial(
             DenyKind.BUDGET,
             f"agentkeys: budget exhausted: this call could cost up to {format_usd(plan.worst_case)},"
-            f" {format_usd(reservation.remaining_micros)} remains",
+            f" {remaining_phrase(reservation.remaining_micros)}",
             key,
             plan.facts.model,
         )

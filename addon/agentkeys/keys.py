@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentkeys import credentials
 from agentkeys.ledger import KeyRecord, Ledger, Refusal
-from agentkeys.money import format_usd, micros_to_usd, usd_to_micros
+from agentkeys.money import format_usd, micros_to_usd, remaining_phrase, usd_to_micros
 from agentkeys.policy import Duration, EndpointRule, Policy
 
 
@@ -81,8 +81,10 @@ def child_policy(parent: Policy, request: ChildRequest) -> Policy:
     wider = [m for m in models if not any(glob_within(m, outer) for outer in parent.models)]
     if wider:
         raise ChildRefused(f"models {', '.join(wider)} are not within the parent's ({', '.join(parent.models)})")
+    # Named for what it is, so that a refusal of the child names the rules it actually has.
+    name = f"{parent.name}, narrowed for child key {request.name}"
     return parent.model_copy(
-        update={"name": parent.name, "providers": providers, "endpoints": endpoints, "models": models,
+        update={"name": name, "providers": providers, "endpoints": endpoints, "models": models,
                 "budget_usd": request.budget_usd, "ttl": request.ttl}
     )  # fmt: skip
 
@@ -123,7 +125,7 @@ def check_depth_and_lifetime(parent: KeyRecord, policy: Policy, request: ChildRe
 def child_refusal_message(refusal: Refusal, parent: KeyRecord, request: ChildRequest) -> str:
     if refusal is Refusal.BUDGET:
         asked = format_usd(usd_to_micros(request.budget_usd))
-        return f"budget_usd: asked {asked}, the parent has {format_usd(parent.remaining_micros)} remaining"
+        return f"budget_usd: asked {asked}; of the parent's budget {remaining_phrase(parent.remaining_micros)}"
     if refusal is Refusal.TOO_MANY_CHILDREN:
         return f"max_children: key {parent.key_id} has as many live child keys as its policy allows"
     return f"the parent key is {refusal.value}"

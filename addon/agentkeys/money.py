@@ -18,6 +18,16 @@ def micros_to_usd(micros: int) -> float:
     return micros / MICROS_PER_USD
 
 
+def remaining_phrase(micros: int) -> str:
+    """What is left of a budget, for a message: `$0.0040 remains`, `nothing remains`, or by how much it
+    was overspent (a call may cost more than its hold when the provider bills beyond its own limits)."""
+    if micros > 0:
+        return f"{format_usd(micros)} remains"
+    if micros == 0:
+        return "nothing remains"
+    return f"nothing remains (overspent by {format_usd(-micros)})"
+
+
 def format_usd(micros: int) -> str:
     """`$0.0123`, or as many decimals as it takes to be exact (`$0.000062`): small calls are cheap."""
     text = f"{micros / MICROS_PER_USD:.6f}"
