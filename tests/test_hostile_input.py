@@ -9,6 +9,7 @@ through a real proxy.
 import json
 import os
 import socket
+import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from agentkeys.audit import AuditLog, CallRecord
 from agentkeys.cli import main as agentkeys_main
 from agentkeys.keys import issue_key
 from agentkeys.ledger.sqlite import SqliteLedger
+from agentkeys.money import remaining_phrase
 from agentkeys.policy import load_policy
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import RequestFacts, SseSplitter
@@ -44,7 +46,7 @@ SLOW = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    return write_policy(tmp_path_factory.mktemp("policies"))
+    return write_policy(tmp_path_factory.mktemp("policies"), max_child_depth=1)
 
 
 @pytest.fixture()
@@ -332,3 +334,94 @@ def test_an_event_over_the_limit_passes_the_stream_through_unmetered_and_charged
     assert b"".join(passed) == stream  # every byte, once, in order
     assert relay.broken  # settled at its full hold
     assert all(passed)
+
+
+# ----- errors a user meets -----
+
+
+@pytest.mark.parametrize(
+    "credential",
+    [b"Bearer ak_0123abcd_s\xffcret", b"Bearer ak_\xc3\xa9t\xc3\xa9_secret", b"Bearer \xff\xfe", b"Bearer ak_broken"],
+)
+def test_a_key_with_bytes_that_are_not_a_key_is_401_never_500(proxy, mock, credential):
+    answer = httpx.post(
+        f"{proxy.gateway_url}/openai/v1/chat/completions",
+        content=json.dumps(chat_body()).encode(),
+        headers=[(b"authorization", credential), (b"content-type", b"application/json")],
+        timeout=30,
+    )
+    assert answer.status_code == 401, answer.text
+    if credential.startswith(b"Bearer ak_"):
+        assert "malformed agent key" in answer.json()["error"]["message"]
+    assert mock.received == []
+
+
+def test_a_known_key_id_with_a_secret_that_is_not_utf8_is_401(proxy, mock, key):
+    for route in ("/openai/v1/chat/completions", "/_agentkeys/v1/keys/self"):
+        answer = httpx.post(
+            proxy.gateway_url + route,
+            content=json.dumps(chat_body()).encode(),
+            headers=[(b"authorization", f"Bearer ak_{key['id']}_".encode() + b"s\xffcret")],
+            timeout=30,
+        )
+        assert answer.status_code in (401, 404), answer.text  # 404: no POST on /keys/self
+    answer = httpx.get(
+        f"{proxy.gateway_url}/_agentkeys/v1/keys/self",
+        headers=[(b"authorization", f"Bearer ak_{key['id']}_".encode() + b"s\xffcret")],
+        timeout=30,
+    )
+    assert answer.status_code == 401, answer.text
+    assert mock.received == []
+
+
+def test_the_control_api_says_what_a_credential_is_not(proxy):
+    def mint_with(credential: bytes) -> httpx.Response:
+        return httpx.post(
+            f"{proxy.gateway_url}/_agentkeys/v1/keys",
+            json={"policy": "test", "ttl": "5m", "budget_usd": 0.1, "name": "x"},
+            headers=[(b"authorization", b"Bearer " + credential)],
+            timeout=30,
+        )
+
+    wrong_token = mint_with(b"not-the-issuer-token")
+    assert wrong_token.status_code == 401
+    assert "not an agent key or issuer token" in wrong_token.json()["error"]["message"]
+    assert mint_with("t\u00f6ken".encode()).status_code == 401  # not ASCII: compared, not crashed on
+    malformed = mint_with(b"ak_broken")
+    assert malformed.status_code == 401 and "malformed agent key" in malformed.json()["error"]["message"]
+
+
+def overspend(proxy, key_id: str, by_micros: int) -> None:
+    """What a provider billing beyond a call's hold leaves behind: spend over the budget."""
+    with sqlite3.connect(proxy.dir / "agentkeys.db") as db:
+        db.execute("UPDATE keys SET spent_micros = budget_micros + ? WHERE key_id = ?", (by_micros, key_id))
+
+
+def test_an_overspent_budget_is_told_as_exhausted_never_as_a_negative_remainder(proxy, key):
+    overspend(proxy, key["id"], 501_023)
+    answer = gateway_chat(proxy, key["key"], chat_body())
+    assert answer.status_code == 429
+    message = answer.json()["error"]["message"]
+    assert "$-" not in message
+    assert "nothing remains (overspent by $0.501023)" in message
+
+
+@pytest.mark.parametrize(
+    "micros, phrase",
+    [(4000, "$0.0040 remains"), (0, "nothing remains"), (-501_023, "nothing remains (overspent by $0.501023)")],
+)
+def test_remaining_phrase(micros, phrase):
+    assert remaining_phrase(micros) == phrase
+
+
+def test_a_child_keys_refusal_names_its_own_narrowed_policy(proxy, key):
+    child = httpx.post(
+        f"{proxy.gateway_url}/_agentkeys/v1/keys",
+        json={"name": "worker", "budget_usd": 0.01, "ttl": "5m", "models": ["gpt-4o-mini"]},
+        headers={"authorization": f"Bearer {key['key']}"},
+        timeout=30,
+    )
+    assert child.status_code == 201, child.text
+    answer = gateway_chat(proxy, child.json()["key"], chat_body(model="gpt-4o-mini-2024-07-18"))
+    assert answer.status_code == 403
+    assert "policy test, narrowed for child key worker" in answer.json()["error"]["message"]
