@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agentkeys import credentials
 from agentkeys.auth import Authenticator
@@ -30,7 +30,7 @@ from agentkeys.keys import (
     new_key_record,
 )
 from agentkeys.ledger import KeyRecord
-from agentkeys.policy import Duration, Policy, ProxyConfig, load_policy, parse_stored_policy
+from agentkeys.policy import BudgetUsd, Duration, Policy, ProxyConfig, load_policy, parse_stored_policy
 from agentkeys.store import Store
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class IssueRequest(BaseModel):
     policy: str
     name: str = ""
     ttl: Duration | None = None
-    budget_usd: float | None = Field(default=None, gt=0)
+    budget_usd: BudgetUsd | None = None
 
 
 def is_control_path(path: str) -> bool:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentkeys import credentials
 from agentkeys.ledger import KeyRecord, Ledger, Refusal
 from agentkeys.money import format_usd, micros_to_usd, remaining_phrase, usd_to_micros
-from agentkeys.policy import Duration, EndpointRule, Policy
+from agentkeys.policy import BudgetUsd, Duration, EndpointRule, Policy, parse_budget
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,7 @@ def issue_key(
     ledger: Ledger, policy: Policy, ttl_seconds: int | None = None, budget_usd: float | None = None, name: str = ""
 ) -> IssuedKey:
     """Mint a key under `policy`; `ttl_seconds` and `budget_usd` default to the policy's own."""
-    budget = policy.budget_usd if budget_usd is None else budget_usd
-    if budget <= 0:
-        raise ValueError("a key's budget must be positive")
+    budget = policy.budget_usd if budget_usd is None else parse_budget(budget_usd)
     issued = new_key_record(policy, ttl_seconds or policy.ttl, budget, name or policy.name, time.time())
     ledger.create_key(issued.record)
     return issued
@@ -54,7 +52,7 @@ class ChildRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
-    budget_usd: float = Field(gt=0)
+    budget_usd: BudgetUsd
     ttl: Duration
     providers: list[str] | None = None
     endpoints: list[EndpointRule] | None = None

@@ -8,13 +8,23 @@ resulting typed objects.
 import fnmatch
 import functools
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agentkeys.pricing import ConfigPrice, PriceTable, load_prices
 from agentkeys.yamlfile import ConfigError, load_yaml_model
@@ -23,8 +33,16 @@ DURATION_PART = re.compile(r"(\d+)([smhd])")
 SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+# Longer than any key should live, and short enough that a deadline stays a sane date.
+MAX_DURATION_SECONDS = 3650 * 86400
+# Far above any real budget, and far below what sums of micro-dollars can hold in the stores' 64-bit integers.
+MAX_BUDGET_USD = 1_000_000_000
+
+
 def parse_duration(value: str | int | float) -> int:
     """`90`, `"90s"`, `"5m"`, `"1h30m"`, `"2d"` → seconds."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 5m, 1h, 1h30m, 2d)")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = int(value)
     elif str(value).strip().isdigit():
@@ -37,10 +55,23 @@ def parse_duration(value: str | int | float) -> int:
         seconds = sum(int(n) * SECONDS_PER_UNIT[u] for n, u in parts)
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{value!r} is longer than the longest duration allowed, 3650d")
     return seconds
 
 
 Duration = Annotated[int, BeforeValidator(parse_duration)]
+BudgetUsd = Annotated[float, Field(gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False)]
+_BUDGET = TypeAdapter(BudgetUsd)
+
+
+def parse_budget(value: str | float) -> float:
+    """A budget in USD: a finite number above 0 and at most MAX_BUDGET_USD; ValueError saying which it is not."""
+    try:
+        return _BUDGET.validate_python(value)
+    except ValidationError as e:
+        raise ValueError(f"{value!r}: {e.errors()[0]['msg']}") from None
+
 
 BYTE_SIZE = re.compile(r"(\d+)\s*(|k|m|g)(?:i?b)?", re.IGNORECASE)
 BYTES_PER_UNIT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -99,7 +130,7 @@ class Policy(BaseModel):
     name: str = Field(min_length=1)
     description: str = ""
     ttl: Duration = 3600
-    budget_usd: float = Field(gt=0)
+    budget_usd: BudgetUsd
     providers: list[str] = Field(min_length=1)
     endpoints: list[EndpointRule] = Field(min_length=1)
     models: list[str] = Field(min_length=1, description="globs, e.g. gpt-4o-mini*")
