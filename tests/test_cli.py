@@ -125,7 +125,9 @@ def test_serve_refuses_a_bad_mitmproxy_option(config, options, message):
 
 def test_keys_issue_list_show_revoke(config, tmp_path):
     policy = write_policy(tmp_path, "ci", budget_usd=2.5)
-    issued = run("--config", str(config), "keys", "issue", str(policy), "--ttl", "30m", "--name", "job-42")
+    issued = run(
+        "--config", str(config), "keys", "issue", str(policy), "--ttl", "30m", "--name", "job-42", "--create-store"
+    )
     key = issued.stdout.strip()
     assert issued.returncode == 0 and key.startswith("ak_")
     assert "shown only once" in issued.stderr and "$2.5000" in issued.stderr

@@ -13,7 +13,7 @@ from agentkeys.keys import describe, iso, issue_key
 from agentkeys.ledger import LedgerUnavailable, open_ledger
 from agentkeys.money import format_usd
 from agentkeys.netrules import RedirectSpec, Rules, RulesError, describe_rules, parse_ports
-from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_duration
+from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_budget, parse_duration
 from agentkeys.pricing import price_rows
 from agentkeys.runner import run_with_key
 from agentkeys.yamlfile import ConfigError
@@ -21,16 +21,41 @@ from agentkeys.yamlfile import ConfigError
 DEFAULT_CONFIG = Path("agentkeys.yaml")
 
 
+class NoStore(Exception):
+    """The config names a key store that does not exist; only `serve` (or `keys issue --create-store`) makes one."""
+
+
+class BadOption(Exception):
+    """An option's value is unusable (`--ttl 0s`, `--budget inf`): one line saying which and why."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(config_first(sys.argv[1:] if argv is None else argv))
     try:
-        return args.run(args) or 0
-    except ConfigError as e:
+        status = args.run(args) or 0
+        sys.stdout.flush()  # here, so that a reader gone away is caught below, not at the interpreter's exit
+        return status
+    except (ConfigError, NoStore, BadOption) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except LedgerUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except BrokenPipeError:
+        # The reader went away (`keys list | head`): what it did not read is not wanted. Point stdout at
+        # /dev/null so that the interpreter's last flush does not fail again on the way out.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def option_value(parse, option: str, text: str | None):
+    """`text` parsed by `parse`, None if the option was not given; BadOption naming the option otherwise."""
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise BadOption(f"{option}: {e}") from None
 
 
 def config_first(argv: list[str]) -> list[str]:
@@ -60,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     issue = keys.add_parser("issue", help="mint a key from a policy; prints it once")
     issue.add_argument("policy", type=Path, help="a *.policy.yaml file")
     issue.add_argument("--ttl", help="lifetime, e.g. 5m, 1h (default: the policy's ttl)")
-    issue.add_argument("--budget", type=float, help="USD cap (default: the policy's budget_usd)")
+    issue.add_argument("--budget", help="USD cap (default: the policy's budget_usd)")
+    issue.add_argument(
+        "--create-store", action="store_true", help="create the config's key store if it does not exist yet"
+    )
     issue.add_argument("--name", help="a name for the key (default: the policy's name)")
     issue.add_argument("--json", action="store_true", help="print id, key, expiry and budget as JSON")
     issue.set_defaults(run=cmd_keys_issue)
@@ -82,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--policy", type=Path, required=True, help="the key's policy")
     run.add_argument("--ttl", help="lifetime (default: the policy's ttl)")
-    run.add_argument("--budget", type=float, help="USD cap (default: the policy's budget_usd)")
+    run.add_argument("--budget", help="USD cap (default: the policy's budget_usd)")
     run.add_argument("--proxy", help="a running proxy's URL (default: the config's, started if none is listening)")
     run.add_argument(
         "--isolate", action="store_true",
@@ -135,8 +163,33 @@ def read_config(args) -> ProxyConfig:
     return load_config(config_file(args))
 
 
-def open_store(config: ProxyConfig):
+def open_store(args, config: ProxyConfig, create: bool = False):
+    """The config's key store, after saying on stderr which config and store these are. A SQLite file that
+    does not exist is refused unless `create`: a store made by mistake (run outside the config's folder)
+    would hold keys the running proxy never sees."""
+    announce(args, f"store {config.store_url}")
+    path = sqlite_path(config.store_url)
+    if path is not None and not path.exists() and not create:
+        raise NoStore(
+            f"no key store at {path} (the store of {describe_config(args)}); run this in the config's folder or"
+            " give --config, or create the store by starting the proxy (agentkeys serve)"
+            + (" or with keys issue --create-store" if hasattr(args, "create_store") else "")
+        )
     return open_ledger(config.store_url)
+
+
+def sqlite_path(store_url: str) -> Path | None:
+    return Path(store_url.removeprefix("sqlite:///")) if store_url.startswith("sqlite:///") else None
+
+
+def describe_config(args) -> str:
+    path = config_file(args)
+    return f"config {path.resolve()}" if path else f"the default config (no agentkeys.yaml in {Path.cwd()})"
+
+
+def announce(args, using: str) -> None:
+    """One stderr line: which config a command read, and which store (or folder) it uses."""
+    print(f"agentkeys: using {describe_config(args)}, {using}", file=sys.stderr)
 
 
 # ----- serve -----
@@ -147,6 +200,7 @@ def cmd_serve(args) -> int:
 
     config = read_config(args)
     certs_dir = config.path(config.certs_dir)
+    announce(args, f"store {config.store_url}, CA in {certs_dir}")
     ensure_ca(certs_dir)
     host = config.listen_host
     modes = [
@@ -195,10 +249,10 @@ def print_how_to_connect(config: ProxyConfig, certs_dir: Path) -> None:
 
 def cmd_keys_issue(args) -> int:
     config = read_config(args)
+    ttl, budget = option_value(parse_duration, "--ttl", args.ttl), option_value(parse_budget, "--budget", args.budget)
     policy = load_policy(args.policy)
-    ttl = parse_duration(args.ttl) if args.ttl else None
     try:
-        issued = issue_key(open_store(config), policy, ttl, args.budget, args.name or "")
+        issued = issue_key(open_store(args, config, args.create_store), policy, ttl, budget, args.name or "")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -217,7 +271,7 @@ def cmd_keys_issue(args) -> int:
 
 def cmd_keys_list(args) -> int:
     now = time.time()
-    summaries = [describe(record, now) for record in open_store(read_config(args)).list_keys()]
+    summaries = [describe(record, now) for record in open_store(args, read_config(args)).list_keys()]
     if args.json:
         print(json.dumps(summaries, indent=2))
         return 0
@@ -229,7 +283,7 @@ def cmd_keys_list(args) -> int:
 
 
 def cmd_keys_show(args) -> int:
-    record = open_store(read_config(args)).get_key(args.key_id)
+    record = open_store(args, read_config(args)).get_key(args.key_id)
     if record is None:
         print(f"error: no key {args.key_id}", file=sys.stderr)
         return 1
@@ -243,7 +297,7 @@ def cmd_keys_show(args) -> int:
 
 
 def cmd_keys_revoke(args) -> int:
-    if not open_store(read_config(args)).revoke(args.key_id, time.time()):
+    if not open_store(args, read_config(args)).revoke(args.key_id, time.time()):
         print(f"error: no active key {args.key_id}", file=sys.stderr)
         return 1
     print(f"revoked {args.key_id}")
@@ -256,14 +310,15 @@ def cmd_run(args) -> int:
         print("error: give the command after --, e.g. agentkeys run --policy ci.policy.yaml -- pytest", file=sys.stderr)
         return 2
     config = read_config(args)
-    ttl = parse_duration(args.ttl) if args.ttl else None
+    ttl, budget = option_value(parse_duration, "--ttl", args.ttl), option_value(parse_budget, "--budget", args.budget)
     policy = load_policy(args.policy)
     try:
         if args.isolate:
             check_privileges()  # before a key is minted: without them, nothing runs
         return run_with_key(
-            config, config_file(args), open_store(config), policy, command, ttl, args.budget, args.proxy, args.isolate
-        )
+            config, config_file(args), open_store(args, config, create=True), policy, command, ttl, budget, args.proxy,
+            args.isolate,
+        )  # fmt: skip
     except (IsolationError, RulesError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -322,6 +377,7 @@ def cmd_policy_check(args) -> int:
 def cmd_ca(args) -> int:
     config = read_config(args)
     certs_dir = config.path(config.certs_dir)
+    announce(args, f"CA in {certs_dir}")
     ensure_ca(certs_dir)
     print(f"# CA certificate: {ca_cert_path(certs_dir)}")
     print(f"# bundle (system roots + CA): {bundle_path(certs_dir)}")
