@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import tiktoken
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 import conftest
@@ -528,3 +528,79 @@ def test_a_reader_that_goes_away_ends_the_listing_quietly(tmp_path, policy):
         stderr = listing.stderr.read().decode()
         assert listing.wait(timeout=60) == 0
         assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+# ----- fuzz: the request path through the real proxy -----
+
+ROUTES = [
+    "/openai/v1/chat/completions",
+    "/openai/v1/responses",
+    "/openai/v1/embeddings",
+    "/openai/v1/models",
+    "/anthropic/v1/messages",
+    "/anthropic/v1/messages/count_tokens",
+    "/gemini/v1beta/models/gemini-2.0-flash:generateContent",
+    "/_agentkeys/v1/keys",
+    "/_agentkeys/v1/keys/self",
+    "/nosuch/v1/x",
+]
+HEADER_SAFE = st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b""))
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@st.composite
+def hostile_requests(draw, valid_key: str):
+    method = draw(st.sampled_from(["GET", "POST", "POST", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]))
+    path = draw(st.sampled_from(ROUTES) | st.text(alphabet="/abcxyz_:.%?=&-0123456789", max_size=40).map("/".__add__))
+    credential = draw(
+        st.sampled_from([valid_key, OPENAI_REAL_KEY, "ak_broken", "ak_x_y", "", valid_key[:-3]]).map(str.encode)
+        | HEADER_SAFE
+    )
+    header_name = draw(st.sampled_from([b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key", b"x-other"]))
+    value = b"Bearer " + credential if header_name == b"authorization" and draw(st.booleans()) else credential
+    fields = {
+        "model": draw(st.sampled_from(["gpt-4o-mini", "claude-haiku-4-5", "gpt-4o", "nosuch"]) | JSON_VALUES),
+        "messages": draw(st.just([{"role": "user", "content": "hi"}]) | JSON_VALUES),
+        "max_tokens": draw(st.sampled_from([1, 5]) | JSON_VALUES | st.sampled_from([1e29, 10**30, -1, 0, "5"])),
+        **draw(st.dictionaries(st.text(max_size=12), JSON_VALUES, max_size=3)),
+    }
+    body = draw(
+        st.just(json.dumps(fields).encode())
+        | st.binary(max_size=200)
+        | JSON_VALUES.map(lambda value: json.dumps(value).encode())
+        | st.sampled_from([b"[" * 5000, b'{"a":' * 5000, b"\xff\xfe", b""])
+    )
+    headers = [(header_name, value), (b"content-type", draw(st.sampled_from([b"application/json", b"text/plain"])))]
+    return method, path, headers, body
+
+
+@pytest.fixture(scope="module")
+def fuzz_key(proxy, policy):
+    return proxy.issue(policy, "--budget", "100")
+
+
+@SLOW
+def test_fuzz_the_request_path(proxy, mock, fuzz_key):
+    # A connection per request: a request the proxy refuses at the protocol level closes its connection.
+    client = httpx.Client(base_url=proxy.gateway_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(request=hostile_requests(fuzz_key["key"]))
+    def one_request(request):
+        method, path, headers, body = request
+        received = len(mock.received)
+        try:
+            answer = client.request(method, path, headers=headers, content=body)
+        except httpx.LocalProtocolError:
+            reject()  # not even HTTP: the client would not send it
+        assert answer.status_code < 500, (request, answer.status_code, answer.text)
+        assert real_keys_in(answer.text + str(answer.headers)) == [], (request, answer.text)
+        if b"agentkeys:" in answer.content:  # the proxy answered: nothing reached the provider
+            assert len(mock.received) == received, (request, answer.text)
+
+    one_request()
+    assert gateway_chat(proxy, fuzz_key["key"], chat_body()).status_code == 200  # and it keeps serving
