@@ -8,7 +8,6 @@ where the real key goes. It knows nothing of budgets or keys.
 
 import fnmatch
 import json
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -147,7 +146,6 @@ def utf8_len(value) -> int:
     return len(text.encode())
 
 
-EVENT_BOUNDARY = re.compile(rb"\r?\n\r?\n")
 BOUNDARY_MAX_BYTES = 4  # \r\n\r\n
 DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 
@@ -188,11 +186,11 @@ class SseSplitter:
     def feed(self, chunk: bytes) -> list[SseEvent]:
         self.pending += chunk
         events, start = [], 0
-        while match := EVENT_BOUNDARY.search(self.pending, max(start, self.searched - BOUNDARY_MAX_BYTES + 1)):
-            if match.end() - start > self.max_event_bytes:
+        while end := boundary_end(self.pending, max(start, self.searched - BOUNDARY_MAX_BYTES + 1)):
+            if end - start > self.max_event_bytes:
                 break
-            events.append(parse_event(bytes(self.pending[start : match.end()])))
-            start = match.end()
+            events.append(parse_event(bytes(self.pending[start:end])))
+            start = end
         if len(self.pending) - start > self.max_event_bytes:
             held = bytes(self.pending)
             self.pending, self.searched = bytearray(), 0
@@ -204,6 +202,23 @@ class SseSplitter:
     def flush(self) -> bytes:
         rest, self.pending, self.searched = bytes(self.pending), bytearray(), 0
         return rest
+
+
+def boundary_end(data: bytearray, start: int) -> int | None:
+    """Where the first event boundary (a blank line: `\n\n`, `\r\n\r\n`, …) at or after `start` ends.
+
+    A boundary is a newline, an optional carriage return, and a newline; found with `find`, which
+    reads only from `start` on (a regular expression search pays for the whole buffer on each call).
+    """
+    newline = data.find(b"\n", start)
+    while newline != -1:
+        after = newline + 1
+        if data[after : after + 1] == b"\n":
+            return after + 1
+        if data[after : after + 2] == b"\r\n":
+            return after + 2
+        newline = data.find(b"\n", after)
+    return None
 
 
 def parse_event(raw: bytes) -> SseEvent:
