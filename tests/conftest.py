@@ -64,6 +64,19 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: floa
     raise RuntimeError(f"mitmdump did not listen on {port} within {timeout}s:\n{log.read_text()}")
 
 
+def wait_for_store(config_path: Path, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    """Wait until the proxy has opened (so created) its SQLite store: mitmdump may listen before its
+    script has, and the CLI refuses to issue keys into a store that does not exist."""
+    store = load_config(config_path).store_url
+    if not store.startswith("sqlite:///"):
+        return
+    path, deadline = Path(store.removeprefix("sqlite:///")), time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the proxy did not open its store {path}:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
 @dataclass
 class Proxy:
     """A running mitmdump with the addon, and everything a test needs to talk to it."""
@@ -176,6 +189,7 @@ def start_proxy(directory: Path, mock: MockProvider, launcher: str = "serve", **
     proxy = Proxy(directory, config_path, proxy_port, gateway_port, metrics_port, process, log_path)
     wait_for_port(proxy_port, process, log_path)
     wait_for_port(gateway_port, process, log_path)
+    wait_for_store(config_path, process, log_path)
     return proxy
 
 

@@ -1,9 +1,9 @@
-"""Hostile and careless input, end to end: what an attacker or a hurried user sends, and what they get.
+"""Hostile and careless input through a real proxy: what an attacker or a hurried user sends, and what
+they get (issue 12).
 
-Each test is a class of input from issue 12: bounded work (request size, token counting, one
-stream event, connections), secrets kept out of logs and files, errors a user can act on, and the
-CLI refusing bad files and values in one line. The last one is a fuzz test of the request path
-through a real proxy.
+Bounded work (request size, one stream event, connections), secrets kept out of logs and files,
+errors an agent can act on, and a fuzz test of the request path: never a 5xx, never a real key in
+an answer, nothing forwarded when the proxy refuses, and the proxy keeps serving.
 """
 
 import json
@@ -11,24 +11,19 @@ import os
 import socket
 import sqlite3
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import tiktoken
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 import conftest
-from agentkeys import tokens
 from agentkeys.addon import StreamRelay
 from agentkeys.audit import AuditLog, CallRecord
 from agentkeys.cli import main as agentkeys_main
 from agentkeys.keys import issue_key
 from agentkeys.ledger.sqlite import SqliteLedger
-from agentkeys.money import remaining_phrase
 from agentkeys.policy import load_policy
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import RequestFacts, SseSplitter
@@ -66,6 +61,47 @@ def gateway_chat(proxy, api_key: str, body, **kwargs) -> httpx.Response:
     return httpx.post(
         f"{proxy.gateway_url}/openai/v1/chat/completions", content=content, headers=headers, timeout=30, **kwargs
     )
+
+
+# ----- bounded work: request size, token counts, stream events -----
+
+
+@pytest.fixture(scope="module")
+def proxy(mock, tmp_path_factory):
+    """This module's proxy, with small limits so that going over them is cheap."""
+    running = start_proxy(tmp_path_factory.mktemp("proxy"), mock, max_request_bytes="256k")
+    yield running
+    stop_proxy(running)
+    assert real_keys_in(running.log_path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "route, body, shape",
+    [
+        ("/openai/v1/chat/completions", chat_body, lambda b: b["error"]["code"] == "request_too_large"),
+        (
+            "/anthropic/v1/messages",
+            lambda text: {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": text}],
+            },
+            lambda b: b["type"] == "error" and b["error"]["type"] == "request_too_large",
+        ),
+    ],
+)
+def test_a_body_over_max_request_bytes_is_413_in_the_providers_shape(proxy, mock, key, route, body, shape):
+    answer = httpx.post(
+        proxy.gateway_url + route,
+        json=body("a" * 300_000),
+        headers={"authorization": f"Bearer {key['key']}", "x-api-key": key["key"]},
+        timeout=30,
+    )
+    assert answer.status_code == 413, answer.text
+    assert shape(answer.json()) and "max_request_bytes" in answer.text
+    assert mock.received == []
+    small = httpx.post(proxy.gateway_url + route, json=body("a" * 1000), headers={"x-api-key": key["key"]}, timeout=30)
+    assert small.status_code == 200, small.text
 
 
 # ----- denial of service: connections -----
@@ -196,132 +232,7 @@ def test_state_files_are_owner_only_whatever_the_umask(tmp_path, policy, umask_0
     assert oct(mode_of(tmp_path / "certs")) == "0o700"
 
 
-# ----- bounded work: request size, token counts, stream events -----
-
-
-@pytest.fixture(scope="module")
-def proxy(mock, tmp_path_factory):
-    """This module's proxy, with small limits so that going over them is cheap."""
-    running = start_proxy(tmp_path_factory.mktemp("proxy"), mock, max_request_bytes="256k")
-    yield running
-    stop_proxy(running)
-    assert real_keys_in(running.log_path.read_text()) == []
-
-
-@pytest.mark.parametrize(
-    "route, body, shape",
-    [
-        ("/openai/v1/chat/completions", chat_body, lambda b: b["error"]["code"] == "request_too_large"),
-        (
-            "/anthropic/v1/messages",
-            lambda text: {
-                "model": "claude-haiku-4-5",
-                "max_tokens": 5,
-                "messages": [{"role": "user", "content": text}],
-            },
-            lambda b: b["type"] == "error" and b["error"]["type"] == "request_too_large",
-        ),
-    ],
-)
-def test_a_body_over_max_request_bytes_is_413_in_the_providers_shape(proxy, mock, key, route, body, shape):
-    answer = httpx.post(
-        proxy.gateway_url + route,
-        json=body("a" * 300_000),
-        headers={"authorization": f"Bearer {key['key']}", "x-api-key": key["key"]},
-        timeout=30,
-    )
-    assert answer.status_code == 413, answer.text
-    assert shape(answer.json()) and "max_request_bytes" in answer.text
-    assert mock.received == []
-    small = httpx.post(proxy.gateway_url + route, json=body("a" * 1000), headers={"x-api-key": key["key"]}, timeout=30)
-    assert small.status_code == 200, small.text
-
-
-def long_run_texts():
-    """Texts of runs, some long: one letter, accented letters, punctuation, slashes, newlines, spaces, digits."""
-    run = st.tuples(st.sampled_from(["a", "e\u0301", "!", "/\n", "\n", " ", "7", "ab", "中", "\t", "\x1c", "x "]),
-                    st.integers(1, 400))  # fmt: skip
-    return st.lists(run, max_size=8).map(lambda runs: "".join(piece * count for piece, count in runs))
-
-
-@settings(max_examples=150, deadline=None)
-@given(text=long_run_texts(), model=st.sampled_from(["gpt-4o", "gpt-4"]))
-def test_token_count_is_an_upper_bound_and_exact_without_long_runs(text, model):
-    exact = len(tokens.encoding_for_model(model).encode(text, disallowed_special=()))
-    counted = tokens.count_tokens(text, model)
-    assert counted >= exact
-    if not tokens.LONG_RUN.search(text):
-        assert counted == exact
-
-
-@settings(max_examples=100, deadline=None)
-@given(text=st.text(max_size=2000), model=st.sampled_from(["gpt-4o", "gpt-4"]))
-def test_token_count_is_exact_on_ordinary_text(text, model):
-    exact = len(tokens.encoding_for_model(model).encode(text, disallowed_special=()))
-    assert tokens.count_tokens(text, model) == exact or tokens.LONG_RUN.search(text)
-
-
-def test_token_counting_never_hands_tiktoken_a_long_piece(monkeypatch):
-    """The work is linear: tiktoken (whose merging grows faster than a piece) only ever sees text without a
-    long run, and no more text than it was given."""
-    given = []
-    real_encode = tiktoken.Encoding.encode
-
-    def recording_encode(self, text, **kwargs):
-        given.append(text)
-        return real_encode(self, text, **kwargs)
-
-    monkeypatch.setattr(tiktoken.Encoding, "encode", recording_encode)
-    prose = "The quick brown fox jumps over the lazy dog.\n" * 2000
-    for text in ("a" * 2_000_000, prose + "b" * 500_000 + "\n" + prose, " " * 1_000_000, "!" + "/\n" * 500_000):
-        given.clear()
-        assert tokens.count_tokens(text, "gpt-4o") >= len(text.encode()) // 10
-        assert sum(map(len, given)) <= len(text)
-        assert not any(tokens.LONG_RUN.search(piece) for piece in given)
-
-
-def seconds_to(fn, *args) -> float:
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
-def test_one_repeated_character_costs_no_more_than_as_much_prose():
-    size = 1_000_000
-    prose = ("The quick brown fox jumps over the lazy dog. " * (size // 45 + 1))[:size]
-    repeated = "a" * size
-    tokens.count_tokens("warm up", "gpt-4o")
-    assert seconds_to(tokens.count_tokens, repeated, "gpt-4o") < 2 * seconds_to(tokens.count_tokens, prose, "gpt-4o")
-
-
-def split_in_chunks(splitter: SseSplitter, data: bytes, chunk: int = 1024) -> list:
-    return [event for i in range(0, len(data), chunk) for event in splitter.feed(data[i : i + chunk])]
-
-
-def test_the_sse_splitter_is_linear_in_an_events_size():
-    def one_event(size: int):
-        events = split_in_chunks(SseSplitter(), b"data: " + b"x" * size + b"\n\n")
-        assert len(events) == 1 and len(events[0].data) == size
-
-    small, large = seconds_to(one_event, 250_000), seconds_to(one_event, 2_000_000)
-    assert large < 25 * small  # 8 times the size: quadratic would be 64 times the time
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    events=st.lists(st.binary(max_size=50).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")), max_size=10),
-    separator=st.sampled_from([b"\n\n", b"\r\n\r\n", b"\n\r\n"]),
-    chunk=st.integers(1, 40),
-)
-def test_the_sse_splitter_finds_every_event_whatever_the_chunking(events, separator, chunk):
-    stream = b"".join(b"data: " + body + separator for body in events)
-    splitter = SseSplitter()
-    found = split_in_chunks(splitter, stream, chunk)
-    assert [event.raw for event in found] == [b"data: " + body + separator for body in events]
-    assert splitter.flush() == b""
+# ----- bounded work: one stream event -----
 
 
 def test_an_event_over_the_limit_passes_the_stream_through_unmetered_and_charged():
@@ -408,14 +319,6 @@ def test_an_overspent_budget_is_told_as_exhausted_never_as_a_negative_remainder(
     assert "nothing remains (overspent by $0.501023)" in message
 
 
-@pytest.mark.parametrize(
-    "micros, phrase",
-    [(4000, "$0.0040 remains"), (0, "nothing remains"), (-501_023, "nothing remains (overspent by $0.501023)")],
-)
-def test_remaining_phrase(micros, phrase):
-    assert remaining_phrase(micros) == phrase
-
-
 def test_a_child_keys_refusal_names_its_own_narrowed_policy(proxy, key):
     child = httpx.post(
         f"{proxy.gateway_url}/_agentkeys/v1/keys",
@@ -427,107 +330,6 @@ def test_a_child_keys_refusal_names_its_own_narrowed_policy(proxy, key):
     answer = gateway_chat(proxy, child.json()["key"], chat_body(model="gpt-4o-mini-2024-07-18"))
     assert answer.status_code == 403
     assert "policy test, narrowed for child key worker" in answer.json()["error"]["message"]
-
-
-# ----- CLI and files -----
-
-AGENTKEYS = Path(sys.executable).with_name("agentkeys")
-
-
-@pytest.fixture()
-def store_config(tmp_path):
-    """A config whose store exists, as after the proxy has run once."""
-    config = tmp_path / "agentkeys.yaml"
-    config.write_text("store: sqlite:///agentkeys.db\n")
-    SqliteLedger(tmp_path / "agentkeys.db")
-    return config
-
-
-def one_line_error(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if not line.startswith("agentkeys: using ")]
-    assert len(errors) == 1, lines
-    return errors[0]
-
-
-@pytest.mark.parametrize(
-    "option, message",
-    [
-        (["--ttl", "0s"], "--ttl: a duration must be positive"),
-        (["--ttl", "99999999999999999999d"], "--ttl: '99999999999999999999d' is longer than"),
-        (["--budget", "inf"], "--budget: 'inf': Input should be a finite number"),
-        (["--budget", "nan"], "--budget: 'nan': Input should be a finite number"),
-        (["--budget", "1e30"], "--budget: '1e30': Input should be less than or equal to 1000000000"),
-        (["--budget", "-1"], "--budget: '-1': Input should be greater than 0"),
-    ],
-)
-def test_keys_issue_refuses_a_bad_value_in_one_line(store_config, policy, capsys, option, message):
-    assert agentkeys_main(["--config", str(store_config), "keys", "issue", str(policy), *option]) == 2
-    assert one_line_error(capsys).startswith(f"error: {message}")
-
-
-@pytest.mark.parametrize(
-    "fields, line, message",
-    [
-        ("budget_usd: .inf\n", 2, "budget_usd: Input should be a finite number"),
-        ("budget_usd: 1e30\n", 2, "budget_usd: Input should be less than or equal to 1000000000"),
-        ("budget_usd: 1\nttl: 99999999999999999999d\n", 3, "ttl: '99999999999999999999d' is longer than"),
-        ("budget_usd: 1\nttl: .inf\n", 3, "ttl: inf is not a duration"),
-        ("budget_usd: 1\ndescription: caf\xe9\n", 3, "description: not UTF-8 text (byte 0xe9)"),
-        ("budget_usd: 1\nbudget_usd: 1000\n", 3, "budget_usd: duplicate key (first given on line 2)"),
-        ("budget_usd: 1\ndescription: bell\x07\n", 3, "invalid YAML: character U+0007 is not allowed"),
-    ],
-)
-def test_a_bad_policy_file_is_one_line_with_file_line_and_field(store_config, tmp_path, capsys, fields, line, message):
-    policy = tmp_path / "bad.policy.yaml"
-    rules = "providers: [openai]\nendpoints: ['POST /v1/chat/completions']\nmodels: ['gpt-4o-mini']\n"
-    policy.write_bytes(b"name: bad\n" + fields.encode("latin-1") + rules.encode())
-    assert agentkeys_main(["--config", str(store_config), "keys", "issue", str(policy)]) == 2
-    error = one_line_error(capsys)
-    assert error.startswith(f"error: {policy}:{line}: ") and message in error, error
-    assert agentkeys_main(["policy", "check", str(policy)]) == 1  # `policy check` exits 1 for an invalid file
-    assert message in capsys.readouterr().err
-
-
-def test_a_config_that_is_not_utf8_or_repeats_a_key_is_refused_with_its_line(tmp_path, capsys):
-    config = tmp_path / "agentkeys.yaml"
-    config.write_bytes(b"proxy_port: 8080\nstore: sqlite:///k\xe9ys.db\n")
-    assert agentkeys_main(["--config", str(config), "keys", "list"]) == 2
-    assert one_line_error(capsys) == f"error: {config}:2: store: not UTF-8 text (byte 0xe9)"
-    config.write_text("proxy_port: 8080\nproviders:\n  openai:\n    upstream: http://a\n    upstream: http://b\n")
-    assert agentkeys_main(["--config", str(config), "keys", "list"]) == 2
-    error = one_line_error(capsys)
-    assert error == f"error: {config}:5: providers.openai.upstream: duplicate key (first given on line 4)"
-
-
-def test_the_cli_says_which_config_and_store_and_never_creates_a_store_silently(tmp_path, policy, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # outside any config's folder, no --config
-    monkeypatch.delenv("AGENTKEYS_CONFIG", raising=False)
-    for command in (["keys", "issue", str(policy)], ["keys", "list"], ["keys", "show", "x"], ["keys", "revoke", "x"]):
-        assert agentkeys_main(command) == 2
-        err = capsys.readouterr().err
-        assert f"agentkeys: using the default config (no agentkeys.yaml in {tmp_path}), store sqlite:///" in err
-        assert f"error: no key store at {tmp_path / 'agentkeys.db'}" in err
-    assert sorted(path.name for path in tmp_path.iterdir()) == [], "nothing was created"
-    assert agentkeys_main(["keys", "issue", str(policy), "--create-store"]) == 0
-    assert (tmp_path / "agentkeys.db").exists()
-
-
-def test_a_reader_that_goes_away_ends_the_listing_quietly(tmp_path, policy):
-    config = tmp_path / "agentkeys.yaml"
-    config.write_text("store: sqlite:///agentkeys.db\n")
-    ledger, rules = SqliteLedger(tmp_path / "agentkeys.db"), load_policy(policy)
-    for _ in range(3000):  # more than a pipe holds, so the writer meets the closed pipe
-        issue_key(ledger, rules)
-    for command in (["keys", "list"], ["prices", "show", "gpt-4o"]):
-        listing = subprocess.Popen(
-            [str(AGENTKEYS), "--config", str(config), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        assert listing.stdout.readline()  # `| head -1`
-        listing.stdout.close()
-        stderr = listing.stderr.read().decode()
-        assert listing.wait(timeout=60) == 0
-        assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
 # ----- fuzz: the request path through the real proxy -----
@@ -588,7 +390,7 @@ def test_fuzz_the_request_path(proxy, mock, fuzz_key):
     # A connection per request: a request the proxy refuses at the protocol level closes its connection.
     client = httpx.Client(base_url=proxy.gateway_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
 
-    @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(request=hostile_requests(fuzz_key["key"]))
     def one_request(request):
         method, path, headers, body = request

@@ -1,0 +1,55 @@
+"""providers/base.py's SseSplitter: every event found however the stream is cut, linear in an event's
+size, and an event over the limit handed back whole."""
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentkeys.providers.base import SseEventTooLarge, SseSplitter
+
+
+def seconds_to(fn, *args) -> float:
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def split_in_chunks(splitter: SseSplitter, data: bytes, chunk: int = 1024) -> list:
+    return [event for i in range(0, len(data), chunk) for event in splitter.feed(data[i : i + chunk])]
+
+
+def test_the_sse_splitter_is_linear_in_an_events_size():
+    def one_event(size: int):
+        events = split_in_chunks(SseSplitter(), b"data: " + b"x" * size + b"\n\n")
+        assert len(events) == 1 and len(events[0].data) == size
+
+    small, large = seconds_to(one_event, 1_000_000), seconds_to(one_event, 8_000_000)
+    assert large < 25 * small  # 8 times the size: quadratic would be 64 times the time
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    events=st.lists(st.binary(max_size=50).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")), max_size=10),
+    separator=st.sampled_from([b"\n\n", b"\r\n\r\n", b"\n\r\n"]),
+    chunk=st.integers(1, 40),
+)
+def test_the_sse_splitter_finds_every_event_whatever_the_chunking(events, separator, chunk):
+    stream = b"".join(b"data: " + body + separator for body in events)
+    splitter = SseSplitter()
+    found = split_in_chunks(splitter, stream, chunk)
+    assert [event.raw for event in found] == [b"data: " + body + separator for body in events]
+    assert splitter.flush() == b""
+
+
+def test_an_event_over_the_limit_hands_back_every_byte_held():
+    splitter = SseSplitter(max_event_bytes=100)
+    assert [event.raw for event in splitter.feed(b"data: a\n\ndata: ")] == [b"data: a\n\n"]
+    with pytest.raises(SseEventTooLarge) as too_large:
+        splitter.feed(b"x" * 200)
+    assert too_large.value.held == b"data: " + b"x" * 200
+    assert splitter.flush() == b""
