@@ -172,8 +172,7 @@ def open_store(args, config: ProxyConfig, create: bool = False):
     if path is not None and not path.exists() and not create:
         raise NoStore(
             f"no key store at {path} (the store of {describe_config(args)}); run this in the config's folder or"
-            " give --config, or create the store by starting the proxy (agentkeys serve)"
-            + (" or with keys issue --create-store" if hasattr(args, "create_store") else "")
+            " give --config, or create the store: start the proxy (agentkeys serve) or keys issue --create-store"
         )
     return open_ledger(config.store_url)
 
