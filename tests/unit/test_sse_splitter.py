@@ -1,35 +1,34 @@
 """providers/base.py's SseSplitter: every event found however the stream is cut, linear in an event's
 size, and an event over the limit handed back whole."""
 
-import time
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentkeys.providers import base
 from agentkeys.providers.base import SseEventTooLarge, SseSplitter
-
-
-def seconds_to(fn, *args) -> float:
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def split_in_chunks(splitter: SseSplitter, data: bytes, chunk: int = 1024) -> list:
     return [event for i in range(0, len(data), chunk) for event in splitter.feed(data[i : i + chunk])]
 
 
-def test_the_sse_splitter_is_linear_in_an_events_size():
-    def one_event(size: int):
-        events = split_in_chunks(SseSplitter(), b"data: " + b"x" * size + b"\n\n")
-        assert len(events) == 1 and len(events[0].data) == size
+@pytest.mark.parametrize("size", [100_000, 2_000_000])
+def test_the_sse_splitter_reads_each_byte_of_an_event_once(monkeypatch, size):
+    """Linear by operation count: the bytes searched for a boundary, summed over every chunk of one long
+    event, stay within the event's size (plus the few bytes a boundary may straddle, once per chunk)."""
+    searched, boundary_end = [], base.boundary_end
 
-    small, large = seconds_to(one_event, 1_000_000), seconds_to(one_event, 8_000_000)
-    assert large < 25 * small  # 8 times the size: quadratic would be 64 times the time
+    def counting_boundary_end(data, start):
+        searched.append(len(data) - start)
+        return boundary_end(data, start)
+
+    monkeypatch.setattr(base, "boundary_end", counting_boundary_end)
+    data = b"data: " + b"x" * size + b"\n\n"
+    events = split_in_chunks(SseSplitter(), data)
+    assert len(events) == 1 and len(events[0].data) == size
+    chunks = len(range(0, len(data), 1024))
+    assert sum(searched) <= len(data) + 4 * chunks
 
 
 @settings(max_examples=100, deadline=None)
