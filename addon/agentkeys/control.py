@@ -88,7 +88,7 @@ class Control:
         if (call.method, call.path) == ("POST", "/_agentkeys/v1/keys"):
             issuer = self.issuer_of(call)
             if issuer is None and not carries_agent_key(call):
-                return error(401, "agentkeys: the credential sent is not an agent key or issuer token")
+                raise Refused(401, "agentkeys: the credential sent is not an agent key or issuer token")
             return await (self.issue_for(issuer, call) if issuer else self.mint_child(call))
         if call.method == "DELETE" and call.path.startswith("/_agentkeys/v1/keys/"):
             return await self.revoke(call, call.path.removeprefix("/_agentkeys/v1/keys/"))
