@@ -291,7 +291,8 @@ def cmd_keys_list(args) -> int:
 def cmd_keys_show(args) -> int:
     record = find_key(open_store(read_config(args)), args.key_id)
     if record is None:
-        print(f"error: no key {args.key_id}", file=sys.stderr)
+        given_key_id = credentials.key_id_of(args.key_id)  # a key given is named by its id, never echoed
+        print(f"error: no key {given_key_id or args.key_id}", file=sys.stderr)
         return 1
     summary = {**describe(record, time.time()), "policy_rules": json.loads(record.policy_json)}
     if args.json:
