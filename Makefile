@@ -60,6 +60,13 @@ image:
 image-test: install
 	AGENTKEYS_IMAGE=$(IMAGE) timeout 600 $(PY) -m pytest -q -p no:randomly tests/test_image.py
 
+# Every query of the Grafana dashboard against a real Prometheus scraping a real proxy under a short load.
+dashboard-check: install
+	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || \
+		{ echo "error: dashboard-check needs prometheus (apt-get install prometheus)" >&2; exit 1; }; }
+	AGENTKEYS_DASHBOARD_CHECK=1 timeout 300 $(PY) -m pytest -q -p no:randomly tests/test_dashboard.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 
