@@ -105,7 +105,7 @@ def test_metrics_name_the_build_and_leave_out_created_series(proxy):
     assert "_created" not in text
 
 
-def test_refusals_by_kind_holds_overruns_and_budget_per_policy(proxy, tmp_path):
+def test_refusals_by_kind_holds_and_budget_per_policy(proxy, tmp_path):
     wait_ready(proxy)
     team = proxy.issue(write_policy(tmp_path, "team-a", budget_usd=0.5))
     other = proxy.issue(write_policy(tmp_path, "team-b", budget_usd=2))
@@ -126,7 +126,7 @@ def test_refusals_by_kind_holds_overruns_and_budget_per_policy(proxy, tmp_path):
     assert refusals['{policy="team-a",provider="openai",reason="unauthenticated"}'] == 1
     assert not any("agentkeys:" in labels or team["id"] in labels for labels in refusals), "a message or key id"
     assert series(proxy, "agentkeys_holds_open") == {"": 0.0}
-    assert series(proxy, "agentkeys_overruns_total")['{provider="openai"}'] == 0
+    assert series(proxy, "agentkeys_overruns_total") == {}
 
     [record] = [r for r in proxy.records_for(team["id"], count=2) if r["decision"] == "allow"]
     remaining_a = (500_000 - record["cost_micros"] + 1) / 1e6  # team's, and poor's one micro-dollar; not gone's

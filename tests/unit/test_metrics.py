@@ -27,14 +27,12 @@ def sample(metrics: Metrics, name: str, **labels) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
 
 
-def test_a_call_that_cost_more_than_its_hold_is_an_overrun():
+def test_an_overrun_is_counted_by_provider_model_and_policy():
     metrics = Metrics()
-    metrics.watch(["openai", "anthropic"], lambda: 0)
-    metrics.observe(call(cost_micros=120, hold_micros=100))
-    metrics.observe(call(cost_micros=100, hold_micros=100))
-    metrics.observe(call(provider="anthropic", cost_micros=0, hold_micros=0, metering="unmetered"))
-    assert sample(metrics, "agentkeys_overruns_total", provider="openai") == 1
-    assert sample(metrics, "agentkeys_overruns_total", provider="anthropic") == 0
+    metrics.observe(call(cost_micros=120, hold_micros=100, metering="overrun"))
+    metrics.observe(call(cost_micros=100, hold_micros=100, metering="usage"))
+    labels = {"provider": "openai", "model": "gpt-4o-mini", "policy": "p"}
+    assert sample(metrics, "agentkeys_overruns_total", **labels) == 1
 
 
 def test_refusals_are_counted_by_kind_with_no_message_or_key():
@@ -69,7 +67,7 @@ def test_budgets_are_summed_per_policy_over_active_keys_only():
 
 def test_holds_open_is_read_when_scraped():
     metrics, holds = Metrics(), {1, 2}
-    metrics.watch([], lambda: len(holds))
+    metrics.watch_holds(lambda: len(holds))
     assert sample(metrics, "agentkeys_holds_open") == 2
     holds.clear()
     assert sample(metrics, "agentkeys_holds_open") == 0
