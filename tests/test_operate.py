@@ -219,3 +219,27 @@ def test_json_logs_are_one_object_a_line_with_the_call_in_fields(json_proxy, tmp
     assert re.fullmatch(r"0\.\d{6}", fields["cost_usd"]) and fields["latency_ms"] > 0
     assert refused["fields"]["status"] == 403 and "not allowed" in refused["fields"]["reason"]
     assert key["key"] not in "\n".join(lines)
+
+
+def test_a_draining_proxy_is_unready_while_its_calls_finish(mock, tmp_path):
+    """SIGTERM closes the listeners first: /readyz says so at once, so a load balancer stops sending calls."""
+    draining = start_proxy(tmp_path / "proxy", mock)
+    try:
+        key = draining.issue(write_policy(tmp_path))
+        assert wait_ready(draining).status_code == 200
+        mock.delay_next(4)
+        call = threading.Thread(target=chat, args=(draining, key))
+        call.start()
+        deadline = time.monotonic() + 10
+        while not mock.received and time.monotonic() < deadline:  # the call reached the provider
+            time.sleep(0.02)
+        draining.process.terminate()
+        deadline = time.monotonic() + 3
+        while (unready := metrics_get(draining, "/readyz")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert unready.status_code == 503 and unready.json()["checks"]["listeners"] != "ok", unready.text
+        assert metrics_get(draining, "/healthz").status_code == 200, "draining is not dead"
+        call.join(timeout=30)
+        assert draining.records_for(key["id"]), "the call in flight finished and was audited"
+    finally:
+        stop_proxy(draining)
