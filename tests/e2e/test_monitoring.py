@@ -1,4 +1,4 @@
-"""Operating the proxy, end to end: the probes and metrics on the metrics port, and what the log says.
+"""Watching the proxy, end to end: the probes and metrics on the metrics port, and what the log says.
 
 A platform team watches the proxy through `/healthz`, `/readyz` and `/metrics` and reads its log in a
 collector; these tests do the same against a real `agentkeys serve` and the mock provider.
