@@ -10,8 +10,9 @@ PYTHON ?= $(shell scripts/find-python)
 # The Node SDK the namespace tests run as an agent, pinned (7.x needs Node 22; the machine has Node 20).
 NODE_OPENAI := openai@6.49.0
 NODE_DIR := $(VENV)/node
+IMAGE ?= localhost/agentkeys:dev
 
-.PHONY: install run test bench lint clean redis-server iptables node-sdk
+.PHONY: install run test bench lint clean redis-server iptables node-sdk image image-test dashboard-check
 
 install: $(STAMP)
 
@@ -50,6 +51,21 @@ $(NODE_DIR)/node_modules/openai/package.json:
 
 bench: install redis-server
 	$(PY) bench/bench.py
+
+# The container image, with podman; the base is made from Debian's packages if no registry is reachable.
+image:
+	timeout 1800 scripts/build-image
+
+# Run the built image as a team would: mounted config, state in a volume, a call through it, its HEALTHCHECK.
+image-test: install
+	AGENTKEYS_IMAGE=$(IMAGE) timeout 600 $(PY) -m pytest -q -p no:randomly tests/test_image.py
+
+# Every query of the Grafana dashboard against a real Prometheus scraping a real proxy under a short load.
+dashboard-check: install
+	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || \
+		{ echo "error: dashboard-check needs prometheus (apt-get install prometheus)" >&2; exit 1; }; }
+	AGENTKEYS_DASHBOARD_CHECK=1 timeout 300 $(PY) -m pytest -q -p no:randomly tests/test_dashboard.py
 
 lint: install
 	$(VENV)/bin/ruff check .

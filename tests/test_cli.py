@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,8 +15,10 @@ import openai
 import pytest
 import yaml
 
+from agentkeys.cli import main as agentkeys_main
+from agentkeys.keys import new_key_record
 from agentkeys.ledger import open_ledger
-from agentkeys.policy import load_config
+from agentkeys.policy import load_config, load_policy
 from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, free_port, wait_for_port, write_policy
 
 AGENTKEYS = Path(sys.executable).with_name("agentkeys")
@@ -186,3 +189,135 @@ def test_ca_prints_the_bundle_and_environment(config, tmp_path):
     assert f"export SSL_CERT_FILE={bundle}" in shown.stdout and f"export REQUESTS_CA_BUNDLE={bundle}" in shown.stdout
     assert "export NODE_EXTRA_CA_CERTS=" in shown.stdout
     assert ca in bundle.read_text() and bundle.read_text().count("BEGIN CERTIFICATE") > 10
+
+
+@pytest.fixture()
+def cli(capsys):
+    """The `agentkeys` command in this process (no interpreter to start): `run`'s answer, faster."""
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        status = agentkeys_main(list(args))
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(args, status, printed.out, printed.err)
+
+    return call
+
+
+def test_version_names_agentkeys_mitmproxy_and_python():
+    shown = run("--version")
+    assert shown.returncode == 0
+    assert re.fullmatch(r"agentkeys \d+\.\d+\.\d+ \(mitmproxy \d+\.\S+, Python 3\.\d+\.\S+\)\n", shown.stdout)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["ca"], ["probe"], ["keys", "list"]])
+def test_each_commands_help_lists_its_options(command):
+    helped = run(*command, "--help")
+    assert helped.returncode == 0 and "options:" in helped.stdout
+    assert "--config FILE" in helped.stdout or command == ["keys", "list"]
+    if command == ["keys", "list"]:
+        assert all(option in helped.stdout for option in ("--status", "--policy", "--parent", "--json"))
+
+
+def test_keys_show_takes_the_key_itself_but_not_another_secret_with_its_id(config, tmp_path, cli):
+    issued = json.loads(
+        cli("--config", str(config), "keys", "issue", "--create-store", str(write_policy(tmp_path)), "--json").stdout
+    )
+    shown = cli("--config", str(config), "keys", "show", issued["key"], "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == issued["id"]
+    prefix, key_id, secret = issued["key"].split("_", 2)
+    forged = f"{prefix}_{key_id}_{secret[::-1]}"
+    refused = cli("--config", str(config), "keys", "show", forged)
+    assert refused.returncode == 1 and f"no key {key_id}" in refused.stderr and forged not in refused.stderr
+
+
+def issue_child(config: Path, parent_id: str, policy: Path) -> str:
+    ledger = open_ledger(load_config(config).store_url)
+    parent = ledger.get_key(parent_id)
+    child = new_key_record(load_policy(policy), 600, 0.25, "child", time.time(), parent)
+    assert ledger.create_child(child.record, 10, time.time()) is None
+    return child.record.key_id
+
+
+def test_keys_list_filters_by_status_policy_and_parent_and_shows_parent_ids(config, tmp_path, cli):
+    agents, ci = write_policy(tmp_path, "agents", max_child_depth=1), write_policy(tmp_path, "ci")
+    parent = json.loads(cli("--config", str(config), "keys", "issue", "--create-store", str(agents), "--json").stdout)[
+        "id"
+    ]
+    child = issue_child(config, parent, agents)
+    other = json.loads(cli("--config", str(config), "keys", "issue", str(ci), "--json").stdout)["id"]
+    assert cli("--config", str(config), "keys", "revoke", other).returncode == 0
+
+    def listed(*filters: str) -> list[dict]:
+        shown = cli("--config", str(config), "keys", "list", "--json", *filters)
+        assert shown.returncode == 0, shown.stderr
+        return json.loads(shown.stdout)
+
+    assert {k["id"]: k["parent_id"] for k in listed()} == {parent: None, child: parent, other: None}
+    assert [k["id"] for k in listed("--parent", parent)] == [child]
+    assert [k["id"] for k in listed("--status", "revoked")] == [other]
+    assert sorted(k["id"] for k in listed("--status", "active", "--policy", "agents")) == sorted([parent, child])
+    assert listed("--policy", "nosuch") == []
+    assert json.loads(cli("--config", str(config), "keys", "show", child, "--json").stdout)["parent_id"] == parent
+    plain = cli("--config", str(config), "keys", "list").stdout.splitlines()
+    assert plain[0].split()[:5] == ["id", "name", "policy", "parent_id", "status"]
+    [child_row] = [row for row in plain if row.startswith(child)]
+    assert child_row.split()[3] == parent
+
+
+def test_a_revoked_or_expired_key_shows_nothing_remaining(config, tmp_path, cli):
+    policy = write_policy(tmp_path, budget_usd=3)
+    revoked = json.loads(cli("--config", str(config), "keys", "issue", "--create-store", str(policy), "--json").stdout)[
+        "id"
+    ]
+    expired = json.loads(cli("--config", str(config), "keys", "issue", str(policy), "--ttl", "1s", "--json").stdout)
+    assert cli("--config", str(config), "keys", "revoke", revoked).returncode == 0
+    time.sleep(1.1)
+    for key_id in (revoked, expired["id"]):
+        shown = json.loads(cli("--config", str(config), "keys", "show", key_id, "--json").stdout)
+        assert shown["status"] in ("revoked", "expired") and shown["remaining_usd"] == 0 and shown["budget_usd"] == 3
+    rows = cli("--config", str(config), "keys", "list").stdout.splitlines()[1:]
+    assert all(row.split()[-1] == "0.000000" for row in rows), rows
+
+
+def test_money_is_written_with_six_decimals_never_in_exponent_notation(config, tmp_path, cli):
+    issued = cli(
+        "--config",
+        str(config),
+        "keys",
+        "issue",
+        "--create-store",
+        str(write_policy(tmp_path)),
+        "--budget",
+        "0.00001",
+        "--json",
+    )
+    assert '"budget_usd": 0.000010' in issued.stdout
+    key_id = json.loads(issued.stdout)["id"]
+    ledger = open_ledger(load_config(config).store_url)
+    ledger.settle(ledger.reserve(key_id, 5, time.time()).hold_id, 5)  # a call that cost $0.000005
+    outputs = [
+        cli("--config", str(config), "keys", "list", "--json").stdout,
+        cli("--config", str(config), "keys", "show", key_id, "--json").stdout,
+        cli("--config", str(config), "keys", "show", key_id).stdout,
+        cli("--config", str(config), "keys", "list").stdout,
+    ]
+    for output in outputs:
+        assert "0.000005" in output and not re.search(r"\de-\d", output), output
+    assert json.loads(outputs[1])["spent_usd"] == 0.000005
+
+
+def test_ca_prints_curl_bundle_and_how_node_reaches_the_proxy(config, tmp_path):
+    settings = yaml.safe_load(config.read_text())
+    shown = run("--config", str(config), "ca").stdout
+    assert f"export CURL_CA_BUNDLE={tmp_path / 'certs' / 'agentkeys-ca-bundle.pem'}" in shown
+    gateway = f"http://127.0.0.1:{settings['gateway_port']}"
+    assert "Node" in shown and "HTTPS_PROXY" in shown
+    assert f"OPENAI_BASE_URL={gateway}/openai/v1" in shown and f"ANTHROPIC_BASE_URL={gateway}/anthropic" in shown
+
+
+def test_prices_show_lists_the_configured_providers_first(tmp_path):
+    """gpt-4o-mini is priced for openai (configured by default) and for azure (not configured here)."""
+    shown = run("prices", "show", "gpt-4o-mini", cwd=tmp_path)
+    headings = [line.split("'s price")[0] for line in shown.stdout.splitlines() if "'s price" in line]
+    assert headings[0] == "gpt-4o-mini: openai" and "gpt-4o-mini: azure" in headings[1:]

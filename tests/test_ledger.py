@@ -107,6 +107,12 @@ def test_create_get_and_list_keys(ledger):
     assert [k.key_id for k in ledger.list_keys()] == ["a", "b"]  # oldest first
 
 
+def test_ping_answers_on_a_working_store(ledger):
+    assert ledger.ping() is None
+    ledger.create_key(record())
+    assert ledger.ping() is None and ledger.get_key("k1") == record(), "a ping changes nothing"
+
+
 def test_duplicate_key_id_is_refused(ledger):
     ledger.create_key(record("a"))
     with pytest.raises(KeyExists):
@@ -666,6 +672,20 @@ def test_sqlite_locked_database_makes_reserve_unavailable_after_the_busy_timeout
     ledger.close()
 
 
+def test_sqlite_ping_of_a_store_locked_past_the_busy_timeout_is_unavailable(tmp_path):
+    ledger = SqliteLedger(tmp_path / "keys.db", busy_timeout_seconds=0.2)
+    blocker = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(LedgerUnavailable):
+            ledger.ping()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert ledger.ping() is None
+    ledger.close()
+
+
 def test_sqlite_nonblocking_handle_reports_a_locked_store_as_busy_at_once(tmp_path):
     ledger = SqliteLedger(tmp_path / "keys.db")
     blocker = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
@@ -732,6 +752,7 @@ def every_operation(ledger):
         "create_key": lambda: ledger.create_key(record("new")),
         "get_key": lambda: ledger.get_key("k1"),
         "list_keys": ledger.list_keys,
+        "ping": ledger.ping,
         "revoke": lambda: ledger.revoke("k1", NOW),
         "reserve": lambda: ledger.reserve("k1", 1, NOW),
         "settle": lambda: ledger.settle(1, 1),

@@ -149,3 +149,28 @@ def test_run_points_node_sdks_at_the_gateway(proxy, mock, tmp_path):
     key_id = stderr.split("agentkeys: key ", 1)[1].split()[0]
     [record] = proxy.records_for(key_id)
     assert record["metering"] == "usage" and record["cost_micros"] > 0
+
+
+def test_run_counts_refused_calls_apart_not_as_a_model(proxy, tmp_path):
+    agent = tmp_path / "refused_agent.py"
+    agent.write_text(
+        textwrap.dedent(
+            """
+            import openai
+            hi = [{"role": "user", "content": "hi"}]
+            client = openai.OpenAI(max_retries=0)
+            client.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=hi)
+            for model in ("gpt-4o", "o3"):  # not in the policy
+                try:
+                    client.chat.completions.create(model=model, max_tokens=3, messages=hi)
+                except openai.PermissionDeniedError:
+                    pass
+            """
+        )
+    )
+    finished = run_agent(proxy.config_path, write_policy(tmp_path), sys.executable, str(agent))
+    _, stderr = finished.communicate(timeout=60)
+    assert finished.returncode == 0, stderr
+    assert "3 calls" in stderr and "gpt-4o-mini: 1 calls" in stderr
+    assert "refused by the proxy: 2 calls (2 × 403)" in stderr
+    assert "  -:" not in stderr and "gpt-4o:" not in stderr, stderr

@@ -26,17 +26,19 @@ from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
-from agentkeys import tokens
+from agentkeys import logs, tokens
 from agentkeys.audit import AuditLog, CallRecord
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.connections import ConnectionGuard
 from agentkeys.control import Control, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
 from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement
+from agentkeys.health import HealthServer, ca_loaded, listeners_up, store_answers
 from agentkeys.ledger import LedgerUnavailable, open_ledger
+from agentkeys.ledger.counted import ErrorCountingLedger
 from agentkeys.logguard import LogGuard
 from agentkeys.metrics import Metrics
-from agentkeys.money import micros_to_usd
+from agentkeys.money import dumps, micros_to_usd
 from agentkeys.policy import ProxyConfig, current_policies, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
@@ -142,7 +144,7 @@ class AgentKeys:
         self.metrics = Metrics()
         # The key given as the HTTPS_PROXY user, for every flow of its client connection.
         self.tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
-        self._metrics_started = False
+        self.health: HealthServer | None = None
         self._purge_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # settlements and retired stores, until they finish
         self._calls_in_flight = 0  # forwarded and not yet settled and audited
@@ -189,13 +191,17 @@ class AgentKeys:
         old_gate, old_audit = self.gate, self.audit
         same_store = old_gate is not None and self.config.store_url == config.store_url
         same_audit = old_audit is not None and self.config.audit_log == config.audit_log
-        store = old_gate.store if same_store else Store(open_ledger(config.store_url))
+        if same_store:
+            store = old_gate.store
+        else:  # its failures counted for agentkeys_store_errors_total
+            store = Store(ErrorCountingLedger(open_ledger(config.store_url), self.metrics.store_error))
         self.config = config
         self.router = Router(config)
         self.gate = Gate(config, store, prices, policies)
         self.control = Control(store, self.gate.auth, issuers)
         self.audit = old_audit if same_audit else AuditLog(config.path(config.audit_log) if config.audit_log else None)
         self._retire(None if same_store else old_gate, None if same_audit else old_audit)
+        self.metrics.watch_holds(lambda: len(self.gate.store.open_holds))
         for name, spec in config.providers.items():
             if not spec.real_key():
                 log.warning(
@@ -239,18 +245,27 @@ class AgentKeys:
         # Dial a provider only when a call is forwarded: a refused call never opens a connection.
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
-        if self.config.metrics_port and not self._metrics_started:
-            self.metrics.serve(self.config.metrics_port, self.config.listen_host)
-            self._metrics_started = True
+        if self.config.metrics_port and self.health is None:
+            self._serve_health(self.config.metrics_port)
         if self._purge_task is None:
             self._purge_task = asyncio.get_running_loop().create_task(self._keep_the_books())
             # The price table, the tokenizers and mitmproxy's own start-up objects live as long as the
             # proxy: garbage collections from now on leave them out.
             gc.freeze()
 
+    def _serve_health(self, port: int):
+        master = ctx.master
+        self.health = HealthServer(
+            self.metrics.registry,
+            asyncio.get_running_loop(),
+            loop_checks={"listeners": lambda: listeners_up(master), "ca": lambda: ca_loaded(master)},
+            thread_checks={"store": lambda: store_answers(self.gate.store.ledger)},
+        )
+        self.health.start(self.config.listen_host, port)
+
     async def _keep_the_books(self):
         """Every `purge_interval`: settle holds that dead calls left behind, return finished children's
-        budgets to their parents, and delete expired keys."""
+        budgets to their parents, and delete expired keys; and take the budgets per policy for the metrics."""
         while True:
             await asyncio.sleep(self.config.purge_interval)
             try:
@@ -261,6 +276,10 @@ class AgentKeys:
                 purged = await store.purge_expired()
                 if purged:
                     log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
+                keys = await asyncio.to_thread(store.ledger.list_keys)
+                self.metrics.budgets.update(keys, time.time())
+            except LedgerUnavailable as e:  # an outage, not a bug: no traceback
+                log.error("agentkeys: keeping the books failed; will try again: %s", e)
             except Exception:
                 log.exception("agentkeys: keeping the books failed; will try again")
 
@@ -275,6 +294,8 @@ class AgentKeys:
     async def done(self):
         if self._purge_task:
             self._purge_task.cancel()
+        if self.health:
+            self.health.stop()
         await asyncio.sleep(0)  # settlements scheduled on this turn of the loop start their tasks
         if self._background:  # let settlements in flight reach the store and the audit log
             await asyncio.wait(self._background, timeout=SETTLING_SECONDS)
@@ -398,6 +419,7 @@ class AgentKeys:
         status, body = state.wire.error(denial.kind, denial.message)
         flow.response = json_response(status, body, RETRY_HEADER.get(denial.kind))
         state.finished = True
+        self.metrics.refused(state.call.provider, denial.key and denial.key.policy_name, denial.kind.value)
         revision = state.gate.policies.get(denial.key.policy_name) if denial.key else None
         self._write_record(denied_record(state.call, denial, status, revision.revision if revision else None))
 
@@ -510,6 +532,7 @@ class AgentKeys:
         try:
             self.audit.write(record)
             self.metrics.observe(record)
+            logs.log_call(record)
         except Exception:
             log.exception("agentkeys: writing the audit record failed")
 
@@ -611,7 +634,7 @@ def json_response(status: int, body: dict, should_retry: str | None = None) -> h
     headers = {"content-type": "application/json"}
     if should_retry:
         headers["x-should-retry"] = should_retry
-    return http.Response.make(status, json.dumps(body).encode(), headers)
+    return http.Response.make(status, dumps(body).encode(), headers)
 
 
 def no_provider(prefix: str, providers: tuple[str, ...]) -> http.Response:

@@ -50,5 +50,6 @@ def agent_environment(certs_dir: Path, proxy_url: str) -> dict[str, str]:
         "HTTPS_PROXY": proxy_url,
         "SSL_CERT_FILE": bundle,
         "REQUESTS_CA_BUNDLE": bundle,
+        "CURL_CA_BUNDLE": bundle,  # curl reads neither of the two above
         "NODE_EXTRA_CA_CERTS": str(ca_cert_path(certs_dir)),
     }

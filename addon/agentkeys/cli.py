@@ -3,15 +3,21 @@
 import argparse
 import json
 import os
+import platform
+import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import agentkeys
+from agentkeys import credentials, logs
 from agentkeys.certs import agent_environment, bundle_path, ca_cert_path, ensure_ca
 from agentkeys.isolate import IsolationError, check_privileges
 from agentkeys.keys import describe, iso, issue_key
-from agentkeys.ledger import LedgerUnavailable, open_ledger
-from agentkeys.money import format_usd
+from agentkeys.ledger import KeyRecord, Ledger, LedgerUnavailable, open_ledger
+from agentkeys.money import dumps, format_usd
 from agentkeys.netrules import RedirectSpec, Rules, RulesError, describe_rules, parse_ports
 from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_budget, parse_duration
 from agentkeys.pricing import price_rows
@@ -19,6 +25,7 @@ from agentkeys.runner import run_with_key
 from agentkeys.yamlfile import ConfigError
 
 DEFAULT_CONFIG = Path("agentkeys.yaml")
+PROBE_TIMEOUT_SECONDS = 4
 
 
 class NoStore(Exception):
@@ -69,14 +76,26 @@ def config_first(argv: list[str]) -> list[str]:
     return argv
 
 
+CONFIG_HELP = "proxy config (default: $AGENTKEYS_CONFIG, else ./agentkeys.yaml if present)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentkeys", description=__doc__)
-    parser.add_argument(
-        "--config", type=Path, help="proxy config (default: $AGENTKEYS_CONFIG, else ./agentkeys.yaml if present)"
-    )
+    parser.add_argument("--config", type=Path, help=CONFIG_HELP)
+    parser.add_argument("--version", action="version", version=version_line())
+    # `--config` after a command too, shown in its --help; SUPPRESS keeps the one given before the command.
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE", help=CONFIG_HELP)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the proxy (proxy mode and gateway mode listeners)")
+    serve = commands.add_parser(
+        "serve",
+        parents=[config_option],
+        help="run the proxy (proxy mode and gateway mode listeners)",
+        description="Run the proxy: proxy mode and gateway mode listeners, and the metrics port (/metrics,"
+        " /healthz, /readyz). Listeners, store, audit log, metrics port, log format and mitmproxy options"
+        " come from the config file. Stops on SIGINT or SIGTERM.",
+    )
     serve.set_defaults(run=cmd_serve)
 
     keys = commands.add_parser("keys", help="issue, list, show and revoke agent keys").add_subparsers(
@@ -94,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     issue.set_defaults(run=cmd_keys_issue)
     listing = keys.add_parser("list", help="all keys with their spend")
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--status", choices=["active", "revoked", "expired"], help="only keys in this state")
+    listing.add_argument("--policy", help="only keys issued from this policy (its name)")
+    listing.add_argument("--parent", metavar="ID", help="only the child keys of this key")
     listing.set_defaults(run=cmd_keys_list)
     show = keys.add_parser("show", help="one key in detail")
-    show.add_argument("key_id")
+    show.add_argument("key_id", metavar="ID_OR_KEY", help="the key's id, or the key itself (ak_…)")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=cmd_keys_show)
     revoke = keys.add_parser("revoke", help="revoke a key at once")
@@ -140,8 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", type=Path)
     check.set_defaults(run=cmd_policy_check)
 
-    ca = commands.add_parser("ca", help="where the CA is, and the environment an agent needs")
+    ca = commands.add_parser(
+        "ca",
+        parents=[config_option],
+        help="where the CA is, and the environment an agent needs",
+        description="Create the proxy's CA if there is none (in the config's certs_dir), and print where it is"
+        " and the environment lines an agent needs to use the proxy.",
+    )
     ca.set_defaults(run=cmd_ca)
+
+    probe = commands.add_parser(
+        "probe",
+        parents=[config_option],
+        help="ask the running proxy whether it is ready (or alive); exit status 0 if it is",
+        description="Ask the proxy of this config, on its metrics port, whether it is ready (/readyz: listeners"
+        " up, CA loaded, store answering) or alive (/healthz); print its answer; exit status 0 if so, 1 if not."
+        " For a container's HEALTHCHECK or an exec probe; an HTTP probe can ask the port itself.",
+    )
+    probe.add_argument("question", choices=["ready", "alive"], nargs="?", default="ready")
+    probe.set_defaults(run=cmd_probe)
 
     prices = commands.add_parser("prices", help="model prices").add_subparsers(required=True, metavar="ACTION")
     price_show = prices.add_parser("show", help="what a model costs, and where that price comes from")
@@ -149,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     price_show.add_argument("--provider", help="as the proxy prices it for this provider (default: every table)")
     price_show.set_defaults(run=cmd_prices_show)
     return parser
+
+
+def version_line() -> str:
+    from mitmproxy.version import VERSION
+
+    return f"agentkeys {agentkeys.__version__} (mitmproxy {VERSION}, Python {platform.python_version()})"
 
 
 def config_file(args) -> Path | None:
@@ -199,7 +244,8 @@ def cmd_serve(args) -> int:
 
     config = read_config(args)
     certs_dir = config.path(config.certs_dir)
-    announce(args, f"store {config.store_url}, CA in {certs_dir}")
+    if config.log_format != "json":  # a JSON log names them in its first line, the banner
+        announce(args, f"store {config.store_url}, CA in {certs_dir}")
     ensure_ca(certs_dir)
     host = config.listen_host
     modes = [
@@ -213,8 +259,31 @@ def cmd_serve(args) -> int:
     settings.update(confdir=str(certs_dir), connection_strategy="lazy")
     if config_file(args):
         settings["agentkeys_config"] = str(config_file(args))
-    print_how_to_connect(config, certs_dir)
-    return serve(settings, modes)
+    if config.log_format == "json":
+        fields = {**banner_fields(config), "config": describe_config(args), "store": config.store_url}
+        print(logs.json_line(time.time(), "info", "agentkeys: starting", fields), flush=True)
+    else:
+        print_how_to_connect(config, certs_dir)
+    return serve(settings, modes, config.log_format)
+
+
+def banner_fields(config: ProxyConfig) -> dict:
+    """Where the proxy listens and which command manages it: the first thing its log says."""
+    host = config.listen_host
+    return {
+        "version": agentkeys.__version__,
+        "proxy": f"{host}:{config.proxy_port}",
+        "gateway": f"http://{host}:{config.gateway_port}",
+        "metrics": f"http://{host}:{config.metrics_port}/metrics" if config.metrics_port else None,
+        "command": agentkeys_command(),
+    }
+
+
+def agentkeys_command() -> str:
+    """The full path of the `agentkeys` command that runs this code, for the lines the banner suggests."""
+    beside_python = Path(sys.executable).with_name("agentkeys")
+    found = beside_python if beside_python.exists() else shutil.which("agentkeys")
+    return str(found) if found else f"{sys.executable} -m agentkeys.cli"
 
 
 def connection_limits(config: ProxyConfig) -> dict:
@@ -227,11 +296,13 @@ def connection_limits(config: ProxyConfig) -> dict:
 
 
 def print_how_to_connect(config: ProxyConfig, certs_dir: Path) -> None:
-    host = config.listen_host
-    print(f"agentkeys: proxy mode on {host}:{config.proxy_port}, gateway mode on {host}:{config.gateway_port}")
+    host, fields = config.listen_host, banner_fields(config)
+    print(f"agentkeys {fields['version']}: proxy mode on {fields['proxy']}, gateway mode on {fields['gateway']}")
     if config.transparent_port:
         print(f"agentkeys: transparent mode on {host}:{config.transparent_port} (see agentkeys sidecar-init)")
-    print("Issue a key:   agentkeys keys issue policies/example.policy.yaml --ttl 1h --budget 5")
+    if fields["metrics"]:
+        print(f"Metrics:       {fields['metrics']} (probes: /healthz, /readyz)")
+    print(f"Issue a key:   {fields['command']} keys issue policies/example.policy.yaml --ttl 1h --budget 5")
     print("Proxy mode (no code change; the agent trusts our CA):")
     for name, value in agent_environment(certs_dir, f"http://{host}:{config.proxy_port}").items():
         print(f"  export {name}={value}")
@@ -257,7 +328,7 @@ def cmd_keys_issue(args) -> int:
         return 2
     record = issued.record
     if args.json:
-        print(json.dumps({**describe(record, time.time()), "key": issued.key}))
+        print(dumps({**describe(record, time.time()), "key": issued.key}))
     else:
         print(issued.key)
         print(
@@ -271,28 +342,39 @@ def cmd_keys_issue(args) -> int:
 def cmd_keys_list(args) -> int:
     now = time.time()
     summaries = [describe(record, now) for record in open_store(args, read_config(args)).list_keys()]
+    wanted = {"status": args.status, "policy": args.policy, "parent_id": args.parent}
+    summaries = [s for s in summaries if all(value is None or s[name] == value for name, value in wanted.items())]
     if args.json:
-        print(json.dumps(summaries, indent=2))
+        print(dumps(summaries, indent=2))
         return 0
-    columns = ["id", "name", "policy", "status", "expires_at", "budget_usd", "spent_usd", "held_usd", "remaining_usd"]
-    # USD to the micro-dollar, the ledger's own unit: a few cheap calls still show.
-    rows = [[str(s[c]) if not c.endswith("_usd") else f"{s[c]:.6f}" for c in columns] for s in summaries]
-    print_table(columns, rows)
+    columns = ["id", "name", "policy", "parent_id", "status", "expires_at"]
+    columns += ["budget_usd", "spent_usd", "held_usd", "remaining_usd"]
+    print_table(columns, [[str(s[c]) if s[c] is not None else "-" for c in columns] for s in summaries])
     return 0
 
 
 def cmd_keys_show(args) -> int:
-    record = open_store(args, read_config(args)).get_key(args.key_id)
+    record = find_key(open_store(args, read_config(args)), args.key_id)
     if record is None:
-        print(f"error: no key {args.key_id}", file=sys.stderr)
+        given_key_id = credentials.key_id_of(args.key_id)  # a key given is named by its id, never echoed
+        print(f"error: no key {given_key_id or args.key_id}", file=sys.stderr)
         return 1
     summary = {**describe(record, time.time()), "policy_rules": json.loads(record.policy_json)}
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(dumps(summary, indent=2))
     else:
         for name, value in summary.items():
             print(f"{name:>14}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     return 0
+
+
+def find_key(ledger: Ledger, id_or_key: str) -> KeyRecord | None:
+    """The key with this id, or this key itself (ak_…): then only if it is that key, not one sharing its id."""
+    key_id = credentials.key_id_of(id_or_key)
+    if key_id is None:
+        return ledger.get_key(id_or_key)
+    record = ledger.get_key(key_id)
+    return record if record and credentials.matches(id_or_key, record.key_hash) else None
 
 
 def cmd_keys_revoke(args) -> int:
@@ -382,7 +464,36 @@ def cmd_ca(args) -> int:
     print(f"# bundle (system roots + CA): {bundle_path(certs_dir)}")
     for name, value in agent_environment(certs_dir, f"http://{config.listen_host}:{config.proxy_port}").items():
         print(f"export {name}={value}")
+    gateway = f"http://{config.listen_host}:{config.gateway_port}"
+    print("# Node.js: fetch, and with it the openai and anthropic SDKs, ignores HTTPS_PROXY (Node 24+ honours it")
+    print("# with NODE_USE_ENV_PROXY=1); otherwise give the SDK the gateway as its base URL, no CA needed:")
+    print(f"#   export OPENAI_BASE_URL={gateway}/openai/v1")
+    print(f"#   export ANTHROPIC_BASE_URL={gateway}/anthropic")
     return 0
+
+
+def cmd_probe(args) -> int:
+    config = read_config(args)
+    if not config.metrics_port:
+        print("error: the config turns the metrics port off (metrics_port): nothing to ask", file=sys.stderr)
+        return 2
+    url = f"http://{local_address(config.listen_host)}:{config.metrics_port}"
+    url += "/readyz" if args.question == "ready" else "/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_SECONDS) as answer:
+            print(answer.read().decode().strip())
+        return 0
+    except urllib.error.HTTPError as e:
+        print(e.read().decode().strip(), file=sys.stderr)
+    except OSError as e:
+        print(f"error: nothing answers at {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+    return 1
+
+
+def local_address(listen_host: str) -> str:
+    """Where this machine reaches a listener bound to `listen_host` (all addresses: the loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)
+    return f"[{host}]" if ":" in host else host
 
 
 def cmd_prices_show(args) -> int:
@@ -393,7 +504,9 @@ def cmd_prices_show(args) -> int:
         spec = config.providers.get(args.provider)
         matches = [table.find(args.model, args.provider, *([spec.format] if spec else []))]
     else:
-        matches = [table.find(args.model, provider) for provider in table.providers_pricing(args.model)]
+        pricing = table.providers_pricing(args.model)  # the configured providers first, in the config's order
+        ordered = [p for p in config.providers if p in pricing] + [p for p in pricing if p not in config.providers]
+        matches = [table.find(args.model, provider) for provider in ordered]
     matches = [match for match in matches if match]
     if not matches:
         where = f" for {args.provider}" if args.provider else ""

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentkeys import credentials
 from agentkeys.ledger import KeyRecord, Ledger, Refusal
-from agentkeys.money import format_usd, micros_to_usd, remaining_phrase, usd_to_micros
+from agentkeys.money import Usd, format_usd, remaining_phrase, usd_to_micros
 from agentkeys.policy import BudgetUsd, Duration, EndpointRule, Policy, parse_budget
 
 
@@ -133,6 +133,7 @@ def describe(record: KeyRecord, now: float) -> dict:
     """A key as the CLI and the control API show it: never its secret or its hash.
 
     A key that can no longer spend (revoked or expired) has nothing remaining, whatever is unspent.
+    Amounts are `Usd`, to the micro-dollar: write them with `money.dumps` (never `5e-06`).
     """
     status = record.status(now)
     return {
@@ -143,10 +144,10 @@ def describe(record: KeyRecord, now: float) -> dict:
         "status": status,
         "created_at": iso(record.created_at),
         "expires_at": iso(record.expires_at),
-        "budget_usd": micros_to_usd(record.budget_micros),
-        "spent_usd": micros_to_usd(record.spent_micros),
-        "held_usd": micros_to_usd(record.held_micros),
-        "remaining_usd": micros_to_usd(record.remaining_micros if status == "active" else 0),
+        "budget_usd": Usd(record.budget_micros),
+        "spent_usd": Usd(record.spent_micros),
+        "held_usd": Usd(record.held_micros),
+        "remaining_usd": Usd(record.remaining_micros if status == "active" else 0),
     }
 
 

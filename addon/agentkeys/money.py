@@ -5,6 +5,9 @@ in Python alike. Amounts are always rounded *up* to the next micro-dollar: the p
 fraction of a cent too much over a million calls, never too little.
 """
 
+import json
+import re
+import secrets
 from decimal import ROUND_CEILING, Decimal
 
 MICROS_PER_USD = 1_000_000
@@ -33,3 +36,37 @@ def format_usd(micros: int) -> str:
     text = f"{micros / MICROS_PER_USD:.6f}"
     whole, fraction = text.split(".")
     return f"${whole}.{fraction.rstrip('0').ljust(4, '0')}"
+
+
+class Usd(float):
+    """An amount in USD for people and for JSON: a float (it compares and adds as one) written with its six
+    decimals, `0.000005`, never `5e-06`.
+
+    Python writes a float under 0.0001 in exponent notation, in `str` and in `json.dumps` alike, and a
+    cheap call costs less than that; `str` and `dumps` write a Usd in plain decimals.
+    """
+
+    def __new__(cls, micros: int):
+        return super().__new__(cls, micros / MICROS_PER_USD)
+
+    def __str__(self) -> str:
+        return f"{float(self):.6f}"
+
+
+def dumps(value, **kwargs) -> str:
+    """`json.dumps`, with each Usd in `value` (in its dicts and lists) a plain decimal number."""
+    marker = f"\0usd-{secrets.token_hex(8)}:"  # a string no caller's text can hold by chance
+    text = json.dumps(_marked(value, marker), **kwargs)
+    quoted_marker = json.dumps(marker)[:-1]  # as it reads inside the JSON text, without its closing quote
+    return re.sub(re.escape(quoted_marker) + r'(-?\d+\.\d+)"', lambda found: found[1], text)
+
+
+def _marked(value, marker: str):
+    """`value` with each Usd replaced by a string to find in the JSON text: `json` writes float subclasses itself."""
+    if isinstance(value, Usd):
+        return f"{marker}{value}"
+    if isinstance(value, dict):
+        return {name: _marked(item, marker) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_marked(item, marker) for item in value]
+    return value

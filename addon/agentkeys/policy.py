@@ -261,6 +261,9 @@ class ProxyConfig(BaseModel):
         default="passthrough",
         description="non-provider hosts in proxy mode: pass through as an untouched tunnel, or refuse",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="`agentkeys serve`'s log: text for people, json (one object a line) for collectors"
+    )
     purge_interval: Duration = 60
     shutdown_grace: Duration = Field(
         default=30, description="on SIGTERM, how long calls and streams in flight may take to finish"

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -184,9 +184,11 @@ def print_spend(config: ProxyConfig, ledger: Ledger, issued: IssuedKey) -> None:
     calls = (
         [r for r in read_records(config.path(config.audit_log)) if r["key_id"] == key_id] if config.audit_log else []
     )
+    # A refused call reached no model: it is counted apart, by status, not under a model of its own.
+    refused = [call for call in calls if call["decision"] != "allow"]
     by_model = defaultdict(lambda: {"calls": 0, "input": 0, "output": 0, "micros": 0})
-    for call in calls:
-        row = by_model[call["model"] or "-"]
+    for call in (call for call in calls if call["decision"] == "allow"):
+        row = by_model[call["model"] or "(no model)"]  # a free call, say GET /v1/models
         row["calls"] += 1
         row["input"] += call["input_tokens"]
         row["output"] += call["output_tokens"]
@@ -199,3 +201,7 @@ def print_spend(config: ProxyConfig, ledger: Ledger, issued: IssuedKey) -> None:
             f" {format_usd(row['micros'])}",
             file=sys.stderr,
         )
+    if refused:
+        statuses = Counter(str(call["status"]) for call in refused)
+        how = ", ".join(f"{count} × {status}" for status, count in sorted(statuses.items()))
+        print(f"  refused by the proxy: {len(refused)} calls ({how})", file=sys.stderr)

@@ -22,11 +22,14 @@ from mitmproxy.addons import block, core, disable_h2c, errorcheck, next_layer, p
 from agentkeys.addon import AgentKeys
 from agentkeys.connections import ConnectionGuard
 from agentkeys.logguard import LogGuard
+from agentkeys.logs import JsonFormatter
 
 
 class ProxyMaster(master.Master):
-    def __init__(self, opts: options.Options):
+    def __init__(self, opts: options.Options, log_format: str = "text"):
         super().__init__(opts, with_termlog=True)
+        if log_format == "json":  # the terminal log keeps its verbosity option; only its lines change shape
+            self._termlog_addon.logger.setFormatter(JsonFormatter())
         self.agentkeys = AgentKeys()
         self.addons.add(
             core.Core(),
@@ -59,17 +62,17 @@ class ProxyMaster(master.Master):
         self.shutdown()
 
 
-def serve(settings: dict, modes: list[str]) -> int:
+def serve(settings: dict, modes: list[str], log_format: str = "text") -> int:
     """Run until SIGINT (at once) or SIGTERM (gracefully); SIGHUP reloads the config.
 
-    `settings` are mitmproxy and agentkeys_* options by name.
+    `settings` are mitmproxy and agentkeys_* options by name; `log_format` is "text" or "json".
     """
-    return asyncio.run(_serve(settings, modes))
+    return asyncio.run(_serve(settings, modes, log_format))
 
 
-async def _serve(settings: dict, modes: list[str]) -> int:
+async def _serve(settings: dict, modes: list[str], log_format: str) -> int:
     logging.getLogger().setLevel(logging.INFO)
-    proxy = ProxyMaster(options.Options())
+    proxy = ProxyMaster(options.Options(), log_format)
     unknown = sorted(set(settings) - set(proxy.options.keys()))
     if unknown:
         print(f"agentkeys: no such mitmproxy option in agentkeys serve: {', '.join(unknown)}", file=sys.stderr)

@@ -133,6 +133,10 @@ class Ledger(Protocol):
         """
         ...
 
+    def ping(self) -> None:
+        """Ask the store for nothing, to learn that it answers (a readiness probe); LedgerUnavailable if not."""
+        ...
+
     def close(self) -> None: ...
 
     def nonblocking(self) -> "Ledger | None":

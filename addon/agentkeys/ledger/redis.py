@@ -361,6 +361,10 @@ class RedisLedger:
         with self._store():
             return self._purge(args=[now])
 
+    def ping(self) -> None:
+        with self._store():
+            self._redis.ping()
+
     def close(self) -> None:
         self._redis.close()
 
