@@ -22,7 +22,9 @@ from agentkeys.providers import FORMATS
 from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE as ANTHROPIC_IMAGE_ALLOWANCE
 from agentkeys.providers.base import DenyKind, StreamResult
 from agentkeys.store import Store
-from mock_provider import _Anthropic, _OpenAI, count_o200k_tokens
+from mock_provider import count_o200k_tokens
+from mock_provider.anthropic import Messages
+from mock_provider.openai import Chat
 
 OPENAI_REAL_KEY = "sk-real-openai-0123456789"
 ANTHROPIC_REAL_KEY = "sk-ant-real-0123456789"
@@ -547,12 +549,12 @@ ANTHROPIC_SHAPES = {
 
 def openai_bound_and_mock(body: dict) -> tuple[int, int]:
     bound = FORMATS["openai"].request_facts("POST", PATHS["openai"], json.dumps(body).encode()).input_token_bound
-    return bound, _OpenAI.call(body, count_o200k_tokens, 1).input_tokens
+    return bound, Chat.call(body, count_o200k_tokens, 1).input_tokens
 
 
 def anthropic_bound_and_mock(body: dict) -> tuple[int, int]:
     bound = FORMATS["anthropic"].request_facts("POST", PATHS["anthropic"], json.dumps(body).encode()).input_token_bound
-    return bound, _Anthropic.call(body, count_o200k_tokens, 1).input_tokens
+    return bound, Messages.call(body, count_o200k_tokens, 1).input_tokens
 
 
 @pytest.mark.parametrize("model", ["gpt-4o-mini", "gpt-4.1-mini"])
@@ -588,7 +590,7 @@ def test_openai_input_bound_covers_any_split_of_text_into_parts(parts, name):
 )
 def test_the_hold_covers_the_usage_the_provider_reports(env, provider, body, max_output):
     """The mock's own bill for this request, at the longest reply allowed, fits within the hold."""
-    api = {"openai": _OpenAI, "anthropic": _Anthropic}[provider]
+    api = {"openai": Chat, "anthropic": Messages}[provider]
     admission = env.admitted(call(env.issue(), body, provider))
     billed = api.call(json.loads(admission.upstream_body or body), count_o200k_tokens, 10**6)
     assert billed.output_tokens == max_output

@@ -31,7 +31,10 @@ from agentkeys.providers.base import DenyKind, SseSplitter, Unmeterable, set_out
 from agentkeys.store import Store
 from agentkeys.tokens import count_tokens, token_bound
 from agentkeys.yamlfile import ConfigError
-from mock_provider import _Anthropic, _Completions, _Embeddings, _Gemini, _OpenAI, _Responses, count_o200k_tokens
+from mock_provider import count_o200k_tokens
+from mock_provider.anthropic import Messages
+from mock_provider.gemini import GenerateContent
+from mock_provider.openai import Chat, Completions, Embeddings, Responses
 
 OPENAI, ANTHROPIC, GEMINI, AZURE = (FORMATS[name] for name in ("openai", "anthropic", "gemini", "azure"))
 PRICES = PriceTable.bundled()
@@ -119,9 +122,9 @@ CACHED_SYSTEM = [{"type": "text", "text": TEXT, "cache_control": {"type": "ephem
 
 # (provider, path, mock API, body): each billed by the mock at the longest reply the request allows.
 SHAPES = {
-    "responses-text": ("openai", "/v1/responses", _Responses, {"model": "gpt-4o-mini", "input": TEXT}),
+    "responses-text": ("openai", "/v1/responses", Responses, {"model": "gpt-4o-mini", "input": TEXT}),
     "responses-items": (
-        "openai", "/v1/responses", _Responses,
+        "openai", "/v1/responses", Responses,
         {"model": "gpt-4o-mini", "instructions": "Be brief.", "max_output_tokens": 50, "input": [
             {"role": "user", "content": [{"type": "input_text", "text": TEXT}]},
             {"role": "assistant", "content": [{"type": "output_text", "text": "earlier answer"}]},
@@ -129,68 +132,68 @@ SHAPES = {
         ]},
     ),
     "responses-schema-tools": (
-        "openai", "/v1/responses", _Responses,
+        "openai", "/v1/responses", Responses,
         {"model": "gpt-4o-mini", "input": "hi", "text": {"format": SCHEMA},
          "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]},
     ),
     "responses-reasoning": (
-        "openai", "/v1/responses", _Responses,
+        "openai", "/v1/responses", Responses,
         {"model": "o4-mini", "input": TEXT, "reasoning": {"effort": "high"}, "max_output_tokens": 300},
     ),
     "responses-previous": (
-        "openai", "/v1/responses", _Responses,
+        "openai", "/v1/responses", Responses,
         {"model": "gpt-4o-mini", "input": "and then?", "previous_response_id": "resp_1", "max_output_tokens": 20},
     ),
     "completions-text": (
-        "openai", "/v1/completions", _Completions, {"model": "gpt-3.5-turbo-instruct", "prompt": TEXT},
+        "openai", "/v1/completions", Completions, {"model": "gpt-3.5-turbo-instruct", "prompt": TEXT},
     ),
     "completions-many": (
-        "openai", "/v1/completions", _Completions,
+        "openai", "/v1/completions", Completions,
         {"model": "gpt-3.5-turbo-instruct", "prompt": ["a", TEXT, "c"], "n": 3, "max_tokens": 40},
     ),
     "completions-token-arrays": (
-        "openai", "/v1/completions", _Completions,
+        "openai", "/v1/completions", Completions,
         {"model": "gpt-3.5-turbo-instruct", "prompt": [[1, 2, 3], [4, 5]], "max_tokens": 7},
     ),
-    "embeddings-text": ("openai", "/v1/embeddings", _Embeddings, {"model": "text-embedding-3-small", "input": TEXT}),
+    "embeddings-text": ("openai", "/v1/embeddings", Embeddings, {"model": "text-embedding-3-small", "input": TEXT}),
     "embeddings-list": (
-        "openai", "/v1/embeddings", _Embeddings, {"model": "text-embedding-3-small", "input": [TEXT, "b", "🙂" * 50]},
+        "openai", "/v1/embeddings", Embeddings, {"model": "text-embedding-3-small", "input": [TEXT, "b", "🙂" * 50]},
     ),
     "embeddings-tokens": (
-        "openai", "/v1/embeddings", _Embeddings, {"model": "text-embedding-3-small", "input": [7] * 90},
+        "openai", "/v1/embeddings", Embeddings, {"model": "text-embedding-3-small", "input": [7] * 90},
     ),
     "anthropic-cache-write-1h": (
-        "anthropic", "/v1/messages", _Anthropic,
+        "anthropic", "/v1/messages", Messages,
         {"model": "claude-haiku-4-5", "max_tokens": 100, "system": CACHED_SYSTEM,
          "messages": [{"role": "user", "content": "hi"}]},
     ),
     "anthropic-cache-in-message": (
-        "anthropic", "/v1/messages", _Anthropic,
+        "anthropic", "/v1/messages", Messages,
         {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": [
             {"type": "text", "text": TEXT, "cache_control": {"type": "ephemeral"}}]}]},
     ),
     "gemini-text": (
-        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", _Gemini,
+        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", GenerateContent,
         {"contents": [{"role": "user", "parts": [{"text": TEXT}]}],
          "systemInstruction": {"parts": [{"text": "Be brief"}]}},
     ),
     "gemini-thinking-candidates": (
-        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", _Gemini,
+        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", GenerateContent,
         {"contents": [{"parts": [{"text": TEXT}]}], "generationConfig": {
             "maxOutputTokens": 200, "candidateCount": 2, "thinkingConfig": {"thinkingBudget": 150}}},
     ),
     "gemini-image": (
-        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", _Gemini,
+        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", GenerateContent,
         {"contents": [{"parts": [
             {"text": "what is it?"}, {"inlineData": {"mimeType": "image/png", "data": "iVBOR"}}]}]},
     ),
     "gemini-cached-content": (
-        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", _Gemini,
+        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", GenerateContent,
         {"contents": [{"parts": [{"text": "go on"}]}], "cachedContent": "cachedContents/x",
          "generationConfig": {"maxOutputTokens": 10}},
     ),
     "azure-deployment": (
-        "azure", "/openai/deployments/prod-mini/chat/completions", _OpenAI,
+        "azure", "/openai/deployments/prod-mini/chat/completions", Chat,
         {"messages": [{"role": "user", "content": TEXT}], "max_tokens": 30},
     ),
 }  # fmt: skip
@@ -201,7 +204,7 @@ def test_the_hold_covers_what_the_mock_bills(env, shape):
     provider, path, api, body = SHAPES[shape]
     admission = env.admitted(env.issue(), provider, path, body)
     sent = json.loads(admission.upstream_body) if admission.upstream_body else body
-    if api is _Gemini:
+    if api is GenerateContent:
         sent = {**sent, "model": admission.facts.model}
     elif provider == "azure":
         sent = {**sent, "model": "prod-mini"}
