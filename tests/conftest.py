@@ -195,6 +195,48 @@ def proxy_command(launcher: str, config_path: Path, proxy_port: int, gateway_por
     ]  # fmt: skip
 
 
+def assert_ledger_matches_audit(proxy: Proxy, key_id: str, audit: list[dict] | None = None, timeout: float = 10):
+    """No silent money: the key's spend in the store is exactly the sum of its audit records' costs,
+    and nothing of it is still held. Returns the key's record.
+
+    A call settles a moment after its agent has the reply, so this waits up to `timeout` for the two
+    to agree. `audit` is this proxy's own log unless given (several proxies sharing a store).
+    """
+    ledger = proxy.ledger()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            record = ledger.get_key(key_id)
+            records = audit if audit is not None else proxy.audit()
+            audited = sum(r["cost_micros"] for r in records if r["key_id"] == key_id)
+            if (record.held_micros, record.spent_micros) == (0, audited) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        ledger.close()
+    assert record.held_micros == 0, f"key {key_id}: {record.held_micros} micro-dollars still held"
+    assert record.spent_micros == audited, f"key {key_id}: the store charged {record.spent_micros}, the audit {audited}"
+    return record
+
+
+def assert_books_balance(proxy: Proxy) -> None:
+    """`assert_ledger_matches_audit` for every key of the store outside a tree of sub-agent keys.
+
+    Not for a module that mints child keys: a finished child's spend moves to its parent and the child
+    is purged, after which its parent's spend is more than its own audit records say (the sub-agent
+    tests check a tree's books as a whole).
+    """
+    ledger = proxy.ledger()
+    try:
+        keys = ledger.list_keys()
+    finally:
+        ledger.close()
+    parents = {key.parent_id for key in keys}
+    for key in keys:
+        if key.parent_id is None and key.key_id not in parents:
+            assert_ledger_matches_audit(proxy, key.key_id)
+
+
 def stop_proxy(proxy: Proxy) -> None:
     proxy.process.terminate()
     try:
@@ -217,6 +259,7 @@ def proxy(mock, tmp_path_factory, request):
     """One proxy for the module: `agentkeys serve`, or what the module's PROXY_LAUNCHER names."""
     running = start_proxy(tmp_path_factory.mktemp("proxy"), mock, getattr(request.module, "PROXY_LAUNCHER", "serve"))
     yield running
+    assert_books_balance(running)
     stop_proxy(running)
     log = running.log_path.read_text()
     for real_key in (OPENAI_REAL_KEY, ANTHROPIC_REAL_KEY, *OTHER_REAL_KEYS.values()):

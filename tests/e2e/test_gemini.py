@@ -11,8 +11,17 @@ import ssl
 import openai
 import pytest
 
-from agentkeys.pricing import PriceTable, Usage, cost_micros
-from conftest import OTHER_REAL_KEYS, httpx, start_proxy, stop_proxy, write_policy
+from agentkeys.pricing import ConfigPrice, PriceTable, Usage, cost_micros
+from conftest import (
+    OTHER_REAL_KEYS,
+    assert_books_balance,
+    assert_ledger_matches_audit,
+    httpx,
+    start_proxy,
+    stop_proxy,
+    write_policy,
+)
+from prices import expected_cost
 
 PRICES = PriceTable.bundled()
 GEMINI_KEY, AZURE_KEY, GROQ_KEY = (
@@ -20,6 +29,7 @@ GEMINI_KEY, AZURE_KEY, GROQ_KEY = (
 )
 AZURE_HOST, GEMINI_HOST = "myres.openai.azure.com", "generativelanguage.googleapis.com"
 LLAMA = "llama-3.3-70b-versatile"
+LLAMA_PRICE = {"input_per_mtok": 0.59, "output_per_mtok": 0.79, "max_output_tokens": 32768}  # as configured for Groq
 FLASH = "/v1beta/models/gemini-2.5-flash"
 TIMEOUT = 30  # seconds; httpx's default of 5 is too short on a busy test machine
 
@@ -48,9 +58,10 @@ def proxy(mock, tmp_path_factory):
                 "key_env": "GROQ_API_KEY",
             },
         },  # fmt: skip
-        prices={"groq": {LLAMA: {"input_per_mtok": 0.59, "output_per_mtok": 0.79, "max_output_tokens": 32768}}},
+        prices={"groq": {LLAMA: LLAMA_PRICE}},
     )
     yield running
+    assert_books_balance(running)
     stop_proxy(running)
 
 
@@ -90,8 +101,7 @@ def billed(mock) -> Usage:
 
 def settled(proxy, key) -> dict:
     [record] = proxy.records_for(key["id"])
-    stored = proxy.ledger().get_key(key["id"])
-    assert stored.held_micros == 0 and stored.spent_micros == record["cost_micros"]
+    assert_ledger_matches_audit(proxy, key["id"])
     return record
 
 
@@ -329,5 +339,5 @@ def test_groq_by_configuration_alone(proxy, mock, key, mode, monkeypatch):
     usage = billed(mock)
     record = settled(proxy, key)
     assert record["provider"] == "groq"
-    # The configured price, $0.59 and $0.79 per million tokens.
-    assert_metered(record, usage, -(-(usage.input_tokens * 59 + usage.output_tokens * 79) // 100))
+    configured = ConfigPrice(**LLAMA_PRICE).model_price("config")
+    assert_metered(record, usage, expected_cost(price=configured, input=usage.input_tokens, output=usage.output_tokens))

@@ -13,7 +13,7 @@ import pytest
 
 from agentkeys.money import usd_to_micros
 from agentkeys.pricing import PriceTable, Usage, cost_micros
-from conftest import httpx, start_proxy, stop_proxy, write_policy
+from conftest import assert_books_balance, assert_ledger_matches_audit, httpx, start_proxy, stop_proxy, write_policy
 
 PRICES = PriceTable.bundled()
 USER_X = [{"role": "user", "content": "x"}]
@@ -41,6 +41,7 @@ def proxy(mock, tmp_path_factory):
         prices={"openai": {"my-config-model": {"input_per_mtok": 3, "output_per_mtok": 15, "max_output_tokens": 500}}},
     )
     yield running
+    assert_books_balance(running)
     stop_proxy(running)
 
 
@@ -85,8 +86,7 @@ def settled(proxy, key, count: int = 1) -> dict:
     """The key's last audit record, once the settlement is written; the ledger must agree with the audit."""
     records = proxy.records_for(key["id"], count)
     assert len(records) == count, records
-    stored = proxy.ledger().get_key(key["id"])
-    assert stored.held_micros == 0 and stored.spent_micros == sum(r["cost_micros"] for r in records)
+    assert_ledger_matches_audit(proxy, key["id"])
     return records[-1]
 
 

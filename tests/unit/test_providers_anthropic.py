@@ -2,10 +2,10 @@
 
 import json
 
-from sse_events import feed_all, sse
-
 from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers import FORMATS
+from prices import expected_cost
+from sse_events import feed_all, sse
 
 ANTHROPIC = FORMATS["anthropic"]
 PRICES = PriceTable.bundled()
@@ -85,5 +85,5 @@ def test_anthropic_one_hour_cache_writes_are_told_apart():
     parsed = ANTHROPIC.usage_from_response(json.dumps({"usage": usage}).encode())
     assert parsed == Usage(305, 1, cache_write_tokens=300, cache_write_1h_tokens=200)
     haiku = PRICES.lookup("anthropic", "claude-haiku-4-5")
-    # 5 plain × $1/M + 100 written for 5 minutes × $1.25/M + 200 for an hour × $2/M + 1 out × $5/M
-    assert cost_micros(haiku, parsed) == 535
+    expected = expected_cost("claude-haiku-4-5", input=5, cache_write=100, cache_write_1h=200, output=1)
+    assert cost_micros(haiku, parsed) == expected

@@ -5,10 +5,10 @@ import json
 import random
 
 import pytest
-from sse_events import sse
 
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, SseSplitter, Unmeterable, parse_event, set_output_cap
+from sse_events import sse
 
 OPENAI, ANTHROPIC, GEMINI, AZURE = (FORMATS[name] for name in ("openai", "anthropic", "gemini", "azure"))
 

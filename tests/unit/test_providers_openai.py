@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from sse_events import feed_all, sse
 
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
+from sse_events import feed_all, sse
 
 OPENAI = FORMATS["openai"]
 
