@@ -4,6 +4,8 @@ worst case a hold assumes, rounding up to the micro-dollar, and user price files
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agentkeys.policy import ProxyConfig
 from agentkeys.pricing import (
@@ -19,6 +21,7 @@ from agentkeys.pricing import (
     worst_case_micros,
 )
 from agentkeys.yamlfile import ConfigError
+from prices import expected_cost
 
 PRICES = PriceTable.bundled()
 
@@ -156,3 +159,84 @@ def test_the_config_names_its_price_file_relative_to_itself(tmp_path):
     config = ProxyConfig.model_validate({"prices_file": "p.json", "base_dir": tmp_path})
     config.base_dir = tmp_path
     assert config.price_table().lookup("openai", "x-model") is not None
+
+
+# ----- the bundled table's own prices -----
+
+PRO = PRICES.lookup("gemini", "gemini-2.5-pro")
+[PRO_LONG] = PRO.tiers
+HAIKU = PRICES.lookup("anthropic", "claude-haiku-4-5")
+MINI = PRICES.lookup("openai", "gpt-4o-mini")
+
+
+def band_price(tier: PriceTier) -> ModelPrice:
+    """A long-context band's rates as a price of its own, to work out what the band charges."""
+    return ModelPrice(**tier.model_dump(exclude={"above_tokens"}))
+
+
+def test_a_bundled_long_context_band_prices_every_token_of_a_call_above_it():
+    at_threshold, above = PRO_LONG.above_tokens, PRO_LONG.above_tokens + 1
+    assert cost_micros(PRO, Usage(at_threshold, 10)) == expected_cost(price=PRO, input=at_threshold, output=10)
+    assert cost_micros(PRO, Usage(above, 10)) == expected_cost(price=band_price(PRO_LONG), input=above, output=10)
+    assert PRO_LONG.input > PRO.input and PRO_LONG.output > PRO.output, "the band is the dearer one"
+    cached = Usage(above, 10, cached_tokens=100_000)
+    expected = expected_cost(price=band_price(PRO_LONG), input=above - 100_000, cache_read=100_000, output=10)
+    assert cost_micros(PRO, cached) == expected, "cache reads in the band are priced at the band's cache rate"
+
+
+def test_cache_writes_are_priced_by_how_long_they_are_kept():
+    usage = Usage(1_000, 20, cache_write_tokens=600, cache_write_1h_tokens=200)
+    expected = expected_cost("claude-haiku-4-5", input=400, cache_write=400, cache_write_1h=200, output=20)
+    assert cost_micros(HAIKU, usage) == expected
+    assert HAIKU.cache_write_1h > HAIKU.cache_write > HAIKU.input > HAIKU.cache_read
+
+
+def test_a_one_hour_write_without_its_own_price_costs_the_five_minute_price():
+    price = ModelPrice(input=1e-6, output=2e-6, cache_write=1.25e-6)
+    one_hour = Usage(1_000, 0, cache_write_tokens=1_000, cache_write_1h_tokens=1_000)
+    five_minutes = Usage(1_000, 0, cache_write_tokens=1_000)
+    assert (
+        cost_micros(price, one_hour)
+        == cost_micros(price, five_minutes)
+        == expected_cost(price=price, cache_write=1_000)
+    )
+
+
+usages = st.builds(
+    lambda plain, read, written, one_hour, output: Usage(
+        plain + read + written + one_hour, output, read, written + one_hour, 0, one_hour
+    ),
+    *(st.integers(0, 300_000) for _ in range(4)),
+    st.integers(0, 100_000),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(usage=usages, model=st.sampled_from([("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5"),
+                                            ("gemini", "gemini-2.5-pro")]))  # fmt: skip
+def test_a_cost_is_every_token_at_its_rate_summed_then_rounded_up_once(usage, model):
+    plain = usage.input_tokens - usage.cached_tokens - usage.cache_write_tokens
+    expected = expected_cost(
+        price=PRICES.lookup(*model), input=plain, cache_read=usage.cached_tokens, output=usage.output_tokens,
+        cache_write=usage.cache_write_tokens - usage.cache_write_1h_tokens, cache_write_1h=usage.cache_write_1h_tokens,
+    )  # fmt: skip
+    assert cost_micros(PRICES.lookup(*model), usage) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(usage=usages, model=st.sampled_from([("anthropic", "claude-haiku-4-5"), ("gemini", "gemini-2.5-pro")]))
+def test_the_worst_case_covers_every_way_the_input_can_be_billed(usage, model):
+    price = PRICES.lookup(*model)
+    worst = worst_case_micros(price, usage.input_tokens, usage.output_tokens, cache_writes=True)
+    assert cost_micros(price, usage) <= worst
+    if usage.cache_write_tokens == 0:
+        no_writes = worst_case_micros(price, usage.input_tokens, usage.output_tokens, cache_writes=False)
+        assert cost_micros(price, usage) <= no_writes <= worst
+
+
+def test_the_worst_case_of_a_model_with_a_cache_write_premium_is_every_token_written_for_an_hour():
+    worst = worst_case_micros(HAIKU, 10_000, 100, cache_writes=True)
+    assert worst == expected_cost("claude-haiku-4-5", cache_write_1h=10_000, output=100)
+    assert worst_case_micros(HAIKU, 10_000, 100, cache_writes=False) == expected_cost(
+        "claude-haiku-4-5", input=10_000, output=100
+    )
