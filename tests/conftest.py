@@ -28,6 +28,7 @@ from agentkeys.audit import read_records
 from agentkeys.cli import main as agentkeys_main
 from agentkeys.ledger import Ledger, open_ledger
 from agentkeys.policy import load_config
+from agentkeys.pricing import Usage
 from mock_provider import MockProvider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -237,12 +238,52 @@ def assert_books_balance(proxy: Proxy) -> None:
             assert_ledger_matches_audit(proxy, key.key_id)
 
 
+def billed(mock, index: int = -1) -> Usage:
+    """The usage the mock reported (and would bill) for a call."""
+    reported = mock.reported[index]
+    return Usage(
+        input_tokens=reported["input_tokens"],
+        output_tokens=reported["output_tokens"],
+        cached_tokens=reported["cached_tokens"],
+        cache_write_tokens=reported["cache_write_tokens"],
+        reasoning_tokens=reported["reasoning_tokens"],
+    )
+
+
+def settled(proxy, key, count: int = 1) -> dict:
+    """The key's last audit record, once the settlement is written; the ledger must agree with the audit."""
+    records = proxy.records_for(key["id"], count)
+    assert len(records) == count, records
+    assert_ledger_matches_audit(proxy, key["id"])
+    return records[-1]
+
+
+def assert_metered(record: dict, usage: Usage, cost: int) -> None:
+    """The audit record of a call metered from the provider's usage: its tokens and its cost, within its hold."""
+    assert record["decision"] == "allow" and record["metering"] == "usage", record
+    assert (record["input_tokens"], record["output_tokens"]) == (usage.input_tokens, usage.output_tokens)
+    assert (record["cached_tokens"], record["cache_write_tokens"]) == (usage.cached_tokens, usage.cache_write_tokens)
+    assert record["reasoning_tokens"] == usage.reasoning_tokens
+    assert record["cost_micros"] == cost <= record["hold_micros"], "the hold must cover what the provider bills"
+
+
 def stop_proxy(proxy: Proxy) -> None:
     proxy.process.terminate()
     try:
         proxy.process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proxy.process.kill()
+
+
+@contextlib.contextmanager
+def running_proxy(directory: Path, mock: MockProvider, launcher: str = "serve", **config_fields):
+    """`start_proxy` for a `with` block: on leaving it, the books must balance, and the proxy stops."""
+    proxy = start_proxy(directory, mock, launcher, **config_fields)
+    try:
+        yield proxy
+        assert_books_balance(proxy)
+    finally:
+        stop_proxy(proxy)
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +298,9 @@ def mock():
 @pytest.fixture(scope="module")
 def proxy(mock, tmp_path_factory, request):
     """One proxy for the module: `agentkeys serve`, or what the module's PROXY_LAUNCHER names."""
-    running = start_proxy(tmp_path_factory.mktemp("proxy"), mock, getattr(request.module, "PROXY_LAUNCHER", "serve"))
-    yield running
-    assert_books_balance(running)
-    stop_proxy(running)
+    launcher = getattr(request.module, "PROXY_LAUNCHER", "serve")
+    with running_proxy(tmp_path_factory.mktemp("proxy"), mock, launcher) as running:
+        yield running
     log = running.log_path.read_text()
     for real_key in (OPENAI_REAL_KEY, ANTHROPIC_REAL_KEY, *OTHER_REAL_KEYS.values()):
         assert real_key not in log, "a real key reached the proxy's log"

@@ -10,10 +10,10 @@ import openai
 import pytest
 
 from conftest import (
-    assert_books_balance,
     assert_ledger_matches_audit,
     free_port,
     httpx,
+    running_proxy,
     start_proxy,
     stop_proxy,
     write_policy,
@@ -25,7 +25,7 @@ DEAD_PORT = free_port()  # nothing listens here: calls to the "deadai" provider 
 @pytest.fixture(scope="module")
 def proxy(mock, tmp_path_factory):
     """This module's proxy also knows a provider whose upstream is down."""
-    running = start_proxy(
+    with running_proxy(
         tmp_path_factory.mktemp("proxy"),
         mock,
         providers={
@@ -33,10 +33,8 @@ def proxy(mock, tmp_path_factory):
             "anthropic": {"upstream": mock.url},
             "deadai": {"format": "openai", "upstream": f"http://127.0.0.1:{DEAD_PORT}", "key_env": "OPENAI_API_KEY"},
         },
-    )
-    yield running
-    assert_books_balance(running)
-    stop_proxy(running)
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
