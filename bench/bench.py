@@ -409,9 +409,10 @@ class MockProcess:
 
 
 def start_mock(work: Path) -> MockProcess:
-    """`tests/mock_provider.py --port N`, ready once it prints its "listening on" line."""
+    """`python -m mock_provider --port N` in tests/, ready once it prints its "listening on" line."""
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "mock_provider.py"), "--port", str(conftest.free_port())],
+        [sys.executable, "-m", "mock_provider", "--port", str(conftest.free_port())],
+        cwd=REPO / "tests",
         stdout=subprocess.PIPE,
         stderr=open(work / "mock.log", "w"),
         text=True,

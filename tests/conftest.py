@@ -28,6 +28,7 @@ from agentkeys.audit import read_records
 from agentkeys.cli import main as agentkeys_main
 from agentkeys.ledger import Ledger, open_ledger
 from agentkeys.policy import load_config
+from agentkeys.pricing import Usage
 from mock_provider import MockProvider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,12 +210,97 @@ def proxy_command(launcher: str, config_path: Path, proxy_port: int, gateway_por
     ]  # fmt: skip
 
 
+def assert_ledger_matches_audit(proxy: Proxy, key_id: str, audit: list[dict] | None = None, timeout: float = 10):
+    """No silent money: the key's spend in the store is exactly the sum of its audit records' costs,
+    and nothing of it is still held. Returns the key's record.
+
+    A call settles a moment after its agent has the reply, so this waits up to `timeout` for the two
+    to agree. `audit` is this proxy's own log unless given (several proxies sharing a store).
+    """
+    ledger = proxy.ledger()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            record = ledger.get_key(key_id)
+            assert record is not None, f"key {key_id} is not in the store"
+            records = audit if audit is not None else proxy.audit()
+            audited = sum(r["cost_micros"] for r in records if r["key_id"] == key_id)
+            if (record.held_micros, record.spent_micros) == (0, audited) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        ledger.close()
+    assert record.held_micros == 0, f"key {key_id}: {record.held_micros} micro-dollars still held"
+    assert record.spent_micros == audited, f"key {key_id}: the store charged {record.spent_micros}, the audit {audited}"
+    return record
+
+
+def assert_books_balance(proxy: Proxy) -> None:
+    """`assert_ledger_matches_audit` for every key of the store outside a tree of sub-agent keys, but
+    for those about to expire (the proxy purges a key once it has expired: it may vanish mid-check).
+
+    Not for a module that mints child keys: a finished child's spend moves to its parent and the child
+    is purged, after which its parent's spend is more than its own audit records say (the sub-agent
+    tests check a tree's books as a whole).
+    """
+    ledger = proxy.ledger()
+    try:
+        keys = ledger.list_keys()
+    finally:
+        ledger.close()
+    parents = {key.parent_id for key in keys}
+    lasting = time.time() + 60
+    for key in keys:
+        if key.parent_id is None and key.key_id not in parents and key.expires_at > lasting:
+            assert_ledger_matches_audit(proxy, key.key_id)
+
+
+def billed(mock, index: int = -1) -> Usage:
+    """The usage the mock reported (and would bill) for a call."""
+    reported = mock.reported[index]
+    return Usage(
+        input_tokens=reported["input_tokens"],
+        output_tokens=reported["output_tokens"],
+        cached_tokens=reported["cached_tokens"],
+        cache_write_tokens=reported["cache_write_tokens"],
+        reasoning_tokens=reported["reasoning_tokens"],
+    )
+
+
+def settled(proxy, key, count: int = 1) -> dict:
+    """The key's last audit record, once the settlement is written; the ledger must agree with the audit."""
+    records = proxy.records_for(key["id"], count)
+    assert len(records) == count, records
+    assert_ledger_matches_audit(proxy, key["id"])
+    return records[-1]
+
+
+def assert_metered(record: dict, usage: Usage, cost: int) -> None:
+    """The audit record of a call metered from the provider's usage: its tokens and its cost, within its hold."""
+    assert record["decision"] == "allow" and record["metering"] == "usage", record
+    assert (record["input_tokens"], record["output_tokens"]) == (usage.input_tokens, usage.output_tokens)
+    assert (record["cached_tokens"], record["cache_write_tokens"]) == (usage.cached_tokens, usage.cache_write_tokens)
+    assert record["reasoning_tokens"] == usage.reasoning_tokens
+    assert record["cost_micros"] == cost <= record["hold_micros"], "the hold must cover what the provider bills"
+
+
 def stop_proxy(proxy: Proxy) -> None:
     proxy.process.terminate()
     try:
         proxy.process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proxy.process.kill()
+
+
+@contextlib.contextmanager
+def running_proxy(directory: Path, mock: MockProvider, launcher: str = "serve", **config_fields):
+    """`start_proxy` for a `with` block: on leaving it, the books must balance, and the proxy stops."""
+    proxy = start_proxy(directory, mock, launcher, **config_fields)
+    try:
+        yield proxy
+        assert_books_balance(proxy)
+    finally:
+        stop_proxy(proxy)
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +315,9 @@ def mock():
 @pytest.fixture(scope="module")
 def proxy(mock, tmp_path_factory, request):
     """One proxy for the module: `agentkeys serve`, or what the module's PROXY_LAUNCHER names."""
-    running = start_proxy(tmp_path_factory.mktemp("proxy"), mock, getattr(request.module, "PROXY_LAUNCHER", "serve"))
-    yield running
-    stop_proxy(running)
+    launcher = getattr(request.module, "PROXY_LAUNCHER", "serve")
+    with running_proxy(tmp_path_factory.mktemp("proxy"), mock, launcher) as running:
+        yield running
     log = running.log_path.read_text()
     for real_key in (OPENAI_REAL_KEY, ANTHROPIC_REAL_KEY, *OTHER_REAL_KEYS.values()):
         assert real_key not in log, "a real key reached the proxy's log"

@@ -16,7 +16,7 @@ import h2.errors
 import h2.events
 import pytest
 
-from conftest import write_policy
+from conftest import assert_ledger_matches_audit, write_policy
 from h2_agent import H2Agent
 
 
@@ -39,13 +39,7 @@ def chat(stream: bool = False) -> dict:
 
 def settled_record(proxy, key: dict) -> dict:
     [record] = proxy.records_for(key["id"])
-    ledger = proxy.ledger()
-    try:
-        state = ledger.get_key(key["id"])
-    finally:
-        ledger.close()
-    assert state.held_micros == 0, "a hold was left open"
-    assert state.spent_micros == record["cost_micros"], "the ledger and the audit disagree"
+    assert_ledger_matches_audit(proxy, key["id"])
     return record
 
 

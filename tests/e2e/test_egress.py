@@ -6,7 +6,7 @@ import ssl
 import pytest
 from cryptography import x509
 
-from conftest import httpx, start_proxy, stop_proxy, write_policy
+from conftest import httpx, running_proxy, write_policy
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +16,9 @@ def policy(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["passthrough", "allowlist"])
 def proxy(mock, tmp_path_factory, request):
-    running = start_proxy(tmp_path_factory.mktemp(request.param), mock, egress=request.param)
-    running.egress = request.param
-    yield running
-    stop_proxy(running)
+    with running_proxy(tmp_path_factory.mktemp(request.param), mock, egress=request.param) as running:
+        running.egress = request.param
+        yield running
 
 
 def connect(proxy, target: str) -> tuple[socket.socket, bytes]:

@@ -5,7 +5,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import httpx, start_proxy, stop_proxy, write_policy
+from conftest import httpx, running_proxy, start_proxy, stop_proxy, write_policy
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +17,8 @@ def policy(tmp_path_factory):
 def proxy(mock, tmp_path_factory):
     """A proxy whose anthropic provider reads its real key from a variable nobody set."""
     providers = {"openai": {"upstream": mock.url}, "anthropic": {"upstream": mock.url, "key_env": "UNSET_KEY_FOR_TEST"}}
-    running = start_proxy(tmp_path_factory.mktemp("proxy"), mock, providers=providers)
-    yield running
-    stop_proxy(running)
+    with running_proxy(tmp_path_factory.mktemp("proxy"), mock, providers=providers) as running:
+        yield running
 
 
 def test_a_provider_without_a_real_key_is_an_operator_error_not_retried(proxy, mock, policy):

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from agentkeys.pricing import PriceTable, Usage, cost_micros
-from conftest import write_policy
+from conftest import assert_ledger_matches_audit, write_policy
 from h2_agent import H2Agent
 
 PRICES = PriceTable.bundled()
@@ -96,12 +96,7 @@ def test_the_charge_is_never_below_the_bill(
         time.sleep(1.2)  # the mock finishes the abandoned call (and bills it) before it is looked at
 
     [record] = proxy.records_for(key["id"])
-    ledger = proxy.ledger()
-    try:
-        state = ledger.get_key(key["id"])
-    finally:
-        ledger.close()
-    assert (state.spent_micros, state.held_micros) == (record["cost_micros"], 0), "ledger == audit"
+    state = assert_ledger_matches_audit(proxy, key["id"])
     if record["decision"] == "deny":
         assert not mock.received and record["cost_micros"] == 0
         return

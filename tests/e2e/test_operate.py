@@ -9,7 +9,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import httpx, start_proxy, stop_proxy, write_policy
+from conftest import assert_ledger_matches_audit, httpx, start_proxy, stop_proxy, write_policy
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +55,7 @@ def test_sigterm_lets_a_stream_in_flight_finish_and_audits_it(mock, tmp_path, po
         assert proxy.process.wait(30) == 0
         [record] = proxy.records_for(key["id"])
         assert record["metering"] == "usage" and record["cost_micros"] > 0
-        ledger = proxy.ledger()
-        try:
-            assert ledger.get_key(key["id"]).spent_micros == record["cost_micros"]
-        finally:
-            ledger.close()
+        assert assert_ledger_matches_audit(proxy, key["id"]).spent_micros == record["cost_micros"]
         assert "I/O operation on closed file" not in proxy.log_path.read_text()
     finally:
         stop_proxy(proxy)

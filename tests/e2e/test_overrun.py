@@ -6,7 +6,7 @@ The audit says `overrun`, a counter counts it, and the key, now past its budget,
 import openai
 import pytest
 
-from conftest import httpx, write_policy
+from conftest import assert_ledger_matches_audit, httpx, write_policy
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,8 @@ def test_usage_above_the_hold_is_charged_in_full_and_the_key_stops(proxy, mock, 
     assert record["metering"] == "overrun" and record["output_tokens"] == 5_000
     assert record["cost_micros"] > record["hold_micros"] and "more than the call's hold" in record["reason"]
 
-    ledger = proxy.ledger()
-    try:
-        state = ledger.get_key(key["id"])
-    finally:
-        ledger.close()
-    assert (state.spent_micros, state.held_micros) == (record["cost_micros"], 0)
+    state = assert_ledger_matches_audit(proxy, key["id"])
+    assert state.spent_micros == record["cost_micros"]
     assert state.spent_micros > state.budget_micros
 
     with pytest.raises((openai.RateLimitError, openai.APIStatusError)) as refused:

@@ -1,12 +1,14 @@
-"""tokens.py: counts stay upper bounds, exact on ordinary text, and linear in the text's length."""
+"""Token counts and bounds (tokens.py)."""
 
 import time
 
+import pytest
 import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentkeys import tokens
+from agentkeys.tokens import count_tokens, token_bound
 
 
 def long_run_texts():
@@ -67,3 +69,12 @@ def test_one_repeated_character_costs_no_more_than_as_much_prose():
     repeated = "a" * size
     tokens.count_tokens("warm up", "gpt-4o")
     assert seconds_to(tokens.count_tokens, repeated, "gpt-4o") < 2 * seconds_to(tokens.count_tokens, prose, "gpt-4o")
+
+
+TEXT = "Summarise: " + " ".join(f"fact {i}: ünïcödé 数据 🙂" for i in range(300))
+
+
+@pytest.mark.parametrize("model", ["llama-3.3-70b-versatile", "mistral-large-latest", "gemini-2.5-flash"])
+def test_a_model_with_a_tokenizer_we_do_not_ship_is_bounded_by_bytes(model):
+    assert token_bound(TEXT, model) == len(TEXT.encode()) + 1
+    assert token_bound(TEXT, "gpt-4o-mini") == count_tokens(TEXT, "gpt-4o-mini")

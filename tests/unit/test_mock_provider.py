@@ -324,8 +324,9 @@ def test_injected_token_counter():
 
 
 def test_command_line_server():
-    script = Path(__file__).with_name("mock_provider.py")
-    process = subprocess.Popen([sys.executable, str(script), "--port", "0"], stdout=subprocess.PIPE, text=True)
+    tests = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "mock_provider", "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=tests)
     try:
         line = process.stdout.readline()
         assert line.startswith("listening on http://127.0.0.1:")

@@ -19,10 +19,9 @@ from agentkeys.cli import main as agentkeys_main
 from agentkeys.keys import new_key_record
 from agentkeys.ledger import open_ledger
 from agentkeys.policy import load_config, load_policy
-from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, free_port, wait_for_port, write_policy
+from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, REPO, free_port, wait_for_port, write_policy
 
 AGENTKEYS = Path(sys.executable).with_name("agentkeys")
-REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args, cwd=None):

@@ -13,7 +13,7 @@ import pytest
 
 from agentkeys.money import usd_to_micros
 from agentkeys.pricing import PriceTable, Usage, cost_micros
-from conftest import httpx, start_proxy, stop_proxy, write_policy
+from conftest import assert_metered, billed, httpx, running_proxy, settled, write_policy
 
 PRICES = PriceTable.bundled()
 USER_X = [{"role": "user", "content": "x"}]
@@ -34,14 +34,13 @@ def proxy(mock, tmp_path_factory):
     folder = tmp_path_factory.mktemp("proxy")
     prices_file = folder / "my-prices.json"
     prices_file.write_text(json.dumps({"my-file-model": {"litellm_provider": "openai", **FILE_PRICE}}))
-    running = start_proxy(
+    with running_proxy(
         folder,
         mock,
         prices_file="my-prices.json",
         prices={"openai": {"my-config-model": {"input_per_mtok": 3, "output_per_mtok": 15, "max_output_tokens": 500}}},
-    )
-    yield running
-    stop_proxy(running)
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -67,35 +66,6 @@ def client(proxy, key) -> openai.OpenAI:
 
 def claude(proxy, key) -> anthropic.Anthropic:
     return anthropic.Anthropic(api_key=key["key"], base_url=f"{proxy.gateway_url}/anthropic", max_retries=0)
-
-
-def billed(mock, index: int = -1) -> Usage:
-    """The usage the mock reported (and would bill) for a call."""
-    reported = mock.reported[index]
-    return Usage(
-        input_tokens=reported["input_tokens"],
-        output_tokens=reported["output_tokens"],
-        cached_tokens=reported["cached_tokens"],
-        cache_write_tokens=reported["cache_write_tokens"],
-        reasoning_tokens=reported["reasoning_tokens"],
-    )
-
-
-def settled(proxy, key, count: int = 1) -> dict:
-    """The key's last audit record, once the settlement is written; the ledger must agree with the audit."""
-    records = proxy.records_for(key["id"], count)
-    assert len(records) == count, records
-    stored = proxy.ledger().get_key(key["id"])
-    assert stored.held_micros == 0 and stored.spent_micros == sum(r["cost_micros"] for r in records)
-    return records[-1]
-
-
-def assert_metered(record: dict, usage: Usage, cost: int) -> None:
-    assert record["decision"] == "allow" and record["metering"] == "usage", record
-    assert (record["input_tokens"], record["output_tokens"]) == (usage.input_tokens, usage.output_tokens)
-    assert (record["cached_tokens"], record["cache_write_tokens"]) == (usage.cached_tokens, usage.cache_write_tokens)
-    assert record["reasoning_tokens"] == usage.reasoning_tokens
-    assert record["cost_micros"] == cost <= record["hold_micros"], "the hold must cover what the provider bills"
 
 
 def assert_cost_headers(headers, record: dict, budget_micros: int = 1_000_000) -> None:

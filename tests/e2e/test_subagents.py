@@ -5,12 +5,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
-from conftest import httpx, start_proxy, stop_proxy, write_policy
+from conftest import REPO, httpx, start_proxy, stop_proxy, write_policy
 
 ISSUER_TOKEN = "ci-issuer-token-for-tests"
 
@@ -198,7 +197,7 @@ def test_a_key_can_revoke_itself_and_its_children_but_no_other(proxy, orchestrat
 def test_the_eval_suite_example_gives_each_case_its_own_slice(proxy, mock, tmp_path):
     suite_policy = write_policy(tmp_path, "suite", budget_usd=0.003, max_child_depth=1, max_children=5)
     suite = proxy.issue(suite_policy)
-    example = Path(__file__).resolve().parent.parent / "examples" / "eval_suite.py"
+    example = REPO / "examples" / "eval_suite.py"
     env = {**os.environ, "OPENAI_API_KEY": suite["key"], "AGENTKEYS_URL": proxy.gateway_url}
     env.pop("HTTPS_PROXY", None)
     ran = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, env=env, timeout=60)
@@ -214,7 +213,7 @@ def test_the_eval_suite_example_gives_each_case_its_own_slice(proxy, mock, tmp_p
 def test_the_github_action_gives_a_job_its_own_key(proxy, mock, tmp_path):
     """action.yml's script, run as a runner would: the key lands in $GITHUB_ENV, masked, and works."""
     github_env, github_output = tmp_path / "env", tmp_path / "output"
-    script = Path(__file__).resolve().parent.parent / "scripts" / "github_issue_key.py"
+    script = REPO / "scripts" / "github_issue_key.py"
     env = {
         **os.environ,
         "AGENTKEYS_URL": proxy.gateway_url,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, free_port, write_policy
+from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, REPO, free_port, write_policy
 
 AGENTKEYS = Path(sys.executable).with_name("agentkeys")
 
@@ -118,7 +118,7 @@ def test_run_starts_a_proxy_when_none_is_running(mock, agent, tmp_path):
         socket.create_connection(("127.0.0.1", proxy_port), timeout=1).close()
 
 
-NODE_MODULES = Path(__file__).resolve().parent.parent / ".venv" / "node" / "node_modules"  # make install's
+NODE_MODULES = REPO / ".venv" / "node" / "node_modules"  # make install's
 # A Node agent: Node's fetch ignores HTTPS_PROXY, so only a base URL brings it to the proxy. It stops
 # rather than call the real provider when it has none.
 NODE_AGENT = textwrap.dedent(

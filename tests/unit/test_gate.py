@@ -1,4 +1,5 @@
-"""The gate without mitmproxy: request facts in, a decision out; usage in, a settlement out."""
+"""The gate without mitmproxy: request facts in, a decision out; usage in, a settlement out. For every
+format, the hold never falls below what the provider bills; clamping, unmetered endpoints, unseen input."""
 
 import asyncio
 import base64
@@ -22,7 +23,10 @@ from agentkeys.providers import FORMATS
 from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE as ANTHROPIC_IMAGE_ALLOWANCE
 from agentkeys.providers.base import DenyKind, StreamResult
 from agentkeys.store import Store
-from mock_provider import _Anthropic, _OpenAI, count_o200k_tokens
+from mock_provider import count_o200k_tokens
+from mock_provider.anthropic import Messages
+from mock_provider.gemini import GenerateContent
+from mock_provider.openai import Chat, Completions, Embeddings, Responses
 
 OPENAI_REAL_KEY = "sk-real-openai-0123456789"
 ANTHROPIC_REAL_KEY = "sk-ant-real-0123456789"
@@ -30,6 +34,18 @@ NOW = 1_700_000_000.0
 PRICES = PriceTable.bundled()
 MINI = PRICES.lookup("openai", "gpt-4o-mini")
 HAIKU = PRICES.lookup("anthropic", "claude-haiku-4-5")
+REAL_KEYS = {
+    "OPENAI_API_KEY": OPENAI_REAL_KEY,
+    "ANTHROPIC_API_KEY": ANTHROPIC_REAL_KEY,
+    "GEMINI_API_KEY": "real-gemini-0123456789",
+    "AZURE_OPENAI_API_KEY": "real-azure-0123456789",
+}
+AZURE_PROVIDER = {
+    "format": "azure",
+    "upstream": "https://myres.openai.azure.com",
+    "key_env": "AZURE_OPENAI_API_KEY",
+    "deployments": {"prod-mini": "gpt-4o-mini"},
+}
 PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 POLICY = {
     "name": "test",
@@ -39,6 +55,7 @@ POLICY = {
     "models": ["gpt-4o-mini*", "claude-haiku-4-5*"],
     "default_max_output_tokens": 256,
 }
+ANY_CALL = {"providers": ["openai", "anthropic", "gemini", "azure"], "endpoints": ["* /*"], "models": ["*"]}
 
 
 class Clock:
@@ -68,6 +85,10 @@ class Env:
         )  # fmt: skip
         return minted.key
 
+    def issue_any(self, budget_usd: float = 1.0, **policy_fields) -> str:
+        """A new key whose policy allows any call to any format (with `policy_fields` changed)."""
+        return self.issue(budget_usd, **{**ANY_CALL, **policy_fields})
+
     def balances(self, key: str) -> tuple[int, int]:
         record = self.ledger.get_key(credentials.key_id_of(key))
         return record.spent_micros, record.held_micros
@@ -90,10 +111,11 @@ class Env:
 
 
 def make_env(tmp_path, monkeypatch, ledger_class=SqliteLedger) -> Env:
-    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_REAL_KEY)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", ANTHROPIC_REAL_KEY)
+    for name, value in REAL_KEYS.items():
+        monkeypatch.setenv(name, value)
     ledger, clock = ledger_class(tmp_path / "gate.db"), Clock()
-    return Env(Gate(ProxyConfig(), Store(ledger, clock), PriceTable.bundled()), ledger, clock)
+    config = ProxyConfig.model_validate({"providers": {"azure": AZURE_PROVIDER}})
+    return Env(Gate(config, Store(ledger, clock), PriceTable.bundled()), ledger, clock)
 
 
 async def admit_or_denial(gate: Gate, call: CallRequest) -> Admission | Denial:
@@ -138,6 +160,14 @@ def call(key: str | None = None, body: bytes | None = None, provider: str = "ope
     if body is None:
         body = chat() if provider == "openai" else messages()
     return CallRequest(provider=provider, body=body, **fields)
+
+
+def request(
+    key: str, provider: str, path: str, body: dict | bytes, method: str = "POST", query: str = ""
+) -> CallRequest:
+    """A call to any format's endpoint, its body as JSON or as the bytes sent."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return CallRequest(provider, method, path, bearer(key), raw, query=query)
 
 
 def run(coroutine):
@@ -547,12 +577,12 @@ ANTHROPIC_SHAPES = {
 
 def openai_bound_and_mock(body: dict) -> tuple[int, int]:
     bound = FORMATS["openai"].request_facts("POST", PATHS["openai"], json.dumps(body).encode()).input_token_bound
-    return bound, _OpenAI.call(body, count_o200k_tokens, 1).input_tokens
+    return bound, Chat.call(body, count_o200k_tokens, 1).input_tokens
 
 
 def anthropic_bound_and_mock(body: dict) -> tuple[int, int]:
     bound = FORMATS["anthropic"].request_facts("POST", PATHS["anthropic"], json.dumps(body).encode()).input_token_bound
-    return bound, _Anthropic.call(body, count_o200k_tokens, 1).input_tokens
+    return bound, Messages.call(body, count_o200k_tokens, 1).input_tokens
 
 
 @pytest.mark.parametrize("model", ["gpt-4o-mini", "gpt-4.1-mini"])
@@ -588,7 +618,7 @@ def test_openai_input_bound_covers_any_split_of_text_into_parts(parts, name):
 )
 def test_the_hold_covers_the_usage_the_provider_reports(env, provider, body, max_output):
     """The mock's own bill for this request, at the longest reply allowed, fits within the hold."""
-    api = {"openai": _OpenAI, "anthropic": _Anthropic}[provider]
+    api = {"openai": Chat, "anthropic": Messages}[provider]
     admission = env.admitted(call(env.issue(), body, provider))
     billed = api.call(json.loads(admission.upstream_body or body), count_o200k_tokens, 10**6)
     assert billed.output_tokens == max_output
@@ -858,3 +888,224 @@ def test_a_refusal_of_the_body_names_the_model_it_asked_for(env):
     denial = env.denied(call(env.issue(), chat(max_tokens=-1)), DenyKind.BAD_REQUEST)
     assert denial.model == "gpt-4o-mini"
     assert env.denied(call(env.issue(), b"{not json"), DenyKind.BAD_REQUEST).model is None
+
+
+# ----- every format through the gate: holds, unmetered endpoints, clamping -----
+
+
+TEXT = "Summarise: " + " ".join(f"fact {i}: ünïcödé 数据 🙂" for i in range(300))
+
+
+SCHEMA = {"type": "json_schema", "name": "out", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}
+
+
+CACHED_SYSTEM = [{"type": "text", "text": TEXT, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+
+
+# (provider, path, mock API, body): each billed by the mock at the longest reply the request allows.
+SHAPES = {
+    "responses-text": ("openai", "/v1/responses", Responses, {"model": "gpt-4o-mini", "input": TEXT}),
+    "responses-items": (
+        "openai", "/v1/responses", Responses,
+        {"model": "gpt-4o-mini", "instructions": "Be brief.", "max_output_tokens": 50, "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": TEXT}]},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "earlier answer"}]},
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        ]},
+    ),
+    "responses-schema-tools": (
+        "openai", "/v1/responses", Responses,
+        {"model": "gpt-4o-mini", "input": "hi", "text": {"format": SCHEMA},
+         "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]},
+    ),
+    "responses-reasoning": (
+        "openai", "/v1/responses", Responses,
+        {"model": "o4-mini", "input": TEXT, "reasoning": {"effort": "high"}, "max_output_tokens": 300},
+    ),
+    "responses-previous": (
+        "openai", "/v1/responses", Responses,
+        {"model": "gpt-4o-mini", "input": "and then?", "previous_response_id": "resp_1", "max_output_tokens": 20},
+    ),
+    "completions-text": (
+        "openai", "/v1/completions", Completions, {"model": "gpt-3.5-turbo-instruct", "prompt": TEXT},
+    ),
+    "completions-many": (
+        "openai", "/v1/completions", Completions,
+        {"model": "gpt-3.5-turbo-instruct", "prompt": ["a", TEXT, "c"], "n": 3, "max_tokens": 40},
+    ),
+    "completions-token-arrays": (
+        "openai", "/v1/completions", Completions,
+        {"model": "gpt-3.5-turbo-instruct", "prompt": [[1, 2, 3], [4, 5]], "max_tokens": 7},
+    ),
+    "embeddings-text": ("openai", "/v1/embeddings", Embeddings, {"model": "text-embedding-3-small", "input": TEXT}),
+    "embeddings-list": (
+        "openai", "/v1/embeddings", Embeddings, {"model": "text-embedding-3-small", "input": [TEXT, "b", "🙂" * 50]},
+    ),
+    "embeddings-tokens": (
+        "openai", "/v1/embeddings", Embeddings, {"model": "text-embedding-3-small", "input": [7] * 90},
+    ),
+    "anthropic-cache-write-1h": (
+        "anthropic", "/v1/messages", Messages,
+        {"model": "claude-haiku-4-5", "max_tokens": 100, "system": CACHED_SYSTEM,
+         "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    "anthropic-cache-in-message": (
+        "anthropic", "/v1/messages", Messages,
+        {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": TEXT, "cache_control": {"type": "ephemeral"}}]}]},
+    ),
+    "gemini-text": (
+        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", GenerateContent,
+        {"contents": [{"role": "user", "parts": [{"text": TEXT}]}],
+         "systemInstruction": {"parts": [{"text": "Be brief"}]}},
+    ),
+    "gemini-thinking-candidates": (
+        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", GenerateContent,
+        {"contents": [{"parts": [{"text": TEXT}]}], "generationConfig": {
+            "maxOutputTokens": 200, "candidateCount": 2, "thinkingConfig": {"thinkingBudget": 150}}},
+    ),
+    "gemini-image": (
+        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", GenerateContent,
+        {"contents": [{"parts": [
+            {"text": "what is it?"}, {"inlineData": {"mimeType": "image/png", "data": "iVBOR"}}]}]},
+    ),
+    "gemini-cached-content": (
+        "gemini", "/v1beta/models/gemini-2.5-flash:generateContent", GenerateContent,
+        {"contents": [{"parts": [{"text": "go on"}]}], "cachedContent": "cachedContents/x",
+         "generationConfig": {"maxOutputTokens": 10}},
+    ),
+    "azure-deployment": (
+        "azure", "/openai/deployments/prod-mini/chat/completions", Chat,
+        {"messages": [{"role": "user", "content": TEXT}], "max_tokens": 30},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_hold_covers_what_the_mock_bills(env, shape):
+    provider, path, api, body = SHAPES[shape]
+    admission = env.admitted(request(env.issue_any(), provider, path, body))
+    sent = json.loads(admission.upstream_body) if admission.upstream_body else body
+    if api is GenerateContent:
+        sent = {**sent, "model": admission.facts.model}
+    elif provider == "azure":
+        sent = {**sent, "model": "prod-mini"}
+    call = api.call(sent, count_o200k_tokens, 10**6, set())  # the longest reply allowed; a cold cache
+    usage = Usage(
+        call.input_tokens, call.output_tokens, call.cached_tokens, call.cache_write_tokens, call.reasoning_tokens,
+        call.cache_write_1h_tokens,
+    )  # fmt: skip
+    assert cost_micros(admission.price, usage) <= admission.hold_micros
+    assert call.input_tokens <= admission.facts.input_token_bound
+
+
+def test_a_cache_write_is_held_at_its_premium(env):
+    """Writing the whole prompt to Anthropic's one-hour cache costs twice the input price."""
+    body = SHAPES["anthropic-cache-write-1h"][3]
+    admission = env.admitted(request(env.issue_any(), "anthropic", "/v1/messages", body))
+    bound = admission.facts.input_token_bound
+    haiku = PRICES.lookup("anthropic", "claude-haiku-4-5")
+    all_written = Usage(bound, 100, cache_write_tokens=bound, cache_write_1h_tokens=bound)
+    assert admission.hold_micros == cost_micros(haiku, all_written) > cost_micros(haiku, Usage(bound, 100))
+    uncached = env.admitted(request(env.issue_any(), "anthropic", "/v1/messages", {**body, "system": "plain"}))
+    assert uncached.facts.may_write_cache is False
+
+
+# ----- endpoints a policy lists as unmetered -----
+
+
+def test_an_unmeterable_endpoint_is_refused_unless_listed_as_unmetered(env):
+    refused = env.admit(request(env.issue_any(endpoints=["* /v1/*"]), "openai", "/v1/files", b"", method="GET"))
+    assert isinstance(refused, Denial) and refused.kind is DenyKind.FORBIDDEN
+    assert "unmetered_endpoints" in refused.message
+    key = env.issue_any(endpoints=["POST /v1/chat/completions"], unmetered_endpoints=["GET /v1/files*"])
+    admission = env.admitted(request(key, "openai", "/v1/files/file-1", b"", method="GET"))
+    assert (admission.unmetered, admission.hold_id, admission.remaining_micros) == (True, None, 1_000_000)
+
+
+def test_unmetered_endpoints_never_unmeter_a_metered_one(env):
+    key = env.issue_any(endpoints=["GET /v1/models"], unmetered_endpoints=["* /v1/*"])
+    refused = env.admit(
+        request(key, "openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user"}]})
+    )
+    assert isinstance(refused, Denial) and "not allowed" in refused.message
+
+
+# ----- clamping the output limit to the budget -----
+
+
+def chat_body(max_tokens: int | None = 1000, **fields) -> dict:
+    limit = {} if max_tokens is None else {"max_tokens": max_tokens}
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi"}], **limit, **fields}
+
+
+def test_clamp_finds_the_largest_output_limit_that_fits(env):
+    key = env.issue_any(budget_usd=0.0002, clamp_max_tokens=True)
+    admission = env.admitted(request(key, "openai", "/v1/chat/completions", chat_body()))
+    clamped = admission.clamped_to
+    assert json.loads(admission.upstream_body)["max_tokens"] == clamped
+    price = PRICES.lookup("openai", "gpt-4o-mini")
+    bound = admission.facts.input_token_bound
+    assert admission.hold_micros == cost_micros(price, Usage(bound, clamped)) <= 200
+    assert cost_micros(price, Usage(bound, clamped + 1)) > 200
+
+
+def test_clamp_multiplies_by_every_choice(env):
+    key = env.issue_any(budget_usd=0.0002, clamp_max_tokens=True)
+    admission = env.admitted(request(key, "openai", "/v1/chat/completions", chat_body(n=4)))
+    price = PRICES.lookup("openai", "gpt-4o-mini")
+    assert admission.hold_micros == cost_micros(
+        price, Usage(admission.facts.input_token_bound, 4 * admission.clamped_to)
+    )
+
+
+def test_clamp_refuses_when_not_even_one_token_fits(env):
+    key = env.issue_any(budget_usd=0.000001, clamp_max_tokens=True)
+    refused = env.admit(
+        request(key, "openai", "/v1/chat/completions", chat_body(messages=[{"role": "user", "content": TEXT}]))
+    )
+    assert isinstance(refused, Denial) and refused.kind is DenyKind.BUDGET
+
+
+def test_a_fitting_call_is_not_clamped(env):
+    admission = env.admitted(
+        request(env.issue_any(clamp_max_tokens=True), "openai", "/v1/chat/completions", chat_body(max_tokens=10))
+    )
+    assert admission.clamped_to is None and admission.upstream_body is None
+
+
+# ----- input the proxy cannot see, Azure deployments, keys in the query -----
+
+
+def test_unseen_input_needs_a_known_context_window(env):
+    key = env.issue_any()
+    body = {"model": "gpt-4o-mini", "previous_response_id": "resp_1", "max_output_tokens": 5}
+    admission = env.admitted(request(key, "openai", "/v1/responses", body))
+    assert admission.facts.input_token_bound == 128_000
+    no_window = PRICES.lookup("openai", "gpt-4o-mini").model_copy(update={"max_input_tokens": None})
+    env.gate.prices.add("openai", "gpt-4o-mini", no_window)
+    refused = env.admit(request(key, "openai", "/v1/responses", body))
+    assert isinstance(refused, Denial) and "previous_response_id" in refused.message
+
+
+def test_an_azure_deployment_is_matched_and_priced_as_the_model_it_runs(env):
+    key = env.issue_any(models=["gpt-4o-mini*"])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    admission = env.admitted(
+        request(key, "azure", "/openai/deployments/prod-mini/chat/completions", body, query="api-version=1")
+    )
+    assert admission.facts.model == "gpt-4o-mini" and admission.price == PRICES.lookup("azure", "gpt-4o-mini")
+    refused = env.admit(
+        request(key, "azure", "/openai/deployments/other/chat/completions", body, query="api-version=1")
+    )
+    assert isinstance(refused, Denial) and "model other is not allowed" in refused.message
+
+
+def test_a_key_in_the_query_string_counts_as_a_credential(env):
+    key = env.issue_any()
+    path, body = "/v1beta/models/gemini-2.5-flash:generateContent", b'{"contents": [{"parts": [{"text": "hi"}]}]}'
+    in_query = CallRequest("gemini", "POST", path, {}, body, query=f"alt=sse&key={key}")
+    assert isinstance(asyncio.run(admit_or_denial(env.gate, in_query)), Admission)
+    real = CallRequest("gemini", "POST", path, {}, body, query=f"key={REAL_KEYS['GEMINI_API_KEY']}")
+    refused = asyncio.run(admit_or_denial(env.gate, real))
+    assert isinstance(refused, Denial) and "real provider key" in refused.message

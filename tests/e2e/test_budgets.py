@@ -9,7 +9,15 @@ import anthropic
 import openai
 import pytest
 
-from conftest import free_port, httpx, start_proxy, stop_proxy, write_policy
+from conftest import (
+    assert_ledger_matches_audit,
+    free_port,
+    httpx,
+    running_proxy,
+    start_proxy,
+    stop_proxy,
+    write_policy,
+)
 
 DEAD_PORT = free_port()  # nothing listens here: calls to the "deadai" provider cannot connect
 
@@ -17,7 +25,7 @@ DEAD_PORT = free_port()  # nothing listens here: calls to the "deadai" provider 
 @pytest.fixture(scope="module")
 def proxy(mock, tmp_path_factory):
     """This module's proxy also knows a provider whose upstream is down."""
-    running = start_proxy(
+    with running_proxy(
         tmp_path_factory.mktemp("proxy"),
         mock,
         providers={
@@ -25,9 +33,8 @@ def proxy(mock, tmp_path_factory):
             "anthropic": {"upstream": mock.url},
             "deadai": {"format": "openai", "upstream": f"http://127.0.0.1:{DEAD_PORT}", "key_env": "OPENAI_API_KEY"},
         },
-    )
-    yield running
-    stop_proxy(running)
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +56,6 @@ def anthropic_gateway(proxy, key, max_retries=0):
 
 def ask(client, model="gpt-4o-mini", **kwargs):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello"}], **kwargs)
-
-
-def assert_ledger_matches_audit(proxy, key_id):
-    """No silent money: what the ledger charged is exactly what the audit records say, nothing held."""
-    record = proxy.ledger().get_key(key_id)
-    audited = sum(r["cost_micros"] for r in proxy.audit() if r["key_id"] == key_id)
-    assert record.held_micros == 0
-    assert record.spent_micros == audited
-    return record
 
 
 def test_budget_exhaustion_is_refused_in_openai_shape_and_not_retried(proxy, mock, policies):

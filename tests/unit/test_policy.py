@@ -20,7 +20,7 @@ from agentkeys.policy import (
 )
 from agentkeys.yamlfile import ConfigError
 
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 def policy(**fields) -> Policy:

@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from agentkeys.addon import Upstream
-from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, httpx, write_policy
+from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY, assert_ledger_matches_audit, httpx, write_policy
+from prices import expected_cost
 
 MODES = ["proxy", "gateway"]
 PROXY_LAUNCHER = "mitmdump"
@@ -70,13 +71,12 @@ def test_openai_chat_swaps_the_key_and_meters_usage(proxy, mock, key, mode, monk
     assert seen.headers["authorization"] == f"Bearer {OPENAI_REAL_KEY}"
     assert key["key"] not in str(seen.headers) and key["key"] not in seen.body.decode()
     usage = mock.reported[-1]
-    expected_micros = -(-(usage["input_tokens"] * 150_000 + usage["output_tokens"] * 600_000) // 1_000_000)
+    expected = expected_cost("gpt-4o-mini", input=usage["input_tokens"], output=usage["output_tokens"])
     record = last_audit(proxy, key)
     assert record["decision"] == "allow" and record["metering"] == "usage"
     assert (record["input_tokens"], record["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
-    assert record["cost_micros"] == expected_micros
-    stored = proxy.ledger().get_key(key["id"])
-    assert stored.spent_micros == expected_micros and stored.held_micros == 0
+    assert record["cost_micros"] == expected
+    assert assert_ledger_matches_audit(proxy, key["id"]).spent_micros == expected
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -89,7 +89,7 @@ def test_openai_stream_hides_the_usage_chunk_it_asked_for(proxy, mock, key, mode
     record = last_audit(proxy, key)
     assert record["metering"] == "usage" and record["output_tokens"] == 4
     assert record["ttft_ms"] is not None
-    assert proxy.ledger().get_key(key["id"]).spent_micros == record["cost_micros"] > 0
+    assert assert_ledger_matches_audit(proxy, key["id"]).spent_micros == record["cost_micros"] > 0
 
 
 def test_hidden_usage_chunk_leaves_the_stream_whole_on_a_kept_alive_connection(proxy, mock, key):
@@ -125,7 +125,9 @@ def test_anthropic_messages_swap_the_key_and_meter_usage(proxy, mock, key, mode,
     usage = mock.reported[-1]
     record = last_audit(proxy, key)
     assert (record["input_tokens"], record["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
-    assert record["cost_micros"] == usage["input_tokens"] * 1 + usage["output_tokens"] * 5
+    assert record["cost_micros"] == expected_cost(
+        "claude-haiku-4-5", input=usage["input_tokens"], output=usage["output_tokens"]
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
