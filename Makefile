@@ -11,7 +11,7 @@ PYTHON ?= $(shell scripts/find-python)
 NODE_OPENAI := openai@6.49.0
 NODE_DIR := $(VENV)/node
 
-.PHONY: install run test bench lint clean redis-server iptables node-sdk
+.PHONY: install run test bench bench-audit lint clean redis-server iptables node-sdk
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ $(NODE_DIR)/node_modules/openai/package.json:
 
 bench: install redis-server
 	$(PY) bench/bench.py
+
+# The audit log alone: per-record cost of chaining and signing, and report/verify/tail on a million records.
+bench-audit: install
+	$(PY) bench/bench_audit.py
 
 lint: install
 	$(VENV)/bin/ruff check .

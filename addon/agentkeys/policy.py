@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from agentkeys.pricing import ConfigPrice, PriceTable, load_prices
 from agentkeys.yamlfile import ConfigError, load_yaml_model
@@ -187,6 +196,14 @@ class ProxyConfig(BaseModel):
     )  # fmt: skip
     store: str = "sqlite:///agentkeys.db"
     audit_log: str | None = "audit.jsonl"
+    audit_sinks: list[Literal["file", "stdout"]] | None = Field(
+        default=None,
+        min_length=1,
+        description="where each audit record goes: file (audit_log), stdout (JSON lines for log collectors)",
+    )
+    audit_rotate_bytes: ByteSize | None = Field(default=None, gt=0, description="start a new file past this size")
+    audit_rotate_interval: Duration | None = Field(default=None, description="start a new file after this long")
+    audit_checkpoint_interval: Duration = Field(default=10, description="how often the audit log is signed")
     metrics_port: int | None = Field(default=9464, ge=0, le=65535)
     certs_dir: str = "certs"
     egress: Literal["passthrough", "allowlist"] = Field(
@@ -233,6 +250,13 @@ class ProxyConfig(BaseModel):
             )
         return options
 
+    @field_validator("audit_sinks")
+    @classmethod
+    def file_sink_has_a_file(cls, sinks: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if sinks and "file" in sinks and info.data.get("audit_log") is None:
+            raise ValueError("the file sink needs audit_log (a path); or list only stdout")
+        return sinks
+
     @model_validator(mode="before")
     @classmethod
     def merge_default_providers(cls, data):
@@ -257,6 +281,13 @@ class ProxyConfig(BaseModel):
         """The bundled prices with this config's overrides: its `prices_file`, then its `prices`."""
         prices_file = self.path(self.prices_file) if self.prices_file else None
         return load_prices(prices_file, self.prices, self.providers)
+
+    @property
+    def audit_sinks_used(self) -> list[str]:
+        """The sinks named, else the file when there is an `audit_log`."""
+        if self.audit_sinks is not None:
+            return self.audit_sinks
+        return ["file"] if self.audit_log else []
 
     @property
     def store_url(self) -> str:
