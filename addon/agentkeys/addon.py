@@ -27,7 +27,7 @@ from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
 from agentkeys import logs, tokens
-from agentkeys.audit import AuditLog, CallRecord
+from agentkeys.audit import AuditLog, CallRecord, audit_log_for
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.connections import ConnectionGuard
 from agentkeys.control import Control, issuers_from
@@ -190,7 +190,6 @@ class AgentKeys:
         issuers, prices, policies = issuers_from(config), config.price_table(), current_policies(config)
         old_gate, old_audit = self.gate, self.audit
         same_store = old_gate is not None and self.config.store_url == config.store_url
-        same_audit = old_audit is not None and self.config.audit_log == config.audit_log
         if same_store:
             store = old_gate.store
         else:  # its failures counted for agentkeys_store_errors_total
@@ -199,8 +198,8 @@ class AgentKeys:
         self.router = Router(config)
         self.gate = Gate(config, store, prices, policies)
         self.control = Control(store, self.gate.auth, issuers)
-        self.audit = old_audit if same_audit else AuditLog(config.path(config.audit_log) if config.audit_log else None)
-        self._retire(None if same_store else old_gate, None if same_audit else old_audit)
+        self.audit = audit_log_for(config, old_audit)  # the same one while its settings are the same
+        self._retire(None if same_store else old_gate, None if self.audit is old_audit else old_audit)
         self.metrics.watch_holds(lambda: len(self.gate.store.open_holds))
         for name, spec in config.providers.items():
             if not spec.real_key():

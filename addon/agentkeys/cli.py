@@ -1,6 +1,7 @@
 """The `agentkeys` command: run the proxy, issue and manage keys, check policies, show the CA."""
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -12,7 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import agentkeys
-from agentkeys import credentials, logs
+from agentkeys import auditreport, credentials, logs
+from agentkeys.auditchain import fingerprint, load_public_key, public_key_pem, signing_key
+from agentkeys.auditfiles import audit_files, call_records
+from agentkeys.auditverify import verify
 from agentkeys.certs import agent_environment, bundle_path, ca_cert_path, ensure_ca
 from agentkeys.isolate import IsolationError, check_privileges
 from agentkeys.keys import describe, iso, issue_key
@@ -187,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     price_show.add_argument("model")
     price_show.add_argument("--provider", help="as the proxy prices it for this provider (default: every table)")
     price_show.set_defaults(run=cmd_prices_show)
+    add_audit_commands(commands)
     return parser
 
 
@@ -194,6 +199,36 @@ def version_line() -> str:
     from mitmproxy.version import VERSION
 
     return f"agentkeys {agentkeys.__version__} (mitmproxy {VERSION}, Python {platform.python_version()})"
+
+
+def add_audit_commands(commands) -> None:
+    audit = commands.add_parser("audit", help="verify, report on and follow the audit log").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    files_help = "audit files (default: every file of the config's audit_log, each writer's and rotated ones)"
+    check = audit.add_parser("verify", help="prove audit files untouched; else name the first bad record, exit 1")
+    check.add_argument("files", nargs="*", type=Path, help=files_help)
+    check.add_argument("--public-key", type=Path, help="the proxy's public key (`agentkeys audit public-key`)")
+    check.add_argument("--live", action="store_true", help="the proxy is still writing: accept a tail not yet signed")
+    check.set_defaults(run=cmd_audit_verify)
+    summary = audit.add_parser("report", help="calls, tokens, cost and refusals, grouped")
+    summary.add_argument("files", nargs="*", type=Path, help=files_help)
+    summary.add_argument("--since", help="only records this recent, e.g. 24h, 7d (default: all)")
+    summary.add_argument("--by", choices=list(auditreport.GROUPINGS), default="key")
+    output = summary.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true")
+    output.add_argument("--csv", action="store_true")
+    summary.set_defaults(run=cmd_audit_report)
+    tail = audit.add_parser("tail", help="the last calls, and with -f each new one as it is written")
+    tail.add_argument("log", nargs="?", type=Path, help="the log's live file (default: the config's audit_log)")
+    tail.add_argument("-f", "--follow", action="store_true")
+    tail.add_argument("-n", "--lines", type=int, default=10, help="how many past records to show first")
+    for name in ("key", "policy", "decision", "host"):
+        tail.add_argument(f"--{name}", help=f"only calls with this {name}" + (" (id or name)" if name == "key" else ""))
+    tail.add_argument("--json", action="store_true", help="the records as written, one JSON object a line")
+    tail.set_defaults(run=cmd_audit_tail)
+    public = audit.add_parser("public-key", help="print the key that checks the audit log's signatures (PEM)")
+    public.set_defaults(run=cmd_audit_public_key)
 
 
 def config_file(args) -> Path | None:
@@ -520,6 +555,82 @@ def cmd_prices_show(args) -> int:
         for name, value in limits.items():
             print(f"{name}: {value:,}" if value else f"{name}: unknown")
         print()
+    return 0
+
+
+# ----- audit -----
+
+
+def audit_log_files(args) -> list[Path]:
+    return args.files or [file.path for file in audit_files(audit_log_path(args))]
+
+
+def audit_log_path(args) -> Path:
+    """The live file of the config's audit log: every other file of the log is named after it."""
+    config = read_config(args)
+    if not config.audit_log:
+        raise ConfigError(["the config has no audit_log: name the audit files"])
+    return config.path(config.audit_log)
+
+
+def cmd_audit_verify(args) -> int:
+    trusted = load_public_key(args.public_key) if args.public_key else None
+    files = audit_log_files(args)
+    if not files:
+        print(f"FAIL: no audit files at {audit_log_path(args)}")
+        return 1
+    verdict = verify(files, trusted, args.live)
+    if verdict.problem:
+        print(f"FAIL: {verdict.problem}")
+        return 1
+    span = f"{iso(verdict.first_ts)} to {iso(verdict.last_ts)}" if verdict.first_ts else "no calls"
+    print(
+        f"OK: {verdict.records} records ({verdict.calls} calls) by {verdict.writers} writer(s)"
+        f" in {len(files)} file(s), {span}"
+    )
+    signers = ", ".join(sorted(verdict.signers)) or "none"
+    if trusted:
+        print(f"checkpoints signed by the given public key {fingerprint(trusted)}")
+    else:
+        print(f"checkpoints signed by the key(s) the log names: {signers}; pass --public-key to check they are yours")
+    for note in verdict.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_audit_report(args) -> int:
+    since = time.time() - parse_duration(args.since) if args.since else None
+    groups = auditreport.report(call_records(audit_log_files(args), since), args.by)
+    if args.json:
+        print(json.dumps({name: group.as_dict() for name, group in groups.items()}, indent=2))
+        return 0
+    rows = auditreport.report_rows(groups)
+    if args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerows([[args.by, *auditreport.COLUMNS], *rows])
+    else:
+        print_table([args.by, *auditreport.COLUMNS], rows)
+    return 0
+
+
+def cmd_audit_tail(args) -> int:
+    wanted = auditreport.RecordFilter(args.key, args.policy, args.decision, args.host)
+    show = (lambda record: json.dumps(record)) if args.json else auditreport.describe
+    base = args.log or audit_log_path(args)
+    for record in auditreport.last_records(base, args.lines, wanted):
+        print(show(record), flush=True)
+    if not args.follow:
+        return 0
+    try:
+        for record in auditreport.Follower(base, wanted).follow():
+            print(show(record), flush=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_audit_public_key(args) -> int:
+    config = read_config(args)
+    sys.stdout.write(public_key_pem(signing_key(config.path(config.certs_dir)).public_key).decode())
     return 0
 
 

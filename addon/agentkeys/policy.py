@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -73,12 +74,14 @@ def parse_budget(value: str | float) -> float:
         raise ValueError(f"{value!r}: {e.errors()[0]['msg']}") from None
 
 
-BYTE_SIZE = re.compile(r"(\d+)\s*(|k|m|g)(?:i?b)?", re.IGNORECASE)
-BYTES_PER_UNIT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+BYTE_SIZE = re.compile(r"(\d+)\s*(|k|m|g|kib|mib|gib|kb|mb|gb)", re.IGNORECASE)
+# `64m` and `64MiB` are binary (as mitmproxy's own size options), `100MB` is decimal (as a disk's).
+BYTES_PER_UNIT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+                  "kb": 1000, "mb": 1000**2, "gb": 1000**3}  # fmt: skip
 
 
 def parse_byte_size(value: str | int) -> int:
-    """`1048576`, `"512k"`, `"64MiB"`, `"1g"` → bytes (binary units, as mitmproxy's own size options)."""
+    """`1048576`, `"512k"`, `"64MiB"`, `"1g"`, `"100MB"` → bytes."""
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
@@ -255,6 +258,14 @@ class ProxyConfig(BaseModel):
     )  # fmt: skip
     store: str = "sqlite:///agentkeys.db"
     audit_log: str | None = "audit.jsonl"
+    audit_sinks: list[Literal["file", "stdout"]] | None = Field(
+        default=None,
+        min_length=1,
+        description="where each audit record goes: file (audit_log), stdout (JSON lines for log collectors)",
+    )
+    audit_rotate_bytes: ByteSize | None = Field(default=None, gt=0, description="start a new file past this size")
+    audit_rotate_interval: Duration | None = Field(default=None, description="start a new file after this long")
+    audit_checkpoint_interval: Duration = Field(default=10, description="how often the audit log is signed")
     metrics_port: int | None = Field(default=9464, ge=0, le=65535)
     certs_dir: str = "certs"
     egress: Literal["passthrough", "allowlist"] = Field(
@@ -317,6 +328,13 @@ class ProxyConfig(BaseModel):
             raise ValueError(f"{', '.join(unsafe)}: would print the real provider keys to the proxy's log")
         return options
 
+    @field_validator("audit_sinks")
+    @classmethod
+    def file_sink_has_a_file(cls, sinks: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if sinks and "file" in sinks and info.data.get("audit_log") is None:
+            raise ValueError("the file sink needs audit_log (a path); or list only stdout")
+        return sinks
+
     @model_validator(mode="before")
     @classmethod
     def merge_default_providers(cls, data):
@@ -341,6 +359,13 @@ class ProxyConfig(BaseModel):
         """The bundled prices with this config's overrides: its `prices_file`, then its `prices`."""
         prices_file = self.path(self.prices_file) if self.prices_file else None
         return load_prices(prices_file, self.prices, self.providers)
+
+    @property
+    def audit_sinks_used(self) -> list[str]:
+        """The sinks named, else the file when there is an `audit_log`."""
+        if self.audit_sinks is not None:
+            return self.audit_sinks
+        return ["file"] if self.audit_log else []
 
     @property
     def store_url(self) -> str:

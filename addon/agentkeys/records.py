@@ -34,6 +34,7 @@ def denied_record(call: CallRequest, denial: Denial, status: int, policy_revisio
     return record_of(
         denial.key, key_id=denial.presented_key_id, provider=call.provider, method=call.method, path=call.path,
         model=denial.model, decision="deny", reason=denial.message, status=status, policy_revision=policy_revision,
+        deny_kind=denial.kind.value,
     )  # fmt: skip
 
 

@@ -303,3 +303,43 @@ def test_a_key_is_scoped_by_its_issued_copy_and_the_current_file_of_that_name(tm
     assert scope.revision == current["team"].revision and len(scope.revision) == 12
     assert not scope.allows_model("gpt-4o") and scope.allows_model("gpt-4o-mini")
     assert scope_of(scope_policy(name="other").model_dump_json(), current).revision is None
+
+
+def test_proxy_config_reads_the_audit_settings_once_into_types(tmp_path):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text(
+        "audit_sinks: [file, stdout]\naudit_rotate_bytes: 100MB\naudit_rotate_interval: 1d\n"
+        "audit_checkpoint_interval: 30s\n"
+    )
+    config = load_config(path)
+    assert config.audit_sinks_used == ["file", "stdout"]
+    assert (config.audit_rotate_bytes, config.audit_rotate_interval) == (100_000_000, 86400)
+    assert config.audit_checkpoint_interval == 30
+
+
+@pytest.mark.parametrize(
+    "audit_log, sinks, expected",
+    [("audit.jsonl", None, ["file"]), (None, None, []), (None, ["stdout"], ["stdout"])],
+)
+def test_proxy_config_audit_sinks_default_to_the_file_when_there_is_one(audit_log, sinks, expected):
+    assert ProxyConfig(audit_log=audit_log, audit_sinks=sinks).audit_sinks_used == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("audit_sinks: [file, syslog]\n", ":2: audit_sinks.1: Input should be 'file' or 'stdout'"),
+        ("audit_log: null\naudit_sinks: [file]\n", ":3: audit_sinks: the file sink needs audit_log"),
+        ("audit_sinks: []\n", ":2: audit_sinks: List should have at least 1 item"),
+        ("audit_rotate_bytes: lots\n", ":2: audit_rotate_bytes: "),
+        ("audit_rotate_bytes: 0\n", ":2: audit_rotate_bytes: a size must be positive"),
+        ("audit_rotate_interval: soon\n", ":2: audit_rotate_interval: 'soon' is not a duration"),
+        ("audit_checkpoint_interval: 0s\n", ":2: audit_checkpoint_interval: a duration must be positive"),
+    ],
+)
+def test_proxy_config_refuses_bad_audit_settings_with_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text("proxy_port: 8080\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert expected in str(caught.value)
