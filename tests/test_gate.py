@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentkeys import credentials, tokens
+from agentkeys import credentials
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.gate import Admission, Gate, Settlement, charge_for
 from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
@@ -226,7 +226,7 @@ def test_expired_and_revoked_keys_are_unauthenticated(env, change, status):
             ["endpoint GET /v1/models is not allowed", "(allowed: POST /v1/chat/completions)"],
         ),
         (
-            {"endpoints": ["* /v1/*"]},
+            {"endpoints": ["* /v1/**"]},
             {"path": "/v1/audio/speech", "body": b'{"model": "tts-1", "input": "x", "voice": "alloy"}'},
             ["POST /v1/audio/speech cannot be metered"],
         ),
@@ -710,7 +710,7 @@ def test_a_swept_hold_no_longer_counts_as_a_call_in_flight(env):
 def test_a_long_prompt_is_held_at_its_bytes_and_counted_exactly_only_when_that_does_not_fit(env):
     """Counting 400 KB exactly costs milliseconds; bytes bound it in microseconds, at a larger hold."""
     body = chat(messages=[user("hello " * 20_000)], max_tokens=10)
-    exact = tokens.with_exact_counts(FORMATS["openai"].request_facts, "POST", PATHS["openai"], body)
+    exact = FORMATS["openai"].request_facts("POST", PATHS["openai"], body, exact=True)
     price = PRICES.lookup("openai", "gpt-4o-mini")
     exact_hold = cost_micros(price, Usage(input_tokens=exact.input_token_bound, output_tokens=10))
 

@@ -47,7 +47,7 @@ POLICY = {
     "name": "units",
     "budget_usd": 1.0,
     "providers": ["openai", "anthropic", "gemini", "azure"],
-    "endpoints": ["* /*"],
+    "endpoints": ["* /**"],
     "models": ["*"],
     "default_max_output_tokens": 256,
 }
@@ -479,13 +479,13 @@ def test_an_unmeterable_endpoint_is_refused_unless_listed_as_unmetered(env):
     refused = env.admit(env.issue(endpoints=["* /v1/*"]), "openai", "/v1/files", b"", method="GET")
     assert isinstance(refused, Denial) and refused.kind is DenyKind.FORBIDDEN
     assert "unmetered_endpoints" in refused.message
-    key = env.issue(endpoints=["POST /v1/chat/completions"], unmetered_endpoints=["GET /v1/files*"])
+    key = env.issue(endpoints=["POST /v1/chat/completions"], unmetered_endpoints=["GET /v1/files/*"])
     admission = env.admitted(key, "openai", "/v1/files/file-1", b"", method="GET")
     assert (admission.unmetered, admission.hold_id, admission.remaining_micros) == (True, None, 1_000_000)
 
 
 def test_unmetered_endpoints_never_unmeter_a_metered_one(env):
-    key = env.issue(endpoints=["GET /v1/models"], unmetered_endpoints=["* /v1/*"])
+    key = env.issue(endpoints=["GET /v1/models"], unmetered_endpoints=["* /v1/**"])
     refused = env.admit(key, "openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user"}]})
     assert isinstance(refused, Denial) and "not allowed" in refused.message
 
