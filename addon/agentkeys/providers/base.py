@@ -29,7 +29,7 @@ class MalformedRequest(Exception):
     """The body of a metered call cannot be read; the call is refused with a 400."""
 
 
-class UsageRejected(ValueError):
+class UsageRejected(Exception):
     """A response or stream reported usage that is not a sane count (negative, fractional, absurd, not a
     number). It is outside data: the call is charged as if it had reported none (its full hold), and the
     message, which names the field and the value, is what the audit record gives as the reason."""

@@ -109,9 +109,10 @@ class GeminiFormat:
 
     def usage_from_response(self, body: bytes) -> Usage | None:
         try:
-            return usage_from_metadata(json.loads(body).get("usageMetadata"))
+            metadata = json.loads(body).get("usageMetadata")
         except (ValueError, AttributeError):
             return None
+        return usage_from_metadata(metadata)
 
     def stream_meter(self, facts: RequestFacts) -> "GenerateStreamMeter":
         return GenerateStreamMeter()
