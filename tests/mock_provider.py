@@ -17,8 +17,9 @@ the proxy. It serves, on ``127.0.0.1``:
 answers anything else with a 404 in OpenAI's error shape, and records every
 request in ``received`` and the usage it reported for every successful
 metered call in ``reported``. Tests can make the next calls fail
-(``fail_next``), be slow (``delay_next``) or lose their connection mid-stream
-(``cut_next_stream``).
+(``fail_next``), be slow (``delay_next``), lose their connection mid-stream
+(``cut_next_stream``) or report a usage field of their choosing
+(``corrupt_next_usage``: a hostile or broken upstream).
 
 The reply to a metered call is ``n`` times "hello" ("hello hello hello"),
 where ``n`` is the configured ``output_tokens`` capped by the request's
@@ -797,6 +798,28 @@ _AZURE_DEPLOYMENT = re.compile(
 )
 
 
+def _corrupted(document: Any, corruption: tuple[str, Any] | None) -> Any:
+    """``document`` with every value of the field ``corruption`` names replaced by its value."""
+    if corruption is None:
+        return document
+    field, value = corruption
+    if isinstance(document, dict):
+        return {k: value if k == field else _corrupted(v, corruption) for k, v in document.items()}
+    if isinstance(document, list):
+        return [_corrupted(item, corruption) for item in document]
+    return document
+
+
+def _corrupted_event(event: bytes, corruption: tuple[str, Any] | None) -> bytes:
+    if corruption is None:
+        return event
+    lines = event.decode().split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("data: ") and line[6:].startswith("{"):
+            lines[i] = "data: " + json.dumps(_corrupted(json.loads(line[6:]), corruption), separators=(",", ":"))
+    return "\n".join(lines).encode()
+
+
 @dataclass(frozen=True)
 class _Route:
     """Who answers a metered call: the API, whose key it takes, the model its path names (if any)."""
@@ -953,12 +976,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         usage = call.report(api.name)
+        corruption = mock_provider._take_corruption()
         if not call.stream:
             mock_provider._report(usage)
-            self._send_json(200, api.completion(call, body))
+            self._send_json(200, _corrupted(api.completion(call, body), corruption))
             return
 
-        head, content, tail = api.stream(call, body)
+        head, content, tail = (
+            [_corrupted_event(event, corruption) for event in part] for part in api.stream(call, body)
+        )
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -1128,6 +1154,12 @@ class MockProvider:
         with self._lock:
             self._stall = seconds
 
+    def corrupt_next_usage(self, field: str, value: Any) -> None:
+        """Make the next metered call report ``value`` wherever its answer (whole or streamed) has a usage
+        ``field``; what it bills (``reported``) stays the real figure."""
+        with self._lock:
+            self._corruption = (field, value)
+
     # -- used by the handler ------------------------------------------------
 
     def _clear_behaviours(self) -> None:
@@ -1153,6 +1185,12 @@ class MockProvider:
         with self._lock:
             stall, self._stall = self._stall, 0.0
             return stall
+        self._corruption: tuple[str, Any] | None = None
+
+    def _take_corruption(self) -> tuple[str, Any] | None:
+        with self._lock:
+            corruption, self._corruption = self._corruption, None
+            return corruption
 
     def _take_behaviours(self, stream: bool) -> tuple[float, int | None, int | None]:
         """Consume the behaviours pending for a metered call: (delay, fail status, cut after).
