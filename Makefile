@@ -11,7 +11,7 @@ PYTHON ?= $(shell scripts/find-python)
 NODE_OPENAI := openai@6.49.0
 NODE_DIR := $(VENV)/node
 
-.PHONY: install run test bench lint clean redis-server iptables node-sdk
+.PHONY: install run test bench lint clean redis-server iptables node-sdk mutants
 
 install: $(STAMP)
 
@@ -50,6 +50,21 @@ $(NODE_DIR)/node_modules/openai/package.json:
 
 bench: install redis-server
 	$(PY) bench/bench.py
+
+# Mutation testing of the modules that decide money and permissions (the list: [tool.mutmut] in
+# pyproject.toml). Not part of `make test`: it takes minutes. mutmut looks for a package under ./src
+# only, so it runs in var/mutants/ on a fresh copy; `mutants/` there keeps each mutant for `mutmut show`.
+MUTMUT := mutmut==3.8.1
+MUTANTS_DIR := var/mutants
+
+mutants: install
+	$(PY) -m pip install --quiet $(MUTMUT)
+	rm -rf $(MUTANTS_DIR) && mkdir -p $(MUTANTS_DIR)/src
+	cp -r addon/agentkeys $(MUTANTS_DIR)/src/
+	cp -r tests pyproject.toml $(MUTANTS_DIR)/
+	cd $(MUTANTS_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children $$(nproc); \
+		$(abspath $(VENV))/bin/mutmut results > results.txt; \
+		$(abspath $(PY)) $(abspath tools/mutant_figure.py) mutants
 
 lint: install
 	$(VENV)/bin/ruff check .
