@@ -4,13 +4,15 @@ Usage that is not a whole number from 0 to MAX_USAGE_TOKENS is rejected (UsageRe
 `usage_from_response`, `usage_rejected` in a stream's result), and the gate then charges the full hold.
 """
 
-import asyncio
 import copy
 import json
 
 import pytest
 
-from agentkeys.gate import Admission, Gate
+from agentkeys.calls import Outcome
+from agentkeys.gate import Admission, charge_for
+from agentkeys.ledger import KeyRecord
+from agentkeys.policy import Policy
 from agentkeys.pricing import ModelPrice, Usage
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import MAX_USAGE_TOKENS, RequestFacts, SseSplitter, StreamResult, UsageRejected
@@ -153,45 +155,28 @@ def test_a_stream_with_insane_usage_reports_why_and_no_usage(shape, value):
 # ----- the gate: rejected usage is charged the full hold, with the reason -----
 
 
-class FakeLedger:
-    def nonblocking(self):
-        return self
-
-    def settle_many(self, holds):
-        self.settled = holds
-        return [True for _ in holds]
-
-
-def admission(gate: Gate) -> Admission:
-    from agentkeys.ledger import KeyRecord
-    from agentkeys.policy import Policy
-
+def admission() -> Admission:
     key = KeyRecord(key_id="k", key_hash="h", name="n", policy_name="p", policy_json="{}", created_at=0,
                     expires_at=1, budget_micros=10**6)  # fmt: skip
     policy = Policy.model_validate({"name": "p", "budget_usd": 1, "providers": ["openai"],
                                     "endpoints": ["POST /v1/chat/completions"], "models": ["*"]})  # fmt: skip
     facts = RequestFacts(metered=True, endpoint="/v1/chat/completions", model="m", input_token_bound=100)
     price = ModelPrice(input=1e-6, output=1e-6)
-    return Admission(key, policy, FORMATS["openai"], facts, "sk", price=price, hold_id=1, hold_micros=777)
+    return Admission(key, policy, FORMATS["openai"], facts, "sk", "metered", 0, price=price, hold_id=1, hold_micros=777)
 
 
-def gate() -> Gate:
-    from agentkeys.policy import ProxyConfig
-    from agentkeys.pricing import PriceTable
-
-    return Gate(ProxyConfig(), FakeLedger(), PriceTable({}))
-
-
-def test_a_stream_whose_usage_was_rejected_is_charged_its_hold_never_estimated():
+def test_a_stream_whose_usage_was_rejected_is_charged_its_hold_never_less():
     result = StreamResult(usage=None, complete=False, streamed_text="hi", usage_rejected="output_tokens=-1")
-    settlement = asyncio.run(gate().settle_stream(admission(gate()), result))
-    assert (settlement.cost_micros, settlement.metering) == (777, "held")
-    assert "usage not believed: output_tokens=-1" in settlement.note
+    for complete in (True, False):
+        charge = charge_for(admission(), Outcome(reached_provider=True, complete=complete, status=200, stream=result))
+        assert (charge.cost_micros, charge.metering) == (777, "held")
+        assert "usage not believed: output_tokens=-1" in charge.why
 
 
 def test_a_response_whose_usage_was_rejected_is_charged_its_hold_saying_why():
-    settlement = asyncio.run(gate().settle_usage(admission(gate()), None, "prompt_tokens=-3"))
-    assert (settlement.cost_micros, settlement.metering) == (777, "held")
-    assert "prompt_tokens=-3" in settlement.note
-    sane = asyncio.run(gate().settle_usage(admission(gate()), Usage(input_tokens=3, output_tokens=2)))
-    assert (sane.cost_micros, sane.metering, sane.note) == (5, "usage", "")  # 5 tokens at a micro-dollar each
+    outcome = Outcome(reached_provider=True, complete=True, status=200, usage_rejected="prompt_tokens=-3")
+    charge = charge_for(admission(), outcome)
+    assert (charge.cost_micros, charge.metering) == (777, "held")
+    assert "usage not believed: prompt_tokens=-3" in charge.why
+    sane = charge_for(admission(), Outcome(True, True, 200, usage=Usage(input_tokens=3, output_tokens=2)))
+    assert (sane.cost_micros, sane.metering, sane.why) == (5, "usage", "")  # 5 tokens at a micro-dollar each

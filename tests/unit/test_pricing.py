@@ -30,7 +30,7 @@ from agentkeys.pricing import (
     worst_case_micros,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # ----- long-context bands -----
 
