@@ -61,10 +61,11 @@ mutants: install
 	$(PY) -m pip install --quiet $(MUTMUT)
 	rm -rf $(MUTANTS_DIR) && mkdir -p $(MUTANTS_DIR)/src
 	cp -r addon/agentkeys $(MUTANTS_DIR)/src/
-	cp -r tests pyproject.toml $(MUTANTS_DIR)/
+	cp -r tests policies agentkeys.yaml pyproject.toml $(MUTANTS_DIR)/
 	cd $(MUTANTS_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children $$(nproc); \
-		$(abspath $(VENV))/bin/mutmut results > results.txt; \
-		$(abspath $(PY)) $(abspath tools/mutant_figure.py) mutants
+		$(abspath $(VENV))/bin/mutmut results > survivors.txt; \
+		$(abspath $(VENV))/bin/mutmut export-cicd-stats >/dev/null && cat mutants/mutmut-cicd-stats.json
+	@echo "surviving mutants: $(MUTANTS_DIR)/survivors.txt (see one: cd $(MUTANTS_DIR) && ../../$(VENV)/bin/mutmut show NAME)"
 
 lint: install
 	$(VENV)/bin/ruff check .

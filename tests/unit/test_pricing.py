@@ -8,6 +8,7 @@ import fnmatch
 import json
 from decimal import Decimal
 from fractions import Fraction
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,7 @@ def shipped_policies() -> list[Path]:
 @pytest.mark.parametrize("path", shipped_policies(), ids=lambda path: path.name)
 def test_shipped_policies_admit_no_unmeterable_model(path):
     policy = yaml.safe_load(path.read_text())
-    table = json.loads((REPO / "addon" / "agentkeys" / "data" / "prices.json").read_text())
+    table = json.loads(resources.files("agentkeys").joinpath("data/prices.json").read_text())
     admitted = [
         f"{provider}/{model}"
         for provider in policy["providers"]
