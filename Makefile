@@ -62,7 +62,8 @@ mutants: install
 	rm -rf $(MUTANTS_DIR) && mkdir -p $(MUTANTS_DIR)/src
 	cp -r addon/agentkeys $(MUTANTS_DIR)/src/
 	cp -r tests policies agentkeys.yaml pyproject.toml $(MUTANTS_DIR)/
-	cd $(MUTANTS_DIR) && $(abspath $(VENV))/bin/mutmut run --max-children $$(nproc); \
+	cd $(MUTANTS_DIR) && AGENTKEYS_TIKTOKEN_DIR=$(abspath addon/agentkeys/data/tiktoken) \
+		$(abspath $(VENV))/bin/mutmut run --max-children $$(nproc) && \
 		$(abspath $(VENV))/bin/mutmut results > survivors.txt; \
 		$(abspath $(VENV))/bin/mutmut export-cicd-stats >/dev/null && cat mutants/mutmut-cicd-stats.json
 	@echo "surviving mutants: $(MUTANTS_DIR)/survivors.txt (see one: cd $(MUTANTS_DIR) && ../../$(VENV)/bin/mutmut show NAME)"

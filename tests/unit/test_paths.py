@@ -51,6 +51,11 @@ def test_a_path_without_one_meaning_is_refused(raw):
         normalise_path(raw)
 
 
+def test_a_refused_escape_is_named():
+    with pytest.raises(UnsafePath, match="%2f"):
+        normalise_path("/v1/files%2f..%2fchat")
+
+
 @pytest.mark.parametrize(
     ("pattern", "path", "matches"),
     [

@@ -9,6 +9,7 @@ from agentkeys.providers.base import (
     MAX_JSON_DEPTH,
     MAX_TOKENS_LIMIT,
     MAX_USAGE_TOKENS,
+    DenyKind,
     MalformedRequest,
     RequestFacts,
     UsageRejected,
@@ -92,12 +93,19 @@ def test_nesting_up_to_the_limit_is_read():
     ],
 )
 def test_absurd_numbers_are_bad_requests(value):
+    """A number no API field takes: refused, saying which (`NaN` and `Infinity` are not JSON at all)."""
     with pytest.raises(MalformedRequest):
         facts(
             "openai",
             f'{{"model": "gpt-4o-mini", "max_tokens": {value}, "messages": [{{"role": "user", "content": "hi"}}]}}'
             .encode(),
         )
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_json_constant_is_named(constant):
+    with pytest.raises(MalformedRequest, match=f"{constant} is not a JSON number"):
+        parse_json_object(f'{{"temperature": {constant}}}'.encode())
 
 
 @pytest.mark.parametrize("format_name", sorted(CALLS))
@@ -177,3 +185,42 @@ def test_an_anthropic_cache_breakpoint_is_seen_however_it_is_spelled(where):
 def test_an_anthropic_call_with_no_breakpoint_writes_no_cache_even_if_its_text_says_cache_control():
     body = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "cache_control"}]}
     assert not FORMATS["anthropic"].request_facts("POST", "/v1/messages", json.dumps(body).encode()).may_write_cache
+
+
+# ----- where the real key goes, and the error shapes -----
+
+
+@pytest.mark.parametrize(
+    ("format_name", "header"),
+    [
+        ("openai", ("authorization", "Bearer sk-real")),
+        ("azure", ("api-key", "sk-real")),
+        ("anthropic", ("x-api-key", "sk-real")),
+        ("gemini", ("x-goog-api-key", "sk-real")),
+    ],
+)
+def test_the_real_key_goes_in_the_provider_s_own_header(format_name, header):
+    assert FORMATS[format_name].real_key_header("sk-real") == header
+
+
+STATUSES = {
+    DenyKind.UNAUTHENTICATED: 401,
+    DenyKind.FORBIDDEN: 403,
+    DenyKind.BAD_REQUEST: 400,
+    DenyKind.UNAVAILABLE: 503,
+    DenyKind.INTERNAL: 500,
+}
+BUDGET_STATUS = {"openai": 429, "azure": 429, "anthropic": 402, "gemini": 429}
+
+
+@pytest.mark.parametrize("format_name", sorted(BUDGET_STATUS))
+@pytest.mark.parametrize("kind", list(DenyKind))
+def test_every_refusal_has_the_provider_s_status_and_shape(format_name, kind):
+    status, body = FORMATS[format_name].error(kind, "why")
+    assert status == STATUSES.get(kind, BUDGET_STATUS[format_name])
+    if format_name == "anthropic":
+        assert body["type"] == "error" and body["error"]["message"] == "why" and body["error"]["type"]
+    elif format_name == "gemini":
+        assert body["error"]["code"] == status and body["error"]["message"] == "why" and body["error"]["status"]
+    else:
+        assert body["error"]["message"] == "why" and body["error"]["type"] and body["error"]["code"]
