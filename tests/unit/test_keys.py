@@ -18,7 +18,8 @@ PARENT = Policy.model_validate(
 
 
 def child(**asked) -> Policy:
-    return child_policy(PARENT, ChildRequest.model_validate({"name": "c", "budget_usd": 0.1, "ttl": "5m", **asked}))
+    request = {"name": "c", "budget_usd": 0.1, "ttl": "5m", **asked}
+    return child_policy(PARENT, ChildRequest.model_validate(request))
 
 
 @pytest.mark.parametrize(
@@ -95,3 +96,38 @@ def test_a_parent_with_no_unmetered_endpoints_can_give_none():
                                            "unmetered_endpoints": ["GET /v1/files"]})  # fmt: skip
     with pytest.raises(ChildRefused, match=r"parent's \(none\)"):
         child_policy(parent, request)
+
+
+def test_a_child_asking_for_a_provider_its_parent_lacks_is_refused_saying_which():
+    with pytest.raises(ChildRefused) as refused:
+        child(providers=["openai", "gemini", "azure"])
+    assert str(refused.value) == "providers gemini, azure are not allowed to the parent (openai, anthropic)"
+
+
+def test_a_child_gets_only_the_providers_it_asks_for():
+    assert child(providers=["anthropic"]).providers == ["anthropic"]
+    assert child().providers == PARENT.providers
+
+
+def test_refusals_name_what_is_wider_and_what_the_parent_allows():
+    with pytest.raises(ChildRefused) as refused:
+        child(endpoints=["POST /v1/*", "GET /v1/files"])
+    assert str(refused.value) == (
+        "endpoints POST /v1/*, GET /v1/files are not within the parent's"
+        " (POST /v1/chat/completions, GET /v1/models/*, * /v1/responses/**)"
+    )
+    with pytest.raises(ChildRefused) as refused:
+        child(unmetered_endpoints=["POST /v1/uploads", "GET /v1/**"])
+    assert str(refused.value) == (
+        "unmetered_endpoints POST /v1/uploads, GET /v1/** are not within the parent's"
+        " (GET /v1/files, GET /v1/files/*, POST /v1/batches/**)"
+    )
+    with pytest.raises(ChildRefused) as refused:
+        child(models=["gpt-*", "o3"])
+    assert str(refused.value) == "models gpt-*, o3 are not within the parent's (gpt-4o*, claude-haiku-4-5)"
+
+
+def test_a_child_policy_keeps_the_parent_s_name_and_takes_its_own_budget_and_lifetime():
+    policy = child(budget_usd=0.25, ttl="90s", models=["gpt-4o"])
+    assert (policy.name, policy.budget_usd, policy.ttl, policy.models) == ("parent", 0.25, 90, ["gpt-4o"])
+    assert policy.endpoints == PARENT.endpoints and policy.max_child_depth == PARENT.max_child_depth
