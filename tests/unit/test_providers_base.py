@@ -208,6 +208,8 @@ STATUSES = {
     DenyKind.FORBIDDEN: 403,
     DenyKind.BAD_REQUEST: 400,
     DenyKind.UNAVAILABLE: 503,
+    DenyKind.NOT_CONFIGURED: 500,
+    DenyKind.NOT_FOUND: 404,
     DenyKind.INTERNAL: 500,
 }
 BUDGET_STATUS = {"openai": 429, "azure": 429, "anthropic": 402, "gemini": 429}
