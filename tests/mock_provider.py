@@ -1169,6 +1169,7 @@ class MockProvider:
         self._delay = 0.0
         self._stall = 0.0
         self._overrun_output: int | None = None
+        self._corruption: tuple[str, Any] | None = None
         self._echo_status: int | None = None
 
     def _take_echo(self) -> int | None:
@@ -1185,7 +1186,6 @@ class MockProvider:
         with self._lock:
             stall, self._stall = self._stall, 0.0
             return stall
-        self._corruption: tuple[str, Any] | None = None
 
     def _take_corruption(self) -> tuple[str, Any] | None:
         with self._lock:
