@@ -127,7 +127,8 @@ def test_refusals_name_what_is_wider_and_what_the_parent_allows():
     assert str(refused.value) == "models gpt-*, o3 are not within the parent's (gpt-4o*, claude-haiku-4-5)"
 
 
-def test_a_child_policy_keeps_the_parent_s_name_and_takes_its_own_budget_and_lifetime():
+def test_a_child_policy_is_named_for_what_it_is_and_takes_its_own_budget_and_lifetime():
     policy = child(budget_usd=0.25, ttl="90s", models=["gpt-4o"])
-    assert (policy.name, policy.budget_usd, policy.ttl, policy.models) == ("parent", 0.25, 90, ["gpt-4o"])
+    named = "parent, narrowed for child key c"
+    assert (policy.name, policy.budget_usd, policy.ttl, policy.models) == (named, 0.25, 90, ["gpt-4o"])
     assert policy.endpoints == PARENT.endpoints and policy.max_child_depth == PARENT.max_child_depth

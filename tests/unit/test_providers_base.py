@@ -210,6 +210,7 @@ STATUSES = {
     DenyKind.UNAVAILABLE: 503,
     DenyKind.NOT_CONFIGURED: 500,
     DenyKind.NOT_FOUND: 404,
+    DenyKind.TOO_LARGE: 413,
     DenyKind.INTERNAL: 500,
 }
 BUDGET_STATUS = {"openai": 429, "azure": 429, "anthropic": 402, "gemini": 429}
