@@ -12,7 +12,7 @@ NODE_OPENAI := openai@6.49.0
 NODE_DIR := $(VENV)/node
 IMAGE ?= localhost/agentkeys:dev
 
-.PHONY: install run test bench bench-audit lint clean redis-server iptables node-sdk image image-test dashboard-check
+.PHONY: install run test bench bench-audit lint clean redis-server iptables node-sdk image image-test dashboard-check mutants
 
 install: $(STAMP)
 
@@ -70,6 +70,23 @@ dashboard-check: install
 # The audit log alone: per-record cost of chaining and signing, and report/verify/tail on a million records.
 bench-audit: install
 	$(PY) bench/bench_audit.py
+
+# Mutation testing of the modules that decide money and permissions (the list: [tool.mutmut] in
+# pyproject.toml). Not part of `make test`: it takes minutes. mutmut looks for a package under ./src
+# only, so it runs in var/mutants/ on a fresh copy; `mutants/` there keeps each mutant for `mutmut show`.
+MUTMUT := mutmut==3.8.1
+MUTANTS_DIR := var/mutants
+
+mutants: install
+	$(PY) -m pip install --quiet $(MUTMUT)
+	rm -rf $(MUTANTS_DIR) && mkdir -p $(MUTANTS_DIR)/src
+	cp -r addon/agentkeys $(MUTANTS_DIR)/src/
+	cp -r tests policies agentkeys.yaml pyproject.toml $(MUTANTS_DIR)/
+	cd $(MUTANTS_DIR) && AGENTKEYS_TIKTOKEN_DIR=$(abspath addon/agentkeys/data/tiktoken) \
+		$(abspath $(VENV))/bin/mutmut run --max-children $$(nproc) && \
+		$(abspath $(VENV))/bin/mutmut results > survivors.txt; \
+		$(abspath $(VENV))/bin/mutmut export-cicd-stats >/dev/null && cat mutants/mutmut-cicd-stats.json
+	@echo "surviving mutants: $(MUTANTS_DIR)/survivors.txt (see one: cd $(MUTANTS_DIR) && ../../$(VENV)/bin/mutmut show NAME)"
 
 lint: install
 	$(VENV)/bin/ruff check .

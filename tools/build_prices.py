@@ -5,7 +5,8 @@ Prices are facts, so we derive ours from the reference map instead of typing the
     python tools/build_prices.py ../shared/data/pricing/litellm_model_prices.json
 
 writes `addon/agentkeys/data/prices.json`, keyed by our provider name and then model name,
-keeping only what metering needs (per-token prices, long-context bands, the token limits).
+keeping only what metering needs (per-token prices, long-context bands, the token limits, and why a
+model cannot be metered by its tokens: `unmeterable`, which the gate refuses).
 """
 
 import json
@@ -22,7 +23,7 @@ def build(litellm_map: dict) -> dict[str, dict[str, dict]]:
     for name, entry in litellm_map.items():
         if not isinstance(entry, dict) or entry.get("litellm_provider") not in LITELLM_PROVIDERS:
             continue
-        price = price_from_litellm_entry(entry)
+        price = price_from_litellm_entry(entry, name=name)
         if price is None:
             continue
         provider = LITELLM_PROVIDERS[entry["litellm_provider"]]

@@ -42,7 +42,7 @@ from agentkeys.money import dumps, micros_to_usd
 from agentkeys.policy import ProxyConfig, current_policies, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import DenyKind, SseEventTooLarge, SseSplitter, StreamMeter, WireFormat
+from agentkeys.providers.base import DenyKind, SseEventTooLarge, SseSplitter, StreamMeter, UsageRejected, WireFormat
 from agentkeys.records import (
     Timings,
     allowed_record,
@@ -52,6 +52,7 @@ from agentkeys.records import (
     stale_hold_record,
 )
 from agentkeys.routing import (
+    BadPath,
     ControlRoute,
     NoEndpoint,
     NoProvider,
@@ -129,6 +130,7 @@ class CallState:
     forwarded: bool = False
     relay: StreamRelay | None = None
     usage: Usage | None = None  # of a whole (not streamed) response, read once for its headers and settlement
+    usage_rejected: str | None = None  # why that usage was not believed (UsageRejected)
     usage_read: bool = False
     overhead_seconds: float = 0.0
     finished: bool = False
@@ -359,6 +361,9 @@ class AgentKeys:
                     await self._gate_call(flow, route)
                 case ControlRoute():
                     await self._answer_control(flow, route)
+                case BadPath(provider=provider, reason=reason):
+                    wire = FORMATS[self.config.providers[provider].format]
+                    flow.response = json_response(*wire.error(DenyKind.BAD_REQUEST, f"agentkeys: {reason}"))
                 case NoProvider(prefix=prefix):
                     flow.response = no_provider(prefix, self.router.providers)
                 case NoEndpoint(provider=provider, path=path):
@@ -482,16 +487,22 @@ class AgentKeys:
                 reached_provider=True, complete=True, status=status, stream=stream, meter_broken=relay.broken, note="ok"
             )
         usage = await self._response_usage(flow, state) if should_read_usage(state, flow) else None
-        return Outcome(reached_provider=True, complete=True, status=status, usage=usage, note="ok")
+        return Outcome(
+            reached_provider=True, complete=True, status=status, usage=usage, usage_rejected=state.usage_rejected,
+            note="ok",
+        )  # fmt: skip
 
     async def _response_usage(self, flow: http.HTTPFlow, state: CallState) -> Usage | None:
         """The usage of a whole response, read once; a large body (many embeddings) is parsed off the loop."""
         if not state.usage_read:
             read, content = state.admission.wire.usage_from_response, flow.response.content
-            if len(content) > LARGE_BODY_BYTES:
-                state.usage = await asyncio.get_running_loop().run_in_executor(None, read, content)
-            else:
-                state.usage = read(content)
+            try:
+                if len(content) > LARGE_BODY_BYTES:
+                    state.usage = await asyncio.get_running_loop().run_in_executor(None, read, content)
+                else:
+                    state.usage = read(content)
+            except UsageRejected as e:
+                state.usage_rejected = str(e)
             state.usage_read = True
         return state.usage
 

@@ -53,6 +53,7 @@ class Outcome:
     complete: bool  # the provider's response arrived in full (a stream: to its end)
     status: int | None = None  # the provider's status, if its response headers arrived
     usage: Usage | None = None  # of a whole (not streamed) response, as the provider reported it
+    usage_rejected: str | None = None  # why a whole response's usage was not believed (providers.base.UsageRejected)
     stream: StreamResult | None = None  # what the meter read from a relayed stream
     meter_broken: bool = False  # the stream meter failed part-way; what it read cannot be trusted
     note: str = ""  # what the adapter saw go wrong, for the audit record

@@ -114,6 +114,7 @@ class Control:
             **describe(record, now),
             "providers": policy.providers,
             "endpoints": [str(rule) for rule in policy.endpoints],
+            "unmetered_endpoints": [str(rule) for rule in policy.unmetered_endpoints],
             "models": policy.models,
             "children": [describe(child, now) for child in children],
         }

@@ -160,9 +160,7 @@ class Gate:
         self, call: CallRequest, wire: WireFormat, key: KeyRecord, exact: bool = False
     ) -> RequestFacts:
         """The request's facts; a large body, or an exact count of its texts, is worked out off the loop."""
-        read = functools.partial(wire.request_facts, call.method, call.path, call.body, call.query)
-        if exact:
-            read = functools.partial(tokens.with_exact_counts, read)
+        read = functools.partial(wire.request_facts, call.method, call.path, call.body, call.query, exact)
         try:
             if len(call.body) > LARGE_BODY_BYTES or exact:
                 facts = await asyncio.get_running_loop().run_in_executor(None, read)
@@ -195,6 +193,13 @@ class Gate:
             raise Denial(
                 DenyKind.FORBIDDEN,
                 f"agentkeys: no price is known for model {facts.model}, so the call cannot be metered",
+                key,
+                facts.model,
+            )
+        if match.price.unmeterable:
+            raise Denial(
+                DenyKind.FORBIDDEN,
+                f"agentkeys: model {facts.model} cannot be metered by this proxy: {match.price.unmeterable}",
                 key,
                 facts.model,
             )
@@ -417,6 +422,9 @@ def charge_for(admission: Admission, outcome: Outcome) -> Settlement:
 
 
 def missing_usage_reason(outcome: Outcome) -> str:
+    rejected = outcome.usage_rejected or (outcome.stream.usage_rejected if outcome.stream else None)
+    if rejected:
+        return f"usage not believed: {rejected}; charged the full hold"
     if not outcome.complete:
         return "the call broke off before the provider's usage arrived; charged the full hold"
     return "the response carried no usage the proxy could read; charged the full hold"

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentkeys import credentials
 from agentkeys.ledger import KeyRecord, Ledger, Refusal
-from agentkeys.money import Usd, format_usd, remaining_phrase, usd_to_micros
+from agentkeys.money import Usd, format_usd, micros_to_usd, remaining_phrase, usd_to_micros
+from agentkeys.paths import path_glob_within
 from agentkeys.policy import BudgetUsd, Duration, EndpointRule, Policy, parse_budget
 
 
@@ -57,6 +58,9 @@ class ChildRequest(BaseModel):
     providers: list[str] | None = None
     endpoints: list[EndpointRule] | None = None
     models: list[str] | None = None
+    unmetered_endpoints: list[EndpointRule] = Field(
+        default_factory=list, description="the parent's unmetered endpoints the child needs; none unless asked for"
+    )
 
 
 class ChildRefused(Exception):
@@ -71,10 +75,9 @@ def child_policy(parent: Policy, request: ChildRequest) -> Policy:
         allowed = ", ".join(parent.providers)
         raise ChildRefused(f"providers {', '.join(wider)} are not allowed to the parent ({allowed})")
     endpoints = request.endpoints or parent.endpoints
-    wider = [str(rule) for rule in endpoints if not any(rule_within(rule, outer) for outer in parent.endpoints)]
-    if wider:
-        allowed = ", ".join(str(rule) for rule in parent.endpoints)
-        raise ChildRefused(f"endpoints {', '.join(wider)} are not within the parent's ({allowed})")
+    refuse_wider_endpoints("endpoints", endpoints, parent.endpoints)
+    # Unmetered calls spend the provider's money with no hold: a child gets only those it asks for.
+    refuse_wider_endpoints("unmetered_endpoints", request.unmetered_endpoints, parent.unmetered_endpoints)
     models = request.models or parent.models
     wider = [m for m in models if not any(glob_within(m, outer) for outer in parent.models)]
     if wider:
@@ -83,16 +86,24 @@ def child_policy(parent: Policy, request: ChildRequest) -> Policy:
     name = f"{parent.name}, narrowed for child key {request.name}"
     return parent.model_copy(
         update={"name": name, "providers": providers, "endpoints": endpoints, "models": models,
+                "unmetered_endpoints": request.unmetered_endpoints,
                 "budget_usd": request.budget_usd, "ttl": request.ttl}
     )  # fmt: skip
 
 
+def refuse_wider_endpoints(field: str, asked: list[EndpointRule], parents: list[EndpointRule]) -> None:
+    wider = [str(rule) for rule in asked if not any(rule_within(rule, outer) for outer in parents)]
+    if wider:
+        allowed = ", ".join(str(rule) for rule in parents) or "none"
+        raise ChildRefused(f"{field} {', '.join(wider)} are not within the parent's ({allowed})")
+
+
 def rule_within(rule: EndpointRule, outer: EndpointRule) -> bool:
-    return outer.method in ("*", rule.method) and glob_within(rule.path, outer.path)
+    return outer.method in ("*", rule.method) and path_glob_within(rule.path, outer.path)
 
 
 def glob_within(inner: str, outer: str) -> bool:
-    """Whether every name `inner` matches, `outer` matches too (decided conservatively: False when unsure)."""
+    """Whether every model name `inner` matches, `outer` matches too (decided conservatively: False when unsure)."""
     if inner == outer or not has_wildcard(inner):
         return inner == outer or fnmatch.fnmatchcase(inner, outer)
     prefix_inner, prefix_outer = inner[:-1], outer[:-1]

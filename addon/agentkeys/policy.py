@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from agentkeys.paths import path_matches
 from agentkeys.pricing import ConfigPrice, PriceTable, load_prices
 from agentkeys.yamlfile import ConfigError, load_yaml_model
 
@@ -98,7 +99,11 @@ ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 
 
 class EndpointRule(BaseModel):
-    """`POST /v1/chat/completions`: a method (or `*`) and a path glob, in the provider's own paths."""
+    """`POST /v1/chat/completions`: a method (or `*`) and a path glob, in the provider's own paths.
+
+    The glob is matched against the normalised path (see `paths`): `*` stays within one segment,
+    `**` crosses them.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     method: str
@@ -120,7 +125,7 @@ class EndpointRule(BaseModel):
         return method.upper()
 
     def matches(self, method: str, path: str) -> bool:
-        return self.method in ("*", method.upper()) and fnmatch.fnmatchcase(path, self.path)
+        return self.method in ("*", method.upper()) and path_matches(self.path, path)
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"

@@ -85,6 +85,9 @@ class ModelPrice(Rates):
     max_output_tokens: int | None = None
     max_input_tokens: int | None = None  # the context window: bounds input the proxy cannot see
     tiers: list[PriceTier] = Field(default_factory=list)
+    # Why this model's calls cost more than their tokens at these rates (per image, per second, per
+    # search, …); the gate refuses such a model whatever a policy allows. None: its tokens are all it costs.
+    unmeterable: str | None = None
     source: str | None = None
 
     def rates_for(self, input_tokens: int) -> Rates:
@@ -142,7 +145,40 @@ class Usage:
     cache_write_1h_tokens: int = 0
 
 
-def price_from_litellm_entry(entry: dict, source: str | None = None) -> ModelPrice | None:
+# LiteLLM's modes whose calls are billed by their text tokens (and that the proxy's endpoints serve).
+TOKEN_MODES = {"chat", "completion", "responses", "embedding"}
+# LiteLLM's price fields for what a call is billed beyond text tokens, and what each means.
+BEYOND_TOKEN_FIELDS = {
+    "output_cost_per_image": "it is billed per image it outputs",
+    "output_cost_per_image_token": "it is billed for image output at its own rate",
+    "output_cost_per_audio_token": "it is billed for audio output at its own rate",
+    "output_cost_per_video_token": "it is billed for video output at its own rate",
+    "output_cost_per_second": "it is billed per second of output",
+    "input_cost_per_second": "it is billed per second of input",
+    "output_cost_per_character": "it is billed per character",
+    "input_cost_per_character": "it is billed per character",
+}
+# Models that search the web on every call, billed per search whatever the request says.
+ALWAYS_SEARCHING = re.compile(r"search-preview|search-api|deep-research")
+
+
+def unmeterable_reason(name: str, entry: dict) -> str | None:
+    """Why a model of LiteLLM's map costs more than its text tokens, so that a hold bounded by tokens would
+    not bound it; None when its token prices are all it costs."""
+    mode = entry.get("mode")
+    if mode is not None and mode not in TOKEN_MODES:
+        return f"it is a model for {mode.replace('_', ' ')}, billed beyond text tokens"
+    # A chat model's image output comes from a hosted image tool (which every format refuses) or is priced
+    # by an image field below; audio and video output are billed apart from text whatever the request says.
+    outputs = sorted(set(entry.get("supported_output_modalities") or ["text"]) & {"audio", "video"})
+    if outputs:
+        return f"it can output {' and '.join(outputs)}, priced apart from text tokens"
+    if ALWAYS_SEARCHING.search(name):
+        return "it searches the web on every call, billed per search"
+    return next((why for field, why in BEYOND_TOKEN_FIELDS.items() if entry.get(field)), None)
+
+
+def price_from_litellm_entry(entry: dict, source: str | None = None, name: str = "") -> ModelPrice | None:
     """One entry of LiteLLM's price map as our ModelPrice; None when it has no token prices."""
     if "input_cost_per_token" not in entry or "output_cost_per_token" not in entry:
         return None
@@ -151,6 +187,7 @@ def price_from_litellm_entry(entry: dict, source: str | None = None) -> ModelPri
         max_output_tokens=int_or_none(entry.get("max_output_tokens")),
         max_input_tokens=int_or_none(entry.get("max_input_tokens")),
         tiers=litellm_tiers(entry),
+        unmeterable=unmeterable_reason(name, entry),
         source=source,
     )
 
@@ -219,7 +256,7 @@ class PriceTable:
         for name, entry in entries.items():
             if not isinstance(entry, dict) or entry.get("litellm_provider") not in provider_of:
                 continue
-            price = price_from_litellm_entry(entry, source=str(path))
+            price = price_from_litellm_entry(entry, source=str(path), name=name)
             if price is not None:
                 self.add(provider_of[entry["litellm_provider"]], litellm_model_name(name), price)
                 count += 1

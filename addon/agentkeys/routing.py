@@ -11,6 +11,7 @@ gateway, and through the proxy at a provider host or at `agentkeys.local`.
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from agentkeys.paths import UnsafePath, normalise_path
 from agentkeys.policy import ProxyConfig
 from agentkeys.providers import FORMATS
 
@@ -50,6 +51,14 @@ class ProviderRoute:
 
 
 @dataclass(frozen=True)
+class BadPath:
+    """A call for a provider whose path has no single meaning (see paths.normalise_path): refused, 400."""
+
+    provider: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ControlRoute:
     """The proxy's own API."""
 
@@ -79,7 +88,7 @@ class OtherHost:
     host: str
 
 
-Route = ProviderRoute | ControlRoute | NoProvider | NoEndpoint | OtherHost
+Route = ProviderRoute | BadPath | ControlRoute | NoProvider | NoEndpoint | OtherHost
 VERSIONED = ("/v1/", "/v1beta/", "/v1alpha/", "/openai/")  # API paths as providers (and Azure) write them
 
 
@@ -104,15 +113,14 @@ class Router:
             prefix, _, rest = split.path.lstrip("/").partition("/")
             if prefix not in self.upstreams:
                 return NoProvider(prefix)
-            return self.gateway_route(prefix, "/" + rest, split.query)
+            try:  # the path is matched and forwarded in its normal form only (see paths.py)
+                return self.gateway_route(prefix, normalise_path("/" + rest), split.query)
+            except UnsafePath as e:
+                return BadPath(prefix, str(e))
         provider = self.provider_by_host.get(host)
         if provider is None:
             return OtherHost(host)
-        # A host whose API lives under a path (Groq's /openai/v1): that path is the upstream URL's.
-        path, base_path = split.path, self.upstreams[provider].base_path
-        if base_path and path.startswith(base_path + "/"):
-            path = path.removeprefix(base_path)
-        return ProviderRoute(provider, path, split.query)
+        return provider_route(provider, split.path, split.query, self.upstreams[provider].base_path)
 
     def tunnel_refusal(self, host: str, port: int) -> str | None:
         """Why a CONNECT to host:port is refused, or None. A provider's host is reached only on its own
@@ -167,3 +175,15 @@ def host_conflict(target_host: str, host_header: str | None) -> bool:
         return False
     named = urlsplit(f"//{host_header}").hostname or ""
     return named.lower() != target_host.lower()
+
+
+def provider_route(provider: str, path: str, query: str, base_path: str) -> ProviderRoute | BadPath:
+    """The path in its normal form: what the policy matches is what is forwarded (see paths.py)."""
+    try:
+        path = normalise_path(path)
+    except UnsafePath as e:
+        return BadPath(provider, str(e))
+    # A host whose API lives under a path (Groq's /openai/v1): that path is the upstream URL's.
+    if base_path and path.startswith(base_path + "/"):
+        path = path.removeprefix(base_path)
+    return ProviderRoute(provider, path, query)

@@ -5,10 +5,10 @@ tiktoken's own hash check. The encoding definitions (regex, special tokens) are 
 we call its constructors with the file location redirected to our copy.
 """
 
-import contextvars
 import functools
 import re
 import threading
+from collections.abc import Callable
 from importlib import resources
 
 import tiktoken
@@ -26,7 +26,8 @@ O200K_MODEL_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4
 _load_lock = threading.Lock()
 
 EXACT_COUNT_CHARS = 16 * 1024
-_exact = contextvars.ContextVar("agentkeys_exact_token_counts", default=False)
+
+TextBound = Callable[[str], int]  # a text -> an upper bound on its tokens, for one model
 
 
 @functools.cache
@@ -106,25 +107,21 @@ def is_openai_model(model: str) -> bool:
     return model.startswith(O200K_MODEL_PREFIXES + CL100K_MODEL_PREFIXES)
 
 
-def token_bound(text: str, model: str) -> int:
+def token_bound(text: str, model: str, exact: bool = False) -> int:
     """An upper bound on the tokens `model` makes of `text`.
 
-    OpenAI's models: their own tiktoken count, for texts up to EXACT_COUNT_CHARS (or any text inside
-    `exact_counts`). Otherwise the UTF-8 bytes plus one: a token is at least one byte in every
-    byte-level vocabulary, and the one covers a SentencePiece word prefix. That is the only bound for
-    models whose tokenizer we do not ship (Llama, Mistral, Gemini, … behind an OpenAI-compatible
-    host), and a cheap one for long texts, whose exact count costs far more (docs/performance.md).
+    OpenAI's models: their own tiktoken count, for texts up to EXACT_COUNT_CHARS (or any text, when
+    `exact`). Otherwise the UTF-8 bytes plus one: a token is at least one byte in every byte-level
+    vocabulary, and the one covers a SentencePiece word prefix. That is the only bound for models
+    whose tokenizer we do not ship (Llama, Mistral, Gemini, … behind an OpenAI-compatible host), and
+    a cheap one for long texts, which tiktoken counts far more slowly than their bytes (the gate asks
+    for `exact` only when the cheap bound of a long text did not fit the budget).
     """
-    if is_openai_model(model) and (len(text) <= EXACT_COUNT_CHARS or _exact.get()):
+    if is_openai_model(model) and (exact or len(text) <= EXACT_COUNT_CHARS):
         return count_tokens(text, model)
     return len(text.encode()) + 1
 
 
-def with_exact_counts(fn, *args):
-    """Call `fn` with every OpenAI text counted exactly: for when the cheap bound of a long text held too
-    much to fit the budget."""
-    token = _exact.set(True)
-    try:
-        return fn(*args)
-    finally:
-        _exact.reset(token)
+def text_bound(model: str, exact: bool = False) -> TextBound:
+    """`token_bound` for one model, to hand to the functions that walk a request's texts."""
+    return functools.partial(token_bound, model=model, exact=exact)

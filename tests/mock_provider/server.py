@@ -28,6 +28,28 @@ _AUTHORIZED = {
 }
 
 
+def _corrupted(document: Any, corruption: tuple[str, Any] | None) -> Any:
+    """``document`` with every value of the field ``corruption`` names replaced by its value."""
+    if corruption is None:
+        return document
+    field, value = corruption
+    if isinstance(document, dict):
+        return {k: value if k == field else _corrupted(v, corruption) for k, v in document.items()}
+    if isinstance(document, list):
+        return [_corrupted(item, corruption) for item in document]
+    return document
+
+
+def _corrupted_event(event: bytes, corruption: tuple[str, Any] | None) -> bytes:
+    if corruption is None:
+        return event
+    lines = event.decode().split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("data: ") and line[6:].startswith("{"):
+            lines[i] = "data: " + json.dumps(_corrupted(json.loads(line[6:]), corruption), separators=(",", ":"))
+    return "\n".join(lines).encode()
+
+
 @dataclass(frozen=True)
 class _Route:
     """Who answers a metered call: the API, whose key it takes, the model its path names (if any)."""
@@ -188,12 +210,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         usage = call.report(api.name)
+        corruption = mock_provider._take_corruption()
         if not call.stream:
             mock_provider._report(usage)
-            self._send_json(200, api.completion(call, body))
+            self._send_json(200, _corrupted(api.completion(call, body), corruption))
             return
 
-        head, content, tail = api.stream(call, body)
+        head, content, tail = (
+            [_corrupted_event(event, corruption) for event in part] for part in api.stream(call, body)
+        )
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -358,6 +383,17 @@ class MockProvider:
         with self._lock:
             self._overrun_output = output_tokens
 
+    def corrupt_next_usage(self, field: str, value: Any) -> None:
+        """Make the next metered call report ``value`` wherever its answer (whole or streamed) has a usage
+        ``field``; what it bills (``reported``) stays the real figure."""
+        with self._lock:
+            self._corruption = (field, value)
+
+    def _take_corruption(self) -> tuple[str, Any] | None:
+        with self._lock:
+            corruption, self._corruption = self._corruption, None
+            return corruption
+
     def stall_next_stream(self, seconds: float) -> None:
         """Pause the next stream for ``seconds`` after its first content event (a model still thinking)."""
         with self._lock:
@@ -372,6 +408,7 @@ class MockProvider:
         self._delay = 0.0
         self._stall = 0.0
         self._overrun_output: int | None = None
+        self._corruption: tuple[str, Any] | None = None
         self._echo_status: int | None = None
 
     def _take_echo(self) -> int | None:

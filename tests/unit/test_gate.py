@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentkeys import credentials, tokens
+from agentkeys import credentials
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.gate import Admission, Gate, Settlement, charge_for
 from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
@@ -55,7 +55,7 @@ POLICY = {
     "models": ["gpt-4o-mini*", "claude-haiku-4-5*"],
     "default_max_output_tokens": 256,
 }
-ANY_CALL = {"providers": ["openai", "anthropic", "gemini", "azure"], "endpoints": ["* /*"], "models": ["*"]}
+ANY_CALL = {"providers": ["openai", "anthropic", "gemini", "azure"], "endpoints": ["* /**"], "models": ["*"]}
 
 
 class Clock:
@@ -256,7 +256,7 @@ def test_expired_and_revoked_keys_are_unauthenticated(env, change, status):
             ["endpoint GET /v1/models is not allowed", "(allowed: POST /v1/chat/completions)"],
         ),
         (
-            {"endpoints": ["* /v1/*"]},
+            {"endpoints": ["* /v1/**"]},
             {"path": "/v1/audio/speech", "body": b'{"model": "tts-1", "input": "x", "voice": "alloy"}'},
             ["POST /v1/audio/speech cannot be metered"],
         ),
@@ -740,7 +740,7 @@ def test_a_swept_hold_no_longer_counts_as_a_call_in_flight(env):
 def test_a_long_prompt_is_held_at_its_bytes_and_counted_exactly_only_when_that_does_not_fit(env):
     """Counting 400 KB exactly costs milliseconds; bytes bound it in microseconds, at a larger hold."""
     body = chat(messages=[user("hello " * 20_000)], max_tokens=10)
-    exact = tokens.with_exact_counts(FORMATS["openai"].request_facts, "POST", PATHS["openai"], body)
+    exact = FORMATS["openai"].request_facts("POST", PATHS["openai"], body, exact=True)
     price = PRICES.lookup("openai", "gpt-4o-mini")
     exact_hold = cost_micros(price, Usage(input_tokens=exact.input_token_bound, output_tokens=10))
 
@@ -1018,13 +1018,13 @@ def test_an_unmeterable_endpoint_is_refused_unless_listed_as_unmetered(env):
     refused = env.admit(request(env.issue_any(endpoints=["* /v1/*"]), "openai", "/v1/files", b"", method="GET"))
     assert isinstance(refused, Denial) and refused.kind is DenyKind.FORBIDDEN
     assert "unmetered_endpoints" in refused.message
-    key = env.issue_any(endpoints=["POST /v1/chat/completions"], unmetered_endpoints=["GET /v1/files*"])
+    key = env.issue_any(endpoints=["POST /v1/chat/completions"], unmetered_endpoints=["GET /v1/files/*"])
     admission = env.admitted(request(key, "openai", "/v1/files/file-1", b"", method="GET"))
     assert (admission.unmetered, admission.hold_id, admission.remaining_micros) == (True, None, 1_000_000)
 
 
 def test_unmetered_endpoints_never_unmeter_a_metered_one(env):
-    key = env.issue_any(endpoints=["GET /v1/models"], unmetered_endpoints=["* /v1/*"])
+    key = env.issue_any(endpoints=["GET /v1/models"], unmetered_endpoints=["* /v1/**"])
     refused = env.admit(
         request(key, "openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user"}]})
     )

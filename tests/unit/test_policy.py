@@ -83,8 +83,13 @@ def test_endpoint_rule_rejects(raw):
         ("POST /v1/chat/completions", "POST", "/v1/chat/completions/x", False),
         ("GET /v1/models/*", "GET", "/v1/models/gpt-4o", True),
         ("GET /v1/models/*", "GET", "/v1/models", False),
-        ("* /v1/*", "DELETE", "/v1/files/abc", True),
+        ("* /v1/*", "DELETE", "/v1/files", True),
+        ("* /v1/*", "DELETE", "/v1/files/abc", False),  # `*` stays within one segment
+        ("* /v1/**", "DELETE", "/v1/files/abc", True),  # `**` crosses them
         ("* /v1/*", "GET", "/v2/files", False),
+        ("POST /v1/files*", "POST", "/v1/files/x/../../chat/completions", False),
+        ("GET /v1/models/?", "GET", "/v1/models/a", True),
+        ("GET /v1/models/?", "GET", "/v1/models//", False),
         ("GET /V1/models", "GET", "/v1/models", False),  # paths are case-sensitive
     ],
 )

@@ -7,7 +7,22 @@ import random
 import pytest
 
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import DenyKind, SseSplitter, Unmeterable, parse_event, set_output_cap
+from agentkeys.providers.base import (
+    MAX_JSON_DEPTH,
+    MAX_TOKENS_LIMIT,
+    MAX_USAGE_TOKENS,
+    DenyKind,
+    MalformedRequest,
+    RequestFacts,
+    SseSplitter,
+    Unmeterable,
+    UsageRejected,
+    optional_positive_int,
+    parse_event,
+    parse_json_object,
+    set_output_cap,
+    usage_count,
+)
 from sse_events import sse
 
 OPENAI, ANTHROPIC, GEMINI, AZURE = (FORMATS[name] for name in ("openai", "anthropic", "gemini", "azure"))
@@ -198,3 +213,214 @@ def test_anthropic_error_shape(kind):
     status, body = ANTHROPIC.error(kind, "nope")
     assert (status, body["error"]["type"]) == EXPECTED_ERRORS["anthropic"][kind]
     assert body == {"type": "error", "error": {"type": body["error"]["type"], "message": "nope"}}
+
+
+# One metered call per format: (format, path, a valid body as JSON text with a {dup} slot inside an object).
+CALLS = {
+    "openai": ("/v1/chat/completions", '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'),
+    "anthropic": (
+        "/v1/messages",
+        '{"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}',
+    ),
+    "gemini": ("/v1beta/models/gemini-2.5-flash:generateContent", '{"contents": [{"parts": [{"text": "hi"}]}]}'),
+    "azure": ("/openai/deployments/gpt-4o-mini/chat/completions", '{"messages": [{"role": "user", "content": "hi"}]}'),
+}
+
+
+def facts(format_name: str, body: bytes):
+    path, _ = CALLS[format_name]
+    return FORMATS[format_name].request_facts("POST", path, body)
+
+
+@pytest.mark.parametrize("format_name", sorted(CALLS))
+def test_every_format_reads_its_call(format_name):
+    assert facts(format_name, CALLS[format_name][1].encode()).metered
+
+
+@pytest.mark.parametrize("format_name", sorted(CALLS))
+@pytest.mark.parametrize(
+    ("duplicate", "key"),
+    [
+        ('"model": "gpt-4o", "model": "gpt-4o-mini"', "model"),
+        ('"max_tokens": 1, "max_tokens": 100000', "max_tokens"),
+        ('"stream": false, "stream": true', "stream"),
+    ],
+)
+def test_a_key_twice_at_the_top_is_refused_naming_it(format_name, duplicate, key):
+    body = CALLS[format_name][1].replace("{", "{" + duplicate + ", ", 1)
+    with pytest.raises(MalformedRequest, match=f"'{key}' appears twice"):
+        facts(format_name, body.encode())
+
+
+@pytest.mark.parametrize("format_name", sorted(CALLS))
+def test_a_key_twice_in_a_nested_object_is_refused_naming_it(format_name):
+    body = CALLS[format_name][1].replace('"hi"', '"hi", "text": "x", "cache_control": {"type": "a", "type": "b"}', 1)
+    with pytest.raises(MalformedRequest, match="'type' appears twice"):
+        facts(format_name, body.encode())
+
+
+def test_the_same_key_in_different_objects_is_fine():
+    data = parse_json_object(b'{"a": {"x": 1}, "b": {"x": 2}, "c": [{"x": 3}, {"x": 4}]}')
+    assert data["c"][1]["x"] == 4
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 5_000, 100_000])
+@pytest.mark.parametrize(("open_", "close"), [("[", "]"), ('{"a":', "}")])
+def test_absurd_nesting_is_a_bad_request_not_a_crash(depth, open_, close):
+    body = ('{"model": "m", "x": ' + open_ * depth + "1" + close * depth + "}").encode()
+    with pytest.raises(MalformedRequest, match="nested deeper"):
+        parse_json_object(body)
+
+
+def test_nesting_up_to_the_limit_is_read():
+    depth = MAX_JSON_DEPTH - 1
+    assert parse_json_object(('{"x": ' + "[" * depth + "1" + "]" * depth + "}").encode())["x"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1e29",
+        "1e400",
+        "100000000000000000000000000000",
+        "-100000000000000000000000000000",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+    ],
+)
+def test_absurd_numbers_are_bad_requests(value):
+    """A number no API field takes: refused, saying which (`NaN` and `Infinity` are not JSON at all)."""
+    with pytest.raises(MalformedRequest):
+        facts(
+            "openai",
+            f'{{"model": "gpt-4o-mini", "max_tokens": {value}, "messages": [{{"role": "user", "content": "hi"}}]}}'
+            .encode(),
+        )
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_json_constant_is_named(constant):
+    with pytest.raises(MalformedRequest, match=f"{constant} is not a JSON number"):
+        parse_json_object(f'{{"temperature": {constant}}}'.encode())
+
+
+@pytest.mark.parametrize("format_name", sorted(CALLS))
+def test_an_output_limit_above_any_model_is_refused(format_name):
+    limit = {"gemini": "generationConfig"}.get(format_name)
+    body = json.loads(CALLS[format_name][1])
+    if limit:
+        body[limit] = {"maxOutputTokens": MAX_TOKENS_LIMIT + 1}
+    else:
+        body["max_tokens"] = MAX_TOKENS_LIMIT + 1
+    with pytest.raises(MalformedRequest, match="at most"):
+        facts(format_name, json.dumps(body).encode())
+
+
+def test_output_limits_up_to_the_bound_are_read():
+    assert optional_positive_int({"max_tokens": MAX_TOKENS_LIMIT}, "max_tokens") == MAX_TOKENS_LIMIT
+
+
+def test_choices_times_the_limit_is_bounded_too():
+    RequestFacts(metered=True, max_output_tokens=MAX_TOKENS_LIMIT // 4, choices=4)
+    with pytest.raises(MalformedRequest, match="output tokens in all"):
+        RequestFacts(metered=True, max_output_tokens=MAX_TOKENS_LIMIT // 4, choices=5)
+    with pytest.raises(MalformedRequest):
+        facts(
+            "openai",
+            b'{"model": "gpt-4o-mini", "n": 128, "max_tokens": 100000000,'
+            b' "messages": [{"role": "user", "content": "x"}]}',
+        )
+
+
+def test_stream_options_that_are_not_an_object_are_a_bad_request():
+    body = b'{"model": "gpt-4o-mini", "stream": true, "stream_options": "x", "messages": [{"role": "user"}]}'
+    with pytest.raises(MalformedRequest, match="stream_options"):
+        facts("openai", body)
+
+
+@pytest.mark.parametrize("value", [0, 1, 17, MAX_USAGE_TOKENS, None])
+def test_sane_usage_counts_are_read(value):
+    assert usage_count({"n": value}, "n") == (value or 0)
+    assert usage_count({}, "n") == 0
+
+
+@pytest.mark.parametrize(
+    "value", [-1, -(10**6), 1.5, 1.0, 1.5e293, True, False, "12", [3], {"a": 1}, MAX_USAGE_TOKENS + 1]
+)
+def test_usage_that_is_not_a_count_is_rejected_naming_field_and_value(value):
+    with pytest.raises(UsageRejected, match=r"output_tokens=") as rejected:
+        usage_count({"output_tokens": value}, "output_tokens")
+    assert repr(value) in str(rejected.value)
+
+
+# ----- item 3: what decides a hold is read from the parsed body, never from its bytes -----
+
+ESCAPED = "cache\\u005fcontrol"  # how JSON may spell cache_control
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda marker: {"system": [{"type": "text", "text": "s", marker: {"type": "ephemeral", "ttl": "1h"}}]},
+        lambda marker: {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "x", marker: {"type": "ephemeral"}}]}]
+        },
+        lambda marker: {"tools": [{"name": "t", "input_schema": {"type": "object"}, marker: {"type": "ephemeral"}}]},
+        lambda marker: {marker: {"type": "ephemeral"}},  # automatic caching, at the top
+    ],
+)
+def test_an_anthropic_cache_breakpoint_is_seen_however_it_is_spelled(where):
+    base = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    plain = json.dumps({**base, **where("cache_control")})
+    escaped = plain.replace('"cache_control"', f'"{ESCAPED}"')
+    assert ESCAPED.encode() in escaped.encode() and b"cache_control" not in escaped.encode()
+    for body in (plain, escaped):
+        assert FORMATS["anthropic"].request_facts("POST", "/v1/messages", body.encode()).may_write_cache
+
+
+def test_an_anthropic_call_with_no_breakpoint_writes_no_cache_even_if_its_text_says_cache_control():
+    body = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "cache_control"}]}
+    assert not FORMATS["anthropic"].request_facts("POST", "/v1/messages", json.dumps(body).encode()).may_write_cache
+
+
+# ----- where the real key goes, and the error shapes -----
+
+
+@pytest.mark.parametrize(
+    ("format_name", "header"),
+    [
+        ("openai", ("authorization", "Bearer sk-real")),
+        ("azure", ("api-key", "sk-real")),
+        ("anthropic", ("x-api-key", "sk-real")),
+        ("gemini", ("x-goog-api-key", "sk-real")),
+    ],
+)
+def test_the_real_key_goes_in_the_provider_s_own_header(format_name, header):
+    assert FORMATS[format_name].real_key_header("sk-real") == header
+
+
+STATUSES = {
+    DenyKind.UNAUTHENTICATED: 401,
+    DenyKind.FORBIDDEN: 403,
+    DenyKind.BAD_REQUEST: 400,
+    DenyKind.UNAVAILABLE: 503,
+    DenyKind.NOT_CONFIGURED: 500,
+    DenyKind.NOT_FOUND: 404,
+    DenyKind.TOO_LARGE: 413,
+    DenyKind.INTERNAL: 500,
+}
+BUDGET_STATUS = {"openai": 429, "azure": 429, "anthropic": 402, "gemini": 429}
+
+
+@pytest.mark.parametrize("format_name", sorted(BUDGET_STATUS))
+@pytest.mark.parametrize("kind", list(DenyKind))
+def test_every_refusal_has_the_provider_s_status_and_shape(format_name, kind):
+    status, body = FORMATS[format_name].error(kind, "why")
+    assert status == STATUSES.get(kind, BUDGET_STATUS[format_name])
+    if format_name == "anthropic":
+        assert body["type"] == "error" and body["error"]["message"] == "why" and body["error"]["type"]
+    elif format_name == "gemini":
+        assert body["error"]["code"] == status and body["error"]["message"] == "why" and body["error"]["status"]
+    else:
+        assert body["error"]["message"] == "why" and body["error"]["type"] and body["error"]["code"]

@@ -5,6 +5,7 @@ import pytest
 from agentkeys.policy import ProxyConfig
 from agentkeys.routing import (
     CONTROL_HOST,
+    BadPath,
     ControlRoute,
     NoEndpoint,
     NoProvider,
@@ -99,3 +100,36 @@ def test_an_upstream_url_is_split_once(url, host, port, base_path, authority):
 def test_a_gateway_base_url_with_or_without_the_api_version_reaches_the_same_endpoint(target, route):
     """The Anthropic SDK wants ANTHROPIC_BASE_URL=…/anthropic, the AI SDK reads it and sends /messages."""
     assert router().route(gateway=True, host="127.0.0.1", target=target) == route
+
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("gateway", "host", "target", "route"),
+    [
+        (True, "127.0.0.1", "/openai/v1/files/../chat/completions", ProviderRoute("openai", CHAT, "")),
+        (True, "127.0.0.1", "/openai/v1/files/%2e%2e/chat/completions?x=1",
+         ProviderRoute("openai", CHAT, "x=1")),
+        (True, "127.0.0.1", "/openai//v1/./models/", ProviderRoute("openai", "/v1/models", "")),
+        (False, "api.openai.com", "/v1/files/.%2E/chat/completions", ProviderRoute("openai", CHAT, "")),
+        (False, "api.groq.com", "/openai/v1/x/../chat/completions", ProviderRoute("groq", CHAT, "")),
+    ],
+)  # fmt: skip
+def test_a_provider_path_is_routed_in_its_normal_form(gateway, host, target, route):
+    """What the policy matches is what is forwarded: the path as the provider will read it."""
+    assert router().route(gateway=gateway, host=host, target=target) == route
+
+
+@pytest.mark.parametrize(
+    ("gateway", "host", "target", "provider"),
+    [
+        (True, "127.0.0.1", "/openai/v1/files%2f..%2fchat/completions", "openai"),
+        (True, "127.0.0.1", "/openai/../anthropic/v1/messages", "openai"),
+        (False, "api.anthropic.com", "/v1/../../v1/messages", "anthropic"),
+        (False, "api.groq.com", "/openai/v1/%5c", "groq"),
+    ],
+)
+def test_a_path_with_no_single_meaning_is_refused_in_its_provider_s_name(gateway, host, target, provider):
+    route = router().route(gateway=gateway, host=host, target=target)
+    assert isinstance(route, BadPath) and route.provider == provider

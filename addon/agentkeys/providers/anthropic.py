@@ -14,11 +14,15 @@ from agentkeys.providers.base import (
     SseEvent,
     StreamResult,
     Unmeterable,
+    UsageRejected,
     event_json,
+    has_key,
     kind_of_endpoint,
     optional_positive_int,
     parse_json_object,
     required_model,
+    usage_count,
+    usage_object,
     utf8_len,
 )
 
@@ -55,7 +59,8 @@ class AnthropicFormat:
     def endpoint_kind(self, method: str, path: str) -> str | None:
         return kind_of_endpoint(method, path, METERED, FREE)
 
-    def request_facts(self, method: str, path: str, body: bytes, query: str = "") -> RequestFacts:
+    def request_facts(self, method: str, path: str, body: bytes, query: str = "", exact: bool = False) -> RequestFacts:
+        """`exact` changes nothing here: this format's texts are bounded by their bytes."""
         if self.endpoint_kind(method, path) != "metered":
             return RequestFacts(metered=False)
         data = parse_json_object(body)
@@ -74,8 +79,9 @@ class AnthropicFormat:
             max_output_tokens=max_tokens,
             stream=data.get("stream") is True,
             input_token_bound=messages_input_bound(data, messages),
-            # Anthropic writes a prompt cache (at a premium) only where a request marks a breakpoint.
-            may_write_cache=b"cache_control" in body,
+            # Anthropic writes a prompt cache (at a premium) only where a request marks a breakpoint:
+            # looked for in the parsed body, where `cache\u005fcontrol` is `cache_control` too.
+            may_write_cache=has_key(data, "cache_control"),
         )
 
     def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None:
@@ -102,19 +108,23 @@ class AnthropicFormat:
         return "x-api-key", key
 
 
-def usage_from_object(usage, output_tokens: int | None = None) -> Usage | None:
+def usage_from_object(usage, output_tokens=None) -> Usage | None:
     """Anthropic reports cache reads and writes apart from `input_tokens`; we count them in.
 
     Writes to the one-hour cache cost more than to the five-minute one; `cache_creation` splits them.
+    `output_tokens`, when given, is a stream's final count (from `message_delta`). Counts that are
+    not sane raise UsageRejected.
     """
     if not isinstance(usage, dict) or "input_tokens" not in usage:
         return None
-    cached = usage.get("cache_read_input_tokens") or 0
-    written = usage.get("cache_creation_input_tokens") or 0
-    written_1h = (usage.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0
+    if output_tokens is not None:
+        usage = {**usage, "output_tokens": output_tokens}
+    cached = usage_count(usage, "cache_read_input_tokens")
+    written = usage_count(usage, "cache_creation_input_tokens")
+    written_1h = usage_count(usage_object(usage, "cache_creation"), "ephemeral_1h_input_tokens")
     return Usage(
-        input_tokens=(usage.get("input_tokens") or 0) + cached + written,
-        output_tokens=(usage.get("output_tokens") or 0) if output_tokens is None else output_tokens,
+        input_tokens=usage_count(usage, "input_tokens") + cached + written,
+        output_tokens=usage_count(usage, "output_tokens"),
         cached_tokens=cached,
         cache_write_tokens=written,
         cache_write_1h_tokens=min(written_1h, written),
@@ -199,14 +209,18 @@ class MessagesStreamMeter:
         return True
 
     def result(self) -> StreamResult:
-        usage = None
-        if self.start_usage is not None and self.output_tokens is not None:
-            usage = usage_from_object(self.start_usage, self.output_tokens)
-        started = usage_from_object(self.start_usage)
+        text = "".join(self.text_parts)
+        try:
+            usage = None
+            if self.start_usage is not None and self.output_tokens is not None:
+                usage = usage_from_object(self.start_usage, self.output_tokens)
+            started = usage_from_object(self.start_usage)
+        except UsageRejected as e:
+            return StreamResult(usage=None, complete=False, streamed_text=text, usage_rejected=str(e))
         return StreamResult(
             usage=usage,
             complete=self.stopped and usage is not None,
-            streamed_text="".join(self.text_parts),
+            streamed_text=text,
             input_tokens_seen=started.input_tokens if started else None,
         )
 

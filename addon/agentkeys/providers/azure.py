@@ -31,7 +31,9 @@ FREE = [
     ("GET", "/openai/v1/models"),
     ("GET", "/openai/v1/models/*"),
     ("GET", "/openai/v1/responses/*"),
+    ("GET", "/openai/v1/responses/*/input_items"),
     ("GET", "/openai/responses/*"),
+    ("GET", "/openai/responses/*/input_items"),
     ("DELETE", "/openai/v1/responses/*"),
     ("DELETE", "/openai/responses/*"),
 ]
@@ -45,7 +47,7 @@ class AzureFormat(openai.OpenAIFormat):
             return "metered"
         return kind_of_endpoint(method, path, [], FREE)
 
-    def request_facts(self, method: str, path: str, body: bytes, query: str = "") -> RequestFacts:
+    def request_facts(self, method: str, path: str, body: bytes, query: str = "", exact: bool = False) -> RequestFacts:
         found = route(path) if method == "POST" else None
         if found is None:
             return RequestFacts(metered=False)
@@ -55,7 +57,7 @@ class AzureFormat(openai.OpenAIFormat):
             raise Unmeterable(
                 "'data_sources' (On Your Data) adds retrieved input and search fees, so this proxy cannot meter it"
             )
-        return openai.read_endpoint(endpoint, {**data, "model": deployment} if deployment else data)
+        return openai.read_endpoint(endpoint, {**data, "model": deployment} if deployment else data, exact)
 
     def real_key_header(self, key: str) -> tuple[str, str]:
         return "api-key", key

@@ -6,17 +6,33 @@ tokens, where usage appears in a response or a stream, what the provider's error
 where the real key goes. It knows nothing of budgets or keys.
 """
 
-import fnmatch
 import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from agentkeys.paths import path_matches
 from agentkeys.pricing import Usage
+
+# No model outputs (or is asked for) more tokens than this in one call; a larger limit is a mistake or
+# an attack on the arithmetic (a 30-digit max_tokens would overflow the store's 64-bit integers).
+MAX_TOKENS_LIMIT = 10**9
+# Above this, a token count a provider reports is not a count but a fault (or a hostile upstream).
+MAX_USAGE_TOKENS = 10**12
+# Objects and lists nested deeper than this are no request of any API this proxy speaks.
+MAX_JSON_DEPTH = 200
+# Integers beyond 64 bits have no meaning in any provider's API (a `seed` is 64-bit at most).
+MAX_JSON_INT_DIGITS = 20
 
 
 class MalformedRequest(Exception):
     """The body of a metered call cannot be read; the call is refused with a 400."""
+
+
+class UsageRejected(Exception):
+    """A response or stream reported usage that is not a sane count (negative, fractional, absurd, not a
+    number). It is outside data: the call is charged as if it had reported none (its full hold), and the
+    message, which names the field and the value, is what the audit record gives as the reason."""
 
 
 class Unmeterable(Exception):
@@ -55,6 +71,10 @@ class RequestFacts:
     may_write_cache: bool = True  # whether the provider may bill prompt-cache writes for this call
     client_wants_stream_usage: bool = True
 
+    def __post_init__(self):
+        if self.choices * (self.max_output_tokens or 1) > MAX_TOKENS_LIMIT:
+            raise MalformedRequest(f"the request asks for more than {MAX_TOKENS_LIMIT:,} output tokens in all")
+
 
 @dataclass
 class StreamResult:
@@ -62,6 +82,7 @@ class StreamResult:
     complete: bool
     streamed_text: str
     input_tokens_seen: int | None = None  # some formats report input at the start of a stream
+    usage_rejected: str | None = None  # why the stream's usage was not believed (see UsageRejected)
 
 
 class StreamMeter(Protocol):
@@ -79,9 +100,16 @@ class WireFormat(Protocol):
         """`metered`, `free`, or None for an endpoint the proxy cannot meter."""
         ...
 
-    def request_facts(self, method: str, path: str, body: bytes, query: str = "") -> RequestFacts: ...
+    def request_facts(self, method: str, path: str, body: bytes, query: str = "", exact: bool = False) -> RequestFacts:
+        """What the call asks for, read from its parsed body (never from its bytes). `exact`: count every
+        text with the model's own tokenizer, however long (see tokens.token_bound)."""
+        ...
+
     def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None: ...
-    def usage_from_response(self, body: bytes) -> Usage | None: ...
+    def usage_from_response(self, body: bytes) -> Usage | None:
+        """The usage a whole response reports; None if it reports none; UsageRejected if it is not sane."""
+        ...
+
     def stream_meter(self, facts: RequestFacts) -> StreamMeter: ...
     def error(self, kind: DenyKind, message: str) -> tuple[int, dict]: ...
     def real_key_header(self, key: str) -> tuple[str, str]:
@@ -95,7 +123,7 @@ Endpoints = list[tuple[str, str]]  # (METHOD, path glob)
 def kind_of_endpoint(method: str, path: str, metered: Endpoints, free: Endpoints) -> str | None:
     """`metered`, `free`, or None, from a format's two endpoint lists (metered ones win)."""
     for kind, endpoints in (("metered", metered), ("free", free)):
-        if any(m == method and fnmatch.fnmatchcase(path, p) for m, p in endpoints):
+        if any(m == method and path_matches(p, path) for m, p in endpoints):
             return kind
     return None
 
@@ -112,25 +140,109 @@ def set_output_cap(container: dict, cap: int, fields: tuple[str, ...]) -> None:
 
 
 def parse_json_object(body: bytes) -> dict:
+    """The body of a metered call, parsed once: everything that decides its hold reads this, never the bytes.
+
+    Refused, as bodies a provider could read otherwise than the proxy: a key twice in one object (JSON
+    leaves it to the reader which one counts, and the body is forwarded as sent), `NaN` or `Infinity`
+    (not JSON), integers beyond 64 bits, and nesting deeper than MAX_JSON_DEPTH.
+    """
     try:
-        data = json.loads(body or b"null")
+        data = json.loads(
+            body or b"null", object_pairs_hook=object_without_duplicates, parse_constant=refuse_constant,
+            parse_int=bounded_int,
+        )  # fmt: skip
+    except RecursionError:
+        raise MalformedRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise MalformedRequest(f"the request body is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise MalformedRequest("the request body must be a JSON object")
+    if nesting_depth(data) > MAX_JSON_DEPTH:
+        raise MalformedRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
     return data
 
 
+def object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        seen = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise MalformedRequest(f"the key {repeated!r} appears twice in one object of the request body")
+    return data
+
+
+def refuse_constant(name: str):
+    raise MalformedRequest(f"the request body is not valid JSON ({name} is not a JSON number)")
+
+
+def bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise MalformedRequest(f"the request body has an integer of {len(text)} digits; no API field takes one")
+    return int(text)
+
+
+def nesting_depth(value) -> int:
+    """How deeply objects and lists nest in `value`, worked out without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def optional_positive_int(data: dict, *names: str) -> int | None:
-    """The first of `names` present in `data`, checked to be a positive integer."""
+    """The first of `names` present in `data`, checked to be a positive integer no larger than MAX_TOKENS_LIMIT
+    (these are output limits and counts that multiply them)."""
     for name in names:
         value = data.get(name)
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise MalformedRequest(f"'{name}' must be a positive integer")
+        if value > MAX_TOKENS_LIMIT:
+            raise MalformedRequest(f"'{name}' must be at most {MAX_TOKENS_LIMIT:,}")
         return value
     return None
+
+
+def usage_count(container: dict, name: str) -> int:
+    """A token count from a provider's usage: 0 when absent or null; UsageRejected unless a whole number from
+    0 to MAX_USAGE_TOKENS (a negative count would refund the budget, a float or a huge one corrupt it)."""
+    value = container.get(name)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_USAGE_TOKENS:
+        raise UsageRejected(f"the provider reported {name}={value!r}, which is not a token count")
+    return value
+
+
+def usage_object(container: dict, name: str) -> dict:
+    """A nested part of a provider's usage (`prompt_tokens_details`, …): {} when absent; else it must be an object."""
+    value = container.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageRejected(f"the provider reported {name}={value!r}, which is not an object")
+    return value
+
+
+def has_key(value, name: str) -> bool:
+    """Whether an object anywhere in a parsed body has the key `name` (walked without recursion)."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            if name in value:
+                return True
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False
 
 
 def required_model(data: dict) -> str:

@@ -23,11 +23,13 @@ from agentkeys.providers.base import (
     SseEvent,
     StreamResult,
     Unmeterable,
+    UsageRejected,
     event_json,
     kind_of_endpoint,
     optional_positive_int,
     parse_json_object,
     set_output_cap,
+    usage_count,
     utf8_len,
 )
 
@@ -67,7 +69,8 @@ class GeminiFormat:
             return "metered"
         return kind_of_endpoint(method, path, [], FREE)
 
-    def request_facts(self, method: str, path: str, body: bytes, query: str = "") -> RequestFacts:
+    def request_facts(self, method: str, path: str, body: bytes, query: str = "", exact: bool = False) -> RequestFacts:
+        """`exact` changes nothing here: this format's texts are bounded by their bytes."""
         match = GENERATE.match(path) if method == "POST" else None
         if match is None:
             return RequestFacts(metered=False)
@@ -106,9 +109,10 @@ class GeminiFormat:
 
     def usage_from_response(self, body: bytes) -> Usage | None:
         try:
-            return usage_from_metadata(json.loads(body).get("usageMetadata"))
+            metadata = json.loads(body).get("usageMetadata")
         except (ValueError, AttributeError):
             return None
+        return usage_from_metadata(metadata)
 
     def stream_meter(self, facts: RequestFacts) -> "GenerateStreamMeter":
         return GenerateStreamMeter()
@@ -129,14 +133,15 @@ def field(data: dict, camel: str):
 
 
 def usage_from_metadata(metadata) -> Usage | None:
-    """Thinking tokens are billed as output; tool-use prompt tokens as input."""
+    """Thinking tokens are billed as output; tool-use prompt tokens as input. Counts that are not sane
+    raise UsageRejected."""
     if not isinstance(metadata, dict) or "promptTokenCount" not in metadata:
         return None
-    thoughts = metadata.get("thoughtsTokenCount") or 0
+    thoughts = usage_count(metadata, "thoughtsTokenCount")
     return Usage(
-        input_tokens=(metadata.get("promptTokenCount") or 0) + (metadata.get("toolUsePromptTokenCount") or 0),
-        output_tokens=(metadata.get("candidatesTokenCount") or 0) + thoughts,
-        cached_tokens=metadata.get("cachedContentTokenCount") or 0,
+        input_tokens=usage_count(metadata, "promptTokenCount") + usage_count(metadata, "toolUsePromptTokenCount"),
+        output_tokens=usage_count(metadata, "candidatesTokenCount") + thoughts,
+        cached_tokens=usage_count(metadata, "cachedContentTokenCount"),
         reasoning_tokens=thoughts,
     )
 
@@ -193,10 +198,12 @@ class GenerateStreamMeter:
 
     Every chunk may carry `usageMetadata`; only the one that arrives with a finish reason is final.
     A stream cut before that is estimated from its text (and the prompt count already reported).
+    Once a chunk's usage is not sane, the stream's usage is not believed at all.
     """
 
     def __init__(self):
         self.usage: Usage | None = None
+        self.usage_rejected: str | None = None
         self.finished = False
         self.text_parts: list[str] = []
 
@@ -208,15 +215,21 @@ class GenerateStreamMeter:
             for part in (candidate.get("content") or {}).get("parts") or []:
                 self.text_parts.append(part["text"] if isinstance(part.get("text"), str) else json.dumps(part))
             self.finished = self.finished or bool(candidate.get("finishReason"))
-        self.usage = usage_from_metadata(chunk.get("usageMetadata")) or self.usage
+        try:
+            self.usage = usage_from_metadata(chunk.get("usageMetadata")) or self.usage
+        except UsageRejected as e:
+            self.usage_rejected = self.usage_rejected or str(e)
         return True
 
     def result(self) -> StreamResult:
+        text = "".join(self.text_parts)
+        if self.usage_rejected:
+            return StreamResult(usage=None, complete=False, streamed_text=text, usage_rejected=self.usage_rejected)
         complete = self.finished and self.usage is not None
         return StreamResult(
             usage=self.usage if complete else None,
             complete=complete,
-            streamed_text="".join(self.text_parts),
+            streamed_text=text,
             input_tokens_seen=self.usage.input_tokens if self.usage else None,
         )
 

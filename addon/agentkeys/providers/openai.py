@@ -14,15 +14,18 @@ from agentkeys.providers.base import (
     SseEvent,
     StreamResult,
     Unmeterable,
+    UsageRejected,
     event_json,
     kind_of_endpoint,
     optional_positive_int,
     parse_json_object,
     required_model,
     set_output_cap,
+    usage_count,
+    usage_object,
     utf8_len,
 )
-from agentkeys.tokens import token_bound
+from agentkeys.tokens import TextBound, text_bound
 
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
@@ -32,7 +35,8 @@ METERED = [("POST", CHAT), ("POST", RESPONSES), ("POST", COMPLETIONS), ("POST", 
 FREE = [
     ("GET", "/v1/models"),
     ("GET", "/v1/models/*"),
-    ("GET", "/v1/responses/*"),  # a stored response, its input items
+    ("GET", "/v1/responses/*"),  # a stored response
+    ("GET", "/v1/responses/*/input_items"),
     ("DELETE", "/v1/responses/*"),
     ("POST", "/v1/responses/input_tokens"),
 ]
@@ -77,10 +81,10 @@ class OpenAIFormat:
     def endpoint_kind(self, method: str, path: str) -> str | None:
         return kind_of_endpoint(method, path, METERED, FREE)
 
-    def request_facts(self, method: str, path: str, body: bytes, query: str = "") -> RequestFacts:
+    def request_facts(self, method: str, path: str, body: bytes, query: str = "", exact: bool = False) -> RequestFacts:
         if self.endpoint_kind(method, path) != "metered":
             return RequestFacts(metered=False)
-        return read_endpoint(path, parse_json_object(body))
+        return read_endpoint(path, parse_json_object(body), exact)
 
     def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None:
         """The body to forward, or None to forward it as sent.
@@ -120,16 +124,18 @@ class OpenAIFormat:
         return "authorization", f"Bearer {key}"
 
 
-def read_endpoint(endpoint: str, data: dict) -> RequestFacts:
-    """The facts of a metered call on one of the endpoints above (Azure's paths map onto them too)."""
+def read_endpoint(endpoint: str, data: dict, exact: bool) -> RequestFacts:
+    """The facts of a metered call on one of the endpoints above (Azure's paths map onto them too);
+    `exact`: count every text with the model's tokenizer, however long."""
     if data.get("service_tier") not in STANDARD_SERVICE_TIERS:
         tier = data["service_tier"]
         raise Unmeterable(f"service tier {tier!r} is billed above the standard prices, so this proxy cannot meter it")
-    return READERS[endpoint](data)
+    return READERS[endpoint](data, exact)
 
 
-def read_chat(data: dict) -> RequestFacts:
+def read_chat(data: dict, exact: bool) -> RequestFacts:
     model = required_model(data)
+    count = text_bound(model, exact)
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise MalformedRequest("'messages' must be a non-empty list")
@@ -149,23 +155,24 @@ def read_chat(data: dict) -> RequestFacts:
         max_output_tokens=optional_positive_int(data, "max_completion_tokens", "max_tokens"),
         choices=optional_positive_int(data, "n") or 1,
         stream=data.get("stream") is True,
-        input_token_bound=chat_input_bound(model, messages, data),
+        input_token_bound=chat_input_bound(count, messages, data),
         client_wants_stream_usage=bool(stream_options.get("include_usage")),
     )
 
 
-def read_responses(data: dict) -> RequestFacts:
+def read_responses(data: dict, exact: bool) -> RequestFacts:
     model = required_model(data)
+    count = text_bound(model, exact)
     if data.get("background") is True:
         raise Unmeterable("a background response is billed after the call returns, so this proxy cannot meter it")
     unseen = set()
-    tokens = REPLY_PRIMING_TOKENS + instructions_tokens(model, data) + tools_tokens(model, data.get("tools"))
-    tokens += schema_tokens(model, (data.get("text") or {}).get("format"))
+    tokens = REPLY_PRIMING_TOKENS + instructions_tokens(count, data) + tools_tokens(count, data.get("tools"))
+    tokens += schema_tokens(count, (data.get("text") or {}).get("format"))
     given = data.get("input")
     if isinstance(given, str):
-        tokens += TOKENS_PER_MESSAGE + token_bound(given, model)
+        tokens += TOKENS_PER_MESSAGE + count(given)
     elif isinstance(given, list):
-        tokens += sum(response_item_tokens(model, item, unseen) for item in given)
+        tokens += sum(response_item_tokens(count, item, unseen) for item in given)
     elif given is not None:
         raise MalformedRequest("'input' must be a string or a list of items")
     for field in ("previous_response_id", "conversation", "prompt"):
@@ -184,11 +191,12 @@ def read_responses(data: dict) -> RequestFacts:
     )
 
 
-def read_completions(data: dict) -> RequestFacts:
+def read_completions(data: dict, exact: bool) -> RequestFacts:
     model = required_model(data)
-    prompts, tokens = prompt_tokens(model, data.get("prompt"), "prompt")
+    count = text_bound(model, exact)
+    prompts, tokens = prompt_tokens(count, data.get("prompt"), "prompt")
     if isinstance(data.get("suffix"), str):
-        tokens += prompts * token_bound(data["suffix"], model)
+        tokens += prompts * count(data["suffix"])
     max_tokens = optional_positive_int(data, "max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS
     # `best_of` completions are generated (and billed) server-side; `n` of them are returned.
     per_prompt = max(optional_positive_int(data, "n") or 1, optional_positive_int(data, "best_of") or 1)
@@ -205,51 +213,50 @@ def read_completions(data: dict) -> RequestFacts:
     )
 
 
-def read_embeddings(data: dict) -> RequestFacts:
+def read_embeddings(data: dict, exact: bool) -> RequestFacts:
     model = required_model(data)
-    _, tokens = prompt_tokens(model, data.get("input"), "input")
+    count = text_bound(model, exact)
+    _, tokens = prompt_tokens(count, data.get("input"), "input")
     return RequestFacts(metered=True, endpoint=EMBEDDINGS, model=model, max_output_tokens=0, input_token_bound=tokens)
 
 
 READERS = {CHAT: read_chat, RESPONSES: read_responses, COMPLETIONS: read_completions, EMBEDDINGS: read_embeddings}
 
 
-def prompt_tokens(model: str, prompt, field: str) -> tuple[int, int]:
+def prompt_tokens(count: TextBound, prompt, field: str) -> tuple[int, int]:
     """(how many prompts, a bound on their tokens) for a text, a list of texts, or token arrays."""
     if isinstance(prompt, str):
-        return 1, token_bound(prompt, model) + 1
+        return 1, count(prompt) + 1
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         return 1, len(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return len(prompt), sum(token_bound(p, model) + 1 for p in prompt)
+        return len(prompt), sum(count(p) + 1 for p in prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
         return len(prompt), sum(len(p) for p in prompt)
     raise MalformedRequest(f"'{field}' must be a string, a list of strings, or token arrays")
 
 
 def usage_from_object(usage) -> Usage | None:
-    """Chat, completions and embeddings report `prompt_tokens`; the Responses API `input_tokens`."""
+    """Chat, completions and embeddings report `prompt_tokens`; the Responses API `input_tokens`.
+    Counts that are not sane raise UsageRejected."""
     if not isinstance(usage, dict):
         return None
     if "prompt_tokens" in usage:
-        input_details = usage.get("prompt_tokens_details") or {}
-        output_details = usage.get("completion_tokens_details") or {}
-        input_tokens, output_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        names = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
     elif "input_tokens" in usage:
-        input_details = usage.get("input_tokens_details") or {}
-        output_details = usage.get("output_tokens_details") or {}
-        input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
+        names = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
     else:
         return None
+    input_name, output_name, input_details, output_details = names
     return Usage(
-        input_tokens=input_tokens or 0,
-        output_tokens=output_tokens or 0,
-        cached_tokens=input_details.get("cached_tokens") or 0,
-        reasoning_tokens=output_details.get("reasoning_tokens") or 0,
+        input_tokens=usage_count(usage, input_name),
+        output_tokens=usage_count(usage, output_name),
+        cached_tokens=usage_count(usage_object(usage, input_details), "cached_tokens"),
+        reasoning_tokens=usage_count(usage_object(usage, output_details), "reasoning_tokens"),
     )
 
 
-def chat_input_bound(model: str, messages: list, data: dict) -> int:
+def chat_input_bound(count: TextBound, messages: list, data: dict) -> int:
     """An upper bound on the prompt tokens OpenAI will bill for these messages.
 
     Text is counted with the model's own tiktoken encoding; images get the most any image can cost;
@@ -261,9 +268,9 @@ def chat_input_bound(model: str, messages: list, data: dict) -> int:
             raise MalformedRequest("each message must be an object")
         tokens += TOKENS_PER_MESSAGE
         for value in message.values():
-            tokens += content_tokens(model, value)
-    tokens += tools_tokens(model, data.get("tools") or data.get("functions"))
-    return tokens + schema_tokens(model, data.get("response_format"))
+            tokens += content_tokens(count, value)
+    tokens += tools_tokens(count, data.get("tools") or data.get("functions"))
+    return tokens + schema_tokens(count, data.get("response_format"))
 
 
 def has_audio_input(messages: list) -> bool:
@@ -275,14 +282,14 @@ def has_audio_input(messages: list) -> bool:
     )
 
 
-def schema_tokens(model: str, output_format) -> int:
+def schema_tokens(count: TextBound, output_format) -> int:
     """A structured-output format: its schema becomes prompt text."""
     if not isinstance(output_format, dict) or output_format.get("type", "text") == "text":
         return 0
-    return TOOLS_OVERHEAD_TOKENS + token_bound(json.dumps(output_format), model)
+    return TOOLS_OVERHEAD_TOKENS + count(json.dumps(output_format))
 
 
-def tools_tokens(model: str, tools) -> int:
+def tools_tokens(count: TextBound, tools) -> int:
     if not tools:
         return 0
     if not isinstance(tools, list):
@@ -293,25 +300,25 @@ def tools_tokens(model: str, tools) -> int:
             raise Unmeterable(
                 f"the hosted tool {kind!r} is billed per use, beyond tokens, so this proxy cannot meter it"
             )
-    return TOOLS_OVERHEAD_TOKENS + token_bound(json.dumps(tools), model)
+    return TOOLS_OVERHEAD_TOKENS + count(json.dumps(tools))
 
 
-def instructions_tokens(model: str, data: dict) -> int:
+def instructions_tokens(count: TextBound, data: dict) -> int:
     instructions = data.get("instructions")
-    return TOKENS_PER_MESSAGE + token_bound(instructions, model) if isinstance(instructions, str) else 0
+    return TOKENS_PER_MESSAGE + count(instructions) if isinstance(instructions, str) else 0
 
 
-def content_tokens(model: str, value) -> int:
+def content_tokens(count: TextBound, value) -> int:
     if isinstance(value, str):
-        return token_bound(value, model)
+        return count(value)
     if isinstance(value, list):
-        return sum(content_part_tokens(model, part) for part in value)
+        return sum(content_part_tokens(count, part) for part in value)
     if isinstance(value, dict):
-        return token_bound(json.dumps(value), model)
+        return count(json.dumps(value))
     return 0
 
 
-def content_part_tokens(model: str, part) -> int:
+def content_part_tokens(count: TextBound, part) -> int:
     if isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
         return IMAGE_TOKEN_ALLOWANCE
     if isinstance(part, dict) and part.get("type") in ("file", "input_file"):
@@ -320,11 +327,11 @@ def content_part_tokens(model: str, part) -> int:
             " so they cannot be metered by this proxy yet"
         )
     if isinstance(part, dict) and isinstance(part.get("text"), str):
-        return token_bound(part["text"], model) + 1
-    return token_bound(json.dumps(part), model)
+        return count(part["text"]) + 1
+    return count(json.dumps(part))
 
 
-def response_item_tokens(model: str, item, unseen: set[str]) -> int:
+def response_item_tokens(count: TextBound, item, unseen: set[str]) -> int:
     """A bound on one Responses API input item; what only the provider can see goes into `unseen`.
 
     A file is read by OpenAI (so is an item referenced by id): both are bounded by the context window.
@@ -344,8 +351,8 @@ def response_item_tokens(model: str, item, unseen: set[str]) -> int:
         if len(rest) < len(content):
             unseen.add("input_file")
         others = {k: v for k, v in item.items() if k != "content"}
-        return TOKENS_PER_MESSAGE + content_tokens(model, rest) + token_bound(json.dumps(others), model)
-    return TOKENS_PER_MESSAGE + sum(content_tokens(model, value) for value in item.values())
+        return TOKENS_PER_MESSAGE + content_tokens(count, rest) + count(json.dumps(others))
+    return TOKENS_PER_MESSAGE + sum(content_tokens(count, value) for value in item.values())
 
 
 class ChatStreamMeter:
@@ -357,6 +364,7 @@ class ChatStreamMeter:
     def __init__(self, hide_usage_chunk: bool):
         self.hide_usage_chunk = hide_usage_chunk
         self.usage: Usage | None = None
+        self.usage_rejected: str | None = None
         self.done = False
         self.text_parts: list[str] = []
 
@@ -369,7 +377,11 @@ class ChatStreamMeter:
             return True
         for choice in chunk.get("choices") or []:
             self._collect_text(choice)
-        usage = usage_from_object(chunk.get("usage"))
+        try:
+            usage = usage_from_object(chunk.get("usage"))
+        except UsageRejected as e:
+            self.usage_rejected = self.usage_rejected or str(e)
+            return True
         if usage is None:
             return True
         self.usage = usage
@@ -385,9 +397,7 @@ class ChatStreamMeter:
             self.text_parts.append((function.get("name") or "") + (function.get("arguments") or ""))
 
     def result(self) -> StreamResult:
-        return StreamResult(
-            usage=self.usage, complete=self.done and self.usage is not None, streamed_text="".join(self.text_parts)
-        )
+        return stream_result(self.usage, self.usage_rejected, self.done, self.text_parts)
 
 
 # A Responses stream ends with one of these; each carries the whole response, usage included.
@@ -399,6 +409,7 @@ class ResponsesStreamMeter:
 
     def __init__(self):
         self.usage: Usage | None = None
+        self.usage_rejected: str | None = None
         self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
@@ -407,13 +418,23 @@ class ResponsesStreamMeter:
             return True
         kind = data.get("type") or ""
         if kind in RESPONSE_END_EVENTS:
-            self.usage = usage_from_object((data.get("response") or {}).get("usage"))
+            try:
+                self.usage = usage_from_object((data.get("response") or {}).get("usage"))
+            except UsageRejected as e:
+                self.usage_rejected = self.usage_rejected or str(e)
         elif kind.endswith(".delta") and not kind.startswith("response.audio") and isinstance(data.get("delta"), str):
             self.text_parts.append(data["delta"])
         return True
 
     def result(self) -> StreamResult:
-        return StreamResult(usage=self.usage, complete=self.usage is not None, streamed_text="".join(self.text_parts))
+        return stream_result(self.usage, self.usage_rejected, True, self.text_parts)
+
+
+def stream_result(usage: Usage | None, rejected: str | None, ended: bool, text_parts: list[str]) -> StreamResult:
+    """A stream's usage, believed only when no part of it was rejected; complete once it ended with usage."""
+    if rejected:
+        return StreamResult(usage=None, complete=False, streamed_text="".join(text_parts), usage_rejected=rejected)
+    return StreamResult(usage=usage, complete=ended and usage is not None, streamed_text="".join(text_parts))
 
 
 FORMAT = OpenAIFormat()

@@ -1,0 +1,134 @@
+"""Child keys: a narrower copy of the parent's policy, never wider, and never more unmetered endpoints."""
+
+import pytest
+
+from agentkeys.keys import ChildRefused, ChildRequest, child_policy, glob_within
+from agentkeys.policy import Policy
+
+PARENT = Policy.model_validate(
+    {
+        "name": "parent",
+        "budget_usd": 1,
+        "providers": ["openai", "anthropic"],
+        "endpoints": ["POST /v1/chat/completions", "GET /v1/models/*", "* /v1/responses/**"],
+        "models": ["gpt-4o*", "claude-haiku-4-5"],
+        "unmetered_endpoints": ["GET /v1/files", "GET /v1/files/*", "POST /v1/batches/**"],
+    }
+)
+
+
+def child(**asked) -> Policy:
+    request = {"name": "c", "budget_usd": 0.1, "ttl": "5m", **asked}
+    return child_policy(PARENT, ChildRequest.model_validate(request))
+
+
+@pytest.mark.parametrize(
+    ("inner", "outer", "within"),
+    [
+        ("gpt-4o", "gpt-4o*", True),
+        ("gpt-4o-mini", "gpt-4o*", True),
+        ("gpt-4o-mini*", "gpt-4o*", True),
+        ("gpt-4o*", "gpt-4o*", True),
+        ("gpt-*", "gpt-4o*", False),
+        ("gpt*", "gpt-4o*", False),
+        ("*", "gpt-4o*", False),
+        ("gpt-4*", "gpt-4o*", False),
+        ("gpt-4o?", "gpt-4o*", False),  # unsure: refused
+        ("gpt-5", "gpt-4o*", False),
+        ("claude-haiku-4-5", "claude-haiku-4-5", True),
+        ("claude-haiku-4-5*", "claude-haiku-4-5", False),
+        ("claude-haiku-4-5-x", "claude-haiku-4-5", False),
+    ],
+)
+def test_a_model_glob_is_within_only_when_every_name_it_matches_is(inner, outer, within):
+    assert glob_within(inner, outer) is within
+
+
+@pytest.mark.parametrize("models", [["gpt-*"], ["gpt-4o", "gpt-*"], ["*"], ["claude-*"]])
+def test_a_child_asking_for_wider_models_is_refused(models):
+    with pytest.raises(ChildRefused, match="models"):
+        child(models=models)
+
+
+def test_a_child_asking_for_narrower_models_gets_them():
+    assert child(models=["gpt-4o-mini*"]).models == ["gpt-4o-mini*"]
+
+
+@pytest.mark.parametrize(
+    "endpoints",
+    [["POST /v1/*"], ["* /v1/chat/completions"], ["GET /v1/models/**"], ["GET /v1/models/a/b"], ["POST /v1/responses"]],
+)
+def test_a_child_asking_for_wider_endpoints_is_refused(endpoints):
+    with pytest.raises(ChildRefused, match="endpoints"):
+        child(endpoints=endpoints)
+
+
+def test_a_child_may_ask_for_endpoints_within_the_parent_s():
+    asked = ["GET /v1/models/gpt-4o", "POST /v1/responses/*/cancel", "GET /v1/responses/**"]
+    assert [str(rule) for rule in child(endpoints=asked).endpoints] == asked
+
+
+def test_a_child_gets_no_unmetered_endpoint_it_did_not_ask_for():
+    policy = child()
+    assert policy.unmetered_endpoints == []
+    assert not policy.allows_unmetered("GET", "/v1/files")
+
+
+def test_a_child_gets_the_unmetered_endpoints_it_asks_for_within_the_parent_s():
+    policy = child(unmetered_endpoints=["GET /v1/files/*", "POST /v1/batches/abc/cancel"])
+    assert policy.allows_unmetered("GET", "/v1/files/file-1")
+    assert policy.allows_unmetered("POST", "/v1/batches/abc/cancel")
+    assert not policy.allows_unmetered("GET", "/v1/files")
+    assert not policy.allows_unmetered("POST", "/v1/batches/other")
+
+
+@pytest.mark.parametrize(
+    "asked", [["GET /v1/files*"], ["* /v1/files"], ["GET /v1/files/**"], ["POST /v1/uploads"], ["POST /v1/**"]]
+)
+def test_a_child_asking_for_wider_unmetered_endpoints_is_refused(asked):
+    with pytest.raises(ChildRefused, match="unmetered_endpoints"):
+        child(unmetered_endpoints=asked)
+
+
+def test_a_parent_with_no_unmetered_endpoints_can_give_none():
+    parent = PARENT.model_copy(update={"unmetered_endpoints": []})
+    request = ChildRequest.model_validate({"name": "c", "budget_usd": 0.1, "ttl": "5m",
+                                           "unmetered_endpoints": ["GET /v1/files"]})  # fmt: skip
+    with pytest.raises(ChildRefused, match=r"parent's \(none\)"):
+        child_policy(parent, request)
+
+
+def test_a_child_asking_for_a_provider_its_parent_lacks_is_refused_saying_which():
+    with pytest.raises(ChildRefused) as refused:
+        child(providers=["openai", "gemini", "azure"])
+    assert str(refused.value) == "providers gemini, azure are not allowed to the parent (openai, anthropic)"
+
+
+def test_a_child_gets_only_the_providers_it_asks_for():
+    assert child(providers=["anthropic"]).providers == ["anthropic"]
+    assert child().providers == PARENT.providers
+
+
+def test_refusals_name_what_is_wider_and_what_the_parent_allows():
+    with pytest.raises(ChildRefused) as refused:
+        child(endpoints=["POST /v1/*", "GET /v1/files"])
+    assert str(refused.value) == (
+        "endpoints POST /v1/*, GET /v1/files are not within the parent's"
+        " (POST /v1/chat/completions, GET /v1/models/*, * /v1/responses/**)"
+    )
+    with pytest.raises(ChildRefused) as refused:
+        child(unmetered_endpoints=["POST /v1/uploads", "GET /v1/**"])
+    assert str(refused.value) == (
+        "unmetered_endpoints POST /v1/uploads, GET /v1/** are not within the parent's"
+        " (GET /v1/files, GET /v1/files/*, POST /v1/batches/**)"
+    )
+    with pytest.raises(ChildRefused) as refused:
+        child(models=["gpt-*", "o3"])
+    assert str(refused.value) == "models gpt-*, o3 are not within the parent's (gpt-4o*, claude-haiku-4-5)"
+
+
+def test_a_child_policy_is_named_for_what_it_is_and_takes_its_own_budget_and_lifetime():
+    policy = child(budget_usd=0.25, ttl="90s", models=["gpt-4o"])
+    named = "parent, narrowed for child key c"
+    assert (policy.name, policy.budget_usd, policy.ttl, policy.models) == (named, 0.25, 90, ["gpt-4o"])
+    assert policy.endpoints == PARENT.endpoints and policy.max_child_depth == PARENT.max_child_depth
