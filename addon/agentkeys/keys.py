@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentkeys import credentials
 from agentkeys.ledger import KeyRecord, Ledger, Refusal
-from agentkeys.money import Usd, format_usd, micros_to_usd, remaining_phrase, usd_to_micros
+from agentkeys.money import Usd, format_usd, remaining_phrase, usd_to_micros
 from agentkeys.paths import path_glob_within
 from agentkeys.policy import BudgetUsd, Duration, EndpointRule, Policy, parse_budget
 
