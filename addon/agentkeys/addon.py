@@ -32,6 +32,7 @@ from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.control import Control, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
 from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement
+from agentkeys.identity import identities_from
 from agentkeys.ledger import LedgerUnavailable, open_ledger
 from agentkeys.metrics import Metrics
 from agentkeys.money import micros_to_usd
@@ -179,7 +180,8 @@ class AgentKeys:
         Calls in flight settle with the gate that admitted them; a store or audit log that the new
         config no longer names is closed once they have.
         """
-        issuers, prices, policies = issuers_from(config), config.price_table(), current_policies(config)
+        issuers, identities = issuers_from(config), identities_from(config)
+        prices, policies = config.price_table(), current_policies(config)
         old_gate, old_audit = self.gate, self.audit
         same_store = old_gate is not None and self.config.store_url == config.store_url
         same_audit = old_audit is not None and self.config.audit_log == config.audit_log
@@ -187,7 +189,7 @@ class AgentKeys:
         self.config = config
         self.router = Router(config)
         self.gate = Gate(config, store, prices, policies)
-        self.control = Control(store, self.gate.auth, issuers)
+        self.control = Control(store, self.gate.auth, issuers, identities)
         self.audit = old_audit if same_audit else AuditLog(config.path(config.audit_log) if config.audit_log else None)
         self._retire(None if same_store else old_gate, None if same_audit else old_audit)
         for name, spec in config.providers.items():

@@ -37,6 +37,7 @@ class CallRecord:
     host: str | None = None  # of traffic that is not a provider call (a tunnel passed through, egress refused)
     port: int | None = None
     client: str | None = None  # the agent's address, for traffic the proxy passed or refused by host
+    identity: dict | None = None  # the job or pod the key was minted for, from its OIDC token (keyless keys)
     ts: float = 0.0
 
 
