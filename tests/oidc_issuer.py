@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
+GITHUB_ALG, CLUSTER_ALG = "RS256", "ES256"  # GitHub signs with RSA; a cluster's key may as well be EC
 GITHUB_X5T = "cZ8SUe0Sg9TTZ4ot_Hr8a2wY2v0"  # a certificate thumbprint, as GitHub's header carries one
 CLUSTER_ISSUER = "https://kubernetes.default.svc.cluster.local"
 EC_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
@@ -30,10 +31,13 @@ EC_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
 class Issuer:
     """Signing keys by kid, each with the algorithm its JWK names."""
 
-    def __init__(self, iss: str):
+    def __init__(self, iss: str, alg: str | None = None):
+        """With `alg`, the issuer starts with one published key of that algorithm."""
         self.iss = iss
         self.private: dict[str, tuple[object, str]] = {}  # kid -> (private key, alg)
         self.published: list[str] = []  # the kids in the JWKS
+        if alg:
+            self.add_key(alg)
 
     def add_key(self, alg: str = "RS256", publish: bool = True) -> str:
         kid = f"{alg.lower()}-{uuid.uuid4().hex[:8]}"
@@ -59,10 +63,12 @@ class Issuer:
         return path
 
     def sign(self, claims: dict, kid: str | None = None, alg: str | None = None, header: dict | None = None) -> str:
-        """Signed with key `kid` (the first published by default); `header` adds to or overrides the JOSE header."""
+        """Signed with key `kid` (the first published by default); `header` adds to or overrides the JOSE header.
+        The claims are signed as given, whatever their types (PyJWT's `encode` would refuse some)."""
         kid = kid or self.published[0]
         key, key_alg = self.private[kid]
-        return jwt.encode(claims, key, algorithm=alg or key_alg, headers={"typ": "JWT", "kid": kid, **(header or {})})
+        headers = {"typ": "JWT", "kid": kid, **(header or {})}
+        return jwt.api_jws.encode(json.dumps(claims).encode(), key, algorithm=alg or key_alg, headers=headers)
 
     def github_token(self, audience: str, kid: str | None = None, **claims) -> str:
         return self.sign(github_claims(audience, iss=self.iss, **claims), kid, header={"x5t": GITHUB_X5T})

@@ -18,23 +18,19 @@ from agentkeys.ledger import SqliteLedger
 from agentkeys.policy import load_config
 from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
-from oidc_issuer import CLUSTER_ISSUER, GITHUB_ISSUER, Issuer, github_claims, unsigned
+from oidc_issuer import CLUSTER_ALG, CLUSTER_ISSUER, GITHUB_ALG, GITHUB_ISSUER, Issuer, github_claims, unsigned
 
 AUDIENCE = "https://agentkeys.acme.internal"
 
 
 @pytest.fixture(scope="module")
 def github():
-    issuer = Issuer(GITHUB_ISSUER)
-    issuer.add_key("RS256")
-    return issuer
+    return Issuer(GITHUB_ISSUER, GITHUB_ALG)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    issuer = Issuer(CLUSTER_ISSUER)
-    issuer.add_key("ES256")
-    return issuer
+    return Issuer(CLUSTER_ISSUER, CLUSTER_ALG)
 
 
 def write_config(folder, github: Issuer, cluster: Issuer, overrides: dict | None = None):
