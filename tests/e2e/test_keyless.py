@@ -28,7 +28,7 @@ from oidc_issuer import (
     unsigned,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 AUDIENCE = "https://agentkeys.acme.internal"
 
 
