@@ -71,9 +71,11 @@ class ExchangeRefused(Exception):
 
 
 class ExchangeRequest(BaseModel):
-    """What a token's bearer may ask for: a name, and less than its rule gives (never more)."""
+    """What a token's bearer may ask for: a name, one of the policies its rules give, and less than its rule
+    gives (never more)."""
 
     model_config = ConfigDict(extra="forbid")
+    policy: str | None = Field(default=None, description="by name; default the first matching rule's")
     name: str = Field(default="", max_length=200)
     ttl: Duration | None = None
     budget_usd: float | None = Field(default=None, gt=0)
@@ -152,8 +154,8 @@ class Identities:
     async def exchange(self, token: str, body: bytes, store: Store) -> IssuedKey:
         """A key for the bearer of `token`, stored; ExchangeRefused saying which check failed."""
         verified = await self.verify(token)
-        rule, policy = self.rule_for(verified)
         request = exchange_request(body)
+        rule, policy = self.rule_for(verified, request.policy)
         now = store.clock()
         budget_usd, ttl = self.size(verified, rule, policy, request, now)
         claimed = await store.claim_token(
@@ -192,11 +194,19 @@ class Identities:
 
     # ----- rules -----
 
-    def rule_for(self, verified: VerifiedToken) -> tuple[IdentityRule, Policy]:
+    def rule_for(self, verified: VerifiedToken, policy_name: str | None) -> tuple[IdentityRule, Policy]:
+        """The first rule the token's claims match (of those giving `policy_name`, when the bearer names one)."""
         facts = verified.facts()
-        for rule, policy in verified.issuer.rules:
-            if matches(rule, facts):
-                return rule, policy
+        matching = [(rule, policy) for rule, policy in verified.issuer.rules if matches(rule, facts)]
+        chosen = [(rule, policy) for rule, policy in matching if policy_name in (None, policy.name)]
+        if chosen:
+            return chosen[0]
+        if matching:
+            given = ", ".join(sorted({policy.name for _, policy in matching}))
+            raise ExchangeRefused(
+                "policy", f"no rule gives this token policy {shown(policy_name)} (it may get: {given})", 403,
+                identity=verified.identity(),
+            )  # fmt: skip
         named = sorted({name for rule, _ in verified.issuer.rules for name in rule.match.conditions()})
         seen = ", ".join(f"{name}={shown(facts[name])}" for name in named if name in facts) or "none of them"
         raise ExchangeRefused(

@@ -51,6 +51,7 @@ def write_config(folder, github: Issuer, cluster: Issuer, overrides: dict | None
                  "budget_usd": 2, "ttl": "30m"},
                 {"match": {"repository_owner": "acme", "event_name": ["pull_request", "workflow_dispatch"]},
                  "policy": "ci.policy.yaml", "budget_usd": 0.5},
+                {"match": {"repository": "acme/evals"}, "policy": "research.policy.yaml", "budget_usd": 1},
             ],
         },
         "cluster": {
@@ -134,8 +135,11 @@ def test_the_bearer_may_ask_for_less_never_for_more(exchange, github):
     assert (more.status, more.check) == (403, "budget") and "at most $2" in more.message
     longer = refused(exchange, github.github_token(AUDIENCE), b'{"ttl": "2h"}')
     assert (longer.status, longer.check) == (403, "ttl")
-    bad = refused(exchange, github.github_token(AUDIENCE), b'{"policy": "admin"}')
+    other = refused(exchange, github.github_token(AUDIENCE), b'{"policy": "admin"}')
+    assert (other.status, other.check) == (403, "policy") and "it may get: ci, research" in other.message
+    bad = refused(exchange, github.github_token(AUDIENCE), b'{"policy": "ci", "budget": 1}')
     assert (bad.status, bad.check) == (400, "request")
+    assert exchange(github.github_token(AUDIENCE), b'{"policy": "ci"}').record.policy_name == "ci"
 
 
 def test_a_refused_request_does_not_use_up_the_token(exchange, github):
@@ -144,11 +148,13 @@ def test_a_refused_request_does_not_use_up_the_token(exchange, github):
     assert exchange(token).record.budget_micros == 2_000_000
 
 
-def test_the_first_matching_rule_decides(exchange, github):
+def test_the_first_matching_rule_decides_unless_the_bearer_names_another_rules_policy(exchange, github):
     pull_request = github.github_token(
         AUDIENCE, repository="acme/web", event_name="pull_request", ref="refs/pull/7/merge"
     )
     assert exchange(pull_request).record.budget_micros == 500_000
+    research = exchange(github.github_token(AUDIENCE), b'{"policy": "research"}').record
+    assert (research.policy_name, research.budget_micros) == ("research", 1_000_000)
 
 
 def test_a_service_account_named_only_in_sub_matches_too(exchange, cluster):
@@ -247,8 +253,8 @@ def test_a_token_no_rule_matches_is_refused_naming_what_it_claimed(exchange, git
     failure = refused(exchange, github.github_token(AUDIENCE, repository="mallory/evals"))
     assert failure.check == "rule" and "repository='mallory/evals'" in failure.message
     assert failure.identity["repository"] == "mallory/evals"
-    feature = refused(exchange, github.github_token(AUDIENCE, ref="refs/heads/feature"))
-    assert feature.check == "rule", "acme/evals, but not on main, and a push"
+    pushed = refused(exchange, github.github_token(AUDIENCE, repository="acme/web"))
+    assert pushed.check == "rule", "acme's, but a push to a repository no rule names"
 
 
 @pytest.mark.parametrize(
