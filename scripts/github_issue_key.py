@@ -24,10 +24,10 @@ def main() -> int:
         request["budget_usd"] = float(os.environ["AGENTKEYS_BUDGET"])
     if os.environ.get("AGENTKEYS_TTL"):
         request["ttl"] = os.environ["AGENTKEYS_TTL"]
+    if os.environ.get("AGENTKEYS_POLICY"):
+        request["policy"] = os.environ["AGENTKEYS_POLICY"]
     bearer = os.environ.get("AGENTKEYS_ISSUER_TOKEN")
-    if bearer:
-        request["policy"] = os.environ.get("AGENTKEYS_POLICY", "")
-    else:
+    if not bearer:
         bearer = job_identity_token(os.environ.get("AGENTKEYS_AUDIENCE") or proxy)
         if bearer is None:
             print(

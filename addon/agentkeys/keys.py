@@ -5,6 +5,7 @@ agent for its sub-agents: a child key is always a narrower copy of its parent's,
 """
 
 import fnmatch
+import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -155,6 +156,7 @@ def describe(record: KeyRecord, now: float) -> dict:
         "spent_usd": micros_to_usd(record.spent_micros),
         "held_usd": micros_to_usd(record.held_micros),
         "remaining_usd": micros_to_usd(record.remaining_micros if status == "active" else 0),
+        "identity": json.loads(record.identity_json) if record.identity_json else None,  # a keyless key's job or pod
     }
 
 

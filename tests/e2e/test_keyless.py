@@ -96,6 +96,7 @@ def test_a_github_job_gets_a_working_key_from_its_token_alone(proxy, mock, githu
         "AGENTKEYS_URL": proxy.gateway_url,
         "AGENTKEYS_AUDIENCE": AUDIENCE,
         "AGENTKEYS_BUDGET": "0.5",
+        "AGENTKEYS_POLICY": "ci",
         "ACTIONS_ID_TOKEN_REQUEST_URL": f"{github.server.url}/token?api-version=2.0",
         "ACTIONS_ID_TOKEN_REQUEST_TOKEN": github.server.request_token,
         "GITHUB_ENV": str(github_env),
@@ -257,6 +258,7 @@ def test_a_key_minted_from_a_token_has_at_most_the_rules_budget_and_the_tokens_l
     claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
     issued = exchange(proxy, token).json()
     assert issued["budget_usd"] == 2.0 and issued["policy"] == "ci"
+    assert (issued["identity"]["repository"], issued["identity"]["jti"]) == ("acme/evals", claims["jti"])
     assert proxy.ledger().get_key(issued["id"]).expires_at <= claims["exp"]
     greedy = exchange(proxy, github.github_token(AUDIENCE), budget_usd=3)
     assert greedy.status_code == 403 and greedy.json()["error"]["code"] == "budget"
