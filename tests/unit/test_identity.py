@@ -199,14 +199,15 @@ def test_a_token_not_yet_valid_is_refused_beyond_the_leeway(exchange, github, cl
     early = refused(exchange, cluster.pod_token(AUDIENCE, nbf=now + LEEWAY_SECONDS + 60, iat=now))
     assert early.check == "nbf"
     from_the_future = refused(exchange, github.github_token(AUDIENCE, iat=now + LEEWAY_SECONDS + 60, nbf=None))
-    assert from_the_future.check in ("nbf", "iat")
+    assert from_the_future.check == "nbf"
     assert exchange(cluster.pod_token(AUDIENCE, nbf=now + 30)).record is not None, "within the leeway"
 
 
 def test_an_unsigned_token_is_refused(exchange, github):
     failure = refused(exchange, unsigned(github_claims(AUDIENCE), kid=github.published[0]))
     assert failure.check == "alg" and "not signed" in failure.message
-    assert refused(exchange, unsigned(github_claims(AUDIENCE)).replace("none", "None", 1)).check in ("alg", "malformed")
+    assert refused(exchange, unsigned(github_claims(AUDIENCE), alg="None")).check == "alg"
+    assert refused(exchange, unsigned(github_claims(AUDIENCE), alg=None)).check == "alg"
 
 
 def test_the_token_cannot_choose_an_algorithm_its_key_does_not_have(exchange, github):
