@@ -388,7 +388,8 @@ class AgentKeys:
             return
         retry = "false" if answer.status >= 400 else None
         flow.response = json_response(answer.status, answer.body, retry)
-        self._write_record(control_record(call, answer.key, answer.status, answer.reason, CONTROL_PROVIDER))
+        record = control_record(call, answer.key, answer.status, answer.reason, CONTROL_PROVIDER, answer.identity)
+        self._write_record(record)
 
     def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
         status, body = state.wire.error(denial.kind, denial.message)
