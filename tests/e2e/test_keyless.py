@@ -304,7 +304,7 @@ malformed_tokens = st.one_of(
 )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(token=malformed_tokens)
 def test_malformed_tokens_are_refused_never_a_server_error(proxy, token):
     answer = exchange(proxy, token)
@@ -313,7 +313,7 @@ def test_malformed_tokens_are_refused_never_a_server_error(proxy, token):
         assert answer.json()["error"]["message"].startswith("agentkeys:")
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(claims=claim_sets)
 def test_signed_tokens_with_claims_of_any_type_are_refused_or_issued_never_a_server_error(proxy, github, claims):
     answer = exchange(proxy, github.sign(claims))
