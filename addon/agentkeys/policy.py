@@ -342,7 +342,9 @@ class ProxyConfig(BaseModel):
         return (self.base_dir / value).resolve()
 
     def issuers_policy_files(self) -> list[str]:
-        return [path for issuer in self.issuers.values() for path in issuer.policies]
+        """The policy files keys are issued from: issuer tokens' and identity rules'."""
+        rules = [rule.policy for identity in self.identity.values() for rule in identity.rules]
+        return [path for issuer in self.issuers.values() for path in issuer.policies] + rules
 
     def price_table(self) -> PriceTable:
         """The bundled prices with this config's overrides: its `prices_file`, then its `prices`."""

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agentkeys.identity import LEEWAY_SECONDS, ExchangeRefused, claim_facts, identities_from, looks_like_jwt
 from agentkeys.ledger import SqliteLedger
-from agentkeys.policy import load_config
+from agentkeys.policy import current_policies, load_config
 from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
 from oidc_issuer import CLUSTER_ALG, CLUSTER_ISSUER, GITHUB_ALG, GITHUB_ISSUER, Issuer, github_claims, unsigned
@@ -348,6 +348,10 @@ def test_a_rule_must_match_something(tmp_path, github, cluster):
     empty = {"issuer": CLUSTER_ISSUER, "audience": AUDIENCE, "jwks_file": "x.json",
              "rules": [{"match": {}, "policy": "research.policy.yaml"}]}  # fmt: skip
     assert "name at least one claim" in config_error(tmp_path, github, cluster, {"cluster": empty})
+
+
+def test_the_rules_policies_are_kept_in_step_with_their_files_like_every_issuers(tmp_path, github, cluster):
+    assert sorted(current_policies(write_config(tmp_path, github, cluster))) == ["ci", "research"]
 
 
 def test_an_unreadable_key_file_stops_the_proxy_at_start(tmp_path, github, cluster):
