@@ -34,6 +34,7 @@ from agentkeys.control import Control, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
 from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement
 from agentkeys.health import HealthServer, ca_loaded, listeners_up, store_answers
+from agentkeys.identity import identities_from
 from agentkeys.ledger import LedgerUnavailable, open_ledger
 from agentkeys.ledger.counted import ErrorCountingLedger
 from agentkeys.logguard import LogGuard
@@ -189,7 +190,8 @@ class AgentKeys:
         Calls in flight settle with the gate that admitted them; a store or audit log that the new
         config no longer names is closed once they have.
         """
-        issuers, prices, policies = issuers_from(config), config.price_table(), current_policies(config)
+        issuers, identities = issuers_from(config), identities_from(config)
+        prices, policies = config.price_table(), current_policies(config)
         old_gate, old_audit = self.gate, self.audit
         same_store = old_gate is not None and self.config.store_url == config.store_url
         if same_store:
@@ -199,7 +201,7 @@ class AgentKeys:
         self.config = config
         self.router = Router(config)
         self.gate = Gate(config, store, prices, policies)
-        self.control = Control(store, self.gate.auth, issuers)
+        self.control = Control(store, self.gate.auth, issuers, identities)
         self.audit = audit_log_for(config, old_audit)  # the same one while its settings are the same
         self._retire(None if same_store else old_gate, None if self.audit is old_audit else old_audit)
         self.metrics.watch_holds(lambda: len(self.gate.store.open_holds))
@@ -417,7 +419,8 @@ class AgentKeys:
             return
         retry = "false" if answer.status >= 400 else None
         flow.response = json_response(answer.status, answer.body, retry)
-        self._write_record(control_record(call, answer.key, answer.status, answer.reason, CONTROL_PROVIDER))
+        record = control_record(call, answer.key, answer.status, answer.reason, CONTROL_PROVIDER, answer.identity)
+        self._write_record(record)
 
     def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
         status, body = state.wire.error(denial.kind, denial.message)

@@ -56,6 +56,7 @@ class CallRecord:
     port: int | None = None
     client: str | None = None  # the agent's address, for traffic the proxy passed or refused by host
     deny_kind: str | None = None  # why a call was refused, as a word (budget, forbidden, …), for reports
+    identity: dict | None = None  # the job or pod the key was minted for, from its OIDC token (keyless keys)
     ts: float = 0.0
 
 

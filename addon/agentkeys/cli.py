@@ -166,6 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", type=Path)
     check.set_defaults(run=cmd_policy_check)
 
+    swap = commands.add_parser(
+        "exchange", help="trade a workload's OIDC token (a pod's service-account token) for a key, and renew it"
+    )
+    swap.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path("/var/run/secrets/agentkeys/token"),
+        help="the OIDC token, re-read at each renewal (default: /var/run/secrets/agentkeys/token)",
+    )
+    swap.add_argument("--proxy", default=os.environ.get("AGENTKEYS_URL"), help="gateway URL (default $AGENTKEYS_URL)")
+    swap.add_argument("--out", type=Path, help="write the key to this file, replaced on renewal (default: print it)")
+    swap.add_argument("--renew-before", type=parse_duration, help="keep running; renew this long before expiry")
+    swap.add_argument("--name", help="a name for the key (default: namespace/serviceaccount pod POD)")
+    swap.add_argument("--ttl", help="ask for a shorter lifetime than the rule gives")
+    swap.add_argument("--budget", type=float, help="ask for a smaller USD cap than the rule gives")
+    swap.set_defaults(run=cmd_exchange)
+
+
     ca = commands.add_parser(
         "ca",
         parents=[config_option],
@@ -466,6 +484,18 @@ def redirect_spec(args) -> RedirectSpec:
     if not to_port:
         raise ValueError("give --to-port, or set transparent_port in the config")
     return RedirectSpec(to_port, parse_ports(args.ports), args.proxy_uid, args.drop_others)
+
+
+def cmd_exchange(args) -> int:
+    from agentkeys.exchange import run_exchange
+
+    if not args.proxy:
+        print("error: give the proxy's gateway URL with --proxy or AGENTKEYS_URL", file=sys.stderr)
+        return 2
+    if args.renew_before and not args.out:
+        print("error: --renew-before needs --out (the file the renewed key replaces)", file=sys.stderr)
+        return 2
+    return run_exchange(args)
 
 
 # ----- policy, ca -----

@@ -1,7 +1,8 @@
 """The proxy's own API, under /_agentkeys/v1/, for programs rather than people.
 
     POST /_agentkeys/v1/keys       with an agent key: mint a child key for a sub-agent, carved out of
-                                   the caller's budget; with an issuer token: mint a key from a policy
+                                   the caller's budget; with an issuer token: mint a key from a policy;
+                                   with an OIDC token (a JWT): mint the key its identity rule gives
     GET  /_agentkeys/v1/keys/self  the calling key: expiry, budget, spend, what it may call, its children
     DELETE /_agentkeys/v1/keys/self        revoke the calling key (and its descendants): "I am done"
     DELETE /_agentkeys/v1/keys/{child_id}  revoke one of the calling key's children (and its descendants)
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from agentkeys import credentials
 from agentkeys.auth import Authenticator
 from agentkeys.calls import CallRequest, Denial
+from agentkeys.identity import ExchangeRefused, Identities, presented_jwt
+from agentkeys.jwks import KeysUnavailable
 from agentkeys.keys import (
     ChildRefused,
     ChildRequest,
@@ -44,6 +47,7 @@ class ControlAnswer:
     body: dict
     reason: str
     key: KeyRecord | None = None
+    identity: dict | None = None  # who an OIDC token verified as, for the audit record of a refused exchange
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,13 @@ def is_control_path(path: str) -> bool:
 
 
 class Control:
-    def __init__(self, store: Store, auth: Authenticator, issuers: list[Issuer]):
+    def __init__(
+        self, store: Store, auth: Authenticator, issuers: list[Issuer], identities: Identities | None = None
+    ):
         self.store = store
         self.auth = auth
         self.issuers = issuers
+        self.identities = identities or Identities([])  # no trusted OIDC issuer: every token is refused (iss)
 
     async def handle(self, call: CallRequest) -> ControlAnswer:
         """The answer to a call; every refusal, raised by whichever step made it, is turned into one here."""
@@ -86,10 +93,13 @@ class Control:
         if (call.method, call.path) == ("GET", "/_agentkeys/v1/keys/self"):
             return await self.show_self(call)
         if (call.method, call.path) == ("POST", "/_agentkeys/v1/keys"):
-            issuer = self.issuer_of(call)
-            if issuer is None and not carries_agent_key(call):
+            if issuer := self.issuer_of(call):
+                return await self.issue_for(issuer, call)
+            if token := presented_jwt(call.headers):
+                return await self.exchange(token, call)
+            if not carries_agent_key(call):
                 raise Refused(401, "agentkeys: the credential sent is not an agent key or issuer token")
-            return await (self.issue_for(issuer, call) if issuer else self.mint_child(call))
+            return await self.mint_child(call)
         if call.method == "DELETE" and call.path.startswith("/_agentkeys/v1/keys/"):
             return await self.revoke(call, call.path.removeprefix("/_agentkeys/v1/keys/"))
         raise Refused(
@@ -187,6 +197,17 @@ class Control:
         await self.store.create_key(issued.record)
         return created(issued, now)
 
+    # ----- OIDC tokens (keyless issuance) -----
+
+    async def exchange(self, token: str, call: CallRequest) -> ControlAnswer:
+        try:
+            issued = await self.identities.exchange(token, call.body, self.store)
+        except ExchangeRefused as refused:
+            raise Refused(refused.status, refused.message, code=refused.check, identity=refused.identity) from None
+        except KeysUnavailable as e:
+            raise Refused(503, f"agentkeys: {e}; try again shortly", code="jwks") from None
+        return created(issued, self.store.clock())
+
 
 def carries_agent_key(call: CallRequest) -> bool:
     """Whether the call presents something meant as an agent key (well-formed or not): it is then told
@@ -218,13 +239,22 @@ class Refused(Exception):
 
     KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found"}
 
-    def __init__(self, status: int, message: str, key: KeyRecord | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        key: KeyRecord | None = None,
+        code: str | None = None,  # which check refused an OIDC token (`aud`, `exp`, `replay`…)
+        identity: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.key = status, message, key
+        self.code, self.identity = code, identity
 
     def answer(self) -> ControlAnswer:
-        body = {"error": {"message": self.message, "type": self.KINDS.get(self.status, "error")}}
-        return ControlAnswer(self.status, body, self.message, self.key)
+        error = {"message": self.message, "type": self.KINDS.get(self.status, "error")}
+        body = {"error": {**error, "code": self.code} if self.code else error}
+        return ControlAnswer(self.status, body, self.message, self.key, self.identity)
 
 
 def validation_message(error: ValidationError) -> str:

@@ -5,6 +5,7 @@ agent for its sub-agents: a child key is always a narrower copy of its parent's,
 """
 
 import fnmatch
+import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,15 +36,23 @@ def issue_key(
 
 
 def new_key_record(
-    policy: Policy, ttl_seconds: int, budget_usd: float, name: str, now: float, parent: KeyRecord | None = None
+    policy: Policy,
+    ttl_seconds: float,
+    budget_usd: float,
+    name: str,
+    now: float,
+    parent: KeyRecord | None = None,
+    identity_json: str | None = None,
 ) -> IssuedKey:
-    """A fresh secret and the record that stands for it (not yet stored)."""
+    """A fresh secret and the record that stands for it (not yet stored). A child carries its parent's
+    identity (the job or pod its tree was minted for), so a sub-agent's spend is traced there too."""
     minted = credentials.mint()
     record = KeyRecord(
         key_id=minted.key_id, key_hash=minted.key_hash, name=name, policy_name=policy.name,
         policy_json=policy.model_dump_json(), created_at=now, expires_at=now + ttl_seconds,
         budget_micros=usd_to_micros(budget_usd),
         parent_id=parent.key_id if parent else None, depth=parent.depth + 1 if parent else 0,
+        identity_json=parent.identity_json if parent else identity_json,
     )  # fmt: skip
     return IssuedKey(minted.key, record)
 
@@ -159,6 +168,7 @@ def describe(record: KeyRecord, now: float) -> dict:
         "spent_usd": Usd(record.spent_micros),
         "held_usd": Usd(record.held_micros),
         "remaining_usd": Usd(record.remaining_micros if status == "active" else 0),
+        "identity": json.loads(record.identity_json) if record.identity_json else None,  # a keyless key's job or pod
     }
 
 

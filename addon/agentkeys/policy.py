@@ -250,6 +250,94 @@ class IssuerConfig(BaseModel):
     policies: list[str] = Field(min_length=1, description="policy files this issuer may issue keys from")
 
 
+GITHUB_ACTIONS_ISSUER = "https://token.actions.githubusercontent.com"
+# Claims that name one repository or owner: a GitHub rule must name one, since every repository on GitHub
+# can ask GitHub for a token with any audience.
+GITHUB_PINNING_CLAIMS = ("repository", "repository_owner", "job_workflow_ref", "sub")
+
+
+def one_or_many(value):
+    """A claim condition is a glob or a list of globs."""
+    return [value] if isinstance(value, str) else value
+
+
+Globs = Annotated[list[str], BeforeValidator(one_or_many), Field(min_length=1)]
+
+
+class ClaimMatch(BaseModel):
+    """Which tokens a rule is for: every claim it names must match one of its globs."""
+
+    model_config = ConfigDict(extra="forbid")
+    # GitHub Actions
+    repository: Globs | None = None
+    repository_owner: Globs | None = None
+    ref: Globs | None = None
+    environment: Globs | None = None
+    workflow: Globs | None = None
+    job_workflow_ref: Globs | None = None
+    event_name: Globs | None = None
+    # Kubernetes (from the `kubernetes.io` claims, else from `sub`: system:serviceaccount:NAMESPACE:NAME)
+    namespace: Globs | None = None
+    serviceaccount: Globs | None = None
+    # any issuer
+    sub: Globs | None = None
+
+    @model_validator(mode="after")
+    def names_a_claim(self):
+        if not self.conditions():
+            raise ValueError("name at least one claim to match (say repository, or namespace and serviceaccount)")
+        return self
+
+    def conditions(self) -> dict[str, list[str]]:
+        return {name: globs for name, globs in self if globs is not None}
+
+
+class IdentityRule(BaseModel):
+    """Tokens that match get a key under `policy`, with at most this budget and lifetime."""
+
+    model_config = ConfigDict(extra="forbid")
+    match: ClaimMatch
+    policy: str = Field(description="the policy file of the keys this rule grants")
+    budget_usd: float | None = Field(default=None, gt=0, description="the key's budget ceiling; default the policy's")
+    ttl: Duration | None = Field(default=None, description="the key's lifetime ceiling; default the policy's")
+
+
+class IdentityConfig(BaseModel):
+    """An OIDC issuer whose tokens are exchanged for keys (GitHub Actions, a Kubernetes cluster), and its rules."""
+
+    model_config = ConfigDict(extra="forbid")
+    issuer: str = Field(min_length=1, description="the tokens' `iss`, exactly")
+    audience: str = Field(min_length=1, description="the `aud` tokens must carry for this proxy")
+    jwks_url: str | None = Field(default=None, description="where the issuer publishes its signing keys")
+    jwks_file: str | None = Field(default=None, description="the issuer's signing keys in a file (offline clusters)")
+    rules: list[IdentityRule] = Field(min_length=1, description="the first rule whose claims match decides")
+
+    @field_validator("jwks_url")
+    @classmethod
+    def http_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^https?://[^/]+", url):
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        return url
+
+    @model_validator(mode="after")
+    def one_key_source(self):
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("give the issuer's keys as exactly one of jwks_url or jwks_file")
+        return self
+
+    @model_validator(mode="after")
+    def github_rules_name_a_repository(self):
+        if self.issuer.rstrip("/") != GITHUB_ACTIONS_ISSUER:
+            return self
+        for index, rule in enumerate(self.rules):
+            if not set(rule.match.conditions()) & set(GITHUB_PINNING_CLAIMS):
+                raise ValueError(
+                    f"rules.{index}.match: any repository on GitHub can get a token for this audience;"
+                    f" name one of {', '.join(GITHUB_PINNING_CLAIMS)}"
+                )
+        return self
+
+
 class ProxyConfig(BaseModel):
     """The proxy's own settings. Relative paths are relative to the config file's folder."""
 
@@ -307,6 +395,9 @@ class ProxyConfig(BaseModel):
         default_factory=list,
         description="policy files (globs allowed) whose current text narrows the keys issued from them",
     )
+    identity: dict[str, IdentityConfig] = Field(
+        default_factory=dict, description="OIDC issuers whose tokens are exchanged for keys (keyless issuance)"
+    )
     mitmproxy: dict[str, str | int | bool | list[str]] = Field(
         default_factory=dict,
         description="mitmproxy options for `agentkeys serve`, by name (say ssl_verify_upstream_trusted_ca)",
@@ -358,7 +449,9 @@ class ProxyConfig(BaseModel):
         return (self.base_dir / value).resolve()
 
     def issuers_policy_files(self) -> list[str]:
-        return [path for issuer in self.issuers.values() for path in issuer.policies]
+        """The policy files keys are issued from: issuer tokens' and identity rules'."""
+        rules = [rule.policy for identity in self.identity.values() for rule in identity.rules]
+        return [path for issuer in self.issuers.values() for path in issuer.policies] + rules
 
     def price_table(self) -> PriceTable:
         """The bundled prices with this config's overrides: its `prices_file`, then its `prices`."""

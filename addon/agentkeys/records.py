@@ -4,6 +4,7 @@ One record per call the proxy decided: a refusal, a forwarded call with what it 
 answer of the proxy's own API, or a hold that a sweep settled because its call's proxy died.
 """
 
+import json
 from dataclasses import dataclass
 
 from agentkeys.audit import CallRecord
@@ -24,10 +25,12 @@ class Timings:
 
 
 def record_of(key: KeyRecord | None, key_id: str | None = None, **fields) -> CallRecord:
-    """An audit record naming the key it was made with (or just the id presented, for an unknown key)."""
+    """An audit record naming the key it was made with (or just the id presented, for an unknown key), and
+    the job or pod that key was minted for (a keyless key, or its children)."""
     if key is None:
         return CallRecord(key_id=key_id, key_name=None, policy=None, **fields)
-    return CallRecord(key_id=key.key_id, key_name=key.name, policy=key.policy_name, **fields)
+    identity = json.loads(key.identity_json) if key.identity_json else None
+    return CallRecord(key_id=key.key_id, key_name=key.name, policy=key.policy_name, identity=identity, **fields)
 
 
 def denied_record(call: CallRequest, denial: Denial, status: int, policy_revision: str | None) -> CallRecord:
@@ -58,11 +61,16 @@ def allowed_record(
     return record
 
 
-def control_record(call: CallRequest, key: KeyRecord | None, status: int, reason: str, provider: str) -> CallRecord:
-    return record_of(
+def control_record(
+    call: CallRequest, key: KeyRecord | None, status: int, reason: str, provider: str, identity: dict | None = None
+) -> CallRecord:
+    """`identity`: who an OIDC token proved to be, for an exchange refused after verifying it (no key yet)."""
+    record = record_of(
         key, provider=provider, method=call.method, path=call.path, model=None,
         decision="allow" if status < 400 else "deny", reason=reason, status=status, metering="free",
     )  # fmt: skip
+    record.identity = record.identity or identity
+    return record
 
 
 def egress_record(method: str, host: str, port: int, client: str, refusal: str | None) -> CallRecord:

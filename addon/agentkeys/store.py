@@ -89,6 +89,11 @@ class Store:
         now = self.clock()
         return await self._ask(lambda ledger: ledger.revoke(key_id, now))
 
+    async def claim_token(self, issuer: str, jti: str, expires_at: float) -> bool:
+        """Remember an exchanged OIDC token until `expires_at`; False if it was exchanged already."""
+        now = self.clock()
+        return await self._ask(lambda ledger: ledger.claim_token(issuer, jti, expires_at, now))
+
     # ----- holds -----
 
     async def take_hold(self, key_id: str, amount_micros: int) -> Reservation:

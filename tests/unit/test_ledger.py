@@ -221,7 +221,8 @@ def test_settle_many_settles_each_hold_as_settle_would(ledger):
 
 
 def test_a_store_file_from_before_holds_closed_by_trigger_still_settles_its_open_holds(tmp_path):
-    """Files of earlier versions lack two columns of `holds` and its triggers; opening one adds them."""
+    """Files of earlier versions lack two columns of `holds`, its triggers, the keys' `identity_json` and the
+    claimed tokens; opening one adds them."""
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
     old.executescript(
@@ -238,6 +239,8 @@ def test_a_store_file_from_before_holds_closed_by_trigger_still_settles_its_open
     old.close()
     ledger = SqliteLedger(path)
     try:
+        assert ledger.get_key("k1").identity_json is None
+        assert ledger.claim_token("https://issuer", "jti", NOW + 60, NOW) is True
         assert ledger.settle(1, 100) is True  # the hold the earlier version took
         new = ledger.reserve("k1", 200, NOW)
         assert new.refusal is None and new.remaining_micros == 700
@@ -448,6 +451,63 @@ def test_a_second_handle_on_the_same_store_sees_the_first_ones_writes(store):
     finally:
         first.close()
         second.close()
+
+
+# ----- exchanged tokens (replay) and the identity a key was minted for -----
+
+GITHUB = "https://token.actions.githubusercontent.com"
+
+
+def test_a_token_is_claimed_once_until_it_expires(ledger):
+    assert ledger.claim_token(GITHUB, "jti-1", NOW + 300, NOW) is True
+    assert ledger.claim_token(GITHUB, "jti-1", NOW + 300, NOW + 10) is False, "a replay within its lifetime"
+    assert ledger.claim_token(GITHUB, "jti-2", NOW + 300, NOW) is True, "another token of the same issuer"
+    assert ledger.claim_token("https://cluster.example", "jti-1", NOW + 300, NOW) is True, "another issuer's jti"
+    assert ledger.claim_token(GITHUB, "jti-1", NOW + 900, NOW + 299) is False
+    assert ledger.claim_token(GITHUB, "jti-1", NOW + 900, NOW + 301) is True, "forgotten once expired"
+
+
+def test_a_token_id_spelled_to_look_like_another_issuers_is_its_own(ledger):
+    assert ledger.claim_token("https://a", "b:c", NOW + 300, NOW) is True
+    assert ledger.claim_token("https://a:b", "c", NOW + 300, NOW) is True
+    assert ledger.claim_token("https://a", "b:c", NOW + 300, NOW) is False
+
+
+def test_purge_forgets_expired_token_claims_and_keeps_live_ones(ledger):
+    ledger.claim_token(GITHUB, "old", NOW + 10, NOW)
+    ledger.claim_token(GITHUB, "live", NOW + 1000, NOW)
+    ledger.purge_expired(NOW + 20)
+    assert ledger.claim_token(GITHUB, "live", NOW + 1000, NOW + 20) is False
+    assert ledger.claim_token(GITHUB, "old", NOW + 100, NOW + 20) is True
+
+
+def test_one_token_claimed_by_many_handles_at_once_is_claimed_exactly_once(store):
+    """Replicas handed the same token at the same moment: one of them mints a key, the others refuse."""
+    start = threading.Barrier(8)
+    answers = []
+
+    def claim() -> None:
+        ledger = open_patiently(store)
+        try:
+            start.wait()
+            answers.append(ledger.claim_token(GITHUB, "raced", NOW + 300, NOW))
+        finally:
+            ledger.close()
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(answers) == [False] * 7 + [True]
+
+
+def test_a_key_keeps_the_identity_it_was_minted_for(ledger):
+    identity = '{"issuer": "github", "repository": "acme/evals", "run_id": "42"}'
+    ledger.create_key(record("job", identity_json=identity))
+    ledger.create_child(child("sub", "job", 100), 10, NOW)
+    assert ledger.get_key("job").identity_json == identity
+    assert {key.key_id: key.identity_json for key in ledger.list_keys()} == {"job": identity, "sub": None}
 
 
 HOLD = 7
@@ -714,6 +774,13 @@ def redis_ledger(redis_server):
 def test_redis_has_no_nonblocking_handle(redis_ledger):
     ledger, _ = redis_ledger
     assert ledger.nonblocking() is None
+
+
+def test_redis_forgets_a_claimed_token_by_its_ttl_at_the_token_expiry(redis_ledger):
+    ledger, raw = redis_ledger
+    assert ledger.claim_token(GITHUB, "jti", NOW + 300, NOW + 0.5) is True
+    [name] = raw.keys("agentkeys:token:*")
+    assert 299 <= raw.ttl(name) <= 300
 
 
 def test_redis_key_ttl_runs_past_expiry_and_is_lifted_while_a_hold_is_open(redis_ledger):

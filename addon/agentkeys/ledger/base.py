@@ -33,6 +33,7 @@ class KeyRecord:
     parent_id: str | None = None
     depth: int = 0  # 0 for a key issued by a person or an issuer; a child is one deeper than its parent
     grant_micros: int = 0  # this key's budget still held on its parent: its budget while it lives, then 0
+    identity_json: str | None = None  # who the key was minted for, from a verified OIDC token (see identity.py)
 
     @property
     def remaining_micros(self) -> int:
@@ -130,6 +131,15 @@ class Ledger(Protocol):
 
         A child is finished when it is revoked or expired and has nothing in flight: its parent's hold
         of the child's budget becomes the child's spend, and the rest is free again. Audit records stay.
+        Token ids remembered by `claim_token` are forgotten once past their expiry.
+        """
+        ...
+
+    def claim_token(self, issuer: str, jti: str, expires_at: float, now: float) -> bool:
+        """Remember that the token `jti` of `issuer` was exchanged, until `expires_at`; False if it already was.
+
+        One atomic step, so two replicas handed the same token cannot both mint a key for it.
+        A claim past its `expires_at` is forgotten: the token can no longer verify by then anyway.
         """
         ...
 

@@ -15,6 +15,7 @@ Data (all names start with `agentkeys:`):
     hold:{hold_id} hash   key_id, amount_micros, created_at
     holds          zset   open hold ids by created_at (sweep_stale_holds)
     hold_seq       string the last hold id (INCR)
+    token:{digest} string an exchanged OIDC token (digest of its issuer and jti): its expires_at, and a TTL to it
 
 Expiry is enforced twice. `reserve` compares the recorded `expires_at` with the caller's clock, and
 each key hash carries a Redis TTL of its remaining lifetime plus RETENTION_SECONDS, so keys vanish
@@ -31,6 +32,9 @@ twice would take two holds; the caller refuses the call instead (LedgerUnavailab
 call gets a fresh connection, so the proxy recovers by itself when Redis is back.
 """
 
+import hashlib
+import json
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
 from urllib.parse import urlsplit
@@ -247,6 +251,15 @@ return purged
 """
 
 
+# KEYS: the claimed token's name. ARGV: expires_at, now, TTL seconds. 1 if claimed, 0 if claimed already.
+CLAIM_TOKEN = """
+local claimed_until = redis.call('GET', KEYS[1])
+if claimed_until and tonumber(claimed_until) > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
+
+
 class RedisLedger:
     def __init__(self, url: str, timeout_seconds: float = 1.0):
         """`url`: redis://[[user]:password@]host:port/db, or rediss:// for TLS.
@@ -269,6 +282,7 @@ class RedisLedger:
         self._create_child = script(PRELUDE + CREATE_KEY + CREATE_CHILD)
         self._reserve, self._settle = script(PRELUDE + RESERVE), script(PRELUDE + SETTLE)
         self._sweep, self._purge = script(PRELUDE + SWEEP), script(PRELUDE + PURGE)
+        self._claim_token = script(CLAIM_TOKEN)
 
     @contextmanager
     def _store(self):
@@ -357,13 +371,24 @@ class RedisLedger:
         return sorted(swept, key=lambda hold: (hold.created_at, hold.hold_id))
 
     def purge_expired(self, now: float) -> list[str]:
-        """Delete keys past their expiry with nothing in flight; their audit records stay."""
+        """Delete keys past their expiry with nothing in flight; their audit records stay. (Claimed tokens
+        need no purge: their TTL removes them.)"""
         with self._store():
             return self._purge(args=[now])
 
     def ping(self) -> None:
         with self._store():
             self._redis.ping()
+
+    def claim_token(self, issuer: str, jti: str, expires_at: float, now: float) -> bool:
+        """Remember an exchanged token until it expires; False if it was claimed already (see `Ledger`).
+
+        The claim keeps its expiry, compared with the caller's clock as a key's is, and a TTL counted from
+        that clock, so Redis forgets it by itself.
+        """
+        seconds = max(1, math.ceil(expires_at - now))
+        with self._store():
+            return bool(self._claim_token(keys=[claimed_token_name(issuer, jti)], args=[expires_at, now, seconds]))
 
     def close(self) -> None:
         self._redis.close()
@@ -388,6 +413,11 @@ def field_pairs(record: KeyRecord) -> list:
 
 def key_name(key_id: str) -> str:
     return f"{PREFIX}key:{key_id}"
+
+
+def claimed_token_name(issuer: str, jti: str) -> str:
+    """A fixed-length name for any issuer and jti, with no way for one pair to spell another."""
+    return f"{PREFIX}token:{hashlib.sha256(json.dumps([issuer, jti]).encode()).hexdigest()}"
 
 
 def key_record(values: list[str | None]) -> KeyRecord | None:

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS keys (
     revoked_at    REAL,
     parent_id     TEXT,
     depth         INTEGER NOT NULL DEFAULT 0,
-    grant_micros  INTEGER NOT NULL DEFAULT 0
+    grant_micros  INTEGER NOT NULL DEFAULT 0,
+    identity_json TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_parent ON keys (parent_id);
 CREATE TABLE IF NOT EXISTS holds (
@@ -61,9 +62,19 @@ CREATE TRIGGER IF NOT EXISTS hold_closed AFTER UPDATE OF charge_micros ON holds 
         WHERE key_id = NEW.key_id;
     DELETE FROM holds WHERE hold_id = NEW.hold_id;
 END;
+-- OIDC tokens already exchanged for a key (see `claim_token`), until they expire.
+CREATE TABLE IF NOT EXISTS claimed_tokens (
+    issuer     TEXT NOT NULL,
+    jti        TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (issuer, jti)
+);
 """
-# Columns that files made by earlier versions lack; added when such a file is opened.
-ADDED_HOLD_COLUMNS = {"remaining_after_micros": "INTEGER", "charge_micros": "INTEGER"}
+# Columns that files made by earlier versions lack, by table; added when such a file is opened.
+ADDED_COLUMNS = {
+    "holds": {"remaining_after_micros": "INTEGER", "charge_micros": "INTEGER"},
+    "keys": {"identity_json": "TEXT"},
+}
 # The hold, taken only if the key is live and the amount fits what remains: one atomic statement.
 TAKE_HOLD = (
     "INSERT INTO holds (key_id, amount_micros, created_at, remaining_after_micros)"
@@ -75,7 +86,13 @@ TAKE_HOLD = (
 CLOSE_HOLD = "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND charge_micros IS NULL RETURNING hold_id"
 KEY_COLUMNS = (
     "key_id, key_hash, name, policy_name, policy_json, created_at, expires_at,"
-    " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros"
+    " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros, identity_json"
+)
+# A token is claimed if it never was, or if its earlier claim has expired: one statement either way.
+CLAIM_TOKEN = (
+    "INSERT INTO claimed_tokens (issuer, jti, expires_at) VALUES (:issuer, :jti, :expires_at)"
+    " ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at"
+    " WHERE claimed_tokens.expires_at <= :now RETURNING 1"
 )
 PLACEHOLDERS = ", ".join("?" * len(fields(KeyRecord)))
 
@@ -92,13 +109,18 @@ class SqliteLedger:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            columns = [row[1] for row in self._db.execute("PRAGMA table_info(holds)")]
-            for name, kind in ADDED_HOLD_COLUMNS.items():
-                if columns and name not in columns:
-                    self._db.execute(f"ALTER TABLE holds ADD COLUMN {name} {kind}")
+            self._add_missing_columns()
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as e:
             raise LedgerUnavailable(f"cannot open {self.path}: {e}") from e
+
+    def _add_missing_columns(self) -> None:
+        """Bring a file made by an earlier version up to this schema (a new file gets it from SCHEMA)."""
+        for table, added in ADDED_COLUMNS.items():
+            columns = [row[1] for row in self._db.execute(f"PRAGMA table_info({table})")]
+            for name, kind in added.items():
+                if columns and name not in columns:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     @contextmanager
     def _transaction(self):
@@ -259,12 +281,17 @@ class SqliteLedger:
             ).fetchall()
             purged = [key_id for (key_id,) in rows]
             db.executemany("DELETE FROM keys WHERE key_id = ?", rows)
+            db.execute("DELETE FROM claimed_tokens WHERE expires_at <= ?", (now,))
             return purged
 
     def ping(self) -> None:
         """Take the write lock and let it go: a store that cannot be written cannot take a hold either."""
         with self._transaction():
             pass
+
+    def claim_token(self, issuer: str, jti: str, expires_at: float, now: float) -> bool:
+        """Remember an exchanged token until it expires; False if it was claimed already (see `Ledger`)."""
+        return bool(self._query(CLAIM_TOKEN, {"issuer": issuer, "jti": jti, "expires_at": expires_at, "now": now}))
 
     def close(self) -> None:
         with self._lock:
