@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agentkeys import tokens
@@ -130,7 +131,7 @@ class Gate:
         facts = await self.read_request(call, wire, key)
         if not facts.metered:
             return await self.admit_unbilled(call, policy, wire, facts, real_key, endpoint)
-        authorize_model(facts, key, policy)
+        authorize_model(facts, key, policy, self.models_shown(call.provider, wire, policy))
         price = self.price_for(call.provider, wire, facts, key)
         plan = plan_hold(facts, key, policy, price)
         upstream_body = body_for_provider(wire, plan, call, key)  # bad input is refused before any hold
@@ -143,6 +144,11 @@ class Gate:
             hold_micros=hold.plan.worst_case, upstream_body=upstream_body,
             clamped_to=hold.plan.cap if hold.plan.lowered_by else None, clamped_by=hold.plan.lowered_by,
         )  # fmt: skip
+
+    def models_shown(self, provider: str, wire: WireFormat, policy: Scope) -> Callable[[], list[str]]:
+        """The policy's model globs that name a model this provider serves (its own or its format's prices),
+        worked out only for a refusal's message: an Anthropic route is not told of OpenAI's models."""
+        return lambda: [glob for glob in policy.models if self.prices.prices_any(glob, provider, wire.name)]
 
     def real_key_for(self, provider: str, key: KeyRecord) -> str:
         real_key = self.real_keys.get(provider)
@@ -322,12 +328,13 @@ def check_body_size(call: CallRequest, config: ProxyConfig, key: KeyRecord) -> N
         )
 
 
-def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Scope) -> None:
+def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Scope, shown: Callable[[], list[str]]) -> None:
+    """The policy must allow the model; a refusal lists the model globs that apply to this provider."""
     if not policy.allows_model(facts.model):
+        allowed = ", ".join(shown()) or "none for this provider"
         raise Denial(
             DenyKind.FORBIDDEN,
-            f"agentkeys: model {facts.model} is not allowed by policy {policy.name}"
-            f" (allowed: {', '.join(policy.models)})",
+            f"agentkeys: model {facts.model} is not allowed by policy {policy.name} (allowed: {allowed})",
             key,
             facts.model,
         )

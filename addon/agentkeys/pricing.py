@@ -6,6 +6,7 @@ that same LiteLLM format (`prices_file` in the proxy config) or inline under `pr
 A model with no known price cannot be metered, so the gate refuses it (unknown means no).
 """
 
+import fnmatch
 import json
 import re
 from collections.abc import Iterable
@@ -261,6 +262,10 @@ class PriceTable:
                 self.add(provider_of[entry["litellm_provider"]], litellm_model_name(name), price)
                 count += 1
         return count
+
+    def prices_any(self, pattern: str, *providers: str) -> bool:
+        """Whether a model glob names any model these providers' tables price."""
+        return any(fnmatch.fnmatchcase(model, pattern) for p in providers for model in self._prices.get(p, {}))
 
     def lookup(self, provider: str, model: str) -> ModelPrice | None:
         match = self.find(model, provider)

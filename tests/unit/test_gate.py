@@ -1109,3 +1109,11 @@ def test_a_key_in_the_query_string_counts_as_a_credential(env):
     real = CallRequest("gemini", "POST", path, {}, body, query=f"key={REAL_KEYS['GEMINI_API_KEY']}")
     refused = asyncio.run(admit_or_denial(env.gate, real))
     assert isinstance(refused, Denial) and "real provider key" in refused.message
+
+
+def test_a_model_refusal_lists_only_the_globs_for_that_provider(env):
+    key = env.issue(models=["gpt-4o-mini*", "claude-haiku-4-5*"])
+    refused = env.denied(call(key, messages(model="claude-opus-4-1"), "anthropic"), DenyKind.FORBIDDEN)
+    assert "claude-haiku-4-5*" in refused.message and "gpt-4o-mini" not in refused.message
+    refused = env.denied(call(key, chat(model="gpt-4o")), DenyKind.FORBIDDEN)
+    assert "gpt-4o-mini*" in refused.message and "claude" not in refused.message
