@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 import conftest
 from agentkeys.addon import StreamRelay
-from agentkeys.audit import AuditLog, CallRecord
+from agentkeys.audit import AuditLog, AuditSettings, CallRecord
+from agentkeys.auditchain import signing_key
 from agentkeys.cli import main as agentkeys_main
 from agentkeys.keys import issue_key
 from agentkeys.ledger.sqlite import SqliteLedger
@@ -219,7 +220,7 @@ def test_state_files_are_owner_only_whatever_the_umask(tmp_path, policy, umask_0
     assert agentkeys_main(["--config", str(config), "ca"]) == 0
     ledger = SqliteLedger(tmp_path / "state" / "agentkeys.db")  # as the proxy holds it: open, in WAL mode
     issue_key(ledger, load_policy(policy))
-    audit = AuditLog(tmp_path / "logs" / "audit.jsonl")
+    audit = AuditLog(AuditSettings(tmp_path / "logs" / "audit.jsonl"), signing_key(tmp_path / "certs"))
     audit.write(CallRecord(None, None, None, None, "GET", "/", None, "deny", "test"))
     audit.close()
     files = [tmp_path / "state" / name for name in ("agentkeys.db", "agentkeys.db-wal", "agentkeys.db-shm")]
