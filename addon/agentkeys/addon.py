@@ -32,7 +32,7 @@ from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.connections import ConnectionGuard
 from agentkeys.control import Control, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
-from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement
+from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement, charge_for
 from agentkeys.health import HealthServer, ca_loaded, listeners_up, store_answers
 from agentkeys.identity import identities_from
 from agentkeys.ledger import LedgerUnavailable, open_ledger
@@ -379,7 +379,7 @@ class AgentKeys:
 
     def _other_host(self, flow: http.HTTPFlow, host: str):
         """Plain HTTP to a host that is not a provider's (a tunnel's requests never get here)."""
-        refusal = None if self.router.egress_allowed(host) else f"egress to {host} is not allowed"
+        refusal = self.router.egress_refusal(host)
         if refusal:
             flow.response = egress_refused(refusal)
         client = client_address(flow.client_conn)
@@ -457,7 +457,7 @@ class AgentKeys:
         try:
             outcome = await self._finished_outcome(flow, state)
             if not state.relay:
-                charge = state.gate.charge_for(state.admission, outcome)
+                charge = charge_for(state.admission, outcome)
                 replace_headers(flow.response.headers, budget_headers(state.admission, charge.cost_micros))
         except Exception:
             log.exception("agentkeys: reading the response failed; the call is charged its full hold")

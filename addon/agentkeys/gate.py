@@ -241,13 +241,9 @@ class Gate:
 
     # ----- settle -----
 
-    def charge_for(self, admission: Admission, outcome: Outcome) -> Settlement:
-        """What the call costs. Never less than the provider bills: when the usage is unknown, the full hold."""
-        return charge_for(admission, outcome)
-
     async def settle(self, admission: Admission, outcome: Outcome) -> Settlement:
         """Turn the call's hold into its charge, once; a hold a sweep took first was charged in full."""
-        charge = self.charge_for(admission, outcome)
+        charge = charge_for(admission, outcome)
         if admission.hold_id is None:
             return charge
         if charge.metering == "overrun":

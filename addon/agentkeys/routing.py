@@ -132,9 +132,7 @@ class Router:
                 allowed = ", ".join(str(p) for p in sorted(ports))
                 return f"{host} is a provider's host, reached through this proxy on port {allowed} only"
             return None
-        if not self.egress_allowed(host):
-            return f"egress to {host} is not allowed"
-        return None
+        return self.egress_refusal(host)
 
     def gateway_route(self, provider: str, path: str, query: str) -> ProviderRoute | NoEndpoint:
         """SDKs disagree on whether a base URL includes the API version: the Anthropic SDK wants
@@ -159,6 +157,10 @@ class Router:
         provider's, to govern its calls, and any other that egress refuses, since there was no CONNECT
         to refuse: its requests are then answered, and audited, as refused."""
         return self.intercepts(name) or not self.egress_allowed(name)
+
+    def egress_refusal(self, host: str) -> str | None:
+        """Why traffic to `host` may not pass (`egress: allowlist` and not a provider's), or None."""
+        return None if self.egress_allowed(host) else f"egress to {host} is not allowed"
 
     def egress_allowed(self, host: str) -> bool:
         """Whether proxy-mode traffic may go to `host`: any host passes, unless `egress: allowlist`."""
