@@ -736,6 +736,27 @@ def test_sqlite_locked_database_makes_reserve_unavailable_after_the_busy_timeout
     ledger.close()
 
 
+def test_sqlite_handles_opening_one_new_file_together_all_open(tmp_path):
+    """Workers or replicas starting together open the same new file. SQLite answers the switch to WAL
+    "locked" at once while another connection makes that switch; an opener must wait its turn."""
+    failures = []
+
+    def open_and_close(path: Path) -> None:
+        try:
+            SqliteLedger(path, busy_timeout_seconds=30).close()
+        except LedgerUnavailable as e:
+            failures.append(str(e))
+
+    for round_number in range(100):  # the race is narrow: each round is a fresh file and 8 openers
+        path = tmp_path / f"new-{round_number}.db"
+        openers = [threading.Thread(target=open_and_close, args=(path,)) for _ in range(8)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join()
+    assert failures == []
+
+
 def test_sqlite_ping_of_a_store_locked_past_the_busy_timeout_is_unavailable(tmp_path):
     ledger = SqliteLedger(tmp_path / "keys.db", busy_timeout_seconds=0.2)
     blocker = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)

@@ -9,6 +9,7 @@ LedgerUnavailable rather than waiting forever.
 
 import sqlite3
 import threading
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import astuple, fields, replace
@@ -107,12 +108,24 @@ class SqliteLedger:
             self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._use_wal(deadline=time.monotonic() + busy_timeout_seconds)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._add_missing_columns()
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as e:
             raise LedgerUnavailable(f"cannot open {self.path}: {e}") from e
+
+    def _use_wal(self, deadline: float) -> None:
+        """Switch the file to WAL, waiting out other openers: SQLite answers this pragma "locked" at
+        once, without its busy handler, while another connection is switching the same new file."""
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _add_missing_columns(self) -> None:
         """Bring a file made by an earlier version up to this schema (a new file gets it from SCHEMA)."""
