@@ -24,8 +24,10 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, *settings: str):
+        """`settings`: more redis-server arguments (`--maxmemory-policy`, `allkeys-lru`, ...)."""
         self.port = port or free_port()
+        self.settings = settings
         self._process: subprocess.Popen | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="agentkeys-redis-")
 
@@ -45,6 +47,8 @@ class RedisServer:
                     REDIS_SERVER,
                     "--port", str(self.port), "--bind", "127.0.0.1",
                     "--save", "", "--appendonly", "no", "--dir", self._dir.name,
+                    "--enable-debug-command", "local",  # DEBUG SLEEP: a server busy past the clients' timeout
+                    *self.settings,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -74,6 +78,15 @@ class RedisServer:
     def flushdb(self) -> None:
         with redis.Redis(port=self.port) as client:
             client.flushdb()
+
+    def busy(self, seconds: float) -> None:
+        """Keep the server busy (answering nobody) for `seconds`, from another client: `DEBUG SLEEP`."""
+        with redis.Redis(port=self.port, socket_timeout=seconds + 10) as client:
+            client.execute_command("DEBUG", "SLEEP", seconds)
+
+    def key_count(self) -> int:
+        with redis.Redis(port=self.port) as client:
+            return client.dbsize()
 
     def kill(self) -> None:
         """A crash: SIGKILL, no goodbye to connected clients."""

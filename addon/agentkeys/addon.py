@@ -35,7 +35,7 @@ from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_q
 from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement, charge_for
 from agentkeys.health import HealthServer, ca_loaded, listeners_up, store_answers
 from agentkeys.identity import identities_from
-from agentkeys.ledger import LedgerUnavailable, open_ledger
+from agentkeys.ledger import LedgerUnavailable, StoreMisconfigured, open_ledger
 from agentkeys.ledger.counted import ErrorCountingLedger
 from agentkeys.logguard import LogGuard
 from agentkeys.metrics import Metrics
@@ -170,6 +170,8 @@ class AgentKeys:
             self._apply(self._read_config())
         except ConfigError as e:
             raise exceptions.OptionsError(f"agentkeys: bad config:\n{e}") from None
+        except StoreMisconfigured as e:
+            raise exceptions.OptionsError(f"agentkeys: refusing the store: {e}") from None
         tokens.preload()  # once, rather than on the event loop during the first call
 
     def reload(self):
@@ -179,7 +181,7 @@ class AgentKeys:
         """
         try:
             self._apply(self._read_config())
-        except (ConfigError, OSError, ValueError) as e:
+        except (ConfigError, OSError, ValueError, StoreMisconfigured) as e:
             log.error("agentkeys: reload refused; the running config stays:\n%s", e)
             return
         log.info("agentkeys: reloaded the config, prices, issuers and policies")
@@ -273,8 +275,10 @@ class AgentKeys:
             await asyncio.sleep(self.config.purge_interval)
             try:
                 store = self.gate.store
+                await store.sync_clock()
+                await store.renew_holds()  # before any sweep, so no replica takes this one's live calls for dead
                 for hold in await store.sweep_stale_holds(self.config.stale_hold_after):
-                    log.warning("agentkeys: hold %d of key %s outlived its call", hold.hold_id, hold.key_id)
+                    log.warning("agentkeys: hold %s of key %s outlived its call", hold.hold_id, hold.key_id)
                     self._write_record(stale_hold_record(hold))
                 purged = await store.purge_expired()
                 if purged:
@@ -401,7 +405,7 @@ class AgentKeys:
             log.exception("agentkeys: request hook failed; refusing the call")
             key = state.admission.key if state.admission else None
             if state.admission:
-                await state.gate.release(state.admission)
+                state.gate.release(state.admission)
             failed = Denial(DenyKind.INTERNAL, "agentkeys: internal error; the call was not forwarded", key)
             self._deny(flow, state, failed)
         finally:
@@ -528,9 +532,10 @@ class AgentKeys:
         admission = state.admission
         try:
             settlement = await state.gate.settle(admission, outcome)
-        except Exception:
+        except Exception:  # a bug, not the store (whose failures are tried again until it takes the write)
             log.exception("agentkeys: the hold of key %s stays in the store unsettled", admission.key.key_id)
-            settlement = Settlement(admission.hold_micros, "held", why="the settlement could not be written")
+            why = f"the settlement could not be written: hold {admission.hold_id} is charged in full by a sweep"
+            settlement = Settlement(0, "none", why=why)
         try:
             state.overhead_seconds += time.perf_counter() - started
             status = flow.response.status_code if flow.response else None

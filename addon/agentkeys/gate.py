@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 # Bodies above this are read (and tokenized) on a worker thread, so a huge prompt delays only itself.
 LARGE_BODY_BYTES = 32 * 1024
-SETTLE_ATTEMPTS = (0.0, 0.2, 1.0)  # seconds to wait before each attempt to write a settlement
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Admission:
     metering: str  # "metered" (a hold covers it), "free" (the provider does not bill it), or "unmetered"
     remaining_micros: int  # the key's budget left once this call's hold was taken
     price: ModelPrice | None = None
-    hold_id: int | None = None
+    hold_id: str | None = None
     hold_micros: int = 0
     upstream_body: bytes | None = None  # None: forward the body as the agent sent it
     clamped_to: int | None = None  # the output limit the proxy lowered this call to, if it did
@@ -83,7 +82,7 @@ class HoldPlan:
 class Hold:
     """A hold taken, and the plan it was taken for."""
 
-    hold_id: int
+    hold_id: str
     remaining_micros: int  # the key's budget left once it was taken
     plan: HoldPlan
 
@@ -236,13 +235,14 @@ class Gate:
         try:
             return body_for_provider(wire, hold.plan, call, key)
         except BaseException:
-            await self.store.close_hold(hold.hold_id, 0)
+            self.store.cancel_hold(hold.hold_id)
             raise
 
     # ----- settle -----
 
     async def settle(self, admission: Admission, outcome: Outcome) -> Settlement:
-        """Turn the call's hold into its charge, once; a hold a sweep took first was charged in full."""
+        """Turn the call's hold into its charge, once; the store takes it whenever it can (`Store.close_hold`
+        tries until then). A hold a sweep took first was charged in full, and audited, by that sweep."""
         charge = charge_for(admission, outcome)
         if admission.hold_id is None:
             return charge
@@ -250,30 +250,19 @@ class Gate:
             log.warning(
                 "key %s: cost %s exceeded its hold %s", admission.key.key_id, charge.cost_micros, admission.hold_micros
             )
-        closed = await self.close_hold(admission, charge.cost_micros)
+        closed = await self.store.close_hold(admission.hold_id, charge.cost_micros)
         if closed is None:
             return Settlement(0, "none", why="already settled")
         if closed is False:
-            why = "a sweep took this call for dead and charged its full hold first"
-            return Settlement(admission.hold_micros, "held", charge.usage, why)
+            why = (f"a sweep took this call for dead and charged its full hold first (hold {admission.hold_id}):"
+                   " that charge has its own record")  # fmt: skip
+            return Settlement(0, "swept", charge.usage, why)
         return charge
 
-    async def close_hold(self, admission: Admission, cost: int) -> bool | None:
-        """Write the settlement, trying again when the store fails: the real charge is never replaced."""
-        for attempt, delay in enumerate(SETTLE_ATTEMPTS):
-            await asyncio.sleep(delay)
-            try:
-                return await self.store.close_hold(admission.hold_id, cost)
-            except Exception:
-                if attempt == len(SETTLE_ATTEMPTS) - 1:
-                    raise
-                log.warning("key %s: writing a settlement failed; trying again", admission.key.key_id, exc_info=True)
-        raise AssertionError("unreachable")
-
-    async def release(self, admission: Admission) -> None:
-        """Free the hold of a call that was never forwarded."""
+    def release(self, admission: Admission) -> None:
+        """Free the hold of a call that was never forwarded (in the background, until the store takes it)."""
         if admission.hold_id is not None:
-            await self.store.close_hold(admission.hold_id, 0)
+            self.store.cancel_hold(admission.hold_id)
 
 
 # ----- the steps, as plain functions -----

@@ -8,16 +8,22 @@ Holds and settlements asked for in one turn of the loop are written together on 
 (`NextTurnBatch`): one commit or round trip for many calls. The door also keeps the set of holds
 still open on this proxy (the one place that says whether a call's hold is settled) and a cache
 of key records' parts that never change.
+
+The door names every hold it takes (`new_hold_id`), so a hold whose answer was lost can be found and
+cancelled, and it never gives up on a write that moves money: a settlement or a cancellation the
+store cannot take now is tried again, with its real amount, until the store takes it.
 """
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, Refusal, Reservation, StaleHold
+from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, Reservation, StaleHold
+from agentkeys.ledger.base import new_hold_id
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +31,17 @@ T = TypeVar("T")
 
 KNOWN_KEYS_LIMIT = 10_000
 NETWORK_STORE_WORKERS = 8
+RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between attempts at a write that must be made; then the last
 
 
 class Store:
-    def __init__(self, ledger: Ledger, clock: Callable[[], float] = time.time):
+    def __init__(self, ledger: Ledger, clock: Callable[[], float] | None = None):
+        """`clock`: None (a proxy) for the store's own clock, in every decision the store makes and in
+        `self.clock`; the gate's unit tests give a fake one, which the store's decisions then use too."""
         self.ledger = ledger
-        self.clock = clock
+        self._given_clock = clock
+        self._clock_offset = 0.0  # the store's clock minus this machine's (`sync_clock`)
+        self.clock = clock or self._store_clock
         self._ledger_now = ledger.nonblocking()
         # An embedded store needs one thread for the rare wait on a lock; a network store gets several, so
         # one slow round trip does not queue every other call behind it.
@@ -39,9 +50,26 @@ class Store:
         # Key records by id, for the parts that never change (hash, policy, name). Whether a key is
         # still usable is decided by the store itself, when a hold is taken (or by a fresh read).
         self._known_keys: dict[str, KeyRecord] = {}
-        self.open_holds: set[int] = set()  # of calls in flight here: while there are any, writes are batched
+        self.open_holds: set[str] = set()  # of calls in flight here: while there are any, writes are batched
+        self._closing: set[str] = set()  # holds whose settlement or cancellation is being written
         self._take_hold = NextTurnBatch(self._reserve_many, self.open_holds, undo_many=self._release_unclaimed)
         self._close_hold = NextTurnBatch(self._settle_many, self.open_holds)
+        self._background: set[asyncio.Task] = set()  # cancellations being written
+
+    def _store_clock(self) -> float:
+        """The store's clock, read on this machine's: replicas whose clocks disagree agree on this one."""
+        return time.time() + self._clock_offset
+
+    def _now(self) -> float | None:
+        """The time to hand the ledger: None (the store reads its own clock), or the tests' clock."""
+        return self._given_clock() if self._given_clock else None
+
+    async def sync_clock(self) -> None:
+        """Learn how far this machine's clock is from the store's (to a round trip), for `self.clock`:
+        what the proxy decides without the store (a key's status, the times of a key it mints)."""
+        before = time.time()
+        store_now = await self._ask(lambda ledger: ledger.now())
+        self._clock_offset = store_now - (before + time.time()) / 2
 
     async def _ask(self, operation: Callable[[Ledger], T]) -> T:
         """Run one ledger operation without stalling the event loop."""
@@ -79,32 +107,41 @@ class Store:
         await self._ask(lambda ledger: ledger.create_key(record))
 
     async def create_child(self, record: KeyRecord, max_children: int) -> Refusal | None:
-        now = self.clock()
+        now = self._now()
         return await self._ask(lambda ledger: ledger.create_child(record, max_children, now))
 
     async def children(self, key_id: str) -> list[KeyRecord]:
         return await self._ask(lambda ledger: ledger.children(key_id))
 
     async def revoke(self, key_id: str) -> bool:
-        now = self.clock()
+        now = self._now()
         return await self._ask(lambda ledger: ledger.revoke(key_id, now))
 
     async def claim_token(self, issuer: str, jti: str, expires_at: float) -> bool:
         """Remember an exchanged OIDC token until `expires_at`; False if it was exchanged already."""
-        now = self.clock()
+        now = self._now()
         return await self._ask(lambda ledger: ledger.claim_token(issuer, jti, expires_at, now))
 
     # ----- holds -----
 
     async def take_hold(self, key_id: str, amount_micros: int) -> Reservation:
-        """Hold `amount_micros` of the key's budget, if the key is active and has that much left."""
-        reservation = await self._take_hold((key_id, amount_micros, self.clock()))
+        """Hold `amount_micros` of the key's budget, if the key is active and has that much left.
+
+        If the store fails, the hold may have been taken all the same (its answer lost): it is cancelled
+        by its name, in the background until the store takes that, so a call refused here costs nothing.
+        """
+        hold_id = new_hold_id(key_id)
+        try:
+            reservation = await self._take_hold((key_id, amount_micros, self._now(), hold_id))
+        except LedgerUnavailable:
+            self.cancel_hold(hold_id)
+            raise
         if reservation.hold_id is not None:
             self.open_holds.add(reservation.hold_id)
         return reservation
 
-    async def close_hold(self, hold_id: int, cost_micros: int) -> bool | None:
-        """Turn an open hold into `cost_micros` of spend (0 releases it).
+    async def close_hold(self, hold_id: str, cost_micros: int) -> bool | None:
+        """Turn an open hold into `cost_micros` of spend (0 releases it), trying until the store takes it.
 
         None if this proxy already closed it (so a call is never settled twice); False if a sweep
         took it first, having charged it in full.
@@ -112,13 +149,41 @@ class Store:
         if hold_id not in self.open_holds:
             return None
         self.open_holds.discard(hold_id)
+        self._closing.add(hold_id)
         try:
-            return await self._close_hold((hold_id, cost_micros))
-        except BaseException:
-            self.open_holds.add(hold_id)  # not written: a later attempt may close it
-            raise
+            return await self._until_written(lambda: self._close_hold((hold_id, cost_micros)), f"settling {hold_id}")
+        finally:
+            self._closing.discard(hold_id)
 
-    def is_open(self, hold_id: int | None) -> bool:
+    def cancel_hold(self, hold_id: str) -> None:
+        """Free the hold of a call that is not forwarded, whether or not the store took it; written in the
+        background, tried until the store takes it."""
+        self.open_holds.discard(hold_id)
+        self._closing.add(hold_id)
+
+        async def cancel():
+            try:
+                await self._until_written(lambda: self._ask(lambda ledger: ledger.cancel_hold(hold_id)),
+                                          f"cancelling {hold_id}")  # fmt: skip
+            finally:
+                self._closing.discard(hold_id)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _until_written(self, write, what: str):
+        """`write()`, again after each failure of the store (never of anything else), until it succeeds."""
+        for attempt in itertools.count():
+            try:
+                return await write()
+            except LedgerUnavailable as e:
+                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+                log.warning("%s: the store failed (%s); trying again in %.1fs", what, e, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def is_open(self, hold_id: str | None) -> bool:
         return hold_id in self.open_holds
 
     async def _reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
@@ -129,21 +194,27 @@ class Store:
 
     async def _release_unclaimed(self, reservations: list[Reservation]) -> None:
         """Holds taken for calls cancelled while they waited for them: those calls never reach the provider."""
-        holds = [(reservation.hold_id, 0) for reservation in reservations if reservation.hold_id is not None]
-        if holds:
-            await self._settle_many(holds)
+        for reservation in reservations:
+            if reservation.hold_id is not None:
+                self.cancel_hold(reservation.hold_id)
 
     # ----- books -----
 
+    async def renew_holds(self) -> None:
+        """Tell the store that this proxy's holds still have live calls (or writes under way), so no sweep
+        takes them for dead."""
+        alive, now = [*self.open_holds, *self._closing], self._now()
+        await self._ask(lambda ledger: ledger.renew_holds(alive, now))
+
     async def sweep_stale_holds(self, older_than_seconds: float) -> list[StaleHold]:
-        now = self.clock()
-        swept = await self._ask(lambda ledger: ledger.sweep_stale_holds(now, older_than_seconds))
+        now = self._now()
+        swept = await self._ask(lambda ledger: ledger.sweep_stale_holds(older_than_seconds, now))
         # A call whose flow never came back (a hook that never ran) no longer counts as one in flight.
         self.open_holds.difference_update(hold.hold_id for hold in swept)
         return swept
 
     async def purge_expired(self) -> list[str]:
-        now = self.clock()
+        now = self._now()
         return await self._ask(lambda ledger: ledger.purge_expired(now))
 
 

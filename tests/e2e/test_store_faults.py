@@ -34,11 +34,30 @@ def redis_server():
         yield server
 
 
+STALE_AFTER = 2  # seconds: a hold unrenewed this long is taken for dead (calls here last longer than that)
+
+
 @pytest.fixture(scope="module")
 def redis_proxy(mock, redis_server, tmp_path_factory):
-    running = start_proxy(tmp_path_factory.mktemp("redis-proxy"), mock, store=redis_server.url)
+    running = start_proxy(
+        tmp_path_factory.mktemp("redis-proxy"), mock, store=redis_server.url, stale_hold_after=f"{STALE_AFTER}s"
+    )
     yield running
     stop_proxy(running)
+
+
+@pytest.fixture(scope="module")
+def sqlite_proxy(mock, tmp_path_factory):
+    running = start_proxy(tmp_path_factory.mktemp("sqlite-proxy"), mock, stale_hold_after=f"{STALE_AFTER}s")
+    yield running
+    stop_proxy(running)
+
+
+def wait_for_the_provider(mock, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not mock.received:
+        assert time.monotonic() < deadline, "the call never reached the provider"
+        time.sleep(0.02)
 
 
 def test_keys_and_calls_work_on_redis(redis_proxy, mock, tmp_path):
@@ -128,3 +147,73 @@ def test_the_cli_manages_keys_on_redis(redis_proxy, tmp_path, capsys):
     assert redis_proxy.cli("keys", "revoke", key["id"]) == 0
     with pytest.raises(openai.AuthenticationError):
         ask(redis_proxy, key)
+
+
+def test_a_call_refused_because_redis_answered_too_late_holds_and_costs_nothing(
+    redis_proxy, redis_server, mock, tmp_path
+):
+    """Redis busy past the proxy's timeout (DEBUG SLEEP) takes the hold after the proxy gave up on it:
+    the agent was told 503 and nothing was forwarded, so the hold is cancelled by its name."""
+    key = redis_proxy.issue(write_policy(tmp_path))
+    ask(redis_proxy, key)  # the key's record is read and kept: the next call's first write is its hold
+    mock.reset()
+    busy = threading.Thread(target=redis_server.busy, args=(2,))
+    busy.start()
+    time.sleep(0.2)
+    try:
+        assert_store_unavailable(redis_proxy, key)
+    finally:
+        busy.join()
+    assert mock.received == []
+    record = assert_ledger_matches_audit(redis_proxy, key["id"])  # nothing held once the cancellation lands
+    time.sleep(STALE_AFTER + 1.5)  # a sweep finds nothing of it to charge
+    assert any(r["deny_kind"] == "unavailable" and r["cost_micros"] == 0 for r in redis_proxy.audit())
+    assert assert_ledger_matches_audit(redis_proxy, key["id"]).spent_micros == record.spent_micros
+    assert len(redis_proxy.records_for(key["id"])) == 1, "the first call's record, none from a sweep"
+
+
+def test_a_settlement_redis_cannot_take_is_written_with_its_usage_once_redis_is_back(
+    redis_proxy, redis_server, mock, tmp_path
+):
+    """Redis unreachable (SIGSTOP) from the moment the call reached the provider until after its answer:
+    the settlement waits and is written with the usage the provider reported, and audited once."""
+    key = redis_proxy.issue(write_policy(tmp_path))
+    mock.delay_next(1)
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(ask(redis_proxy, key)))
+    caller.start()
+    wait_for_the_provider(mock)
+    redis_server.pause()
+    try:
+        caller.join(timeout=10)
+        assert answers, "the agent gets its answer while the store is away"
+        time.sleep(4)  # settlement attempts fail meanwhile
+    finally:
+        redis_server.resume()
+    [record] = redis_proxy.records_for(key["id"])
+    assert record["metering"] == "usage" and 0 < record["cost_micros"] <= record["hold_micros"]
+    assert assert_ledger_matches_audit(redis_proxy, key["id"]).spent_micros == record["cost_micros"]
+    time.sleep(STALE_AFTER + 1.5)
+    assert len(redis_proxy.records_for(key["id"])) == 1, "no sweep took the call's hold for dead"
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_call_that_outlives_stale_hold_after_is_charged_its_usage_and_audited_once(
+    store, request, mock, tmp_path
+):
+    """Its proxy renews the hold while the call lives, so no sweep takes it for dead."""
+    proxy = request.getfixturevalue(f"{store}_proxy")
+    key = proxy.issue(write_policy(tmp_path))
+    mock.delay_next(STALE_AFTER * 2)
+    ask(proxy, key, timeout=30)
+    [record] = proxy.records_for(key["id"])
+    assert record["metering"] == "usage" and 0 < record["cost_micros"] <= record["hold_micros"]
+    assert_ledger_matches_audit(proxy, key["id"])
+    time.sleep(1.5)
+    assert len(proxy.records_for(key["id"])) == 1
+
+
+def test_serve_refuses_to_start_on_a_redis_that_may_evict_keys(mock, tmp_path):
+    with RedisServer(None, "--maxmemory-policy", "allkeys-lru") as evicting:
+        with pytest.raises(RuntimeError, match=r"(?s)exited with 2.*may evict keys.*maxmemory-policy noeviction"):
+            start_proxy(tmp_path / "proxy", mock, store=evicting.url)

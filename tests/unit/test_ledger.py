@@ -27,8 +27,10 @@ from agentkeys.ledger import (
     Refusal,
     SqliteLedger,
     StaleHold,
+    StoreMisconfigured,
     open_ledger,
 )
+from agentkeys.ledger.base import key_of_hold
 from agentkeys.ledger.redis import RETENTION_SECONDS
 
 NOW = 1_000_000.0
@@ -182,7 +184,7 @@ def test_settle_moves_the_hold_to_spend_exactly_once(ledger, amount):
 
 
 def test_settle_unknown_hold(ledger):
-    assert ledger.settle(12345, 10) is False
+    assert ledger.settle("k1.0123456789abcdef", 10) is False
 
 
 def test_settle_frees_budget_for_the_next_reserve(ledger):
@@ -214,7 +216,7 @@ def test_settle_many_settles_each_hold_as_settle_would(ledger):
     first, second = ledger.reserve("k1", 300, NOW).hold_id, ledger.reserve("k1", 200, NOW).hold_id
     third = ledger.reserve("k2", 400, NOW).hold_id
     ledger.settle(second, 50)  # already settled: reported False, charged nothing more
-    settled = ledger.settle_many([(first, 100), (second, 999), (third, 0), (12345, 7), (first, 300)])
+    settled = ledger.settle_many([(first, 100), (second, 999), (third, 0), ("k1.0123456789abcdef", 7), (first, 300)])
     assert settled == [True, False, True, False, False]
     assert balances(ledger, "k1") == (150, 0) and balances(ledger, "k2") == (0, 0)
     assert ledger.settle_many([(first, 100)]) == [False]
@@ -222,7 +224,8 @@ def test_settle_many_settles_each_hold_as_settle_would(ledger):
 
 def test_a_store_file_from_before_holds_closed_by_trigger_still_settles_its_open_holds(tmp_path):
     """Files of earlier versions lack two columns of `holds`, its triggers, the keys' `identity_json` and the
-    claimed tokens; opening one adds them."""
+    claimed tokens, and number their holds; opening one adds them, and names each open hold after its key
+    and its number."""
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
     old.executescript(
@@ -241,13 +244,61 @@ def test_a_store_file_from_before_holds_closed_by_trigger_still_settles_its_open
     try:
         assert ledger.get_key("k1").identity_json is None
         assert ledger.claim_token("https://issuer", "jti", NOW + 60, NOW) is True
-        assert ledger.settle(1, 100) is True  # the hold the earlier version took
+        assert ledger.settle("k1.1", 100) is True  # the hold the earlier version took
         new = ledger.reserve("k1", 200, NOW)
         assert new.refusal is None and new.remaining_micros == 700
         assert ledger.settle(new.hold_id, 50) is True
         assert balances(ledger) == (150, 0)
     finally:
         ledger.close()
+
+
+# ----- hold names: the proxy's, proven at settlement, idempotent, cancellable -----
+
+
+def test_a_hold_is_named_for_its_key_and_settled_only_by_that_name(ledger):
+    ledger.create_key(record("a", budget=1_000))
+    ledger.create_key(record("b", budget=1_000))
+    hold = ledger.reserve("a", 300, NOW, hold_id="a.00000000000000aa").hold_id
+    assert hold == "a.00000000000000aa"
+    assert ledger.settle("b.00000000000000aa", 10) is False, "the same random part on another key is another hold"
+    assert ledger.settle("a.00000000000000ab", 10) is False
+    assert balances(ledger, "a") == (0, 300) and balances(ledger, "b") == (0, 0)
+    other = ledger.reserve("b", 100, NOW).hold_id
+    assert key_of_hold(other) == "b" and other != hold
+    assert ledger.settle(hold, 10) is True
+    assert balances(ledger, "a") == (10, 0) and balances(ledger, "b") == (0, 100)
+
+
+def test_a_hold_asked_for_again_by_its_name_is_the_same_hold(ledger):
+    """A reserve retried after its answer was lost finds the hold it took, and takes no second one."""
+    ledger.create_key(record(budget=1_000))
+    first = ledger.reserve("k1", 600, NOW, hold_id="k1.0000000000000001")
+    again = ledger.reserve("k1", 600, NOW, hold_id="k1.0000000000000001")
+    assert first == again and (again.hold_id, again.remaining_micros) == ("k1.0000000000000001", 400)
+    assert ledger.reserve_many([("k1", 600, NOW, "k1.0000000000000001")]) == [first]
+    assert balances(ledger) == (0, 600)
+
+
+def test_a_cancelled_hold_is_freed_and_its_name_takes_nothing_later(ledger):
+    ledger.create_key(record(budget=1_000))
+    taken = ledger.reserve("k1", 600, NOW, hold_id="k1.0000000000000001").hold_id
+    assert ledger.cancel_hold(taken) is True
+    assert balances(ledger) == (0, 0)
+    assert ledger.cancel_hold(taken) is False  # once
+    # The cancellation reached the store before the reserve did (its answer lost on the way there):
+    assert ledger.cancel_hold("k1.0000000000000002") is False
+    late = ledger.reserve("k1", 600, NOW, hold_id="k1.0000000000000002")
+    assert (late.hold_id, late.refusal) == (None, Refusal.CANCELLED)
+    assert balances(ledger) == (0, 0)
+    assert ledger.sweep_stale_holds(0, now=NOW + 1) == [], "nothing was left for a sweep to charge"
+
+
+def test_a_hold_name_for_another_key_is_refused(ledger):
+    ledger.create_key(record(budget=1_000))
+    with pytest.raises(ValueError, match="not named for key k1"):
+        ledger.reserve("k1", 1, NOW, hold_id="k2.0000000000000001")
+    assert balances(ledger) == (0, 0)
 
 
 # ----- purge -----
@@ -277,36 +328,50 @@ def test_sweep_settles_stale_holds_at_their_full_amount_exactly_once(ledger):
     ledger.create_key(record("k1", budget=1_000))
     ledger.create_key(record("k2", budget=500))
     first = ledger.reserve("k1", 100, NOW).hold_id
-    empty = ledger.reserve("k1", 0, NOW).hold_id
+    empty = ledger.reserve("k1", 0, NOW + 1).hold_id
     other_key = ledger.reserve("k2", 50, NOW + 5).hold_id
     recent = ledger.reserve("k1", 200, NOW + 10).hold_id
     ledger.revoke("k2", NOW + 6)  # a revoked key's holds are swept all the same
 
-    swept = ledger.sweep_stale_holds(NOW + 70, older_than_seconds=60)  # created before NOW + 10
+    swept = ledger.sweep_stale_holds(60, now=NOW + 70)  # created before NOW + 10
 
     assert swept == [  # oldest first
         StaleHold(first, "k1", 100, NOW),
-        StaleHold(empty, "k1", 0, NOW),
+        StaleHold(empty, "k1", 0, NOW + 1),
         StaleHold(other_key, "k2", 50, NOW + 5),
     ]
     assert balances(ledger, "k1") == (100, 200)  # charged in full; the recent hold stays
     assert balances(ledger, "k2") == (50, 0)
     assert ledger.settle(first, 10) is False  # the dead call's late settlement changes nothing
     assert balances(ledger, "k1") == (100, 200)
-    assert ledger.sweep_stale_holds(NOW + 70, older_than_seconds=60) == []
+    assert ledger.sweep_stale_holds(60, now=NOW + 70) == []
     assert ledger.settle(recent, 150) is True
     assert balances(ledger, "k1") == (250, 0)
 
 
+def test_renewed_holds_are_not_swept_while_their_calls_live(ledger):
+    """A proxy renews the holds of its live calls: only a hold left unrenewed for the whole age is stale."""
+    ledger.create_key(record(budget=1_000))
+    alive = ledger.reserve("k1", 100, NOW).hold_id
+    dead = ledger.reserve("k1", 200, NOW).hold_id
+    ledger.renew_holds([alive, "k1.0000000000000009"], now=NOW + 50)  # a closed or unknown hold is not brought back
+    assert ledger.sweep_stale_holds(60, now=NOW + 70) == [StaleHold(dead, "k1", 200, NOW)]
+    assert balances(ledger) == (200, 100)
+    assert ledger.settle(alive, 40) is True, "the live call settles its own hold, once"
+    assert ledger.sweep_stale_holds(0, now=NOW + 500) == []
+    assert balances(ledger) == (240, 0)
+    ledger.renew_holds([])  # nothing to renew: nothing asked of the store
+
+
 def test_sweep_of_a_ledger_without_holds(ledger):
-    assert ledger.sweep_stale_holds(NOW, older_than_seconds=0) == []
+    assert ledger.sweep_stale_holds(0, now=NOW) == []
 
 
 def test_swept_holds_no_longer_keep_an_expired_key_from_being_purged(ledger):
     ledger.create_key(record(expires_at=NOW + 10))
     ledger.reserve("k1", 5, NOW)
     assert ledger.purge_expired(NOW + 20) == []
-    ledger.sweep_stale_holds(NOW + 20, older_than_seconds=15)
+    ledger.sweep_stale_holds(15, now=NOW + 20)
     assert ledger.purge_expired(NOW + 20) == ["k1"]
 
 
@@ -685,7 +750,7 @@ def apply(ledger, model: Model, op: tuple) -> None:
             if created < model.now - args[0]
         )
         expected = [StaleHold(hold_id, key_id, amount, created) for created, hold_id, key_id, amount in stale]
-        assert ledger.sweep_stale_holds(model.now, args[0]) == expected, op
+        assert ledger.sweep_stale_holds(args[0], model.now) == expected, op
         for hold in expected:
             model.close(hold.hold_id, hold.amount_micros)
 
@@ -808,23 +873,25 @@ def test_redis_forgets_a_claimed_token_by_its_ttl_at_the_token_expiry(redis_ledg
     assert 299 <= raw.ttl(name) <= 300
 
 
-def test_redis_key_ttl_runs_past_expiry_and_is_lifted_while_a_hold_is_open(redis_ledger):
+def test_redis_key_ttl_runs_past_expiry_on_redis_clock_and_is_lifted_while_a_hold_is_open(redis_ledger):
     ledger, raw = redis_ledger
-    ledger.create_key(record(created_at=NOW, expires_at=NOW + 3600))
-    lifetime = 3600 + RETENTION_SECONDS  # counted on the ledger's clock, not Redis's
+    now = ledger.now()  # Redis's TIME: what every script reads when no time is given
+    ledger.create_key(record(created_at=now, expires_at=now + 3600))
+    lifetime = 3600 + RETENTION_SECONDS
     assert lifetime - 2 <= raw.ttl("agentkeys:key:k1") <= lifetime
 
-    first = ledger.reserve("k1", 10, NOW + 600).hold_id
-    second = ledger.reserve("k1", 10, NOW + 600).hold_id
+    first = ledger.reserve("k1", 10).hold_id
+    second = ledger.reserve("k1", 10).hold_id
     assert raw.ttl("agentkeys:key:k1") == -1  # never dropped while its books are open
     ledger.settle(first, 10)
     assert raw.ttl("agentkeys:key:k1") == -1
-    ledger.settle(second, 10)  # the last hold closed: the TTL is back, from the hold's time
-    assert lifetime - 600 - 2 <= raw.ttl("agentkeys:key:k1") <= lifetime - 600
+    ledger.settle(second, 10)  # the last hold closed: the TTL is back
+    assert lifetime - 2 <= raw.ttl("agentkeys:key:k1") <= lifetime
 
-    ledger.reserve("k1", 10, NOW + 3000)
-    ledger.sweep_stale_holds(NOW + 7200, older_than_seconds=60)  # swept after expiry: retention left
-    assert RETENTION_SECONDS - 2 <= raw.ttl("agentkeys:key:k1") <= RETENTION_SECONDS
+    ledger.create_key(record("old", created_at=now - 7200, expires_at=now - 3600))
+    ledger.reserve("old", 10, now=now - 4000)  # taken before it expired; its proxy died
+    ledger.sweep_stale_holds(60)  # swept after expiry: kept for the retention from now
+    assert RETENTION_SECONDS - 2 <= raw.ttl("agentkeys:key:old") <= RETENTION_SECONDS
 
 
 def test_redis_key_removed_by_its_ttl_is_gone_and_purge_cleans_its_index(redis_ledger):
@@ -847,8 +914,8 @@ def every_operation(ledger):
         "ping": ledger.ping,
         "revoke": lambda: ledger.revoke("k1", NOW),
         "reserve": lambda: ledger.reserve("k1", 1, NOW),
-        "settle": lambda: ledger.settle(1, 1),
-        "sweep_stale_holds": lambda: ledger.sweep_stale_holds(NOW, 60),
+        "settle": lambda: ledger.settle("k1.0123456789abcdef", 1),
+        "sweep_stale_holds": lambda: ledger.sweep_stale_holds(60, NOW),
         "purge_expired": lambda: ledger.purge_expired(NOW),
     }
 
@@ -890,3 +957,48 @@ def test_redis_unavailable_message_names_the_store_but_not_its_password():
         ledger.get_key("k1")
     assert "redis://127.0.0.1:" in str(refused.value) and "/3 unreachable" in str(refused.value)
     assert "hunter2" not in str(refused.value)
+
+
+def test_redis_that_lost_its_data_never_lets_an_old_calls_settlement_close_a_new_keys_hold():
+    """Redis restarted empty while a call was in flight: its late settlement must not touch the new
+    key's hold (with holds numbered by a counter in Redis, both were hold 1)."""
+    with RedisServer() as server:
+        ledger = RedisLedger(server.url)
+        ledger.create_key(record("old", budget=1_000))
+        in_flight = ledger.reserve("old", 500, NOW).hold_id
+        server.kill()
+        server.start()  # empty
+        ledger.create_key(record("new", budget=800))
+        new_hold = ledger.reserve("new", 800, NOW).hold_id
+        assert ledger.settle(in_flight, 100) is False
+        assert balances(ledger, "new") == (0, 800), "the new key's hold is still open, its budget still held"
+        assert ledger.reserve("new", 1, NOW).refusal is Refusal.BUDGET
+        assert ledger.settle(new_hold, 700) is True and balances(ledger, "new") == (700, 0)
+        ledger.close()
+
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru", "volatile-ttl"])
+def test_redis_that_may_evict_keys_is_refused_at_start_and_by_every_operation(policy):
+    """allkeys-* evicts key records, holds and indexes; volatile-* idle keys and children whose budget is
+    still held on their parent. Only noeviction keeps the books."""
+    with RedisServer(None, "--maxmemory-policy", policy) as server:
+        with pytest.raises(StoreMisconfigured, match=rf"maxmemory-policy {policy}\).*maxmemory-policy noeviction"):
+            open_ledger(server.url)
+        ledger = RedisLedger(server.url)
+        for name, operation in every_operation(ledger).items():
+            with pytest.raises(StoreMisconfigured, match="may evict keys"):
+                operation()
+            assert server.key_count() == 0, f"{name} wrote to a store that may evict"
+        ledger.close()
+
+
+def test_redis_set_to_evict_while_running_fails_the_readiness_ping():
+    with RedisServer() as server:
+        ledger = open_ledger(server.url)
+        assert ledger.ping() is None
+        with redis.Redis(port=server.port) as raw:
+            raw.config_set("maxmemory-policy", "allkeys-lru")
+        with pytest.raises(StoreMisconfigured, match="allkeys-lru"):
+            ledger.ping()
+        ledger.close()

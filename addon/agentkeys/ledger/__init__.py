@@ -15,6 +15,7 @@ from agentkeys.ledger.base import (
     Refusal,
     Reservation,
     StaleHold,
+    StoreMisconfigured,
 )
 from agentkeys.ledger.redis import RedisLedger
 from agentkeys.ledger.sqlite import SqliteLedger
@@ -23,12 +24,15 @@ from agentkeys.ledger.sqlite import SqliteLedger
 def open_ledger(store_url: str) -> Ledger:
     """The ledger behind `store_url`: sqlite:///PATH, or redis://HOST:PORT/DB (rediss:// for TLS).
 
-    A config's store is opened with `open_ledger(config.store_url)`, where PATH is absolute.
+    A config's store is opened with `open_ledger(config.store_url)`, where PATH is absolute. A Redis
+    that answers and may evict keys is refused here (StoreMisconfigured), so a proxy does not start on it.
     """
     if store_url.startswith("sqlite:///"):
         return SqliteLedger(store_url.removeprefix("sqlite:///"))
     if store_url.startswith(("redis://", "rediss://")):
-        return RedisLedger(store_url)
+        ledger = RedisLedger(store_url)
+        ledger.refuse_if_evicting()
+        return ledger
     raise ValueError(f"unsupported store {store_url!r}")
 
 
@@ -43,5 +47,6 @@ __all__ = [
     "Reservation",
     "SqliteLedger",
     "StaleHold",
+    "StoreMisconfigured",
     "open_ledger",
 ]

@@ -1,5 +1,6 @@
 """The ledger's data and interface, shared by every backend."""
 
+import secrets
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -11,6 +12,11 @@ class LedgerUnavailable(Exception):
 
 class LedgerBusy(LedgerUnavailable):
     """The store is locked by another writer right now; waiting a little may help."""
+
+
+class StoreMisconfigured(LedgerUnavailable):
+    """The store is set up so that it could lose the books (Redis that may evict keys): the proxy refuses
+    to start on it, and refuses calls (503) if it becomes so while running. The message says what to set."""
 
 
 class KeyExists(ValueError):
@@ -51,13 +57,14 @@ class Refusal(Enum):
     EXPIRED = "expired"
     BUDGET = "budget"
     TOO_MANY_CHILDREN = "too_many_children"
+    CANCELLED = "cancelled"  # the hold's name was cancelled before this reserve reached the store (see `cancel_hold`)
 
 
 @dataclass(frozen=True)
 class Reservation:
     """The outcome of `reserve`: a hold id, or why not (with what remained at that moment)."""
 
-    hold_id: int | None
+    hold_id: str | None
     refusal: Refusal | None = None
     remaining_micros: int = 0
 
@@ -66,10 +73,34 @@ class Reservation:
 class StaleHold:
     """A hold that outlived its call (its proxy died) and was settled at its full amount by a sweep."""
 
-    hold_id: int
+    hold_id: str
     key_id: str
     amount_micros: int
     created_at: float
+
+
+def new_hold_id(key_id: str) -> str:
+    """A name for a hold that no other hold of any store ever had: its key's id, a dot, 64 random bits.
+
+    The proxy names its holds (rather than a counter in the store), so a store that lost its data
+    cannot hand an old call's name to a new hold, and a reserve whose answer was lost can be found
+    and cancelled by the name its proxy gave it. The key's id in the name is what a settlement proves.
+    """
+    return f"{key_id}.{secrets.token_hex(8)}"
+
+
+def key_of_hold(hold_id: str) -> str:
+    """The id of the key a hold's name says it was taken on."""
+    return hold_id.partition(".")[0]
+
+
+def named_hold(key_id: str, hold_id: str | None) -> str:
+    """The hold's name for a reserve: the one given, which must name its key, or a new one."""
+    if hold_id is None:
+        return new_hold_id(key_id)
+    if key_of_hold(hold_id) != key_id or "." not in hold_id:
+        raise ValueError(f"hold {hold_id} is not named for key {key_id}")
+    return hold_id
 
 
 class Ledger(Protocol):
@@ -77,8 +108,17 @@ class Ledger(Protocol):
 
     Each operation is atomic in the store. Any of them raises LedgerUnavailable when the store cannot
     be reached; the operation then happened in full or not at all, and the caller cannot tell which
-    (a reserve whose answer was lost leaves a hold nobody settles, which `sweep_stale_holds` recovers).
+    (a reserve whose answer was lost is found by its name and cancelled: `cancel_hold`).
+
+    Time is the store's: every `now` left out (as the proxy leaves it) is read from the store's own
+    clock inside the operation (Redis's `TIME`; for SQLite, the clock of the one machine its file is
+    on), so replicas whose clocks disagree still agree on expiry and on a hold's age. Only the
+    contract suite passes `now`, to move time.
     """
+
+    def now(self) -> float:
+        """The store's clock, in seconds since the epoch."""
+        ...
 
     def create_key(self, record: KeyRecord) -> None:
         """Store a new key; KeyExists if its id is taken."""
@@ -86,35 +126,61 @@ class Ledger(Protocol):
 
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def list_keys(self) -> list[KeyRecord]: ...
-    def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation: ...
-    def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
-        """`reserve` for each (key id, amount, now), in order, with one commit (or round trip) for them all."""
-        ...
+    def reserve(
+        self, key_id: str, amount_micros: int, now: float | None = None, hold_id: str | None = None
+    ) -> Reservation:
+        """Hold `amount_micros` of the key's budget under the name `hold_id` (`new_hold_id`; made up if None).
 
-    def settle(self, hold_id: int, amount_micros: int) -> bool:
-        """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
-        ...
-
-    def settle_many(self, settlements: list[tuple[int, int]]) -> list[bool]:
-        """`settle` for each (hold id, amount), with one commit (or round trip) for them all."""
-        ...
-
-    def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
-        """Settle every hold created before `now - older_than_seconds` at its full amount, oldest first.
-
-        Crash recovery: a proxy killed mid-call never settles its holds. The provider may have billed
-        such a call in full, so the whole hold becomes spend and no budget is freed that could have been
-        spent. Pick `older_than_seconds` longer than any call can last: a live call whose hold was swept
-        finds its own `settle` returning False and has been charged the full hold.
+        Idempotent: a hold of that name taken already is answered again (not taken twice); a name
+        cancelled already takes nothing (Refusal.CANCELLED).
         """
         ...
 
-    def create_child(self, record: KeyRecord, max_children: int, now: float) -> Refusal | None:
+    def reserve_many(self, requests: list[tuple]) -> list[Reservation]:
+        """`reserve` for each (key id, amount, now[, hold id]), in order, with one commit (or round trip) for all."""
+        ...
+
+    def settle(self, hold_id: str, amount_micros: int) -> bool:
+        """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept.
+
+        Only the hold of that name on the key its name gives is closed: nothing else can be.
+        """
+        ...
+
+    def settle_many(self, settlements: list[tuple[str, int]]) -> list[bool]:
+        """`settle` for each (hold id, amount), with one commit (or round trip) for them all."""
+        ...
+
+    def cancel_hold(self, hold_id: str) -> bool:
+        """Free the hold of a call that was not forwarded, whether or not its reserve reached the store.
+
+        True if an open hold was released; otherwise its name is remembered (for the life of its key),
+        so a reserve of that name that reaches the store later takes nothing.
+        """
+        ...
+
+    def renew_holds(self, hold_ids: list[str], now: float | None = None) -> None:
+        """Mark these holds as still in use (their calls are alive), so no sweep takes them for dead."""
+        ...
+
+    def sweep_stale_holds(self, older_than_seconds: float, now: float | None = None) -> list[StaleHold]:
+        """Settle every hold neither taken nor renewed in the last `older_than_seconds` at its full amount,
+        oldest first.
+
+        Crash recovery: a proxy killed mid-call never settles its holds. The provider may have billed
+        such a call in full, so the whole hold becomes spend and no budget is freed that could have been
+        spent. A live proxy renews its holds (`renew_holds`) well within `older_than_seconds`, so only
+        the holds of a proxy that died, or lost the store for that long, are taken.
+        """
+        ...
+
+    def create_child(self, record: KeyRecord, max_children: int, now: float | None = None) -> Refusal | None:
         """Store a child of `record.parent_id`, moving its budget out of the parent's remaining budget.
 
         One atomic step: the parent must be active, have fewer than `max_children` live children and
         at least the child's budget remaining. The budget is held on the parent (so the parent cannot
         spend it twice) until the child ends; then `purge_expired` returns what the child left.
+        Counting live children reads a counter on the parent, not its history of children.
         """
         ...
 
@@ -122,20 +188,21 @@ class Ledger(Protocol):
         """The direct children of a key, oldest first."""
         ...
 
-    def revoke(self, key_id: str, now: float) -> bool:
+    def revoke(self, key_id: str, now: float | None = None) -> bool:
         """Revoke a key and every descendant at once; False if the key was not active."""
         ...
 
-    def purge_expired(self, now: float) -> list[str]:
+    def purge_expired(self, now: float | None = None) -> list[str]:
         """Return finished children's grants to their parents, then delete expired keys with nothing open.
 
         A child is finished when it is revoked or expired and has nothing in flight: its parent's hold
         of the child's budget becomes the child's spend, and the rest is free again. Audit records stay.
-        Token ids remembered by `claim_token` are forgotten once past their expiry.
+        Token ids remembered by `claim_token` are forgotten once past their expiry. Nothing a purged
+        key left in the store (its place in indexes, its children's list, cancelled hold names) stays.
         """
         ...
 
-    def claim_token(self, issuer: str, jti: str, expires_at: float, now: float) -> bool:
+    def claim_token(self, issuer: str, jti: str, expires_at: float, now: float | None = None) -> bool:
         """Remember that the token `jti` of `issuer` was exchanged, until `expires_at`; False if it already was.
 
         One atomic step, so two replicas handed the same token cannot both mint a key for it.

@@ -6,35 +6,41 @@ how many proxies call at once: the hard cap holds across replicas.
 
 Data (all names start with `agentkeys:`):
 
-    key:{key_id}   hash   every KeyRecord field (money in integer micro-dollars) + open_holds
-                          (its open holds and its live children's grants: what keeps it from a TTL)
+    key:{key_id}   hash   every KeyRecord field (money in integer micro-dollars), open_holds (its open
+                          holds and its live children's grants: what keeps it from a TTL), live_children,
+                          and one field per open hold, `hold:{hold_id}` = "amount created_at remaining",
+                          and per cancelled hold name, `cancelled:{hold_id}`
     keys           zset   key ids by created_at (list_keys)
     expiry         zset   key ids by expires_at (purge_expired)
-    children:{id}  set    a key's child key ids
+    children:{id}  set    a key's child key ids (a purged child leaves it; it goes with its key)
     grants         zset   child key ids whose budget is still held on their parent, by expires_at
-    hold:{hold_id} hash   key_id, amount_micros, created_at
-    holds          zset   open hold ids by created_at (sweep_stale_holds)
-    hold_seq       string the last hold id (INCR)
+    holds          zset   open hold ids by when they were taken or last renewed (sweep_stale_holds)
     token:{digest} string an exchanged OIDC token (digest of its issuer and jti): its expires_at, and a TTL to it
 
-Expiry is enforced twice. `reserve` compares the recorded `expires_at` with the caller's clock, and
-each key hash carries a Redis TTL of its remaining lifetime plus RETENTION_SECONDS, so keys vanish
-even if no proxy ever purges them, while `keys show` still works for a while after expiry. The TTL
-is counted from the ledger's own timestamps rather than set with EXPIREAT, so a Redis clock that
-disagrees with the proxies' cannot cut a key's life short. A key with an open hold has no TTL: the
-TTL must never take a key whose books are still open; it is set again when its last hold closes.
+A hold lives in its key's hash, so the hold and the amount it keeps held on the key are one Redis
+key: they cannot part (a hold cannot vanish and leave its amount stuck). Hold names are made by the
+proxy (`new_hold_id`: the key's id and 64 random bits), never by a counter in Redis, so a Redis that
+lost its data cannot give an old call's name to a new hold, and a settlement closes a hold only on
+the key its name gives.
 
-The scripts find a hold's key from the hold, so they touch keys they were not given in KEYS: use a
-single Redis (or a primary with replicas), not Redis Cluster.
+Time is Redis's `TIME`, read inside each script: every replica compares expiry and hold ages with
+the one clock. Each key hash carries a TTL of its remaining lifetime plus RETENTION_SECONDS, so keys
+vanish even if no proxy ever purges them, while `keys show` still works for a while after expiry. A
+key with an open hold, or a child whose budget is still held on its parent, has no TTL: the TTL
+must never take a key whose books are still open; it is set again when they close.
+
+Redis must never evict: `maxmemory-policy` must be `noeviction` (checked on every new connection and
+by `ping`; see `check_eviction_policy`). The scripts find a hold's key from the hold, so they touch
+keys they were not given in KEYS: use a single Redis (or a primary with replicas), not Redis Cluster.
 
 Failures: no command is retried. A script whose answer was lost may have run, and running `reserve`
-twice would take two holds; the caller refuses the call instead (LedgerUnavailable), and the next
-call gets a fresh connection, so the proxy recovers by itself when Redis is back.
+twice under two names would take two holds; the caller refuses the call instead (LedgerUnavailable)
+and cancels the hold by its name (`cancel_hold`), and the next call gets a fresh connection, so the
+proxy recovers by itself when Redis is back.
 """
 
 import hashlib
 import json
-import math
 from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
 from urllib.parse import urlsplit
@@ -43,10 +49,20 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from agentkeys.ledger.base import KeyExists, KeyRecord, LedgerUnavailable, Refusal, Reservation, StaleHold
+from agentkeys.ledger.base import (
+    KeyExists,
+    KeyRecord,
+    LedgerUnavailable,
+    Refusal,
+    Reservation,
+    StaleHold,
+    StoreMisconfigured,
+    named_hold,
+)
 
 PREFIX = "agentkeys:"
 RETENTION_SECONDS = 24 * 3600
+SAFE_EVICTION_POLICY = "noeviction"
 
 KEY_FIELDS = [field.name for field in fields(KeyRecord)]
 NUMBER_FIELDS = {
@@ -60,19 +76,25 @@ NUMBER_FIELDS = {
     "grant_micros": int,
 }
 
-# Shared by every script: key names, and the steps several scripts take.
+# Shared by every script: key names, the store's clock, and the steps several scripts take.
 PRELUDE = f"""
 local PREFIX = '{PREFIX}'
 local RETENTION = {RETENTION_SECONDS}
 local KEYS_BY_CREATION = PREFIX .. 'keys'
 local KEYS_BY_EXPIRY = PREFIX .. 'expiry'
 local OPEN_HOLDS = PREFIX .. 'holds'
-local HOLD_SEQ = PREFIX .. 'hold_seq'
 local OPEN_GRANTS = PREFIX .. 'grants'
 
 local function key_name(key_id) return PREFIX .. 'key:' .. key_id end
 local function children_name(key_id) return PREFIX .. 'children:' .. key_id end
-local function hold_name(hold_id) return PREFIX .. 'hold:' .. hold_id end
+local function key_of_hold(hold_id) return string.match(hold_id, '^([^.]+)%.') end
+
+-- The time given (only the contract suite gives one), else Redis's own clock: one clock for every replica.
+local function clock(given)
+    if given and given ~= '' then return tonumber(given) end
+    local now = redis.call('TIME')
+    return tonumber(now[1]) + tonumber(now[2]) / 1000000
+end
 
 -- HINCRBY by a Lua number written as an integer: Lua would send 0 - 0 as "-0", which Redis refuses,
 -- and a script that fails halfway keeps the writes it made before the failure.
@@ -83,67 +105,65 @@ end
 -- Let an idle key live until RETENTION seconds after its expiry, as seen from `now`.
 local function arm_ttl(key, now)
     local expires_at = tonumber(redis.call('HGET', key, 'expires_at'))
-    redis.call('EXPIRE', key, math.ceil(math.max(expires_at - tonumber(now), 0) + RETENTION))
+    redis.call('EXPIRE', key, math.ceil(math.max(expires_at - now, 0) + RETENTION))
 end
 
--- Drop a hold and charge `charge` micro-dollars for it (nil: its full amount). `now` defaults to the
--- hold's creation time, an early estimate of the present that errs towards keeping the key longer.
--- Returns the hold's key_id, amount and created_at, or nil if it is not open.
+-- Drop a hold and charge `charge` micro-dollars for it (nil: its full amount). Returns the hold's
+-- key_id, amount and created_at, or nil if it is not open (its index entry goes either way).
 local function close_hold(hold_id, charge, now)
-    local hold = redis.call('HMGET', hold_name(hold_id), 'key_id', 'amount_micros', 'created_at')
-    if not hold[1] then return nil end
-    redis.call('DEL', hold_name(hold_id))
     redis.call('ZREM', OPEN_HOLDS, hold_id)
-    local key = key_name(hold[1])
-    if redis.call('EXISTS', key) == 1 then
-        incr(key, 'held_micros', -tonumber(hold[2]))
-        incr(key, 'spent_micros', tonumber(charge or hold[2]))
-        if incr(key, 'open_holds', -1) == 0 then
-            arm_ttl(key, now or hold[3])
-        end
+    local key_id = key_of_hold(hold_id)
+    if not key_id then return nil end
+    local key = key_name(key_id)
+    local hold = redis.call('HGET', key, 'hold:' .. hold_id)
+    if not hold then return nil end
+    local amount, created_at = string.match(hold, '^(%S+) (%S+)')
+    redis.call('HDEL', key, 'hold:' .. hold_id)
+    incr(key, 'held_micros', -tonumber(amount))
+    incr(key, 'spent_micros', tonumber(charge or amount))
+    if incr(key, 'open_holds', -1) == 0 and tonumber(redis.call('HGET', key, 'grant_micros') or 0) == 0 then
+        arm_ttl(key, now)
     end
-    return hold
+    return {{key_id, amount, created_at}}
 end
 """
 
 # Store a key from its field/value pairs (ARGV from `first`); false if the id is taken.
 CREATE_KEY = """
-local function create_key(key_id, first)
+local function create_key(key_id, first, now)
     local key = key_name(key_id)
     if redis.call('EXISTS', key) == 1 then return false end
-    redis.call('HSET', key, 'open_holds', 0, unpack(ARGV, first))
-    local created_at = redis.call('HGET', key, 'created_at')
-    redis.call('ZADD', KEYS_BY_CREATION, created_at, key_id)
+    redis.call('HSET', key, 'open_holds', 0, 'live_children', 0, unpack(ARGV, first))
+    redis.call('ZADD', KEYS_BY_CREATION, redis.call('HGET', key, 'created_at'), key_id)
     redis.call('ZADD', KEYS_BY_EXPIRY, redis.call('HGET', key, 'expires_at'), key_id)
-    arm_ttl(key, created_at)
+    arm_ttl(key, now)
     return true
 end
 """
 
-# ARGV: key_id, then the record's field/value pairs.
+# ARGV: now, key_id, then the record's field/value pairs.
 CREATE = """
-if create_key(ARGV[1], 2) then return 1 end
+if create_key(ARGV[2], 3, clock(ARGV[1])) then return 1 end
 return 0
 """
 
 # ARGV: parent_id, max_children, now, the child's budget, its key_id, then its field/value pairs.
-# Returns '' when created, else the refusal.
+# Returns '' when created, else the refusal. The child has no TTL while its budget is held on its parent.
 CREATE_CHILD = """
 local parent = key_name(ARGV[1])
-local max_children, now, budget = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local p = redis.call('HMGET', parent, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros')
+local max_children, now, budget = tonumber(ARGV[2]), clock(ARGV[3]), tonumber(ARGV[4])
+local p = redis.call('HMGET', parent, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros',
+                     'live_children')
 if not p[1] then return 'unknown' end
 if p[2] then return 'revoked' end
 if now >= tonumber(p[1]) then return 'expired' end
-local live = 0
-for _, child_id in ipairs(redis.call('SMEMBERS', children_name(ARGV[1]))) do
-    if tonumber(redis.call('HGET', key_name(child_id), 'grant_micros') or 0) > 0 then live = live + 1 end
-end
-if live >= max_children then return 'too_many_children' end
+if tonumber(p[6] or 0) >= max_children then return 'too_many_children' end
 if budget > tonumber(p[3]) - tonumber(p[4]) - tonumber(p[5]) then return 'budget' end
-if not create_key(ARGV[5], 6) then return 'exists' end
+if not create_key(ARGV[5], 6, now) then return 'exists' end
+redis.call('PERSIST', key_name(ARGV[5]))
 incr(parent, 'held_micros', budget)
 incr(parent, 'open_holds', 1)
+incr(parent, 'live_children', 1)
 redis.call('PERSIST', parent)
 redis.call('SADD', children_name(ARGV[1]), ARGV[5])
 redis.call('ZADD', OPEN_GRANTS, redis.call('HGET', key_name(ARGV[5]), 'expires_at'), ARGV[5])
@@ -154,12 +174,13 @@ return ''
 REVOKE = """
 local key = key_name(ARGV[1])
 if redis.call('EXISTS', key) == 0 or redis.call('HEXISTS', key, 'revoked_at') == 1 then return 0 end
+local now = string.format('%.6f', clock(ARGV[2]))
 local pending = {ARGV[1]}
 while #pending > 0 do
     local key_id = table.remove(pending)
     local name = key_name(key_id)
     if redis.call('EXISTS', name) == 1 and redis.call('HEXISTS', name, 'revoked_at') == 0 then
-        redis.call('HSET', name, 'revoked_at', ARGV[2])
+        redis.call('HSET', name, 'revoked_at', now)
     end
     for _, child_id in ipairs(redis.call('SMEMBERS', children_name(key_id))) do
         table.insert(pending, child_id)
@@ -168,37 +189,55 @@ end
 return 1
 """
 
-# ARGV: key_id, amount_micros, now. Returns {hold_id or 0, refusal or '', remaining_micros}.
+# ARGV: key_id, amount_micros, now, hold_id. Returns {1 or 0 (taken or not), refusal or '', remaining_micros}.
 RESERVE = """
 local key = key_name(ARGV[1])
-local amount, now = tonumber(ARGV[2]), tonumber(ARGV[3])
-local k = redis.call('HMGET', key, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros')
+local amount, now, hold_id = tonumber(ARGV[2]), clock(ARGV[3]), ARGV[4]
+local k = redis.call('HMGET', key, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros',
+                     'hold:' .. hold_id, 'cancelled:' .. hold_id)
 if not k[1] then return {0, 'unknown', 0} end
+if k[6] then return {1, '', tonumber(string.match(k[6], '(%S+)$'))} end  -- this hold, asked for again
 local remaining = tonumber(k[3]) - tonumber(k[4]) - tonumber(k[5])
+if k[7] then return {0, 'cancelled', remaining} end
 if k[2] then return {0, 'revoked', remaining} end
 if now >= tonumber(k[1]) then return {0, 'expired', remaining} end
 if amount > remaining then return {0, 'budget', remaining} end
 incr(key, 'held_micros', amount)
 incr(key, 'open_holds', 1)
 redis.call('PERSIST', key)
-local hold_id = redis.call('INCR', HOLD_SEQ)
-redis.call('HSET', hold_name(hold_id), 'key_id', ARGV[1], 'amount_micros', ARGV[2], 'created_at', ARGV[3])
-redis.call('ZADD', OPEN_HOLDS, ARGV[3], hold_id)
-return {hold_id, '', remaining - amount}
+redis.call('HSET', key, 'hold:' .. hold_id, string.format('%d %.6f %d', amount, now, remaining - amount))
+redis.call('ZADD', OPEN_HOLDS, now, hold_id)
+return {1, '', remaining - amount}
 """
 
-# ARGV: hold_id, amount_micros
+# ARGV: hold_id, amount_micros, now
 SETTLE = """
-if close_hold(ARGV[1], ARGV[2], nil) then return 1 end
+if close_hold(ARGV[1], ARGV[2], clock(ARGV[3])) then return 1 end
 return 0
 """
 
-# ARGV: cutoff (holds created strictly before it are stale), now. Returns a flat list of
-# hold_id, key_id, amount_micros, created_at for each hold settled.
+# ARGV: hold_id, now. Releases the hold, or remembers its name on its key so a late reserve takes nothing.
+CANCEL = """
+if close_hold(ARGV[1], 0, clock(ARGV[2])) then return 1 end
+local key = key_name(key_of_hold(ARGV[1]) or '')
+if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'cancelled:' .. ARGV[1], 1) end
+return 0
+"""
+
+# ARGV: now, then hold ids. Only holds still open are renewed (XX: a closed one is not brought back).
+RENEW = """
+local now = clock(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', OPEN_HOLDS, 'XX', now, ARGV[i]) end
+return 0
+"""
+
+# ARGV: older_than_seconds, now. Returns a flat list of hold_id, key_id, amount_micros, created_at for
+# each hold settled; holds whose key is gone leave the index.
 SWEEP = """
+local now = clock(ARGV[2])
 local swept = {}
-for _, hold_id in ipairs(redis.call('ZRANGEBYSCORE', OPEN_HOLDS, '-inf', '(' .. ARGV[1])) do
-    local hold = close_hold(hold_id, nil, ARGV[2])
+for _, hold_id in ipairs(redis.call('ZRANGEBYSCORE', OPEN_HOLDS, '-inf', '(' .. (now - tonumber(ARGV[1])))) do
+    local hold = close_hold(hold_id, nil, now)
     if hold then
         table.insert(swept, hold_id)
         table.insert(swept, hold[1])
@@ -210,10 +249,11 @@ return swept
 """
 
 # ARGV: now. Returns finished children's grants to their parents (repeating, since returning a
-# grandchild's can finish its parent), then removes expired keys with nothing open. Returns the ids of
-# the keys it removed (including any whose TTL had already removed them).
+# grandchild's can finish its parent), then removes expired keys with nothing open, with their
+# children's list and their place in their parent's. Returns the ids of the keys it removed
+# (including any whose TTL had already removed them).
 PURGE = """
-local now = tonumber(ARGV[1])
+local now = clock(ARGV[1])
 local returned = true
 while returned do
     returned = false
@@ -228,20 +268,24 @@ while returned do
             if redis.call('EXISTS', parent) == 1 then
                 incr(parent, 'held_micros', -tonumber(c[2]))
                 incr(parent, 'spent_micros', tonumber(c[3]))
-                if incr(parent, 'open_holds', -1) == 0 then arm_ttl(parent, now) end
+                incr(parent, 'live_children', -1)
+                local idle = incr(parent, 'open_holds', -1) == 0
+                if idle and tonumber(redis.call('HGET', parent, 'grant_micros')) == 0 then arm_ttl(parent, now) end
             end
             redis.call('HSET', child, 'grant_micros', 0)
+            arm_ttl(child, now)
             redis.call('ZREM', OPEN_GRANTS, child_id)
             returned = true
         end
     end
 end
 local purged = {}
-for _, key_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS_BY_EXPIRY, '-inf', ARGV[1])) do
+for _, key_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS_BY_EXPIRY, '-inf', now)) do
     local key = key_name(key_id)
-    local open = redis.call('HMGET', key, 'open_holds', 'grant_micros')
+    local open = redis.call('HMGET', key, 'open_holds', 'grant_micros', 'parent_id')
     if not open[1] or (tonumber(open[1]) == 0 and tonumber(open[2] or 0) == 0) then
-        redis.call('DEL', key)
+        if open[3] then redis.call('SREM', children_name(open[3]), key_id) end
+        redis.call('DEL', key, children_name(key_id))
         redis.call('ZREM', KEYS_BY_CREATION, key_id)
         redis.call('ZREM', KEYS_BY_EXPIRY, key_id)
         table.insert(purged, key_id)
@@ -251,11 +295,13 @@ return purged
 """
 
 
-# KEYS: the claimed token's name. ARGV: expires_at, now, TTL seconds. 1 if claimed, 0 if claimed already.
+# KEYS: the claimed token's name. ARGV: expires_at, now. 1 if claimed, 0 if claimed already.
+# The claim's TTL runs to the token's expiry on Redis's clock, so Redis forgets it by itself.
 CLAIM_TOKEN = """
+local now = clock(ARGV[2])
 local claimed_until = redis.call('GET', KEYS[1])
-if claimed_until and tonumber(claimed_until) > tonumber(ARGV[2]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+if claimed_until and tonumber(claimed_until) > now then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', math.max(1, math.ceil(tonumber(ARGV[1]) - now)))
 return 1
 """
 
@@ -276,35 +322,85 @@ class RedisLedger:
             socket_connect_timeout=timeout_seconds,
             socket_timeout=timeout_seconds,
             retry=Retry(NoBackoff(), 0),
+            redis_connect_func=self._connected,
         )
         script = self._redis.register_script
         self._create, self._revoke = script(PRELUDE + CREATE_KEY + CREATE), script(PRELUDE + REVOKE)
         self._create_child = script(PRELUDE + CREATE_KEY + CREATE_CHILD)
         self._reserve, self._settle = script(PRELUDE + RESERVE), script(PRELUDE + SETTLE)
+        self._cancel, self._renew = script(PRELUDE + CANCEL), script(PRELUDE + RENEW)
         self._sweep, self._purge = script(PRELUDE + SWEEP), script(PRELUDE + PURGE)
-        self._claim_token = script(CLAIM_TOKEN)
+        self._claim_token = script(PRELUDE + CLAIM_TOKEN)
+
+    def _connected(self, connection) -> None:
+        """Every new connection (a Redis restarted or replaced may be set up anew) first checks that Redis
+        never evicts: an evicted key, hold or child would take its money out of the books."""
+        connection.on_connect()
+        connection.send_command("INFO", "memory")
+        self.check_eviction_policy(connection.read_response())
+
+    def check_eviction_policy(self, memory_info: str | dict) -> None:
+        """StoreMisconfigured unless Redis's `maxmemory-policy` is `noeviction`.
+
+        Every other policy may drop keys this store needs: `allkeys-*` any of them (key records, holds,
+        indexes), `volatile-*` those with a TTL (idle keys, children whose budget is still held on their
+        parent). With `noeviction` a full Redis refuses writes instead, and the proxy refuses calls (503).
+        """
+        if isinstance(memory_info, str):
+            memory_info = dict(line.split(":", 1) for line in memory_info.splitlines() if ":" in line)
+        policy = str(memory_info.get("maxmemory_policy", "")).strip()
+        if policy != SAFE_EVICTION_POLICY:
+            raise EvictingStore(
+                f"store {self.where} may evict keys (maxmemory-policy {policy or 'unknown'}): an evicted key,"
+                f" hold or child takes its money out of the books. Set `maxmemory-policy {SAFE_EVICTION_POLICY}`"
+                " (redis.conf, or CONFIG SET): a full Redis then refuses writes, and the proxy refuses calls"
+            )
+
+    def refuse_if_evicting(self) -> None:
+        """At start-up: StoreMisconfigured if Redis answers and may evict; nothing if it answers and may not,
+        or does not answer yet (it is checked again on each new connection)."""
+        try:
+            self.ping()
+        except StoreMisconfigured:
+            raise
+        except LedgerUnavailable:
+            pass
 
     @contextmanager
     def _store(self):
         """Turn any failure of the store into LedgerUnavailable, so the gate refuses (fail closed)."""
         try:
             yield
+        except EvictingStore as e:
+            raise StoreMisconfigured(str(e)) from None
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise LedgerUnavailable(f"store {self.where} unreachable: {e}") from e
         except redis.RedisError as e:  # out of memory, read-only replica, ...
             raise LedgerUnavailable(f"store {self.where} failed: {e}") from e
 
+    def now(self) -> float:
+        with self._store():
+            seconds, microseconds = self._redis.time()
+        return seconds + microseconds / 1_000_000
+
     def create_key(self, record: KeyRecord) -> None:
         with self._store():
-            created = self._create(args=[record.key_id, *field_pairs(record)])
+            created = self._create(args=["", record.key_id, *field_pairs(record)])
         if not created:
             raise KeyExists(f"key {record.key_id} already exists")
 
-    def create_child(self, record: KeyRecord, max_children: int, now: float) -> Refusal | None:
+    def create_child(self, record: KeyRecord, max_children: int, now: float | None = None) -> Refusal | None:
         child = replace(record, grant_micros=record.budget_micros)
         with self._store():
             refusal = self._create_child(
-                args=[record.parent_id, max_children, now, child.budget_micros, child.key_id, *field_pairs(child)]
+                args=[
+                    record.parent_id,
+                    max_children,
+                    given(now),
+                    child.budget_micros,
+                    child.key_id,
+                    *field_pairs(child),
+                ]
             )
         if refusal == "exists":
             raise KeyExists(f"key {record.key_id} already exists")
@@ -333,62 +429,85 @@ class RedisLedger:
             found = pipe.execute()
         return [record for record in map(key_record, found) if record is not None]
 
-    def revoke(self, key_id: str, now: float) -> bool:
+    def revoke(self, key_id: str, now: float | None = None) -> bool:
         with self._store():
-            return bool(self._revoke(args=[key_id, now]))
+            return bool(self._revoke(args=[key_id, given(now)]))
 
-    def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
-        with self._store():
-            return reservation(self._reserve(args=[key_id, amount_micros, now]))
+    def reserve(
+        self, key_id: str, amount_micros: int, now: float | None = None, hold_id: str | None = None
+    ) -> Reservation:
+        (reservation,) = self.reserve_many([(key_id, amount_micros, now, hold_id)])
+        return reservation
 
-    def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
-        return [reservation(answer) for answer in self._in_one_round_trip(self._reserve, requests)]
+    def reserve_many(self, requests: list[tuple]) -> list[Reservation]:
+        named = [hold_request(*request) for request in requests]
+        answers = self._in_one_round_trip(self._reserve, [(key_id, amount, given(now), hold_id)
+                                                          for key_id, amount, now, hold_id in named])  # fmt: skip
+        return [reservation(hold_id, answer) for (_, _, _, hold_id), answer in zip(named, answers, strict=True)]
 
-    def settle(self, hold_id: int, amount_micros: int) -> bool:
+    def settle(self, hold_id: str, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
-        with self._store():
-            return bool(self._settle(args=[hold_id, amount_micros]))
+        (settled,) = self.settle_many([(hold_id, amount_micros)])
+        return settled
 
-    def settle_many(self, settlements: list[tuple[int, int]]) -> list[bool]:
-        return [bool(settled) for settled in self._in_one_round_trip(self._settle, settlements)]
+    def settle_many(self, settlements: list[tuple[str, int]]) -> list[bool]:
+        answers = self._in_one_round_trip(self._settle, [(hold_id, amount, "") for hold_id, amount in settlements])
+        return [bool(settled) for settled in answers]
+
+    def cancel_hold(self, hold_id: str) -> bool:
+        with self._store():
+            return bool(self._cancel(args=[hold_id, ""]))
+
+    def renew_holds(self, hold_ids: list[str], now: float | None = None) -> None:
+        if hold_ids:
+            with self._store():
+                self._renew(args=[given(now), *hold_ids])
 
     def _in_one_round_trip(self, script, argument_lists: list[tuple]) -> list:
-        """The script once per argument list, each atomic by itself, sent in one pipeline."""
-        with self._store():
-            pipeline = self._redis.pipeline(transaction=False)
-            for arguments in argument_lists:
-                script(args=list(arguments), client=pipeline)
-            return pipeline.execute()
+        """The script once per argument list, each atomic by itself, sent in one pipeline of EVALSHAs.
 
-    def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
+        Not redis-py's script pipeline, which asks SCRIPT EXISTS first: a second round trip, and one
+        that can time out with the script itself never sent. A Redis that does not know the script
+        (restarted) answers NOSCRIPT having run nothing, so loading it and sending again is safe.
+        """
+        with self._store():
+            try:
+                return self._evalsha_each(script, argument_lists)
+            except redis.exceptions.NoScriptError:
+                self._redis.script_load(script.script)
+                return self._evalsha_each(script, argument_lists)
+
+    def _evalsha_each(self, script, argument_lists: list[tuple]) -> list:
+        pipeline = self._redis.pipeline(transaction=False)
+        for arguments in argument_lists:
+            pipeline.evalsha(script.sha, 0, *arguments)
+        return pipeline.execute()
+
+    def sweep_stale_holds(self, older_than_seconds: float, now: float | None = None) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
         with self._store():
-            flat = self._sweep(args=[now - older_than_seconds, now])
+            flat = self._sweep(args=[older_than_seconds, given(now)])
         swept = [
-            StaleHold(int(hold_id), key_id, int(amount), float(created_at))
+            StaleHold(hold_id, key_id, int(amount), float(created_at))
             for hold_id, key_id, amount, created_at in (flat[i : i + 4] for i in range(0, len(flat), 4))
         ]
         return sorted(swept, key=lambda hold: (hold.created_at, hold.hold_id))
 
-    def purge_expired(self, now: float) -> list[str]:
+    def purge_expired(self, now: float | None = None) -> list[str]:
         """Delete keys past their expiry with nothing in flight; their audit records stay. (Claimed tokens
         need no purge: their TTL removes them.)"""
         with self._store():
-            return self._purge(args=[now])
+            return self._purge(args=[given(now)])
 
     def ping(self) -> None:
+        """Redis answers, and still never evicts (a `CONFIG SET` may have changed that since connecting)."""
         with self._store():
-            self._redis.ping()
+            self.check_eviction_policy(self._redis.info("memory"))
 
-    def claim_token(self, issuer: str, jti: str, expires_at: float, now: float) -> bool:
-        """Remember an exchanged token until it expires; False if it was claimed already (see `Ledger`).
-
-        The claim keeps its expiry, compared with the caller's clock as a key's is, and a TTL counted from
-        that clock, so Redis forgets it by itself.
-        """
-        seconds = max(1, math.ceil(expires_at - now))
+    def claim_token(self, issuer: str, jti: str, expires_at: float, now: float | None = None) -> bool:
+        """Remember an exchanged token until it expires; False if it was claimed already (see `Ledger`)."""
         with self._store():
-            return bool(self._claim_token(keys=[claimed_token_name(issuer, jti)], args=[expires_at, now, seconds]))
+            return bool(self._claim_token(keys=[claimed_token_name(issuer, jti)], args=[expires_at, given(now)]))
 
     def close(self) -> None:
         self._redis.close()
@@ -398,9 +517,23 @@ class RedisLedger:
         return None
 
 
-def reservation(answer: list) -> Reservation:
-    """The reserve script's answer: [hold id, refusal or empty, remaining]."""
-    hold_id, refusal, remaining = answer
+class EvictingStore(redis.RedisError):
+    """Raised while connecting (where redis-py expects a RedisError) when Redis may evict keys."""
+
+
+def given(now: float | None) -> float | str:
+    """A time for a script: the one given, or '' for the script to read Redis's own clock."""
+    return "" if now is None else now
+
+
+def hold_request(key_id: str, amount: int, now: float | None = None, hold_id: str | None = None) -> tuple:
+    """A reserve's arguments, with its hold named (`new_hold_id`) when the caller left that to the ledger."""
+    return key_id, amount, now, named_hold(key_id, hold_id)
+
+
+def reservation(hold_id: str, answer: list) -> Reservation:
+    """The reserve script's answer: [taken, refusal or empty, remaining]."""
+    _, refusal, remaining = answer
     if refusal:
         return Reservation(None, Refusal(refusal), remaining)
     return Reservation(hold_id, None, remaining)

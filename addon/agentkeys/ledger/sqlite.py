@@ -5,6 +5,10 @@ that every call makes, taking a hold and closing it, are each one statement, wit
 keep the key's `held_micros` and `spent_micros` in step; batches of them and the rarer changes use
 `BEGIN IMMEDIATE`, which takes the write lock up front. A lock held longer than `busy_timeout` raises
 LedgerUnavailable rather than waiting forever.
+
+Time: a SQLite file is on one machine's local disk, so every proxy sharing it reads the one clock of
+that machine; the ledger reads it itself (`time.time()`) for every `now` the caller leaves out.
+Holds are named by the proxy (`new_hold_id`), as on Redis.
 """
 
 import sqlite3
@@ -23,10 +27,24 @@ from agentkeys.ledger.base import (
     Refusal,
     Reservation,
     StaleHold,
+    key_of_hold,
+    named_hold,
 )
 from agentkeys.private import create_private_file
 
-SCHEMA = """
+HOLDS_TABLE = """
+CREATE TABLE IF NOT EXISTS holds (
+    hold_id       TEXT PRIMARY KEY,  -- named by the proxy: its key's id, a dot, random (see new_hold_id)
+    key_id        TEXT NOT NULL REFERENCES keys(key_id),
+    amount_micros INTEGER NOT NULL,
+    created_at    REAL NOT NULL,
+    renewed_at    REAL NOT NULL,  -- when its proxy last said its call is alive (sweep_stale_holds)
+    remaining_after_micros INTEGER,  -- what the key had left once this hold was taken
+    charge_micros INTEGER  -- set once, to close the hold (see hold_closed)
+);
+"""
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS keys (
     key_id        TEXT PRIMARY KEY,
     key_hash      TEXT NOT NULL,
@@ -45,13 +63,12 @@ CREATE TABLE IF NOT EXISTS keys (
     identity_json TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_parent ON keys (parent_id);
-CREATE TABLE IF NOT EXISTS holds (
-    hold_id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    key_id        TEXT NOT NULL REFERENCES keys(key_id),
-    amount_micros INTEGER NOT NULL,
-    created_at    REAL NOT NULL,
-    remaining_after_micros INTEGER,  -- what the key had left once this hold was taken
-    charge_micros INTEGER  -- set once, to close the hold (see hold_closed)
+"""
+    + HOLDS_TABLE
+    + """-- Names of holds cancelled before (or without) their reserve reaching the store (see cancel_hold).
+CREATE TABLE IF NOT EXISTS cancelled_holds (
+    hold_id TEXT PRIMARY KEY,
+    key_id  TEXT NOT NULL
 );
 -- A hold taken is held on its key.
 CREATE TRIGGER IF NOT EXISTS hold_taken AFTER INSERT ON holds BEGIN
@@ -71,20 +88,33 @@ CREATE TABLE IF NOT EXISTS claimed_tokens (
     PRIMARY KEY (issuer, jti)
 );
 """
+)
 # Columns that files made by earlier versions lack, by table; added when such a file is opened.
 ADDED_COLUMNS = {
     "holds": {"remaining_after_micros": "INTEGER", "charge_micros": "INTEGER"},
     "keys": {"identity_json": "TEXT"},
 }
+# Files made by earlier versions numbered their holds; such a table is renamed, and its open holds
+# copied into the named one (each named after its key and its old number).
+NUMBERED_HOLDS = "holds_numbered"
+COPY_NUMBERED_HOLDS = (
+    f"INSERT INTO holds (hold_id, key_id, amount_micros, created_at, renewed_at, remaining_after_micros)"
+    f" SELECT key_id || '.' || hold_id, key_id, amount_micros, created_at, created_at, remaining_after_micros"
+    f" FROM {NUMBERED_HOLDS} WHERE charge_micros IS NULL"
+)
 # The hold, taken only if the key is live and the amount fits what remains: one atomic statement.
+# A name taken already is ignored (the caller then finds that hold, or learns why not).
 TAKE_HOLD = (
-    "INSERT INTO holds (key_id, amount_micros, created_at, remaining_after_micros)"
-    " SELECT key_id, :amount, :now, budget_micros - spent_micros - held_micros - :amount FROM keys"
+    "INSERT OR IGNORE INTO holds (hold_id, key_id, amount_micros, created_at, renewed_at, remaining_after_micros)"
+    " SELECT :hold_id, key_id, :amount, :now, :now, budget_micros - spent_micros - held_micros - :amount FROM keys"
     " WHERE key_id = :key_id AND revoked_at IS NULL AND :now < expires_at"
     " AND budget_micros - spent_micros - held_micros >= :amount"
+    " AND NOT EXISTS (SELECT 1 FROM cancelled_holds WHERE hold_id = :hold_id)"
     " RETURNING hold_id, remaining_after_micros"
 )
-CLOSE_HOLD = "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND charge_micros IS NULL RETURNING hold_id"
+CLOSE_HOLD = (
+    "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND key_id = ? AND charge_micros IS NULL RETURNING hold_id"
+)
 KEY_COLUMNS = (
     "key_id, key_hash, name, policy_name, policy_json, created_at, expires_at,"
     " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros, identity_json"
@@ -111,6 +141,7 @@ class SqliteLedger:
             self._use_wal(deadline=time.monotonic() + busy_timeout_seconds)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._add_missing_columns()
+            self._name_numbered_holds()
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as e:
             raise LedgerUnavailable(f"cannot open {self.path}: {e}") from e
@@ -134,6 +165,27 @@ class SqliteLedger:
             for name, kind in added.items():
                 if columns and name not in columns:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+    def _name_numbered_holds(self) -> None:
+        """Bring a file whose holds were numbered (earlier versions) to named holds, keeping its open ones."""
+        if not self._holds_are_numbered():
+            return
+        with self._transaction() as db:
+            if not self._holds_are_numbered():  # another opener did it first
+                return
+            db.execute(f"ALTER TABLE holds RENAME TO {NUMBERED_HOLDS}")
+            db.execute("DROP TRIGGER IF EXISTS hold_taken")  # the triggers went with the renamed table
+            db.execute("DROP TRIGGER IF EXISTS hold_closed")
+            db.execute(HOLDS_TABLE)
+            db.execute(COPY_NUMBERED_HOLDS)  # before SCHEMA's triggers exist: the keys already hold these
+            db.execute(f"DROP TABLE {NUMBERED_HOLDS}")
+
+    def _holds_are_numbered(self) -> bool:
+        columns = {row[1]: row[2] for row in self._db.execute("PRAGMA table_info(holds)")}
+        return columns.get("hold_id", "").upper() == "INTEGER"
+
+    def now(self) -> float:
+        return time.time()
 
     @contextmanager
     def _transaction(self):
@@ -162,7 +214,8 @@ class SqliteLedger:
         with self._transaction() as db:
             insert_key(db, record)
 
-    def create_child(self, record: KeyRecord, max_children: int, now: float) -> Refusal | None:
+    def create_child(self, record: KeyRecord, max_children: int, now: float | None = None) -> Refusal | None:
+        now = this_machines(now)
         with self._transaction() as db:
             parent = db.execute(
                 "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?",
@@ -200,7 +253,8 @@ class SqliteLedger:
     def list_keys(self) -> list[KeyRecord]:
         return [KeyRecord(*row) for row in self._query(f"SELECT {KEY_COLUMNS} FROM keys ORDER BY created_at")]
 
-    def revoke(self, key_id: str, now: float) -> bool:
+    def revoke(self, key_id: str, now: float | None = None) -> bool:
+        now = this_machines(now)
         with self._transaction() as db:
             active = db.execute("SELECT 1 FROM keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,)).fetchone()
             db.execute(
@@ -211,35 +265,35 @@ class SqliteLedger:
             )
             return active is not None
 
-    def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+    def reserve(
+        self, key_id: str, amount_micros: int, now: float | None = None, hold_id: str | None = None
+    ) -> Reservation:
         """Every call's first write, so one statement when the hold fits; else a transaction that says why."""
-        taken = self._query(TAKE_HOLD, {"key_id": key_id, "amount": amount_micros, "now": now})
+        request = hold_request(key_id, amount_micros, now, hold_id)
+        taken = self._query(TAKE_HOLD, request)
         if taken:
             ((hold_id, remaining),) = taken
             return Reservation(hold_id, None, remaining)
-        return self._reserve_or_refuse(key_id, amount_micros, now)
-
-    def _reserve_or_refuse(self, key_id: str, amount_micros: int, now: float) -> Reservation:
-        """The hold did not fit a moment ago: look again under the write lock, and take it or say why not."""
         with self._transaction() as db:
-            return take_hold_or_refuse(db, key_id, amount_micros, now)
+            return take_hold_or_refuse(db, request)
 
-    def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
+    def reserve_many(self, requests: list[tuple]) -> list[Reservation]:
         if len(requests) == 1:
             return [self.reserve(*requests[0])]
         with self._transaction() as db:
-            return [take_hold(db, *request) or take_hold_or_refuse(db, *request) for request in requests]
+            return [take_hold(db, named) or take_hold_or_refuse(db, named)
+                    for named in (hold_request(*request) for request in requests)]  # fmt: skip
 
-    def settle(self, hold_id: int, amount_micros: int) -> bool:
+    def settle(self, hold_id: str, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
-        return bool(self._query(CLOSE_HOLD, (amount_micros, hold_id)))
+        return bool(self._query(CLOSE_HOLD, (amount_micros, hold_id, key_of_hold(hold_id))))
 
-    def settle_many(self, settlements: list[tuple[int, int]]) -> list[bool]:
+    def settle_many(self, settlements: list[tuple[str, int]]) -> list[bool]:
         """Many holds closed in one transaction: deleted in one statement, and each key's balances moved
         once for all of its holds (rather than once per hold, as `hold_closed` would)."""
         if len(settlements) == 1:
             return [self.settle(*settlements[0])]
-        charges: dict[int, int] = {}
+        charges: dict[str, int] = {}
         for hold_id, amount in settlements:
             charges.setdefault(hold_id, amount)  # a hold named twice is closed by the first, as `settle` would
         with self._transaction() as db:
@@ -248,6 +302,7 @@ class SqliteLedger:
                 " RETURNING hold_id, key_id, amount_micros",
                 tuple(charges),
             ).fetchall()
+            closed = [(hold_id, key_id, amount) for hold_id, key_id, amount in closed if key_of_hold(hold_id) == key_id]
             released, spent = defaultdict(int), defaultdict(int)
             for hold_id, key_id, amount in closed:
                 released[key_id] += amount
@@ -263,17 +318,34 @@ class SqliteLedger:
             still_open.discard(hold_id)
         return answers
 
-    def sweep_stale_holds(self, now: float, older_than_seconds: float) -> list[StaleHold]:
+    def cancel_hold(self, hold_id: str) -> bool:
+        with self._transaction() as db:
+            if db.execute(CLOSE_HOLD, (0, hold_id, key_of_hold(hold_id))).fetchall():
+                return True
+            db.execute("INSERT OR IGNORE INTO cancelled_holds VALUES (?, ?)", (hold_id, key_of_hold(hold_id)))
+            return False
+
+    def renew_holds(self, hold_ids: list[str], now: float | None = None) -> None:
+        if not hold_ids:
+            return
+        now = this_machines(now)
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE holds SET renewed_at = ? WHERE hold_id = ?", [(now, hold_id) for hold_id in hold_ids]
+            )
+
+    def sweep_stale_holds(self, older_than_seconds: float, now: float | None = None) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
         rows = self._query(
-            "UPDATE holds SET charge_micros = amount_micros WHERE created_at < ? AND charge_micros IS NULL"
+            "UPDATE holds SET charge_micros = amount_micros WHERE renewed_at < ? AND charge_micros IS NULL"
             " RETURNING hold_id, key_id, amount_micros, created_at",
-            (now - older_than_seconds,),
+            (this_machines(now) - older_than_seconds,),
         )
         return sorted((StaleHold(*row) for row in rows), key=lambda hold: (hold.created_at, hold.hold_id))
 
-    def purge_expired(self, now: float) -> list[str]:
+    def purge_expired(self, now: float | None = None) -> list[str]:
         """Return finished children's grants, then delete expired keys with nothing open (see `Ledger`)."""
+        now = this_machines(now)
         with self._transaction() as db:
             while finished := db.execute(
                 "SELECT key_id, parent_id, grant_micros, spent_micros FROM keys"
@@ -294,6 +366,7 @@ class SqliteLedger:
             ).fetchall()
             purged = [key_id for (key_id,) in rows]
             db.executemany("DELETE FROM keys WHERE key_id = ?", rows)
+            db.executemany("DELETE FROM cancelled_holds WHERE key_id = ?", rows)
             db.execute("DELETE FROM claimed_tokens WHERE expires_at <= ?", (now,))
             return purged
 
@@ -302,9 +375,10 @@ class SqliteLedger:
         with self._transaction():
             pass
 
-    def claim_token(self, issuer: str, jti: str, expires_at: float, now: float) -> bool:
+    def claim_token(self, issuer: str, jti: str, expires_at: float, now: float | None = None) -> bool:
         """Remember an exchanged token until it expires; False if it was claimed already (see `Ledger`)."""
-        return bool(self._query(CLAIM_TOKEN, {"issuer": issuer, "jti": jti, "expires_at": expires_at, "now": now}))
+        claim = {"issuer": issuer, "jti": jti, "expires_at": expires_at, "now": this_machines(now)}
+        return bool(self._query(CLAIM_TOKEN, claim))
 
     def close(self) -> None:
         with self._lock:
@@ -322,17 +396,35 @@ def insert_key(db: sqlite3.Connection, record: KeyRecord) -> None:
         raise KeyExists(f"key {record.key_id} already exists") from e
 
 
-def take_hold(db: sqlite3.Connection, key_id: str, amount_micros: int, now: float) -> Reservation | None:
+def hold_request(key_id: str, amount: int, now: float | None = None, hold_id: str | None = None) -> dict:
+    """A reserve's arguments for TAKE_HOLD: the time the store's (this machine's) if not given, the hold named."""
+    hold_id = named_hold(key_id, hold_id)
+    return {"key_id": key_id, "amount": amount, "now": this_machines(now), "hold_id": hold_id}
+
+
+def this_machines(now: float | None) -> float:
+    """The time given (the contract suite's), else this machine's clock: the one clock of a SQLite file."""
+    return time.time() if now is None else now
+
+
+def take_hold(db: sqlite3.Connection, request: dict) -> Reservation | None:
     """The hold, if the key is live and it fits; None if not (`take_hold_or_refuse` then says why)."""
-    taken = db.execute(TAKE_HOLD, {"key_id": key_id, "amount": amount_micros, "now": now}).fetchall()
+    taken = db.execute(TAKE_HOLD, request).fetchall()
     if not taken:
         return None
     ((hold_id, remaining_after),) = taken
     return Reservation(hold_id, None, remaining_after)
 
 
-def take_hold_or_refuse(db: sqlite3.Connection, key_id: str, amount_micros: int, now: float) -> Reservation:
-    """Inside a transaction: take the hold, or say why not."""
+def take_hold_or_refuse(db: sqlite3.Connection, request: dict) -> Reservation:
+    """Inside a transaction: the hold of this name if taken already, else take it, or say why not."""
+    hold_id, key_id, amount_micros = request["hold_id"], request["key_id"], request["amount"]
+    taken = db.execute(
+        "SELECT remaining_after_micros FROM holds WHERE hold_id = ? AND key_id = ? AND charge_micros IS NULL",
+        (hold_id, key_id),
+    ).fetchone()
+    if taken:
+        return Reservation(hold_id, None, taken[0])
     row = db.execute(
         "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?",
         (key_id,),
@@ -340,13 +432,15 @@ def take_hold_or_refuse(db: sqlite3.Connection, key_id: str, amount_micros: int,
     if row is None:
         return Reservation(None, Refusal.UNKNOWN)
     expires_at, revoked_at, remaining = row
+    if db.execute("SELECT 1 FROM cancelled_holds WHERE hold_id = ?", (hold_id,)).fetchone():
+        return Reservation(None, Refusal.CANCELLED, remaining)
     if revoked_at is not None:
         return Reservation(None, Refusal.REVOKED, remaining)
-    if now >= expires_at:
+    if request["now"] >= expires_at:
         return Reservation(None, Refusal.EXPIRED, remaining)
     if amount_micros > remaining:
         return Reservation(None, Refusal.BUDGET, remaining)
-    reservation = take_hold(db, key_id, amount_micros, now)
+    reservation = take_hold(db, request)
     assert reservation is not None, "the hold fit a moment ago, in this same transaction"
     return reservation
 
