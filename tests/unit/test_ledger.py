@@ -375,6 +375,61 @@ def test_swept_holds_no_longer_keep_an_expired_key_from_being_purged(ledger):
     assert ledger.purge_expired(NOW + 20) == ["k1"]
 
 
+# ----- growth: what a key leaves behind goes with it -----
+
+
+def stored_items(url: str) -> int:
+    """How many things the store holds: rows of every table (SQLite), or keys (Redis)."""
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+            tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            return sum(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in tables)
+    with redis.Redis.from_url(url) as raw:
+        return raw.dbsize()
+
+
+def test_everything_a_tree_of_keys_wrote_is_deleted_once_it_expires_and_is_purged(store):
+    """Keys, children (and their lists), holds settled, swept and cancelled, names cancelled before their
+    reserve: once every key has expired and been purged, the store holds what it held before."""
+    ledger = open_ledger(store)
+    try:
+        before = stored_items(store)
+        ledger.create_key(record("p", budget=10_000, expires_at=NOW + 100))
+        ledger.create_key(record("idle", budget=10, expires_at=NOW + 50))
+        for n in range(3):
+            assert ledger.create_child(child(f"c{n}", "p", 1_000, expires_at=NOW + 60), 5, NOW) is None
+            spend(ledger, f"c{n}", 100)
+        ledger.create_child(child("g", "c0", 200, expires_at=NOW + 60, depth=2), 5, NOW)
+        spend(ledger, "g", 50)
+        ledger.revoke("c1", NOW + 1)
+        ledger.reserve("p", 300, NOW)  # a call whose proxy died: swept
+        ledger.cancel_hold(ledger.reserve("p", 30, NOW).hold_id)
+        ledger.cancel_hold("p.00000000000000ff")  # a name cancelled before its reserve arrived
+        ledger.sweep_stale_holds(10, now=NOW + 20)
+        assert stored_items(store) > before
+        ledger.purge_expired(NOW + 70)
+        assert ledger.children("p") == [] and ledger.get_key("p").held_micros == 0
+        ledger.purge_expired(NOW + 200)
+        assert ledger.list_keys() == []
+        assert stored_items(store) == before
+    finally:
+        ledger.close()
+
+
+def test_a_parent_mints_among_many_finished_children_by_its_count_of_live_ones(ledger):
+    ledger.create_key(record("p", budget=100_000, expires_at=NOW + 10_000))
+    for n in range(20):  # each finished (expired, or revoked) before the next: never two live at once
+        assert ledger.create_child(child(f"old{n}", "p", 10, expires_at=NOW + 10), 2, NOW) is None
+        assert ledger.create_child(child(f"new{n}", "p", 10, expires_at=NOW + 500), 2, NOW) is None
+        ledger.revoke(f"new{n}", NOW)
+        ledger.purge_expired(NOW + 11)
+    # The expired ones are gone from the parent's list; the revoked ones stay until they expire.
+    assert sorted(c.key_id for c in ledger.children("p")) == sorted(f"new{n}" for n in range(20))
+    assert ledger.create_child(child("a", "p", 10), 2, NOW + 11) is None
+    assert ledger.create_child(child("b", "p", 10), 2, NOW + 11) is None
+    assert ledger.create_child(child("c", "p", 10), 2, NOW + 11) is Refusal.TOO_MANY_CHILDREN
+
+
 # ----- several handles, threads and processes on one store -----
 
 
