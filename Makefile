@@ -12,7 +12,7 @@ NODE_OPENAI := openai@6.49.0
 NODE_DIR := $(VENV)/node
 IMAGE ?= localhost/agentkeys:dev
 
-.PHONY: install run test bench bench-audit lint clean redis-server iptables node-sdk image image-test dashboard-check mutants
+.PHONY: install run test bench bench-audit lint clean redis-server faketime iptables node-sdk image image-test dashboard-check mutants
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/agentkeys serve --config agentkeys.yaml
 
-test: install redis-server iptables node-sdk
+test: install redis-server faketime iptables node-sdk
 	$(PY) -m pytest -q tests
 
 # The Redis tests start their own throwaway redis-server; install Debian's if the machine has none.
@@ -35,6 +35,12 @@ redis-server:
 	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && \
 		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
 		{ echo "error: the tests need redis-server (apt-get install redis-server)" >&2; exit 1; }; }
+
+# The clock-skew tests run one proxy replica under Debian's faketime; skipped without it.
+faketime:
+	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || { command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq faketime >/dev/null) || \
+		echo "warning: no faketime: the clock-skew tests will be skipped (apt-get install faketime)" >&2; }
 
 # The namespace tests (tests/test_netns.py) write REDIRECT rules; install Debian's iptables if absent.
 iptables:

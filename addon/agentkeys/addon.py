@@ -11,6 +11,7 @@ Loads as `agentkeys serve` or as a plain script: `mitmdump -s .../agentkeys/addo
 """
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -270,7 +271,10 @@ class AgentKeys:
 
     async def _keep_the_books(self):
         """Every `purge_interval`: settle holds that dead calls left behind, return finished children's
-        budgets to their parents, and delete expired keys; and take the budgets per policy for the metrics."""
+        budgets to their parents, and delete expired keys; and take the budgets per policy for the metrics.
+        Each pass (and the start) also learns the store's clock, which the proxy's own decisions use."""
+        with contextlib.suppress(LedgerUnavailable):  # an outage at start: the first pass tries again
+            await self.gate.store.sync_clock()
         while True:
             await asyncio.sleep(self.config.purge_interval)
             try:

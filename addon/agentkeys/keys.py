@@ -6,7 +6,6 @@ agent for its sub-agents: a child key is always a narrower copy of its parent's,
 
 import fnmatch
 import json
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -30,7 +29,7 @@ def issue_key(
 ) -> IssuedKey:
     """Mint a key under `policy`; `ttl_seconds` and `budget_usd` default to the policy's own."""
     budget = policy.budget_usd if budget_usd is None else parse_budget(budget_usd)
-    issued = new_key_record(policy, ttl_seconds or policy.ttl, budget, name or policy.name, time.time())
+    issued = new_key_record(policy, ttl_seconds or policy.ttl, budget, name or policy.name, ledger.now())
     ledger.create_key(issued.record)
     return issued
 

@@ -373,7 +373,9 @@ class ProxyConfig(BaseModel):
         default=30, description="on SIGTERM, how long calls and streams in flight may take to finish"
     )
     stale_hold_after: Duration = Field(
-        default=900, description="a hold older than this was left by a proxy that died; it is charged in full"
+        default=900,
+        description="a hold unrenewed this long (its proxy renews it every purge_interval) was left by a proxy"
+        " that died; it is charged in full",
     )
     max_request_bytes: ByteSize = Field(
         default=64 * 1024**2, description="a larger request body is refused (413) before it is read for metering"
