@@ -29,6 +29,7 @@ from agentkeys.cli import main as agentkeys_main
 from agentkeys.ledger import Ledger, open_ledger
 from agentkeys.policy import load_config
 from agentkeys.pricing import Usage
+from agentkeys.seal import SECRET_ENV
 from mock_provider import MockProvider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +45,9 @@ OTHER_REAL_KEYS = {
     "AZURE_OPENAI_API_KEY": "test-real-azure-key",
     "GROQ_API_KEY": "gsk-test-real-groq",
 }
+# One store secret for every proxy and CLI of the tests, as an operator gives the same one to every
+# replica on a shared store (seal.py): proxies in separate folders share stores here.
+os.environ.setdefault(SECRET_ENV, "test-store-secret-shared-by-every-replica")
 
 
 def free_port() -> int:

@@ -64,6 +64,7 @@ from agentkeys.routing import (
     Upstream,
     host_conflict,
 )
+from agentkeys.seal import store_seal
 from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
 
@@ -200,7 +201,8 @@ class AgentKeys:
         if same_store:
             store = old_gate.store
         else:  # its failures counted for agentkeys_store_errors_total
-            store = Store(ErrorCountingLedger(open_ledger(config.store_url), self.metrics.store_error))
+            ledger = ErrorCountingLedger(open_ledger(config.store_url), self.metrics.store_error)
+            store = Store(ledger, seal=store_seal(config.path(config.certs_dir)))
         self.config = config
         self.router = Router(config)
         self.gate = Gate(config, store, prices, policies)

@@ -4,13 +4,17 @@ Used by the gate (every provider call) and by the control API (the proxy's own r
 provider key in a request is refused outright: an agent must never hold one.
 """
 
+import logging
 from collections.abc import Callable
 
 from agentkeys import credentials
 from agentkeys.calls import CallRequest, Denial
 from agentkeys.ledger import KeyRecord
 from agentkeys.providers.base import DenyKind
+from agentkeys.seal import altered_message
 from agentkeys.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class Authenticator:
@@ -58,11 +62,16 @@ class Authenticator:
         return [*self.real_keys, *presented]
 
     def check(self, key: str, record: KeyRecord | None) -> None:
-        """The key must be the one the record was made for, and still active."""
+        """The key must be the one the record was made for, the record one a proxy made (sealed), and the key
+        still active."""
         if record is None or not credentials.matches(key, record.key_hash):
             raise Denial(
                 DenyKind.UNAUTHENTICATED, "agentkeys: unknown agent key", presented_key_id=credentials.key_id_of(key)
             )
+        if not self.store.trusts(record):
+            self.store.forget(record.key_id)
+            log.error("key %s: its record in the store fails its seal: refused", record.key_id)
+            raise Denial(DenyKind.UNAUTHENTICATED, altered_message(record.key_id), record)
         status = record.status(self.clock())
         if status != "active":
             raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {record.key_id} is {status}", record)

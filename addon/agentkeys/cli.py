@@ -26,6 +26,7 @@ from agentkeys.netrules import RedirectSpec, Rules, RulesError, describe_rules, 
 from agentkeys.policy import ProxyConfig, load_config, load_policy, parse_budget, parse_duration
 from agentkeys.pricing import price_rows
 from agentkeys.runner import run_with_key
+from agentkeys.seal import store_seal
 from agentkeys.yamlfile import ConfigError
 
 DEFAULT_CONFIG = Path("agentkeys.yaml")
@@ -375,7 +376,8 @@ def cmd_keys_issue(args) -> int:
     ttl, budget = option_value(parse_duration, "--ttl", args.ttl), option_value(parse_budget, "--budget", args.budget)
     policy = load_policy(args.policy)
     try:
-        issued = issue_key(open_store(args, config, args.create_store), policy, ttl, budget, args.name or "")
+        store, seal = open_store(args, config, args.create_store), store_seal(config.path(config.certs_dir))
+        issued = issue_key(store, policy, ttl, budget, args.name or "", seal=seal)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from agentkeys.policy import PolicyFile, ProxyConfig, Scope, scope_of
 from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, MalformedRequest, RequestFacts, Unmeterable, WireFormat
+from agentkeys.seal import altered_message
 from agentkeys.store import Store
 
 log = logging.getLogger(__name__)
@@ -216,16 +217,16 @@ class Gate:
         """Hold the worst case against the budget. When it does not fit, try a tighter plan before
         refusing: an exact count of a long input bounded by its bytes, then (with `clamp_max_tokens`)
         the largest output limit that fits what remains."""
-        reservation = await self.store.take_hold(key.key_id, plan.worst_case)
+        reservation = await self.store.take_hold(key, plan.worst_case)
         if refused_for_budget(reservation) and len(call.body) > tokens.EXACT_COUNT_CHARS:
             exact = await self.read_request(call, wire, key, exact=True)
             plan = plan_hold(exact, key, policy, price)
-            reservation = await self.store.take_hold(key.key_id, plan.worst_case)
+            reservation = await self.store.take_hold(key, plan.worst_case)
         if refused_for_budget(reservation) and policy.clamp_max_tokens:
             clamped = clamp_plan(plan, price, reservation.remaining_micros)
             if clamped:
                 plan = clamped
-                reservation = await self.store.take_hold(key.key_id, plan.worst_case)
+                reservation = await self.store.take_hold(key, plan.worst_case)
         check_reservation(reservation, plan, key)
         return Hold(reservation.hold_id, reservation.remaining_micros, plan)
 
@@ -387,6 +388,9 @@ def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) 
             key,
             plan.facts.model,
         )
+    if reservation.refusal is Refusal.TAMPERED:
+        log.error("key %s: its record in the store no longer matches the one this proxy verified", key.key_id)
+        raise Denial(DenyKind.UNAUTHENTICATED, altered_message(key.key_id), key)
     if reservation.refusal is not None:
         raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {key.key_id} is {reservation.refusal.value}", key)
 

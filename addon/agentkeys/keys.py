@@ -16,6 +16,7 @@ from agentkeys.ledger import KeyRecord, Ledger, Refusal
 from agentkeys.money import Usd, format_usd, remaining_phrase, usd_to_micros
 from agentkeys.paths import path_glob_within
 from agentkeys.policy import BudgetUsd, Duration, EndpointRule, Policy, parse_budget
+from agentkeys.seal import RecordSeal
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,19 @@ class IssuedKey:
 
 
 def issue_key(
-    ledger: Ledger, policy: Policy, ttl_seconds: int | None = None, budget_usd: float | None = None, name: str = ""
+    ledger: Ledger,
+    policy: Policy,
+    ttl_seconds: int | None = None,
+    budget_usd: float | None = None,
+    name: str = "",
+    *,
+    seal: RecordSeal,
 ) -> IssuedKey:
-    """Mint a key under `policy`; `ttl_seconds` and `budget_usd` default to the policy's own."""
+    """Mint a key under `policy`, its record sealed for the proxies; `ttl_seconds` and `budget_usd`
+    default to the policy's own, and its lifetime starts on the store's clock."""
     budget = policy.budget_usd if budget_usd is None else parse_budget(budget_usd)
     issued = new_key_record(policy, ttl_seconds or policy.ttl, budget, name or policy.name, ledger.now())
+    issued = IssuedKey(issued.key, seal.sealed(issued.record))
     ledger.create_key(issued.record)
     return issued
 

@@ -27,6 +27,7 @@ from agentkeys.ledger import Ledger
 from agentkeys.money import format_usd
 from agentkeys.policy import Policy, ProxyConfig
 from agentkeys.routing import CONTROL_HOST
+from agentkeys.seal import store_seal
 
 PROXY_START_TIMEOUT = 30
 # The variable each SDK reads its base URL from, by the variable it reads its key from, and the path
@@ -51,7 +52,8 @@ def run_with_key(
     proxy_url: str | None,
     isolate: bool = False,
 ) -> int:
-    issued = issue_key(ledger, policy, ttl_seconds, budget_usd, name=f"run: {' '.join(command)[:60]}")
+    name, seal = f"run: {' '.join(command)[:60]}", store_seal(config.path(config.certs_dir))
+    issued = issue_key(ledger, policy, ttl_seconds, budget_usd, name=name, seal=seal)
     print(f"agentkeys: key {issued.record.key_id} ({format_usd(issued.record.budget_micros)})", file=sys.stderr)
     try:
         with proxy_for(config, config_path, proxy_url) as (proxy, gateway):

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, Reservation, StaleHold
 from agentkeys.ledger.base import new_hold_id
+from agentkeys.seal import RecordSeal
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,13 @@ RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between attempts at a write 
 
 
 class Store:
-    def __init__(self, ledger: Ledger, clock: Callable[[], float] | None = None):
+    def __init__(self, ledger: Ledger, clock: Callable[[], float] | None = None, seal: RecordSeal | None = None):
         """`clock`: None (a proxy) for the store's own clock, in every decision the store makes and in
-        `self.clock`; the gate's unit tests give a fake one, which the store's decisions then use too."""
+        `self.clock`; the gate's unit tests give a fake one, which the store's decisions then use too.
+        `seal`: the proxies' seal on key records (seal.py): records are sealed when created here, and a
+        record whose seal fails is not trusted; None (unit tests of other things) checks nothing."""
         self.ledger = ledger
+        self.seal = seal
         self._given_clock = clock
         self._clock_offset = 0.0  # the store's clock minus this machine's (`sync_clock`)
         self.clock = clock or self._store_clock
@@ -103,11 +107,20 @@ class Store:
                 self._known_keys[key_id] = record
         return record
 
+    def trusts(self, record: KeyRecord) -> bool:
+        """Whether the record is one a proxy made (its seal matches), as far as this door checks seals."""
+        return self.seal is None or self.seal.intact(record)
+
+    def forget(self, key_id: str) -> None:
+        """Drop a key's cached record: the store's no longer matches it (it was altered there)."""
+        self._known_keys.pop(key_id, None)
+
     async def create_key(self, record: KeyRecord) -> None:
+        record = self.seal.sealed(record) if self.seal else record
         await self._ask(lambda ledger: ledger.create_key(record))
 
     async def create_child(self, record: KeyRecord, max_children: int) -> Refusal | None:
-        now = self._now()
+        now, record = self._now(), self.seal.sealed(record) if self.seal else record
         return await self._ask(lambda ledger: ledger.create_child(record, max_children, now))
 
     async def children(self, key_id: str) -> list[KeyRecord]:
@@ -124,20 +137,23 @@ class Store:
 
     # ----- holds -----
 
-    async def take_hold(self, key_id: str, amount_micros: int) -> Reservation:
-        """Hold `amount_micros` of the key's budget, if the key is active and has that much left.
+    async def take_hold(self, key: KeyRecord, amount_micros: int) -> Reservation:
+        """Hold `amount_micros` of the key's budget, if the key is active and has that much left, and its
+        record in the store still grants what `key` (verified when read) does.
 
         If the store fails, the hold may have been taken all the same (its answer lost): it is cancelled
         by its name, in the background until the store takes that, so a call refused here costs nothing.
         """
-        hold_id = new_hold_id(key_id)
+        hold_id, grant = new_hold_id(key.key_id), key if self.seal else None
         try:
-            reservation = await self._take_hold((key_id, amount_micros, self._now(), hold_id))
+            reservation = await self._take_hold((key.key_id, amount_micros, self._now(), hold_id, grant))
         except LedgerUnavailable:
             self.cancel_hold(hold_id)
             raise
         if reservation.hold_id is not None:
             self.open_holds.add(reservation.hold_id)
+        elif reservation.refusal is Refusal.TAMPERED:
+            self.forget(key.key_id)
         return reservation
 
     async def close_hold(self, hold_id: str, cost_micros: int) -> bool | None:

@@ -12,6 +12,7 @@ from agentkeys.cli import main as agentkeys_main
 from agentkeys.keys import issue_key
 from agentkeys.ledger.sqlite import SqliteLedger
 from agentkeys.policy import load_policy
+from agentkeys.seal import RecordSeal
 from conftest import write_policy
 
 AGENTKEYS = Path(sys.executable).with_name("agentkeys")
@@ -106,7 +107,7 @@ def test_a_reader_that_goes_away_ends_the_listing_quietly(tmp_path, policy):
     config.write_text("store: sqlite:///agentkeys.db\n")
     ledger, rules = SqliteLedger(tmp_path / "agentkeys.db"), load_policy(policy)
     for _ in range(3000):  # more than a pipe holds, so the writer meets the closed pipe
-        issue_key(ledger, rules)
+        issue_key(ledger, rules, seal=RecordSeal(b"test"))
     for command in (["keys", "list"], ["prices", "show", "gpt-4o"]):
         listing = subprocess.Popen(
             [str(AGENTKEYS), "--config", str(config), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE

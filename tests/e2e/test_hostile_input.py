@@ -28,6 +28,7 @@ from agentkeys.ledger.sqlite import SqliteLedger
 from agentkeys.policy import load_policy
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import RequestFacts, SseSplitter
+from agentkeys.seal import RecordSeal
 from conftest import (
     ANTHROPIC_REAL_KEY,
     OPENAI_REAL_KEY,
@@ -219,7 +220,7 @@ def test_state_files_are_owner_only_whatever_the_umask(tmp_path, policy, umask_0
     config.write_text("store: sqlite:///state/agentkeys.db\naudit_log: logs/audit.jsonl\ncerts_dir: certs\n")
     assert agentkeys_main(["--config", str(config), "ca"]) == 0
     ledger = SqliteLedger(tmp_path / "state" / "agentkeys.db")  # as the proxy holds it: open, in WAL mode
-    issue_key(ledger, load_policy(policy))
+    issue_key(ledger, load_policy(policy), seal=RecordSeal(b"test"))
     audit = AuditLog(AuditSettings(tmp_path / "logs" / "audit.jsonl"), signing_key(tmp_path / "certs"))
     audit.write(CallRecord(None, None, None, None, "GET", "/", None, "deny", "test"))
     audit.close()

@@ -301,6 +301,32 @@ def test_a_hold_name_for_another_key_is_refused(ledger):
     assert balances(ledger) == (0, 0)
 
 
+def tamper(url: str, key_id: str, **fields) -> None:
+    """Change a key's record behind the ledger's back, as anyone who can write to the store could."""
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+            for name, value in fields.items():
+                db.execute(f"UPDATE keys SET {name} = ? WHERE key_id = ?", (value, key_id))
+    else:
+        with redis.Redis.from_url(url) as raw:
+            raw.hset(f"agentkeys:key:{key_id}", mapping=fields)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"budget_micros": 1_000_000}, {"expires_at": NOW + 999_999}, {"policy_json": '{"models": ["*"]}'}],
+    ids=["budget", "expiry", "policy"],
+)
+def test_a_hold_on_a_record_changed_in_the_store_since_the_proxy_verified_it_is_refused(store, ledger, edit):
+    verified = record(budget=1_000)
+    ledger.create_key(verified)
+    assert ledger.reserve("k1", 600, NOW, grant=verified).refusal is None
+    tamper(store, "k1", **edit)
+    refused = ledger.reserve("k1", 1, NOW, grant=verified)
+    assert (refused.hold_id, refused.refusal) == (None, Refusal.TAMPERED)
+    assert balances(ledger) == (0, 600)
+
+
 # ----- purge -----
 
 
@@ -1057,3 +1083,28 @@ def test_redis_set_to_evict_while_running_fails_the_readiness_ping():
         with pytest.raises(StoreMisconfigured, match="allkeys-lru"):
             ledger.ping()
         ledger.close()
+
+
+def test_redis_the_acl_the_docs_give_runs_every_operation_and_nothing_destructive():
+    """docs/hardening.md's ACL line, applied as written: the proxy's work passes, FLUSHALL does not."""
+    hardening = (Path(__file__).resolve().parents[2] / "docs" / "hardening.md").read_text()
+    [acl] = [line.split(maxsplit=3)[3] for line in hardening.splitlines() if line.strip().startswith("ACL SETUSER")]
+    with RedisServer() as server:
+        with redis.Redis(port=server.port) as raw:
+            raw.execute_command("ACL", "SETUSER", "agentkeys", *acl.replace("LONG-RANDOM-PASSWORD", "pw").split())
+        url = f"redis://agentkeys:pw@127.0.0.1:{server.port}/0"
+        ledger = open_ledger(url)
+        now = ledger.now()
+        ledger.create_key(record("p", budget=1_000, created_at=now, expires_at=now + 100))
+        assert ledger.create_child(child("c", "p", 100, expires_at=now + 50), 5) is None
+        hold = ledger.reserve("p", 10).hold_id
+        ledger.renew_holds([hold])
+        assert ledger.settle(hold, 5) is True
+        assert ledger.cancel_hold(ledger.reserve("p", 10).hold_id) is True
+        assert [key.key_id for key in ledger.children("p")] == ["c"] and len(ledger.list_keys()) == 2
+        assert ledger.sweep_stale_holds(0) == [] and ledger.purge_expired() == []
+        assert ledger.claim_token(GITHUB, "jti", now + 10) is True and ledger.revoke("p") is True
+        assert ledger.ping() is None
+        ledger.close()
+        with redis.Redis.from_url(url) as agentkeys_user, pytest.raises(redis.exceptions.NoPermissionError):
+            agentkeys_user.flushall()

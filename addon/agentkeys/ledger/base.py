@@ -40,6 +40,7 @@ class KeyRecord:
     depth: int = 0  # 0 for a key issued by a person or an issuer; a child is one deeper than its parent
     grant_micros: int = 0  # this key's budget still held on its parent: its budget while it lives, then 0
     identity_json: str | None = None  # who the key was minted for, from a verified OIDC token (see identity.py)
+    seal: str | None = None  # an HMAC of the fields above that never change, under the proxies' secret (seal.py)
 
     @property
     def remaining_micros(self) -> int:
@@ -57,6 +58,7 @@ class Refusal(Enum):
     EXPIRED = "expired"
     BUDGET = "budget"
     TOO_MANY_CHILDREN = "too_many_children"
+    TAMPERED = "tampered"  # the store's record differs from the one the proxy verified (seal.py)
     CANCELLED = "cancelled"  # the hold's name was cancelled before this reserve reached the store (see `cancel_hold`)
 
 
@@ -127,17 +129,24 @@ class Ledger(Protocol):
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def list_keys(self) -> list[KeyRecord]: ...
     def reserve(
-        self, key_id: str, amount_micros: int, now: float | None = None, hold_id: str | None = None
+        self,
+        key_id: str,
+        amount_micros: int,
+        now: float | None = None,
+        hold_id: str | None = None,
+        grant: KeyRecord | None = None,
     ) -> Reservation:
         """Hold `amount_micros` of the key's budget under the name `hold_id` (`new_hold_id`; made up if None).
 
         Idempotent: a hold of that name taken already is answered again (not taken twice); a name
-        cancelled already takes nothing (Refusal.CANCELLED).
+        cancelled already takes nothing (Refusal.CANCELLED). `grant`: the key's record as the proxy
+        verified it (seal.py); if the store's budget, expiry or policy differ, nothing is taken
+        (Refusal.TAMPERED), so a record edited in the store is refused by every replica at once.
         """
         ...
 
     def reserve_many(self, requests: list[tuple]) -> list[Reservation]:
-        """`reserve` for each (key id, amount, now[, hold id]), in order, with one commit (or round trip) for all."""
+        """`reserve` for each (key id, amount, now[, hold id[, grant]]), in order, with one commit (or round trip)."""
         ...
 
     def settle(self, hold_id: str, amount_micros: int) -> bool:

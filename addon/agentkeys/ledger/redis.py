@@ -189,13 +189,18 @@ end
 return 1
 """
 
-# ARGV: key_id, amount_micros, now, hold_id. Returns {1 or 0 (taken or not), refusal or '', remaining_micros}.
+# ARGV: key_id, amount_micros, now, hold_id, then the grant the proxy verified (budget_micros, expires_at,
+# SHA-1 of policy_json) or three ''. Returns {1 or 0 (taken or not), refusal or '', remaining_micros}.
 RESERVE = """
 local key = key_name(ARGV[1])
 local amount, now, hold_id = tonumber(ARGV[2]), clock(ARGV[3]), ARGV[4]
 local k = redis.call('HMGET', key, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros',
                      'hold:' .. hold_id, 'cancelled:' .. hold_id)
 if not k[1] then return {0, 'unknown', 0} end
+if ARGV[5] ~= '' and (tonumber(k[3]) ~= tonumber(ARGV[5]) or tonumber(k[1]) ~= tonumber(ARGV[6])
+                      or redis.sha1hex(redis.call('HGET', key, 'policy_json') or '') ~= ARGV[7]) then
+    return {0, 'tampered', 0}
+end
 if k[6] then return {1, '', tonumber(string.match(k[6], '(%S+)$'))} end  -- this hold, asked for again
 local remaining = tonumber(k[3]) - tonumber(k[4]) - tonumber(k[5])
 if k[7] then return {0, 'cancelled', remaining} end
@@ -434,16 +439,20 @@ class RedisLedger:
             return bool(self._revoke(args=[key_id, given(now)]))
 
     def reserve(
-        self, key_id: str, amount_micros: int, now: float | None = None, hold_id: str | None = None
+        self,
+        key_id: str,
+        amount_micros: int,
+        now: float | None = None,
+        hold_id: str | None = None,
+        grant: KeyRecord | None = None,
     ) -> Reservation:
-        (reservation,) = self.reserve_many([(key_id, amount_micros, now, hold_id)])
+        (reservation,) = self.reserve_many([(key_id, amount_micros, now, hold_id, grant)])
         return reservation
 
     def reserve_many(self, requests: list[tuple]) -> list[Reservation]:
         named = [hold_request(*request) for request in requests]
-        answers = self._in_one_round_trip(self._reserve, [(key_id, amount, given(now), hold_id)
-                                                          for key_id, amount, now, hold_id in named])  # fmt: skip
-        return [reservation(hold_id, answer) for (_, _, _, hold_id), answer in zip(named, answers, strict=True)]
+        answers = self._in_one_round_trip(self._reserve, [arguments for _, arguments in named])
+        return [reservation(hold_id, answer) for (hold_id, _), answer in zip(named, answers, strict=True)]
 
     def settle(self, hold_id: str, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
@@ -526,9 +535,15 @@ def given(now: float | None) -> float | str:
     return "" if now is None else now
 
 
-def hold_request(key_id: str, amount: int, now: float | None = None, hold_id: str | None = None) -> tuple:
-    """A reserve's arguments, with its hold named (`new_hold_id`) when the caller left that to the ledger."""
-    return key_id, amount, now, named_hold(key_id, hold_id)
+def hold_request(
+    key_id: str, amount: int, now: float | None = None, hold_id: str | None = None, grant: KeyRecord | None = None
+) -> tuple[str, list]:
+    """A reserve's hold name (`new_hold_id` when the caller left that to the ledger) and its script arguments."""
+    hold_id = named_hold(key_id, hold_id)
+    checked = ("", "", "")
+    if grant is not None:
+        checked = (grant.budget_micros, repr(grant.expires_at), hashlib.sha1(grant.policy_json.encode()).hexdigest())
+    return hold_id, [key_id, amount, given(now), hold_id, *checked]
 
 
 def reservation(hold_id: str, answer: list) -> Reservation:

@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS keys (
     parent_id     TEXT,
     depth         INTEGER NOT NULL DEFAULT 0,
     grant_micros  INTEGER NOT NULL DEFAULT 0,
-    identity_json TEXT
+    identity_json TEXT,
+    seal          TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_parent ON keys (parent_id);
 """
@@ -92,7 +93,7 @@ CREATE TABLE IF NOT EXISTS claimed_tokens (
 # Columns that files made by earlier versions lack, by table; added when such a file is opened.
 ADDED_COLUMNS = {
     "holds": {"remaining_after_micros": "INTEGER", "charge_micros": "INTEGER"},
-    "keys": {"identity_json": "TEXT"},
+    "keys": {"identity_json": "TEXT", "seal": "TEXT"},
 }
 # Files made by earlier versions numbered their holds; such a table is renamed, and its open holds
 # copied into the named one (each named after its key and its old number).
@@ -110,6 +111,7 @@ TAKE_HOLD = (
     " WHERE key_id = :key_id AND revoked_at IS NULL AND :now < expires_at"
     " AND budget_micros - spent_micros - held_micros >= :amount"
     " AND NOT EXISTS (SELECT 1 FROM cancelled_holds WHERE hold_id = :hold_id)"
+    " AND (:budget IS NULL OR (budget_micros = :budget AND expires_at = :expires_at AND policy_json = :policy_json))"
     " RETURNING hold_id, remaining_after_micros"
 )
 CLOSE_HOLD = (
@@ -117,7 +119,7 @@ CLOSE_HOLD = (
 )
 KEY_COLUMNS = (
     "key_id, key_hash, name, policy_name, policy_json, created_at, expires_at,"
-    " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros, identity_json"
+    " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros, identity_json, seal"
 )
 # A token is claimed if it never was, or if its earlier claim has expired: one statement either way.
 CLAIM_TOKEN = (
@@ -266,10 +268,15 @@ class SqliteLedger:
             return active is not None
 
     def reserve(
-        self, key_id: str, amount_micros: int, now: float | None = None, hold_id: str | None = None
+        self,
+        key_id: str,
+        amount_micros: int,
+        now: float | None = None,
+        hold_id: str | None = None,
+        grant: KeyRecord | None = None,
     ) -> Reservation:
         """Every call's first write, so one statement when the hold fits; else a transaction that says why."""
-        request = hold_request(key_id, amount_micros, now, hold_id)
+        request = hold_request(key_id, amount_micros, now, hold_id, grant)
         taken = self._query(TAKE_HOLD, request)
         if taken:
             ((hold_id, remaining),) = taken
@@ -396,10 +403,16 @@ def insert_key(db: sqlite3.Connection, record: KeyRecord) -> None:
         raise KeyExists(f"key {record.key_id} already exists") from e
 
 
-def hold_request(key_id: str, amount: int, now: float | None = None, hold_id: str | None = None) -> dict:
-    """A reserve's arguments for TAKE_HOLD: the time the store's (this machine's) if not given, the hold named."""
-    hold_id = named_hold(key_id, hold_id)
-    return {"key_id": key_id, "amount": amount, "now": this_machines(now), "hold_id": hold_id}
+def hold_request(
+    key_id: str, amount: int, now: float | None = None, hold_id: str | None = None, grant: KeyRecord | None = None
+) -> dict:
+    """A reserve's arguments for TAKE_HOLD: the time the store's (this machine's) if not given, the hold
+    named, and the grant (budget, lifetime, policy) the key's record must still show, if given."""
+    return {
+        "key_id": key_id, "amount": amount, "now": this_machines(now), "hold_id": named_hold(key_id, hold_id),
+        "budget": grant and grant.budget_micros, "expires_at": grant and grant.expires_at,
+        "policy_json": grant and grant.policy_json,
+    }  # fmt: skip
 
 
 def this_machines(now: float | None) -> float:
@@ -426,12 +439,17 @@ def take_hold_or_refuse(db: sqlite3.Connection, request: dict) -> Reservation:
     if taken:
         return Reservation(hold_id, None, taken[0])
     row = db.execute(
-        "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?",
+        "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros, budget_micros, policy_json"
+        " FROM keys WHERE key_id = ?",
         (key_id,),
     ).fetchone()
     if row is None:
         return Reservation(None, Refusal.UNKNOWN)
-    expires_at, revoked_at, remaining = row
+    expires_at, revoked_at, remaining, *grant = row
+    if request["budget"] is not None and (request["budget"], request["policy_json"]) != tuple(grant):
+        return Reservation(None, Refusal.TAMPERED)
+    if request["budget"] is not None and request["expires_at"] != expires_at:
+        return Reservation(None, Refusal.TAMPERED)
     if db.execute("SELECT 1 FROM cancelled_holds WHERE hold_id = ?", (hold_id,)).fetchone():
         return Reservation(None, Refusal.CANCELLED, remaining)
     if revoked_at is not None:
