@@ -166,8 +166,19 @@ class Store:
             return None
         self.open_holds.discard(hold_id)
         self._closing.add(hold_id)
+        attempts = 0
+
+        async def settle() -> bool:
+            nonlocal attempts
+            attempts += 1
+            closed = await self._close_hold((hold_id, cost_micros))
+            if closed or attempts == 1:
+                return closed
+            # Found closed after an attempt whose answer was lost: that attempt wrote it, unless a sweep did.
+            return not await self._ask(lambda ledger: ledger.was_swept(hold_id))
+
         try:
-            return await self._until_written(lambda: self._close_hold((hold_id, cost_micros)), f"settling {hold_id}")
+            return await self._until_written(settle, f"settling {hold_id}")
         finally:
             self._closing.discard(hold_id)
 
@@ -202,10 +213,10 @@ class Store:
     def is_open(self, hold_id: str | None) -> bool:
         return hold_id in self.open_holds
 
-    async def _reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
+    async def _reserve_many(self, requests: list[tuple]) -> list[Reservation]:
         return await self._ask(lambda ledger: ledger.reserve_many(requests))
 
-    async def _settle_many(self, settlements: list[tuple[int, int]]) -> list[bool]:
+    async def _settle_many(self, settlements: list[tuple[str, int]]) -> list[bool]:
         return await self._ask(lambda ledger: ledger.settle_many(settlements))
 
     async def _release_unclaimed(self, reservations: list[Reservation]) -> None:

@@ -1108,3 +1108,13 @@ def test_redis_the_acl_the_docs_give_runs_every_operation_and_nothing_destructiv
         ledger.close()
         with redis.Redis.from_url(url) as agentkeys_user, pytest.raises(redis.exceptions.NoPermissionError):
             agentkeys_user.flushall()
+
+
+def test_a_swept_hold_is_remembered_as_swept_until_its_key_is_purged(ledger):
+    ledger.create_key(record(expires_at=NOW + 10))
+    swept, settled = ledger.reserve("k1", 5, NOW).hold_id, ledger.reserve("k1", 6, NOW + 5).hold_id
+    assert ledger.sweep_stale_holds(60, now=NOW + 62) == [StaleHold(swept, "k1", 5, NOW)]
+    ledger.settle(settled, 6)
+    assert ledger.was_swept(swept) is True and ledger.was_swept(settled) is False
+    assert ledger.purge_expired(NOW + 100) == ["k1"]
+    assert ledger.was_swept(swept) is False

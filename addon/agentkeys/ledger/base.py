@@ -160,6 +160,11 @@ class Ledger(Protocol):
         """`settle` for each (hold id, amount), with one commit (or round trip) for them all."""
         ...
 
+    def was_swept(self, hold_id: str) -> bool:
+        """Whether a sweep settled this hold (remembered while its key lives): a settlement that finds its
+        hold closed, after an attempt whose answer was lost, learns from this whether that attempt wrote it."""
+        ...
+
     def cancel_hold(self, hold_id: str) -> bool:
         """Free the hold of a call that was not forwarded, whether or not its reserve reached the store.
 

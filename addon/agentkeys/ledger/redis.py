@@ -57,6 +57,7 @@ from agentkeys.ledger.base import (
     Reservation,
     StaleHold,
     StoreMisconfigured,
+    key_of_hold,
     named_hold,
 )
 
@@ -244,6 +245,7 @@ local swept = {}
 for _, hold_id in ipairs(redis.call('ZRANGEBYSCORE', OPEN_HOLDS, '-inf', '(' .. (now - tonumber(ARGV[1])))) do
     local hold = close_hold(hold_id, nil, now)
     if hold then
+        redis.call('HSET', key_name(hold[1]), 'swept:' .. hold_id, 1)  -- for `was_swept`, gone with its key
         table.insert(swept, hold_id)
         table.insert(swept, hold[1])
         table.insert(swept, hold[2])
@@ -462,6 +464,10 @@ class RedisLedger:
     def settle_many(self, settlements: list[tuple[str, int]]) -> list[bool]:
         answers = self._in_one_round_trip(self._settle, [(hold_id, amount, "") for hold_id, amount in settlements])
         return [bool(settled) for settled in answers]
+
+    def was_swept(self, hold_id: str) -> bool:
+        with self._store():
+            return bool(self._redis.hexists(key_name(key_of_hold(hold_id)), f"swept:{hold_id}"))
 
     def cancel_hold(self, hold_id: str) -> bool:
         with self._store():

@@ -71,6 +71,11 @@ CREATE TABLE IF NOT EXISTS cancelled_holds (
     hold_id TEXT PRIMARY KEY,
     key_id  TEXT NOT NULL
 );
+-- Holds a sweep settled, until their key is purged (see was_swept).
+CREATE TABLE IF NOT EXISTS swept_holds (
+    hold_id TEXT PRIMARY KEY,
+    key_id  TEXT NOT NULL
+);
 -- A hold taken is held on its key.
 CREATE TRIGGER IF NOT EXISTS hold_taken AFTER INSERT ON holds BEGIN
     UPDATE keys SET held_micros = held_micros + NEW.amount_micros WHERE key_id = NEW.key_id;
@@ -325,6 +330,9 @@ class SqliteLedger:
             still_open.discard(hold_id)
         return answers
 
+    def was_swept(self, hold_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM swept_holds WHERE hold_id = ?", (hold_id,)))
+
     def cancel_hold(self, hold_id: str) -> bool:
         with self._transaction() as db:
             if db.execute(CLOSE_HOLD, (0, hold_id, key_of_hold(hold_id))).fetchall():
@@ -343,11 +351,13 @@ class SqliteLedger:
 
     def sweep_stale_holds(self, older_than_seconds: float, now: float | None = None) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
-        rows = self._query(
-            "UPDATE holds SET charge_micros = amount_micros WHERE renewed_at < ? AND charge_micros IS NULL"
-            " RETURNING hold_id, key_id, amount_micros, created_at",
-            (this_machines(now) - older_than_seconds,),
-        )
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE holds SET charge_micros = amount_micros WHERE renewed_at < ? AND charge_micros IS NULL"
+                " RETURNING hold_id, key_id, amount_micros, created_at",
+                (this_machines(now) - older_than_seconds,),
+            ).fetchall()
+            db.executemany("INSERT OR IGNORE INTO swept_holds VALUES (?, ?)", [row[:2] for row in rows])
         return sorted((StaleHold(*row) for row in rows), key=lambda hold: (hold.created_at, hold.hold_id))
 
     def purge_expired(self, now: float | None = None) -> list[str]:
@@ -374,6 +384,7 @@ class SqliteLedger:
             purged = [key_id for (key_id,) in rows]
             db.executemany("DELETE FROM keys WHERE key_id = ?", rows)
             db.executemany("DELETE FROM cancelled_holds WHERE key_id = ?", rows)
+            db.executemany("DELETE FROM swept_holds WHERE key_id = ?", rows)
             db.execute("DELETE FROM claimed_tokens WHERE expires_at <= ?", (now,))
             return purged
 

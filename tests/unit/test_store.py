@@ -1,0 +1,66 @@
+"""store.py: the door retries writes that move money until the store takes them, and never mistakes its
+own lost answer for a sweep."""
+
+import asyncio
+
+from agentkeys.ledger import KeyRecord, LedgerUnavailable, SqliteLedger
+from agentkeys.store import Store
+
+NOW = 1_000_000.0
+
+
+class AnswerLostOnce:
+    """A ledger whose first settlement is written but its answer lost (a timeout after Redis ran it)."""
+
+    def __init__(self, ledger: SqliteLedger):
+        self.ledger = ledger
+        self.lost = 0
+
+    def __getattr__(self, name):
+        return getattr(self.ledger, name)
+
+    def nonblocking(self):
+        return None
+
+    def settle_many(self, settlements):
+        answers = self.ledger.settle_many(settlements)
+        if not self.lost:
+            self.lost += 1
+            raise LedgerUnavailable("store unreachable: timeout reading from socket")
+        return answers
+
+
+def key() -> KeyRecord:
+    return KeyRecord("k1", "h", "n", "p", "{}", NOW, NOW + 3600, budget_micros=1_000)
+
+
+def test_a_settlement_whose_answer_was_lost_is_written_once_and_reported_as_this_calls(tmp_path):
+    ledger = SqliteLedger(tmp_path / "keys.db")
+    ledger.create_key(key())
+    store = Store(AnswerLostOnce(ledger), clock=lambda: NOW)
+
+    async def call():
+        hold = await store.take_hold(key(), 600)
+        return await store.close_hold(hold.hold_id, 250)
+
+    assert asyncio.run(call()) is True, "not taken for a sweep's"
+    record = ledger.get_key("k1")
+    assert (record.spent_micros, record.held_micros) == (250, 0)
+    store.close()
+
+
+def test_a_settlement_retried_after_a_sweep_took_the_hold_is_reported_as_swept(tmp_path):
+    ledger = SqliteLedger(tmp_path / "keys.db")
+    ledger.create_key(key())
+    flaky = AnswerLostOnce(ledger)
+    flaky.lost = 1  # answers from the start
+    store = Store(flaky, clock=lambda: NOW)
+
+    async def call():
+        hold = await store.take_hold(key(), 600)
+        ledger.sweep_stale_holds(0, now=NOW + 1)
+        return await store.close_hold(hold.hold_id, 250)
+
+    assert asyncio.run(call()) is False
+    assert ledger.get_key("k1").spent_micros == 600
+    store.close()
