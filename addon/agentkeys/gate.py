@@ -26,7 +26,7 @@ from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, MalformedRequest, RequestFacts, Unmeterable, WireFormat
 from agentkeys.seal import altered_message
-from agentkeys.store import Store
+from agentkeys.store import Closed, Store
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +254,13 @@ class Gate:
         closed = await self.store.close_hold(admission.hold_id, charge.cost_micros)
         if closed is None:
             return Settlement(0, "none", why="already settled")
-        if closed is False:
+        if closed is Closed.SWEPT:
             why = (f"a sweep took this call for dead and charged its full hold first (hold {admission.hold_id}):"
                    " that charge has its own record")  # fmt: skip
             return Settlement(0, "swept", charge.usage, why)
+        if closed is Closed.LOST:
+            lost = f"the store lost hold {admission.hold_id} (its data was lost): only this record has the charge"
+            return dataclasses.replace(charge, why="; ".join(reason for reason in (charge.why, lost) if reason))
         return charge
 
     def release(self, admission: Admission) -> None:

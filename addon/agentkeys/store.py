@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
 from typing import TypeVar
 
 from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, Reservation, StaleHold
@@ -156,11 +157,10 @@ class Store:
             self.forget(key.key_id)
         return reservation
 
-    async def close_hold(self, hold_id: str, cost_micros: int) -> bool | None:
+    async def close_hold(self, hold_id: str, cost_micros: int) -> "Closed | None":
         """Turn an open hold into `cost_micros` of spend (0 releases it), trying until the store takes it.
 
-        None if this proxy already closed it (so a call is never settled twice); False if a sweep
-        took it first, having charged it in full.
+        None if this proxy already closed it (so a call is never settled twice); else how it ended.
         """
         if hold_id not in self.open_holds:
             return None
@@ -168,14 +168,16 @@ class Store:
         self._closing.add(hold_id)
         attempts = 0
 
-        async def settle() -> bool:
+        async def settle() -> Closed:
             nonlocal attempts
             attempts += 1
-            closed = await self._close_hold((hold_id, cost_micros))
-            if closed or attempts == 1:
-                return closed
-            # Found closed after an attempt whose answer was lost: that attempt wrote it, unless a sweep did.
-            return not await self._ask(lambda ledger: ledger.was_swept(hold_id))
+            if await self._close_hold((hold_id, cost_micros)):
+                return Closed.WRITTEN
+            if await self._ask(lambda ledger: ledger.was_swept(hold_id)):
+                return Closed.SWEPT
+            # Not open, and no sweep took it: an earlier attempt whose answer was lost wrote it, or else
+            # the store no longer has it (it lost its data).
+            return Closed.WRITTEN if attempts > 1 else Closed.LOST
 
         try:
             return await self._until_written(settle, f"settling {hold_id}")
@@ -243,6 +245,14 @@ class Store:
     async def purge_expired(self) -> list[str]:
         now = self._now()
         return await self._ask(lambda ledger: ledger.purge_expired(now))
+
+
+class Closed(Enum):
+    """How a settlement ended."""
+
+    WRITTEN = "written"  # the hold became the call's charge
+    SWEPT = "swept"  # a sweep took the hold for dead first, and charged it in full
+    LOST = "lost"  # the store no longer has the hold (it lost its data): the charge is in the audit only
 
 
 class NextTurnBatch:

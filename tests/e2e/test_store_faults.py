@@ -217,3 +217,26 @@ def test_serve_refuses_to_start_on_a_redis_that_may_evict_keys(mock, tmp_path):
     with RedisServer(None, "--maxmemory-policy", "allkeys-lru") as evicting:
         with pytest.raises(RuntimeError, match=r"(?s)exited with 2.*may evict keys.*maxmemory-policy noeviction"):
             start_proxy(tmp_path / "proxy", mock, store=evicting.url)
+
+
+def test_a_call_in_flight_when_redis_loses_its_data_is_audited_at_its_cost_and_touches_no_new_hold(
+    redis_proxy, redis_server, mock, tmp_path
+):
+    key = redis_proxy.issue(write_policy(tmp_path))
+    mock.delay_next(2)
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(ask(redis_proxy, key, timeout=30)))
+    caller.start()
+    wait_for_the_provider(mock)
+    redis_server.kill()
+    redis_server.start()  # empty: every key, hold and counter gone
+    fresh = redis_proxy.issue(write_policy(tmp_path))
+    held = redis_proxy.ledger()
+    first = held.reserve(fresh["id"], 100)  # a new key's hold, taken while the old call is still out
+    caller.join(timeout=15)
+    assert answers
+    [record] = redis_proxy.records_for(key["id"])
+    assert record["metering"] == "usage" and record["cost_micros"] > 0 and "lost hold" in record["reason"]
+    assert held.get_key(fresh["id"]).held_micros == 100, "the old call's settlement closed nothing of the new key"
+    assert held.settle(first.hold_id, 0) is True
+    held.close()

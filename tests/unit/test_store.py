@@ -4,7 +4,7 @@ own lost answer for a sweep."""
 import asyncio
 
 from agentkeys.ledger import KeyRecord, LedgerUnavailable, SqliteLedger
-from agentkeys.store import Store
+from agentkeys.store import Closed, Store
 
 NOW = 1_000_000.0
 
@@ -43,7 +43,7 @@ def test_a_settlement_whose_answer_was_lost_is_written_once_and_reported_as_this
         hold = await store.take_hold(key(), 600)
         return await store.close_hold(hold.hold_id, 250)
 
-    assert asyncio.run(call()) is True, "not taken for a sweep's"
+    assert asyncio.run(call()) is Closed.WRITTEN, "not taken for a sweep's"
     record = ledger.get_key("k1")
     assert (record.spent_micros, record.held_micros) == (250, 0)
     store.close()
@@ -61,6 +61,21 @@ def test_a_settlement_retried_after_a_sweep_took_the_hold_is_reported_as_swept(t
         ledger.sweep_stale_holds(0, now=NOW + 1)
         return await store.close_hold(hold.hold_id, 250)
 
-    assert asyncio.run(call()) is False
+    assert asyncio.run(call()) is Closed.SWEPT
     assert ledger.get_key("k1").spent_micros == 600
+    store.close()
+
+
+def test_a_hold_the_store_no_longer_has_is_reported_lost_not_swept(tmp_path):
+    """The store lost its data while the call ran: its charge is kept in the audit record alone."""
+    ledger = SqliteLedger(tmp_path / "keys.db")
+    ledger.create_key(key())
+    store = Store(ledger, clock=lambda: NOW)
+
+    async def call():
+        hold = await store.take_hold(key(), 600)
+        ledger.settle(hold.hold_id, 0)  # gone from the store by other means than a sweep
+        return await store.close_hold(hold.hold_id, 250)
+
+    assert asyncio.run(call()) is Closed.LOST
     store.close()
