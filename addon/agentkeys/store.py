@@ -237,7 +237,7 @@ class Store:
 
     async def sweep_stale_holds(self, older_than_seconds: float) -> list[StaleHold]:
         now = self._now()
-        swept = await self._ask(lambda ledger: ledger.sweep_stale_holds(older_than_seconds, now))
+        swept = await self._ask(lambda ledger: ledger.sweep_stale_holds(now, older_than_seconds))
         # A call whose flow never came back (a hook that never ran) no longer counts as one in flight.
         self.open_holds.difference_update(hold.hold_id for hold in swept)
         return swept

@@ -291,7 +291,7 @@ def test_a_cancelled_hold_is_freed_and_its_name_takes_nothing_later(ledger):
     late = ledger.reserve("k1", 600, NOW, hold_id="k1.0000000000000002")
     assert (late.hold_id, late.refusal) == (None, Refusal.CANCELLED)
     assert balances(ledger) == (0, 0)
-    assert ledger.sweep_stale_holds(0, now=NOW + 1) == [], "nothing was left for a sweep to charge"
+    assert ledger.sweep_stale_holds(NOW + 1, older_than_seconds=0) == [], "nothing was left for a sweep to charge"
 
 
 def test_a_hold_name_for_another_key_is_refused(ledger):
@@ -359,7 +359,7 @@ def test_sweep_settles_stale_holds_at_their_full_amount_exactly_once(ledger):
     recent = ledger.reserve("k1", 200, NOW + 10).hold_id
     ledger.revoke("k2", NOW + 6)  # a revoked key's holds are swept all the same
 
-    swept = ledger.sweep_stale_holds(60, now=NOW + 70)  # created before NOW + 10
+    swept = ledger.sweep_stale_holds(NOW + 70, older_than_seconds=60)  # created before NOW + 10
 
     assert swept == [  # oldest first
         StaleHold(first, "k1", 100, NOW),
@@ -370,7 +370,7 @@ def test_sweep_settles_stale_holds_at_their_full_amount_exactly_once(ledger):
     assert balances(ledger, "k2") == (50, 0)
     assert ledger.settle(first, 10) is False  # the dead call's late settlement changes nothing
     assert balances(ledger, "k1") == (100, 200)
-    assert ledger.sweep_stale_holds(60, now=NOW + 70) == []
+    assert ledger.sweep_stale_holds(NOW + 70, older_than_seconds=60) == []
     assert ledger.settle(recent, 150) is True
     assert balances(ledger, "k1") == (250, 0)
 
@@ -381,23 +381,23 @@ def test_renewed_holds_are_not_swept_while_their_calls_live(ledger):
     alive = ledger.reserve("k1", 100, NOW).hold_id
     dead = ledger.reserve("k1", 200, NOW).hold_id
     ledger.renew_holds([alive, "k1.0000000000000009"], now=NOW + 50)  # a closed or unknown hold is not brought back
-    assert ledger.sweep_stale_holds(60, now=NOW + 70) == [StaleHold(dead, "k1", 200, NOW)]
+    assert ledger.sweep_stale_holds(NOW + 70, older_than_seconds=60) == [StaleHold(dead, "k1", 200, NOW)]
     assert balances(ledger) == (200, 100)
     assert ledger.settle(alive, 40) is True, "the live call settles its own hold, once"
-    assert ledger.sweep_stale_holds(0, now=NOW + 500) == []
+    assert ledger.sweep_stale_holds(NOW + 500, older_than_seconds=0) == []
     assert balances(ledger) == (240, 0)
     ledger.renew_holds([])  # nothing to renew: nothing asked of the store
 
 
 def test_sweep_of_a_ledger_without_holds(ledger):
-    assert ledger.sweep_stale_holds(0, now=NOW) == []
+    assert ledger.sweep_stale_holds(NOW, older_than_seconds=0) == []
 
 
 def test_swept_holds_no_longer_keep_an_expired_key_from_being_purged(ledger):
     ledger.create_key(record(expires_at=NOW + 10))
     ledger.reserve("k1", 5, NOW)
     assert ledger.purge_expired(NOW + 20) == []
-    ledger.sweep_stale_holds(15, now=NOW + 20)
+    ledger.sweep_stale_holds(NOW + 20, older_than_seconds=15)
     assert ledger.purge_expired(NOW + 20) == ["k1"]
 
 
@@ -431,7 +431,7 @@ def test_everything_a_tree_of_keys_wrote_is_deleted_once_it_expires_and_is_purge
         ledger.reserve("p", 300, NOW)  # a call whose proxy died: swept
         ledger.cancel_hold(ledger.reserve("p", 30, NOW).hold_id)
         ledger.cancel_hold("p.00000000000000ff")  # a name cancelled before its reserve arrived
-        ledger.sweep_stale_holds(10, now=NOW + 20)
+        ledger.sweep_stale_holds(NOW + 20, older_than_seconds=10)
         assert stored_items(store) > before
         ledger.purge_expired(NOW + 70)
         assert ledger.children("p") == [] and ledger.get_key("p").held_micros == 0
@@ -831,7 +831,7 @@ def apply(ledger, model: Model, op: tuple) -> None:
             if created < model.now - args[0]
         )
         expected = [StaleHold(hold_id, key_id, amount, created) for created, hold_id, key_id, amount in stale]
-        assert ledger.sweep_stale_holds(args[0], model.now) == expected, op
+        assert ledger.sweep_stale_holds(model.now, args[0]) == expected, op
         for hold in expected:
             model.close(hold.hold_id, hold.amount_micros)
 
@@ -971,7 +971,7 @@ def test_redis_key_ttl_runs_past_expiry_on_redis_clock_and_is_lifted_while_a_hol
 
     ledger.create_key(record("old", created_at=now - 7200, expires_at=now - 3600))
     ledger.reserve("old", 10, now=now - 4000)  # taken before it expired; its proxy died
-    ledger.sweep_stale_holds(60)  # swept after expiry: kept for the retention from now
+    ledger.sweep_stale_holds(None, 60)  # swept after expiry: kept for the retention from now
     assert RETENTION_SECONDS - 2 <= raw.ttl("agentkeys:key:old") <= RETENTION_SECONDS
 
 
@@ -996,7 +996,7 @@ def every_operation(ledger):
         "revoke": lambda: ledger.revoke("k1", NOW),
         "reserve": lambda: ledger.reserve("k1", 1, NOW),
         "settle": lambda: ledger.settle("k1.0123456789abcdef", 1),
-        "sweep_stale_holds": lambda: ledger.sweep_stale_holds(60, NOW),
+        "sweep_stale_holds": lambda: ledger.sweep_stale_holds(NOW, 60),
         "purge_expired": lambda: ledger.purge_expired(NOW),
     }
 
@@ -1102,7 +1102,7 @@ def test_redis_the_acl_the_docs_give_runs_every_operation_and_nothing_destructiv
         assert ledger.settle(hold, 5) is True
         assert ledger.cancel_hold(ledger.reserve("p", 10).hold_id) is True
         assert [key.key_id for key in ledger.children("p")] == ["c"] and len(ledger.list_keys()) == 2
-        assert ledger.sweep_stale_holds(0) == [] and ledger.purge_expired() == []
+        assert ledger.sweep_stale_holds(None, 0) == [] and ledger.purge_expired() == []
         assert ledger.claim_token(GITHUB, "jti", now + 10) is True and ledger.revoke("p") is True
         assert ledger.ping() is None
         ledger.close()
@@ -1113,7 +1113,7 @@ def test_redis_the_acl_the_docs_give_runs_every_operation_and_nothing_destructiv
 def test_a_swept_hold_is_remembered_as_swept_until_its_key_is_purged(ledger):
     ledger.create_key(record(expires_at=NOW + 10))
     swept, settled = ledger.reserve("k1", 5, NOW).hold_id, ledger.reserve("k1", 6, NOW + 5).hold_id
-    assert ledger.sweep_stale_holds(60, now=NOW + 62) == [StaleHold(swept, "k1", 5, NOW)]
+    assert ledger.sweep_stale_holds(NOW + 62, older_than_seconds=60) == [StaleHold(swept, "k1", 5, NOW)]
     ledger.settle(settled, 6)
     assert ledger.was_swept(swept) is True and ledger.was_swept(settled) is False
     assert ledger.purge_expired(NOW + 100) == ["k1"]

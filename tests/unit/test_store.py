@@ -58,7 +58,7 @@ def test_a_settlement_retried_after_a_sweep_took_the_hold_is_reported_as_swept(t
 
     async def call():
         hold = await store.take_hold(key(), 600)
-        ledger.sweep_stale_holds(0, now=NOW + 1)
+        ledger.sweep_stale_holds(NOW + 1, older_than_seconds=0)
         return await store.close_hold(hold.hold_id, 250)
 
     assert asyncio.run(call()) is Closed.SWEPT

@@ -177,7 +177,7 @@ class Ledger(Protocol):
         """Mark these holds as still in use (their calls are alive), so no sweep takes them for dead."""
         ...
 
-    def sweep_stale_holds(self, older_than_seconds: float, now: float | None = None) -> list[StaleHold]:
+    def sweep_stale_holds(self, now: float | None, older_than_seconds: float) -> list[StaleHold]:
         """Settle every hold neither taken nor renewed in the last `older_than_seconds` at its full amount,
         oldest first.
 

@@ -498,7 +498,7 @@ class RedisLedger:
             pipeline.evalsha(script.sha, 0, *arguments)
         return pipeline.execute()
 
-    def sweep_stale_holds(self, older_than_seconds: float, now: float | None = None) -> list[StaleHold]:
+    def sweep_stale_holds(self, now: float | None, older_than_seconds: float) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
         with self._store():
             flat = self._sweep(args=[older_than_seconds, given(now)])

@@ -349,7 +349,7 @@ class SqliteLedger:
                 "UPDATE holds SET renewed_at = ? WHERE hold_id = ?", [(now, hold_id) for hold_id in hold_ids]
             )
 
-    def sweep_stale_holds(self, older_than_seconds: float, now: float | None = None) -> list[StaleHold]:
+    def sweep_stale_holds(self, now: float | None, older_than_seconds: float) -> list[StaleHold]:
         """Settle holds left by dead calls at their full amount (see `Ledger.sweep_stale_holds`)."""
         with self._transaction() as db:
             rows = db.execute(
