@@ -425,6 +425,8 @@ class AgentKeys:
     def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
         status, body = state.wire.error(denial.kind, denial.message)
         flow.response = json_response(status, body, RETRY_HEADER.get(denial.kind))
+        if denial.key:
+            flow.response.headers[REMAINING_HEADER] = usd_header(remaining_when_refused(denial))
         state.finished = True
         self.metrics.refused(state.call.provider, denial.key and denial.key.policy_name, denial.kind.value)
         revision = state.gate.policies.get(denial.key.policy_name) if denial.key else None
@@ -740,6 +742,15 @@ def budget_headers(admission: Admission, cost: int | None) -> dict[str, str]:
     if admission.clamped_to:
         headers[CLAMPED_HEADER] = str(admission.clamped_to)
     return headers
+
+
+def remaining_when_refused(denial: Denial) -> int:
+    """What a refused call's key has left: nothing once it can no longer spend (revoked, expired)."""
+    if denial.remaining_micros is not None:
+        return max(0, denial.remaining_micros)
+    if denial.key.status(time.time()) != "active":
+        return 0
+    return max(0, denial.key.remaining_micros)
 
 
 def usd_header(micros: int) -> str:

@@ -36,6 +36,7 @@ class Denial(Exception):
         key: KeyRecord | None = None,
         model: str | None = None,
         presented_key_id: str | None = None,  # the id in a key the store does not know (forged, or purged)
+        remaining_micros: int | None = None,  # what the key had left when refused, if fresher than `key`'s
     ):
         super().__init__(message)
         self.kind = kind
@@ -43,6 +44,7 @@ class Denial(Exception):
         self.key = key
         self.model = model
         self.presented_key_id = presented_key_id
+        self.remaining_micros = remaining_micros
 
 
 @dataclass(frozen=True)

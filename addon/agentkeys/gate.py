@@ -397,6 +397,7 @@ def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) 
             f" {remaining_phrase(reservation.remaining_micros)}",
             key,
             plan.facts.model,
+            remaining_micros=reservation.remaining_micros,
         )
     if reservation.refusal is not None:
         raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {key.key_id} is {reservation.refusal.value}", key)

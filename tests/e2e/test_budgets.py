@@ -67,6 +67,7 @@ def test_budget_exhaustion_is_refused_in_openai_shape_and_not_retried(proxy, moc
     assert error.body["code"] == "insufficient_quota"
     assert "budget exhausted: this call could cost up to $0.0006" in error.message
     assert "$0.00001 remains" in error.message
+    assert error.response.headers["x-agentkeys-budget-remaining"] == "0.000010"
     assert mock.received == []
     assert len(proxy.records_for(key["id"])) == 1, "the SDK retried a refusal it was told not to retry"
 
@@ -79,6 +80,7 @@ def test_budget_exhaustion_in_anthropic_shape(proxy, mock, policies):
         )
     assert refused.value.status_code == 402
     assert refused.value.body["error"]["type"] == "billing_error"
+    assert refused.value.response.headers["x-agentkeys-budget-remaining"] == "0.000010"
     assert mock.received == [] and len(proxy.records_for(key["id"])) == 1
 
 
@@ -100,6 +102,10 @@ def test_spending_down_a_budget_never_overshoots(proxy, mock, policies):
     assert allowed == len(mock.reported) >= 10
     assert record.spent_micros <= record.budget_micros
     assert record.budget_micros - record.spent_micros < 32, "refused although the worst case still fitted"
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask(client, max_tokens=50)
+    told = refused.value.response.headers["x-agentkeys-budget-remaining"]
+    assert told == f"{(record.budget_micros - record.spent_micros) / 1e6:.6f}"
 
 
 def test_upstream_error_releases_the_hold(proxy, mock, policies):

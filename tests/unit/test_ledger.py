@@ -388,6 +388,21 @@ def test_a_finished_childs_unspent_budget_returns_to_its_parent(ledger):
     assert ledger.get_key("p").spent_micros == 180, "a grant returns once"
 
 
+def test_revoking_a_tree_with_nothing_in_flight_returns_its_grants_at_once(ledger):
+    """An orchestrator revokes a finished sub-agent and can spend what it left at once, not after a purge."""
+    ledger.create_key(record("p", budget=1_000))
+    ledger.create_child(child("c", "p", 400), 5, NOW)
+    ledger.create_child(child("g", "c", 100, depth=2), 5, NOW)
+    spend(ledger, "g", 20)
+    spend(ledger, "c", 30)
+    assert ledger.revoke("c", NOW) is True
+    parent = ledger.get_key("p")
+    assert (parent.held_micros, parent.spent_micros, parent.remaining_micros) == (0, 50, 950)
+    assert ledger.get_key("c").grant_micros == ledger.get_key("g").grant_micros == 0
+    ledger.purge_expired(NOW)
+    assert ledger.get_key("p").spent_micros == 50, "a grant returns once"
+
+
 def test_expiry_returns_grants_up_a_whole_tree_then_purges_it(ledger):
     ledger.create_key(record("p", budget=1_000, expires_at=NOW + 100))
     ledger.create_child(child("c", "p", 500, expires_at=NOW + 50), 5, NOW)

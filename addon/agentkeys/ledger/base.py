@@ -123,7 +123,11 @@ class Ledger(Protocol):
         ...
 
     def revoke(self, key_id: str, now: float) -> bool:
-        """Revoke a key and every descendant at once; False if the key was not active."""
+        """Revoke a key and every descendant at once; False if the key was not active.
+
+        The grants of the revoked children with nothing in flight go back to their parents at once (as
+        in `purge_expired`); a child with a call in flight gives its grant back at the next purge.
+        """
         ...
 
     def purge_expired(self, now: float) -> list[str]:

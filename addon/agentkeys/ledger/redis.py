@@ -106,6 +106,35 @@ local function close_hold(hold_id, charge, now)
 end
 """
 
+# Give back to their parents the grants of children that can no longer spend (revoked or expired) and
+# have nothing in flight, repeating, since returning a grandchild's can finish its parent.
+RETURN_FINISHED_GRANTS = """
+local function return_finished_grants(now)
+    local returned = true
+    while returned do
+        returned = false
+        for _, child_id in ipairs(redis.call('ZRANGE', OPEN_GRANTS, 0, -1)) do
+            local child = key_name(child_id)
+            local c = redis.call('HMGET', child, 'parent_id', 'grant_micros', 'spent_micros', 'open_holds',
+                                 'revoked_at', 'expires_at')
+            if not c[1] then
+                redis.call('ZREM', OPEN_GRANTS, child_id)
+            elseif tonumber(c[4]) == 0 and (c[5] or now >= tonumber(c[6])) then
+                local parent = key_name(c[1])
+                if redis.call('EXISTS', parent) == 1 then
+                    incr(parent, 'held_micros', -tonumber(c[2]))
+                    incr(parent, 'spent_micros', tonumber(c[3]))
+                    if incr(parent, 'open_holds', -1) == 0 then arm_ttl(parent, now) end
+                end
+                redis.call('HSET', child, 'grant_micros', 0)
+                redis.call('ZREM', OPEN_GRANTS, child_id)
+                returned = true
+            end
+        end
+    end
+end
+"""
+
 # Store a key from its field/value pairs (ARGV from `first`); false if the id is taken.
 CREATE_KEY = """
 local function create_key(key_id, first)
@@ -165,6 +194,7 @@ while #pending > 0 do
         table.insert(pending, child_id)
     end
 end
+return_finished_grants(tonumber(ARGV[2]))
 return 1
 """
 
@@ -209,33 +239,12 @@ end
 return swept
 """
 
-# ARGV: now. Returns finished children's grants to their parents (repeating, since returning a
-# grandchild's can finish its parent), then removes expired keys with nothing open. Returns the ids of
+# ARGV: now. Returns finished children's grants to their parents, then removes expired keys with
+# nothing open. Returns the ids of
 # the keys it removed (including any whose TTL had already removed them).
 PURGE = """
 local now = tonumber(ARGV[1])
-local returned = true
-while returned do
-    returned = false
-    for _, child_id in ipairs(redis.call('ZRANGE', OPEN_GRANTS, 0, -1)) do
-        local child = key_name(child_id)
-        local c = redis.call('HMGET', child, 'parent_id', 'grant_micros', 'spent_micros', 'open_holds',
-                             'revoked_at', 'expires_at')
-        if not c[1] then
-            redis.call('ZREM', OPEN_GRANTS, child_id)
-        elseif tonumber(c[4]) == 0 and (c[5] or now >= tonumber(c[6])) then
-            local parent = key_name(c[1])
-            if redis.call('EXISTS', parent) == 1 then
-                incr(parent, 'held_micros', -tonumber(c[2]))
-                incr(parent, 'spent_micros', tonumber(c[3]))
-                if incr(parent, 'open_holds', -1) == 0 then arm_ttl(parent, now) end
-            end
-            redis.call('HSET', child, 'grant_micros', 0)
-            redis.call('ZREM', OPEN_GRANTS, child_id)
-            returned = true
-        end
-    end
-end
+return_finished_grants(now)
 local purged = {}
 for _, key_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS_BY_EXPIRY, '-inf', ARGV[1])) do
     local key = key_name(key_id)
@@ -278,10 +287,11 @@ class RedisLedger:
             retry=Retry(NoBackoff(), 0),
         )
         script = self._redis.register_script
-        self._create, self._revoke = script(PRELUDE + CREATE_KEY + CREATE), script(PRELUDE + REVOKE)
+        self._create = script(PRELUDE + CREATE_KEY + CREATE)
+        self._revoke = script(PRELUDE + RETURN_FINISHED_GRANTS + REVOKE)
         self._create_child = script(PRELUDE + CREATE_KEY + CREATE_CHILD)
         self._reserve, self._settle = script(PRELUDE + RESERVE), script(PRELUDE + SETTLE)
-        self._sweep, self._purge = script(PRELUDE + SWEEP), script(PRELUDE + PURGE)
+        self._sweep, self._purge = script(PRELUDE + SWEEP), script(PRELUDE + RETURN_FINISHED_GRANTS + PURGE)
         self._claim_token = script(CLAIM_TOKEN)
 
     @contextmanager

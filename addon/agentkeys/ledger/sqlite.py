@@ -209,6 +209,7 @@ class SqliteLedger:
                 " UPDATE keys SET revoked_at = ? WHERE key_id IN tree AND revoked_at IS NULL",
                 (key_id, now),
             )
+            return_finished_grants(db, now)
             return active is not None
 
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
@@ -275,18 +276,7 @@ class SqliteLedger:
     def purge_expired(self, now: float) -> list[str]:
         """Return finished children's grants, then delete expired keys with nothing open (see `Ledger`)."""
         with self._transaction() as db:
-            while finished := db.execute(
-                "SELECT key_id, parent_id, grant_micros, spent_micros FROM keys"
-                " WHERE grant_micros > 0 AND held_micros = 0 AND (revoked_at IS NOT NULL OR expires_at <= ?)",
-                (now,),
-            ).fetchall():  # returning a grandchild's grant can finish its parent: repeat until none is left
-                for key_id, parent_id, grant, spent in finished:
-                    db.execute(
-                        "UPDATE keys SET held_micros = held_micros - ?, spent_micros = spent_micros + ?"
-                        " WHERE key_id = ?",
-                        (grant, spent, parent_id),
-                    )
-                    db.execute("UPDATE keys SET grant_micros = 0 WHERE key_id = ?", (key_id,))
+            return_finished_grants(db, now)
             rows = db.execute(
                 "SELECT key_id FROM keys WHERE expires_at <= ? AND held_micros = 0 AND grant_micros = 0"
                 " AND NOT EXISTS (SELECT 1 FROM holds WHERE holds.key_id = keys.key_id)",
@@ -313,6 +303,22 @@ class SqliteLedger:
     def nonblocking(self) -> "SqliteLedger":
         """The same file with no busy wait: microseconds on the event loop, or LedgerBusy at once."""
         return type(self)(self.path, busy_timeout_seconds=0)
+
+
+def return_finished_grants(db: sqlite3.Connection, now: float) -> None:
+    """Give back to their parents the grants of children that can no longer spend (revoked or expired)
+    and have nothing in flight: what they spent becomes the parent's spend, the rest is free again."""
+    while finished := db.execute(
+        "SELECT key_id, parent_id, grant_micros, spent_micros FROM keys"
+        " WHERE grant_micros > 0 AND held_micros = 0 AND (revoked_at IS NOT NULL OR expires_at <= ?)",
+        (now,),
+    ).fetchall():  # returning a grandchild's grant can finish its parent: repeat until none is left
+        for key_id, parent_id, grant, spent in finished:
+            db.execute(
+                "UPDATE keys SET held_micros = held_micros - ?, spent_micros = spent_micros + ? WHERE key_id = ?",
+                (grant, spent, parent_id),
+            )
+            db.execute("UPDATE keys SET grant_micros = 0 WHERE key_id = ?", (key_id,))
 
 
 def insert_key(db: sqlite3.Connection, record: KeyRecord) -> None:
