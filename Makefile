@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/agentkeys serve --config agentkeys.yaml
 
+# One pytest worker per core; a test file runs whole in one worker, so its module fixtures start once.
 test: install redis-server iptables node-sdk
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 # The Redis tests start their own throwaway redis-server; install Debian's if the machine has none.
 redis-server:
