@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from agentkeys import credentials
 from agentkeys.calls import CallRequest, Denial, Outcome
-from agentkeys.gate import Admission, Gate, Settlement, charge_for
+from agentkeys.gate import Admission, Gate
 from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
 from agentkeys.money import format_usd, usd_to_micros
 from agentkeys.policy import Policy, ProxyConfig
@@ -22,6 +22,7 @@ from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers import FORMATS
 from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE as ANTHROPIC_IMAGE_ALLOWANCE
 from agentkeys.providers.base import DenyKind, StreamResult
+from agentkeys.settlement import Settlement, charge_for
 from agentkeys.store import Store
 from mock_provider import count_o200k_tokens
 from mock_provider.anthropic import Messages
@@ -425,7 +426,7 @@ def test_settle_without_usage_charges_the_full_hold(env, admission_and_key):
 def test_a_stream_without_the_providers_usage_is_charged_its_full_hold(env, admission_and_key, complete):
     """What was visible is no measure of what the provider bills (reasoning tokens are invisible)."""
     admission, key = admission_and_key
-    result = StreamResult(usage=None, complete=complete, streamed_text="Hello")
+    result = StreamResult(usage=None)
     outcome = Outcome(reached_provider=True, complete=complete, status=200, stream=result)
     settlement = run(env.gate.settle(admission, outcome))
     assert (settlement.cost_micros, settlement.metering) == (admission.hold_micros, "held")
@@ -436,7 +437,7 @@ def test_a_stream_without_the_providers_usage_is_charged_its_full_hold(env, admi
 def test_a_complete_stream_is_charged_its_usage(env, admission_and_key):
     admission, key = admission_and_key
     usage = Usage(input_tokens=9, output_tokens=3)
-    settlement = run(env.gate.settle(admission, answered(stream=StreamResult(usage, True, "hi"))))
+    settlement = run(env.gate.settle(admission, answered(stream=StreamResult(usage))))
     assert (settlement.cost_micros, settlement.metering) == (cost_micros(MINI, usage), "usage")
 
 
@@ -453,7 +454,7 @@ def test_a_call_that_never_reached_the_provider_is_charged_nothing(env, admissio
         lambda gate, a: gate.settle(a, answered()),
         lambda gate, a: gate.settle(a, answered(Usage(input_tokens=999, output_tokens=999))),
         lambda gate, a: gate.settle(a, NEVER_SENT),
-        lambda gate, a: gate.settle(a, answered(stream=StreamResult(None, False, "more text"))),
+        lambda gate, a: gate.settle(a, answered(stream=StreamResult(None))),
     ],
     ids=["full-hold", "usage", "release", "stream"],
 )
@@ -779,9 +780,9 @@ def cut_stream(result: StreamResult) -> Outcome:
         (answered(), 1_000, "held"),
         (Outcome(reached_provider=True, complete=False), 1_000, "held"),
         (Outcome(reached_provider=True, complete=False, status=200), 1_000, "held"),
-        (cut_stream(StreamResult(None, False, "Hi")), 1_000, "held"),
-        (cut_stream(StreamResult(SMALL, False, "")), cost_micros(MINI, SMALL), "usage"),
-        (Outcome(True, True, 200, stream=StreamResult(SMALL, True, ""), meter_broken=True), 1_000, "held"),
+        (cut_stream(StreamResult(None)), 1_000, "held"),
+        (cut_stream(StreamResult(SMALL)), cost_micros(MINI, SMALL), "usage"),
+        (Outcome(True, True, 200, stream=StreamResult(SMALL), meter_broken=True), 1_000, "held"),
     ],
     ids=["never-sent", "429", "cut-500", "usage", "no-usage", "cut-before-headers", "cut-after-headers", "stream-cut",
          "stream-cut-after-usage", "meter-broken"],
@@ -829,7 +830,7 @@ def test_the_charge_is_never_below_what_the_provider_bills(
     outcome = Outcome(
         reached_provider=reached, complete=complete, status=status, meter_broken=meter_broken,
         usage=seen if reported == "body" else None,
-        stream=StreamResult(seen, complete, "") if reported == "stream" else None,
+        stream=StreamResult(seen) if reported == "stream" else None,
     )  # fmt: skip
     charge = charge_for(metered_admission(hold_micros=hold), outcome)
     assert charge.cost_micros >= billed
