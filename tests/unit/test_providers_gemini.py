@@ -6,7 +6,7 @@ import pytest
 
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import MalformedRequest, Unmeterable
+from agentkeys.providers.base import MalformedRequest, StreamResult, Unmeterable
 from agentkeys.providers.gemini import (
     IMAGE_TOKEN_ALLOWANCE,
     REQUEST_OVERHEAD_TOKENS,
@@ -54,6 +54,13 @@ def test_the_gemini_meter_bills_thoughts_as_output_and_waits_for_the_finish():
     assert (cut.usage, cut.usage_rejected) == (None, None), "usage before the finish reason is not final"
     feed_all(meter, [gemini_chunk("", "STOP", candidatesTokenCount=2, thoughtsTokenCount=5, cachedContentTokenCount=4)])
     assert meter.result().usage == Usage(7, 7, cached_tokens=4, reasoning_tokens=5)
+
+
+def test_the_gemini_meter_passes_every_event_on_and_has_no_usage_without_metadata():
+    meter = GEMINI.stream_meter(None)
+    finished_without_usage = sse({"candidates": [{"content": {"parts": [{"text": "x"}]}, "finishReason": "STOP"}]})
+    assert feed_all(meter, [b"data: not json\n\n", sse({"candidates": []}), finished_without_usage]) == [True] * 3
+    assert meter.result() == StreamResult(usage=None)
 
 
 EMPTY_SYSTEM = TOKENS_PER_CONTENT  # the system instruction's content, counted even when absent
