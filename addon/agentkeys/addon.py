@@ -32,7 +32,7 @@ from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.connections import ConnectionGuard
 from agentkeys.control import Control, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
-from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement, charge_for
+from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate
 from agentkeys.health import HealthServer, ca_loaded, listeners_up, store_answers
 from agentkeys.identity import identities_from
 from agentkeys.ledger import LedgerUnavailable, open_ledger
@@ -63,6 +63,7 @@ from agentkeys.routing import (
     Upstream,
     host_conflict,
 )
+from agentkeys.settlement import Settlement, charge_for
 from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
 

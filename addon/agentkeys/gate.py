@@ -3,9 +3,9 @@
     identify → authorize → read the request → price the worst case → reserve → (forward) → settle
 
 `admit` runs the steps in order and returns a frozen Admission (forward the call, with this hold),
-or raises a Denial from whichever step refused it. After the call, `settle` turns the hold into
-spend from the Outcome's plain facts: every settlement rule lives here, so each is unit-tested
-without mitmproxy.
+or raises a Denial from whichever step refused it. The hold is planned in holds.py. After the call,
+`settle` turns the hold into spend from the Outcome's plain facts, by the rules in settlement.py; each
+is unit-tested without mitmproxy.
 """
 
 import asyncio
@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from agentkeys import tokens
 from agentkeys.auth import Authenticator
 from agentkeys.calls import CallRequest, Denial, Outcome
+from agentkeys.holds import HoldPlan, clamp_plan, plan_hold
 from agentkeys.ledger import KeyRecord, LedgerUnavailable, Refusal, Reservation
 from agentkeys.money import format_usd, remaining_phrase
 from agentkeys.policy import PolicyFile, ProxyConfig, Scope, scope_of
-from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
+from agentkeys.pricing import ModelPrice, PriceTable
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, MalformedRequest, RequestFacts, Unmeterable, WireFormat
+from agentkeys.settlement import Settlement, charge_for
 from agentkeys.store import Store
 
 log = logging.getLogger(__name__)
@@ -56,27 +58,6 @@ class Admission:
     def unmetered(self) -> bool:
         """An endpoint the proxy cannot meter, allowed by the policy's unmetered_endpoints."""
         return self.metering == "unmetered"
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """What a call costs, how that was decided (the audit's `metering`), and why, when it is not the usage."""
-
-    cost_micros: int
-    metering: str  # "usage" | "overrun" | "held" (the full hold) | "none" | "free" | "unmetered"
-    usage: Usage | None = None
-    why: str = ""
-
-
-@dataclass(frozen=True)
-class HoldPlan:
-    """The most a call may cost, and the output limit to send so the provider keeps to it."""
-
-    facts: RequestFacts
-    max_output: int
-    worst_case: int
-    cap: int | None  # an output limit to write into the request; None: forward the agent's own
-    lowered_by: str | None = None  # what lowered the output limit the agent asked for: "policy" or "budget"
 
 
 @dataclass(frozen=True)
@@ -336,47 +317,6 @@ def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Scope, shown: C
         )
 
 
-def plan_hold(facts: RequestFacts, key: KeyRecord, policy: Scope, price: ModelPrice) -> HoldPlan:
-    """The worst case of the call as asked: its output limit (the request's, else the policy's default,
-    else the model's), with input the provider holds bounded by the model's context window."""
-    max_output = first_given(facts.max_output_tokens, policy.default_max_output_tokens, price.max_output_tokens)
-    if max_output is None:
-        raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: set max_tokens; the limit of {facts.model} is unknown", key)
-    facts = bound_unseen_input(facts, key, price)
-    ceiling = policy.max_output_tokens
-    if ceiling is not None and max_output > ceiling:  # a framework's generous default, lowered to the policy's
-        return HoldPlan(facts, ceiling, call_worst_case(price, facts, ceiling), ceiling, lowered_by="policy")
-    # A default the provider does not know about must be sent, or the hold would not bound the call.
-    cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None
-    return HoldPlan(facts, max_output, call_worst_case(price, facts, max_output), cap)
-
-
-def bound_unseen_input(facts: RequestFacts, key: KeyRecord, price: ModelPrice) -> RequestFacts:
-    """Input only the provider can see (a previous response, a file) is bounded by the context window."""
-    if not facts.unseen_input:
-        return facts
-    if price.max_input_tokens is None:
-        raise Denial(
-            DenyKind.FORBIDDEN,
-            f"agentkeys: the call uses input only the provider can see ({facts.unseen_input}) and the"
-            f" context window of {facts.model} is unknown, so its cost cannot be bounded",
-            key,
-            facts.model,
-        )
-    return dataclasses.replace(facts, input_token_bound=price.max_input_tokens)
-
-
-def clamp_plan(plan: HoldPlan, price: ModelPrice, remaining: int) -> HoldPlan | None:
-    """The plan with the largest output limit below the asked one whose worst case fits `remaining`."""
-    if plan.max_output <= 1:
-        return None
-    fitting = affordable_output(price, plan.facts, plan.max_output - 1, remaining)
-    if fitting is None:
-        return None
-    cap, worst_case = fitting
-    return HoldPlan(plan.facts, cap, worst_case, cap, lowered_by="budget")
-
-
 def body_for_provider(wire: WireFormat, plan: HoldPlan, call: CallRequest, key: KeyRecord) -> bytes | None:
     """The body to forward (None: the agent's own), with the plan's output cap written in."""
     try:
@@ -403,37 +343,6 @@ def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) 
         raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {key.key_id} is {reservation.refusal.value}", key)
 
 
-def charge_for(admission: Admission, outcome: Outcome) -> Settlement:
-    """The settlement rules, in order. The provider bills a call once it has it, whether or not the
-    agent waits for the answer; so once a call reached the provider, it is charged its usage if the
-    provider reported it in full, and its whole hold (the most it could cost) otherwise."""
-    if admission.metering != "metered":
-        return Settlement(0, admission.metering)
-    if not outcome.reached_provider:
-        return Settlement(0, "none", why="the call never reached the provider")
-    if outcome.status is not None and outcome.status >= 400:
-        return Settlement(0, "none", why=f"the provider answered {outcome.status}")
-    if outcome.meter_broken:
-        return Settlement(admission.hold_micros, "held", why="the stream could not be metered; charged its full hold")
-    usage = outcome.stream.usage if outcome.stream else outcome.usage
-    if usage is None:
-        return Settlement(admission.hold_micros, "held", why=missing_usage_reason(outcome))
-    cost = cost_micros(admission.price, usage)
-    if cost > admission.hold_micros:
-        return Settlement(cost, "overrun", usage, f"the provider billed {format_usd(cost - admission.hold_micros)} more"
-                      " than the call's hold (it did not keep to the output limit)")  # fmt: skip
-    return Settlement(cost, "usage", usage)
-
-
-def missing_usage_reason(outcome: Outcome) -> str:
-    rejected = outcome.usage_rejected or (outcome.stream.usage_rejected if outcome.stream else None)
-    if rejected:
-        return f"usage not believed: {rejected}; charged the full hold"
-    if not outcome.complete:
-        return "the call broke off before the provider's usage arrived; charged the full hold"
-    return "the response carried no usage the proxy could read; charged the full hold"
-
-
 def model_named_in(body: bytes) -> str | None:
     """The model a request names, if it can be read at all: for the audit of a request refused as unreadable."""
     try:
@@ -442,25 +351,3 @@ def model_named_in(body: bytes) -> str | None:
         return None
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) else None
-
-
-def first_given(*values: int | None) -> int | None:
-    """The first value that is not None (0 counts: an embedding has no output at all)."""
-    return next((value for value in values if value is not None), None)
-
-
-def call_worst_case(price: ModelPrice, facts: RequestFacts, max_output: int) -> int:
-    """The most this call can cost with at most `max_output` tokens in each choice."""
-    return worst_case_micros(price, facts.input_token_bound, max_output * facts.choices, facts.may_write_cache)
-
-
-def affordable_output(price: ModelPrice, facts: RequestFacts, at_most: int, remaining: int) -> tuple[int, int] | None:
-    """(the largest output limit, its worst case) whose worst case fits `remaining`; None if not even one token.
-
-    Cost grows with output, so a binary search over 1..`at_most` finds it in a few dozen steps.
-    """
-    low, high = 0, at_most
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if call_worst_case(price, facts, middle) <= remaining else (low, middle - 1)
-    return (low, call_worst_case(price, facts, low)) if low else None

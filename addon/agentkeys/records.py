@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 from agentkeys.audit import CallRecord
 from agentkeys.calls import CallRequest, Denial
-from agentkeys.gate import Admission, Settlement
+from agentkeys.gate import Admission
 from agentkeys.keys import iso
 from agentkeys.ledger import KeyRecord, StaleHold
 from agentkeys.money import micros_to_usd
+from agentkeys.settlement import Settlement
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ format, the hold never falls below what the provider bills; clamping, unmetered 
 
 import asyncio
 import base64
-import dataclasses
 import json
 import threading
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 
 from agentkeys import credentials
 from agentkeys.calls import CallRequest, Denial, Outcome
-from agentkeys.gate import Admission, Gate, Settlement, charge_for
+from agentkeys.gate import Admission, Gate
 from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
 from agentkeys.money import format_usd, usd_to_micros
 from agentkeys.policy import Policy, ProxyConfig
@@ -425,7 +424,7 @@ def test_settle_without_usage_charges_the_full_hold(env, admission_and_key):
 def test_a_stream_without_the_providers_usage_is_charged_its_full_hold(env, admission_and_key, complete):
     """What was visible is no measure of what the provider bills (reasoning tokens are invisible)."""
     admission, key = admission_and_key
-    result = StreamResult(usage=None, complete=complete, streamed_text="Hello")
+    result = StreamResult(usage=None)
     outcome = Outcome(reached_provider=True, complete=complete, status=200, stream=result)
     settlement = run(env.gate.settle(admission, outcome))
     assert (settlement.cost_micros, settlement.metering) == (admission.hold_micros, "held")
@@ -436,7 +435,7 @@ def test_a_stream_without_the_providers_usage_is_charged_its_full_hold(env, admi
 def test_a_complete_stream_is_charged_its_usage(env, admission_and_key):
     admission, key = admission_and_key
     usage = Usage(input_tokens=9, output_tokens=3)
-    settlement = run(env.gate.settle(admission, answered(stream=StreamResult(usage, True, "hi"))))
+    settlement = run(env.gate.settle(admission, answered(stream=StreamResult(usage))))
     assert (settlement.cost_micros, settlement.metering) == (cost_micros(MINI, usage), "usage")
 
 
@@ -453,7 +452,7 @@ def test_a_call_that_never_reached_the_provider_is_charged_nothing(env, admissio
         lambda gate, a: gate.settle(a, answered()),
         lambda gate, a: gate.settle(a, answered(Usage(input_tokens=999, output_tokens=999))),
         lambda gate, a: gate.settle(a, NEVER_SENT),
-        lambda gate, a: gate.settle(a, answered(stream=StreamResult(None, False, "more text"))),
+        lambda gate, a: gate.settle(a, answered(stream=StreamResult(None))),
     ],
     ids=["full-hold", "usage", "release", "stream"],
 )
@@ -750,90 +749,6 @@ def test_a_long_prompt_is_held_at_its_bytes_and_counted_exactly_only_when_that_d
     tight = env.admitted(call(env.issue(budget_usd=(exact_hold + 5) / 1e6), body))
     assert tight.facts.input_token_bound == exact.input_token_bound and tight.hold_micros == exact_hold
     env.denied(call(env.issue(budget_usd=(exact_hold - 5) / 1e6), body), DenyKind.BUDGET, "could cost up to")
-
-
-# ----- the settlement rules, as a table -----
-
-
-def metered_admission(hold_micros: int = 1_000) -> Admission:
-    return Admission(
-        key=None, policy=None, wire=FORMATS["openai"], facts=None, real_key="sk", metering="metered",
-        remaining_micros=0, price=MINI, hold_id=1, hold_micros=hold_micros,
-    )  # fmt: skip
-
-
-SMALL = Usage(input_tokens=100, output_tokens=50)
-
-
-def cut_stream(result: StreamResult) -> Outcome:
-    return Outcome(reached_provider=True, complete=False, status=200, stream=result)
-
-
-@pytest.mark.parametrize(
-    ("outcome", "cost", "metering"),
-    [
-        (NEVER_SENT, 0, "none"),
-        (Outcome(reached_provider=True, complete=True, status=429), 0, "none"),
-        (Outcome(reached_provider=True, complete=False, status=500), 0, "none"),
-        (answered(SMALL), cost_micros(MINI, SMALL), "usage"),
-        (answered(), 1_000, "held"),
-        (Outcome(reached_provider=True, complete=False), 1_000, "held"),
-        (Outcome(reached_provider=True, complete=False, status=200), 1_000, "held"),
-        (cut_stream(StreamResult(None, False, "Hi")), 1_000, "held"),
-        (cut_stream(StreamResult(SMALL, False, "")), cost_micros(MINI, SMALL), "usage"),
-        (Outcome(True, True, 200, stream=StreamResult(SMALL, True, ""), meter_broken=True), 1_000, "held"),
-    ],
-    ids=["never-sent", "429", "cut-500", "usage", "no-usage", "cut-before-headers", "cut-after-headers", "stream-cut",
-         "stream-cut-after-usage", "meter-broken"],
-)  # fmt: skip
-def test_each_settlement_rule(outcome, cost, metering):
-    charge = charge_for(metered_admission(), outcome)
-    assert (charge.cost_micros, charge.metering) == (cost, metering)
-
-
-def test_usage_above_the_hold_is_charged_in_full_as_an_overrun():
-    """The provider spent it (it ignored the output limit), so the budget pays it; the audit says so."""
-    big = Usage(input_tokens=10_000, output_tokens=10_000)
-    charge = charge_for(metered_admission(hold_micros=10), answered(big))
-    assert (charge.cost_micros, charge.metering) == (cost_micros(MINI, big), "overrun")
-    assert charge.cost_micros > 10 and "more than the call's hold" in charge.why
-
-
-@pytest.mark.parametrize("metering", ["free", "unmetered"])
-def test_calls_without_a_hold_are_charged_nothing(metering):
-    admission = dataclasses.replace(metered_admission(), metering=metering, hold_id=None, hold_micros=0)
-    assert charge_for(admission, answered(SMALL)) == Settlement(0, metering)
-
-
-@given(
-    reached=st.booleans(),
-    complete=st.booleans(),
-    status=st.sampled_from([None, 200, 400, 429, 500]),
-    reported=st.sampled_from(["body", "stream", "none"]),
-    meter_broken=st.booleans(),
-    input_tokens=st.integers(0, 2_000),
-    output_tokens=st.integers(0, 500),
-)
-@settings(max_examples=300, deadline=None)
-def test_the_charge_is_never_below_what_the_provider_bills(
-    reached, complete, status, reported, meter_broken, input_tokens, output_tokens
-):
-    """Whatever the client did and however far the response got, the proxy charges at least the bill.
-
-    The provider bills a call it received and did not refuse; the proxy sees the usage only if the
-    provider reported it (in the body of a complete response, or in a stream's usage event)."""
-    true_usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
-    hold = cost_micros(MINI, Usage(input_tokens=2_000, output_tokens=500))
-    billed = cost_micros(MINI, true_usage) if reached and (status is None or status < 400) else 0
-    seen = true_usage if reported != "none" and (complete or reported == "stream") else None
-    outcome = Outcome(
-        reached_provider=reached, complete=complete, status=status, meter_broken=meter_broken,
-        usage=seen if reported == "body" else None,
-        stream=StreamResult(seen, complete, "") if reported == "stream" else None,
-    )  # fmt: skip
-    charge = charge_for(metered_admission(hold_micros=hold), outcome)
-    assert charge.cost_micros >= billed
-    assert charge.cost_micros <= hold  # and never more than the hold, while the provider keeps to it
 
 
 def test_a_failure_after_the_hold_frees_it_at_once(env, monkeypatch):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from agentkeys.keys import ChildRefused, ChildRequest, child_policy, glob_within
+from agentkeys.keys import ChildRefused, ChildRequest, check_depth_and_lifetime, child_policy, glob_within
+from agentkeys.ledger import KeyRecord
 from agentkeys.policy import Policy
 
 PARENT = Policy.model_validate(
@@ -132,3 +133,43 @@ def test_a_child_policy_is_named_for_what_it_is_and_takes_its_own_budget_and_lif
     named = "parent, narrowed for child key c"
     assert (policy.name, policy.budget_usd, policy.ttl, policy.models) == (named, 0.25, 90, ["gpt-4o"])
     assert policy.endpoints == PARENT.endpoints and policy.max_child_depth == PARENT.max_child_depth
+
+
+# ----- depth and lifetime -----
+
+NOW = 1_700_000_000.0
+
+
+def parent_at(depth: int, expires_in: float) -> KeyRecord:
+    return KeyRecord(key_id="p", key_hash="h", name="p", policy_name="parent", policy_json="{}", created_at=NOW,
+                     expires_at=NOW + expires_in, budget_micros=10**6, depth=depth)  # fmt: skip
+
+
+def check(depth: int, max_depth: int, ttl: str, expires_in: float) -> None:
+    policy = PARENT.model_copy(update={"max_child_depth": max_depth})
+    request = ChildRequest.model_validate({"name": "c", "budget_usd": 0.1, "ttl": ttl})
+    check_depth_and_lifetime(parent_at(depth, expires_in), policy, request, NOW)
+
+
+@pytest.mark.parametrize("max_depth", [1, 2, 5])
+def test_a_child_one_level_deeper_than_the_policy_allows_is_refused_saying_so(max_depth):
+    check(max_depth - 1, max_depth, "5m", 3600)  # its child is at the deepest level allowed
+    with pytest.raises(ChildRefused) as refused:
+        check(max_depth, max_depth, "5m", 3600)
+    assert str(refused.value) == (
+        f"max_child_depth: policy parent allows {max_depth} level(s) of child keys and this key is at depth {max_depth}"
+    )
+
+
+def test_a_policy_without_child_levels_mints_none():
+    with pytest.raises(ChildRefused, match="allows 0 level"):
+        check(0, 0, "5m", 3600)
+
+
+def test_a_child_may_live_exactly_as_long_as_its_parent_and_not_a_second_more():
+    check(0, 1, "300s", 300)
+    with pytest.raises(ChildRefused) as refused:
+        check(0, 1, "301s", 300)
+    assert str(refused.value) == (
+        "ttl: 301s would outlive the parent, which expires at 2023-11-14T22:18:20+00:00 (300s from now)"
+    )

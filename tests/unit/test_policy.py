@@ -15,6 +15,7 @@ from agentkeys.policy import (
     current_policies,
     load_config,
     load_policy,
+    parse_byte_size,
     parse_duration,
     scope_of,
 )
@@ -348,3 +349,40 @@ def test_proxy_config_refuses_bad_audit_settings_with_file_and_line(tmp_path, te
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert expected in str(caught.value)
+
+
+# ----- sizes (max_request_bytes decides which bodies are refused unread) -----
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [(1, 1), (65536, 65536), ("1", 1), ("512k", 512 * 1024), ("64MiB", 64 * 1024**2), ("1g", 1024**3),
+     ("100MB", 100 * 1000**2), (" 2 kb ", 2000)],
+)  # fmt: skip
+def test_a_size_is_read_in_bytes(value, size):
+    assert parse_byte_size(value) == size
+    assert ProxyConfig.model_validate({"max_request_bytes": value}).max_request_bytes == size
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (True, "True is not a size (use e.g. 65536, 512k, 64MiB, 1g)"),
+        ("12 parsecs", "'12 parsecs' is not a size (use e.g. 65536, 512k, 64MiB, 1g)"),
+        (-5, "a size must be positive"),
+        (0, "a size must be positive"),
+        ("0k", "a size must be positive"),
+    ],
+)
+def test_anything_else_is_not_a_size(value, message):
+    with pytest.raises(ValueError) as refused:
+        parse_byte_size(value)
+    assert str(refused.value) == message
+
+
+def test_without_a_price_file_the_table_is_the_bundle_and_the_configs_prices():
+    prices = {"openai": {"my-model": {"input_per_mtok": 1, "output_per_mtok": 2}}}
+    config = ProxyConfig.model_validate({"prices": prices})
+    table = config.price_table()
+    assert table.lookup("openai", "my-model").output == 2e-6
+    assert table.lookup("openai", "gpt-4o-mini").source.startswith("bundled")

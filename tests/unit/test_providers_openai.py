@@ -6,14 +6,17 @@ import pytest
 
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import MalformedRequest
+from agentkeys.providers.base import MalformedRequest, StreamResult, Unmeterable
 from agentkeys.providers.openai import (
     IMAGE_TOKEN_ALLOWANCE,
     TOKENS_PER_MESSAGE,
     content_part_tokens,
     content_tokens,
+    instructions_tokens,
+    prompt_tokens,
     response_item_tokens,
 )
+from agentkeys.tokens import text_bound
 from sse_events import feed_all, sse
 
 OPENAI = FORMATS["openai"]
@@ -80,24 +83,14 @@ def test_openai_meter_hides_only_the_trailing_usage_chunk_when_asked(hide):
     passed = feed_all(meter, OPENAI_STREAM)
     assert passed == [True, True, True, True, not hide, True]
     result = meter.result()
-    assert result.streamed_text == "Hello"
     assert result.usage == Usage(input_tokens=11, output_tokens=3, cached_tokens=4, reasoning_tokens=1)
-    assert result.complete
 
 
-def test_openai_meter_incomplete_stream_has_text_but_no_usage():
+def test_openai_meter_stream_cut_before_its_usage_chunk_has_no_usage():
     meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/chat/completions", chat_request(stream=True)))
     feed_all(meter, OPENAI_STREAM[:3])
     result = meter.result()
-    assert (result.usage, result.complete, result.streamed_text) == (None, False, "Hello")
-
-
-def test_openai_meter_collects_tool_call_text():
-    tool_delta = {"tool_calls": [{"index": 0, "function": {"name": "lookup", "arguments": '{"q":'}}]}
-    event = sse({"choices": [{"index": 0, "delta": tool_delta}]})
-    meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/chat/completions", chat_request(stream=True)))
-    feed_all(meter, [event])
-    assert meter.result().streamed_text == 'lookup{"q":'
+    assert (result.usage, result.usage_rejected) == (None, None)
 
 
 # ----- usage from a whole response -----
@@ -136,14 +129,13 @@ def test_the_responses_meter_takes_usage_from_the_final_event(end):
     meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/responses", b'{"model": "o4-mini", "input": "x"}'))
     feed_all(meter, responses_events(end))
     result = meter.result()
-    assert result.complete and result.usage == Usage(9, 3, reasoning_tokens=1)
-    assert result.streamed_text == 'Hel{"a":', "text deltas only: audio is not text"
+    assert result.usage == Usage(9, 3, reasoning_tokens=1)
 
 
-def test_a_responses_stream_cut_short_has_only_its_text():
+def test_a_responses_stream_cut_short_has_no_usage():
     meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/responses", b'{"model": "o4-mini", "input": "x"}'))
     feed_all(meter, responses_events(end=None))
-    assert (meter.result().usage, meter.result().complete) == (None, False)
+    assert meter.result() == StreamResult(usage=None)
 
 
 def count(text: str) -> int:
@@ -222,3 +214,175 @@ def test_any_other_item_is_every_field_counted():
 def test_an_item_that_is_not_an_object_is_malformed():
     with pytest.raises(MalformedRequest, match="input item"):
         response_item_tokens(count, "text", set())
+
+
+# ----- the input bound of each endpoint, exactly -----
+
+
+def facts_of(path: str, **body):
+    return OPENAI.request_facts("POST", path, json.dumps({"model": "gpt-4o-mini", **body}).encode())
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("hello", (1, 5 + 1)),
+        (["ab", "cde"], (2, (2 + 1) + (3 + 1))),
+        ([1, 2, 3], (1, 3)),
+        ([[1, 2], [3]], (2, 3)),
+    ],
+    ids=["text", "texts", "token-array", "token-arrays"],
+)
+def test_a_prompt_is_its_texts_and_one_each_or_its_tokens(prompt, expected):
+    assert prompt_tokens(count, prompt, "prompt") == expected
+
+
+@pytest.mark.parametrize("prompt", [None, [], ["a", 1], [1, "a"], [[1], "a"], 5, {"text": "a"}])
+def test_a_prompt_of_any_other_shape_is_malformed(prompt):
+    with pytest.raises(MalformedRequest, match="'prompt' must be a string, a list of strings, or token arrays"):
+        prompt_tokens(count, prompt, "prompt")
+
+
+def test_instructions_are_a_message_when_they_are_text():
+    assert instructions_tokens(count, {"instructions": "Be brief"}) == TOKENS_PER_MESSAGE + 8
+    assert instructions_tokens(count, {"instructions": ["not", "text"]}) == 0
+    assert instructions_tokens(count, {}) == 0
+
+
+MINI_COUNT = text_bound("gpt-4o-mini")
+
+
+@pytest.mark.parametrize(
+    ("body", "bound", "choices", "max_output"),
+    [
+        ({"prompt": "Say hi"}, MINI_COUNT("Say hi") + 1, 1, 16),
+        ({"prompt": ["a", "bb"], "max_tokens": 5, "n": 3}, (MINI_COUNT("a") + 1) + (MINI_COUNT("bb") + 1), 2 * 3, 5),
+        ({"prompt": "x", "suffix": "tail", "best_of": 4, "n": 2}, MINI_COUNT("x") + 1 + MINI_COUNT("tail"), 4, 16),
+        ({"prompt": ["a", "b"], "suffix": "tail"}, 2 * (MINI_COUNT("a") + 1) + 2 * MINI_COUNT("tail"), 2, 16),
+        ({"prompt": [1, 2, 3], "suffix": 7, "n": 5, "best_of": 2}, 3, 5, 16),
+    ],
+    ids=["default-limit", "n-per-prompt", "best-of", "suffix-per-prompt", "token-array"],
+)
+def test_a_completion_is_held_for_every_prompt_and_every_generated_choice(body, bound, choices, max_output):
+    facts = facts_of("/v1/completions", **body)
+    assert (facts.input_token_bound, facts.choices, facts.max_output_tokens) == (bound, choices, max_output)
+    assert (facts.endpoint, facts.model, facts.stream, facts.client_wants_stream_usage) == (
+        "/v1/completions", "gpt-4o-mini", False, False,
+    )  # fmt: skip
+
+
+def test_a_completion_stream_notes_whether_the_client_asked_for_usage():
+    asked = facts_of("/v1/completions", prompt="x", stream=True, stream_options={"include_usage": True})
+    assert (asked.stream, asked.client_wants_stream_usage) == (True, True)
+    assert facts_of("/v1/completions", prompt="x", stream=True).client_wants_stream_usage is False
+
+
+def test_an_embedding_has_no_output_and_its_inputs_bound():
+    facts = facts_of("/v1/embeddings", input=["ab", "c"])
+    assert (facts.input_token_bound, facts.max_output_tokens, facts.endpoint) == (
+        (MINI_COUNT("ab") + 1) + (MINI_COUNT("c") + 1), 0, "/v1/embeddings",
+    )  # fmt: skip
+
+
+TOOL = {"type": "function", "name": "f", "parameters": {}}
+SCHEMA = {"type": "json_schema", "name": "s", "schema": {"type": "object"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "bound"),
+    [
+        ({"input": "hello"}, 3 + 4 + MINI_COUNT("hello")),
+        ({"input": "hello", "instructions": "Be brief"}, 3 + (4 + MINI_COUNT("Be brief")) + 4 + MINI_COUNT("hello")),
+        ({"input": "hi", "tools": [TOOL]}, 3 + 1_000 + MINI_COUNT(json.dumps([TOOL])) + 4 + MINI_COUNT("hi")),
+        ({"input": "hi", "text": {"format": SCHEMA}}, 3 + 1000 + MINI_COUNT(json.dumps(SCHEMA)) + 4 + MINI_COUNT("hi")),
+        ({"input": "hi", "text": {"format": {"type": "text"}}}, 3 + 4 + MINI_COUNT("hi")),
+        (
+            {"input": [{"role": "user", "content": "hi"}, {"type": "item_reference", "id": "r"}]},
+            3 + (4 + MINI_COUNT("user") + MINI_COUNT("hi")) + 4,
+        ),
+        ({"input": []}, 3),
+    ],
+    ids=["text", "instructions", "tools", "schema", "text-format", "items", "no-items"],
+)
+def test_a_response_is_held_at_its_instructions_tools_schema_and_input(body, bound):
+    facts = facts_of("/v1/responses", **body)
+    assert (facts.input_token_bound, facts.endpoint, facts.model) == (bound, "/v1/responses", "gpt-4o-mini")
+
+
+@pytest.mark.parametrize(
+    ("body", "unseen"),
+    [
+        ({"input": "hi"}, None),
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": "hi", "conversation": "conv_1"}, "conversation"),
+        ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+        (
+            {"input": [{"type": "item_reference", "id": "r"}], "previous_response_id": "p"},
+            "item_reference, previous_response_id",
+        ),
+        ({"input": "hi", "previous_response_id": ""}, None),
+    ],
+)  # fmt: skip
+def test_input_only_openai_can_see_is_named(body, unseen):
+    assert facts_of("/v1/responses", **body).unseen_input == unseen
+
+
+@pytest.mark.parametrize(
+    ("body", "refusal"),
+    [
+        ({}, "the request has no 'input'"),
+        ({"input": 5}, "'input' must be a string or a list of items"),
+        ({"input": "hi", "background": True}, "a background response"),
+        ({"input": "hi", "service_tier": "priority"}, "service tier 'priority'"),
+    ],
+)
+def test_a_response_that_cannot_be_bounded_is_refused(body, refusal):
+    with pytest.raises((MalformedRequest, Unmeterable), match=refusal):
+        facts_of("/v1/responses", **body)
+
+
+def test_a_response_stream_and_its_output_limit_are_read():
+    facts = facts_of("/v1/responses", input="hi", stream=True, max_output_tokens=40)
+    assert (facts.stream, facts.max_output_tokens) == (True, 40)
+    assert facts_of("/v1/responses", input="hi", stream="yes").stream is False
+
+
+# ----- the body sent upstream: the output cap the hold assumed, and a stream's usage -----
+
+
+def upstream(path: str, cap: int | None, **body) -> dict | None:
+    raw = json.dumps({"model": "gpt-4o-mini", **body}).encode()
+    sent = OPENAI.upstream_body(OPENAI.request_facts("POST", path, raw), raw, cap)
+    return None if sent is None else json.loads(sent)
+
+
+def test_the_body_is_forwarded_as_sent_when_nothing_is_capped_or_asked():
+    assert upstream("/v1/chat/completions", None, messages=[{"role": "user", "content": "x"}]) is None
+    assert upstream("/v1/responses", None, input="x", stream=True) is None  # its usage comes with the final event
+    assert upstream("/v1/chat/completions", None, messages=[{"role": "user", "content": "x"}], stream=True,
+                    stream_options={"include_usage": True}) is None  # fmt: skip
+
+
+def test_a_cap_is_written_where_each_endpoint_reads_it():
+    messages = [{"role": "user", "content": "x"}]
+    assert upstream("/v1/chat/completions", 7, messages=messages, max_tokens=100) == {
+        "model": "gpt-4o-mini", "messages": messages, "max_tokens": 7,
+    }  # fmt: skip
+    assert upstream("/v1/chat/completions", 7, messages=messages)["max_completion_tokens"] == 7
+    assert upstream("/v1/responses", 9, input="x", max_output_tokens=50)["max_output_tokens"] == 9
+
+
+def test_legacy_completions_always_carry_the_limit_the_hold_assumed():
+    assert upstream("/v1/completions", None, prompt="x") == {"model": "gpt-4o-mini", "prompt": "x", "max_tokens": 16}
+    assert upstream("/v1/completions", None, prompt="x", max_tokens=3)["max_tokens"] == 3
+    assert upstream("/v1/completions", 2, prompt="x", max_tokens=3)["max_tokens"] == 2
+
+
+def test_a_stream_whose_client_did_not_ask_for_usage_asks_for_it_keeping_its_options():
+    messages = [{"role": "user", "content": "x"}]
+    sent = upstream("/v1/chat/completions", None, messages=messages, stream=True)
+    assert sent["stream_options"] == {"include_usage": True}
+    kept = upstream("/v1/chat/completions", 4, messages=messages, stream=True,
+                    stream_options={"include_obfuscation": False})  # fmt: skip
+    assert kept["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    assert kept["max_completion_tokens"] == 4

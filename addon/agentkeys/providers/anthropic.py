@@ -187,8 +187,6 @@ class MessagesStreamMeter:
     def __init__(self):
         self.start_usage: dict | None = None
         self.output_tokens: int | None = None
-        self.stopped = False
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
         data = event_json(event)
@@ -197,32 +195,19 @@ class MessagesStreamMeter:
         kind = data.get("type")
         if kind == "message_start":
             self.start_usage = (data.get("message") or {}).get("usage")
-        elif kind == "content_block_delta":
-            delta = data.get("delta") or {}
-            for name in ("text", "partial_json", "thinking"):
-                if isinstance(delta.get(name), str):
-                    self.text_parts.append(delta[name])
         elif kind == "message_delta":
             self.output_tokens = (data.get("usage") or {}).get("output_tokens", self.output_tokens)
-        elif kind == "message_stop":
-            self.stopped = True
         return True
 
     def result(self) -> StreamResult:
-        text = "".join(self.text_parts)
+        """The usage, once both halves arrived; a start whose figures are not sane rejects the stream's."""
         try:
-            usage = None
-            if self.start_usage is not None and self.output_tokens is not None:
-                usage = usage_from_object(self.start_usage, self.output_tokens)
             started = usage_from_object(self.start_usage)
+            if started is None or self.output_tokens is None:
+                return StreamResult(usage=None)
+            return StreamResult(usage=usage_from_object(self.start_usage, self.output_tokens))
         except UsageRejected as e:
-            return StreamResult(usage=None, complete=False, streamed_text=text, usage_rejected=str(e))
-        return StreamResult(
-            usage=usage,
-            complete=self.stopped and usage is not None,
-            streamed_text=text,
-            input_tokens_seen=started.input_tokens if started else None,
-        )
+            return StreamResult(usage=None, usage_rejected=str(e))
 
 
 FORMAT = AnthropicFormat()

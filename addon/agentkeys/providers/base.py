@@ -78,10 +78,7 @@ class RequestFacts:
 
 @dataclass
 class StreamResult:
-    usage: Usage | None  # the provider's own figures, when the stream got that far
-    complete: bool
-    streamed_text: str
-    input_tokens_seen: int | None = None  # some formats report input at the start of a stream
+    usage: Usage | None  # the provider's own figures, when the stream reported them in full
     usage_rejected: str | None = None  # why the stream's usage was not believed (see UsageRejected)
 
 

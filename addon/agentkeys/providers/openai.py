@@ -356,7 +356,7 @@ def response_item_tokens(count: TextBound, item, unseen: set[str]) -> int:
 
 
 class ChatStreamMeter:
-    """Reads a chat (or legacy completions) stream: the text so far, and the usage chunk at the end.
+    """Reads a chat (or legacy completions) stream for the usage chunk at its end.
 
     When the proxy asked for usage on the client's behalf, that extra chunk is not passed on.
     """
@@ -365,18 +365,11 @@ class ChatStreamMeter:
         self.hide_usage_chunk = hide_usage_chunk
         self.usage: Usage | None = None
         self.usage_rejected: str | None = None
-        self.done = False
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
-        if event.data.strip() == "[DONE]":
-            self.done = True
-            return True
         chunk = event_json(event)
         if chunk is None:
             return True
-        for choice in chunk.get("choices") or []:
-            self._collect_text(choice)
         try:
             usage = usage_from_object(chunk.get("usage"))
         except UsageRejected as e:
@@ -387,17 +380,8 @@ class ChatStreamMeter:
         self.usage = usage
         return not (self.hide_usage_chunk and not chunk.get("choices"))
 
-    def _collect_text(self, choice: dict) -> None:
-        delta = choice.get("delta") or {}
-        for text in (delta.get("content"), delta.get("refusal"), delta.get("reasoning_content"), choice.get("text")):
-            if isinstance(text, str):
-                self.text_parts.append(text)
-        for call in delta.get("tool_calls") or []:
-            function = call.get("function") or {}
-            self.text_parts.append((function.get("name") or "") + (function.get("arguments") or ""))
-
     def result(self) -> StreamResult:
-        return stream_result(self.usage, self.usage_rejected, self.done, self.text_parts)
+        return stream_result(self.usage, self.usage_rejected)
 
 
 # A Responses stream ends with one of these; each carries the whole response, usage included.
@@ -405,36 +389,30 @@ RESPONSE_END_EVENTS = ("response.completed", "response.incomplete", "response.fa
 
 
 class ResponsesStreamMeter:
-    """Reads a Responses API stream: every text delta on the way, the usage from its final event."""
+    """Reads a Responses API stream for the usage its final event carries."""
 
     def __init__(self):
         self.usage: Usage | None = None
         self.usage_rejected: str | None = None
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
         data = event_json(event)
-        if data is None:
-            return True
-        kind = data.get("type") or ""
-        if kind in RESPONSE_END_EVENTS:
+        if data is not None and data.get("type") in RESPONSE_END_EVENTS:
             try:
                 self.usage = usage_from_object((data.get("response") or {}).get("usage"))
             except UsageRejected as e:
                 self.usage_rejected = self.usage_rejected or str(e)
-        elif kind.endswith(".delta") and not kind.startswith("response.audio") and isinstance(data.get("delta"), str):
-            self.text_parts.append(data["delta"])
         return True
 
     def result(self) -> StreamResult:
-        return stream_result(self.usage, self.usage_rejected, True, self.text_parts)
+        return stream_result(self.usage, self.usage_rejected)
 
 
-def stream_result(usage: Usage | None, rejected: str | None, ended: bool, text_parts: list[str]) -> StreamResult:
-    """A stream's usage, believed only when no part of it was rejected; complete once it ended with usage."""
+def stream_result(usage: Usage | None, rejected: str | None) -> StreamResult:
+    """A stream's usage, believed only when no part of it was rejected."""
     if rejected:
-        return StreamResult(usage=None, complete=False, streamed_text="".join(text_parts), usage_rejected=rejected)
-    return StreamResult(usage=usage, complete=ended and usage is not None, streamed_text="".join(text_parts))
+        return StreamResult(usage=None, usage_rejected=rejected)
+    return StreamResult(usage=usage)
 
 
 FORMAT = OpenAIFormat()
