@@ -432,7 +432,9 @@ class SqliteLedger:
             return bool(deleted)
 
     def account_keys(self, account_id: str) -> list[KeyRecord]:
-        rows = self._query(f"SELECT {KEY_COLUMNS} FROM keys WHERE account_id = ? ORDER BY created_at, key_id", (account_id,))
+        rows = self._query(
+            f"SELECT {KEY_COLUMNS} FROM keys WHERE account_id = ? ORDER BY created_at, key_id", (account_id,)
+        )
         return [KeyRecord(*row) for row in rows]
 
     def top_up(self, account_id: str, amount_micros: int, now: float) -> PeriodSpend | None:
