@@ -89,6 +89,11 @@ class Store:
         now = self.clock()
         return await self._ask(lambda ledger: ledger.revoke(key_id, now))
 
+    async def account_active(self, account_id: str) -> bool:
+        """Whether the account exists and is active now (a held call learns it from the hold itself)."""
+        account = await self._ask(lambda ledger: ledger.get_account(account_id))
+        return account is not None and account.active
+
     async def claim_token(self, issuer: str, jti: str, expires_at: float) -> bool:
         """Remember an exchanged OIDC token until `expires_at`; False if it was exchanged already."""
         now = self.clock()
