@@ -197,7 +197,7 @@ class AgentKeys:
         if same_store:
             store = old_gate.store
         else:  # its failures counted for agentkeys_store_errors_total
-            store = Store(ErrorCountingLedger(open_ledger(config.store_url), self.metrics.store_error))
+            store = Store(ErrorCountingLedger(open_ledger(config.store_url, config.calendar), self.metrics.store_error))
         self.config = config
         self.router = Router(config)
         self.gate = Gate(config, store, prices, policies)
