@@ -7,6 +7,7 @@ depends on (a suspended account's keys are refused by the hold, not here).
 
 import time
 from dataclasses import replace
+from typing import Literal, get_args
 
 from agentkeys.keys import IssuedKey, describe, iso, new_key_record
 from agentkeys.ledger import AccountRecord, Calendar, Ledger, PeriodSpend
@@ -14,7 +15,8 @@ from agentkeys.money import Usd, usd_to_micros
 from agentkeys.plans import ACCOUNT_ID, ACCOUNT_ID_RULE, PlanFile
 from agentkeys.policy import parse_budget
 
-STATUSES = ("active", "suspended")
+Status = Literal["active", "suspended"]
+STATUSES = get_args(Status)
 
 
 class AccountRefused(Exception):

@@ -11,6 +11,7 @@ with its file, line and field, and so is a plan naming a policy file that does n
     rate_limits: {}       # per-account limits (see RateLimits)
 """
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from agentkeys.yamlfile import ConfigError, load_yaml_model
 # Account ids are chosen by the operator's backend (its user or tenant id): safe in store key names and URLs.
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 ACCOUNT_ID_RULE = "1 to 128 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
+MIN_ADMIN_TOKEN_CHARS = 16
 
 
 class RateLimits(BaseModel):
@@ -92,3 +94,12 @@ def current_plans(config: ProxyConfig) -> dict[str, PlanFile]:
                 raise ConfigError([f"{path}: name: plan {loaded.plan.name} is also defined by another file"])
             found[loaded.plan.name] = loaded
     return found
+
+
+def admin_token(env_name: str) -> str:
+    """The admin API's token from the environment; ConfigError if it is missing or too short to be a secret."""
+    token = os.environ.get(env_name, "")
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        need = f"at least {MIN_ADMIN_TOKEN_CHARS} characters"
+        raise ConfigError([f"admin_port is set, so {env_name} must hold the admin API's token ({need})"])
+    return token

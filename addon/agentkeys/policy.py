@@ -405,6 +405,7 @@ class ProxyConfig(BaseModel):
     admin_port: int | None = Field(
         default=None, ge=0, le=65535, description="the admin API's own listener (accounts, keys, usage); off if unset"
     )
+    admin_host: str | None = Field(default=None, description="the admin API's address; default listen_host")
     admin_token_env: str = Field(
         default="AGENTKEYS_ADMIN_TOKEN", description="environment variable holding the admin API's bearer token"
     )
