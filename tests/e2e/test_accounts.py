@@ -8,7 +8,10 @@ and the account's budget pays for a known number of calls.
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -197,3 +200,23 @@ def test_the_admin_api_is_not_served_on_the_agents_listeners(proxy):
     answer = requests.get(f"{proxy.gateway_url}/accounts", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert answer.status_code != 200 and "plan" not in answer.text
     assert requests.get(proxy.admin_url + "/accounts", timeout=10).status_code == 401
+
+
+def test_the_saas_backend_example_signs_a_user_up_runs_agents_and_shows_their_spend(proxy, mock):
+    example = Path(__file__).resolve().parents[2] / "examples" / "saas_backend.py"
+    env = {**os.environ, "AGENTKEYS_ADMIN_URL": proxy.admin_url, "AGENTKEYS_ADMIN_TOKEN": TOKEN,
+           "AGENTKEYS_URL": proxy.gateway_url}  # fmt: skip
+    env.pop("HTTPS_PROXY", None)
+    tasks = ["Say hello.", "Say goodbye."]
+    ran = subprocess.run([sys.executable, str(example), "ada", "tiny", *tasks], capture_output=True, text=True,
+                         env=env, timeout=60)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert lines[0] == f"user ada: plan tiny, ${ACCOUNT_BUDGET_USD:.6f} per day"
+    assert all(line.startswith("run: ") and "refused" not in line for line in lines[1:3])
+    keys = admin(proxy, "GET", "/accounts/ada/keys")
+    assert len(keys) == 2 and all(key["status"] == "revoked" for key in keys)  # one key per run, revoked after
+    for key in keys:
+        assert_ledger_matches_audit(proxy, key["id"])
+    spent = sum(key["spent_usd"] for key in keys)
+    assert lines[3].startswith(f"user ada: spent ${spent:.6f} of ${ACCOUNT_BUDGET_USD:.6f} in period ")
