@@ -190,7 +190,7 @@ def test_a_suspended_accounts_keys_are_refused_at_once_and_audited(proxy, mock):
         assert "account suspended-soon is suspended" in refused.value.message
     records = proxy.records_for(key["id"], 3)
     assert [(r["decision"], r["status"]) for r in records] == [("allow", 200), ("deny", 403), ("deny", 403)]
-    assert "suspended" in records[-1]["reason"]
+    assert "suspended" in records[-1]["reason"] and {r["account_id"] for r in records} == {"suspended-soon"}
     admin(proxy, "POST", "/accounts/suspended-soon/resume")
     client.chat.completions.create(model="gpt-4o-mini", max_tokens=5, messages=PROMPT)
     assert_ledger_matches_audit(proxy, key["id"])
