@@ -189,8 +189,10 @@ class Gate:
         """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
         key is read afresh here, since no reservation will ask the store whether it is still active."""
         key = await self.auth.caller(call, fresh=True)
-        if key.account_id is not None and not await self.store.account_active(key.account_id):
-            raise account_suspended(key)
+        if key.account_id is not None:
+            account = await self.store.account(key.account_id)
+            if account is None or not account.active:
+                raise account_suspended(key)
         metering = "unmetered" if endpoint == "unmetered" else "free"
         return Admission(key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros)
 

@@ -254,6 +254,49 @@ def test_a_store_file_from_before_holds_closed_by_trigger_still_settles_its_open
         ledger.close()
 
 
+def test_sqlite_a_store_file_from_before_accounts_gets_their_triggers_and_keeps_its_holds(tmp_path):
+    """A file of the version before accounts has triggers `hold_taken` and `hold_closed` that know no periods:
+    opening it replaces them (in one transaction), and its open hold still settles on its key."""
+    path = tmp_path / "before-accounts.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE keys (key_id TEXT PRIMARY KEY, key_hash TEXT NOT NULL, name TEXT NOT NULL,"
+        " policy_name TEXT NOT NULL, policy_json TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL,"
+        " budget_micros INTEGER NOT NULL, spent_micros INTEGER NOT NULL DEFAULT 0,"
+        " held_micros INTEGER NOT NULL DEFAULT 0, revoked_at REAL, parent_id TEXT,"
+        " depth INTEGER NOT NULL DEFAULT 0, grant_micros INTEGER NOT NULL DEFAULT 0, identity_json TEXT);"
+        "CREATE TABLE holds (hold_id INTEGER PRIMARY KEY AUTOINCREMENT, key_id TEXT NOT NULL,"
+        " amount_micros INTEGER NOT NULL, created_at REAL NOT NULL, remaining_after_micros INTEGER,"
+        " charge_micros INTEGER);"
+        "CREATE TRIGGER hold_taken AFTER INSERT ON holds BEGIN"
+        " UPDATE keys SET held_micros = held_micros + NEW.amount_micros WHERE key_id = NEW.key_id; END;"
+        "CREATE TRIGGER hold_closed AFTER UPDATE OF charge_micros ON holds BEGIN"
+        " UPDATE keys SET held_micros = held_micros - NEW.amount_micros,"
+        " spent_micros = spent_micros + NEW.charge_micros WHERE key_id = NEW.key_id;"
+        " DELETE FROM holds WHERE hold_id = NEW.hold_id; END;"
+        f"INSERT INTO keys VALUES ('k1', 'h', 'n', 'p', '{{}}', {NOW}, {NOW + 3600}, 1000, 0, 0, NULL, NULL, 0, 0,"
+        " NULL);"
+        f"INSERT INTO holds (key_id, amount_micros, created_at) VALUES ('k1', 300, {NOW});"
+    )
+    old.close()
+    ledger = SqliteLedger(path)
+    try:
+        triggers = {
+            name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        }
+        assert triggers == {"hold_taken_in_period", "hold_closed_in_period"}
+        assert balances(ledger) == (0, 300)  # the old trigger held it
+        assert ledger.settle(1, 100) is True
+        ledger.create_account(account(budget=500))
+        ledger.create_key(record("k2", account_id="a1"))
+        held = ledger.reserve("k2", 400, NOW)
+        assert ledger.reserve("k2", 200, NOW).refusal is Refusal.ACCOUNT_BUDGET
+        assert ledger.settle(held.hold_id, 50) and period_books(ledger) == {"1970-01-12": (50, 0)}
+        assert balances(ledger) == (100, 0)
+    finally:
+        ledger.close()
+
+
 # ----- purge -----
 
 
