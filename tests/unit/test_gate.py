@@ -336,6 +336,28 @@ def test_a_key_of_an_account_is_clamped_to_what_its_account_has_left(env):
     assert admission.clamped_by == "budget" and admission.hold_micros <= 500
 
 
+def test_calls_in_flight_at_midnight_settle_into_the_day_they_were_admitted_in(env):
+    """A controlled clock: calls admitted before midnight and settled after it are charged to the old day,
+    while the new day starts with the whole budget; the keys' spend is the days' spend, to the micro-dollar."""
+    env.clock.now = 1_700_006_399.0  # 23:59:59 UTC on 2023-11-14
+    record = AccountRecord("acme", "Acme", "daily", "day", usd_to_micros(0.0008), NOW)
+    env.ledger.create_account(record)
+    keys = [env.issue(budget_usd=1.0, account_id="acme") for _ in range(3)]
+    before = [env.admitted(call(key, chat(max_tokens=200))) for key in keys]
+    held = sum(admission.hold_micros for admission in before)
+    env.denied(call(keys[0], chat(max_tokens=1000)), DenyKind.BUDGET, "account acme's budget for this period")
+    env.clock.now += 1  # midnight
+    after = [env.admitted(call(key, chat(max_tokens=1000))) for key in keys[:1]]
+    assert after[0].remaining_micros == usd_to_micros(0.0008) - after[0].hold_micros  # the whole budget again
+    usage = Usage(input_tokens=10, output_tokens=20)
+    for admission in before + after:
+        run(env.gate.settle(admission, answered(usage)))
+    days = {p.period_id: (p.spent_micros, p.held_micros) for p in env.ledger.account_periods("acme")}
+    cost = cost_micros(MINI, usage)
+    assert days == {"2023-11-14": (3 * cost, 0), "2023-11-15": (cost, 0)} and held > 3 * cost
+    assert sum(env.balances(key)[0] for key in keys) == 4 * cost
+
+
 def test_a_suspended_accounts_keys_are_refused_every_call_even_unbilled_ones(env):
     key = env.issue(account_id=account_of(env, 1.0))
     env.admitted(call(key))
