@@ -283,8 +283,11 @@ async def unavailable_answer(request: Request, e: LedgerUnavailable) -> MoneyJSO
 
 
 async def invalid_answer(request: Request, e: RequestValidationError) -> MoneyJSON:
-    """422 with each problem's place and reason, as FastAPI documents it (without echoing the input)."""
-    problems = [{"loc": [str(part) for part in problem["loc"]], "msg": problem["msg"]} for problem in e.errors()]
+    """422 with each problem's place, reason and kind, as FastAPI documents it (without echoing the input)."""
+    problems = [
+        {"loc": list(problem["loc"]), "msg": problem["msg"].removeprefix("Value error, "), "type": problem["type"]}
+        for problem in e.errors()
+    ]
     return MoneyJSON({"detail": problems}, status_code=422)
 
 
