@@ -33,6 +33,9 @@ def add_account_commands(commands, config_option) -> None:
     mint.add_argument("--ttl", help="lifetime, e.g. 30m (default: the policy's ttl)")
     mint.add_argument("--budget", help="the key's own USD cap (default: the policy's budget_usd)")
     mint.add_argument("--name", default="", help="a name for the key (default: the policy's name)")
+    usage = verbs.add_parser("usage", help="an account's spend per period, newest first")
+    usage.add_argument("account_id")
+    usage.add_argument("--period", help="only this period (2026-12, 2026-W49, 2026-12-01)")
     top_up = verbs.add_parser("top-up", help="add USD to an account's budget for its current period only")
     top_up.add_argument("account_id")
     top_up.add_argument("amount_usd")
@@ -43,13 +46,13 @@ def add_account_commands(commands, config_option) -> None:
         ("resume", "serve a suspended account's keys again", cmd_resume),
         ("delete", "revoke an account's keys and forget it and its books", cmd_delete),
         ("keys", "the keys minted for an account", cmd_keys),
-        ("usage", "an account's spend per period, newest first", cmd_usage),
     ):
         verb = verbs.add_parser(name, help=help_text)
         if name != "list":
             verb.add_argument("account_id")
         verb.set_defaults(run=run)
-    for verb, run in ((create, cmd_create), (update, cmd_update), (mint, cmd_mint), (top_up, cmd_top_up)):
+    for verb, run in ((create, cmd_create), (update, cmd_update), (mint, cmd_mint), (top_up, cmd_top_up),
+                      (usage, cmd_usage)):  # fmt: skip
         verb.set_defaults(run=run)
     for verb in verbs.choices.values():
         verb.add_argument("--json", action="store_true")
@@ -163,7 +166,8 @@ def cmd_keys(args) -> int:
 def cmd_usage(args) -> int:
     ledger, config = store_and_config(args)
     account = accounts.existing_account(ledger, args.account_id)
-    show(args, accounts.account_usage(ledger, account, config.calendar, time.time()))
+    report = accounts.account_usage(ledger, account, config.calendar, time.time())
+    show(args, {**report, "periods": [p for p in report["periods"] if args.period in (None, p["id"])]})
 
 
 @answered

@@ -236,9 +236,16 @@ class AdminApi:
             return MoneyJSON(shown(accounts.existing_account(ledger, account_id))["current_period"])
 
         @app.get("/accounts/{account_id}/usage", response_model=UsageOut, summary="spend per period, newest first")
-        def usage(account_id: AccountId, periods: Annotated[int, Query(ge=1, le=1000)] = 12):
+        def usage(
+            account_id: AccountId,
+            periods: Annotated[int, Query(ge=1, le=1000, description="how many, newest first")] = 12,
+            period: Annotated[
+                str | None, Query(max_length=20, description="only this one (2026-12, 2026-W49, …)")
+            ] = None,
+        ):
             report = accounts.account_usage(ledger, accounts.existing_account(ledger, account_id), self.calendar, now())
-            return MoneyJSON({**report, "periods": report["periods"][:periods]})
+            shown = [p for p in report["periods"] if period in (None, p["id"])]
+            return MoneyJSON({**report, "periods": shown[:periods]})
 
         @app.get("/keys", response_model=list[KeyOut], summary="every key of every account")
         def list_keys(account_id: Annotated[str | None, Query(pattern=ID)] = None):

@@ -7,6 +7,9 @@ and the account's budget pays for a known number of calls.
 """
 
 import asyncio
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
@@ -220,3 +223,34 @@ def test_the_saas_backend_example_signs_a_user_up_runs_agents_and_shows_their_sp
         assert_ledger_matches_audit(proxy, key["id"])
     spent = sum(key["spent_usd"] for key in keys)
     assert lines[3].startswith(f"user ada: spent ${spent:.6f} of ${ACCOUNT_BUDGET_USD:.6f} in period ")
+
+
+def cli_json(proxy, *args: str) -> dict | list:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert proxy.cli("accounts", *args, "--json") == 0
+    return json.loads(out.getvalue())
+
+
+def test_the_accounts_cli_does_what_the_admin_api_does(proxy, mock, capsys):
+    assert cli_json(proxy, "create", "cli-user", "--plan", "tiny", "--name", "Cli")["plan"] == "tiny"
+    assert proxy.cli("accounts", "create", "cli-user", "--plan", "tiny") == 1
+    assert proxy.cli("accounts", "create", "other", "--plan", "gold") == 1
+    assert "no plan 'gold' (plans: tiny)" in capsys.readouterr().err
+    key = cli_json(proxy, "mint", "cli-user", "--ttl", "10m", "--budget", "0.5")
+    assert (key["account_id"], key["budget_usd"]) == ("cli-user", 0.5)
+    client = openai.OpenAI(api_key=key["key"], base_url=f"{proxy.gateway_url}/openai/v1", max_retries=0)
+    client.chat.completions.create(model="gpt-4o-mini", max_tokens=5, messages=PROMPT)
+    assert cli_json(proxy, "top-up", "cli-user", "0.001")["top_up_usd"] == 0.001
+    assert cli_json(proxy, "suspend", "cli-user")["status"] == "suspended"
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="gpt-4o-mini", max_tokens=5, messages=PROMPT)
+    assert cli_json(proxy, "resume", "cli-user")["status"] == "active"
+    assert_ledger_matches_audit(proxy, key["id"])
+    (period,) = cli_json(proxy, "usage", "cli-user")["periods"]
+    assert round(period["spent_usd"] * 1_000_000) == proxy.ledger().get_key(key["id"]).spent_micros > 0
+    assert period["budget_usd"] == 0.00225  # the plan's $0.00125 and the top-up
+    assert [k["id"] for k in cli_json(proxy, "keys", "cli-user")] == [key["id"]]
+    assert proxy.cli("accounts", "delete", "cli-user") == 0
+    assert proxy.ledger().get_key(key["id"]).revoked_at is not None
+    assert proxy.cli("accounts", "show", "cli-user") == 1

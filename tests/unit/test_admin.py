@@ -114,6 +114,8 @@ def test_usage_shows_each_periods_spend_newest_first(admin):
     assert (past["spent_usd"], past["held_usd"]) == (0.07, 0) and "remaining_usd" not in past
     admin.ledger.settle(today.hold_id, 0)
     assert len(admin("GET", "/accounts/usage-1/usage?periods=1", 200)["periods"]) == 1
+    (only,) = admin("GET", f"/accounts/usage-1/usage?period={past['id']}", 200)["periods"]
+    assert only == past
 
 
 @pytest.mark.parametrize(
