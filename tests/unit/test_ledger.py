@@ -874,6 +874,16 @@ def test_redis_key_ttl_runs_past_expiry_and_is_lifted_while_a_hold_is_open(redis
     assert RETENTION_SECONDS - 2 <= raw.ttl("agentkeys:key:k1") <= RETENTION_SECONDS
 
 
+def test_redis_an_accounts_key_removed_by_its_ttl_leaves_its_index_when_listed(redis_ledger):
+    ledger, raw = redis_ledger
+    ledger.create_account(account())
+    ledger.create_key(record("k1", account_id="a1"))
+    ledger.create_key(record("k2", account_id="a1"))
+    raw.delete("agentkeys:key:k1")  # as its TTL would
+    assert [key.key_id for key in ledger.account_keys("a1")] == ["k2"]
+    assert raw.smembers("agentkeys:account_keys:a1") == {b"k2"}
+
+
 def test_redis_key_removed_by_its_ttl_is_gone_and_purge_cleans_its_index(redis_ledger):
     ledger, raw = redis_ledger
     ledger.create_key(record("gone", expires_at=NOW + 10))

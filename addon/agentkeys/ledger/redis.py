@@ -543,8 +543,14 @@ class RedisLedger:
             return bool(self._delete_account(args=[account_id, now]))
 
     def account_keys(self, account_id: str) -> list[KeyRecord]:
+        """The account's keys; ids of keys that their TTL removed are dropped from its index on the way."""
+        index = f"{PREFIX}account_keys:{account_id}"
         with self._store():
-            found = self._records(self._redis.smembers(f"{PREFIX}account_keys:{account_id}"))
+            key_ids = self._redis.smembers(index)
+            found = self._records(key_ids)
+            gone = key_ids - {record.key_id for record in found}
+            if gone:
+                self._redis.srem(index, *gone)
         return sorted(found, key=lambda record: (record.created_at, record.key_id))
 
     def top_up(self, account_id: str, amount_micros: int, now: float) -> PeriodSpend | None:
