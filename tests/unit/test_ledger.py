@@ -650,6 +650,9 @@ def test_many_processes_on_one_store_never_break_the_cap(kind, request):
 # ----- property: any sequence of operations keeps the books and the cap -----
 
 KEYS = {"a": (500, NOW + 100), "b": (300, NOW + 200), "c": (50, NOW + 10_000)}  # budget, expiry
+# Keys of one account, whose budget per day is MODEL_ACCOUNT_BUDGET (a "day" operation moves to the next day).
+KEYS.update({"d": (300, NOW + 4 * 86_400), "e": (300, NOW + 4 * 86_400)})
+ACCOUNT_KEYS, MODEL_ACCOUNT_BUDGET = {"d", "e"}, 400
 
 operations = st.lists(
     st.one_of(
@@ -660,6 +663,8 @@ operations = st.lists(
         st.tuples(st.just("revoke"), st.sampled_from(sorted(KEYS))),
         st.tuples(st.just("purge")),
         st.tuples(st.just("sweep"), st.integers(0, 150)),  # settle holds older than this many seconds
+        st.tuples(st.just("day")),  # a day passes: the account starts a new period
+        st.tuples(st.just("status"), st.sampled_from(["active", "suspended"])),  # of the account
     ),
     max_size=40,
 )
@@ -673,6 +678,23 @@ class Model:
         self.keys = {key_id: {"spent": 0, "revoked": False} for key_id in KEYS}
         self.holds: dict[int, tuple[str, int, float]] = {}  # open holds: hold id → (key, amount, created at)
         self.hold_ids: list[int] = []  # every hold ever granted, settled or not
+        self.account_active = True
+        self.period_spent: dict[str, int] = defaultdict(int)  # the account's spend by day
+
+    def day(self, when: float) -> str:
+        return Calendar().period("day", when).period_id
+
+    def period_books(self) -> dict[str, tuple[int, int]]:
+        """(spent, held) by day, for every day the account held anything in."""
+        held = defaultdict(int)
+        for key_id, amount, created in self.holds.values():
+            if key_id in ACCOUNT_KEYS:
+                held[self.day(created)] += amount
+        return {day: (self.period_spent[day], held[day]) for day in {*self.period_spent, *held}}
+
+    def account_remaining(self) -> int:
+        spent, held = self.period_books().get(self.day(self.now), (0, 0))
+        return MODEL_ACCOUNT_BUDGET - spent - held
 
     def held(self, key_id):
         return sum(amount for k, amount, _ in self.holds.values() if k == key_id)
@@ -687,14 +709,20 @@ class Model:
             return Refusal.REVOKED
         if self.now >= KEYS[key_id][1]:
             return Refusal.EXPIRED
+        if key_id in ACCOUNT_KEYS and not self.account_active:
+            return Refusal.SUSPENDED
         if amount > KEYS[key_id][0] - self.keys[key_id]["spent"] - self.held(key_id):
             return Refusal.BUDGET
+        if key_id in ACCOUNT_KEYS and amount > self.account_remaining():
+            return Refusal.ACCOUNT_BUDGET
         return None
 
     def close(self, hold_id, amount):
-        key_id, _, _ = self.holds.pop(hold_id)
+        key_id, _, created = self.holds.pop(hold_id)
         if key_id in self.keys:
             self.keys[key_id]["spent"] += amount
+        if key_id in ACCOUNT_KEYS:
+            self.period_spent[self.day(created)] += amount  # into the day it was taken in
 
 
 def apply(ledger, model: Model, op: tuple) -> None:
@@ -715,6 +743,11 @@ def apply(ledger, model: Model, op: tuple) -> None:
             model.close(hold_id, amount)
     elif name == "tick":
         model.now += args[0]
+    elif name == "day":
+        model.now += 86_400
+    elif name == "status":
+        assert ledger.update_account(account("acct", budget=MODEL_ACCOUNT_BUDGET, status=args[0]))
+        model.account_active = args[0] == "active"
     elif name == "revoke":
         key_id = args[0]
         assert ledger.revoke(key_id, model.now) is (key_id in model.keys and not model.keys[key_id]["revoked"])
@@ -744,8 +777,10 @@ def test_any_sequence_of_operations_keeps_the_cap_and_the_books(kind, request, o
     with empty_store(kind, request) as url:
         ledger = open_ledger(url)
         try:
+            ledger.create_account(account("acct", budget=MODEL_ACCOUNT_BUDGET))
             for key_id, (budget, expires_at) in KEYS.items():
-                ledger.create_key(record(key_id, budget=budget, expires_at=expires_at))
+                in_account = "acct" if key_id in ACCOUNT_KEYS else None
+                ledger.create_key(record(key_id, budget=budget, expires_at=expires_at, account_id=in_account))
             model = Model()
             for op in ops:
                 apply(ledger, model, op)
@@ -757,6 +792,9 @@ def test_any_sequence_of_operations_keeps_the_cap_and_the_books(kind, request, o
                     assert key.spent_micros + key.held_micros <= key.budget_micros
                     assert key.held_micros == model.held(key_id)
                     assert key.spent_micros == model.keys[key_id]["spent"]
+                books = model.period_books()
+                assert period_books(ledger, "acct") == books
+                assert all(spent + held <= MODEL_ACCOUNT_BUDGET for spent, held in books.values())
         finally:
             ledger.close()
 
