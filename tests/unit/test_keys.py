@@ -1,8 +1,10 @@
 """Child keys: a narrower copy of the parent's policy, never wider, and never more unmetered endpoints."""
 
+import dataclasses
+
 import pytest
 
-from agentkeys.keys import ChildRefused, ChildRequest, child_policy, glob_within
+from agentkeys.keys import ChildRefused, ChildRequest, child_policy, glob_within, new_key_record
 from agentkeys.policy import Policy
 
 PARENT = Policy.model_validate(
@@ -132,3 +134,16 @@ def test_a_child_policy_is_named_for_what_it_is_and_takes_its_own_budget_and_lif
     named = "parent, narrowed for child key c"
     assert (policy.name, policy.budget_usd, policy.ttl, policy.models) == (named, 0.25, 90, ["gpt-4o"])
     assert policy.endpoints == PARENT.endpoints and policy.max_child_depth == PARENT.max_child_depth
+
+
+def test_a_child_key_belongs_to_its_parents_account_and_its_job():
+    """A sub-agent spends from the account its parent was minted for (and is traced to the same job)."""
+    policy = Policy.model_validate(
+        {"name": "p", "budget_usd": 1, "providers": ["openai"], "endpoints": ["POST /v1/chat/completions"],
+         "models": ["gpt-4o-mini"]}
+    )  # fmt: skip
+    parent = new_key_record(policy, 600, 1.0, "parent", 0.0, identity_json='{"job": "j"}').record
+    parent = dataclasses.replace(parent, account_id="acme")
+    child = new_key_record(policy, 60, 0.5, "child", 0.0, parent).record
+    assert (child.account_id, child.identity_json, child.parent_id) == ("acme", '{"job": "j"}', parent.key_id)
+    assert new_key_record(policy, 60, 0.5, "alone", 0.0).record.account_id is None
