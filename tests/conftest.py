@@ -125,7 +125,7 @@ class Proxy:
     def ledger(self) -> Ledger:
         """A handle on the proxy's own store (SQLite file or Redis), as the CLI opens it."""
         config = load_config(self.config_path)
-        return open_ledger(config.store_url)
+        return open_ledger(config.store_url, config.calendar)
 
     def cli(self, *args: str) -> int:
         return agentkeys_main(["--config", str(self.config_path), *args])

@@ -19,6 +19,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, exceptions, http, tcp, tls
@@ -40,6 +41,7 @@ from agentkeys.ledger.counted import ErrorCountingLedger
 from agentkeys.logguard import LogGuard
 from agentkeys.metrics import Metrics
 from agentkeys.money import dumps, micros_to_usd
+from agentkeys.plans import PlanFile, admin_token, current_plans
 from agentkeys.policy import ProxyConfig, current_policies, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
@@ -66,6 +68,9 @@ from agentkeys.routing import (
 from agentkeys.settlement import Settlement, charge_for
 from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
+
+if TYPE_CHECKING:
+    from agentkeys.admin import AdminServer
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +154,8 @@ class AgentKeys:
         # The key given as the HTTPS_PROXY user, for every flow of its client connection.
         self.tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
         self.health: HealthServer | None = None
+        self.admin: AdminServer | None = None
+        self.plans: dict[str, PlanFile] = {}
         self._purge_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # settlements and retired stores, until they finish
         self._calls_in_flight = 0  # forwarded and not yet settled and audited
@@ -192,13 +199,17 @@ class AgentKeys:
         config no longer names is closed once they have.
         """
         issuers, identities = issuers_from(config), identities_from(config)
-        prices, policies = config.price_table(), current_policies(config)
+        prices, policies, self.plans = config.price_table(), current_policies(config), current_plans(config)
+        if config.admin_port:
+            admin_token(config.admin_token_env)  # a config with an admin port and no token is refused
+        if self.admin is not None:
+            self.admin.api.plans = self.plans
         old_gate, old_audit = self.gate, self.audit
         same_store = old_gate is not None and self.config.store_url == config.store_url
         if same_store:
             store = old_gate.store
         else:  # its failures counted for agentkeys_store_errors_total
-            store = Store(ErrorCountingLedger(open_ledger(config.store_url), self.metrics.store_error))
+            store = Store(ErrorCountingLedger(open_ledger(config.store_url, config.calendar), self.metrics.store_error))
         self.config = config
         self.router = Router(config)
         self.gate = Gate(config, store, prices, policies)
@@ -251,6 +262,8 @@ class AgentKeys:
             ctx.options.update(connection_strategy="lazy")
         if self.config.metrics_port and self.health is None:
             self._serve_health(self.config.metrics_port)
+        if self.config.admin_port and self.admin is None:
+            self._serve_admin(self.config)
         if self._purge_task is None:
             self._purge_task = asyncio.get_running_loop().create_task(self._keep_the_books())
             # The price table, the tokenizers and mitmproxy's own start-up objects live as long as the
@@ -266,6 +279,15 @@ class AgentKeys:
             thread_checks={"store": lambda: store_answers(self.gate.store.ledger)},
         )
         self.health.start(self.config.listen_host, port)
+
+    def _serve_admin(self, config: ProxyConfig):
+        """The admin API on its own listener and thread, with its own handle on the store."""
+        from agentkeys.admin import AdminApi, AdminServer  # FastAPI is imported only by a proxy that serves it
+
+        token = admin_token(config.admin_token_env)
+        api = AdminApi(open_ledger(config.store_url, config.calendar), self.plans, config.calendar, token)
+        self.admin = AdminServer(api)
+        self.admin.start(config.admin_host or config.listen_host, config.admin_port)
 
     async def _keep_the_books(self):
         """Every `purge_interval`: settle holds that dead calls left behind, return finished children's
@@ -300,6 +322,8 @@ class AgentKeys:
             self._purge_task.cancel()
         if self.health:
             self.health.stop()
+        if self.admin:
+            self.admin.stop()
         await asyncio.sleep(0)  # settlements scheduled on this turn of the loop start their tasks
         if self._background:  # let settlements in flight reach the store and the audit log
             await asyncio.wait(self._background, timeout=SETTLING_SECONDS)

@@ -57,6 +57,7 @@ class CallRecord:
     client: str | None = None  # the agent's address, for traffic the proxy passed or refused by host
     deny_kind: str | None = None  # why a call was refused, as a word (budget, forbidden, …), for reports
     identity: dict | None = None  # the job or pod the key was minted for, from its OIDC token (keyless keys)
+    account_id: str | None = None  # the account (plans.md) whose period budget also bounds the key
     ts: float = 0.0
 
 

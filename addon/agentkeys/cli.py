@@ -14,6 +14,7 @@ from pathlib import Path
 
 import agentkeys
 from agentkeys import auditreport, credentials, logs
+from agentkeys.accountscli import add_account_commands
 from agentkeys.auditchain import fingerprint, load_public_key, public_key_pem, signing_key
 from agentkeys.auditfiles import audit_files, call_records
 from agentkeys.auditverify import verify
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     price_show.add_argument("--provider", help="as the proxy prices it for this provider (default: every table)")
     price_show.set_defaults(run=cmd_prices_show)
     add_audit_commands(commands)
+    add_account_commands(commands, config_option)
     return parser
 
 
@@ -272,7 +274,7 @@ def open_store(args, config: ProxyConfig, create: bool = False):
             f"no key store at {path} (the store of {describe_config(args)}); run this in the config's folder or"
             " give --config, or create the store: start the proxy (agentkeys serve) or keys issue --create-store"
         )
-    return open_ledger(config.store_url)
+    return open_ledger(config.store_url, config.calendar)
 
 
 def sqlite_path(store_url: str) -> Path | None:

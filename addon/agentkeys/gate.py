@@ -170,6 +170,10 @@ class Gate:
         """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
         key is read afresh here, since no reservation will ask the store whether it is still active."""
         key = await self.auth.caller(call, fresh=True)
+        if key.account_id is not None:
+            account = await self.store.account(key.account_id)
+            if account is None or not account.active:
+                raise account_suspended(key)
         metering = "unmetered" if endpoint == "unmetered" else "free"
         return Admission(key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros)
 
@@ -326,21 +330,37 @@ def body_for_provider(wire: WireFormat, plan: HoldPlan, call: CallRequest, key: 
 
 
 def refused_for_budget(reservation: Reservation) -> bool:
-    return reservation.refusal is Refusal.BUDGET
+    """Refused for money, the key's or its account's period's: a tighter plan may still fit what remains."""
+    return reservation.refusal in (Refusal.BUDGET, Refusal.ACCOUNT_BUDGET)
 
 
 def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) -> None:
     if refused_for_budget(reservation):
+        whose = (
+            f"account {key.account_id}'s budget for this period"
+            if reservation.refusal is Refusal.ACCOUNT_BUDGET
+            else "budget"
+        )
         raise Denial(
             DenyKind.BUDGET,
-            f"agentkeys: budget exhausted: this call could cost up to {format_usd(plan.worst_case)},"
+            f"agentkeys: {whose} exhausted: this call could cost up to {format_usd(plan.worst_case)},"
             f" {remaining_phrase(reservation.remaining_micros)}",
             key,
             plan.facts.model,
             remaining_micros=reservation.remaining_micros,
         )
+    if reservation.refusal is Refusal.SUSPENDED:
+        raise account_suspended(key)
     if reservation.refusal is not None:
         raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {key.key_id} is {reservation.refusal.value}", key)
+
+
+def account_suspended(key: KeyRecord) -> Denial:
+    return Denial(
+        DenyKind.FORBIDDEN,
+        f"agentkeys: account {key.account_id} is suspended (or no longer exists): its keys are refused",
+        key,
+    )
 
 
 def model_named_in(body: bytes) -> str | None:

@@ -53,6 +53,7 @@ def new_key_record(
         budget_micros=usd_to_micros(budget_usd),
         parent_id=parent.key_id if parent else None, depth=parent.depth + 1 if parent else 0,
         identity_json=parent.identity_json if parent else identity_json,
+        account_id=parent.account_id if parent else None,  # a sub-agent spends from its parent's account too
     )  # fmt: skip
     return IssuedKey(minted.key, record)
 
@@ -169,6 +170,7 @@ def describe(record: KeyRecord, now: float) -> dict:
         "held_usd": Usd(record.held_micros),
         "remaining_usd": Usd(record.remaining_micros if status == "active" else 0),
         "identity": json.loads(record.identity_json) if record.identity_json else None,  # a keyless key's job or pod
+        "account_id": record.account_id,
     }
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -27,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from agentkeys.ledger.periods import Calendar
 from agentkeys.paths import path_matches
 from agentkeys.pricing import ConfigPrice, PriceTable, load_prices
 from agentkeys.yamlfile import ConfigError, load_yaml_model
@@ -398,6 +400,15 @@ class ProxyConfig(BaseModel):
     identity: dict[str, IdentityConfig] = Field(
         default_factory=dict, description="OIDC issuers whose tokens are exchanged for keys (keyless issuance)"
     )
+    plans: list[str] = Field(default_factory=list, description="plan files (globs allowed) accounts may be on")
+    time_zone: str = Field(default="UTC", description="accounts' days, weeks and months are this zone's (IANA name)")
+    admin_port: int | None = Field(
+        default=None, ge=0, le=65535, description="the admin API's own listener (accounts, keys, usage); off if unset"
+    )
+    admin_host: str | None = Field(default=None, description="the admin API's address; default listen_host")
+    admin_token_env: str = Field(
+        default="AGENTKEYS_ADMIN_TOKEN", description="environment variable holding the admin API's bearer token"
+    )
     mitmproxy: dict[str, str | int | bool | list[str]] = Field(
         default_factory=dict,
         description="mitmproxy options for `agentkeys serve`, by name (say ssl_verify_upstream_trusted_ca)",
@@ -410,6 +421,15 @@ class ProxyConfig(BaseModel):
         if not url.startswith(("sqlite:///", "redis://", "rediss://")):
             raise ValueError(f"{url!r}: the store must be sqlite:///PATH or redis://HOST:PORT/DB (rediss:// for TLS)")
         return url
+
+    @field_validator("time_zone")
+    @classmethod
+    def known_time_zone(cls, name: str) -> str:
+        try:
+            Calendar(name)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(f"{name!r} is not a time zone this system knows (say UTC or Europe/Paris)") from None
+        return name
 
     @field_validator("mitmproxy")
     @classmethod
@@ -464,6 +484,11 @@ class ProxyConfig(BaseModel):
         if self.audit_sinks is not None:
             return self.audit_sinks
         return ["file"] if self.audit_log else []
+
+    @property
+    def calendar(self) -> Calendar:
+        """The calendar accounts' periods follow."""
+        return Calendar(self.time_zone)
 
     @property
     def store_url(self) -> str:

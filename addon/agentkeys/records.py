@@ -31,7 +31,10 @@ def record_of(key: KeyRecord | None, key_id: str | None = None, **fields) -> Cal
     if key is None:
         return CallRecord(key_id=key_id, key_name=None, policy=None, **fields)
     identity = json.loads(key.identity_json) if key.identity_json else None
-    return CallRecord(key_id=key.key_id, key_name=key.name, policy=key.policy_name, identity=identity, **fields)
+    return CallRecord(
+        key_id=key.key_id, key_name=key.name, policy=key.policy_name, identity=identity, account_id=key.account_id,
+        **fields,
+    )  # fmt: skip
 
 
 def denied_record(call: CallRequest, denial: Denial, status: int, policy_revision: str | None) -> CallRecord:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, Refusal, Reservation, StaleHold
+from agentkeys.ledger import AccountRecord, KeyRecord, Ledger, LedgerBusy, Refusal, Reservation, StaleHold
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ class Store:
     async def revoke(self, key_id: str) -> bool:
         now = self.clock()
         return await self._ask(lambda ledger: ledger.revoke(key_id, now))
+
+    async def account(self, account_id: str) -> AccountRecord | None:
+        """An account as the store has it now: its plan and status (a held call learns the status from the
+        hold itself, in the same atomic step)."""
+        return await self._ask(lambda ledger: ledger.get_account(account_id))
 
     async def claim_token(self, issuer: str, jti: str, expires_at: float) -> bool:
         """Remember an exchanged OIDC token until `expires_at`; False if it was exchanged already."""

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from agentkeys import credentials
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.gate import Admission, Gate
-from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
+from agentkeys.ledger import AccountRecord, KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
 from agentkeys.money import format_usd, usd_to_micros
 from agentkeys.policy import Policy, ProxyConfig
 from agentkeys.pricing import PriceTable, Usage, cost_micros
@@ -71,15 +71,15 @@ class Env:
     ledger: SqliteLedger
     clock: Clock
 
-    def issue(self, budget_usd: float = 1.0, ttl: int = 3600, **policy_fields) -> str:
-        """A new scoped key under POLICY (with `policy_fields` changed); returns the key itself."""
+    def issue(self, budget_usd: float = 1.0, ttl: int = 3600, account_id: str | None = None, **policy_fields) -> str:
+        """A new scoped key under POLICY (with `policy_fields` changed), of `account_id` if given; returns the key."""
         policy = Policy.model_validate({**POLICY, **policy_fields})
         minted = credentials.mint()
         self.ledger.create_key(
             KeyRecord(
                 key_id=minted.key_id, key_hash=minted.key_hash, name="test", policy_name=policy.name,
                 policy_json=policy.model_dump_json(), created_at=self.clock.now,
-                expires_at=self.clock.now + ttl, budget_micros=usd_to_micros(budget_usd),
+                expires_at=self.clock.now + ttl, budget_micros=usd_to_micros(budget_usd), account_id=account_id,
             )
         )  # fmt: skip
         return minted.key
@@ -312,6 +312,59 @@ def test_a_provider_without_a_real_key_is_the_operators_to_fix(env, monkeypatch)
 
 
 # ----- price and reserve -----
+
+
+def account_of(env, budget_usd: float, status: str = "active") -> str:
+    record = AccountRecord("acme", "Acme", "pro", "month", usd_to_micros(budget_usd), NOW, status)
+    if env.ledger.get_account("acme") is None:
+        env.ledger.create_account(record)
+    else:
+        env.ledger.update_account(record)
+    return "acme"
+
+
+def test_a_key_of_an_account_is_refused_when_the_accounts_period_cannot_cover_the_call(env):
+    key = env.issue(budget_usd=1.0, account_id=account_of(env, 0.0001))
+    env.denied(call(key), DenyKind.BUDGET, "account acme's budget for this period exhausted", "$0.0001 remains")
+    assert env.balances(key) == (0, 0)
+
+
+def test_a_key_of_an_account_is_clamped_to_what_its_account_has_left(env):
+    key = env.issue(budget_usd=1.0, account_id=account_of(env, 0.0005), clamp_max_tokens=True)
+    admission = env.admitted(call(key, chat(max_tokens=10_000)))
+    assert admission.clamped_by == "budget" and admission.hold_micros <= 500
+
+
+def test_calls_in_flight_at_midnight_settle_into_the_day_they_were_admitted_in(env):
+    """A controlled clock: calls admitted before midnight and settled after it are charged to the old day,
+    while the new day starts with the whole budget; the keys' spend is the days' spend, to the micro-dollar."""
+    env.clock.now = 1_700_006_399.0  # 23:59:59 UTC on 2023-11-14
+    record = AccountRecord("acme", "Acme", "daily", "day", usd_to_micros(0.0008), NOW)
+    env.ledger.create_account(record)
+    keys = [env.issue(budget_usd=1.0, account_id="acme") for _ in range(3)]
+    before = [env.admitted(call(key, chat(max_tokens=200))) for key in keys]
+    held = sum(admission.hold_micros for admission in before)
+    env.denied(call(keys[0], chat(max_tokens=1000)), DenyKind.BUDGET, "account acme's budget for this period")
+    env.clock.now += 1  # midnight
+    after = [env.admitted(call(key, chat(max_tokens=1000))) for key in keys[:1]]
+    assert after[0].remaining_micros == usd_to_micros(0.0008) - after[0].hold_micros  # the whole budget again
+    usage = Usage(input_tokens=10, output_tokens=20)
+    for admission in before + after:
+        run(env.gate.settle(admission, answered(usage)))
+    days = {p.period_id: (p.spent_micros, p.held_micros) for p in env.ledger.account_periods("acme")}
+    cost = cost_micros(MINI, usage)
+    assert days == {"2023-11-14": (3 * cost, 0), "2023-11-15": (cost, 0)} and held > 3 * cost
+    assert sum(env.balances(key)[0] for key in keys) == 4 * cost
+
+
+def test_a_suspended_accounts_keys_are_refused_every_call_even_unbilled_ones(env):
+    key = env.issue(account_id=account_of(env, 1.0))
+    env.admitted(call(key))
+    account_of(env, 1.0, status="suspended")
+    env.denied(call(key), DenyKind.FORBIDDEN, "account acme is suspended")
+    env.denied(call(key, b"", method="GET", path="/v1/models"), DenyKind.FORBIDDEN, "account acme is suspended")
+    account_of(env, 1.0)
+    env.admitted(call(key, b"", method="GET", path="/v1/models"))
 
 
 def test_a_call_that_might_not_fit_the_budget_is_refused(env):

@@ -1,8 +1,17 @@
 """Child keys: a narrower copy of the parent's policy, never wider, and never more unmetered endpoints."""
 
+import dataclasses
+
 import pytest
 
-from agentkeys.keys import ChildRefused, ChildRequest, check_depth_and_lifetime, child_policy, glob_within
+from agentkeys.keys import (
+    ChildRefused,
+    ChildRequest,
+    check_depth_and_lifetime,
+    child_policy,
+    glob_within,
+    new_key_record,
+)
 from agentkeys.ledger import KeyRecord
 from agentkeys.policy import Policy
 
@@ -173,3 +182,16 @@ def test_a_child_may_live_exactly_as_long_as_its_parent_and_not_a_second_more():
     assert str(refused.value) == (
         "ttl: 301s would outlive the parent, which expires at 2023-11-14T22:18:20+00:00 (300s from now)"
     )
+
+
+def test_a_child_key_belongs_to_its_parents_account_and_its_job():
+    """A sub-agent spends from the account its parent was minted for (and is traced to the same job)."""
+    policy = Policy.model_validate(
+        {"name": "p", "budget_usd": 1, "providers": ["openai"], "endpoints": ["POST /v1/chat/completions"],
+         "models": ["gpt-4o-mini"]}
+    )  # fmt: skip
+    parent = new_key_record(policy, 600, 1.0, "parent", 0.0, identity_json='{"job": "j"}').record
+    parent = dataclasses.replace(parent, account_id="acme")
+    child = new_key_record(policy, 60, 0.5, "child", 0.0, parent).record
+    assert (child.account_id, child.identity_json, child.parent_id) == ("acme", '{"job": "j"}', parent.key_id)
+    assert new_key_record(policy, 60, 0.5, "alone", 0.0).record.account_id is None

@@ -9,6 +9,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from hypothesis import strategies as st
 from redis_server import REDIS_SERVER, RedisServer, free_port
 
 from agentkeys.ledger import (
+    AccountExists,
+    AccountRecord,
+    Calendar,
     KeyExists,
     KeyRecord,
     LedgerBusy,
@@ -246,6 +250,49 @@ def test_a_store_file_from_before_holds_closed_by_trigger_still_settles_its_open
         assert new.refusal is None and new.remaining_micros == 700
         assert ledger.settle(new.hold_id, 50) is True
         assert balances(ledger) == (150, 0)
+    finally:
+        ledger.close()
+
+
+def test_sqlite_a_store_file_from_before_accounts_gets_their_triggers_and_keeps_its_holds(tmp_path):
+    """A file of the version before accounts has triggers `hold_taken` and `hold_closed` that know no periods:
+    opening it replaces them (in one transaction), and its open hold still settles on its key."""
+    path = tmp_path / "before-accounts.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE keys (key_id TEXT PRIMARY KEY, key_hash TEXT NOT NULL, name TEXT NOT NULL,"
+        " policy_name TEXT NOT NULL, policy_json TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL,"
+        " budget_micros INTEGER NOT NULL, spent_micros INTEGER NOT NULL DEFAULT 0,"
+        " held_micros INTEGER NOT NULL DEFAULT 0, revoked_at REAL, parent_id TEXT,"
+        " depth INTEGER NOT NULL DEFAULT 0, grant_micros INTEGER NOT NULL DEFAULT 0, identity_json TEXT);"
+        "CREATE TABLE holds (hold_id INTEGER PRIMARY KEY AUTOINCREMENT, key_id TEXT NOT NULL,"
+        " amount_micros INTEGER NOT NULL, created_at REAL NOT NULL, remaining_after_micros INTEGER,"
+        " charge_micros INTEGER);"
+        "CREATE TRIGGER hold_taken AFTER INSERT ON holds BEGIN"
+        " UPDATE keys SET held_micros = held_micros + NEW.amount_micros WHERE key_id = NEW.key_id; END;"
+        "CREATE TRIGGER hold_closed AFTER UPDATE OF charge_micros ON holds BEGIN"
+        " UPDATE keys SET held_micros = held_micros - NEW.amount_micros,"
+        " spent_micros = spent_micros + NEW.charge_micros WHERE key_id = NEW.key_id;"
+        " DELETE FROM holds WHERE hold_id = NEW.hold_id; END;"
+        f"INSERT INTO keys VALUES ('k1', 'h', 'n', 'p', '{{}}', {NOW}, {NOW + 3600}, 1000, 0, 0, NULL, NULL, 0, 0,"
+        " NULL);"
+        f"INSERT INTO holds (key_id, amount_micros, created_at) VALUES ('k1', 300, {NOW});"
+    )
+    old.close()
+    ledger = SqliteLedger(path)
+    try:
+        triggers = {
+            name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        }
+        assert triggers == {"hold_taken_in_period", "hold_closed_in_period"}
+        assert balances(ledger) == (0, 300)  # the old trigger held it
+        assert ledger.settle(1, 100) is True
+        ledger.create_account(account(budget=500))
+        ledger.create_key(record("k2", account_id="a1"))
+        held = ledger.reserve("k2", 400, NOW)
+        assert ledger.reserve("k2", 200, NOW).refusal is Refusal.ACCOUNT_BUDGET
+        assert ledger.settle(held.hold_id, 50) and period_books(ledger) == {"1970-01-12": (50, 0)}
+        assert balances(ledger) == (100, 0)
     finally:
         ledger.close()
 
@@ -618,6 +665,9 @@ def test_many_processes_on_one_store_never_break_the_cap(kind, request):
 # ----- property: any sequence of operations keeps the books and the cap -----
 
 KEYS = {"a": (500, NOW + 100), "b": (300, NOW + 200), "c": (50, NOW + 10_000)}  # budget, expiry
+# Keys of one account, whose budget per day is MODEL_ACCOUNT_BUDGET (a "day" operation moves to the next day).
+KEYS.update({"d": (300, NOW + 4 * 86_400), "e": (300, NOW + 4 * 86_400)})
+ACCOUNT_KEYS, MODEL_ACCOUNT_BUDGET = {"d", "e"}, 400
 
 operations = st.lists(
     st.one_of(
@@ -628,6 +678,8 @@ operations = st.lists(
         st.tuples(st.just("revoke"), st.sampled_from(sorted(KEYS))),
         st.tuples(st.just("purge")),
         st.tuples(st.just("sweep"), st.integers(0, 150)),  # settle holds older than this many seconds
+        st.tuples(st.just("day")),  # a day passes: the account starts a new period
+        st.tuples(st.just("status"), st.sampled_from(["active", "suspended"])),  # of the account
     ),
     max_size=40,
 )
@@ -641,6 +693,23 @@ class Model:
         self.keys = {key_id: {"spent": 0, "revoked": False} for key_id in KEYS}
         self.holds: dict[int, tuple[str, int, float]] = {}  # open holds: hold id → (key, amount, created at)
         self.hold_ids: list[int] = []  # every hold ever granted, settled or not
+        self.account_active = True
+        self.period_spent: dict[str, int] = defaultdict(int)  # the account's spend by day
+
+    def day(self, when: float) -> str:
+        return Calendar().period("day", when).period_id
+
+    def period_books(self) -> dict[str, tuple[int, int]]:
+        """(spent, held) by day, for every day the account held anything in."""
+        held = defaultdict(int)
+        for key_id, amount, created in self.holds.values():
+            if key_id in ACCOUNT_KEYS:
+                held[self.day(created)] += amount
+        return {day: (self.period_spent[day], held[day]) for day in {*self.period_spent, *held}}
+
+    def account_remaining(self) -> int:
+        spent, held = self.period_books().get(self.day(self.now), (0, 0))
+        return MODEL_ACCOUNT_BUDGET - spent - held
 
     def held(self, key_id):
         return sum(amount for k, amount, _ in self.holds.values() if k == key_id)
@@ -655,14 +724,20 @@ class Model:
             return Refusal.REVOKED
         if self.now >= KEYS[key_id][1]:
             return Refusal.EXPIRED
+        if key_id in ACCOUNT_KEYS and not self.account_active:
+            return Refusal.SUSPENDED
         if amount > KEYS[key_id][0] - self.keys[key_id]["spent"] - self.held(key_id):
             return Refusal.BUDGET
+        if key_id in ACCOUNT_KEYS and amount > self.account_remaining():
+            return Refusal.ACCOUNT_BUDGET
         return None
 
     def close(self, hold_id, amount):
-        key_id, _, _ = self.holds.pop(hold_id)
+        key_id, _, created = self.holds.pop(hold_id)
         if key_id in self.keys:
             self.keys[key_id]["spent"] += amount
+        if key_id in ACCOUNT_KEYS:
+            self.period_spent[self.day(created)] += amount  # into the day it was taken in
 
 
 def apply(ledger, model: Model, op: tuple) -> None:
@@ -683,6 +758,11 @@ def apply(ledger, model: Model, op: tuple) -> None:
             model.close(hold_id, amount)
     elif name == "tick":
         model.now += args[0]
+    elif name == "day":
+        model.now += 86_400
+    elif name == "status":
+        assert ledger.update_account(account("acct", budget=MODEL_ACCOUNT_BUDGET, status=args[0]))
+        model.account_active = args[0] == "active"
     elif name == "revoke":
         key_id = args[0]
         assert ledger.revoke(key_id, model.now) is (key_id in model.keys and not model.keys[key_id]["revoked"])
@@ -712,8 +792,10 @@ def test_any_sequence_of_operations_keeps_the_cap_and_the_books(kind, request, o
     with empty_store(kind, request) as url:
         ledger = open_ledger(url)
         try:
+            ledger.create_account(account("acct", budget=MODEL_ACCOUNT_BUDGET))
             for key_id, (budget, expires_at) in KEYS.items():
-                ledger.create_key(record(key_id, budget=budget, expires_at=expires_at))
+                in_account = "acct" if key_id in ACCOUNT_KEYS else None
+                ledger.create_key(record(key_id, budget=budget, expires_at=expires_at, account_id=in_account))
             model = Model()
             for op in ops:
                 apply(ledger, model, op)
@@ -725,6 +807,9 @@ def test_any_sequence_of_operations_keeps_the_cap_and_the_books(kind, request, o
                     assert key.spent_micros + key.held_micros <= key.budget_micros
                     assert key.held_micros == model.held(key_id)
                     assert key.spent_micros == model.keys[key_id]["spent"]
+                books = model.period_books()
+                assert period_books(ledger, "acct") == books
+                assert all(spent + held <= MODEL_ACCOUNT_BUDGET for spent, held in books.values())
         finally:
             ledger.close()
 
@@ -842,6 +927,16 @@ def test_redis_key_ttl_runs_past_expiry_and_is_lifted_while_a_hold_is_open(redis
     assert RETENTION_SECONDS - 2 <= raw.ttl("agentkeys:key:k1") <= RETENTION_SECONDS
 
 
+def test_redis_an_accounts_key_removed_by_its_ttl_leaves_its_index_when_listed(redis_ledger):
+    ledger, raw = redis_ledger
+    ledger.create_account(account())
+    ledger.create_key(record("k1", account_id="a1"))
+    ledger.create_key(record("k2", account_id="a1"))
+    raw.delete("agentkeys:key:k1")  # as its TTL would
+    assert [key.key_id for key in ledger.account_keys("a1")] == ["k2"]
+    assert raw.smembers("agentkeys:account_keys:a1") == {b"k2"}
+
+
 def test_redis_key_removed_by_its_ttl_is_gone_and_purge_cleans_its_index(redis_ledger):
     ledger, raw = redis_ledger
     ledger.create_key(record("gone", expires_at=NOW + 10))
@@ -905,3 +1000,210 @@ def test_redis_unavailable_message_names_the_store_but_not_its_password():
         ledger.get_key("k1")
     assert "redis://127.0.0.1:" in str(refused.value) and "/3 unreachable" in str(refused.value)
     assert "hunter2" not in str(refused.value)
+
+
+# ----- accounts: a budget per period over every key minted for the account -----
+
+DAY = 86_400  # NOW falls in 1970-01-12 (UTC, a Monday); NOW + DAY in the next day
+MIDNIGHT = 12 * DAY  # 1970-01-13 00:00 UTC
+
+
+def account(account_id: str = "a1", budget: int = 1_000, period: str = "day", **fields) -> AccountRecord:
+    return AccountRecord(
+        account_id=account_id, name=f"account {account_id}", plan_name="test-plan", period=period,
+        budget_micros=budget, created_at=fields.pop("created_at", NOW), **fields,
+    )  # fmt: skip
+
+
+def period_books(ledger, account_id: str = "a1") -> dict[str, tuple[int, int]]:
+    """(spent, held) by period id."""
+    return {p.period_id: (p.spent_micros, p.held_micros) for p in ledger.account_periods(account_id)}
+
+
+def test_accounts_are_created_read_listed_updated_and_deleted(ledger):
+    ledger.create_account(account("a1", created_at=NOW))
+    ledger.create_account(account("a2", budget=5, period="month", created_at=NOW + 1))
+    assert ledger.get_account("a1") == account("a1")
+    assert [a.account_id for a in ledger.list_accounts()] == ["a1", "a2"]
+    with pytest.raises(AccountExists):
+        ledger.create_account(account("a1"))
+    assert ledger.update_account(account("a2", budget=7, period="week", status="suspended"))
+    assert ledger.get_account("a2") == account("a2", budget=7, period="week", status="suspended", created_at=NOW + 1)
+    assert not ledger.update_account(account("nobody"))
+    assert ledger.get_account("nobody") is None
+    assert ledger.delete_account("a1", NOW)
+    assert not ledger.delete_account("a1", NOW)
+    assert [a.account_id for a in ledger.list_accounts()] == ["a2"]
+
+
+def test_a_hold_must_fit_the_key_and_the_account_period(ledger):
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=700, account_id="a1"))
+    ledger.create_key(record("k2", budget=700, account_id="a1"))
+    assert [k.key_id for k in ledger.account_keys("a1")] == ["k1", "k2"]
+    first = ledger.reserve("k1", 600, NOW)
+    assert first.hold_id is not None and first.remaining_micros == 100  # the key has 100 left, the account 400
+    refused = ledger.reserve("k2", 500, NOW)  # fits k2's own 700, not the account's 400
+    assert (refused.hold_id, refused.refusal, refused.remaining_micros) == (None, Refusal.ACCOUNT_BUDGET, 400)
+    refused = ledger.reserve("k1", 200, NOW)  # fits the account, not k1
+    assert (refused.refusal, refused.remaining_micros) == (Refusal.BUDGET, 100)
+    assert ledger.reserve("k2", 400, NOW).remaining_micros == 0
+    assert period_books(ledger) == {"1970-01-12": (0, 1_000)}
+    ledger.settle(first.hold_id, 250)
+    assert period_books(ledger) == {"1970-01-12": (250, 400)}
+    assert balances(ledger, "k1") == (250, 0)
+
+
+def test_a_key_without_an_account_is_bound_by_its_own_budget_only(ledger):
+    ledger.create_account(account(budget=10))
+    ledger.create_key(record("k1", budget=1_000))
+    assert ledger.reserve("k1", 900, NOW).hold_id is not None
+    assert ledger.account_periods("a1") == []
+
+
+def test_a_suspended_accounts_keys_are_refused_at_once_and_served_again_when_resumed(ledger):
+    ledger.create_account(account())
+    ledger.create_key(record("k1", account_id="a1"))
+    assert ledger.reserve("k1", 10, NOW).hold_id is not None
+    ledger.update_account(account(status="suspended"))
+    assert ledger.reserve("k1", 10, NOW).refusal is Refusal.SUSPENDED
+    assert ledger.reserve_many([("k1", 10, NOW), ("k1", 10, NOW)])[1].refusal is Refusal.SUSPENDED
+    ledger.update_account(account(status="active"))
+    assert ledger.reserve("k1", 10, NOW).hold_id is not None
+
+
+def test_deleting_an_account_revokes_its_keys_and_their_children(ledger):
+    ledger.create_account(account())
+    ledger.create_key(record("k1", account_id="a1"))
+    ledger.create_key(record("other"))
+    assert ledger.create_child(child("c1", "k1", 100), 5, NOW) is None
+    held = ledger.reserve("k1", 10, NOW)
+    assert ledger.delete_account("a1", NOW)
+    assert ledger.get_key("k1").revoked_at == NOW and ledger.get_key("c1").revoked_at == NOW
+    assert ledger.get_key("other").revoked_at is None
+    assert ledger.reserve("k1", 1, NOW).refusal is Refusal.REVOKED
+    assert ledger.settle(held.hold_id, 5)  # a call in flight still settles on its key
+    assert balances(ledger, "k1") == (5, 100)
+    assert ledger.account_periods("a1") == []
+
+
+def test_a_key_of_an_unknown_account_is_refused(ledger):
+    ledger.create_key(record("k1", account_id="gone"))
+    assert ledger.reserve("k1", 1, NOW).refusal is Refusal.SUSPENDED
+
+
+def test_a_new_period_starts_fresh_and_holds_settle_into_the_period_they_were_taken_in(ledger):
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    in_flight = ledger.reserve("k1", 900, NOW)
+    assert ledger.reserve("k1", 200, NOW).refusal is Refusal.ACCOUNT_BUDGET
+    tomorrow = ledger.reserve("k1", 1_000, NOW + DAY)  # the day is over: the whole budget again
+    assert tomorrow.hold_id is not None
+    assert ledger.settle(in_flight.hold_id, 300)  # settles after midnight, into yesterday
+    assert ledger.settle(tomorrow.hold_id, 1_000)
+    assert period_books(ledger) == {"1970-01-12": (300, 0), "1970-01-13": (1_000, 0)}
+    assert ledger.reserve("k1", 1, NOW + DAY).refusal is Refusal.ACCOUNT_BUDGET
+    assert balances(ledger) == (1_300, 0)
+
+
+@pytest.mark.parametrize(
+    "period, now, later, same",
+    [("day", NOW, NOW + DAY, False), ("week", NOW, NOW + DAY, True), ("month", NOW, NOW + 30 * DAY, False)],
+)
+def test_each_kind_of_period_rolls_over_at_its_own_end(ledger, period, now, later, same):
+    ledger.create_account(account(budget=100, period=period))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 60 * DAY, account_id="a1"))
+    ledger.settle(ledger.reserve("k1", 100, now).hold_id, 100)
+    refusal = ledger.reserve("k1", 1, later).refusal
+    assert refusal is (Refusal.ACCOUNT_BUDGET if same else None)
+
+
+def test_a_top_up_adds_to_the_current_period_only(ledger):
+    ledger.create_account(account(budget=100))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    topped = ledger.top_up("a1", 50, NOW)
+    assert (topped.period_id, topped.top_up_micros) == ("1970-01-12", 50)
+    assert ledger.reserve("k1", 150, NOW).hold_id is not None
+    assert ledger.reserve("k1", 101, NOW + DAY).refusal is Refusal.ACCOUNT_BUDGET
+    assert ledger.top_up("nobody", 50, NOW) is None
+
+
+def test_a_batch_of_settlements_reaches_each_holds_own_period(ledger):
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    ledger.create_key(record("k2", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    holds = ledger.reserve_many([("k1", 100, NOW), ("k2", 200, NOW), ("k1", 300, NOW + DAY), ("k2", 1, NOW)])
+    assert ledger.settle_many([(holds[0].hold_id, 10), (holds[1].hold_id, 20), (holds[2].hold_id, 30)]) == [True] * 3
+    assert period_books(ledger) == {"1970-01-12": (30, 1), "1970-01-13": (30, 0)}
+
+
+def test_a_swept_hold_is_charged_in_full_to_its_period(ledger):
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    ledger.reserve("k1", 400, NOW)
+    assert [hold.amount_micros for hold in ledger.sweep_stale_holds(NOW + DAY, 60)] == [400]
+    assert period_books(ledger) == {"1970-01-12": (400, 0)}
+
+
+def test_periods_follow_the_ledgers_time_zone(store):
+    """23:30 UTC on 1970-01-12 is already the 13th in Paris (UTC+1)."""
+    ledger = open_ledger(store, Calendar("Europe/Paris"))
+    ledger.create_account(account(budget=100))
+    ledger.create_key(record("k1", expires_at=NOW + DAY, account_id="a1"))
+    late = MIDNIGHT - 1800
+    ledger.reserve("k1", 5, late)
+    assert period_books(ledger) == {"1970-01-13": (0, 5)}
+    ledger.close()
+
+
+KEYS_OF_ACCOUNT, CALLS_PER_KEY, ACCOUNT_FITS = 20, 10, 60  # 200 holds against an account budget for 60
+
+
+def test_many_keys_of_one_account_never_break_its_period_budget_across_a_rollover(store):
+    """20 keys of one account, 10 threads, a clock that passes midnight (with calls in flight) once the day's
+    budget is spent: at no moment does a day hold and spend more than the account's budget, every settlement
+    lands in the day its hold was taken, and the books of the keys and of the days agree to the micro-dollar
+    (nothing lost, nothing counted twice)."""
+    setup = open_patiently(store)
+    budget = ACCOUNT_FITS * HOLD
+    setup.create_account(account(budget=budget))
+    for index in range(KEYS_OF_ACCOUNT):
+        setup.create_key(record(f"k{index}", budget=5 * HOLD, expires_at=NOW + 3 * DAY, account_id="a1"))
+    clock = {"now": MIDNIGHT - 1}
+    calls = [f"k{index % KEYS_OF_ACCOUNT}" for index in range(KEYS_OF_ACCOUNT * CALLS_PER_KEY)]
+    lock, outcomes, peaks, start = threading.Lock(), [], defaultdict(int), threading.Barrier(10)
+
+    def worker(seed: int):
+        rng, ledger = random.Random(seed), open_patiently(store)
+        start.wait()
+        for key_id in calls[seed::10]:
+            taken_at = clock["now"]
+            reservation = ledger.reserve(key_id, HOLD, taken_at)
+            for day, (spent, held) in period_books(ledger).items():
+                with lock:
+                    peaks[day] = max(peaks[day], spent + held)
+            if reservation.refusal is Refusal.ACCOUNT_BUDGET:
+                clock["now"] = MIDNIGHT  # the day is spent; midnight comes with calls in flight on other threads
+            if reservation.hold_id is not None:
+                charge = rng.choice([HOLD, rng.randint(0, HOLD)])
+                with lock:
+                    outcomes.append((taken_at, charge))
+                time.sleep(rng.random() / 1000)
+                assert ledger.settle(reservation.hold_id, charge)
+        ledger.close()
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    books = period_books(setup)
+    assert sorted(books) == ["1970-01-12", "1970-01-13"]
+    for day, in_day in (("1970-01-12", lambda t: t < MIDNIGHT), ("1970-01-13", lambda t: t >= MIDNIGHT)):
+        charges = [charge for taken_at, charge in outcomes if in_day(taken_at)]
+        assert books[day] == (sum(charges), 0)
+        assert peaks[day] <= budget
+    keys_spent = sum(setup.get_key(f"k{index}").spent_micros for index in range(KEYS_OF_ACCOUNT))
+    assert keys_spent == sum(charge for _, charge in outcomes) == sum(spent for spent, _ in books.values())
+    setup.close()

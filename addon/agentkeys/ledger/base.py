@@ -17,6 +17,10 @@ class KeyExists(ValueError):
     """`create_key` was given a key id the store already has."""
 
 
+class AccountExists(ValueError):
+    """`create_account` was given an account id the store already has."""
+
+
 @dataclass(frozen=True)
 class KeyRecord:
     key_id: str
@@ -34,6 +38,7 @@ class KeyRecord:
     depth: int = 0  # 0 for a key issued by a person or an issuer; a child is one deeper than its parent
     grant_micros: int = 0  # this key's budget still held on its parent: its budget while it lives, then 0
     identity_json: str | None = None  # who the key was minted for, from a verified OIDC token (see identity.py)
+    account_id: str | None = None  # the account whose period budget also bounds this key (see AccountRecord)
 
     @property
     def remaining_micros(self) -> int:
@@ -45,12 +50,44 @@ class KeyRecord:
         return "expired" if now >= self.expires_at else "active"
 
 
+@dataclass(frozen=True)
+class AccountRecord:
+    """A user or tenant of the operator's product: every key minted for it is bound by its plan's
+    budget per period as well as by its own. `period` and `budget_micros` are copied from the plan
+    when the account is created or its plan set, so the store's hold needs nothing but the store."""
+
+    account_id: str
+    name: str
+    plan_name: str
+    period: str  # day, week or month (ledger.periods)
+    budget_micros: int  # per period
+    created_at: float
+    status: str = "active"  # or "suspended": its keys are refused at once
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+@dataclass(frozen=True)
+class PeriodSpend:
+    """One account's books for one period: kept after the period ends."""
+
+    account_id: str
+    period_id: str
+    spent_micros: int = 0
+    held_micros: int = 0
+    top_up_micros: int = 0  # added to the plan's budget for this period only
+
+
 class Refusal(Enum):
     UNKNOWN = "unknown"
     REVOKED = "revoked"
     EXPIRED = "expired"
     BUDGET = "budget"
     TOO_MANY_CHILDREN = "too_many_children"
+    SUSPENDED = "suspended"  # the key's account is suspended (or was deleted)
+    ACCOUNT_BUDGET = "account_budget"  # the key's account has not that much left in this period
 
 
 @dataclass(frozen=True)
@@ -86,7 +123,13 @@ class Ledger(Protocol):
 
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def list_keys(self) -> list[KeyRecord]: ...
-    def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation: ...
+    def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+        """Hold `amount_micros` if the key is live and it fits its budget and, for a key of an account,
+        the account is active and it fits the account's current period (the ledger's `calendar`), all
+        in one atomic step. The hold is charged to that period whenever it settles. `remaining_micros`
+        is the least of what remains at each level (after the hold, or when refused)."""
+        ...
+
     def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
         """`reserve` for each (key id, amount, now), in order, with one commit (or round trip) for them all."""
         ...
@@ -145,6 +188,39 @@ class Ledger(Protocol):
         One atomic step, so two replicas handed the same token cannot both mint a key for it.
         A claim past its `expires_at` is forgotten: the token can no longer verify by then anyway.
         """
+        ...
+
+    # ----- accounts -----
+
+    def create_account(self, record: AccountRecord) -> None:
+        """Store a new account; AccountExists if its id is taken."""
+        ...
+
+    def get_account(self, account_id: str) -> AccountRecord | None: ...
+    def list_accounts(self) -> list[AccountRecord]:
+        """Oldest first."""
+        ...
+
+    def update_account(self, record: AccountRecord) -> bool:
+        """Replace an account's name, plan, period, budget and status (not its id or creation); False if unknown.
+
+        A new budget or status applies to the very next hold, in the current period too."""
+        ...
+
+    def delete_account(self, account_id: str, now: float) -> bool:
+        """Revoke every key of the account and forget it and its periods; False if unknown."""
+        ...
+
+    def account_keys(self, account_id: str) -> list[KeyRecord]:
+        """The keys minted for an account that the store still has, oldest first."""
+        ...
+
+    def top_up(self, account_id: str, amount_micros: int, now: float) -> PeriodSpend | None:
+        """Add to the account's budget for its current period only; None if the account is unknown."""
+        ...
+
+    def account_periods(self, account_id: str) -> list[PeriodSpend]:
+        """Every period the account has books for, oldest first."""
         ...
 
     def ping(self) -> None:

@@ -16,6 +16,11 @@ Data (all names start with `agentkeys:`):
     holds          zset   open hold ids by created_at (sweep_stale_holds)
     hold_seq       string the last hold id (INCR)
     token:{digest} string an exchanged OIDC token (digest of its issuer and jti): its expires_at, and a TTL to it
+    account:{id}   hash   every AccountRecord field
+    accounts       zset   account ids by created_at (list_accounts)
+    account_keys:{id} set the ids of the keys minted for an account
+    period:{account_id}:{period_id} hash  spent_micros, held_micros, top_up_micros: one period's books
+    periods:{id}   set    the period ids an account has books for
 
 Expiry is enforced twice. `reserve` compares the recorded `expires_at` with the caller's clock, and
 each key hash carries a Redis TTL of its remaining lifetime plus RETENTION_SECONDS, so keys vanish
@@ -43,12 +48,26 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from agentkeys.ledger.base import KeyExists, KeyRecord, LedgerUnavailable, Refusal, Reservation, StaleHold
+from agentkeys.ledger.base import (
+    AccountExists,
+    AccountRecord,
+    KeyExists,
+    KeyRecord,
+    LedgerUnavailable,
+    PeriodSpend,
+    Refusal,
+    Reservation,
+    StaleHold,
+)
+from agentkeys.ledger.periods import Calendar
 
 PREFIX = "agentkeys:"
 RETENTION_SECONDS = 24 * 3600
 
 KEY_FIELDS = [field.name for field in fields(KeyRecord)]
+ACCOUNT_FIELDS = [field.name for field in fields(AccountRecord)]
+ACCOUNT_NUMBER_FIELDS = {"budget_micros": int, "created_at": float}
+PERIOD_FIELDS = ["spent_micros", "held_micros", "top_up_micros"]
 NUMBER_FIELDS = {
     "created_at": float,
     "expires_at": float,
@@ -73,6 +92,36 @@ local OPEN_GRANTS = PREFIX .. 'grants'
 local function key_name(key_id) return PREFIX .. 'key:' .. key_id end
 local function children_name(key_id) return PREFIX .. 'children:' .. key_id end
 local function hold_name(hold_id) return PREFIX .. 'hold:' .. hold_id end
+local function account_name(account_id) return PREFIX .. 'account:' .. account_id end
+local function account_keys_name(account_id) return PREFIX .. 'account_keys:' .. account_id end
+local function periods_name(account_id) return PREFIX .. 'periods:' .. account_id end
+local function period_name(account_id, period_id) return PREFIX .. 'period:' .. account_id .. ':' .. period_id end
+
+-- The current period's id of an account's kind, from the ids of the current day, week and month.
+local function current_period(kind, day, week, month)
+    if kind == 'day' then return day elseif kind == 'week' then return week end
+    return month
+end
+
+-- What an account has left in one period's books (`p`: spent, held, top_up as HMGET gave them).
+local function account_remaining(budget, p)
+    return tonumber(budget) + tonumber(p[3] or 0) - tonumber(p[1] or 0) - tonumber(p[2] or 0)
+end
+
+-- Revoke a key and every descendant at `now`.
+local function revoke_tree(root_id, now)
+    local pending = {{root_id}}
+    while #pending > 0 do
+        local key_id = table.remove(pending)
+        local name = key_name(key_id)
+        if redis.call('EXISTS', name) == 1 and redis.call('HEXISTS', name, 'revoked_at') == 0 then
+            redis.call('HSET', name, 'revoked_at', now)
+        end
+        for _, child_id in ipairs(redis.call('SMEMBERS', children_name(key_id))) do
+            table.insert(pending, child_id)
+        end
+    end
+end
 
 -- HINCRBY by a Lua number written as an integer: Lua would send 0 - 0 as "-0", which Redis refuses,
 -- and a script that fails halfway keeps the writes it made before the failure.
@@ -88,10 +137,17 @@ end
 
 -- Drop a hold and charge `charge` micro-dollars for it (nil: its full amount). `now` defaults to the
 -- hold's creation time, an early estimate of the present that errs towards keeping the key longer.
--- Returns the hold's key_id, amount and created_at, or nil if it is not open.
+-- The charge goes to the period the hold was taken in, whatever the period is now.
+-- Returns the hold's key_id, amount and created_at (then account_id, period_id), or nil if it is not open.
 local function close_hold(hold_id, charge, now)
-    local hold = redis.call('HMGET', hold_name(hold_id), 'key_id', 'amount_micros', 'created_at')
+    local hold = redis.call('HMGET', hold_name(hold_id), 'key_id', 'amount_micros', 'created_at', 'account_id',
+                            'period_id')
     if not hold[1] then return nil end
+    if hold[4] and redis.call('EXISTS', account_name(hold[4])) == 1 then
+        local period = period_name(hold[4], hold[5])
+        incr(period, 'held_micros', -tonumber(hold[2]))
+        incr(period, 'spent_micros', tonumber(charge or hold[2]))
+    end
     redis.call('DEL', hold_name(hold_id))
     redis.call('ZREM', OPEN_HOLDS, hold_id)
     local key = key_name(hold[1])
@@ -145,6 +201,8 @@ local function create_key(key_id, first)
     redis.call('ZADD', KEYS_BY_CREATION, created_at, key_id)
     redis.call('ZADD', KEYS_BY_EXPIRY, redis.call('HGET', key, 'expires_at'), key_id)
     arm_ttl(key, created_at)
+    local account_id = redis.call('HGET', key, 'account_id')
+    if account_id then redis.call('SADD', account_keys_name(account_id), key_id) end
     return true
 end
 """
@@ -183,38 +241,93 @@ return ''
 REVOKE = """
 local key = key_name(ARGV[1])
 if redis.call('EXISTS', key) == 0 or redis.call('HEXISTS', key, 'revoked_at') == 1 then return 0 end
-local pending = {ARGV[1]}
-while #pending > 0 do
-    local key_id = table.remove(pending)
-    local name = key_name(key_id)
-    if redis.call('EXISTS', name) == 1 and redis.call('HEXISTS', name, 'revoked_at') == 0 then
-        redis.call('HSET', name, 'revoked_at', ARGV[2])
-    end
-    for _, child_id in ipairs(redis.call('SMEMBERS', children_name(key_id))) do
-        table.insert(pending, child_id)
-    end
-end
+revoke_tree(ARGV[1], ARGV[2])
 return_finished_grants(tonumber(ARGV[2]))
 return 1
 """
 
-# ARGV: key_id, amount_micros, now. Returns {hold_id or 0, refusal or '', remaining_micros}.
+# ARGV: key_id, amount_micros, now, and the ids of the current day, week and month (a key of an account is
+# held on the one of its account's kind too). Returns {hold_id or 0, refusal or '', remaining_micros}: the
+# least of what the key and its account's period have left.
 RESERVE = """
 local key = key_name(ARGV[1])
 local amount, now = tonumber(ARGV[2]), tonumber(ARGV[3])
-local k = redis.call('HMGET', key, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros')
+local k = redis.call('HMGET', key, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros',
+                     'account_id')
 if not k[1] then return {0, 'unknown', 0} end
-local remaining = tonumber(k[3]) - tonumber(k[4]) - tonumber(k[5])
+local key_remaining = tonumber(k[3]) - tonumber(k[4]) - tonumber(k[5])
+local remaining, account_id, period_id, status = key_remaining, k[6], nil, nil
+if account_id then
+    local a = redis.call('HMGET', account_name(account_id), 'status', 'period', 'budget_micros')
+    status = a[1]
+    if status then
+        period_id = current_period(a[2], ARGV[4], ARGV[5], ARGV[6])
+        local p = redis.call('HMGET', period_name(account_id, period_id), 'spent_micros', 'held_micros',
+                             'top_up_micros')
+        remaining = math.min(remaining, account_remaining(a[3], p))
+    end
+end
 if k[2] then return {0, 'revoked', remaining} end
 if now >= tonumber(k[1]) then return {0, 'expired', remaining} end
-if amount > remaining then return {0, 'budget', remaining} end
+if account_id and status ~= 'active' then return {0, 'suspended', remaining} end
+if amount > key_remaining then return {0, 'budget', remaining} end
+if amount > remaining then return {0, 'account_budget', remaining} end
 incr(key, 'held_micros', amount)
 incr(key, 'open_holds', 1)
 redis.call('PERSIST', key)
 local hold_id = redis.call('INCR', HOLD_SEQ)
 redis.call('HSET', hold_name(hold_id), 'key_id', ARGV[1], 'amount_micros', ARGV[2], 'created_at', ARGV[3])
+if account_id then
+    redis.call('HSET', hold_name(hold_id), 'account_id', account_id, 'period_id', period_id)
+    incr(period_name(account_id, period_id), 'held_micros', amount)
+    redis.call('SADD', periods_name(account_id), period_id)
+end
 redis.call('ZADD', OPEN_HOLDS, ARGV[3], hold_id)
 return {hold_id, '', remaining - amount}
+"""
+
+# ARGV: account_id, created_at, then the record's field/value pairs. 1 if created, 0 if the id is taken.
+CREATE_ACCOUNT = """
+local account = account_name(ARGV[1])
+if redis.call('EXISTS', account) == 1 then return 0 end
+redis.call('HSET', account, unpack(ARGV, 3))
+redis.call('ZADD', PREFIX .. 'accounts', ARGV[2], ARGV[1])
+return 1
+"""
+
+# ARGV: account_id, then the field/value pairs to change. 1 if changed, 0 if the account is unknown.
+UPDATE_ACCOUNT = """
+local account = account_name(ARGV[1])
+if redis.call('EXISTS', account) == 0 then return 0 end
+redis.call('HSET', account, unpack(ARGV, 2))
+return 1
+"""
+
+# ARGV: account_id, now. Revokes its keys (and their children), forgets it and its books. 1 if it existed.
+DELETE_ACCOUNT = """
+local account_id = ARGV[1]
+for _, key_id in ipairs(redis.call('SMEMBERS', account_keys_name(account_id))) do
+    revoke_tree(key_id, ARGV[2])
+end
+for _, period_id in ipairs(redis.call('SMEMBERS', periods_name(account_id))) do
+    redis.call('DEL', period_name(account_id, period_id))
+end
+redis.call('DEL', periods_name(account_id), account_keys_name(account_id))
+redis.call('ZREM', PREFIX .. 'accounts', account_id)
+return redis.call('DEL', account_name(account_id))
+"""
+
+# ARGV: account_id, amount_micros, the ids of the current day, week and month. Returns the period's id and
+# its spent, held and top_up, or an empty list if the account is unknown.
+TOP_UP = """
+local a = redis.call('HMGET', account_name(ARGV[1]), 'period')
+if not a[1] then return {} end
+local period_id = current_period(a[1], ARGV[3], ARGV[4], ARGV[5])
+local period = period_name(ARGV[1], period_id)
+incr(period, 'top_up_micros', tonumber(ARGV[2]))
+redis.call('SADD', periods_name(ARGV[1]), period_id)
+local p = redis.call('HMGET', period, 'spent_micros', 'held_micros', 'top_up_micros')
+return {period_id, p[1] or '0', p[2] or '0', p[3] or '0'}
 """
 
 # ARGV: hold_id, amount_micros
@@ -248,8 +361,9 @@ return_finished_grants(now)
 local purged = {}
 for _, key_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS_BY_EXPIRY, '-inf', ARGV[1])) do
     local key = key_name(key_id)
-    local open = redis.call('HMGET', key, 'open_holds', 'grant_micros')
+    local open = redis.call('HMGET', key, 'open_holds', 'grant_micros', 'account_id')
     if not open[1] or (tonumber(open[1]) == 0 and tonumber(open[2] or 0) == 0) then
+        if open[3] then redis.call('SREM', account_keys_name(open[3]), key_id) end
         redis.call('DEL', key)
         redis.call('ZREM', KEYS_BY_CREATION, key_id)
         redis.call('ZREM', KEYS_BY_EXPIRY, key_id)
@@ -270,13 +384,14 @@ return 1
 
 
 class RedisLedger:
-    def __init__(self, url: str, timeout_seconds: float = 1.0):
+    def __init__(self, url: str, timeout_seconds: float = 1.0, calendar: Calendar | None = None):
         """`url`: redis://[[user]:password@]host:port/db, or rediss:// for TLS.
 
         Nothing is sent until the first operation, so a proxy starts while Redis is down and refuses
         calls until it is back. `timeout_seconds` bounds connecting and each answer: a refusal is better
         than a call that waits on an unreachable store.
         """
+        self.calendar = calendar or Calendar()
         parts = urlsplit(url)
         self.where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"  # no password
         self._redis = redis.Redis.from_url(
@@ -293,6 +408,8 @@ class RedisLedger:
         self._reserve, self._settle = script(PRELUDE + RESERVE), script(PRELUDE + SETTLE)
         self._sweep, self._purge = script(PRELUDE + SWEEP), script(PRELUDE + RETURN_FINISHED_GRANTS + PURGE)
         self._claim_token = script(CLAIM_TOKEN)
+        self._create_account, self._update_account = script(PRELUDE + CREATE_ACCOUNT), script(PRELUDE + UPDATE_ACCOUNT)
+        self._delete_account, self._top_up = script(PRELUDE + DELETE_ACCOUNT), script(PRELUDE + TOP_UP)
 
     @contextmanager
     def _store(self):
@@ -349,10 +466,16 @@ class RedisLedger:
 
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
         with self._store():
-            return reservation(self._reserve(args=[key_id, amount_micros, now]))
+            return reservation(self._reserve(args=self._hold(key_id, amount_micros, now)))
 
     def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
-        return [reservation(answer) for answer in self._in_one_round_trip(self._reserve, requests)]
+        holds = [self._hold(*request) for request in requests]
+        return [reservation(answer) for answer in self._in_one_round_trip(self._reserve, holds)]
+
+    def _hold(self, key_id: str, amount_micros: int, now: float) -> list:
+        """RESERVE's arguments: with the ids of the current day, week and month, one of which is the account's."""
+        ids = self.calendar.period_ids(now)
+        return [key_id, amount_micros, now, ids.day, ids.week, ids.month]
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
@@ -400,6 +523,67 @@ class RedisLedger:
         with self._store():
             return bool(self._claim_token(keys=[claimed_token_name(issuer, jti)], args=[expires_at, now, seconds]))
 
+    # ----- accounts -----
+
+    def create_account(self, record: AccountRecord) -> None:
+        with self._store():
+            created = self._create_account(args=[record.account_id, record.created_at, *field_pairs(record)])
+        if not created:
+            raise AccountExists(f"account {record.account_id} already exists")
+
+    def get_account(self, account_id: str) -> AccountRecord | None:
+        with self._store():
+            return account_record(self._redis.hmget(account_name(account_id), ACCOUNT_FIELDS))
+
+    def list_accounts(self) -> list[AccountRecord]:
+        with self._store():
+            with self._redis.pipeline() as pipe:
+                for account_id in self._redis.zrange(f"{PREFIX}accounts", 0, -1):
+                    pipe.hmget(account_name(account_id), ACCOUNT_FIELDS)
+                found = pipe.execute()
+        return [record for record in map(account_record, found) if record is not None]
+
+    def update_account(self, record: AccountRecord) -> bool:
+        changed = {name: getattr(record, name) for name in ("name", "plan_name", "period", "budget_micros", "status")}
+        with self._store():
+            return bool(self._update_account(args=[record.account_id, *(i for pair in changed.items() for i in pair)]))
+
+    def delete_account(self, account_id: str, now: float) -> bool:
+        with self._store():
+            return bool(self._delete_account(args=[account_id, now]))
+
+    def account_keys(self, account_id: str) -> list[KeyRecord]:
+        """The account's keys; ids of keys that their TTL removed are dropped from its index on the way."""
+        index = f"{PREFIX}account_keys:{account_id}"
+        with self._store():
+            key_ids = self._redis.smembers(index)
+            found = self._records(key_ids)
+            gone = key_ids - {record.key_id for record in found}
+            if gone:
+                self._redis.srem(index, *gone)
+        return sorted(found, key=lambda record: (record.created_at, record.key_id))
+
+    def top_up(self, account_id: str, amount_micros: int, now: float) -> PeriodSpend | None:
+        ids = self.calendar.period_ids(now)
+        with self._store():
+            answer = self._top_up(args=[account_id, amount_micros, ids.day, ids.week, ids.month])
+        if not answer:
+            return None
+        period_id, spent, held, top_up = answer
+        return PeriodSpend(account_id, period_id, int(spent), int(held), int(top_up))
+
+    def account_periods(self, account_id: str) -> list[PeriodSpend]:
+        with self._store():
+            period_ids = sorted(self._redis.smembers(f"{PREFIX}periods:{account_id}"))
+            with self._redis.pipeline() as pipe:
+                for period_id in period_ids:
+                    pipe.hmget(f"{PREFIX}period:{account_id}:{period_id}", PERIOD_FIELDS)
+                found = pipe.execute()
+        return [
+            PeriodSpend(account_id, period_id, *(int(value or 0) for value in values))
+            for period_id, values in zip(period_ids, found, strict=True)
+        ]
+
     def close(self) -> None:
         self._redis.close()
 
@@ -416,13 +600,29 @@ def reservation(answer: list) -> Reservation:
     return Reservation(hold_id, None, remaining)
 
 
-def field_pairs(record: KeyRecord) -> list:
+def field_pairs(record: KeyRecord | AccountRecord) -> list:
     """The record as HSET's field, value, field, value… (None fields left out)."""
     return [item for name, value in asdict(record).items() if value is not None for item in (name, value)]
 
 
 def key_name(key_id: str) -> str:
     return f"{PREFIX}key:{key_id}"
+
+
+def account_name(account_id: str) -> str:
+    return f"{PREFIX}account:{account_id}"
+
+
+def account_record(values: list[str | None]) -> AccountRecord | None:
+    """An AccountRecord from its hash's fields in ACCOUNT_FIELDS order; None if the hash does not exist."""
+    if values[0] is None:
+        return None
+    return AccountRecord(
+        **{
+            name: ACCOUNT_NUMBER_FIELDS.get(name, str)(value)
+            for name, value in zip(ACCOUNT_FIELDS, values, strict=True)
+        }
+    )
 
 
 def claimed_token_name(issuer: str, jti: str) -> str:

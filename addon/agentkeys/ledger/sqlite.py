@@ -16,14 +16,18 @@ from dataclasses import astuple, fields, replace
 from pathlib import Path
 
 from agentkeys.ledger.base import (
+    AccountExists,
+    AccountRecord,
     KeyExists,
     KeyRecord,
     LedgerBusy,
     LedgerUnavailable,
+    PeriodSpend,
     Refusal,
     Reservation,
     StaleHold,
 )
+from agentkeys.ledger.periods import Calendar
 from agentkeys.private import create_private_file
 
 SCHEMA = """
@@ -42,7 +46,8 @@ CREATE TABLE IF NOT EXISTS keys (
     parent_id     TEXT,
     depth         INTEGER NOT NULL DEFAULT 0,
     grant_micros  INTEGER NOT NULL DEFAULT 0,
-    identity_json TEXT
+    identity_json TEXT,
+    account_id    TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_parent ON keys (parent_id);
 CREATE TABLE IF NOT EXISTS holds (
@@ -50,19 +55,11 @@ CREATE TABLE IF NOT EXISTS holds (
     key_id        TEXT NOT NULL REFERENCES keys(key_id),
     amount_micros INTEGER NOT NULL,
     created_at    REAL NOT NULL,
-    remaining_after_micros INTEGER,  -- what the key had left once this hold was taken
-    charge_micros INTEGER  -- set once, to close the hold (see hold_closed)
+    remaining_after_micros INTEGER,  -- what the key (and its account's period) had left once it was taken
+    charge_micros INTEGER,  -- set once, to close the hold (see hold_closed_in_period)
+    account_id    TEXT,  -- the key's account, and the period the hold is charged to whenever it closes
+    period_id     TEXT
 );
--- A hold taken is held on its key.
-CREATE TRIGGER IF NOT EXISTS hold_taken AFTER INSERT ON holds BEGIN
-    UPDATE keys SET held_micros = held_micros + NEW.amount_micros WHERE key_id = NEW.key_id;
-END;
--- A hold closed at a charge: released from its key, the charge spent, the hold gone.
-CREATE TRIGGER IF NOT EXISTS hold_closed AFTER UPDATE OF charge_micros ON holds BEGIN
-    UPDATE keys SET held_micros = held_micros - NEW.amount_micros, spent_micros = spent_micros + NEW.charge_micros
-        WHERE key_id = NEW.key_id;
-    DELETE FROM holds WHERE hold_id = NEW.hold_id;
-END;
 -- OIDC tokens already exchanged for a key (see `claim_token`), until they expire.
 CREATE TABLE IF NOT EXISTS claimed_tokens (
     issuer     TEXT NOT NULL,
@@ -71,24 +68,91 @@ CREATE TABLE IF NOT EXISTS claimed_tokens (
     PRIMARY KEY (issuer, jti)
 );
 """
+# Accounts (users or tenants of the operator's product) and their books, one row per period.
+ACCOUNTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    account_id    TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    plan_name     TEXT NOT NULL,
+    period        TEXT NOT NULL,
+    budget_micros INTEGER NOT NULL CHECK (budget_micros >= 0),
+    created_at    REAL NOT NULL,
+    status        TEXT NOT NULL DEFAULT 'active'
+);
+CREATE TABLE IF NOT EXISTS account_periods (
+    account_id    TEXT NOT NULL,
+    period_id     TEXT NOT NULL,
+    spent_micros  INTEGER NOT NULL DEFAULT 0,
+    held_micros   INTEGER NOT NULL DEFAULT 0,
+    top_up_micros INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (account_id, period_id)
+);
+CREATE INDEX IF NOT EXISTS keys_by_account ON keys (account_id);
+"""
+# The books kept by the store itself, on every hold taken and closed.
+TRIGGERS = """
+-- A hold taken is held on its key, and on its account's period if the key has an account.
+CREATE TRIGGER IF NOT EXISTS hold_taken_in_period AFTER INSERT ON holds BEGIN
+    UPDATE keys SET held_micros = held_micros + NEW.amount_micros WHERE key_id = NEW.key_id;
+    INSERT INTO account_periods (account_id, period_id, held_micros)
+        SELECT NEW.account_id, NEW.period_id, NEW.amount_micros WHERE NEW.account_id IS NOT NULL
+        ON CONFLICT (account_id, period_id) DO UPDATE SET held_micros = held_micros + excluded.held_micros;
+END;
+-- A hold closed at a charge: released from its key (and period), the charge spent, the hold gone.
+CREATE TRIGGER IF NOT EXISTS hold_closed_in_period AFTER UPDATE OF charge_micros ON holds BEGIN
+    UPDATE keys SET held_micros = held_micros - NEW.amount_micros, spent_micros = spent_micros + NEW.charge_micros
+        WHERE key_id = NEW.key_id;
+    UPDATE account_periods
+        SET held_micros = held_micros - NEW.amount_micros, spent_micros = spent_micros + NEW.charge_micros
+        WHERE account_id = NEW.account_id AND period_id = NEW.period_id;
+    DELETE FROM holds WHERE hold_id = NEW.hold_id;
+END;
+"""
+SCHEMA += ACCOUNTS_SCHEMA + TRIGGERS
 # Columns that files made by earlier versions lack, by table; added when such a file is opened.
 ADDED_COLUMNS = {
-    "holds": {"remaining_after_micros": "INTEGER", "charge_micros": "INTEGER"},
-    "keys": {"identity_json": "TEXT"},
+    "holds": {
+        "remaining_after_micros": "INTEGER",
+        "charge_micros": "INTEGER",
+        "account_id": "TEXT",
+        "period_id": "TEXT",
+    },
+    "keys": {"identity_json": "TEXT", "account_id": "TEXT"},
 }
-# The hold, taken only if the key is live and the amount fits what remains: one atomic statement.
+# Triggers of earlier versions, which knew no accounts: replaced in one transaction when such a file is opened.
+REPLACED_TRIGGERS = ("hold_taken", "hold_closed")
+# Which of :day, :week and :month is the current period of the key's account `a`.
+ACCOUNT_PERIOD = "(CASE a.period WHEN 'day' THEN :day WHEN 'week' THEN :week ELSE :month END)"
+# A key `k` with its account `a` and that account's current period `p` (NULL where there is none).
+KEY_ACCOUNT_PERIOD = (
+    "keys k LEFT JOIN accounts a ON a.account_id = k.account_id"
+    f" LEFT JOIN account_periods p ON p.account_id = k.account_id AND p.period_id = {ACCOUNT_PERIOD}"
+)
+KEY_REMAINING = "(k.budget_micros - k.spent_micros - k.held_micros)"
+ACCOUNT_REMAINING = (
+    "(a.budget_micros + COALESCE(p.top_up_micros, 0) - COALESCE(p.spent_micros, 0) - COALESCE(p.held_micros, 0))"
+)
+# The least of what remains to the key and to its account's period (the key's alone without an account).
+REMAINING = f"MIN({KEY_REMAINING}, COALESCE({ACCOUNT_REMAINING}, {KEY_REMAINING}))"
+# The hold, taken only if the key is live and the amount fits what remains to it and, for a key of an
+# account, the account is active and the amount fits its current period: one atomic statement.
 TAKE_HOLD = (
-    "INSERT INTO holds (key_id, amount_micros, created_at, remaining_after_micros)"
-    " SELECT key_id, :amount, :now, budget_micros - spent_micros - held_micros - :amount FROM keys"
-    " WHERE key_id = :key_id AND revoked_at IS NULL AND :now < expires_at"
-    " AND budget_micros - spent_micros - held_micros >= :amount"
+    "INSERT INTO holds (key_id, amount_micros, created_at, remaining_after_micros, account_id, period_id)"
+    f" SELECT k.key_id, :amount, :now, {REMAINING} - :amount, a.account_id,"
+    f" CASE WHEN a.account_id IS NOT NULL THEN {ACCOUNT_PERIOD} END"
+    f" FROM {KEY_ACCOUNT_PERIOD}"
+    " WHERE k.key_id = :key_id AND k.revoked_at IS NULL AND :now < k.expires_at"
+    f" AND {KEY_REMAINING} >= :amount"
+    f" AND (k.account_id IS NULL OR (a.status = 'active' AND {ACCOUNT_REMAINING} >= :amount))"
     " RETURNING hold_id, remaining_after_micros"
 )
 CLOSE_HOLD = "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND charge_micros IS NULL RETURNING hold_id"
 KEY_COLUMNS = (
     "key_id, key_hash, name, policy_name, policy_json, created_at, expires_at,"
-    " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros, identity_json"
+    " budget_micros, spent_micros, held_micros, revoked_at, parent_id, depth, grant_micros, identity_json, account_id"
 )
+ACCOUNT_COLUMNS = "account_id, name, plan_name, period, budget_micros, created_at, status"
+PERIOD_COLUMNS = "account_id, period_id, spent_micros, held_micros, top_up_micros"
 # A token is claimed if it never was, or if its earlier claim has expired: one statement either way.
 CLAIM_TOKEN = (
     "INSERT INTO claimed_tokens (issuer, jti, expires_at) VALUES (:issuer, :jti, :expires_at)"
@@ -99,8 +163,9 @@ PLACEHOLDERS = ", ".join("?" * len(fields(KeyRecord)))
 
 
 class SqliteLedger:
-    def __init__(self, path: str | Path, busy_timeout_seconds: float = 2.0):
+    def __init__(self, path: str | Path, busy_timeout_seconds: float = 2.0, calendar: Calendar | None = None):
         self.path = Path(path)
+        self.calendar = calendar or Calendar()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         try:
@@ -111,6 +176,7 @@ class SqliteLedger:
             self._use_wal(deadline=time.monotonic() + busy_timeout_seconds)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._add_missing_columns()
+            self._replace_old_triggers()
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as e:
             raise LedgerUnavailable(f"cannot open {self.path}: {e}") from e
@@ -134,6 +200,17 @@ class SqliteLedger:
             for name, kind in added.items():
                 if columns and name not in columns:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+    def _replace_old_triggers(self) -> None:
+        """Drop the triggers of a file made before accounts, in the transaction that creates their successors,
+        so no hold is ever taken with neither in place."""
+        names = ", ".join("?" * len(REPLACED_TRIGGERS))
+        if not self._db.execute(
+            f"SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name IN ({names})", REPLACED_TRIGGERS
+        ).fetchone():
+            return
+        drops = "".join(f"DROP TRIGGER IF EXISTS {name};" for name in REPLACED_TRIGGERS)
+        self._db.executescript(f"BEGIN IMMEDIATE; {drops} {ACCOUNTS_SCHEMA} {TRIGGERS} COMMIT;")
 
     @contextmanager
     def _transaction(self):
@@ -214,22 +291,26 @@ class SqliteLedger:
 
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
         """Every call's first write, so one statement when the hold fits; else a transaction that says why."""
-        taken = self._query(TAKE_HOLD, {"key_id": key_id, "amount": amount_micros, "now": now})
+        hold = self._hold(key_id, amount_micros, now)
+        taken = self._query(TAKE_HOLD, hold)
         if taken:
             ((hold_id, remaining),) = taken
             return Reservation(hold_id, None, remaining)
-        return self._reserve_or_refuse(key_id, amount_micros, now)
-
-    def _reserve_or_refuse(self, key_id: str, amount_micros: int, now: float) -> Reservation:
-        """The hold did not fit a moment ago: look again under the write lock, and take it or say why not."""
-        with self._transaction() as db:
-            return take_hold_or_refuse(db, key_id, amount_micros, now)
+        with self._transaction() as db:  # it did not fit a moment ago: look again under the write lock
+            return take_hold_or_refuse(db, hold)
 
     def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
         if len(requests) == 1:
             return [self.reserve(*requests[0])]
+        holds = [self._hold(*request) for request in requests]
         with self._transaction() as db:
-            return [take_hold(db, *request) or take_hold_or_refuse(db, *request) for request in requests]
+            return [take_hold(db, hold) or take_hold_or_refuse(db, hold) for hold in holds]
+
+    def _hold(self, key_id: str, amount_micros: int, now: float) -> dict:
+        """TAKE_HOLD's arguments: with the ids of the current day, week and month, one of which is the account's."""
+        ids = self.calendar.period_ids(now)
+        return {"key_id": key_id, "amount": amount_micros, "now": now, "day": ids.day, "week": ids.week,
+                "month": ids.month}  # fmt: skip
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
@@ -246,18 +327,24 @@ class SqliteLedger:
         with self._transaction() as db:
             closed = db.execute(
                 f"DELETE FROM holds WHERE hold_id IN ({', '.join('?' * len(charges))}) AND charge_micros IS NULL"
-                " RETURNING hold_id, key_id, amount_micros",
+                " RETURNING hold_id, key_id, amount_micros, account_id, period_id",
                 tuple(charges),
             ).fetchall()
-            released, spent = defaultdict(int), defaultdict(int)
-            for hold_id, key_id, amount in closed:
-                released[key_id] += amount
-                spent[key_id] += charges[hold_id]
+            released, spent = defaultdict(int), defaultdict(int)  # by key id, and by (account id, period id)
+            for hold_id, key_id, amount, account_id, period_id in closed:
+                for books in (key_id, (account_id, period_id)) if account_id else (key_id,):
+                    released[books] += amount
+                    spent[books] += charges[hold_id]
             db.executemany(
                 "UPDATE keys SET held_micros = held_micros - ?, spent_micros = spent_micros + ? WHERE key_id = ?",
-                [(released[key_id], spent[key_id], key_id) for key_id in released],
+                [(released[books], spent[books], books) for books in released if isinstance(books, str)],
             )
-        still_open = {hold_id for hold_id, _, _ in closed}
+            db.executemany(
+                "UPDATE account_periods SET held_micros = held_micros - ?, spent_micros = spent_micros + ?"
+                " WHERE account_id = ? AND period_id = ?",
+                [(released[books], spent[books], *books) for books in released if isinstance(books, tuple)],
+            )
+        still_open = {hold_id for hold_id, *_ in closed}
         answers = []
         for hold_id, _ in settlements:
             answers.append(hold_id in still_open)
@@ -296,13 +383,74 @@ class SqliteLedger:
         """Remember an exchanged token until it expires; False if it was claimed already (see `Ledger`)."""
         return bool(self._query(CLAIM_TOKEN, {"issuer": issuer, "jti": jti, "expires_at": expires_at, "now": now}))
 
+    # ----- accounts -----
+
+    def create_account(self, record: AccountRecord) -> None:
+        with self._transaction() as db:
+            try:
+                db.execute(f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", astuple(record))
+            except sqlite3.IntegrityError as e:
+                raise AccountExists(f"account {record.account_id} already exists") from e
+
+    def get_account(self, account_id: str) -> AccountRecord | None:
+        rows = self._query(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ?", (account_id,))
+        return AccountRecord(*rows[0]) if rows else None
+
+    def list_accounts(self) -> list[AccountRecord]:
+        rows = self._query(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, account_id")
+        return [AccountRecord(*row) for row in rows]
+
+    def update_account(self, record: AccountRecord) -> bool:
+        return bool(
+            self._query(
+                "UPDATE accounts SET name = ?, plan_name = ?, period = ?, budget_micros = ?, status = ?"
+                " WHERE account_id = ? RETURNING 1",
+                (record.name, record.plan_name, record.period, record.budget_micros, record.status, record.account_id),
+            )
+        )
+
+    def delete_account(self, account_id: str, now: float) -> bool:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE keys SET revoked_at = ? WHERE revoked_at IS NULL AND key_id IN"
+                " (WITH RECURSIVE tree(key_id) AS (SELECT key_id FROM keys WHERE account_id = ? UNION ALL"
+                " SELECT keys.key_id FROM keys JOIN tree ON keys.parent_id = tree.key_id) SELECT key_id FROM tree)",
+                (now, account_id),
+            )
+            db.execute("DELETE FROM account_periods WHERE account_id = ?", (account_id,))
+            deleted = db.execute("DELETE FROM accounts WHERE account_id = ? RETURNING 1", (account_id,)).fetchall()
+            return bool(deleted)
+
+    def account_keys(self, account_id: str) -> list[KeyRecord]:
+        rows = self._query(
+            f"SELECT {KEY_COLUMNS} FROM keys WHERE account_id = ? ORDER BY created_at, key_id", (account_id,)
+        )
+        return [KeyRecord(*row) for row in rows]
+
+    def top_up(self, account_id: str, amount_micros: int, now: float) -> PeriodSpend | None:
+        ids = self.calendar.period_ids(now)
+        rows = self._query(
+            f"INSERT INTO account_periods (account_id, period_id, top_up_micros) SELECT account_id, {ACCOUNT_PERIOD},"
+            " :amount FROM accounts a WHERE account_id = :account_id"
+            " ON CONFLICT (account_id, period_id) DO UPDATE SET top_up_micros = top_up_micros + excluded.top_up_micros"
+            f" RETURNING {PERIOD_COLUMNS}",
+            {"account_id": account_id, "amount": amount_micros, "day": ids.day, "week": ids.week, "month": ids.month},
+        )
+        return PeriodSpend(*rows[0]) if rows else None
+
+    def account_periods(self, account_id: str) -> list[PeriodSpend]:
+        rows = self._query(
+            f"SELECT {PERIOD_COLUMNS} FROM account_periods WHERE account_id = ? ORDER BY period_id", (account_id,)
+        )
+        return [PeriodSpend(*row) for row in rows]
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def nonblocking(self) -> "SqliteLedger":
         """The same file with no busy wait: microseconds on the event loop, or LedgerBusy at once."""
-        return type(self)(self.path, busy_timeout_seconds=0)
+        return type(self)(self.path, busy_timeout_seconds=0, calendar=self.calendar)
 
 
 def return_finished_grants(db: sqlite3.Connection, now: float) -> None:
@@ -328,31 +476,36 @@ def insert_key(db: sqlite3.Connection, record: KeyRecord) -> None:
         raise KeyExists(f"key {record.key_id} already exists") from e
 
 
-def take_hold(db: sqlite3.Connection, key_id: str, amount_micros: int, now: float) -> Reservation | None:
-    """The hold, if the key is live and it fits; None if not (`take_hold_or_refuse` then says why)."""
-    taken = db.execute(TAKE_HOLD, {"key_id": key_id, "amount": amount_micros, "now": now}).fetchall()
+def take_hold(db: sqlite3.Connection, hold: dict) -> Reservation | None:
+    """The hold (TAKE_HOLD's arguments) if the key is live and it fits; None if not (`take_hold_or_refuse` says why)."""
+    taken = db.execute(TAKE_HOLD, hold).fetchall()
     if not taken:
         return None
     ((hold_id, remaining_after),) = taken
     return Reservation(hold_id, None, remaining_after)
 
 
-def take_hold_or_refuse(db: sqlite3.Connection, key_id: str, amount_micros: int, now: float) -> Reservation:
+def take_hold_or_refuse(db: sqlite3.Connection, hold: dict) -> Reservation:
     """Inside a transaction: take the hold, or say why not."""
     row = db.execute(
-        "SELECT expires_at, revoked_at, budget_micros - spent_micros - held_micros FROM keys WHERE key_id = ?",
-        (key_id,),
+        f"SELECT k.expires_at, k.revoked_at, {KEY_REMAINING}, k.account_id, a.status, {REMAINING}"
+        f" FROM {KEY_ACCOUNT_PERIOD} WHERE k.key_id = :key_id",
+        hold,
     ).fetchone()
     if row is None:
         return Reservation(None, Refusal.UNKNOWN)
-    expires_at, revoked_at, remaining = row
+    expires_at, revoked_at, key_remaining, account_id, account_status, remaining = row
     if revoked_at is not None:
         return Reservation(None, Refusal.REVOKED, remaining)
-    if now >= expires_at:
+    if hold["now"] >= expires_at:
         return Reservation(None, Refusal.EXPIRED, remaining)
-    if amount_micros > remaining:
+    if account_id is not None and account_status != "active":
+        return Reservation(None, Refusal.SUSPENDED, remaining)
+    if hold["amount"] > key_remaining:
         return Reservation(None, Refusal.BUDGET, remaining)
-    reservation = take_hold(db, key_id, amount_micros, now)
+    if hold["amount"] > remaining:
+        return Reservation(None, Refusal.ACCOUNT_BUDGET, remaining)
+    reservation = take_hold(db, hold)
     assert reservation is not None, "the hold fit a moment ago, in this same transaction"
     return reservation
 
