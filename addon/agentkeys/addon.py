@@ -268,7 +268,8 @@ class AgentKeys:
 
     async def _keep_the_books(self):
         """Every `purge_interval`: settle holds that dead calls left behind, return finished children's
-        budgets to their parents, and delete expired keys; and take the budgets per policy for the metrics."""
+        budgets to their parents, and delete expired keys (not while in shadow mode, where an expired key's
+        calls are forwarded); and take the budgets per policy for the metrics."""
         while True:
             await asyncio.sleep(self.config.purge_interval)
             try:
@@ -276,7 +277,7 @@ class AgentKeys:
                 for hold in await store.sweep_stale_holds(self.config.stale_hold_after):
                     log.warning("agentkeys: hold %d of key %s outlived its call", hold.hold_id, hold.key_id)
                     self._write_record(stale_hold_record(hold))
-                purged = await store.purge_expired()
+                purged = [] if self.gate.shadowing else await store.purge_expired()
                 if purged:
                     log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
                 keys = await asyncio.to_thread(store.ledger.list_keys)

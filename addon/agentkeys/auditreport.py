@@ -45,11 +45,11 @@ class Group:
         self.output_tokens += record.get("output_tokens") or 0
         self.cost_micros += record.get("cost_micros") or 0
         decision = record.get("decision")
-        if decision == "allow":
+        if decision in ("allow", "pass"):  # a provider call let through; traffic passed on by host
             self.allowed += 1
             return
         self.refused += decision == "deny"
-        self.refusals[refusal_reason(record)] += 1
+        self.refusals.update(refusal_reasons(record))
 
     def as_dict(self) -> dict:
         return {
@@ -59,10 +59,13 @@ class Group:
         }  # fmt: skip
 
 
-def refusal_reason(record: dict) -> str:
-    """A refusal's reason as one word (the gate's kind), marked when it was only a would-be refusal."""
+def refusal_reasons(record: dict) -> list[str]:
+    """A refusal's reason as one word (the gate's kind); a would-be refusal's (shadow mode), each rule it
+    broke, marked as such."""
     reason = record.get("deny_kind") or (f"http_{record['status']}" if record.get("status") else "other")
-    return reason if record.get("decision") == "deny" else f"{reason} ({record.get('decision')})"
+    if record.get("decision") == "deny":
+        return [reason]
+    return [f"{rule} ({record.get('decision')})" for rule in record.get("would_deny") or [reason]]
 
 
 def report(records: Iterator[dict], by: str) -> dict[str, Group]:

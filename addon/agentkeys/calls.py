@@ -6,10 +6,14 @@ Outcome      what became of a forwarded call: the facts the settlement rules dec
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agentkeys.ledger import KeyRecord
 from agentkeys.pricing import Usage
 from agentkeys.providers.base import DenyKind, StreamResult
+
+if TYPE_CHECKING:
+    from agentkeys.shadow import Rule
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Denial(Exception):
         key: KeyRecord | None = None,
         model: str | None = None,
         presented_key_id: str | None = None,  # the id in a key the store does not know (forged, or purged)
+        rule: "Rule | None" = None,  # the policy rule it enforces, which shadow mode may waive (shadow.Rule)
     ):
         super().__init__(message)
         self.kind = kind
@@ -43,6 +48,7 @@ class Denial(Exception):
         self.key = key
         self.model = model
         self.presented_key_id = presented_key_id
+        self.rule = rule
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from agentkeys.policy import PolicyFile, ProxyConfig, Scope, scope_of
 from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, MalformedRequest, RequestFacts, Unmeterable, WireFormat
+from agentkeys.shadow import Rule, Rulings
 from agentkeys.store import Store
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Admission:
     upstream_body: bytes | None = None  # None: forward the body as the agent sent it
     clamped_to: int | None = None  # the output limit the proxy lowered this call to, if it did
     clamped_by: str | None = None  # what lowered it: "policy" (its max_output_tokens) or "budget" (clamp_max_tokens)
+    would_deny: tuple[Denial, ...] = ()  # in shadow mode: the policy rules the call broke (see shadow.py)
 
     @property
     def unmetered(self) -> bool:
@@ -112,30 +114,36 @@ class Gate:
             raise Denial(DenyKind.UNAVAILABLE, "agentkeys: the key store is unavailable; try again shortly") from None
 
     async def _admit(self, call: CallRequest) -> Admission:
-        key = await self.auth.caller(call)
+        key, lapsed = await self.identify(call)
+        policy = scope_of(key.policy_json, self.policies)
+        rulings = Rulings(self.shadowed(policy))
         try:
-            return await self._admit_key(call, key)
+            if lapsed:
+                rulings.note(lapsed)
+            return await self._admit_key(call, key, policy, rulings)
         except Denial as denial:
             if denial.kind not in (DenyKind.UNAUTHENTICATED, DenyKind.UNAVAILABLE):
                 # The cached record does not show a revocation: a dead key hears that, not what else is wrong.
                 await self.auth.caller(call, fresh=True)
             raise
 
-    async def _admit_key(self, call: CallRequest, key: KeyRecord) -> Admission:
-        policy = scope_of(key.policy_json, self.policies)
+    async def _admit_key(self, call: CallRequest, key: KeyRecord, policy: Scope, rulings: Rulings) -> Admission:
+        """The pipeline. A step that enforces a policy rule runs under `rulings`, which waives it in shadow."""
         wire = FORMATS[self.config.providers[call.provider].format]
-        authorize_provider(call, key, policy)
-        endpoint = authorize_endpoint(call, key, policy, wire)
+        rulings.check(authorize_provider, call, key, policy)
+        endpoint = endpoint_kind(call, policy, wire)
+        rulings.check(authorize_endpoint, call, key, policy, endpoint)
+        require_meterable(call, key, endpoint)
         check_body_size(call, self.config, key)
         real_key = self.real_key_for(call.provider, key)
         facts = await self.read_request(call, wire, key)
         if not facts.metered:
-            return await self.admit_unbilled(call, policy, wire, facts, real_key, endpoint)
-        authorize_model(facts, key, policy, self.models_shown(call.provider, wire, policy))
+            return await self.admit_unbilled(call, policy, wire, facts, real_key, endpoint, rulings)
+        rulings.check(authorize_model, facts, key, policy, self.models_shown(call.provider, wire, policy))
         price = self.price_for(call.provider, wire, facts, key)
         plan = plan_hold(facts, key, policy, price)
         upstream_body = body_for_provider(wire, plan, call, key)  # bad input is refused before any hold
-        hold = await self.reserve(call, wire, key, policy, price, plan)
+        hold = await self.reserve(call, wire, key, policy, price, plan, rulings)
         if hold.plan.cap != plan.cap:
             upstream_body = await self.rewrite_body_under_hold(hold, wire, call, key)
         return Admission(
@@ -143,7 +151,29 @@ class Gate:
             remaining_micros=hold.remaining_micros, price=price, hold_id=hold.hold_id,
             hold_micros=hold.plan.worst_case, upstream_body=upstream_body,
             clamped_to=hold.plan.cap if hold.plan.lowered_by else None, clamped_by=hold.plan.lowered_by,
+            would_deny=tuple(rulings.broken),
         )  # fmt: skip
+
+    async def identify(self, call: CallRequest, fresh: bool = False) -> tuple[KeyRecord, Denial | None]:
+        """The key the call carries, and the refusal of its lifetime if it has expired (which shadow
+        mode may waive: the key is still in the store until it is purged); any other refusal is raised."""
+        try:
+            return await self.auth.caller(call, fresh), None
+        except Denial as denial:
+            if denial.rule is not Rule.EXPIRED:
+                raise
+            return denial.key, denial
+
+    def shadowed(self, policy: Scope) -> bool:
+        """Whether the key's policy (else the proxy config) says `enforcement: shadow`."""
+        return (policy.enforcement or self.config.enforcement) == "shadow"
+
+    @property
+    def shadowing(self) -> bool:
+        """Whether the proxy config, or a policy file it keeps in step, says `enforcement: shadow`: expired
+        keys are then kept in the store rather than purged, so their calls go on being forwarded."""
+        enforcements = [self.config.enforcement, *(file.policy.enforcement for file in self.policies.values())]
+        return "shadow" in enforcements
 
     def models_shown(self, provider: str, wire: WireFormat, policy: Scope) -> Callable[[], list[str]]:
         """The policy's model globs that name a model this provider serves (its own or its format's prices),
@@ -184,13 +214,25 @@ class Gate:
         return dataclasses.replace(facts, model=served) if served else facts
 
     async def admit_unbilled(
-        self, call: CallRequest, policy: Scope, wire: WireFormat, facts: RequestFacts, real_key: str, endpoint: str
+        self,
+        call: CallRequest,
+        policy: Scope,
+        wire: WireFormat,
+        facts: RequestFacts,
+        real_key: str,
+        endpoint: str,
+        rulings: Rulings,
     ) -> Admission:
         """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
         key is read afresh here, since no reservation will ask the store whether it is still active."""
-        key = await self.auth.caller(call, fresh=True)
+        key, lapsed = await self.identify(call, fresh=True)
+        if lapsed and not any(denial.rule is Rule.EXPIRED for denial in rulings.broken):
+            rulings.note(lapsed)
         metering = "unmetered" if endpoint == "unmetered" else "free"
-        return Admission(key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros)
+        return Admission(
+            key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros,
+            would_deny=tuple(rulings.broken),
+        )  # fmt: skip
 
     def price_for(self, provider: str, wire: WireFormat, facts: RequestFacts, key: KeyRecord) -> ModelPrice:
         """The model's price; an OpenAI-compatible host serving OpenAI's models falls back to its format's."""
@@ -212,11 +254,20 @@ class Gate:
         return match.price
 
     async def reserve(
-        self, call: CallRequest, wire: WireFormat, key: KeyRecord, policy: Scope, price: ModelPrice, plan: HoldPlan
+        self,
+        call: CallRequest,
+        wire: WireFormat,
+        key: KeyRecord,
+        policy: Scope,
+        price: ModelPrice,
+        plan: HoldPlan,
+        rulings: Rulings,
     ) -> Hold:
         """Hold the worst case against the budget. When it does not fit, try a tighter plan before
         refusing: an exact count of a long input bounded by its bytes, then (with `clamp_max_tokens`)
-        the largest output limit that fits what remains."""
+        the largest output limit that fits what remains. In shadow, a hold the budget or the key's
+        lifetime refuses is taken regardless: the call is forwarded, so its worst case is held while
+        it runs (a sweep charges it in full if this proxy dies) and its real cost is charged."""
         reservation = await self.store.take_hold(key.key_id, plan.worst_case)
         if refused_for_budget(reservation) and len(call.body) > tokens.EXACT_COUNT_CHARS:
             exact = await self.read_request(call, wire, key, exact=True)
@@ -227,6 +278,9 @@ class Gate:
             if clamped:
                 plan = clamped
                 reservation = await self.store.take_hold(key.key_id, plan.worst_case)
+        if rulings.shadow and reservation.refusal in (Refusal.BUDGET, Refusal.EXPIRED):
+            reservation = await self.store.take_hold_regardless(key.key_id, plan.worst_case)
+            rulings.check(check_budget, reservation.remaining_micros + plan.worst_case, plan, key)
         check_reservation(reservation, plan, key)
         return Hold(reservation.hold_id, reservation.remaining_micros, plan)
 
@@ -286,22 +340,33 @@ def authorize_provider(call: CallRequest, key: KeyRecord, policy: Scope) -> None
             f"agentkeys: provider {call.provider} is not allowed by policy {policy.name}"
             f" (allowed: {', '.join(policy.providers)})",
             key,
+            rule=Rule.PROVIDER,
         )
 
 
-def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, wire: WireFormat) -> str:
-    """`metered` or `free` (the wire format's kind of endpoint), or `unmetered` (allowed on trust)."""
+def endpoint_kind(call: CallRequest, policy: Scope, wire: WireFormat) -> str | None:
+    """`metered` or `free` (the wire format's kind of endpoint), `unmetered` (an endpoint the proxy cannot
+    meter that the policy allows on trust), or None (one it cannot meter)."""
     kind = wire.endpoint_kind(call.method, call.path)
     if kind is None and policy.allows_unmetered(call.method, call.path):
         return "unmetered"  # the policy takes the provider's charge for it on trust; the audit says so
-    if not policy.allows_endpoint(call.method, call.path):
+    return kind
+
+
+def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, kind: str | None) -> None:
+    if kind != "unmetered" and not policy.allows_endpoint(call.method, call.path):
         allowed = ", ".join(str(rule) for rule in policy.endpoints)
         raise Denial(
             DenyKind.FORBIDDEN,
             f"agentkeys: endpoint {call.method} {call.path} is not allowed by policy {policy.name}"
             f" (allowed: {allowed})",
             key,
+            rule=Rule.ENDPOINT,
         )
+
+
+def require_meterable(call: CallRequest, key: KeyRecord, kind: str | None) -> None:
+    """An endpoint the proxy cannot meter is refused, in shadow too: forwarded, it would go unmetered."""
     if kind is None:
         raise Denial(
             DenyKind.FORBIDDEN,
@@ -309,7 +374,6 @@ def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, wire: W
             " (a policy may allow it, unmetered, under unmetered_endpoints)",
             key,
         )
-    return kind
 
 
 def check_body_size(call: CallRequest, config: ProxyConfig, key: KeyRecord) -> None:
@@ -333,6 +397,7 @@ def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Scope, shown: C
             f"agentkeys: model {facts.model} is not allowed by policy {policy.name} (allowed: {allowed})",
             key,
             facts.model,
+            rule=Rule.MODEL,
         )
 
 
@@ -391,15 +456,26 @@ def refused_for_budget(reservation: Reservation) -> bool:
 
 def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) -> None:
     if refused_for_budget(reservation):
-        raise Denial(
-            DenyKind.BUDGET,
-            f"agentkeys: budget exhausted: this call could cost up to {format_usd(plan.worst_case)},"
-            f" {remaining_phrase(reservation.remaining_micros)}",
-            key,
-            plan.facts.model,
-        )
+        raise budget_exhausted(reservation.remaining_micros, plan, key)
     if reservation.refusal is not None:
         raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {key.key_id} is {reservation.refusal.value}", key)
+
+
+def check_budget(remaining_micros: int, plan: HoldPlan, key: KeyRecord) -> None:
+    """The worst case must fit what the key had left (for a hold shadow mode took regardless)."""
+    if plan.worst_case > remaining_micros:
+        raise budget_exhausted(remaining_micros, plan, key)
+
+
+def budget_exhausted(remaining_micros: int, plan: HoldPlan, key: KeyRecord) -> Denial:
+    return Denial(
+        DenyKind.BUDGET,
+        f"agentkeys: budget exhausted: this call could cost up to {format_usd(plan.worst_case)},"
+        f" {remaining_phrase(remaining_micros)}",
+        key,
+        plan.facts.model,
+        rule=Rule.BUDGET,
+    )
 
 
 def charge_for(admission: Admission, outcome: Outcome) -> Settlement:

@@ -153,6 +153,10 @@ class Policy(BaseModel):
     unmetered_endpoints: list[EndpointRule] = Field(
         default_factory=list, description="endpoints the proxy cannot meter, allowed anyway and forwarded unmetered"
     )
+    enforcement: Literal["enforce", "shadow"] | None = Field(
+        default=None, description="shadow: calls this policy would refuse are forwarded and audited would_deny;"
+        " unset: the proxy config's `enforcement`",
+    )  # fmt: skip
     max_child_depth: int = Field(default=0, ge=0, description="levels of sub-agent keys below a key; 0: none")
     max_children: int = Field(default=10, ge=0, description="live child keys one key may have at once")
 
@@ -361,6 +365,11 @@ class ProxyConfig(BaseModel):
     audit_checkpoint_interval: Duration = Field(default=10, description="how often the audit log is signed")
     metrics_port: int | None = Field(default=9464, ge=0, le=65535)
     certs_dir: str = "certs"
+    enforcement: Literal["enforce", "shadow"] = Field(
+        default="enforce",
+        description="shadow: calls that would be refused are forwarded and audited would_deny (a policy may say"
+        " otherwise for its keys)",
+    )
     egress: Literal["passthrough", "allowlist"] = Field(
         default="passthrough",
         description="non-provider hosts in proxy mode: pass through as an untouched tunnel, or refuse",
@@ -519,6 +528,12 @@ class Scope:
     @property
     def clamp_max_tokens(self) -> bool:
         return all(policy.clamp_max_tokens for policy in self.policies)
+
+    @property
+    def enforcement(self) -> str | None:
+        """The newest file's say (the current file when the proxy has it), both ways: enforcement is the
+        operator's rollout switch, not a permission, so going back to shadow reaches keys already out too."""
+        return self.policies[-1].enforcement
 
     def allows_endpoint(self, method: str, path: str) -> bool:
         return all(policy.allows_endpoint(method, path) for policy in self.policies)

@@ -44,15 +44,20 @@ def denied_record(call: CallRequest, denial: Denial, status: int, policy_revisio
 def allowed_record(
     call: CallRequest, admission: Admission, settlement: Settlement, status: int | None, note: str, timings: Timings
 ) -> CallRecord:
-    reasons = [note, settlement.why, clamp_note(admission)]
+    would_deny = [denial.message.removeprefix("agentkeys: ") for denial in admission.would_deny]
+    reasons = [*(f"would deny: {why}" for why in would_deny), note, settlement.why, clamp_note(admission)]
     record = record_of(
         admission.key, provider=call.provider, method=call.method, path=call.path, model=admission.facts.model,
-        decision="allow", reason="; ".join(reason for reason in reasons if reason), status=status,
+        decision="would_deny" if would_deny else "allow", reason="; ".join(reason for reason in reasons if reason),
+        status=status,
         metering=settlement.metering, cost_micros=settlement.cost_micros,
         cost_usd=micros_to_usd(settlement.cost_micros), hold_micros=admission.hold_micros,
         proxy_overhead_ms=timings.proxy_overhead_ms, upstream_latency_ms=timings.upstream_latency_ms,
         ttft_ms=timings.ttft_ms, policy_revision=admission.policy.revision,
     )  # fmt: skip
+    if admission.would_deny:
+        record.would_deny = [denial.rule.value for denial in admission.would_deny]
+        record.deny_kind = admission.would_deny[0].kind.value
     usage = settlement.usage
     if usage:
         record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens

@@ -103,6 +103,15 @@ class Store:
             self.open_holds.add(reservation.hold_id)
         return reservation
 
+    async def take_hold_regardless(self, key_id: str, amount_micros: int) -> Reservation:
+        """Shadow mode's hold, past the budget or the key's lifetime; refused only to a revoked or unknown key.
+        Rare (a call that enforcement would refuse), so not batched."""
+        now = self.clock()
+        reservation = await self._ask(lambda ledger: ledger.hold_regardless(key_id, amount_micros, now))
+        if reservation.hold_id is not None:
+            self.open_holds.add(reservation.hold_id)
+        return reservation
+
     async def close_hold(self, hold_id: int, cost_micros: int) -> bool | None:
         """Turn an open hold into `cost_micros` of spend (0 releases it).
 

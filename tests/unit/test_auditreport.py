@@ -72,6 +72,14 @@ def test_fields_from_newer_proxies_are_grouped_and_would_deny_is_a_refusal_apart
     assert by_decision["would_deny"].refusals == {"budget (would_deny)": 1}
 
 
+def test_a_would_deny_record_counts_each_rule_it_broke(audit):
+    audit.write(record("k1", decision="would_deny", deny_kind="forbidden", would_deny=["model", "budget"]))
+    audit.write(record("k1", decision="would_deny", deny_kind="budget", would_deny=["budget"]))
+    [group] = report(call_records([audit.path]), "key").values()
+    assert (group.calls, group.allowed, group.refused) == (2, 0, 0)
+    assert group.refusals == {"budget (would_deny)": 2, "model (would_deny)": 1}
+
+
 def test_since_leaves_out_older_records_and_whole_files_last_written_before_it(tmp_path, audit):
     audit.write(record("old", ts=time.time() - 7200))
     audit.write(record("new"))

@@ -168,16 +168,17 @@ end
 return 1
 """
 
-# ARGV: key_id, amount_micros, now. Returns {hold_id or 0, refusal or '', remaining_micros}.
+# ARGV: key_id, amount_micros, now, and "regardless" (shadow mode's hold: whatever the budget and
+# lifetime) or nothing. Returns {hold_id or 0, refusal or '', remaining_micros}.
 RESERVE = """
 local key = key_name(ARGV[1])
-local amount, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local amount, now, regardless = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == 'regardless'
 local k = redis.call('HMGET', key, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros')
 if not k[1] then return {0, 'unknown', 0} end
 local remaining = tonumber(k[3]) - tonumber(k[4]) - tonumber(k[5])
 if k[2] then return {0, 'revoked', remaining} end
-if now >= tonumber(k[1]) then return {0, 'expired', remaining} end
-if amount > remaining then return {0, 'budget', remaining} end
+if not regardless and now >= tonumber(k[1]) then return {0, 'expired', remaining} end
+if not regardless and amount > remaining then return {0, 'budget', remaining} end
 incr(key, 'held_micros', amount)
 incr(key, 'open_holds', 1)
 redis.call('PERSIST', key)
@@ -343,6 +344,10 @@ class RedisLedger:
 
     def reserve_many(self, requests: list[tuple[str, int, float]]) -> list[Reservation]:
         return [reservation(answer) for answer in self._in_one_round_trip(self._reserve, requests)]
+
+    def hold_regardless(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+        with self._store():
+            return reservation(self._reserve(args=[key_id, amount_micros, now, "regardless"]))
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""

@@ -84,6 +84,13 @@ TAKE_HOLD = (
     " AND budget_micros - spent_micros - held_micros >= :amount"
     " RETURNING hold_id, remaining_after_micros"
 )
+# Shadow mode's hold: taken whatever the budget and lifetime, for a key that is known and not revoked.
+TAKE_HOLD_REGARDLESS = (
+    "INSERT INTO holds (key_id, amount_micros, created_at, remaining_after_micros)"
+    " SELECT key_id, :amount, :now, budget_micros - spent_micros - held_micros - :amount FROM keys"
+    " WHERE key_id = :key_id AND revoked_at IS NULL"
+    " RETURNING hold_id, remaining_after_micros"
+)
 CLOSE_HOLD = "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND charge_micros IS NULL RETURNING hold_id"
 KEY_COLUMNS = (
     "key_id, key_hash, name, policy_name, policy_json, created_at, expires_at,"
@@ -229,6 +236,17 @@ class SqliteLedger:
             return [self.reserve(*requests[0])]
         with self._transaction() as db:
             return [take_hold(db, *request) or take_hold_or_refuse(db, *request) for request in requests]
+
+    def hold_regardless(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+        """A hold past the budget or the lifetime (see `Ledger.hold_regardless`); a rare call, so one
+        transaction that also says why a hold was not taken."""
+        with self._transaction() as db:
+            taken = db.execute(TAKE_HOLD_REGARDLESS, {"key_id": key_id, "amount": amount_micros, "now": now}).fetchall()
+            if taken:
+                ((hold_id, remaining_after),) = taken
+                return Reservation(hold_id, None, remaining_after)
+            known = db.execute("SELECT 1 FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            return Reservation(None, Refusal.REVOKED if known else Refusal.UNKNOWN)
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
