@@ -43,13 +43,24 @@ from agentkeys.money import dumps, micros_to_usd
 from agentkeys.policy import ProxyConfig, current_policies, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import DenyKind, SseEventTooLarge, SseSplitter, StreamMeter, UsageRejected, WireFormat
+from agentkeys.providers.base import (
+    DenyKind,
+    RequestFacts,
+    SseEventTooLarge,
+    SseSplitter,
+    StreamMeter,
+    UsageRejected,
+    WireFormat,
+)
+from agentkeys.realkeys import RealKeyCall, observe
 from agentkeys.records import (
     Timings,
+    Traffic,
     allowed_record,
     control_record,
     denied_record,
     egress_record,
+    real_key_record,
     stale_hold_record,
 )
 from agentkeys.routing import (
@@ -128,6 +139,7 @@ class CallState:
     wire: WireFormat
     gate: Gate  # the gate that admitted it, which settles it (a reload may bring a new one meanwhile)
     admission: Admission | None = None
+    observed: RealKeyCall | None = None  # a real key's call, passed on untouched (real_keys: audit)
     forwarded: bool = False
     relay: StreamRelay | None = None
     usage: Usage | None = None  # of a whole (not streamed) response, read once for its headers and settlement
@@ -135,6 +147,11 @@ class CallState:
     usage_read: bool = False
     overhead_seconds: float = 0.0
     finished: bool = False
+
+    @property
+    def facts(self) -> RequestFacts | None:
+        """What the request says (model, stream, …): the admitted call's, or a real key's call's if it was read."""
+        return self.admission.facts if self.admission else self.observed.facts
 
 
 class AgentKeys:
@@ -392,6 +409,12 @@ class AgentKeys:
         wire = FORMATS[self.config.providers[route.provider].format]
         state = flow.metadata[STATE] = CallState(call, wire, self.gate)
         try:
+            state.observed = await observe(state.gate, call)
+            if state.observed:
+                pass_untouched(flow.request, call, self.router.upstream(call.provider))
+                state.forwarded = True
+                self._calls_in_flight += 1
+                return
             state.admission = await state.gate.admit(call)
             forward(flow.request, state.admission, call, self.router.upstream(call.provider))
             state.forwarded = True
@@ -436,12 +459,13 @@ class AgentKeys:
         if state is None:
             return
         try:
-            admission = state.admission
+            admission, facts = state.admission, state.facts
             streaming = flow.response.headers.get("content-type", "").startswith("text/event-stream")
-            if streaming and admission.facts.metered and flow.response.status_code < 400:
+            if streaming and facts and facts.metered and flow.response.status_code < 400:
                 splitter = SseSplitter(self.config.max_stream_event_bytes)
-                state.relay = StreamRelay(admission.wire.stream_meter(admission.facts), splitter)
+                state.relay = StreamRelay(state.wire.stream_meter(facts), splitter)
                 flow.response.stream = state.relay
+            if state.relay and admission:
                 # A stream's headers leave before its usage is known: it gets what remains after its hold.
                 replace_headers(flow.response.headers, budget_headers(admission, cost=None))
         except Exception:
@@ -457,7 +481,7 @@ class AgentKeys:
             redact(flow.response, state.gate.auth.secrets_in_play(state.call))
         try:
             outcome = await self._finished_outcome(flow, state)
-            if not state.relay:
+            if state.admission and not state.relay:
                 charge = charge_for(state.admission, outcome)
                 replace_headers(flow.response.headers, budget_headers(state.admission, charge.cost_micros))
         except Exception:
@@ -499,7 +523,7 @@ class AgentKeys:
     async def _response_usage(self, flow: http.HTTPFlow, state: CallState) -> Usage | None:
         """The usage of a whole response, read once; a large body (many embeddings) is parsed off the loop."""
         if not state.usage_read:
-            read, content = state.admission.wire.usage_from_response, flow.response.content
+            read, content = state.wire.usage_from_response, flow.response.content
             try:
                 if len(content) > LARGE_BODY_BYTES:
                     state.usage = await asyncio.get_running_loop().run_in_executor(None, read, content)
@@ -525,6 +549,9 @@ class AgentKeys:
         task.add_done_callback(self._background.discard)
 
     async def _settle_then_record(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
+        if state.observed:
+            self._record_real_key_call(flow, state, outcome)
+            return
         started = time.perf_counter()
         admission = state.admission
         try:
@@ -536,6 +563,14 @@ class AgentKeys:
             state.overhead_seconds += time.perf_counter() - started
             status = flow.response.status_code if flow.response else None
             record = allowed_record(state.call, admission, settlement, status, outcome.note, timings(flow, state))
+            self._write_record(record)
+        finally:
+            self._calls_in_flight -= 1
+
+    def _record_real_key_call(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
+        try:
+            status = flow.response.status_code if flow.response else None
+            record = real_key_record(state.call, state.observed, outcome, status, traffic_of(flow))
             self._write_record(record)
         finally:
             self._calls_in_flight -= 1
@@ -567,15 +602,15 @@ def retire_now(gate: Gate | None, audit: AuditLog | None):
 
 
 def in_flight(flow: http.HTTPFlow) -> CallState | None:
-    """The state of a forwarded call that has not been settled yet, else None."""
+    """The state of a forwarded call that has not been settled (or recorded) yet, else None."""
     state = flow.metadata.get(STATE)
-    if state is None or state.admission is None or state.finished:
+    if state is None or not state.forwarded or state.finished:
         return None
     return state
 
 
 def should_read_usage(state: CallState, flow: http.HTTPFlow) -> bool:
-    return state.admission.facts.metered and flow.response.status_code < 400
+    return bool(state.facts and state.facts.metered) and flow.response.status_code < 400
 
 
 def call_of(flow: http.HTTPFlow, provider: str, path: str, query: str, tunnel_credential: str | None) -> CallRequest:
@@ -607,15 +642,35 @@ def forward(request: http.Request, admission: Admission, call: CallRequest, upst
     # Every credential header the agent sent goes; identity encoding, so streamed SSE can be read as it passes.
     added = {key_name: key_value, "accept-encoding": "identity"}
     replace_headers(request.headers, added, REPLACED_REQUEST_FIELDS, rewritten={b"host": upstream.authority})
+    # Google's ?key=: the real key goes in a header
+    point_at(request, call.path, without_query_credentials(call.query), upstream)
+    if admission.upstream_body is not None:
+        request.content = admission.upstream_body
+
+
+def pass_untouched(request: http.Request, call: CallRequest, upstream: Upstream) -> None:
+    """A real key's call (real_keys: audit) to the provider, its credentials, body and query as sent; only
+    its encoding is asked as identity, so that a stream's usage can be read as it passes."""
+    replace_headers(request.headers, {"accept-encoding": "identity"}, rewritten={b"host": upstream.authority})
+    point_at(request, call.path, call.query, upstream)
+
+
+def point_at(request: http.Request, path: str, query: str, upstream: Upstream) -> None:
+    """Send the request to the provider's upstream, at `path` (in the provider's terms) with `query`; the
+    Host header is the caller's to rewrite, in its own pass over the headers."""
     # Set directly: mitmproxy's `host` setter would encode the name again and look for Host once more.
     request.scheme = upstream.scheme
     request.data.host, request.data.port = upstream.host, upstream.port
     if request.data.authority:
         request.data.authority = upstream.authority
-    query = without_query_credentials(call.query)  # Google's ?key=: the real key goes in a header
-    request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
-    if admission.upstream_body is not None:
-        request.content = admission.upstream_body
+    request.path = upstream.base_path + path + (f"?{query}" if query else "")
+
+
+def traffic_of(flow: http.HTTPFlow) -> Traffic:
+    """Where a call passed on untouched went (the host the agent named), from whom, and its size."""
+    response_bytes = len(flow.response.raw_content or b"") if flow.response and not flow.response.stream else None
+    request = flow.request
+    return Traffic(target_host(flow), client_address(flow.client_conn), len(request.raw_content or b""), response_bytes)
 
 
 def answer_proxy_errors_as_json() -> None:

@@ -41,6 +41,10 @@ class Metrics:
             "agentkeys_would_deny", "Calls forwarded in shadow mode that enforcement would refuse, by the rule broken",
             ["provider", "policy", "reason"], registry=self.registry,
         )  # fmt: skip
+        self.real_key_calls = Counter(
+            "agentkeys_real_key_calls", "Calls with a real provider key passed on untouched (real_keys: audit)",
+            ["provider"], registry=self.registry,
+        )  # fmt: skip
         self.spend = Counter(
             "agentkeys_spend_usd", "Settled spend in USD", ["provider", "model", "policy"], registry=self.registry
         )
@@ -97,7 +101,9 @@ class Metrics:
         self._series(self.requests, provider, policy, outcome).inc()
         for rule in record.would_deny or ():
             self._series(self.would_deny, provider, policy, rule).inc()
-        if record.cost_micros:
+        if record.real_key:  # the key's owner pays the provider: no spend of ours
+            self._series(self.real_key_calls, provider).inc()
+        elif record.cost_micros:
             self._series(self.spend, provider, model, policy).inc(record.cost_micros / 1_000_000)
         if record.metering == "overrun":
             self._series(self.overruns, provider, model, policy).inc()

@@ -370,6 +370,11 @@ class ProxyConfig(BaseModel):
         description="shadow: calls that would be refused are forwarded and audited would_deny (a policy may say"
         " otherwise for its keys)",
     )
+    real_keys: Literal["refuse", "audit"] = Field(
+        default="refuse",
+        description="a provider call carrying a real provider key and no agent key: refused, or passed on untouched"
+        " and audited with the key's fingerprint",
+    )
     egress: Literal["passthrough", "allowlist"] = Field(
         default="passthrough",
         description="non-provider hosts in proxy mode: pass through as an untouched tunnel, or refuse",

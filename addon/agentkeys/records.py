@@ -8,11 +8,13 @@ import json
 from dataclasses import dataclass
 
 from agentkeys.audit import CallRecord
-from agentkeys.calls import CallRequest, Denial
-from agentkeys.gate import Admission, Settlement
+from agentkeys.calls import CallRequest, Denial, Outcome
+from agentkeys.gate import Admission, Settlement, model_named_in
 from agentkeys.keys import iso
 from agentkeys.ledger import KeyRecord, StaleHold
 from agentkeys.money import micros_to_usd
+from agentkeys.pricing import Usage
+from agentkeys.realkeys import RealKeyCall, usage_and_cost
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,15 @@ def allowed_record(
     if admission.would_deny:
         record.would_deny = [denial.rule.value for denial in admission.would_deny]
         record.deny_kind = admission.would_deny[0].kind.value
-    usage = settlement.usage
+    add_usage(record, settlement.usage)
+    return record
+
+
+def add_usage(record: CallRecord, usage: Usage | None) -> None:
     if usage:
         record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
         record.cached_tokens, record.cache_write_tokens = usage.cached_tokens, usage.cache_write_tokens
         record.reasoning_tokens = usage.reasoning_tokens
-    return record
 
 
 def control_record(
@@ -85,6 +90,34 @@ def egress_record(method: str, host: str, port: int, client: str, refusal: str |
         decision="deny" if refusal else "pass", reason=refusal or "passed through untouched (egress: passthrough)",
         status=403 if refusal else None, host=host, port=port, client=client,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Where a call passed on untouched went, who sent it, and how many bytes each way."""
+
+    host: str
+    client: str
+    request_bytes: int
+    response_bytes: int | None = None
+
+
+def real_key_record(
+    call: CallRequest, observed: RealKeyCall, outcome: Outcome, status: int | None, traffic: Traffic
+) -> CallRecord:
+    """A call carrying a real provider key, passed on untouched (`real_keys: audit`): its key's fingerprint,
+    and the tokens and cost from the provider's usage; no key of ours, no budget charged."""
+    usage, cost, why = usage_and_cost(observed, outcome)
+    model = observed.facts.model if observed.facts else model_named_in(call.body)
+    reason = "; ".join(filter(None, ["a real provider key, passed on untouched (real_keys: audit)", why]))
+    record = CallRecord(
+        key_id=None, key_name=None, policy=None, provider=call.provider, method=call.method, path=call.path,
+        model=model, decision="pass", reason=reason, status=status, metering="real_key", cost_micros=cost,
+        cost_usd=micros_to_usd(cost), host=traffic.host, client=traffic.client, real_key=observed.fingerprint,
+        request_bytes=traffic.request_bytes, response_bytes=traffic.response_bytes,
+    )  # fmt: skip
+    add_usage(record, usage)
+    return record
 
 
 def stale_hold_record(hold: StaleHold) -> CallRecord:

@@ -196,3 +196,10 @@ def test_a_would_deny_call_counts_each_rule_and_its_spend(metrics):
     assert value(metrics, "agentkeys_requests_total", provider="openai", policy="research", outcome="would_deny") == 2
     spend = value(metrics, "agentkeys_spend_usd_total", provider="openai", model="gpt-4o-mini", policy="research")
     assert spend == pytest.approx(84 / 1_000_000)
+
+
+def test_a_real_key_call_is_counted_apart_from_the_spend_of_scoped_keys(metrics):
+    metrics.observe(allowed(key_id=None, policy=None, decision="pass", metering="real_key", real_key="openai:ab…WXYZ"))
+    assert value(metrics, "agentkeys_real_key_calls_total", provider="openai") == 1
+    assert value(metrics, "agentkeys_spend_usd_total", provider="openai", model="gpt-4o-mini", policy="") == 0
+    assert value(metrics, "agentkeys_requests_total", provider="openai", policy="", outcome="passed") == 1
