@@ -60,6 +60,7 @@ from agentkeys.records import (
     control_record,
     denied_record,
     egress_record,
+    llm_host_record,
     real_key_record,
     stale_hold_record,
 )
@@ -71,6 +72,7 @@ from agentkeys.routing import (
     OtherHost,
     ProviderRoute,
     Router,
+    UnknownLlmHost,
     Upstream,
     host_conflict,
 )
@@ -168,6 +170,7 @@ class AgentKeys:
         self._purge_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # settlements and retired stores, until they finish
         self._calls_in_flight = 0  # forwarded and not yet settled and audited
+        self._warned_llm_hosts: set[str] = set()  # unconfigured LLM hosts already named in the log
 
     # ----- set-up -----
 
@@ -208,7 +211,7 @@ class AgentKeys:
         config no longer names is closed once they have.
         """
         issuers, identities = issuers_from(config), identities_from(config)
-        prices, policies = config.price_table(), current_policies(config)
+        prices, policies, llm_hosts = config.price_table(), current_policies(config), config.llm_catalogue()
         old_gate, old_audit = self.gate, self.audit
         same_store = old_gate is not None and self.config.store_url == config.store_url
         if same_store:
@@ -216,7 +219,7 @@ class AgentKeys:
         else:  # its failures counted for agentkeys_store_errors_total
             store = Store(ErrorCountingLedger(open_ledger(config.store_url), self.metrics.store_error))
         self.config = config
-        self.router = Router(config)
+        self.router = Router(config, llm_hosts)
         self.gate = Gate(config, store, prices, policies)
         self.control = Control(store, self.gate.auth, issuers, identities)
         self.audit = audit_log_for(config, old_audit)  # the same one while its settings are the same
@@ -336,7 +339,9 @@ class AgentKeys:
         if refusal:
             flow.response = egress_refused(refusal)
         if refusal or not self.router.intercepts(host):
-            self._write_record(egress_record("CONNECT", host, port, client_address(flow.client_conn), refusal))
+            vendor = self.router.llm_hosts.vendor_of(host)
+            client = client_address(flow.client_conn)
+            self._write_record(egress_record("CONNECT", host, port, client, refusal, vendor))
 
     def tls_clienthello(self, data: tls.ClientHelloData):
         """Intercept provider hosts only; any other TLS connection is relayed untouched.
@@ -390,6 +395,8 @@ class AgentKeys:
                     flow.response = no_endpoint(self.router.formats[provider], provider, flow.request.method, path)
                 case OtherHost(host=host):
                     self._other_host(flow, host)
+                case UnknownLlmHost(host=host, vendor=vendor):
+                    self._unknown_llm_host(flow, host, vendor)
         except Exception:
             log.exception("agentkeys: request hook failed; refusing the call")
             if flow.metadata.get(STATE) is None:
@@ -402,6 +409,22 @@ class AgentKeys:
             flow.response = egress_refused(refusal)
         client = client_address(flow.client_conn)
         self._write_record(egress_record(flow.request.method, host, flow.request.port, client, refusal))
+
+    def _unknown_llm_host(self, flow: http.HTTPFlow, host: str, vendor: str):
+        """A call to a catalogued LLM API host that no provider is configured for: audited (host, path, bytes,
+        client), then refused or passed on untouched per `unknown_llm_hosts` (`audit` warns in the log too)."""
+        refusal = self.router.llm_host_refusal(host, vendor)
+        if refusal:
+            flow.response = egress_refused(refusal)
+        elif self.router.unknown_llm_hosts == "audit" and host not in self._warned_llm_hosts:
+            self._warned_llm_hosts.add(host)
+            log.warning("agentkeys: LLM traffic to %s (%s), which no provider is configured for: passed, and"
+                        " audited (unknown_llm_hosts: audit)", host, vendor)  # fmt: skip
+        request = flow.request
+        traffic = Traffic(host, client_address(flow.client_conn), len(request.raw_content or b""))
+        path = urlsplit(request.path).path  # never its query, which may carry a key (?key=)
+        setting = self.router.unknown_llm_hosts
+        self._write_record(llm_host_record(request.method, path, request.port, vendor, traffic, refusal, setting))
 
     async def _gate_call(self, flow: http.HTTPFlow, route: ProviderRoute):
         started = time.perf_counter()

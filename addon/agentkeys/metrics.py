@@ -45,6 +45,10 @@ class Metrics:
             "agentkeys_real_key_calls", "Calls with a real provider key passed on untouched (real_keys: audit)",
             ["provider"], registry=self.registry,
         )  # fmt: skip
+        self.unknown_llm_calls = Counter(
+            "agentkeys_unknown_llm_calls", "Calls to catalogued LLM API hosts no provider is configured for",
+            ["vendor", "decision"], registry=self.registry,
+        )  # fmt: skip
         self.spend = Counter(
             "agentkeys_spend_usd", "Settled spend in USD", ["provider", "model", "policy"], registry=self.registry
         )
@@ -99,6 +103,8 @@ class Metrics:
         provider, model, policy = record.provider or "", record.model or "", record.policy or ""
         outcome = OUTCOMES.get(record.decision, f"denied_{record.status}")
         self._series(self.requests, provider, policy, outcome).inc()
+        if record.llm_host:
+            self._series(self.unknown_llm_calls, record.llm_host, record.decision).inc()
         for rule in record.would_deny or ():
             self._series(self.would_deny, provider, policy, rule).inc()
         if record.real_key:  # the key's owner pays the provider: no spend of ours

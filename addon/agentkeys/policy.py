@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from agentkeys.llmhosts import Catalogue, Vendors, catalogue
 from agentkeys.paths import path_matches
 from agentkeys.pricing import ConfigPrice, PriceTable, load_prices
 from agentkeys.yamlfile import ConfigError, load_yaml_model
@@ -375,6 +376,17 @@ class ProxyConfig(BaseModel):
         description="a provider call carrying a real provider key and no agent key: refused, or passed on untouched"
         " and audited with the key's fingerprint",
     )
+    unknown_llm_hosts: Literal["refuse", "audit", "pass"] = Field(
+        default="audit",
+        description="a call to a catalogued LLM API host no provider is configured for: audited, then refused,"
+        " passed with a warning in the log (audit), or passed",
+    )
+    llm_hosts: Vendors = Field(
+        default_factory=dict,
+        description="LLM API hosts by vendor, over the shipped catalogue: a vendor named here replaces its hosts"
+        " there, an empty list removes it",
+    )
+    llm_hosts_file: str | None = Field(default=None, description="a catalogue replacing the shipped one")
     egress: Literal["passthrough", "allowlist"] = Field(
         default="passthrough",
         description="non-provider hosts in proxy mode: pass through as an untouched tunnel, or refuse",
@@ -466,6 +478,10 @@ class ProxyConfig(BaseModel):
         """The policy files keys are issued from: issuer tokens' and identity rules'."""
         rules = [rule.policy for identity in self.identity.values() for rule in identity.rules]
         return [path for issuer in self.issuers.values() for path in issuer.policies] + rules
+
+    def llm_catalogue(self) -> Catalogue:
+        """The LLM API hosts to recognise: the shipped catalogue (or `llm_hosts_file`), with `llm_hosts` on top."""
+        return catalogue(self.path(self.llm_hosts_file) if self.llm_hosts_file else None, self.llm_hosts)
 
     def price_table(self) -> PriceTable:
         """The bundled prices with this config's overrides: its `prices_file`, then its `prices`."""

@@ -83,15 +83,6 @@ def control_record(
     return record
 
 
-def egress_record(method: str, host: str, port: int, client: str, refusal: str | None) -> CallRecord:
-    """Traffic to a host that is not a provider's call: a tunnel or request passed on, or refused."""
-    return CallRecord(
-        key_id=None, key_name=None, policy=None, provider=None, method=method, path="", model=None,
-        decision="deny" if refusal else "pass", reason=refusal or "passed through untouched (egress: passthrough)",
-        status=403 if refusal else None, host=host, port=port, client=client,
-    )  # fmt: skip
-
-
 @dataclass(frozen=True)
 class Traffic:
     """Where a call passed on untouched went, who sent it, and how many bytes each way."""
@@ -100,6 +91,31 @@ class Traffic:
     client: str
     request_bytes: int
     response_bytes: int | None = None
+
+
+def egress_record(
+    method: str, host: str, port: int, client: str, refusal: str | None, llm_host: str | None = None
+) -> CallRecord:
+    """Traffic to a host that is not a provider's call: a tunnel or request passed on, or refused; `llm_host`,
+    the vendor of a catalogued LLM API host."""
+    return CallRecord(
+        key_id=None, key_name=None, policy=None, provider=None, method=method, path="", model=None,
+        decision="deny" if refusal else "pass", reason=refusal or "passed through untouched (egress: passthrough)",
+        status=403 if refusal else None, host=host, port=port, client=client, llm_host=llm_host,
+    )  # fmt: skip
+
+
+def llm_host_record(
+    method: str, path: str, port: int, vendor: str, traffic: Traffic, refusal: str | None, setting: str
+) -> CallRecord:
+    """A call to a catalogued LLM API host that no provider is configured for: refused, or passed on as sent."""
+    passed = f"an LLM API host ({vendor}) no provider is configured for: passed on (unknown_llm_hosts: {setting})"
+    return CallRecord(
+        key_id=None, key_name=None, policy=None, provider=None, method=method, path=path, model=None,
+        decision="deny" if refusal else "pass", reason=refusal or passed, status=403 if refusal else None,
+        host=traffic.host, port=port, client=traffic.client, deny_kind="unknown_llm_host" if refusal else None,
+        llm_host=vendor, request_bytes=traffic.request_bytes,
+    )  # fmt: skip
 
 
 def real_key_record(
