@@ -123,8 +123,11 @@ class Gate:
             return await self._admit_key(call, key, policy, rulings)
         except Denial as denial:
             if denial.kind not in (DenyKind.UNAUTHENTICATED, DenyKind.UNAVAILABLE):
-                # The cached record does not show a revocation: a dead key hears that, not what else is wrong.
-                await self.auth.caller(call, fresh=True)
+                # The cached record does not show a revocation: a dead key hears that, not what else is wrong
+                # (an expired one too, unless shadow mode let it through: then the refusal is this one).
+                _, lapsed = await self.identify(call, fresh=True)
+                if lapsed and not rulings.shadow:
+                    raise lapsed from None
             raise
 
     async def _admit_key(self, call: CallRequest, key: KeyRecord, policy: Scope, rulings: Rulings) -> Admission:

@@ -1178,3 +1178,9 @@ def test_in_shadow_what_cannot_be_metered_is_still_refused(env, body, kind):
     key = env.issue(models=["*"], enforcement="shadow")
     env.denied(call(key, body), kind)
     assert env.balances(key) == (0, 0)
+
+
+def test_in_shadow_an_expired_key_hears_what_cannot_be_shadowed_not_that_it_expired(env):
+    key = env.issue(ttl=60, enforcement="shadow")
+    env.clock.now += 120
+    env.denied(call(key, b"{not json"), DenyKind.BAD_REQUEST)
