@@ -690,7 +690,8 @@ def point_at(request: http.Request, path: str, query: str, upstream: Upstream) -
 
 
 def traffic_of(flow: http.HTTPFlow) -> Traffic:
-    """Where a call passed on untouched went (the host the agent named), from whom, and its size."""
+    """Where a call passed on untouched went (the host it was sent to), from whom, and its size each way
+    (a streamed answer's is not kept, so not known)."""
     response_bytes = len(flow.response.raw_content or b"") if flow.response and not flow.response.stream else None
     request = flow.request
     return Traffic(target_host(flow), client_address(flow.client_conn), len(request.raw_content or b""), response_bytes)
