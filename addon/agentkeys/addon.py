@@ -288,8 +288,8 @@ class AgentKeys:
 
     async def _keep_the_books(self):
         """Every `purge_interval`: settle holds that dead calls left behind, return finished children's
-        budgets to their parents, and delete expired keys (not while in shadow mode, where an expired key's
-        calls are forwarded); and take the budgets per policy for the metrics."""
+        budgets to their parents, and delete expired keys (none that expired after a key still in shadow mode,
+        whose calls are forwarded); and take the budgets per policy for the metrics."""
         while True:
             await asyncio.sleep(self.config.purge_interval)
             try:
@@ -297,10 +297,10 @@ class AgentKeys:
                 for hold in await store.sweep_stale_holds(self.config.stale_hold_after):
                     log.warning("agentkeys: hold %d of key %s outlived its call", hold.hold_id, hold.key_id)
                     self._write_record(stale_hold_record(hold))
-                purged = [] if self.gate.shadowing else await store.purge_expired()
+                keys = await asyncio.to_thread(store.ledger.list_keys)
+                purged = await store.purge_expired(self.gate.purge_cutoff(keys, store.clock()))
                 if purged:
                     log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
-                keys = await asyncio.to_thread(store.ledger.list_keys)
                 self.metrics.budgets.update(keys, time.time())
             except LedgerUnavailable as e:  # an outage, not a bug: no traceback
                 log.error("agentkeys: keeping the books failed; will try again: %s", e)

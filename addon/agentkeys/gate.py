@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -171,12 +172,16 @@ class Gate:
         """Whether the key's policy (else the proxy config) says `enforcement: shadow`."""
         return (policy.enforcement or self.config.enforcement) == "shadow"
 
-    @property
-    def shadowing(self) -> bool:
-        """Whether the proxy config, or a policy file it keeps in step, says `enforcement: shadow`: expired
-        keys are then kept in the store rather than purged, so their calls go on being forwarded."""
-        enforcements = [self.config.enforcement, *(file.policy.enforcement for file in self.policies.values())]
-        return "shadow" in enforcements
+    def purge_cutoff(self, keys: list[KeyRecord], now: float) -> float:
+        """The time before which expired keys may be purged: a key in shadow mode is kept past its expiry,
+        so its calls go on being forwarded (audited would_deny: expired) rather than refused as unknown."""
+        shadowed = [
+            key.expires_at for key in keys
+            if key.expires_at <= now and key.revoked_at is None
+            and self.shadowed(scope_of(key.policy_json, self.policies))
+        ]  # fmt: skip
+        # The store purges keys expired at or before the cutoff: just before the first in shadow keeps it.
+        return math.nextafter(min(shadowed), -math.inf) if shadowed else now
 
     def models_shown(self, provider: str, wire: WireFormat, policy: Scope) -> Callable[[], list[str]]:
         """The policy's model globs that name a model this provider serves (its own or its format's prices),

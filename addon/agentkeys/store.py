@@ -151,8 +151,9 @@ class Store:
         self.open_holds.difference_update(hold.hold_id for hold in swept)
         return swept
 
-    async def purge_expired(self) -> list[str]:
-        now = self.clock()
+    async def purge_expired(self, before: float | None = None) -> list[str]:
+        """Keys expired before `before` (default: now) are purged, and finished children's budgets returned."""
+        now = self.clock() if before is None else before
         return await self._ask(lambda ledger: ledger.purge_expired(now))
 
 

@@ -107,9 +107,11 @@ def test_an_exhausted_budget_is_shadowed_and_the_overspend_charged_and_reported(
     assert stored.spent_micros == sum(r["cost_micros"] for r in records) > stored.budget_micros
 
 
-def test_an_expired_key_is_shadowed_while_the_store_keeps_it(proxy, mock, policy):
-    key = proxy.issue(policy, "--ttl", "1s")
-    time.sleep(2.5)  # past its expiry, and past a purge (purge_interval 1s), which shadow mode holds back
+@pytest.mark.parametrize("kept_in_step", [True, False], ids=["policy-file-in-config", "issued-copy-only"])
+def test_an_expired_key_is_shadowed_and_not_purged(proxy, mock, policy, tmp_path, kept_in_step):
+    """Whether the proxy keeps the policy's file in step (config `policies:`) or knows only the key's copy."""
+    key = proxy.issue(policy if kept_in_step else write_policy(tmp_path, "adhoc", enforcement="shadow"), "--ttl", "1s")
+    time.sleep(2.5)  # past its expiry, and past a purge (purge_interval 1s), which keeps a key in shadow
     chat(proxy, key, max_tokens=5)
     record = assert_would_deny(proxy, mock, key, ["expired"], "gpt-4o-mini")
     assert f"agent key {key['id']} is expired" in record["reason"]

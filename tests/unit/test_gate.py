@@ -1184,3 +1184,15 @@ def test_in_shadow_an_expired_key_hears_what_cannot_be_shadowed_not_that_it_expi
     key = env.issue(ttl=60, enforcement="shadow")
     env.clock.now += 120
     env.denied(call(key, b"{not json"), DenyKind.BAD_REQUEST)
+
+
+def test_expired_keys_are_purged_up_to_the_first_that_is_still_in_shadow(env):
+    ids = {}
+    for name, ttl, enforcement in (("enforced", 10, "enforce"), ("shadowed", 20, "shadow"), ("later", 30, "enforce")):
+        ids[name] = credentials.key_id_of(env.issue(ttl=ttl, enforcement=enforcement))
+    env.clock.now += 60
+    keys = env.ledger.list_keys()
+    assert NOW + 19.9 < env.gate.purge_cutoff(keys, env.clock.now) < NOW + 20
+    purged = env.ledger.purge_expired(env.gate.purge_cutoff(keys, env.clock.now))
+    assert purged == [ids["enforced"]], "the key in shadow, and any that expired after it, are kept"
+    assert env.gate.purge_cutoff([k for k in keys if k.key_id != ids["shadowed"]], env.clock.now) == env.clock.now
