@@ -432,7 +432,7 @@ class AgentKeys:
         wire = FORMATS[self.config.providers[route.provider].format]
         state = flow.metadata[STATE] = CallState(call, wire, self.gate)
         try:
-            state.observed = await observe(state.gate, call)
+            state.observed = await observe(state.gate, call, host_called(flow))
             if state.observed:
                 pass_untouched(flow.request, call, self.router.upstream(call.provider))
                 state.forwarded = True
@@ -593,7 +593,7 @@ class AgentKeys:
     def _record_real_key_call(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
         try:
             status = flow.response.status_code if flow.response else None
-            record = real_key_record(state.call, state.observed, outcome, status, traffic_of(flow))
+            record = real_key_record(state.call, state.observed, outcome, status, traffic_of(flow, state.observed.host))
             self._write_record(record)
         finally:
             self._calls_in_flight -= 1
@@ -689,12 +689,11 @@ def point_at(request: http.Request, path: str, query: str, upstream: Upstream) -
     request.path = upstream.base_path + path + (f"?{query}" if query else "")
 
 
-def traffic_of(flow: http.HTTPFlow) -> Traffic:
-    """Where a call passed on untouched went (the host it was sent to), from whom, and its size each way
-    (a streamed answer's is not kept, so not known)."""
+def traffic_of(flow: http.HTTPFlow, host: str) -> Traffic:
+    """A call passed on untouched, sent to `host`: from whom, and its size each way (a streamed answer's
+    is not kept, so not known)."""
     response_bytes = len(flow.response.raw_content or b"") if flow.response and not flow.response.stream else None
-    request = flow.request
-    return Traffic(target_host(flow), client_address(flow.client_conn), len(request.raw_content or b""), response_bytes)
+    return Traffic(host, client_address(flow.client_conn), len(flow.request.raw_content or b""), response_bytes)
 
 
 def answer_proxy_errors_as_json() -> None:
@@ -750,6 +749,14 @@ def target_host(flow: http.HTTPFlow) -> str:
     if not isinstance(flow.client_conn.proxy_mode, TransparentMode):
         return flow.request.host
     return flow.client_conn.sni or urlsplit(f"//{flow.request.host_header or ''}").hostname or flow.request.host
+
+
+def host_called(flow: http.HTTPFlow) -> str:
+    """The host the client addressed: in proxy (and transparent) mode the target, on the gateway (whose
+    requests all name one placeholder upstream) the name in its Host header."""
+    if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+        return urlsplit(f"//{flow.request.host_header or ''}").hostname or flow.request.host
+    return target_host(flow)
 
 
 def egress_refused(reason: str) -> http.Response:

@@ -28,6 +28,7 @@ class RealKeyCall:
     """A call passed on untouched with a real key: who to name, and what to meter its usage with."""
 
     fingerprint: str
+    host: str  # the host the client addressed: the provider's in proxy mode, the gateway's on the gateway
     facts: RequestFacts | None  # None: the request could not be read (it is forwarded as sent all the same)
     price: ModelPrice | None  # None: no price known (or not a billed call): tokens recorded, no cost
 
@@ -49,7 +50,7 @@ def real_key_in(call: CallRequest) -> str | None:
     return found[0]
 
 
-async def observe(gate: Gate, call: CallRequest) -> RealKeyCall | None:
+async def observe(gate: Gate, call: CallRequest, host: str) -> RealKeyCall | None:
     """With `real_keys: audit`, what to record of a call carrying a real key; None for any other call."""
     if gate.config.real_keys != "audit":
         return None
@@ -57,15 +58,16 @@ async def observe(gate: Gate, call: CallRequest) -> RealKeyCall | None:
     if key is None:
         return None
     wire = FORMATS[gate.config.providers[call.provider].format]
+    named = fingerprint(call.provider, key)
     if len(call.body) > gate.config.max_request_bytes:  # not read: passed on as sent, recorded without a model
-        return RealKeyCall(fingerprint(call.provider, key), None, None)
+        return RealKeyCall(named, host, None, None)
     try:
         facts = await gate.read_request(call, wire, None)
     except Denial:
-        return RealKeyCall(fingerprint(call.provider, key), None, None)
+        return RealKeyCall(named, host, None, None)
     match = gate.prices.find(facts.model, call.provider, wire.name) if facts.metered and facts.model else None
     price = match.price if match and not match.price.unmeterable else None
-    return RealKeyCall(fingerprint(call.provider, key), facts, price)
+    return RealKeyCall(named, host, facts, price)
 
 
 def usage_and_cost(observed: RealKeyCall, outcome: Outcome) -> tuple[Usage | None, int, str]:

@@ -69,6 +69,17 @@ def test_a_real_openai_key_is_passed_on_untouched_and_fingerprinted_with_its_usa
     assert record["key_id"] is None
 
 
+def test_through_https_proxy_the_host_is_the_providers_the_client_dialled(proxy, mock, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", proxy.proxy_url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_bundle))
+    client = openai.OpenAI(api_key=TEAM_KEY, max_retries=0)  # no base URL: api.openai.com, through the proxy
+    client.chat.completions.create(model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert mock.received[-1].headers["authorization"] == f"Bearer {TEAM_KEY}"
+    record = real_key_records(proxy, 2)[-1]
+    assert (record["host"], record["decision"], record["path"]) == ("api.openai.com", "pass", "/v1/chat/completions")
+    assert record["output_tokens"] == billed(mock).output_tokens
+
+
 def test_a_streamed_call_and_an_anthropic_key_are_metered_from_their_usage(proxy, mock):
     openai_client = openai.OpenAI(api_key=OPENAI_REAL_KEY, base_url=f"{proxy.gateway_url}/openai/v1", max_retries=0)
     stream = openai_client.chat.completions.create(
@@ -81,7 +92,7 @@ def test_a_streamed_call_and_an_anthropic_key_are_metered_from_their_usage(proxy
     client.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     sent = mock.received[-1].headers  # the SDK's own choice of header, as it sent it
     assert ANTHROPIC_REAL_KEY in (sent.get("x-api-key"), sent.get("authorization", "").removeprefix("Bearer "))
-    records = real_key_records(proxy, 3)[-2:]
+    records = real_key_records(proxy, 4)[-2:]
     records.sort(key=lambda r: r["provider"], reverse=True)  # openai, anthropic
     assert [r["provider"] for r in records] == ["openai", "anthropic"]
     assert (records[0]["output_tokens"], records[0]["response_bytes"]) == (streamed.output_tokens, None)
@@ -106,7 +117,7 @@ def test_report_real_keys_lists_each_fingerprint_from_where_how_often_and_at_wha
     with contextlib.redirect_stdout(out):
         assert proxy.cli("audit", "report", "--real-keys", "--json") == 0
     listed = json.loads(out.getvalue())
-    records = real_key_records(proxy, 3)
+    records = real_key_records(proxy, 4)
     assert set(listed) == {r["real_key"] for r in records} and len(listed) == 3
     team = next(use for fingerprint, use in listed.items() if fingerprint.endswith(TEAM_KEY[-4:]))
     mine = [r for r in records if r["real_key"].endswith(TEAM_KEY[-4:])]

@@ -47,11 +47,11 @@ def test_a_real_key_is_a_credential_of_a_call_that_carries_no_agent_key(request_
 
 
 def test_the_cost_is_worked_out_from_the_usage_at_the_proxys_price():
-    observed = RealKeyCall("openai:x…", RequestFacts(metered=True, model="gpt-4o-mini"), MINI)
+    observed = RealKeyCall("openai:x…", "api.openai.com", RequestFacts(metered=True, model="gpt-4o-mini"), MINI)
     usage = Usage(input_tokens=100, output_tokens=20)
     answered = Outcome(reached_provider=True, complete=True, status=200, usage=usage)
     assert usage_and_cost(observed, answered) == (usage, cost_micros(MINI, usage), "")
     failed = Outcome(reached_provider=True, complete=True, status=429)
     assert usage_and_cost(observed, failed) == (None, 0, "the provider answered 429")
-    unpriced = RealKeyCall("openai:x…", None, None)
+    unpriced = RealKeyCall("openai:x…", "api.openai.com", None, None)
     assert usage_and_cost(unpriced, answered) == (usage, 0, "no price is known for this model")
