@@ -5,6 +5,7 @@ recorded with the key's fingerprint (never the key) and its tokens and cost, and
 import contextlib
 import io
 import json
+import re
 
 import anthropic
 import openai
@@ -29,6 +30,7 @@ REAL_KEYS = (OPENAI_REAL_KEY, ANTHROPIC_REAL_KEY, TEAM_KEY)
 def proxy(mock, tmp_path_factory):
     with running_proxy(tmp_path_factory.mktemp("proxy"), mock, real_keys="audit") as running:
         yield running
+    assert not re.search(r'File ".*/agentkeys/', running.log_path.read_text()), "the addon raised"
     for real_key in REAL_KEYS:
         assert real_key not in running.log_path.read_text(), "a real key reached the proxy's log"
         for written in running.dir.glob("audit*.jsonl"):

@@ -38,6 +38,7 @@ def policy(tmp_path_factory):
 def proxy(mock, tmp_path_factory, policy):
     with running_proxy(tmp_path_factory.mktemp("proxy"), mock, policies=[str(policy)]) as running:
         yield running
+    assert not re.search(r'File ".*/agentkeys/', running.log_path.read_text()), "the addon raised"
 
 
 def openai_client(proxy, key) -> openai.OpenAI:

@@ -6,6 +6,7 @@ provider's loopback address, which plays an in-house LLM that nobody configured 
 shipped hosts (api.mistral.ai, *.openai.azure.com) are only called while they are refused, which the
 proxy answers itself before dialling anything."""
 
+import re
 import signal
 import ssl
 import time
@@ -23,6 +24,7 @@ def proxy(mock, tmp_path_factory):
     inhouse = urlsplit(mock.url).hostname
     with running_proxy(tmp_path_factory.mktemp("proxy"), mock, llm_hosts={"inhouse": [inhouse]}) as running:
         yield running
+    assert not re.search(r'File ".*/agentkeys/', running.log_path.read_text()), "the addon raised"
 
 
 def use_setting(proxy, setting: str) -> None:
