@@ -339,9 +339,19 @@ class AgentKeys:
         if refusal:
             flow.response = egress_refused(refusal)
         if refusal or not self.router.intercepts(host):
-            vendor = self.router.llm_hosts.vendor_of(host)
+            vendor = self.router.unknown_llm_vendor(host)
             client = client_address(flow.client_conn)
             self._write_record(egress_record("CONNECT", host, port, client, refusal, vendor))
+
+    def tls_failed_client(self, data: tls.TlsData):
+        """A client that refused the proxy's certificate for a catalogued LLM host no provider covers (it does
+        not trust the proxy's CA): its calls there cannot be seen, so the attempt itself is audited."""
+        name = data.conn.sni or (data.context.server.address or ("",))[0]
+        vendor = self.router.unknown_llm_vendor(name)
+        if vendor:
+            port = (data.context.server.address or ("", 443))[1]
+            failed = f"TLS to {name} failed: the client does not trust the proxy's CA, so its LLM calls are not seen"
+            self._write_record(egress_record("TLS", name, port, client_address(data.context.client), failed, vendor))
 
     def tls_clienthello(self, data: tls.ClientHelloData):
         """Intercept provider hosts only; any other TLS connection is relayed untouched.

@@ -130,7 +130,7 @@ class Router:
                 return BadPath(prefix, str(e))
         provider = self.provider_by_host.get(host)
         if provider is None:
-            vendor = self.llm_hosts.vendor_of(host)
+            vendor = self.unknown_llm_vendor(host)
             return UnknownLlmHost(host, vendor) if vendor else OtherHost(host)
         return provider_route(provider, split.path, split.query, self.upstreams[provider].base_path)
 
@@ -164,6 +164,10 @@ class Router:
         """Whether TLS to `host` is opened up here (a provider's, or a catalogued LLM API host's, whose calls
         are audited) or relayed untouched."""
         return host in self.provider_by_host or self.llm_hosts.vendor_of(host) is not None
+
+    def unknown_llm_vendor(self, host: str) -> str | None:
+        """The vendor of a catalogued LLM API host that no provider is configured for, else None."""
+        return None if host in self.provider_by_host else self.llm_hosts.vendor_of(host)
 
     def llm_host_refusal(self, host: str, vendor: str) -> str | None:
         """Why a call to a catalogued LLM API host that no provider covers is refused, or None: `egress:

@@ -105,3 +105,16 @@ def test_a_shipped_llm_host_over_https_is_opened_up_audited_and_refused(proxy, m
     assert record["decision"] == "deny" and record["client"].startswith("127.0.0.1:")
     assert "not-for-the-log" not in proxy.audit_path.read_text()
     assert unknown_llm_calls(proxy, vendor, "deny") >= 1
+
+
+def test_a_client_that_does_not_trust_the_proxys_ca_is_audited_for_trying(proxy, mock):
+    """Its calls cannot be seen; the attempt to reach an LLM host nobody configured still shows."""
+    with pytest.raises(httpx.ConnectError):
+        httpx.post("https://api.deepseek.com/chat/completions", json={}, proxy=proxy.proxy_url, timeout=10)
+    deadline = time.monotonic() + 10
+    while not llm_records(proxy, "deepseek") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [record] = llm_records(proxy, "deepseek")
+    assert (record["method"], record["host"], record["port"]) == ("TLS", "api.deepseek.com", 443)
+    assert record["decision"] == "deny"
+    assert "does not trust the proxy's CA" in record["reason"] and record["client"].startswith("127.0.0.1:")

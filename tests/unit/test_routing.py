@@ -163,3 +163,9 @@ def test_a_call_to_an_unconfigured_llm_host_is_refused_per_the_setting_and_egres
         assert refusal is None
     else:
         assert refused in refusal
+
+
+def test_a_configured_providers_host_is_never_an_unknown_llm_host():
+    routes = router()
+    assert routes.unknown_llm_vendor("api.groq.com") is None and routes.unknown_llm_vendor("api.openai.com") is None
+    assert routes.unknown_llm_vendor("api.mistral.ai") == "mistral"
