@@ -86,6 +86,14 @@ def test_a_call_a_rule_would_refuse_reaches_the_provider_and_is_audited_would_de
     assert would_deny_count(proxy, rule) == before + 1
 
 
+def test_a_streamed_call_a_rule_would_refuse_is_relayed_metered_and_charged(proxy, mock, policy):
+    key = proxy.issue(policy)
+    stream = chat(proxy, key, model="gpt-4o", max_tokens=5, stream=True)
+    assert [chunk for chunk in stream]
+    record = assert_would_deny(proxy, mock, key, ["model"], "gpt-4o")
+    assert record["output_tokens"] == billed(mock).output_tokens > 0
+
+
 def test_a_provider_the_policy_does_not_list_is_shadowed(proxy, mock, policy):
     key = proxy.issue(policy)
     client = anthropic.Anthropic(api_key=key["key"], base_url=f"{proxy.gateway_url}/anthropic", max_retries=0)
