@@ -234,7 +234,7 @@ class Gate:
         """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
         key is read afresh here, since no reservation will ask the store whether it is still active."""
         key, lapsed = await self.identify(call, fresh=True)
-        if lapsed and not any(denial.rule is Rule.EXPIRED for denial in rulings.broken):
+        if lapsed:
             rulings.note(lapsed)
         metering = "unmetered" if endpoint == "unmetered" else "free"
         return Admission(

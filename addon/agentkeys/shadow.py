@@ -43,7 +43,8 @@ class Rulings:
             return None
 
     def note(self, denial: Denial) -> None:
-        """Note a refusal in shadow, if it is a policy rule's; else raise it."""
+        """Note a refusal in shadow, if it is a policy rule's (once per rule); else raise it."""
         if not (self.shadow and denial.rule):
             raise denial
-        self.broken.append(denial)
+        if all(noted.rule is not denial.rule for noted in self.broken):
+            self.broken.append(denial)
