@@ -45,13 +45,25 @@ from agentkeys.plans import PlanFile, admin_token, current_plans
 from agentkeys.policy import ProxyConfig, current_policies, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import DenyKind, SseEventTooLarge, SseSplitter, StreamMeter, UsageRejected, WireFormat
+from agentkeys.providers.base import (
+    DenyKind,
+    RequestFacts,
+    SseEventTooLarge,
+    SseSplitter,
+    StreamMeter,
+    UsageRejected,
+    WireFormat,
+)
+from agentkeys.realkeys import RealKeyCall, observe
 from agentkeys.records import (
     Timings,
+    Traffic,
     allowed_record,
     control_record,
     denied_record,
     egress_record,
+    llm_host_record,
+    real_key_record,
     stale_hold_record,
 )
 from agentkeys.routing import (
@@ -62,6 +74,7 @@ from agentkeys.routing import (
     OtherHost,
     ProviderRoute,
     Router,
+    UnknownLlmHost,
     Upstream,
     host_conflict,
 )
@@ -134,6 +147,7 @@ class CallState:
     wire: WireFormat
     gate: Gate  # the gate that admitted it, which settles it (a reload may bring a new one meanwhile)
     admission: Admission | None = None
+    observed: RealKeyCall | None = None  # a real key's call, passed on untouched (real_keys: audit)
     forwarded: bool = False
     relay: StreamRelay | None = None
     usage: Usage | None = None  # of a whole (not streamed) response, read once for its headers and settlement
@@ -141,6 +155,11 @@ class CallState:
     usage_read: bool = False
     overhead_seconds: float = 0.0
     finished: bool = False
+
+    @property
+    def facts(self) -> RequestFacts | None:
+        """What the request says (model, stream, …): the admitted call's, or a real key's call's if it was read."""
+        return self.admission.facts if self.admission else self.observed.facts
 
 
 class AgentKeys:
@@ -159,6 +178,7 @@ class AgentKeys:
         self._purge_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # settlements and retired stores, until they finish
         self._calls_in_flight = 0  # forwarded and not yet settled and audited
+        self._warned_llm_hosts: set[str] = set()  # unconfigured LLM hosts already named in the log
 
     # ----- set-up -----
 
@@ -199,9 +219,11 @@ class AgentKeys:
         config no longer names is closed once they have.
         """
         issuers, identities = issuers_from(config), identities_from(config)
-        prices, policies, self.plans = config.price_table(), current_policies(config), current_plans(config)
+        prices, policies, plans = config.price_table(), current_policies(config), current_plans(config)
+        llm_hosts = config.llm_catalogue()
         if config.admin_port:
             admin_token(config.admin_token_env)  # a config with an admin port and no token is refused
+        self.plans = plans
         if self.admin is not None:
             self.admin.api.plans = self.plans
         old_gate, old_audit = self.gate, self.audit
@@ -211,7 +233,7 @@ class AgentKeys:
         else:  # its failures counted for agentkeys_store_errors_total
             store = Store(ErrorCountingLedger(open_ledger(config.store_url, config.calendar), self.metrics.store_error))
         self.config = config
-        self.router = Router(config)
+        self.router = Router(config, llm_hosts)
         self.gate = Gate(config, store, prices, policies)
         self.control = Control(store, self.gate.auth, issuers, identities)
         self.audit = audit_log_for(config, old_audit)  # the same one while its settings are the same
@@ -291,7 +313,8 @@ class AgentKeys:
 
     async def _keep_the_books(self):
         """Every `purge_interval`: settle holds that dead calls left behind, return finished children's
-        budgets to their parents, and delete expired keys; and take the budgets per policy for the metrics."""
+        budgets to their parents, and delete expired keys (none that expired after a key still in shadow mode,
+        whose calls are forwarded); and take the budgets per policy for the metrics."""
         while True:
             await asyncio.sleep(self.config.purge_interval)
             try:
@@ -299,10 +322,10 @@ class AgentKeys:
                 for hold in await store.sweep_stale_holds(self.config.stale_hold_after):
                     log.warning("agentkeys: hold %d of key %s outlived its call", hold.hold_id, hold.key_id)
                     self._write_record(stale_hold_record(hold))
-                purged = await store.purge_expired()
+                keys = await asyncio.to_thread(store.ledger.list_keys)
+                purged = await store.purge_expired(self.gate.purge_cutoff(keys, store.clock()))
                 if purged:
                     log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
-                keys = await asyncio.to_thread(store.ledger.list_keys)
                 self.metrics.budgets.update(keys, time.time())
             except LedgerUnavailable as e:  # an outage, not a bug: no traceback
                 log.error("agentkeys: keeping the books failed; will try again: %s", e)
@@ -343,7 +366,19 @@ class AgentKeys:
         if refusal:
             flow.response = egress_refused(refusal)
         if refusal or not self.router.intercepts(host):
-            self._write_record(egress_record("CONNECT", host, port, client_address(flow.client_conn), refusal))
+            vendor = self.router.unknown_llm_vendor(host)
+            client = client_address(flow.client_conn)
+            self._write_record(egress_record("CONNECT", host, port, client, refusal, vendor))
+
+    def tls_failed_client(self, data: tls.TlsData):
+        """A client that refused the proxy's certificate for a catalogued LLM host no provider covers (it does
+        not trust the proxy's CA): its calls there cannot be seen, so the attempt itself is audited."""
+        name = data.conn.sni or (data.context.server.address or ("",))[0]
+        vendor = self.router.unknown_llm_vendor(name)
+        if vendor:
+            port = (data.context.server.address or ("", 443))[1]
+            failed = f"TLS to {name} failed: the client does not trust the proxy's CA, so its LLM calls are not seen"
+            self._write_record(egress_record("TLS", name, port, client_address(data.context.client), failed, vendor))
 
     def tls_clienthello(self, data: tls.ClientHelloData):
         """Intercept provider hosts only; any other TLS connection is relayed untouched.
@@ -397,6 +432,8 @@ class AgentKeys:
                     flow.response = no_endpoint(self.router.formats[provider], provider, flow.request.method, path)
                 case OtherHost(host=host):
                     self._other_host(flow, host)
+                case UnknownLlmHost(host=host, vendor=vendor):
+                    self._unknown_llm_host(flow, host, vendor)
         except Exception:
             log.exception("agentkeys: request hook failed; refusing the call")
             if flow.metadata.get(STATE) is None:
@@ -410,12 +447,34 @@ class AgentKeys:
         client = client_address(flow.client_conn)
         self._write_record(egress_record(flow.request.method, host, flow.request.port, client, refusal))
 
+    def _unknown_llm_host(self, flow: http.HTTPFlow, host: str, vendor: str):
+        """A call to a catalogued LLM API host that no provider is configured for: audited (host, path, bytes,
+        client), then refused or passed on untouched per `unknown_llm_hosts` (`audit` warns in the log too)."""
+        refusal = self.router.llm_host_refusal(host, vendor)
+        if refusal:
+            flow.response = egress_refused(refusal)
+        elif self.router.unknown_llm_hosts == "audit" and host not in self._warned_llm_hosts:
+            self._warned_llm_hosts.add(host)
+            log.warning("agentkeys: LLM traffic to %s (%s), which no provider is configured for: passed, and"
+                        " audited (unknown_llm_hosts: audit)", host, vendor)  # fmt: skip
+        request = flow.request
+        traffic = Traffic(host, client_address(flow.client_conn), len(request.raw_content or b""))
+        path = urlsplit(request.path).path  # never its query, which may carry a key (?key=)
+        setting = self.router.unknown_llm_hosts
+        self._write_record(llm_host_record(request.method, path, request.port, vendor, traffic, refusal, setting))
+
     async def _gate_call(self, flow: http.HTTPFlow, route: ProviderRoute):
         started = time.perf_counter()
         call = call_of(flow, route.provider, route.path, route.query, self.tunnel_credentials.get(flow.client_conn))
         wire = FORMATS[self.config.providers[route.provider].format]
         state = flow.metadata[STATE] = CallState(call, wire, self.gate)
         try:
+            state.observed = await observe(state.gate, call, host_called(flow))
+            if state.observed:
+                pass_untouched(flow.request, call, self.router.upstream(call.provider))
+                state.forwarded = True
+                self._calls_in_flight += 1
+                return
             state.admission = await state.gate.admit(call)
             forward(flow.request, state.admission, call, self.router.upstream(call.provider))
             state.forwarded = True
@@ -462,12 +521,13 @@ class AgentKeys:
         if state is None:
             return
         try:
-            admission = state.admission
+            admission, facts = state.admission, state.facts
             streaming = flow.response.headers.get("content-type", "").startswith("text/event-stream")
-            if streaming and admission.facts.metered and flow.response.status_code < 400:
+            if streaming and facts and facts.metered and flow.response.status_code < 400:
                 splitter = SseSplitter(self.config.max_stream_event_bytes)
-                state.relay = StreamRelay(admission.wire.stream_meter(admission.facts), splitter)
+                state.relay = StreamRelay(state.wire.stream_meter(facts), splitter)
                 flow.response.stream = state.relay
+            if state.relay and admission:
                 # A stream's headers leave before its usage is known: it gets what remains after its hold.
                 replace_headers(flow.response.headers, budget_headers(admission, cost=None))
         except Exception:
@@ -483,7 +543,7 @@ class AgentKeys:
             redact(flow.response, state.gate.auth.secrets_in_play(state.call))
         try:
             outcome = await self._finished_outcome(flow, state)
-            if not state.relay:
+            if state.admission and not state.relay:
                 charge = charge_for(state.admission, outcome)
                 replace_headers(flow.response.headers, budget_headers(state.admission, charge.cost_micros))
         except Exception:
@@ -525,7 +585,7 @@ class AgentKeys:
     async def _response_usage(self, flow: http.HTTPFlow, state: CallState) -> Usage | None:
         """The usage of a whole response, read once; a large body (many embeddings) is parsed off the loop."""
         if not state.usage_read:
-            read, content = state.admission.wire.usage_from_response, flow.response.content
+            read, content = state.wire.usage_from_response, flow.response.content
             try:
                 if len(content) > LARGE_BODY_BYTES:
                     state.usage = await asyncio.get_running_loop().run_in_executor(None, read, content)
@@ -551,6 +611,9 @@ class AgentKeys:
         task.add_done_callback(self._background.discard)
 
     async def _settle_then_record(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
+        if state.observed:
+            self._record_real_key_call(flow, state, outcome)
+            return
         started = time.perf_counter()
         admission = state.admission
         try:
@@ -562,6 +625,14 @@ class AgentKeys:
             state.overhead_seconds += time.perf_counter() - started
             status = flow.response.status_code if flow.response else None
             record = allowed_record(state.call, admission, settlement, status, outcome.note, timings(flow, state))
+            self._write_record(record)
+        finally:
+            self._calls_in_flight -= 1
+
+    def _record_real_key_call(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
+        try:
+            status = flow.response.status_code if flow.response else None
+            record = real_key_record(state.call, state.observed, outcome, status, traffic_of(flow, state.observed.host))
             self._write_record(record)
         finally:
             self._calls_in_flight -= 1
@@ -593,15 +664,15 @@ def retire_now(gate: Gate | None, audit: AuditLog | None):
 
 
 def in_flight(flow: http.HTTPFlow) -> CallState | None:
-    """The state of a forwarded call that has not been settled yet, else None."""
+    """The state of a forwarded call that has not been settled (or recorded) yet, else None."""
     state = flow.metadata.get(STATE)
-    if state is None or state.admission is None or state.finished:
+    if state is None or not state.forwarded or state.finished:
         return None
     return state
 
 
 def should_read_usage(state: CallState, flow: http.HTTPFlow) -> bool:
-    return state.admission.facts.metered and flow.response.status_code < 400
+    return bool(state.facts and state.facts.metered) and flow.response.status_code < 400
 
 
 def call_of(flow: http.HTTPFlow, provider: str, path: str, query: str, tunnel_credential: str | None) -> CallRequest:
@@ -633,15 +704,35 @@ def forward(request: http.Request, admission: Admission, call: CallRequest, upst
     # Every credential header the agent sent goes; identity encoding, so streamed SSE can be read as it passes.
     added = {key_name: key_value, "accept-encoding": "identity"}
     replace_headers(request.headers, added, REPLACED_REQUEST_FIELDS, rewritten={b"host": upstream.authority})
+    # Google's ?key=: the real key goes in a header
+    point_at(request, call.path, without_query_credentials(call.query), upstream)
+    if admission.upstream_body is not None:
+        request.content = admission.upstream_body
+
+
+def pass_untouched(request: http.Request, call: CallRequest, upstream: Upstream) -> None:
+    """A real key's call (real_keys: audit) to the provider, its credentials, body and query as sent; only
+    its encoding is asked as identity, so that a stream's usage can be read as it passes."""
+    replace_headers(request.headers, {"accept-encoding": "identity"}, rewritten={b"host": upstream.authority})
+    point_at(request, call.path, call.query, upstream)
+
+
+def point_at(request: http.Request, path: str, query: str, upstream: Upstream) -> None:
+    """Send the request to the provider's upstream, at `path` (in the provider's terms) with `query`; the
+    Host header is the caller's to rewrite, in its own pass over the headers."""
     # Set directly: mitmproxy's `host` setter would encode the name again and look for Host once more.
     request.scheme = upstream.scheme
     request.data.host, request.data.port = upstream.host, upstream.port
     if request.data.authority:
         request.data.authority = upstream.authority
-    query = without_query_credentials(call.query)  # Google's ?key=: the real key goes in a header
-    request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
-    if admission.upstream_body is not None:
-        request.content = admission.upstream_body
+    request.path = upstream.base_path + path + (f"?{query}" if query else "")
+
+
+def traffic_of(flow: http.HTTPFlow, host: str) -> Traffic:
+    """A call passed on untouched, sent to `host`: from whom, and its size each way (a streamed answer's
+    is not kept, so not known)."""
+    response_bytes = len(flow.response.raw_content or b"") if flow.response and not flow.response.stream else None
+    return Traffic(host, client_address(flow.client_conn), len(flow.request.raw_content or b""), response_bytes)
 
 
 def answer_proxy_errors_as_json() -> None:
@@ -697,6 +788,14 @@ def target_host(flow: http.HTTPFlow) -> str:
     if not isinstance(flow.client_conn.proxy_mode, TransparentMode):
         return flow.request.host
     return flow.client_conn.sni or urlsplit(f"//{flow.request.host_header or ''}").hostname or flow.request.host
+
+
+def host_called(flow: http.HTTPFlow) -> str:
+    """The host the client addressed: in proxy (and transparent) mode the target, on the gateway (whose
+    requests all name one placeholder upstream) the name in its Host header."""
+    if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+        return urlsplit(f"//{flow.request.host_header or ''}").hostname or flow.request.host
+    return target_host(flow)
 
 
 def egress_refused(reason: str) -> http.Response:

@@ -10,6 +10,7 @@ from agentkeys import credentials
 from agentkeys.calls import CallRequest, Denial
 from agentkeys.ledger import KeyRecord
 from agentkeys.providers.base import DenyKind
+from agentkeys.shadow import Rule
 from agentkeys.store import Store
 
 
@@ -65,4 +66,6 @@ class Authenticator:
             )
         status = record.status(self.clock())
         if status != "active":
-            raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {record.key_id} is {status}", record)
+            rule = Rule.EXPIRED if status == "expired" else None  # a revocation is never waived, even in shadow
+            message = f"agentkeys: agent key {record.key_id} is {status}"
+            raise Denial(DenyKind.UNAUTHENTICATED, message, record, rule=rule)

@@ -6,10 +6,14 @@ Outcome      what became of a forwarded call: the facts the settlement rules dec
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agentkeys.ledger import KeyRecord
 from agentkeys.pricing import Usage
 from agentkeys.providers.base import DenyKind, StreamResult
+
+if TYPE_CHECKING:
+    from agentkeys.shadow import Rule
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Denial(Exception):
         model: str | None = None,
         presented_key_id: str | None = None,  # the id in a key the store does not know (forged, or purged)
         remaining_micros: int | None = None,  # what the key had left when refused, if fresher than `key`'s
+        rule: "Rule | None" = None,  # the policy rule it enforces, which shadow mode may waive (shadow.Rule)
     ):
         super().__init__(message)
         self.kind = kind
@@ -45,6 +50,7 @@ class Denial(Exception):
         self.model = model
         self.presented_key_id = presented_key_id
         self.remaining_micros = remaining_micros
+        self.rule = rule
 
 
 @dataclass(frozen=True)

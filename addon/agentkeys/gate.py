@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from agentkeys.pricing import ModelPrice, PriceTable
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, MalformedRequest, RequestFacts, Unmeterable, WireFormat
 from agentkeys.settlement import Settlement, charge_for
+from agentkeys.shadow import Rule, Rulings
 from agentkeys.store import Store
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class Admission:
     upstream_body: bytes | None = None  # None: forward the body as the agent sent it
     clamped_to: int | None = None  # the output limit the proxy lowered this call to, if it did
     clamped_by: str | None = None  # what lowered it: "policy" (its max_output_tokens) or "budget" (clamp_max_tokens)
+    would_deny: tuple[Denial, ...] = ()  # in shadow mode: the policy rules the call broke (see shadow.py)
 
     @property
     def unmetered(self) -> bool:
@@ -93,30 +96,39 @@ class Gate:
             raise Denial(DenyKind.UNAVAILABLE, "agentkeys: the key store is unavailable; try again shortly") from None
 
     async def _admit(self, call: CallRequest) -> Admission:
-        key = await self.auth.caller(call)
+        key, lapsed = await self.identify(call)
+        policy = scope_of(key.policy_json, self.policies)
+        rulings = Rulings(self.shadowed(policy))
         try:
-            return await self._admit_key(call, key)
+            if lapsed:
+                rulings.note(lapsed)
+            return await self._admit_key(call, key, policy, rulings)
         except Denial as denial:
             if denial.kind not in (DenyKind.UNAUTHENTICATED, DenyKind.UNAVAILABLE):
-                # The cached record does not show a revocation: a dead key hears that, not what else is wrong.
-                await self.auth.caller(call, fresh=True)
+                # The cached record does not show a revocation: a dead key hears that, not what else is wrong
+                # (an expired one too, unless shadow mode let it through: then the refusal is this one).
+                _, lapsed = await self.identify(call, fresh=True)
+                if lapsed and not rulings.shadow:
+                    raise lapsed from None
             raise
 
-    async def _admit_key(self, call: CallRequest, key: KeyRecord) -> Admission:
-        policy = scope_of(key.policy_json, self.policies)
+    async def _admit_key(self, call: CallRequest, key: KeyRecord, policy: Scope, rulings: Rulings) -> Admission:
+        """The pipeline. A step that enforces a policy rule runs under `rulings`, which waives it in shadow."""
         wire = FORMATS[self.config.providers[call.provider].format]
-        authorize_provider(call, key, policy)
-        endpoint = authorize_endpoint(call, key, policy, wire)
+        rulings.check(authorize_provider, call, key, policy)
+        endpoint = endpoint_kind(call, policy, wire)
+        rulings.check(authorize_endpoint, call, key, policy, endpoint)
+        require_meterable(call, key, endpoint)
         check_body_size(call, self.config, key)
         real_key = self.real_key_for(call.provider, key)
         facts = await self.read_request(call, wire, key)
         if not facts.metered:
-            return await self.admit_unbilled(call, policy, wire, facts, real_key, endpoint)
-        authorize_model(facts, key, policy, self.models_shown(call.provider, wire, policy))
+            return await self.admit_unbilled(call, policy, wire, facts, real_key, endpoint, rulings)
+        rulings.check(authorize_model, facts, key, policy, self.models_shown(call.provider, wire, policy))
         price = self.price_for(call.provider, wire, facts, key)
         plan = plan_hold(facts, key, policy, price)
         upstream_body = body_for_provider(wire, plan, call, key)  # bad input is refused before any hold
-        hold = await self.reserve(call, wire, key, policy, price, plan)
+        hold = await self.reserve(call, wire, key, policy, price, plan, rulings)
         if hold.plan.cap != plan.cap:
             upstream_body = await self.rewrite_body_under_hold(hold, wire, call, key)
         return Admission(
@@ -124,7 +136,33 @@ class Gate:
             remaining_micros=hold.remaining_micros, price=price, hold_id=hold.hold_id,
             hold_micros=hold.plan.worst_case, upstream_body=upstream_body,
             clamped_to=hold.plan.cap if hold.plan.lowered_by else None, clamped_by=hold.plan.lowered_by,
+            would_deny=tuple(rulings.broken),
         )  # fmt: skip
+
+    async def identify(self, call: CallRequest, fresh: bool = False) -> tuple[KeyRecord, Denial | None]:
+        """The key the call carries, and the refusal of its lifetime if it has expired (which shadow
+        mode may waive: the key is still in the store until it is purged); any other refusal is raised."""
+        try:
+            return await self.auth.caller(call, fresh), None
+        except Denial as denial:
+            if denial.rule is not Rule.EXPIRED:
+                raise
+            return denial.key, denial
+
+    def shadowed(self, policy: Scope) -> bool:
+        """Whether the key's policy (else the proxy config) says `enforcement: shadow`."""
+        return (policy.enforcement or self.config.enforcement) == "shadow"
+
+    def purge_cutoff(self, keys: list[KeyRecord], now: float) -> float:
+        """The time before which expired keys may be purged: a key in shadow mode is kept past its expiry,
+        so its calls go on being forwarded (audited would_deny: expired) rather than refused as unknown."""
+        shadowed = [
+            key.expires_at for key in keys
+            if key.expires_at <= now and key.revoked_at is None
+            and self.shadowed(scope_of(key.policy_json, self.policies))
+        ]  # fmt: skip
+        # The store purges keys expired at or before the cutoff: just before the first in shadow keeps it.
+        return math.nextafter(min(shadowed), -math.inf) if shadowed else now
 
     def models_shown(self, provider: str, wire: WireFormat, policy: Scope) -> Callable[[], list[str]]:
         """The policy's model globs that name a model this provider serves (its own or its format's prices),
@@ -165,17 +203,29 @@ class Gate:
         return dataclasses.replace(facts, model=served) if served else facts
 
     async def admit_unbilled(
-        self, call: CallRequest, policy: Scope, wire: WireFormat, facts: RequestFacts, real_key: str, endpoint: str
+        self,
+        call: CallRequest,
+        policy: Scope,
+        wire: WireFormat,
+        facts: RequestFacts,
+        real_key: str,
+        endpoint: str,
+        rulings: Rulings,
     ) -> Admission:
         """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
         key is read afresh here, since no reservation will ask the store whether it is still active."""
-        key = await self.auth.caller(call, fresh=True)
+        key, lapsed = await self.identify(call, fresh=True)
+        if lapsed:
+            rulings.note(lapsed)
         if key.account_id is not None:
             account = await self.store.account(key.account_id)
             if account is None or not account.active:
                 raise account_suspended(key)
         metering = "unmetered" if endpoint == "unmetered" else "free"
-        return Admission(key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros)
+        return Admission(
+            key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros,
+            would_deny=tuple(rulings.broken),
+        )  # fmt: skip
 
     def price_for(self, provider: str, wire: WireFormat, facts: RequestFacts, key: KeyRecord) -> ModelPrice:
         """The model's price; an OpenAI-compatible host serving OpenAI's models falls back to its format's."""
@@ -197,11 +247,20 @@ class Gate:
         return match.price
 
     async def reserve(
-        self, call: CallRequest, wire: WireFormat, key: KeyRecord, policy: Scope, price: ModelPrice, plan: HoldPlan
+        self,
+        call: CallRequest,
+        wire: WireFormat,
+        key: KeyRecord,
+        policy: Scope,
+        price: ModelPrice,
+        plan: HoldPlan,
+        rulings: Rulings,
     ) -> Hold:
         """Hold the worst case against the budget. When it does not fit, try a tighter plan before
         refusing: an exact count of a long input bounded by its bytes, then (with `clamp_max_tokens`)
-        the largest output limit that fits what remains."""
+        the largest output limit that fits what remains. In shadow, a hold the budget or the key's
+        lifetime refuses is taken regardless: the call is forwarded, so its worst case is held while
+        it runs (a sweep charges it in full if this proxy dies) and its real cost is charged."""
         reservation = await self.store.take_hold(key.key_id, plan.worst_case)
         if refused_for_budget(reservation) and len(call.body) > tokens.EXACT_COUNT_CHARS:
             exact = await self.read_request(call, wire, key, exact=True)
@@ -212,6 +271,9 @@ class Gate:
             if clamped:
                 plan = clamped
                 reservation = await self.store.take_hold(key.key_id, plan.worst_case)
+        if rulings.shadow and reservation.refusal in (Refusal.BUDGET, Refusal.ACCOUNT_BUDGET, Refusal.EXPIRED):
+            reservation = await self.store.take_hold_regardless(key.key_id, plan.worst_case)
+            rulings.check(check_budget, reservation.remaining_micros + plan.worst_case, plan, key)
         check_reservation(reservation, plan, key)
         return Hold(reservation.hold_id, reservation.remaining_micros, plan)
 
@@ -271,22 +333,33 @@ def authorize_provider(call: CallRequest, key: KeyRecord, policy: Scope) -> None
             f"agentkeys: provider {call.provider} is not allowed by policy {policy.name}"
             f" (allowed: {', '.join(policy.providers)})",
             key,
+            rule=Rule.PROVIDER,
         )
 
 
-def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, wire: WireFormat) -> str:
-    """`metered` or `free` (the wire format's kind of endpoint), or `unmetered` (allowed on trust)."""
+def endpoint_kind(call: CallRequest, policy: Scope, wire: WireFormat) -> str | None:
+    """`metered` or `free` (the wire format's kind of endpoint), `unmetered` (an endpoint the proxy cannot
+    meter that the policy allows on trust), or None (one it cannot meter)."""
     kind = wire.endpoint_kind(call.method, call.path)
     if kind is None and policy.allows_unmetered(call.method, call.path):
         return "unmetered"  # the policy takes the provider's charge for it on trust; the audit says so
-    if not policy.allows_endpoint(call.method, call.path):
+    return kind
+
+
+def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, kind: str | None) -> None:
+    if kind != "unmetered" and not policy.allows_endpoint(call.method, call.path):
         allowed = ", ".join(str(rule) for rule in policy.endpoints)
         raise Denial(
             DenyKind.FORBIDDEN,
             f"agentkeys: endpoint {call.method} {call.path} is not allowed by policy {policy.name}"
             f" (allowed: {allowed})",
             key,
+            rule=Rule.ENDPOINT,
         )
+
+
+def require_meterable(call: CallRequest, key: KeyRecord, kind: str | None) -> None:
+    """An endpoint the proxy cannot meter is refused, in shadow too: forwarded, it would go unmetered."""
     if kind is None:
         raise Denial(
             DenyKind.FORBIDDEN,
@@ -294,7 +367,6 @@ def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, wire: W
             " (a policy may allow it, unmetered, under unmetered_endpoints)",
             key,
         )
-    return kind
 
 
 def check_body_size(call: CallRequest, config: ProxyConfig, key: KeyRecord) -> None:
@@ -318,6 +390,7 @@ def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Scope, shown: C
             f"agentkeys: model {facts.model} is not allowed by policy {policy.name} (allowed: {allowed})",
             key,
             facts.model,
+            rule=Rule.MODEL,
         )
 
 
@@ -341,14 +414,7 @@ def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) 
             if reservation.refusal is Refusal.ACCOUNT_BUDGET
             else "budget"
         )
-        raise Denial(
-            DenyKind.BUDGET,
-            f"agentkeys: {whose} exhausted: this call could cost up to {format_usd(plan.worst_case)},"
-            f" {remaining_phrase(reservation.remaining_micros)}",
-            key,
-            plan.facts.model,
-            remaining_micros=reservation.remaining_micros,
-        )
+        raise budget_exhausted(reservation.remaining_micros, plan, key, whose)
     if reservation.refusal is Refusal.SUSPENDED:
         raise account_suspended(key)
     if reservation.refusal is not None:
@@ -361,6 +427,26 @@ def account_suspended(key: KeyRecord) -> Denial:
         f"agentkeys: account {key.account_id} is suspended (or no longer exists): its keys are refused",
         key,
     )
+
+
+def check_budget(remaining_micros: int, plan: HoldPlan, key: KeyRecord) -> None:
+    """The worst case must fit what the key had left (for a hold shadow mode took regardless)."""
+    if plan.worst_case > remaining_micros:
+        raise budget_exhausted(remaining_micros, plan, key)
+
+
+def budget_exhausted(remaining_micros: int, plan: HoldPlan, key: KeyRecord, whose: str = "budget") -> Denial:
+    return Denial(
+        DenyKind.BUDGET,
+        f"agentkeys: {whose} exhausted: this call could cost up to {format_usd(plan.worst_case)},"
+        f" {remaining_phrase(remaining_micros)}",
+        key,
+        plan.facts.model,
+        remaining_micros=remaining_micros,
+        rule=Rule.BUDGET,
+    )
+
+
 
 
 def model_named_in(body: bytes) -> str | None:

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from agentkeys.ledger.periods import Calendar
+from agentkeys.llmhosts import Catalogue, Vendors, catalogue
 from agentkeys.paths import path_matches
 from agentkeys.pricing import ConfigPrice, PriceTable, load_prices
 from agentkeys.yamlfile import ConfigError, load_yaml_model
@@ -155,6 +156,10 @@ class Policy(BaseModel):
     unmetered_endpoints: list[EndpointRule] = Field(
         default_factory=list, description="endpoints the proxy cannot meter, allowed anyway and forwarded unmetered"
     )
+    enforcement: Literal["enforce", "shadow"] | None = Field(
+        default=None, description="shadow: calls this policy would refuse are forwarded and audited would_deny;"
+        " unset: the proxy config's `enforcement`",
+    )  # fmt: skip
     max_child_depth: int = Field(default=0, ge=0, description="levels of sub-agent keys below a key; 0: none")
     max_children: int = Field(default=10, ge=0, description="live child keys one key may have at once")
 
@@ -363,6 +368,27 @@ class ProxyConfig(BaseModel):
     audit_checkpoint_interval: Duration = Field(default=10, description="how often the audit log is signed")
     metrics_port: int | None = Field(default=9464, ge=0, le=65535)
     certs_dir: str = "certs"
+    enforcement: Literal["enforce", "shadow"] = Field(
+        default="enforce",
+        description="shadow: calls that would be refused are forwarded and audited would_deny (a policy may say"
+        " otherwise for its keys)",
+    )
+    real_keys: Literal["refuse", "audit"] = Field(
+        default="refuse",
+        description="a provider call carrying a real provider key and no agent key: refused, or passed on untouched"
+        " and audited with the key's fingerprint",
+    )
+    unknown_llm_hosts: Literal["refuse", "audit", "pass"] = Field(
+        default="audit",
+        description="a call to a catalogued LLM API host no provider is configured for: audited, then refused,"
+        " passed with a warning in the log (audit), or passed",
+    )
+    llm_hosts: Vendors = Field(
+        default_factory=dict,
+        description="LLM API hosts by vendor, over the shipped catalogue: a vendor named here replaces its hosts"
+        " there, an empty list removes it",
+    )
+    llm_hosts_file: str | None = Field(default=None, description="a catalogue replacing the shipped one")
     egress: Literal["passthrough", "allowlist"] = Field(
         default="passthrough",
         description="non-provider hosts in proxy mode: pass through as an untouched tunnel, or refuse",
@@ -473,6 +499,10 @@ class ProxyConfig(BaseModel):
         rules = [rule.policy for identity in self.identity.values() for rule in identity.rules]
         return [path for issuer in self.issuers.values() for path in issuer.policies] + rules
 
+    def llm_catalogue(self) -> Catalogue:
+        """The LLM API hosts to recognise: the shipped catalogue (or `llm_hosts_file`), with `llm_hosts` on top."""
+        return catalogue(self.path(self.llm_hosts_file) if self.llm_hosts_file else None, self.llm_hosts)
+
     def price_table(self) -> PriceTable:
         """The bundled prices with this config's overrides: its `prices_file`, then its `prices`."""
         prices_file = self.path(self.prices_file) if self.prices_file else None
@@ -544,6 +574,12 @@ class Scope:
     @property
     def clamp_max_tokens(self) -> bool:
         return all(policy.clamp_max_tokens for policy in self.policies)
+
+    @property
+    def enforcement(self) -> str | None:
+        """The newest file's say (the current file when the proxy has it), both ways: enforcement is the
+        operator's rollout switch, not a permission, so going back to shadow reaches keys already out too."""
+        return self.policies[-1].enforcement
 
     def allows_endpoint(self, method: str, path: str) -> bool:
         return all(policy.allows_endpoint(method, path) for policy in self.policies)

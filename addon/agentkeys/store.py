@@ -108,6 +108,15 @@ class Store:
             self.open_holds.add(reservation.hold_id)
         return reservation
 
+    async def take_hold_regardless(self, key_id: str, amount_micros: int) -> Reservation:
+        """Shadow mode's hold, past the budget or the key's lifetime; refused only to a revoked or unknown key.
+        Rare (a call that enforcement would refuse), so not batched."""
+        now = self.clock()
+        reservation = await self._ask(lambda ledger: ledger.hold_regardless(key_id, amount_micros, now))
+        if reservation.hold_id is not None:
+            self.open_holds.add(reservation.hold_id)
+        return reservation
+
     async def close_hold(self, hold_id: int, cost_micros: int) -> bool | None:
         """Turn an open hold into `cost_micros` of spend (0 releases it).
 
@@ -147,8 +156,9 @@ class Store:
         self.open_holds.difference_update(hold.hold_id for hold in swept)
         return swept
 
-    async def purge_expired(self) -> list[str]:
-        now = self.clock()
+    async def purge_expired(self, before: float | None = None) -> list[str]:
+        """Keys expired before `before` (default: now) are purged, and finished children's budgets returned."""
+        now = self.clock() if before is None else before
         return await self._ask(lambda ledger: ledger.purge_expired(now))
 
 

@@ -1085,3 +1085,82 @@ def test_a_model_refusal_lists_only_the_globs_for_that_provider(env):
     assert "claude-haiku-4-5*" in refused.message and "gpt-4o-mini" not in refused.message
     refused = env.denied(call(key, chat(model="gpt-4o")), DenyKind.FORBIDDEN)
     assert "gpt-4o-mini*" in refused.message and "claude" not in refused.message
+
+
+# ----- shadow mode -----
+
+
+@pytest.mark.parametrize(
+    ("fields", "body", "rules"),
+    [
+        ({"providers": ["anthropic"]}, chat(), ["provider"]),
+        ({"endpoints": ["POST /v1/messages"]}, chat(), ["endpoint"]),
+        ({}, chat(model="gpt-4o"), ["model"]),
+        ({"budget_usd": 0.000001}, chat(max_tokens=1000), ["budget"]),
+        ({"providers": ["anthropic"], "models": ["claude*"]}, chat(), ["provider", "model"]),
+    ],
+    ids=["provider", "endpoint", "model", "budget", "two-rules"],
+)
+def test_in_shadow_a_policy_rule_is_noted_and_the_call_admitted_under_a_hold(env, fields, body, rules):
+    key = env.issue(**{"budget_usd": 1.0, **fields}, enforcement="shadow")
+    admission = env.admitted(call(key, body))
+    assert [denial.rule.value for denial in admission.would_deny] == rules
+    assert admission.hold_id is not None and env.balances(key) == (0, admission.hold_micros)
+    settlement = run(env.gate.settle(admission, answered(Usage(input_tokens=10, output_tokens=5))))
+    assert env.balances(key) == (settlement.cost_micros, 0) and settlement.cost_micros > 0
+
+
+def test_enforcing_the_same_policy_refuses_the_first_rule_broken(env):
+    key = env.issue(providers=["anthropic"], models=["claude*"], enforcement="enforce")
+    env.denied(call(key), DenyKind.FORBIDDEN, "provider openai is not allowed")
+    assert env.balances(key) == (0, 0)
+
+
+def test_the_config_says_shadow_unless_the_policy_says_otherwise(tmp_path, monkeypatch):
+    made = make_env(tmp_path, monkeypatch)
+    made.gate.config = made.gate.config.model_copy(update={"enforcement": "shadow"})
+    try:
+        inheriting, enforced = made.issue(models=["claude*"]), made.issue(models=["claude*"], enforcement="enforce")
+        assert [d.rule.value for d in made.admitted(call(inheriting)).would_deny] == ["model"]
+        made.denied(call(enforced), DenyKind.FORBIDDEN, "model gpt-4o-mini is not allowed")
+    finally:
+        made.ledger.close()
+
+
+def test_in_shadow_an_expired_key_is_admitted_but_a_revoked_one_is_not(env):
+    expired, revoked = env.issue(ttl=60, enforcement="shadow"), env.issue(enforcement="shadow")
+    env.ledger.revoke(credentials.key_id_of(revoked), NOW)
+    env.clock.now += 120
+    admission = env.admitted(call(expired))
+    assert [denial.rule.value for denial in admission.would_deny] == ["expired"]
+    assert admission.hold_id is not None
+    env.denied(call(revoked), DenyKind.UNAUTHENTICATED, "is revoked")
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [(b"{not json", DenyKind.BAD_REQUEST), (chat(model="gpt-4o-mini-unpriced"), DenyKind.FORBIDDEN)],
+    ids=["unreadable", "unpriced"],
+)
+def test_in_shadow_what_cannot_be_metered_is_still_refused(env, body, kind):
+    key = env.issue(models=["*"], enforcement="shadow")
+    env.denied(call(key, body), kind)
+    assert env.balances(key) == (0, 0)
+
+
+def test_in_shadow_an_expired_key_hears_what_cannot_be_shadowed_not_that_it_expired(env):
+    key = env.issue(ttl=60, enforcement="shadow")
+    env.clock.now += 120
+    env.denied(call(key, b"{not json"), DenyKind.BAD_REQUEST)
+
+
+def test_expired_keys_are_purged_up_to_the_first_that_is_still_in_shadow(env):
+    ids = {}
+    for name, ttl, enforcement in (("enforced", 10, "enforce"), ("shadowed", 20, "shadow"), ("later", 30, "enforce")):
+        ids[name] = credentials.key_id_of(env.issue(ttl=ttl, enforcement=enforcement))
+    env.clock.now += 60
+    keys = env.ledger.list_keys()
+    assert NOW + 19.9 < env.gate.purge_cutoff(keys, env.clock.now) < NOW + 20
+    purged = env.ledger.purge_expired(env.gate.purge_cutoff(keys, env.clock.now))
+    assert purged == [ids["enforced"]], "the key in shadow, and any that expired after it, are kept"
+    assert env.gate.purge_cutoff([k for k in keys if k.key_id != ids["shadowed"]], env.clock.now) == env.clock.now

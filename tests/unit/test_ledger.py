@@ -171,6 +171,30 @@ def test_reserve_on_an_unusable_key_is_refused(ledger, setup, refusal):
     assert balances(ledger) == (0, 0)
 
 
+def test_a_hold_regardless_goes_past_the_budget_and_the_lifetime_and_is_charged_its_cost(ledger):
+    ledger.create_key(record(budget=1_000, expires_at=NOW + 10))
+    ledger.reserve("k1", 900, NOW)
+    past_budget = ledger.hold_regardless("k1", 300, NOW)
+    assert (past_budget.refusal, past_budget.remaining_micros) == (None, -200)
+    past_lifetime = ledger.hold_regardless("k1", 50, NOW + 20)
+    assert (past_lifetime.refusal, past_lifetime.remaining_micros) == (None, -250)
+    assert balances(ledger) == (0, 1_250)
+    assert ledger.settle(past_budget.hold_id, 400) is True  # its real cost, above what it held
+    assert ledger.settle(past_lifetime.hold_id, 0) is True
+    assert balances(ledger) == (400, 900)
+    assert ledger.reserve("k1", 1, NOW).refusal is Refusal.BUDGET  # an ordinary hold still keeps to the budget
+
+
+@pytest.mark.parametrize("unusable", ["revoked", "unknown"])
+def test_a_hold_regardless_is_refused_to_a_revoked_or_unknown_key(ledger, unusable):
+    ledger.create_key(record("k1"))
+    ledger.revoke("k1", NOW)
+    key_id = "k1" if unusable == "revoked" else "other"
+    reservation = ledger.hold_regardless(key_id, 1, NOW)
+    assert (reservation.hold_id, reservation.refusal) == (None, Refusal(unusable))
+    assert balances(ledger) == (0, 0)
+
+
 # ----- settle -----
 
 
@@ -1034,6 +1058,21 @@ def test_accounts_are_created_read_listed_updated_and_deleted(ledger):
     assert ledger.delete_account("a1", NOW)
     assert not ledger.delete_account("a1", NOW)
     assert [a.account_id for a in ledger.list_accounts()] == ["a2"]
+
+
+def test_a_shadow_hold_of_an_account_key_is_on_its_period_and_refused_once_the_account_is_suspended(ledger):
+    """Shadow mode goes past the budgets, the account's too, but its holds are in the books like any other."""
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=700, account_id="a1"))
+    ledger.reserve("k1", 600, NOW)
+    past = ledger.hold_regardless("k1", 900, NOW)
+    assert (past.refusal, past.remaining_micros) == (None, -800)
+    assert period_books(ledger) == {"1970-01-12": (0, 1_500)}
+    ledger.settle(past.hold_id, 950)
+    assert period_books(ledger) == {"1970-01-12": (950, 600)}
+    ledger.update_account(account(budget=1_000, status="suspended"))
+    refused = ledger.hold_regardless("k1", 1, NOW)
+    assert (refused.hold_id, refused.refusal) == (None, Refusal.SUSPENDED)
 
 
 def test_a_hold_must_fit_the_key_and_the_account_period(ledger):

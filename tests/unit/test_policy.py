@@ -386,3 +386,26 @@ def test_without_a_price_file_the_table_is_the_bundle_and_the_configs_prices():
     table = config.price_table()
     assert table.lookup("openai", "my-model").output == 2e-6
     assert table.lookup("openai", "gpt-4o-mini").source.startswith("bundled")
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("enforcement: sometimes\n", ":2: enforcement: Input should be 'enforce' or 'shadow'"),
+        ("real_keys: allow\n", ":2: real_keys: Input should be 'refuse' or 'audit'"),
+        ("unknown_llm_hosts: warn\n", ":2: unknown_llm_hosts: Input should be 'refuse', 'audit' or 'pass'"),
+        ("llm_hosts:\n  inhouse: [https://llm.corp/v1]\n", ":3: llm_hosts.inhouse.0: 'https://llm.corp/v1' is not a"),
+        ("llm_hosts_file: missing.yaml\n", "missing.yaml: cannot read"),
+    ],
+)
+def test_proxy_config_refuses_bad_security_team_settings_with_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text("proxy_port: 8080\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path).llm_catalogue()
+    assert expected in str(caught.value)
+
+
+def test_a_policy_may_say_shadow_or_enforce_or_leave_it_to_the_config(tmp_path):
+    assert scope_policy().enforcement is None
+    assert scope_policy(enforcement="shadow").enforcement == "shadow"
+    with pytest.raises(ValidationError, match="enforcement"):
+        scope_policy(enforcement="off")

@@ -134,6 +134,12 @@ class Ledger(Protocol):
         """`reserve` for each (key id, amount, now), in order, with one commit (or round trip) for them all."""
         ...
 
+    def hold_regardless(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+        """Hold `amount_micros` whatever the key's budget and lifetime (shadow mode: the call is forwarded
+        anyway, so its worst case is held while it runs, and its real cost charged, even past the budget).
+        Refused only for a key that is unknown or revoked; `remaining_micros` may be below zero."""
+        ...
+
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
         ...

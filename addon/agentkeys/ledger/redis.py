@@ -246,12 +246,13 @@ return_finished_grants(tonumber(ARGV[2]))
 return 1
 """
 
-# ARGV: key_id, amount_micros, now, and the ids of the current day, week and month (a key of an account is
-# held on the one of its account's kind too). Returns {hold_id or 0, refusal or '', remaining_micros}: the
-# least of what the key and its account's period have left.
+# ARGV: key_id, amount_micros, now, the ids of the current day, week and month (a key of an account is
+# held on the one of its account's kind too), and "regardless" (shadow mode's hold: whatever the budget
+# and lifetime) or nothing. Returns {hold_id or 0, refusal or '', remaining_micros}: the least of what
+# the key and its account's period have left.
 RESERVE = """
 local key = key_name(ARGV[1])
-local amount, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local amount, now, regardless = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[7] == 'regardless'
 local k = redis.call('HMGET', key, 'expires_at', 'revoked_at', 'budget_micros', 'spent_micros', 'held_micros',
                      'account_id')
 if not k[1] then return {0, 'unknown', 0} end
@@ -268,10 +269,10 @@ if account_id then
     end
 end
 if k[2] then return {0, 'revoked', remaining} end
-if now >= tonumber(k[1]) then return {0, 'expired', remaining} end
+if not regardless and now >= tonumber(k[1]) then return {0, 'expired', remaining} end
 if account_id and status ~= 'active' then return {0, 'suspended', remaining} end
-if amount > key_remaining then return {0, 'budget', remaining} end
-if amount > remaining then return {0, 'account_budget', remaining} end
+if not regardless and amount > key_remaining then return {0, 'budget', remaining} end
+if not regardless and amount > remaining then return {0, 'account_budget', remaining} end
 incr(key, 'held_micros', amount)
 incr(key, 'open_holds', 1)
 redis.call('PERSIST', key)
@@ -476,6 +477,10 @@ class RedisLedger:
         """RESERVE's arguments: with the ids of the current day, week and month, one of which is the account's."""
         ids = self.calendar.period_ids(now)
         return [key_id, amount_micros, now, ids.day, ids.week, ids.month]
+
+    def hold_regardless(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+        with self._store():
+            return reservation(self._reserve(args=[*self._hold(key_id, amount_micros, now), "regardless"]))
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""

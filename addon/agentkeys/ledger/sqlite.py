@@ -146,6 +146,16 @@ TAKE_HOLD = (
     f" AND (k.account_id IS NULL OR (a.status = 'active' AND {ACCOUNT_REMAINING} >= :amount))"
     " RETURNING hold_id, remaining_after_micros"
 )
+# Shadow mode's hold: taken whatever the budget and lifetime, for a key that is known and not revoked
+# (and, for a key of an account, whose account is active), on its account's current period as any hold.
+TAKE_HOLD_REGARDLESS = (
+    "INSERT INTO holds (key_id, amount_micros, created_at, remaining_after_micros, account_id, period_id)"
+    f" SELECT k.key_id, :amount, :now, {REMAINING} - :amount, a.account_id,"
+    f" CASE WHEN a.account_id IS NOT NULL THEN {ACCOUNT_PERIOD} END"
+    f" FROM {KEY_ACCOUNT_PERIOD}"
+    " WHERE k.key_id = :key_id AND k.revoked_at IS NULL AND (k.account_id IS NULL OR a.status = 'active')"
+    " RETURNING hold_id, remaining_after_micros"
+)
 CLOSE_HOLD = "UPDATE holds SET charge_micros = ? WHERE hold_id = ? AND charge_micros IS NULL RETURNING hold_id"
 KEY_COLUMNS = (
     "key_id, key_hash, name, policy_name, policy_json, created_at, expires_at,"
@@ -311,6 +321,18 @@ class SqliteLedger:
         ids = self.calendar.period_ids(now)
         return {"key_id": key_id, "amount": amount_micros, "now": now, "day": ids.day, "week": ids.week,
                 "month": ids.month}  # fmt: skip
+
+    def hold_regardless(self, key_id: str, amount_micros: int, now: float) -> Reservation:
+        """A hold past the budget or the lifetime (see `Ledger.hold_regardless`); a rare call, so one
+        transaction that also says why a hold was not taken."""
+        hold = self._hold(key_id, amount_micros, now)
+        with self._transaction() as db:
+            taken = db.execute(TAKE_HOLD_REGARDLESS, hold).fetchall()
+            if taken:
+                ((hold_id, remaining_after),) = taken
+                return Reservation(hold_id, None, remaining_after)
+            refused = take_hold_or_refuse(db, dict(hold, amount=0, now=0.0))  # says which: unknown, revoked, suspended
+            return Reservation(None, refused.refusal)
 
     def settle(self, hold_id: int, amount_micros: int) -> bool:
         """Turn a hold into `amount_micros` of spend (0 releases it). False if already settled or swept."""
