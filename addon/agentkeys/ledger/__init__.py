@@ -16,6 +16,7 @@ from agentkeys.ledger.base import (
     Reservation,
     StaleHold,
 )
+from agentkeys.ledger.limits import LimitAnswer, LimitRefusal, LimitRequest, LimitTicket
 from agentkeys.ledger.redis import RedisLedger
 from agentkeys.ledger.sqlite import SqliteLedger
 
@@ -38,6 +39,10 @@ __all__ = [
     "Ledger",
     "LedgerBusy",
     "LedgerUnavailable",
+    "LimitAnswer",
+    "LimitRefusal",
+    "LimitRequest",
+    "LimitTicket",
     "RedisLedger",
     "Refusal",
     "Reservation",

@@ -16,6 +16,7 @@ Data (all names start with `agentkeys:`):
     holds          zset   open hold ids by created_at (sweep_stale_holds)
     hold_seq       string the last hold id (INCR)
     token:{digest} string an exchanged OIDC token (digest of its issuer and jti): its expires_at, and a TTL to it
+    rate:…, slots:…, calls:…, same:…   rate limits and the loop breaker (see `ledger.limits_redis`)
 
 Expiry is enforced twice. `reserve` compares the recorded `expires_at` with the caller's clock, and
 each key hash carries a Redis TTL of its remaining lifetime plus RETENTION_SECONDS, so keys vanish
@@ -44,6 +45,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from agentkeys.ledger.base import KeyExists, KeyRecord, LedgerUnavailable, Refusal, Reservation, StaleHold
+from agentkeys.ledger.limits import LimitAnswer, LimitRequest, LimitTicket
+from agentkeys.ledger.limits_redis import GIVE_BACK, LIMITS_PRELUDE, TAKE, limit_answer, request_json
 
 PREFIX = "agentkeys:"
 RETENTION_SECONDS = 24 * 3600
@@ -283,6 +286,7 @@ class RedisLedger:
         self._reserve, self._settle = script(PRELUDE + RESERVE), script(PRELUDE + SETTLE)
         self._sweep, self._purge = script(PRELUDE + SWEEP), script(PRELUDE + PURGE)
         self._claim_token = script(CLAIM_TOKEN)
+        self._take_limits, self._give_back = script(LIMITS_PRELUDE + TAKE), script(LIMITS_PRELUDE + GIVE_BACK)
 
     @contextmanager
     def _store(self):
@@ -389,6 +393,15 @@ class RedisLedger:
         seconds = max(1, math.ceil(expires_at - now))
         with self._store():
             return bool(self._claim_token(keys=[claimed_token_name(issuer, jti)], args=[expires_at, now, seconds]))
+
+    def take_limits(self, request: LimitRequest, now: float) -> LimitAnswer:
+        with self._store():
+            return limit_answer(request, now, self._take_limits(args=[request_json(request), now]))
+
+    def return_limits(self, ticket: LimitTicket, used_tokens: int | None, now: float) -> None:
+        used = "" if used_tokens is None else used_tokens
+        with self._store():
+            self._give_back(args=[request_json(ticket.request), now, used])
 
     def close(self) -> None:
         self._redis.close()

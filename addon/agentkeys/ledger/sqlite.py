@@ -24,6 +24,8 @@ from agentkeys.ledger.base import (
     Reservation,
     StaleHold,
 )
+from agentkeys.ledger.limits import LimitAnswer, LimitRequest, LimitTicket
+from agentkeys.ledger.limits_sqlite import LIMITS_SCHEMA, forget_idle, return_limits, take_limits
 from agentkeys.private import create_private_file
 
 SCHEMA = """
@@ -111,7 +113,7 @@ class SqliteLedger:
             self._use_wal(deadline=time.monotonic() + busy_timeout_seconds)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._add_missing_columns()
-            self._db.executescript(SCHEMA)
+            self._db.executescript(SCHEMA + LIMITS_SCHEMA)
         except (sqlite3.Error, OSError) as e:
             raise LedgerUnavailable(f"cannot open {self.path}: {e}") from e
 
@@ -295,7 +297,16 @@ class SqliteLedger:
             purged = [key_id for (key_id,) in rows]
             db.executemany("DELETE FROM keys WHERE key_id = ?", rows)
             db.execute("DELETE FROM claimed_tokens WHERE expires_at <= ?", (now,))
+            forget_idle(db, now)
             return purged
+
+    def take_limits(self, request: LimitRequest, now: float) -> LimitAnswer:
+        with self._transaction() as db:
+            return take_limits(db, request, now)
+
+    def return_limits(self, ticket: LimitTicket, used_tokens: int | None, now: float) -> None:
+        with self._transaction() as db:
+            return_limits(db, ticket, used_tokens, now)
 
     def ping(self) -> None:
         """Take the write lock and let it go: a store that cannot be written cannot take a hold either."""
