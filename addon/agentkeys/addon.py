@@ -14,6 +14,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import sys
 import time
 import weakref
@@ -71,7 +72,12 @@ log = logging.getLogger(__name__)
 STATE = "agentkeys"
 SETTLING_SECONDS = 5  # how long settlements already under way may take to be written, at a reload or a stop
 CONTROL_PROVIDER = "agentkeys"  # how control calls appear in the audit log
-RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true", DenyKind.NOT_CONFIGURED: "false"}
+# Whether the official SDKs should try a refused call again. A rate limit says when (`retry_headers`);
+# a spent budget, a broken loop, or a call larger than a whole minute's tokens never passes by retrying.
+RETRY_HEADER = {
+    DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true", DenyKind.NOT_CONFIGURED: "false",
+    DenyKind.RATE_LIMITED: "false", DenyKind.LOOP: "false",
+}  # fmt: skip
 # Told to the agent on every forwarded call, in USD: what this call cost, what its key has left.
 COST_HEADER = "x-agentkeys-cost"
 REMAINING_HEADER = "x-agentkeys-budget-remaining"
@@ -424,7 +430,7 @@ class AgentKeys:
 
     def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
         status, body = state.wire.error(denial.kind, denial.message)
-        flow.response = json_response(status, body, RETRY_HEADER.get(denial.kind))
+        flow.response = json_response(status, body, headers=retry_headers(denial))
         state.finished = True
         self.metrics.refused(state.call.provider, denial.key and denial.key.policy_name, denial.kind.value)
         revision = state.gate.policies.get(denial.key.policy_name) if denial.key else None
@@ -642,12 +648,25 @@ def http1_error_response(status: int, message: str = "") -> bytes:
     return assemble_response(http.Response.make(status, proxy_error_body(status, message), headers))
 
 
-def json_response(status: int, body: dict, should_retry: str | None = None) -> http.Response:
+def json_response(
+    status: int, body: dict, should_retry: str | None = None, headers: dict[str, str] | None = None
+) -> http.Response:
     """An answer of the proxy's own; `should_retry` tells the official SDKs whether to try again."""
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **(headers or {})}
     if should_retry:
         headers["x-should-retry"] = should_retry
     return http.Response.make(status, dumps(body).encode(), headers)
+
+
+def retry_headers(denial: Denial) -> dict[str, str]:
+    """A rate limit's `retry-after` (seconds, and milliseconds as the SDKs also read) with `x-should-retry:
+    true`; any other refusal's `x-should-retry` as RETRY_HEADER says."""
+    if denial.retry_after is not None:
+        wait = max(denial.retry_after, 0.001)
+        return {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000)),
+                "x-should-retry": "true"}  # fmt: skip
+    should_retry = RETRY_HEADER.get(denial.kind)
+    return {"x-should-retry": should_retry} if should_retry else {}
 
 
 def no_provider(prefix: str, providers: tuple[str, ...]) -> http.Response:

@@ -36,6 +36,7 @@ class Denial(Exception):
         key: KeyRecord | None = None,
         model: str | None = None,
         presented_key_id: str | None = None,  # the id in a key the store does not know (forged, or purged)
+        retry_after: float | None = None,  # seconds after which the same call could pass (a rate limit)
     ):
         super().__init__(message)
         self.kind = kind
@@ -43,6 +44,7 @@ class Denial(Exception):
         self.key = key
         self.model = model
         self.presented_key_id = presented_key_id
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

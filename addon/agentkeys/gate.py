@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from agentkeys import tokens
 from agentkeys.auth import Authenticator
 from agentkeys.calls import CallRequest, Denial, Outcome
-from agentkeys.ledger import KeyRecord, LedgerUnavailable, Refusal, Reservation
+from agentkeys.ledger import KeyRecord, LedgerUnavailable, LimitTicket, Refusal, Reservation
+from agentkeys.limits import Limiter, used_tokens
 from agentkeys.money import format_usd, remaining_phrase
 from agentkeys.policy import PolicyFile, ProxyConfig, Scope, scope_of
 from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
@@ -51,6 +52,7 @@ class Admission:
     upstream_body: bytes | None = None  # None: forward the body as the agent sent it
     clamped_to: int | None = None  # the output limit the proxy lowered this call to, if it did
     clamped_by: str | None = None  # what lowered it: "policy" (its max_output_tokens) or "budget" (clamp_max_tokens)
+    limits: LimitTicket | None = None  # what it took of rate limits and the loop breaker, given back when it ends
 
     @property
     def unmetered(self) -> bool:
@@ -100,6 +102,7 @@ class Gate:
         self.real_keys = {name: spec.real_key() for name, spec in config.providers.items()}
         real_key_values = frozenset(key for key in self.real_keys.values() if key)
         self.auth = Authenticator(store, real_key_values, store.clock)
+        self.limiter = Limiter(store, self.policies, config.stale_hold_after)
 
     # ----- admit -----
 
@@ -135,14 +138,17 @@ class Gate:
         price = self.price_for(call.provider, wire, facts, key)
         plan = plan_hold(facts, key, policy, price)
         upstream_body = body_for_provider(wire, plan, call, key)  # bad input is refused before any hold
-        hold = await self.reserve(call, wire, key, policy, price, plan)
-        if hold.plan.cap != plan.cap:
-            upstream_body = await self.rewrite_body_under_hold(hold, wire, call, key)
+        limits = await self.limiter.take(call, key, policy, plan_tokens(plan))
+        async with self.limiter.given_back_on_failure(limits):
+            hold = await self.reserve(call, wire, key, policy, price, plan)
+            if hold.plan.cap != plan.cap:
+                upstream_body = await self.rewrite_body_under_hold(hold, wire, call, key)
         return Admission(
             key=key, policy=policy, wire=wire, facts=hold.plan.facts, real_key=real_key, metering="metered",
             remaining_micros=hold.remaining_micros, price=price, hold_id=hold.hold_id,
             hold_micros=hold.plan.worst_case, upstream_body=upstream_body,
             clamped_to=hold.plan.cap if hold.plan.lowered_by else None, clamped_by=hold.plan.lowered_by,
+            limits=limits,
         )  # fmt: skip
 
     def models_shown(self, provider: str, wire: WireFormat, policy: Scope) -> Callable[[], list[str]]:
@@ -189,8 +195,11 @@ class Gate:
         """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
         key is read afresh here, since no reservation will ask the store whether it is still active."""
         key = await self.auth.caller(call, fresh=True)
+        limits = await self.limiter.take(call, key, policy, tokens=0)
         metering = "unmetered" if endpoint == "unmetered" else "free"
-        return Admission(key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros)
+        return Admission(
+            key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros, limits=limits
+        )
 
     def price_for(self, provider: str, wire: WireFormat, facts: RequestFacts, key: KeyRecord) -> ModelPrice:
         """The model's price; an OpenAI-compatible host serving OpenAI's models falls back to its format's."""
@@ -242,8 +251,15 @@ class Gate:
     # ----- settle -----
 
     async def settle(self, admission: Admission, outcome: Outcome) -> Settlement:
-        """Turn the call's hold into its charge, once; a hold a sweep took first was charged in full."""
+        """Turn the call's hold into its charge, once; a hold a sweep took first was charged in full. Whatever
+        happens, the call's rate-limit slot is freed and its tokens corrected to what it used."""
         charge = charge_for(admission, outcome)
+        try:
+            return await self.settle_hold(admission, charge)
+        finally:
+            await self.limiter.give_back(admission.limits, tokens_used(admission, charge))
+
+    async def settle_hold(self, admission: Admission, charge: Settlement) -> Settlement:
         if admission.hold_id is None:
             return charge
         if charge.metering == "overrun":
@@ -271,9 +287,12 @@ class Gate:
         raise AssertionError("unreachable")
 
     async def release(self, admission: Admission) -> None:
-        """Free the hold of a call that was never forwarded."""
-        if admission.hold_id is not None:
-            await self.store.close_hold(admission.hold_id, 0)
+        """Free the hold, and give back the rate limits, of a call that was never forwarded."""
+        try:
+            if admission.hold_id is not None:
+                await self.store.close_hold(admission.hold_id, 0)
+        finally:
+            await self.limiter.give_back(admission.limits, None)
 
 
 # ----- the steps, as plain functions -----
@@ -441,6 +460,18 @@ def model_named_in(body: bytes) -> str | None:
         return None
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) else None
+
+
+def plan_tokens(plan: HoldPlan) -> int:
+    """The most tokens a call can use (its input bound and every choice's output limit): what it counts
+    against a tokens-per-minute limit until it settles."""
+    return plan.facts.input_token_bound + plan.max_output * plan.facts.choices
+
+
+def tokens_used(admission: Admission, charge: Settlement) -> int:
+    usage = charge.usage
+    counted = admission.limits.request.tokens if admission.limits else 0
+    return used_tokens(counted, usage.input_tokens + usage.output_tokens if usage else None, charge.cost_micros > 0)
 
 
 def first_given(*values: int | None) -> int | None:

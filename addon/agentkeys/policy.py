@@ -131,6 +131,79 @@ class EndpointRule(BaseModel):
         return f"{self.method} {self.path}"
 
 
+class RateLimits(BaseModel):
+    """How fast a key (or, through its plan, an account) may call: none of them set means no limit.
+
+    Requests and tokens per minute are token buckets, as the providers' own limits are: a minute's
+    allowance at once, refilled continuously (see `ledger.limits`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    requests_per_minute: int | None = Field(default=None, gt=0, le=10**9)
+    tokens_per_minute: int | None = Field(
+        default=None, gt=0, le=10**15, description="a call counts its input bound and output limit until it settles"
+    )
+    concurrent_calls: int | None = Field(default=None, gt=0, le=10**6, description="calls in flight at once")
+
+    def narrowed_by(self, other: "RateLimits") -> "RateLimits":
+        """The tighter of the two for each limit."""
+        return RateLimits(**{name: min_given(getattr(self, name), getattr(other, name)) for name in RATE_LIMIT_NAMES})
+
+    def wider_than(self, outer: "RateLimits") -> list[str]:
+        """The limits this sets looser than `outer` sets them."""
+        return [
+            name for name in RATE_LIMIT_NAMES
+            if None not in (getattr(self, name), getattr(outer, name)) and getattr(self, name) > getattr(outer, name)
+        ]  # fmt: skip
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, name) is not None for name in RATE_LIMIT_NAMES)
+
+
+RATE_LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "concurrent_calls")
+IDENTICAL_CALLS = re.compile(r"\s*(\d+)\s+per\s+(\S+)\s*", re.IGNORECASE)
+
+
+def min_given(*values: int | None) -> int | None:
+    given = [value for value in values if value is not None]
+    return min(given) if given else None
+
+
+class IdenticalCalls(BaseModel):
+    """`max_identical_calls: 5 per 10m`: the same request (its parsed body, canonicalised) sent by one key
+    more than `calls` times within `window` is an agent stuck in a loop; the call is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    calls: int = Field(gt=0, le=10_000)
+    window: Duration
+
+    @model_validator(mode="before")
+    @classmethod
+    def from_string(cls, value):
+        if isinstance(value, str):
+            match = IDENTICAL_CALLS.fullmatch(value)
+            if not match:
+                raise ValueError(f"{value!r}: write it as 'N per WINDOW', e.g. '5 per 10m'")
+            return {"calls": int(match[1]), "window": match[2]}
+        return value
+
+    def within(self, outer: "IdenticalCalls") -> bool:
+        """As tight as `outer` or tighter: no more calls, over a window at least as long."""
+        return self.calls <= outer.calls and self.window >= outer.window
+
+    def __str__(self) -> str:
+        return f"{self.calls} per {format_duration(self.window)}"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the largest whole unit that fits them: 600 → 10m, 90 → 90s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 class Policy(BaseModel):
     """What a key may do. `ttl` and `budget_usd` are defaults that `keys issue` may override."""
 
@@ -155,6 +228,11 @@ class Policy(BaseModel):
     )
     max_child_depth: int = Field(default=0, ge=0, description="levels of sub-agent keys below a key; 0: none")
     max_children: int = Field(default=10, ge=0, description="live child keys one key may have at once")
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    max_identical_calls: IdenticalCalls | None = Field(
+        default=None, description="the loop breaker: 'N per WINDOW' identical requests, no more"
+    )
+    max_calls: int | None = Field(default=None, gt=0, description="calls a key may make in its whole life")
 
     def allows_endpoint(self, method: str, path: str) -> bool:
         return any(rule.matches(method, path) for rule in self.endpoints)
@@ -519,6 +597,22 @@ class Scope:
     @property
     def clamp_max_tokens(self) -> bool:
         return all(policy.clamp_max_tokens for policy in self.policies)
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        limits = self.policies[0].rate_limits
+        for policy in self.policies[1:]:
+            limits = limits.narrowed_by(policy.rate_limits)
+        return limits
+
+    @property
+    def max_identical_calls(self) -> list[IdenticalCalls]:
+        """Every policy's loop breaker: each is checked, so the file's and the issued copy's both hold."""
+        return list(dict.fromkeys(p.max_identical_calls for p in self.policies if p.max_identical_calls))
+
+    @property
+    def max_calls(self) -> int | None:
+        return min_given(*(policy.max_calls for policy in self.policies))
 
     def allows_endpoint(self, method: str, path: str) -> bool:
         return all(policy.allows_endpoint(method, path) for policy in self.policies)

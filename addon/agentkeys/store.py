@@ -17,7 +17,17 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, Refusal, Reservation, StaleHold
+from agentkeys.ledger import (
+    KeyRecord,
+    Ledger,
+    LedgerBusy,
+    LimitAnswer,
+    LimitRequest,
+    LimitTicket,
+    Refusal,
+    Reservation,
+    StaleHold,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +142,16 @@ class Store:
         holds = [(reservation.hold_id, 0) for reservation in reservations if reservation.hold_id is not None]
         if holds:
             await self._settle_many(holds)
+
+    # ----- rate limits and the loop breaker -----
+
+    async def take_limits(self, request: LimitRequest) -> LimitAnswer:
+        now = self.clock()
+        return await self._ask(lambda ledger: ledger.take_limits(request, now))
+
+    async def return_limits(self, ticket: LimitTicket, used_tokens: int | None) -> None:
+        now = self.clock()
+        await self._ask(lambda ledger: ledger.return_limits(ticket, used_tokens, now))
 
     # ----- books -----
 
