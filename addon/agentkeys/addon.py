@@ -28,6 +28,7 @@ from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
 from agentkeys import logs, tokens
+from agentkeys.alerts import ALERTED_REFUSALS, Alerts, sender_for
 from agentkeys.audit import AuditLog, CallRecord, audit_log_for
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.connections import ConnectionGuard
@@ -150,6 +151,7 @@ class AgentKeys:
         self.gate: Gate | None = None
         self.control: Control | None = None
         self.audit: AuditLog | None = None
+        self.alerts: Alerts | None = None
         self.metrics = Metrics()
         # The key given as the HTTPS_PROXY user, for every flow of its client connection.
         self.tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
@@ -198,6 +200,7 @@ class AgentKeys:
         """
         issuers, identities = issuers_from(config), identities_from(config)
         prices, policies = config.price_table(), current_policies(config)
+        sender = sender_for(config, self.metrics.alert)
         old_gate, old_audit = self.gate, self.audit
         same_store = old_gate is not None and self.config.store_url == config.store_url
         if same_store:
@@ -209,6 +212,9 @@ class AgentKeys:
         self.gate = Gate(config, store, prices, policies)
         self.control = Control(store, self.gate.auth, issuers, identities)
         self.audit = audit_log_for(config, old_audit)  # the same one while its settings are the same
+        if self.alerts:
+            self.alerts.close(timeout=0)  # alerts still waiting to be delivered are dropped
+        self.alerts = Alerts(config.alerts, store, sender) if sender else None
         self._retire(None if same_store else old_gate, None if self.audit is old_audit else old_audit)
         self.metrics.watch_holds(lambda: len(self.gate.store.open_holds))
         for name, spec in config.providers.items():
@@ -310,6 +316,8 @@ class AgentKeys:
             await asyncio.wait(self._background, timeout=SETTLING_SECONDS)
         if self.audit:
             self.audit.close()
+        if self.alerts:
+            await asyncio.to_thread(self.alerts.close)
         if self.gate:
             self.gate.store.close()
 
@@ -435,6 +443,8 @@ class AgentKeys:
         self.metrics.refused(state.call.provider, denial.key and denial.key.policy_name, denial.kind.value)
         revision = state.gate.policies.get(denial.key.policy_name) if denial.key else None
         self._write_record(denied_record(state.call, denial, status, revision.revision if revision else None))
+        if self.alerts and denial.kind in ALERTED_REFUSALS:
+            self._run_in_background(asyncio.get_running_loop(), self._alert_refusal(self.alerts, denial))
 
     def responseheaders(self, flow: http.HTTPFlow):
         state = in_flight(flow)
@@ -544,6 +554,17 @@ class AgentKeys:
             self._write_record(record)
         finally:
             self._calls_in_flight -= 1
+        if self.alerts:
+            try:
+                await self.alerts.after_settlement(admission.key, settlement.cost_micros)
+            except Exception:
+                log.exception("agentkeys: working out the alerts of a call failed")
+
+    async def _alert_refusal(self, alerts: Alerts, denial: Denial):
+        try:
+            await alerts.after_refusal(denial)
+        except Exception:
+            log.exception("agentkeys: working out the alerts of a refusal failed")
 
     # ----- record -----
 

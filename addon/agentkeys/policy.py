@@ -416,6 +416,40 @@ class IdentityConfig(BaseModel):
         return self
 
 
+class AlertsConfig(BaseModel):
+    """Webhooks the proxy posts (JSON, HMAC-signed) when a key crosses a budget threshold or a loop is broken."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(description="where alerts are posted")
+    secret_env: str = Field(description="environment variable holding the secret the HMAC signature is made with")
+    budget_thresholds: list[int] = Field(
+        default_factory=lambda: [50, 80, 100], description="percentages of a key's budget spent that raise an alert"
+    )
+    loops: bool = Field(default=True, description="alert when the loop breaker refuses a key's call")
+    timeout: Duration = Field(default=5, description="how long one delivery may take")
+    attempts: int = Field(default=5, ge=1, le=20, description="deliveries tried, with doubling waits between them")
+    retry_backoff: Duration = Field(default=1, description="the wait before the second attempt; doubled each time")
+    queue_size: int = Field(default=1000, ge=1, description="alerts waiting to be delivered; more are dropped")
+
+    @field_validator("url")
+    @classmethod
+    def http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/]+", url):
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        return url
+
+    @field_validator("budget_thresholds")
+    @classmethod
+    def percentages(cls, thresholds: list[int]) -> list[int]:
+        wrong = [value for value in thresholds if not 0 < value <= 100]
+        if wrong:
+            raise ValueError(f"{wrong}: a threshold is a percentage of the budget, from 1 to 100")
+        return sorted(set(thresholds))
+
+    def secret(self) -> str | None:
+        return os.environ.get(self.secret_env) or None
+
+
 class ProxyConfig(BaseModel):
     """The proxy's own settings. Relative paths are relative to the config file's folder."""
 
@@ -476,6 +510,7 @@ class ProxyConfig(BaseModel):
     identity: dict[str, IdentityConfig] = Field(
         default_factory=dict, description="OIDC issuers whose tokens are exchanged for keys (keyless issuance)"
     )
+    alerts: AlertsConfig | None = Field(default=None, description="webhooks at budget thresholds and broken loops")
     mitmproxy: dict[str, str | int | bool | list[str]] = Field(
         default_factory=dict,
         description="mitmproxy options for `agentkeys serve`, by name (say ssl_verify_upstream_trusted_ca)",
