@@ -2,6 +2,7 @@
 (a slow or dead receiver never makes `send` wait), and which alerts a key raises, once each."""
 
 import asyncio
+import re
 import threading
 import time
 from collections import Counter
@@ -9,12 +10,22 @@ from collections import Counter
 import pytest
 from alert_receiver import AlertReceiver
 
-from agentkeys.alerts import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, Alerts, WebhookSender, sign, verify
+from agentkeys.alerts import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    Alerts,
+    WebhookSender,
+    sender_for,
+    sign,
+    verify,
+)
 from agentkeys.calls import Denial
 from agentkeys.ledger import KeyRecord, SqliteLedger
-from agentkeys.policy import AlertsConfig
+from agentkeys.policy import AlertsConfig, ProxyConfig, load_config
 from agentkeys.providers.base import DenyKind
 from agentkeys.store import Store
+from agentkeys.yamlfile import ConfigError
 
 SECRET = "alert-secret-0123456789"
 NOW = 1_700_000_000.0
@@ -203,3 +214,32 @@ def test_other_refusals_and_free_calls_raise_nothing(store):
     asyncio.run(alerts.after_refusal(Denial(DenyKind.RATE_LIMITED, "rate limit", record)))
     asyncio.run(alerts.after_settlement(record, 0))
     assert sent.alerts == []
+
+
+# ----- the config -----
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["alerts:", "  url: ftp://x", "  secret_env: S"], ":2: alerts.url: 'ftp://x' is not an http(s)"),
+        (["alerts:", "  url: http://127.0.0.1:1/h", "  secret_env: S", "  budget_thresholds: [50, 120]"],
+         ":4: alerts.budget_thresholds: [120]: a threshold is a percentage of the budget"),
+        (["alerts:", "  url: http://127.0.0.1:1/h"], ":1: alerts.secret_env: Field required"),
+        (["alerts:", "  url: http://127.0.0.1:1/h", "  secret_env: S", "  attempts: 0"], ":4: alerts.attempts:"),
+    ],
+    ids=["not-http", "over-100", "no-secret-env", "no-attempts"],
+)
+def test_a_bad_alerts_section_names_file_line_and_field(tmp_path, lines, expected):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(path)
+
+
+def test_alerts_whose_secret_is_not_set_are_refused_saying_which_variable(monkeypatch):
+    monkeypatch.delenv("AGENTKEYS_TEST_ALERT_SECRET", raising=False)
+    alerts = {"url": "http://127.0.0.1:1/h", "secret_env": "AGENTKEYS_TEST_ALERT_SECRET"}
+    config = ProxyConfig.model_validate({"alerts": alerts})
+    with pytest.raises(ConfigError, match="alerts: secret_env: AGENTKEYS_TEST_ALERT_SECRET is not set"):
+        sender_for(config, Outcomes())
