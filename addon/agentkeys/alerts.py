@@ -167,17 +167,26 @@ class Alerts:
                 self.sender.send("loop_broken", {**about(denial.key, self.store.clock()), "reason": denial.message})
 
     async def budget_reached(self, record: KeyRecord, exhausted: bool) -> None:
-        """Alert each threshold the key's spend has reached (all of them when its budget refused a call)."""
-        spent = record.spent_micros * 100 / record.budget_micros if record.budget_micros else 100
+        """Alert each threshold the key's spend has reached (100% too when its budget refused a call)."""
         until = record.expires_at + REMEMBERED_AFTER_EXPIRY
+        subject = about(record, self.store.clock())
+        await self.thresholds_reached(
+            f"key:{record.key_id}", subject, record.spent_micros, record.budget_micros, until, exhausted
+        )
+
+    async def thresholds_reached(
+        self, who: str, subject: dict, spent_micros: int, budget_micros: int, until: float, exhausted: bool
+    ) -> None:
+        """For any level with a budget (a key; an account's period, named in `who`): each threshold reached,
+        once per `who` until `until`. `subject` says what the alert is about (`key`, `account`, ...)."""
+        spent = spent_micros * 100 / budget_micros if budget_micros else 100
         for threshold in self.spec.budget_thresholds:
             if spent < threshold and not (exhausted and threshold == 100):
                 continue
-            if await self.first_time("budget_threshold", f"key:{record.key_id}:{threshold}", until):
+            if await self.first_time("budget_threshold", f"{who}:{threshold}", until):
                 self.sender.send("budget_threshold", {
-                    **about(record, self.store.clock()), "threshold_percent": threshold,
-                    "spent_usd": Usd(record.spent_micros), "budget_usd": Usd(record.budget_micros),
-                    "exhausted": exhausted,
+                    **subject, "threshold_percent": threshold, "spent_usd": Usd(spent_micros),
+                    "budget_usd": Usd(budget_micros), "exhausted": exhausted,
                 })  # fmt: skip
 
     async def first_time(self, event: str, name: str, until: float) -> bool:

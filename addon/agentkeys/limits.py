@@ -10,6 +10,7 @@ The call's ticket is given back when it ends, whatever happens: at settlement it
 its tokens corrected to what it used; a call never forwarded gives back everything it took.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from agentkeys.calls import CallRequest, Denial
 from agentkeys.credentials import without_query_credentials
-from agentkeys.ledger import KeyRecord, LimitRefusal, LimitRequest, LimitTicket
+from agentkeys.ledger import KeyRecord, LimitAnswer, LimitRefusal, LimitRequest, LimitTicket
 from agentkeys.ledger.limits import IdenticalAsk, RateAsk
 from agentkeys.policy import IdenticalCalls, PolicyFile, RateLimits, Scope, format_duration, scope_of
 from agentkeys.providers.base import DenyKind, MalformedRequest, parse_json_object
@@ -67,6 +68,7 @@ class Limiter:
         self.policies = policies
         self.stale_after = stale_after
         self.extra_levels = extra_levels  # the levels above a key that are not keys (an account's plan)
+        self._giving_back: set[asyncio.Task] = set()  # of calls cancelled while their limits were being taken
 
     async def take(self, call: CallRequest, key: KeyRecord, policy: Scope, tokens: int) -> LimitTicket | None:
         """Count the call against every level's limits and the key's loop breaker; Denial if one refuses."""
@@ -79,10 +81,27 @@ class Limiter:
             call_id=uuid.uuid4().hex, tokens=tokens, rates=rates, identical=identical,
             stale_after=self.stale_after, lifetime=CALL_COUNT_LIFETIME,
         )  # fmt: skip
-        answer = await self.store.take_limits(request)
+        answer = await self.taken(request)
         if answer.refusal:
             raise refusal_denial(answer.refusal, levels, policy, key, tokens)
         return answer.ticket
+
+    async def taken(self, request: LimitRequest) -> LimitAnswer:
+        """The store's answer; if the call is cancelled meanwhile (its agent went away), what the store took
+        for it is given back once the answer comes, rather than holding a slot until it goes stale."""
+        taking = asyncio.ensure_future(self.store.take_limits(request))
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(self._give_back_unclaimed)
+            raise
+
+    def _give_back_unclaimed(self, taking: asyncio.Future) -> None:
+        if taking.cancelled() or taking.exception() is not None or taking.result().ticket is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.give_back(taking.result().ticket, None))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def levels(self, key: KeyRecord, policy: Scope) -> list[Level]:
         """The key's own limits, its ancestors' (their records never change but for spend: cached), and

@@ -3,6 +3,7 @@ refusals say, the slot and tokens given back at settlement whatever happens, a c
 parent's limits, and what makes two calls identical."""
 
 import asyncio
+import time
 from dataclasses import replace
 
 import pytest
@@ -192,3 +193,31 @@ def test_many_calls_at_once_never_exceed_the_concurrency_limit(env):
     admitted = [result for result in results if not hasattr(result, "kind")]
     assert len(admitted) == 3
     assert all(result.kind is DenyKind.RATE_LIMITED for result in results if hasattr(result, "kind"))
+
+
+def test_a_call_cancelled_while_its_limits_are_taken_gives_them_back(env, monkeypatch):
+    """An agent that goes away while the store answers (on a worker thread, which goes on): its slot is
+    given back when the answer comes, not left to go stale."""
+    key = env.issue(rate_limits={"concurrent_calls": 1})
+    store = env.gate.store
+    taking = store.take_limits
+
+    async def slow_take(request):
+        now = store.clock()
+
+        def in_the_store():
+            time.sleep(0.05)
+            return store.ledger.take_limits(request, now)
+
+        return await asyncio.to_thread(in_the_store)
+
+    async def cancelled_then_again():
+        monkeypatch.setattr(store, "take_limits", slow_take)
+        admitting = asyncio.ensure_future(env.gate.admit(call(key)))
+        await asyncio.sleep(0.01)
+        admitting.cancel()
+        await asyncio.sleep(0.3)  # the store answers; what it took is given back
+        monkeypatch.setattr(store, "take_limits", taking)
+        return await test_gate.admit_or_denial(env.gate, call(key))
+
+    assert not hasattr(run(cancelled_then_again()), "kind")
