@@ -25,11 +25,12 @@ from agentkeys.credentials import without_query_credentials
 from agentkeys.ledger import KeyRecord, LimitAnswer, LimitRefusal, LimitRequest, LimitTicket
 from agentkeys.ledger.limits import IdenticalAsk, RateAsk
 from agentkeys.policy import IdenticalCalls, PolicyFile, RateLimits, Scope, format_duration, scope_of
-from agentkeys.providers.base import DenyKind, MalformedRequest, parse_json_object
+from agentkeys.providers.base import DenyKind
 from agentkeys.store import Store
 
 log = logging.getLogger(__name__)
 
+DIGEST_ON_LOOP_BYTES = 32 * 1024  # a larger body is digested on a worker thread (as the gate reads one)
 # A who's call count (`max_calls`) is kept this long past its last call: longer than any key lives.
 CALL_COUNT_LIFETIME = 3650 * 86400
 
@@ -74,7 +75,7 @@ class Limiter:
         """Count the call against every level's limits and the key's loop breaker; Denial if one refuses."""
         levels = await self.levels(key, policy)
         rates = tuple(ask_of(level) for level in levels if level.limited)
-        identical = identical_asks(call, key, policy.max_identical_calls)
+        identical = await identical_asks(call, key, policy.max_identical_calls)
         if not rates and not identical:
             return None
         request = LimitRequest(
@@ -148,20 +149,29 @@ def ask_of(level: Level) -> RateAsk:
     )
 
 
-def identical_asks(call: CallRequest, key: KeyRecord, limits: list[IdenticalCalls]) -> tuple[IdenticalAsk, ...]:
+async def identical_asks(
+    call: CallRequest, key: KeyRecord, limits: list[IdenticalCalls]
+) -> tuple[IdenticalAsk, ...]:
+    """The loop breaker's asks; a large body is digested off the loop, so it delays only its own call."""
     if not limits:
         return ()
-    digest = request_digest(call)
+    if len(call.body) > DIGEST_ON_LOOP_BYTES:
+        digest = await asyncio.get_running_loop().run_in_executor(None, request_digest, call)
+    else:
+        digest = request_digest(call)
     return tuple(IdenticalAsk(f"key:{key.key_id}", digest, limit.calls, limit.window) for limit in limits)
 
 
 def request_digest(call: CallRequest) -> str:
     """What makes two calls the same: provider, method, path, query (no credentials) and the parsed body,
-    canonicalised (keys sorted, no spacing), so a loop is not hidden by reordered keys or whitespace."""
+    canonicalised (keys sorted, no spacing), so a loop is not hidden by reordered keys or whitespace.
+
+    The body of a metered call was already read strictly (`providers.base.parse_json_object`) by then,
+    so the plain parser is enough here, and three times faster."""
     try:
-        body = json.dumps(parse_json_object(call.body), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    except MalformedRequest:
-        body = call.body.decode("utf-8", "surrogateescape")  # not a JSON object (a GET): its bytes are all it is
+        body = json.dumps(json.loads(call.body), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        body = call.body.decode("utf-8", "surrogateescape")  # not JSON (a GET's empty body): its bytes are all it is
     query = without_query_credentials(call.query)
     text = json.dumps([call.provider, call.method, call.path, query, body], ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()

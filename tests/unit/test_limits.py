@@ -221,3 +221,17 @@ def test_a_call_cancelled_while_its_limits_are_taken_gives_them_back(env, monkey
         return await test_gate.admit_or_denial(env.gate, call(key))
 
     assert not hasattr(run(cancelled_then_again()), "kind")
+
+
+def test_bodies_that_are_not_json_objects_are_identified_by_their_bytes():
+    get = CallRequest("openai", "GET", "/v1/models", {}, b"")
+    assert request_digest(get) == request_digest(replace(get))
+    assert request_digest(replace(get, body=b"[1, 2]")) != request_digest(replace(get, body=b"[2, 1]"))
+    assert request_digest(replace(get, body=b"\xff\xfe")) != request_digest(get)
+
+
+def test_a_large_identical_body_is_still_one_loop(env):
+    key = env.issue(max_identical_calls="1 per 1h")
+    large = chat(messages=[{"role": "user", "content": "x" * 100_000}], max_tokens=5)
+    env.admitted(call(key, large))
+    env.denied(call(key, large), DenyKind.LOOP)
