@@ -2,6 +2,7 @@
 test_ledger's): buckets that refill at the limit's rate, tokens corrected at settlement, slots that
 a crash cannot leak, all of a call's asks taken at once or none, across threads."""
 
+import multiprocessing
 import threading
 
 import pytest
@@ -183,3 +184,32 @@ def test_concurrent_callers_never_hold_more_slots_than_the_limit(store, shared):
         thread.join()
     assert 0 < peak[0] <= limit
     setup.close()
+
+
+PROCESSES, EACH, RPM = 3, 40, 50  # 120 attempts at one instant against 50 requests a minute
+
+
+def take_many(url: str, start, results) -> None:
+    """One replica (a spawned process) with its own handle on the store, taking as fast as it can."""
+    handle = open_patiently(url)
+    start.wait()
+    answers = [handle.take_limits(ask(call_id=f"{id(handle)}-{n}", requests_per_minute=RPM), NOW) for n in range(EACH)]
+    handle.close()
+    results.put(sum(answer.ticket is not None for answer in answers))
+
+
+@pytest.mark.parametrize("kind", test_ledger.BACKENDS)
+def test_replicas_sharing_a_store_share_its_limits(kind, request):
+    """Proxies on one SQLite file, or on one Redis, count against the same buckets: together they pass
+    exactly the limit, never a limit each."""
+    with test_ledger.empty_store(kind, request) as url:
+        context = multiprocessing.get_context("spawn")
+        start, results = context.Barrier(PROCESSES), context.Queue()
+        replicas = [context.Process(target=take_many, args=(url, start, results)) for _ in range(PROCESSES)]
+        for replica in replicas:
+            replica.start()
+        passed = sum(results.get(timeout=60) for _ in replicas)
+        for replica in replicas:
+            replica.join(timeout=10)
+            assert replica.exitcode == 0
+        assert passed == RPM
