@@ -84,7 +84,7 @@ class Limiter:
         )  # fmt: skip
         answer = await self.taken(request)
         if answer.refusal:
-            raise refusal_denial(answer.refusal, levels, policy, key, tokens)
+            raise refusal_denial(answer.refusal, levels, key, tokens)
         return answer.ticket
 
     async def taken(self, request: LimitRequest) -> LimitAnswer:
@@ -149,9 +149,7 @@ def ask_of(level: Level) -> RateAsk:
     )
 
 
-async def identical_asks(
-    call: CallRequest, key: KeyRecord, limits: list[IdenticalCalls]
-) -> tuple[IdenticalAsk, ...]:
+async def identical_asks(call: CallRequest, key: KeyRecord, limits: list[IdenticalCalls]) -> tuple[IdenticalAsk, ...]:
     """The loop breaker's asks; a large body is digested off the loop, so it delays only its own call."""
     if not limits:
         return ()
@@ -185,9 +183,8 @@ def used_tokens(tokens_counted: int, usage_tokens: int | None, charged: bool) ->
     return tokens_counted if charged else 0
 
 
-def refusal_denial(
-    refusal: LimitRefusal, levels: list[Level], policy: Scope, key: KeyRecord, tokens: int
-) -> Denial:
+def refusal_denial(refusal: LimitRefusal, levels: list[Level], key: KeyRecord, tokens: int) -> Denial:
+    """What the agent is told, naming the limit, the level that set it (its policy or plan) and when to retry."""
     level = next((level for level in levels if level.who == refusal.who), None)
     who = level.described if level else refusal.who
     source = f" of {level.source}" if level and level.source else ""
@@ -219,7 +216,6 @@ def refusal_denial(
     }
     wait = math.ceil(refusal.retry_after * 10) / 10
     message = (
-        f"agentkeys: rate limit: {who} may {limits[refusal.limit]} ({refusal.limit}{source});"
-        f" try again in {wait:g}s"
+        f"agentkeys: rate limit: {who} may {limits[refusal.limit]} ({refusal.limit}{source}); try again in {wait:g}s"
     )
     return Denial(DenyKind.RATE_LIMITED, message, key, retry_after=refusal.retry_after)

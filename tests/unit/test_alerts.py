@@ -223,8 +223,10 @@ def test_other_refusals_and_free_calls_raise_nothing(store):
     ("lines", "expected"),
     [
         (["alerts:", "  url: ftp://x", "  secret_env: S"], ":2: alerts.url: 'ftp://x' is not an http(s)"),
-        (["alerts:", "  url: http://127.0.0.1:1/h", "  secret_env: S", "  budget_thresholds: [50, 120]"],
-         ":4: alerts.budget_thresholds: [120]: a threshold is a percentage of the budget"),
+        (
+            ["alerts:", "  url: http://127.0.0.1:1/h", "  secret_env: S", "  budget_thresholds: [50, 120]"],
+            ":4: alerts.budget_thresholds: [120]: a threshold is a percentage of the budget",
+        ),
         (["alerts:", "  url: http://127.0.0.1:1/h"], ":1: alerts.secret_env: Field required"),
         (["alerts:", "  url: http://127.0.0.1:1/h", "  secret_env: S", "  attempts: 0"], ":4: alerts.attempts:"),
     ],
