@@ -8,8 +8,9 @@ import time
 import anthropic
 import openai
 import pytest
+from redis_server import RedisServer
 
-from conftest import assert_ledger_matches_audit, httpx, write_policy
+from conftest import assert_ledger_matches_audit, httpx, start_proxy, stop_proxy, write_policy
 
 PROMPT = [{"role": "user", "content": "Say hello"}]
 
@@ -129,3 +130,31 @@ def test_concurrent_calls_beyond_the_limit_wait_their_turn(proxy, mock, tmp_path
     again = openai_client(proxy, key).chat.completions.create(model="gpt-4o-mini", messages=PROMPT)
     assert again.choices  # every slot was given back at settlement
     assert_ledger_matches_audit(proxy, key["id"])
+
+
+def test_two_proxies_on_one_redis_share_a_keys_rpm(mock, tmp_path):
+    """Replicas count against one bucket: a burst spread over two proxies passes the key's rpm once, not
+    once per proxy (give or take what refills while the burst runs: one call a second at rpm 60)."""
+    with RedisServer() as redis_server:
+        proxies = [start_proxy(tmp_path / f"proxy{i}", mock, store=redis_server.url) for i in range(2)]
+        try:
+            key = proxies[0].issue(write_policy(tmp_path, "shared", rate_limits={"requests_per_minute": 60}))
+            body = {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 5}
+            headers = {"authorization": f"Bearer {key['key']}"}
+            started, statuses = time.monotonic(), []
+            with httpx.Client(timeout=10) as client:
+                for n in range(100):
+                    url = f"{proxies[n % 2].gateway_url}/openai/v1/chat/completions"
+                    statuses.append(client.post(url, json=body, headers=headers).status_code)
+            elapsed = time.monotonic() - started
+            assert 60 <= statuses.count(200) <= 60 + elapsed + 1, (statuses.count(200), elapsed)
+            assert set(statuses) == {200, 429}
+            deadline, audit = time.monotonic() + 10, []
+            while len(audit) < len(statuses) and time.monotonic() < deadline:  # settlements land just after
+                audit = [r for proxy in proxies for r in proxy.records_for(key["id"], 0)]
+                time.sleep(0.05)
+            assert len(audit) == len(statuses)
+            assert_ledger_matches_audit(proxies[0], key["id"], audit)
+        finally:
+            for proxy in proxies:
+                stop_proxy(proxy)
