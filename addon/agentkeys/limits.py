@@ -15,14 +15,14 @@ import hashlib
 import json
 import logging
 import math
-import uuid
+import os
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from agentkeys.calls import CallRequest, Denial
 from agentkeys.credentials import without_query_credentials
-from agentkeys.ledger import KeyRecord, LimitAnswer, LimitRefusal, LimitRequest, LimitTicket
+from agentkeys.ledger import KeyRecord, LimitRefusal, LimitRequest, LimitTicket
 from agentkeys.ledger.limits import IdenticalAsk, RateAsk
 from agentkeys.policy import IdenticalCalls, PolicyFile, RateLimits, Scope, format_duration, scope_of
 from agentkeys.providers.base import DenyKind
@@ -69,7 +69,6 @@ class Limiter:
         self.policies = policies
         self.stale_after = stale_after
         self.extra_levels = extra_levels  # the levels above a key that are not keys (an account's plan)
-        self._giving_back: set[asyncio.Task] = set()  # of calls cancelled while their limits were being taken
 
     async def take(self, call: CallRequest, key: KeyRecord, policy: Scope, tokens: int) -> LimitTicket | None:
         """Count the call against every level's limits and the key's loop breaker; Denial if one refuses."""
@@ -79,30 +78,13 @@ class Limiter:
         if not rates and not identical:
             return None
         request = LimitRequest(
-            call_id=uuid.uuid4().hex, tokens=tokens, rates=rates, identical=identical,
+            call_id=os.urandom(12).hex(), tokens=tokens, rates=rates, identical=identical,
             stale_after=self.stale_after, lifetime=CALL_COUNT_LIFETIME,
         )  # fmt: skip
-        answer = await self.taken(request)
+        answer = await self.store.take_limits(request)
         if answer.refusal:
             raise refusal_denial(answer.refusal, levels, key, tokens)
         return answer.ticket
-
-    async def taken(self, request: LimitRequest) -> LimitAnswer:
-        """The store's answer; if the call is cancelled meanwhile (its agent went away), what the store took
-        for it is given back once the answer comes, rather than holding a slot until it goes stale."""
-        taking = asyncio.ensure_future(self.store.take_limits(request))
-        try:
-            return await asyncio.shield(taking)
-        except asyncio.CancelledError:
-            taking.add_done_callback(self._give_back_unclaimed)
-            raise
-
-    def _give_back_unclaimed(self, taking: asyncio.Future) -> None:
-        if taking.cancelled() or taking.exception() is not None or taking.result().ticket is None:
-            return
-        task = asyncio.get_running_loop().create_task(self.give_back(taking.result().ticket, None))
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
 
     async def levels(self, key: KeyRecord, policy: Scope) -> list[Level]:
         """The key's own limits, its ancestors' (their records never change but for spend: cached), and

@@ -3,6 +3,7 @@ refusals say, the slot and tokens given back at settlement whatever happens, a c
 parent's limits, and what makes two calls identical."""
 
 import asyncio
+import threading
 import time
 from dataclasses import replace
 
@@ -196,28 +197,24 @@ def test_many_calls_at_once_never_exceed_the_concurrency_limit(env):
 
 
 def test_a_call_cancelled_while_its_limits_are_taken_gives_them_back(env, monkeypatch):
-    """An agent that goes away while the store answers (on a worker thread, which goes on): its slot is
+    """An agent that goes away while the store answers on a worker thread (which goes on): its slot is
     given back when the answer comes, not left to go stale."""
     key = env.issue(rate_limits={"concurrent_calls": 1})
-    store = env.gate.store
-    taking = store.take_limits
+    store, taking, asked = env.gate.store, env.ledger.take_limits, threading.Event()
 
-    async def slow_take(request):
-        now = store.clock()
-
-        def in_the_store():
-            time.sleep(0.05)
-            return store.ledger.take_limits(request, now)
-
-        return await asyncio.to_thread(in_the_store)
+    def slow_take(request, now):
+        asked.set()
+        time.sleep(0.05)
+        return taking(request, now)
 
     async def cancelled_then_again():
-        monkeypatch.setattr(store, "take_limits", slow_take)
+        monkeypatch.setattr(store, "_ledger_now", None)  # the store is asked from a worker thread, as Redis is
+        monkeypatch.setattr(env.ledger, "take_limits", slow_take)
         admitting = asyncio.ensure_future(env.gate.admit(call(key)))
-        await asyncio.sleep(0.01)
+        while not asked.is_set():  # cancelled once the store is being asked, as an agent hanging up would be
+            await asyncio.sleep(0.001)
         admitting.cancel()
         await asyncio.sleep(0.3)  # the store answers; what it took is given back
-        monkeypatch.setattr(store, "take_limits", taking)
         return await test_gate.admit_or_denial(env.gate, call(key))
 
     assert not hasattr(run(cancelled_then_again()), "kind")
