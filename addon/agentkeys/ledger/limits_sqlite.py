@@ -68,14 +68,16 @@ def take_limits(db: sqlite3.Connection, request: LimitRequest, now: float) -> Li
     if refusals:
         return LimitAnswer(None, first_refusal(refusals))
     slots = [(ask.who, request.call_id, now) for ask in request.rates if ask.concurrent_calls is not None]
-    db.executemany("INSERT INTO call_slots (who, call_id, taken_at) VALUES (?, ?, ?)", slots)
-    db.executemany(MOVE_BUCKET, bucket_moves(request, now, given_back=False))
-    db.executemany(
+    execute_each(db, "INSERT INTO call_slots (who, call_id, taken_at) VALUES (?, ?, ?)", slots)
+    execute_each(db, MOVE_BUCKET, bucket_moves(request, now, given_back=False))
+    execute_each(
+        db,
         "INSERT INTO call_counts (who, calls, last_at) VALUES (?, 1, ?)"
         " ON CONFLICT (who) DO UPDATE SET calls = calls + 1, last_at = excluded.last_at",
         [(ask.who, now) for ask in request.rates if ask.max_calls is not None],
     )
-    db.executemany(
+    execute_each(
+        db,
         "INSERT INTO identical_calls (who, digest, call_id, at, until) VALUES (?, ?, ?, ?, ?)",
         [(who, digest, request.call_id, now, now + window) for (who, digest), window in digests(request).items()],
     )
@@ -110,18 +112,21 @@ def return_limits(db: sqlite3.Connection, ticket: LimitTicket, used_tokens: int 
     """Inside a write transaction: give back a call's slot; and its tokens beyond `used_tokens` (more
     taken when it used more); `used_tokens` None: the call was never forwarded, everything goes back."""
     request = ticket.request
-    db.executemany(
+    execute_each(
+        db,
         "DELETE FROM call_slots WHERE who = ? AND call_id = ?",
         [(ask.who, request.call_id) for ask in request.rates if ask.concurrent_calls is not None],
     )
-    db.executemany(MOVE_BUCKET, bucket_moves(request, now, given_back=True, used_tokens=used_tokens))
+    execute_each(db, MOVE_BUCKET, bucket_moves(request, now, given_back=True, used_tokens=used_tokens))
     if used_tokens is not None:
         return
-    db.executemany(
+    execute_each(
+        db,
         "UPDATE call_counts SET calls = MAX(calls - 1, 0) WHERE who = ?",
         [(ask.who,) for ask in request.rates if ask.max_calls is not None],
     )
-    db.executemany(
+    execute_each(
+        db,
         "DELETE FROM identical_calls WHERE who = ? AND digest = ? AND call_id = ?",
         [(who, digest, request.call_id) for who, digest in digests(request)],
     )
@@ -171,3 +176,9 @@ def digests(request: LimitRequest) -> dict[tuple[str, str], float]:
     for ask in request.identical:
         longest[ask.who, ask.digest] = max(longest.get((ask.who, ask.digest), 0.0), ask.window_seconds)
     return longest
+
+
+def execute_each(db: sqlite3.Connection, sql: str, rows: list) -> None:
+    """`executemany`, skipped when there is nothing to do (most calls set only some limits)."""
+    if rows:
+        db.executemany(sql, rows)
