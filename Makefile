@@ -12,7 +12,7 @@ NODE_OPENAI := openai@6.49.0
 NODE_DIR := $(VENV)/node
 IMAGE ?= localhost/agentkeys:dev
 
-.PHONY: install run test bench bench-audit lint clean redis-server iptables node-sdk image image-test dashboard-check mutants
+.PHONY: install run test bench bench-audit bench-limits lint clean redis-server iptables node-sdk image image-test dashboard-check mutants
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ dashboard-check: install
 		(apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || \
 		{ echo "error: dashboard-check needs prometheus (apt-get install prometheus)" >&2; exit 1; }; }
 	AGENTKEYS_DASHBOARD_CHECK=1 timeout 300 $(PY) -m pytest -q -p no:randomly tests/test_dashboard.py
+
+# Rate limits alone: what a key with limits adds to a call's admission and settlement in the gate.
+bench-limits: install redis-server
+	$(PY) bench/bench_limits.py
 
 # The audit log alone: per-record cost of chaining and signing, and report/verify/tail on a million records.
 bench-audit: install

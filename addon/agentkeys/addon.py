@@ -14,6 +14,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import sys
 import time
 import weakref
@@ -28,6 +29,7 @@ from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
 from agentkeys import logs, tokens
+from agentkeys.alerts import ALERTED_REFUSALS, Alerts, sender_for
 from agentkeys.audit import AuditLog, CallRecord, audit_log_for
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.connections import ConnectionGuard
@@ -90,7 +92,12 @@ log = logging.getLogger(__name__)
 STATE = "agentkeys"
 SETTLING_SECONDS = 5  # how long settlements already under way may take to be written, at a reload or a stop
 CONTROL_PROVIDER = "agentkeys"  # how control calls appear in the audit log
-RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true", DenyKind.NOT_CONFIGURED: "false"}
+# Whether the official SDKs should try a refused call again. A rate limit says when (`retry_headers`);
+# a spent budget, a broken loop, or a call larger than a whole minute's tokens never passes by retrying.
+RETRY_HEADER = {
+    DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true", DenyKind.NOT_CONFIGURED: "false",
+    DenyKind.RATE_LIMITED: "false", DenyKind.LOOP: "false",
+}  # fmt: skip
 # Told to the agent on every forwarded call, in USD: what this call cost, what its key has left.
 COST_HEADER = "x-agentkeys-cost"
 REMAINING_HEADER = "x-agentkeys-budget-remaining"
@@ -169,6 +176,7 @@ class AgentKeys:
         self.gate: Gate | None = None
         self.control: Control | None = None
         self.audit: AuditLog | None = None
+        self.alerts: Alerts | None = None
         self.metrics = Metrics()
         # The key given as the HTTPS_PROXY user, for every flow of its client connection.
         self.tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
@@ -221,6 +229,7 @@ class AgentKeys:
         issuers, identities = issuers_from(config), identities_from(config)
         prices, policies, plans = config.price_table(), current_policies(config), current_plans(config)
         llm_hosts = config.llm_catalogue()
+        sender = sender_for(config, self.metrics.alert)
         if config.admin_port:
             admin_token(config.admin_token_env)  # a config with an admin port and no token is refused
         self.plans = plans
@@ -234,9 +243,12 @@ class AgentKeys:
             store = Store(ErrorCountingLedger(open_ledger(config.store_url, config.calendar), self.metrics.store_error))
         self.config = config
         self.router = Router(config, llm_hosts)
-        self.gate = Gate(config, store, prices, policies)
+        self.gate = Gate(config, store, prices, policies, plans)
         self.control = Control(store, self.gate.auth, issuers, identities)
         self.audit = audit_log_for(config, old_audit)  # the same one while its settings are the same
+        if self.alerts:
+            self.alerts.close(timeout=0)  # alerts still waiting to be delivered are dropped
+        self.alerts = Alerts(config.alerts, store, sender) if sender else None
         self._retire(None if same_store else old_gate, None if self.audit is old_audit else old_audit)
         self.metrics.watch_holds(lambda: len(self.gate.store.open_holds))
         for name, spec in config.providers.items():
@@ -352,6 +364,8 @@ class AgentKeys:
             await asyncio.wait(self._background, timeout=SETTLING_SECONDS)
         if self.audit:
             self.audit.close()
+        if self.alerts:
+            await asyncio.to_thread(self.alerts.close)
         if self.gate:
             self.gate.store.close()
 
@@ -508,13 +522,15 @@ class AgentKeys:
 
     def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
         status, body = state.wire.error(denial.kind, denial.message)
-        flow.response = json_response(status, body, RETRY_HEADER.get(denial.kind))
+        flow.response = json_response(status, body, headers=retry_headers(denial))
         if denial.key:
             flow.response.headers[REMAINING_HEADER] = usd_header(remaining_when_refused(denial))
         state.finished = True
         self.metrics.refused(state.call.provider, denial.key and denial.key.policy_name, denial.kind.value)
         revision = state.gate.policies.get(denial.key.policy_name) if denial.key else None
         self._write_record(denied_record(state.call, denial, status, revision.revision if revision else None))
+        if self.alerts and denial.kind in ALERTED_REFUSALS:
+            self._run_in_background(asyncio.get_running_loop(), self._alert_refusal(self.alerts, denial))
 
     def responseheaders(self, flow: http.HTTPFlow):
         state = in_flight(flow)
@@ -628,6 +644,17 @@ class AgentKeys:
             self._write_record(record)
         finally:
             self._calls_in_flight -= 1
+        if self.alerts:
+            try:
+                await self.alerts.after_settlement(admission.key, settlement.cost_micros)
+            except Exception:
+                log.exception("agentkeys: working out the alerts of a call failed")
+
+    async def _alert_refusal(self, alerts: Alerts, denial: Denial):
+        try:
+            await alerts.after_refusal(denial)
+        except Exception:
+            log.exception("agentkeys: working out the alerts of a refusal failed")
 
     def _record_real_key_call(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
         try:
@@ -760,12 +787,25 @@ def http1_error_response(status: int, message: str = "") -> bytes:
     return assemble_response(http.Response.make(status, proxy_error_body(status, message), headers))
 
 
-def json_response(status: int, body: dict, should_retry: str | None = None) -> http.Response:
+def json_response(
+    status: int, body: dict, should_retry: str | None = None, headers: dict[str, str] | None = None
+) -> http.Response:
     """An answer of the proxy's own; `should_retry` tells the official SDKs whether to try again."""
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **(headers or {})}
     if should_retry:
         headers["x-should-retry"] = should_retry
     return http.Response.make(status, dumps(body).encode(), headers)
+
+
+def retry_headers(denial: Denial) -> dict[str, str]:
+    """A rate limit's `retry-after` (seconds, and milliseconds as the SDKs also read) with `x-should-retry:
+    true`; any other refusal's `x-should-retry` as RETRY_HEADER says."""
+    if denial.retry_after is not None:
+        wait = max(denial.retry_after, 0.001)
+        return {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000)),
+                "x-should-retry": "true"}  # fmt: skip
+    should_retry = RETRY_HEADER.get(denial.kind)
+    return {"x-should-retry": should_retry} if should_retry else {}
 
 
 def no_provider(prefix: str, providers: tuple[str, ...]) -> http.Response:

@@ -42,6 +42,7 @@ class Denial(Exception):
         presented_key_id: str | None = None,  # the id in a key the store does not know (forged, or purged)
         remaining_micros: int | None = None,  # what the key had left when refused, if fresher than `key`'s
         rule: "Rule | None" = None,  # the policy rule it enforces, which shadow mode may waive (shadow.Rule)
+        retry_after: float | None = None,  # seconds after which the same call could pass (a rate limit)
     ):
         super().__init__(message)
         self.kind = kind
@@ -51,6 +52,7 @@ class Denial(Exception):
         self.presented_key_id = presented_key_id
         self.remaining_micros = remaining_micros
         self.rule = rule
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

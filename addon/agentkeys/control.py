@@ -126,6 +126,9 @@ class Control:
             "endpoints": [str(rule) for rule in policy.endpoints],
             "unmetered_endpoints": [str(rule) for rule in policy.unmetered_endpoints],
             "models": policy.models,
+            "rate_limits": policy.rate_limits.model_dump(exclude_none=True),
+            "max_identical_calls": str(policy.max_identical_calls) if policy.max_identical_calls else None,
+            "max_calls": policy.max_calls,
             "children": [describe(child, now) for child in children],
         }
         return ControlAnswer(200, body, "self", record)

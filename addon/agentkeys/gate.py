@@ -21,8 +21,10 @@ from agentkeys import tokens
 from agentkeys.auth import Authenticator
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.holds import HoldPlan, clamp_plan, plan_hold
-from agentkeys.ledger import KeyRecord, LedgerUnavailable, Refusal, Reservation
+from agentkeys.ledger import KeyRecord, LedgerUnavailable, LimitTicket, Refusal, Reservation
+from agentkeys.limits import Limiter, account_levels, used_tokens
 from agentkeys.money import format_usd, remaining_phrase
+from agentkeys.plans import PlanFile
 from agentkeys.policy import PolicyFile, ProxyConfig, Scope, scope_of
 from agentkeys.pricing import ModelPrice, PriceTable
 from agentkeys.providers import FORMATS
@@ -56,6 +58,7 @@ class Admission:
     clamped_to: int | None = None  # the output limit the proxy lowered this call to, if it did
     clamped_by: str | None = None  # what lowered it: "policy" (its max_output_tokens) or "budget" (clamp_max_tokens)
     would_deny: tuple[Denial, ...] = ()  # in shadow mode: the policy rules the call broke (see shadow.py)
+    limits: LimitTicket | None = None  # what it took of rate limits and the loop breaker, given back when it ends
 
     @property
     def unmetered(self) -> bool:
@@ -74,7 +77,12 @@ class Hold:
 
 class Gate:
     def __init__(
-        self, config: ProxyConfig, store: Store, prices: PriceTable, policies: dict[str, PolicyFile] | None = None
+        self,
+        config: ProxyConfig,
+        store: Store,
+        prices: PriceTable,
+        policies: dict[str, PolicyFile] | None = None,
+        plans: dict[str, PlanFile] | None = None,
     ):
         self.config = config
         self.store = store
@@ -84,6 +92,7 @@ class Gate:
         self.real_keys = {name: spec.real_key() for name, spec in config.providers.items()}
         real_key_values = frozenset(key for key in self.real_keys.values() if key)
         self.auth = Authenticator(store, real_key_values, store.clock)
+        self.limiter = Limiter(store, self.policies, config.stale_hold_after, account_levels(store, plans or {}))
 
     # ----- admit -----
 
@@ -128,15 +137,18 @@ class Gate:
         price = self.price_for(call.provider, wire, facts, key)
         plan = plan_hold(facts, key, policy, price)
         upstream_body = body_for_provider(wire, plan, call, key)  # bad input is refused before any hold
-        hold = await self.reserve(call, wire, key, policy, price, plan, rulings)
-        if hold.plan.cap != plan.cap:
-            upstream_body = await self.rewrite_body_under_hold(hold, wire, call, key)
+        limits = await self.limiter.take(call, key, policy, plan_tokens(plan))
+        async with self.limiter.given_back_on_failure(limits):
+            hold = await self.reserve(call, wire, key, policy, price, plan, rulings)
+            if hold.plan.cap != plan.cap:
+                upstream_body = await self.rewrite_body_under_hold(hold, wire, call, key)
         return Admission(
             key=key, policy=policy, wire=wire, facts=hold.plan.facts, real_key=real_key, metering="metered",
             remaining_micros=hold.remaining_micros, price=price, hold_id=hold.hold_id,
             hold_micros=hold.plan.worst_case, upstream_body=upstream_body,
             clamped_to=hold.plan.cap if hold.plan.lowered_by else None, clamped_by=hold.plan.lowered_by,
             would_deny=tuple(rulings.broken),
+            limits=limits,
         )  # fmt: skip
 
     async def identify(self, call: CallRequest, fresh: bool = False) -> tuple[KeyRecord, Denial | None]:
@@ -221,10 +233,11 @@ class Gate:
             account = await self.store.account(key.account_id)
             if account is None or not account.active:
                 raise account_suspended(key)
+        limits = await self.limiter.take(call, key, policy, tokens=0)
         metering = "unmetered" if endpoint == "unmetered" else "free"
         return Admission(
             key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros,
-            would_deny=tuple(rulings.broken),
+            would_deny=tuple(rulings.broken), limits=limits,
         )  # fmt: skip
 
     def price_for(self, provider: str, wire: WireFormat, facts: RequestFacts, key: KeyRecord) -> ModelPrice:
@@ -289,8 +302,15 @@ class Gate:
     # ----- settle -----
 
     async def settle(self, admission: Admission, outcome: Outcome) -> Settlement:
-        """Turn the call's hold into its charge, once; a hold a sweep took first was charged in full."""
+        """Turn the call's hold into its charge, once; a hold a sweep took first was charged in full. Whatever
+        happens, the call's rate-limit slot is freed and its tokens corrected to what it used."""
         charge = charge_for(admission, outcome)
+        try:
+            return await self.settle_hold(admission, charge)
+        finally:
+            await self.limiter.give_back(admission.limits, tokens_used(admission, charge))
+
+    async def settle_hold(self, admission: Admission, charge: Settlement) -> Settlement:
         if admission.hold_id is None:
             return charge
         if charge.metering == "overrun":
@@ -318,9 +338,12 @@ class Gate:
         raise AssertionError("unreachable")
 
     async def release(self, admission: Admission) -> None:
-        """Free the hold of a call that was never forwarded."""
-        if admission.hold_id is not None:
-            await self.store.close_hold(admission.hold_id, 0)
+        """Free the hold, and give back the rate limits, of a call that was never forwarded."""
+        try:
+            if admission.hold_id is not None:
+                await self.store.close_hold(admission.hold_id, 0)
+        finally:
+            await self.limiter.give_back(admission.limits, None)
 
 
 # ----- the steps, as plain functions -----
@@ -457,3 +480,15 @@ def model_named_in(body: bytes) -> str | None:
         return None
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) else None
+
+
+def plan_tokens(plan: HoldPlan) -> int:
+    """The most tokens a call can use (its input bound and every choice's output limit): what it counts
+    against a tokens-per-minute limit until it settles."""
+    return plan.facts.input_token_bound + plan.max_output * plan.facts.choices
+
+
+def tokens_used(admission: Admission, charge: Settlement) -> int:
+    usage = charge.usage
+    counted = admission.limits.request.tokens if admission.limits else 0
+    return used_tokens(counted, usage.input_tokens + usage.output_tokens if usage else None, charge.cost_micros > 0)

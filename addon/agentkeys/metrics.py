@@ -79,6 +79,10 @@ class Metrics:
             "agentkeys_proxy_overhead_seconds", "Time spent in the addon for one call",
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.alerts = Counter(
+            "agentkeys_alerts", "Alert webhooks, by event and how each ended: delivered, failed (every attempt"
+            " failed), dropped (too many waiting)", ["event", "outcome"], registry=self.registry,
+        )  # fmt: skip
         Info("agentkeys_build", "The running version", registry=self.registry).info(
             {
                 "version": agentkeys.__version__,
@@ -130,6 +134,10 @@ class Metrics:
 
     def store_error(self) -> None:
         self.store_errors.inc()
+
+    def alert(self, event: str, outcome: str) -> None:
+        """An alert's end (called from the alerts' own thread)."""
+        self._series(self.alerts, event, outcome).inc()
 
 
 class PolicyBudgets:

@@ -8,7 +8,7 @@ with its file, line and field, and so is a plan naming a policy file that does n
     budget_usd: 20        # per period, over every key minted for the account
     period: month         # day, week or month, on the calendar in the config's `time_zone`
     policies: [research-agent.policy.yaml]   # keys of the account are minted from these only
-    rate_limits: {}       # per-account limits (see RateLimits)
+    rate_limits: {requests_per_minute: 600}   # shared by every key of the account (see limits.md)
 """
 
 import os
@@ -19,20 +19,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from agentkeys.ledger.periods import PeriodKind
-from agentkeys.policy import BudgetUsd, Policy, ProxyConfig, file_revision, load_policy
+from agentkeys.policy import BudgetUsd, Policy, ProxyConfig, RateLimits, file_revision, load_policy
 from agentkeys.yamlfile import ConfigError, load_yaml_model
 
 # Account ids are chosen by the operator's backend (its user or tenant id): safe in store key names and URLs.
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 ACCOUNT_ID_RULE = "1 to 128 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
 MIN_ADMIN_TOKEN_CHARS = 16
-
-
-class RateLimits(BaseModel):
-    """An account's rate limits, shared by all its keys. Its fields come with the rate limiter (issue 16's
-    rate limits); until then a plan may give only `rate_limits: {}`, so no limit is silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class Plan(BaseModel):
@@ -46,7 +39,9 @@ class Plan(BaseModel):
     policies: list[str] = Field(
         min_length=1, description="policy files (relative to the plan's folder) an account's keys may be minted from"
     )
-    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    rate_limits: RateLimits = Field(
+        default_factory=RateLimits, description="shared by every key of the account, with each key's own (limits.md)"
+    )
 
     @field_validator("policies")
     @classmethod

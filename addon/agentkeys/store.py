@@ -17,7 +17,18 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from agentkeys.ledger import AccountRecord, KeyRecord, Ledger, LedgerBusy, Refusal, Reservation, StaleHold
+from agentkeys.ledger import (
+    AccountRecord,
+    KeyRecord,
+    Ledger,
+    LedgerBusy,
+    LimitAnswer,
+    LimitRequest,
+    LimitTicket,
+    Refusal,
+    Reservation,
+    StaleHold,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,7 @@ class Store:
         self.open_holds: set[int] = set()  # of calls in flight here: while there are any, writes are batched
         self._take_hold = NextTurnBatch(self._reserve_many, self.open_holds, undo_many=self._release_unclaimed)
         self._close_hold = NextTurnBatch(self._settle_many, self.open_holds)
+        self._giving_back: set[asyncio.Task] = set()  # limits taken for calls cancelled meanwhile
 
     async def _ask(self, operation: Callable[[Ledger], T]) -> T:
         """Run one ledger operation without stalling the event loop."""
@@ -146,6 +158,36 @@ class Store:
         holds = [(reservation.hold_id, 0) for reservation in reservations if reservation.hold_id is not None]
         if holds:
             await self._settle_many(holds)
+
+    # ----- rate limits and the loop breaker -----
+
+    async def take_limits(self, request: LimitRequest) -> LimitAnswer:
+        """Take a call's limits. If the call is cancelled while a worker thread asks the store (its agent went
+        away), what the store took is given back once the answer comes, rather than left to go stale."""
+        now = self.clock()
+        if self._ledger_now is not None:
+            try:
+                return self._ledger_now.take_limits(request, now)
+            except LedgerBusy:
+                pass
+        loop = asyncio.get_running_loop()
+        asking = self._worker.submit(lambda: self.ledger.take_limits(request, now))
+        try:
+            return await asyncio.wrap_future(asking)
+        except asyncio.CancelledError:
+            asking.add_done_callback(lambda done: loop.call_soon_threadsafe(self._give_back_unclaimed, done))
+            raise
+
+    def _give_back_unclaimed(self, answered) -> None:
+        if answered.cancelled() or answered.exception() is not None or answered.result().ticket is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.return_limits(answered.result().ticket, None))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
+    async def return_limits(self, ticket: LimitTicket, used_tokens: int | None) -> None:
+        now = self.clock()
+        await self._ask(lambda ledger: ledger.return_limits(ticket, used_tokens, now))
 
     # ----- books -----
 

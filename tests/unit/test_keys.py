@@ -195,3 +195,53 @@ def test_a_child_key_belongs_to_its_parents_account_and_its_job():
     child = new_key_record(policy, 60, 0.5, "child", 0.0, parent).record
     assert (child.account_id, child.identity_json, child.parent_id) == ("acme", '{"job": "j"}', parent.key_id)
     assert new_key_record(policy, 60, 0.5, "alone", 0.0).record.account_id is None
+# ----- rate limits and the loop breaker -----
+
+LIMITED = Policy.model_validate(
+    {
+        **PARENT.model_dump(),
+        "rate_limits": {"requests_per_minute": 60, "concurrent_calls": 4},
+        "max_identical_calls": "5 per 10m",
+        "max_calls": 100,
+    }
+)
+
+
+def limited_child(**asked) -> Policy:
+    return child_policy(LIMITED, ChildRequest.model_validate({"name": "c", "budget_usd": 0.1, "ttl": "5m", **asked}))
+
+
+def test_a_child_inherits_its_parent_s_limits():
+    policy = limited_child()
+    assert (policy.rate_limits, policy.max_identical_calls, policy.max_calls) == (
+        LIMITED.rate_limits, LIMITED.max_identical_calls, 100)  # fmt: skip
+
+
+def test_a_child_may_ask_for_tighter_limits_and_keeps_the_rest_of_its_parent_s():
+    policy = limited_child(
+        rate_limits={"requests_per_minute": 10, "tokens_per_minute": 5000}, max_identical_calls="2 per 1h", max_calls=5
+    )
+    limits = policy.rate_limits
+    assert (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_calls) == (10, 5000, 4)
+    assert str(policy.max_identical_calls) == "2 per 1h" and policy.max_calls == 5
+
+
+@pytest.mark.parametrize(
+    ("asked", "message"),
+    [
+        ({"rate_limits": {"requests_per_minute": 61}}, "rate_limits requests_per_minute are wider than the parent's"
+         " (requests_per_minute 60)"),
+        ({"rate_limits": {"concurrent_calls": 5}}, "concurrent_calls"),
+        ({"max_identical_calls": "6 per 10m"}, "max_identical_calls 6 per 10m is wider than the parent's (5 per 10m)"),
+        ({"max_identical_calls": "5 per 5m"}, "max_identical_calls 5 per 5m"),
+        ({"max_calls": 101}, "max_calls 101 is more than the parent's (100)"),
+    ],
+    ids=["rpm", "concurrency", "more-identical", "shorter-window", "max-calls"],
+)
+def test_a_child_asking_for_looser_limits_is_refused_saying_which(asked, message):
+    with pytest.raises(ChildRefused, match=message.replace("(", r"\(").replace(")", r"\)")):
+        limited_child(**asked)
+
+
+def test_a_parent_without_limits_may_give_a_child_any():
+    assert child(rate_limits={"requests_per_minute": 1000}).rate_limits.requests_per_minute == 1000

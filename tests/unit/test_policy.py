@@ -409,3 +409,51 @@ def test_a_policy_may_say_shadow_or_enforce_or_leave_it_to_the_config(tmp_path):
     assert scope_policy(enforcement="shadow").enforcement == "shadow"
     with pytest.raises(ValidationError, match="enforcement"):
         scope_policy(enforcement="off")
+# ----- rate limits and the loop breaker -----
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (lines_with(append=("rate_limits:", "  requests_per_minute: 0")), [":8: rate_limits.requests_per_minute:",
+                                                                          "greater than 0"]),
+        (lines_with(append=("rate_limits:", "  calls_per_minute: 5")), [":8: rate_limits.calls_per_minute:", "Extra"]),
+        (lines_with(append=("rate_limits: {tokens_per_minute: lots}",)), [":7: rate_limits.tokens_per_minute:"]),
+        (lines_with(append=("max_identical_calls: 5 a minute",)), [":7: max_identical_calls:", "'N per WINDOW'"]),
+        (lines_with(append=("max_identical_calls: 5 per fortnight",)), [":7: max_identical_calls.window:", "duration"]),
+        (lines_with(append=("max_identical_calls: 0 per 1m",)), [":7: max_identical_calls.calls:", "greater than 0"]),
+        (lines_with(append=("max_calls: -1",)), [":7: max_calls:", "greater than 0"]),
+    ],
+    ids=["zero-rpm", "unknown-limit", "not-a-number", "no-per", "bad-window", "zero-calls", "negative-max-calls"],
+)
+def test_bad_limits_name_file_line_and_field(tmp_path, text, expected):
+    path = tmp_path / "bad.policy.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path)
+    for fragment in expected:
+        assert fragment in str(caught.value), str(caught.value)
+
+
+def test_limits_are_read_in_either_form(tmp_path):
+    path = tmp_path / "good.policy.yaml"
+    path.write_text(lines_with(append=(
+        "rate_limits: {requests_per_minute: 60, tokens_per_minute: 100000, concurrent_calls: 4}",
+        "max_identical_calls: {calls: 3, window: 1h}",
+        "max_calls: 500",
+    )))  # fmt: skip
+    policy = load_policy(path)
+    assert (policy.rate_limits.requests_per_minute, policy.rate_limits.concurrent_calls) == (60, 4)
+    assert (policy.max_identical_calls.calls, policy.max_identical_calls.window, policy.max_calls) == (3, 3600, 500)
+    assert str(policy.max_identical_calls) == "3 per 1h"
+
+
+def test_a_scope_holds_the_tightest_of_the_issued_copy_and_the_file():
+    issued = policy(rate_limits={"requests_per_minute": 10}, max_calls=50)
+    now = policy(
+        rate_limits={"requests_per_minute": 20, "concurrent_calls": 2}, max_calls=40, max_identical_calls="3 per 1m"
+    )
+    scope = Scope((issued, now))
+    limits = scope.rate_limits
+    assert (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_calls) == (10, None, 2)
+    assert scope.max_calls == 40 and [str(limit) for limit in scope.max_identical_calls] == ["3 per 1m"]

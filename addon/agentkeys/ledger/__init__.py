@@ -19,6 +19,7 @@ from agentkeys.ledger.base import (
     Reservation,
     StaleHold,
 )
+from agentkeys.ledger.limits import LimitAnswer, LimitRefusal, LimitRequest, LimitTicket
 from agentkeys.ledger.periods import Calendar
 from agentkeys.ledger.redis import RedisLedger
 from agentkeys.ledger.sqlite import SqliteLedger
@@ -47,6 +48,10 @@ __all__ = [
     "Ledger",
     "LedgerBusy",
     "LedgerUnavailable",
+    "LimitAnswer",
+    "LimitRefusal",
+    "LimitRequest",
+    "LimitTicket",
     "RedisLedger",
     "Refusal",
     "Reservation",

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from agentkeys.ledger.limits import LimitAnswer, LimitRequest, LimitTicket
+
 
 class LedgerUnavailable(Exception):
     """The store could not be reached or was locked too long; callers refuse the call (fail closed)."""
@@ -227,6 +229,18 @@ class Ledger(Protocol):
 
     def account_periods(self, account_id: str) -> list[PeriodSpend]:
         """Every period the account has books for, oldest first."""
+        ...
+
+    # ----- rate limits and the loop breaker -----
+
+    def take_limits(self, request: LimitRequest, now: float) -> LimitAnswer:
+        """Take every rate limit and loop-breaker count `request` asks, in one atomic step, or none of
+        them and say which limit refused (see `ledger.limits`)."""
+        ...
+
+    def return_limits(self, ticket: LimitTicket, used_tokens: int | None, now: float) -> None:
+        """A call's end: its concurrency slots freed, its tokens corrected to `used_tokens`; None: it was
+        never forwarded, so every count it took is given back."""
         ...
 
     def ping(self) -> None:

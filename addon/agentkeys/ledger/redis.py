@@ -21,6 +21,7 @@ Data (all names start with `agentkeys:`):
     account_keys:{id} set the ids of the keys minted for an account
     period:{account_id}:{period_id} hash  spent_micros, held_micros, top_up_micros: one period's books
     periods:{id}   set    the period ids an account has books for
+    rate:…, slots:…, calls:…, same:…   rate limits and the loop breaker (see `ledger.limits_redis`)
 
 Expiry is enforced twice. `reserve` compares the recorded `expires_at` with the caller's clock, and
 each key hash carries a Redis TTL of its remaining lifetime plus RETENTION_SECONDS, so keys vanish
@@ -59,6 +60,8 @@ from agentkeys.ledger.base import (
     Reservation,
     StaleHold,
 )
+from agentkeys.ledger.limits import LimitAnswer, LimitRequest, LimitTicket
+from agentkeys.ledger.limits_redis import GIVE_BACK, LIMITS_PRELUDE, TAKE, limit_answer, request_json
 from agentkeys.ledger.periods import Calendar
 
 PREFIX = "agentkeys:"
@@ -411,6 +414,7 @@ class RedisLedger:
         self._claim_token = script(CLAIM_TOKEN)
         self._create_account, self._update_account = script(PRELUDE + CREATE_ACCOUNT), script(PRELUDE + UPDATE_ACCOUNT)
         self._delete_account, self._top_up = script(PRELUDE + DELETE_ACCOUNT), script(PRELUDE + TOP_UP)
+        self._take_limits, self._give_back = script(LIMITS_PRELUDE + TAKE), script(LIMITS_PRELUDE + GIVE_BACK)
 
     @contextmanager
     def _store(self):
@@ -588,6 +592,17 @@ class RedisLedger:
             PeriodSpend(account_id, period_id, *(int(value or 0) for value in values))
             for period_id, values in zip(period_ids, found, strict=True)
         ]
+
+    # ----- rate limits and the loop breaker -----
+
+    def take_limits(self, request: LimitRequest, now: float) -> LimitAnswer:
+        with self._store():
+            return limit_answer(request, now, self._take_limits(args=[request_json(request), now]))
+
+    def return_limits(self, ticket: LimitTicket, used_tokens: int | None, now: float) -> None:
+        used = "" if used_tokens is None else used_tokens
+        with self._store():
+            self._give_back(args=[request_json(ticket.request), now, used])
 
     def close(self) -> None:
         self._redis.close()

@@ -27,6 +27,8 @@ from agentkeys.ledger.base import (
     Reservation,
     StaleHold,
 )
+from agentkeys.ledger.limits import LimitAnswer, LimitRequest, LimitTicket
+from agentkeys.ledger.limits_sqlite import LIMITS_SCHEMA, forget_idle, return_limits, take_limits
 from agentkeys.ledger.periods import Calendar
 from agentkeys.private import create_private_file
 
@@ -187,7 +189,7 @@ class SqliteLedger:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._add_missing_columns()
             self._replace_old_triggers()
-            self._db.executescript(SCHEMA)
+            self._db.executescript(SCHEMA + LIMITS_SCHEMA)
         except (sqlite3.Error, OSError) as e:
             raise LedgerUnavailable(f"cannot open {self.path}: {e}") from e
 
@@ -394,7 +396,16 @@ class SqliteLedger:
             purged = [key_id for (key_id,) in rows]
             db.executemany("DELETE FROM keys WHERE key_id = ?", rows)
             db.execute("DELETE FROM claimed_tokens WHERE expires_at <= ?", (now,))
+            forget_idle(db, now)
             return purged
+
+    def take_limits(self, request: LimitRequest, now: float) -> LimitAnswer:
+        with self._transaction() as db:
+            return take_limits(db, request, now)
+
+    def return_limits(self, ticket: LimitTicket, used_tokens: int | None, now: float) -> None:
+        with self._transaction() as db:
+            return_limits(db, ticket, used_tokens, now)
 
     def ping(self) -> None:
         """Take the write lock and let it go: a store that cannot be written cannot take a hold either."""

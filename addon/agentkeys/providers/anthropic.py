@@ -44,6 +44,8 @@ ERRORS = {
     DenyKind.UNAUTHENTICATED: (401, "authentication_error"),
     DenyKind.FORBIDDEN: (403, "permission_error"),
     DenyKind.BUDGET: (402, "billing_error"),
+    DenyKind.RATE_LIMITED: (429, "rate_limit_error"),
+    DenyKind.LOOP: (429, "rate_limit_error"),
     DenyKind.BAD_REQUEST: (400, "invalid_request_error"),
     DenyKind.TOO_LARGE: (413, "request_too_large"),
     DenyKind.UNAVAILABLE: (503, "api_error"),

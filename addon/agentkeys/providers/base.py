@@ -46,6 +46,8 @@ class DenyKind(Enum):
     UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN = "forbidden"
     BUDGET = "budget"
+    RATE_LIMITED = "rate_limited"  # a rate limit: the same call passes after its retry-after
+    LOOP = "loop"  # the loop breaker: the same call will not pass again
     BAD_REQUEST = "bad_request"
     TOO_LARGE = "too_large"
     UNAVAILABLE = "unavailable"

@@ -66,6 +66,8 @@ ERRORS = {
     DenyKind.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
     DenyKind.FORBIDDEN: (403, "permission_error", "forbidden"),
     DenyKind.BUDGET: (429, "insufficient_quota", "insufficient_quota"),
+    DenyKind.RATE_LIMITED: (429, "requests", "rate_limit_exceeded"),
+    DenyKind.LOOP: (429, "requests", "loop_detected"),
     DenyKind.BAD_REQUEST: (400, "invalid_request_error", "invalid_request"),
     DenyKind.TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
     DenyKind.UNAVAILABLE: (503, "server_error", "store_unavailable"),
