@@ -248,7 +248,7 @@ class AgentKeys:
         self.audit = audit_log_for(config, old_audit)  # the same one while its settings are the same
         if self.alerts:
             self.alerts.close(timeout=0)  # alerts still waiting to be delivered are dropped
-        self.alerts = Alerts(config.alerts, store, sender) if sender else None
+        self.alerts = Alerts(config.alerts, store, sender, config.calendar) if sender else None
         self._retire(None if same_store else old_gate, None if self.audit is old_audit else old_audit)
         self.metrics.watch_holds(lambda: len(self.gate.store.open_holds))
         for name, spec in config.providers.items():

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from agentkeys.calls import Denial
 from agentkeys.keys import describe
 from agentkeys.ledger import KeyRecord
+from agentkeys.ledger.periods import Calendar
 from agentkeys.money import Usd, dumps
 from agentkeys.policy import AlertsConfig, ProxyConfig
 from agentkeys.providers.base import DenyKind
@@ -140,10 +141,11 @@ class WebhookSender:
 class Alerts:
     """Which alerts a call raises, once each, handed to the sender."""
 
-    def __init__(self, spec: AlertsConfig, store: Store, sender: WebhookSender):
+    def __init__(self, spec: AlertsConfig, store: Store, sender: WebhookSender, calendar: Calendar):
         self.spec = spec
         self.store = store
         self.sender = sender
+        self.calendar = calendar  # the accounts' periods (the config's time_zone)
 
     async def after_settlement(self, key: KeyRecord, cost_micros: int) -> None:
         """A call was charged: the thresholds its key's spend has reached now."""
@@ -152,6 +154,8 @@ class Alerts:
         record = await self.store.key(key.key_id)
         if record is not None:
             await self.budget_reached(record, exhausted=False)
+        if key.account_id is not None:
+            await self.account_period_reached(key.account_id)
 
     async def after_refusal(self, denial: Denial) -> None:
         """A refusal: a budget that no longer covers a call is at 100%; a broken loop is an alert of its own."""
@@ -161,6 +165,8 @@ class Alerts:
             record = await self.store.key(denial.key.key_id)
             if record is not None:
                 await self.budget_reached(record, exhausted=True)
+            if denial.key.account_id is not None and self.spec.budget_thresholds:
+                await self.account_period_reached(denial.key.account_id)
         elif denial.kind is DenyKind.LOOP and self.spec.loops:
             until = min(self.store.clock() + LOOP_ALERT_EVERY, denial.key.expires_at + REMEMBERED_AFTER_EXPIRY)
             if await self.first_time("loop_broken", f"key:{denial.key.key_id}", until):
@@ -173,6 +179,24 @@ class Alerts:
         await self.thresholds_reached(
             f"key:{record.key_id}", subject, record.spent_micros, record.budget_micros, until, exhausted
         )
+
+    async def account_period_reached(self, account_id: str) -> None:
+        """Alert each threshold an account's spend has reached in its current period (once per period:
+        the next period starts afresh). From the settled spend, with the period's top-ups in its budget."""
+        account = await self.store.account(account_id)
+        if account is None:
+            return
+        now = self.store.clock()
+        period = self.calendar.period(account.period, now)
+        books = await self.store.period_books(account_id, period.period_id)
+        spent = books.spent_micros if books else 0
+        budget = account.budget_micros + (books.top_up_micros if books else 0)
+        subject = {
+            "at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+            "account": {"id": account_id, "name": account.name, "plan": account.plan_name, "period": period.period_id},
+        }
+        until = period.ends_at + REMEMBERED_AFTER_EXPIRY
+        await self.thresholds_reached(f"account:{account_id}:{period.period_id}", subject, spent, budget, until, False)
 
     async def thresholds_reached(
         self, who: str, subject: dict, spent_micros: int, budget_micros: int, until: float, exhausted: bool

@@ -25,6 +25,7 @@ from agentkeys.ledger import (
     LimitAnswer,
     LimitRequest,
     LimitTicket,
+    PeriodSpend,
     Refusal,
     Reservation,
     StaleHold,
@@ -105,6 +106,11 @@ class Store:
         """An account as the store has it now: its plan and status (a held call learns the status from the
         hold itself, in the same atomic step)."""
         return await self._ask(lambda ledger: ledger.get_account(account_id))
+
+    async def period_books(self, account_id: str, period_id: str) -> PeriodSpend | None:
+        """An account's books for one period, if it has any."""
+        periods = await self._ask(lambda ledger: ledger.account_periods(account_id))
+        return next((books for books in periods if books.period_id == period_id), None)
 
     async def claim_token(self, issuer: str, jti: str, expires_at: float) -> bool:
         """Remember an exchanged OIDC token until `expires_at`; False if it was exchanged already."""

@@ -2,6 +2,7 @@
 (a slow or dead receiver never makes `send` wait), and which alerts a key raises, once each."""
 
 import asyncio
+import dataclasses
 import re
 import threading
 import time
@@ -21,7 +22,8 @@ from agentkeys.alerts import (
     verify,
 )
 from agentkeys.calls import Denial
-from agentkeys.ledger import KeyRecord, SqliteLedger
+from agentkeys.ledger import AccountRecord, KeyRecord, SqliteLedger
+from agentkeys.ledger.periods import Calendar
 from agentkeys.policy import AlertsConfig, ProxyConfig, load_config
 from agentkeys.providers.base import DenyKind
 from agentkeys.store import Store
@@ -167,7 +169,7 @@ def key(store: Store, spent: int, budget: int = 1_000_000, key_id: str = "k1") -
 
 def alerts_on(store: Store, **fields) -> tuple[Alerts, Sent]:
     sent = Sent()
-    return Alerts(spec("http://127.0.0.1:9/hook", **fields), store, sent), sent
+    return Alerts(spec("http://127.0.0.1:9/hook", **fields), store, sent, Calendar("UTC")), sent
 
 
 def test_each_threshold_is_alerted_once_when_the_spend_reaches_it(store):
@@ -214,6 +216,33 @@ def test_other_refusals_and_free_calls_raise_nothing(store):
     asyncio.run(alerts.after_refusal(Denial(DenyKind.RATE_LIMITED, "rate limit", record)))
     asyncio.run(alerts.after_settlement(record, 0))
     assert sent.alerts == []
+
+
+def test_an_accounts_period_is_alerted_at_each_threshold_once_a_period(store):
+    """Every key of the account adds to it; a top-up raises the period's budget; the next day starts afresh."""
+    alerts, sent = alerts_on(store)
+    store.ledger.create_account(AccountRecord("acme", "Acme", "pro", "day", 1_000, NOW))
+    first = KeyRecord("k1", "h1", "a", "test", "{}", NOW, NOW + 10 * 86_400, 10_000, account_id="acme")
+    second = dataclasses.replace(first, key_id="k2", key_hash="h2")
+    for record, spend in ((first, 300), (second, 300), (first, 100)):
+        if store.ledger.get_key(record.key_id) is None:
+            store.ledger.create_key(record)
+        hold = store.ledger.reserve(record.key_id, spend, NOW)
+        store.ledger.settle(hold.hold_id, spend)
+        asyncio.run(alerts.after_settlement(record, spend))
+    day = Calendar("UTC").period("day", NOW).period_id
+    account_alerts = [p for _, p in sent.alerts if "account" in p]
+    assert [(p["threshold_percent"], p["account"]["period"]) for p in account_alerts] == [(50, day)]
+    store.ledger.top_up("acme", 1_000, NOW)  # 700 of 2,000: below 50% again, nothing new
+    hold = store.ledger.reserve("k2", 950, NOW)
+    store.ledger.settle(hold.hold_id, 950)
+    asyncio.run(alerts.after_settlement(second, 950))  # 1,650 of 2,000
+    assert [p["threshold_percent"] for _, p in sent.alerts if "account" in p] == [50, 80]
+    store.clock = lambda: NOW + 86_400
+    hold = store.ledger.reserve("k1", 600, NOW + 86_400)
+    store.ledger.settle(hold.hold_id, 600)
+    asyncio.run(alerts.after_settlement(first, 600))  # a new day: 600 of 1,000
+    assert [p["threshold_percent"] for _, p in sent.alerts if "account" in p] == [50, 80, 50]
 
 
 # ----- the config -----
