@@ -190,6 +190,8 @@ def start_proxy(directory: Path, mock: MockProvider, launcher: str = "serve", **
     proxy = Proxy(directory, config_path, proxy_port, gateway_port, metrics_port, process, log_path)
     wait_for_port(proxy_port, process, log_path)
     wait_for_port(gateway_port, process, log_path)
+    if config["metrics_port"]:  # probes and metrics: served a moment after the listeners
+        wait_for_port(config["metrics_port"], process, log_path)
     wait_for_store(config_path, process, log_path)
     return proxy
 
