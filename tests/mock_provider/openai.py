@@ -7,6 +7,7 @@ turns a request body into a ``Call`` (the tokens billed) and renders the reply, 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import struct
 import time
 import uuid
@@ -17,10 +18,6 @@ from mock_provider.call import Call, limited, sse, text_of
 
 if TYPE_CHECKING:
     from mock_provider.server import MockProvider
-
-# Tokens a Responses API call inherits from the response it continues (`previous_response_id`):
-# input the proxy cannot see.
-PREVIOUS_RESPONSE_TOKENS = 500
 
 
 def authorized(headers: dict[str, str], mock_provider: MockProvider) -> bool:
@@ -155,7 +152,9 @@ class Responses:
             return "We could not parse the JSON body of your request."
         if not isinstance(body.get("model"), str):
             return "you must provide a model parameter"
-        if not isinstance(body.get("input"), str | list) and not body.get("previous_response_id"):
+        if not isinstance(body.get("input"), str | list) and not (
+            body.get("previous_response_id") or body.get("conversation")
+        ):
             return "Missing required parameter: 'input'."
         if body.get("max_output_tokens") is not None and not isinstance(body["max_output_tokens"], int):
             return "Invalid type for 'max_output_tokens': expected an integer."
@@ -169,8 +168,6 @@ class Responses:
         if isinstance(body.get("instructions"), str):
             items.insert(0, {"role": "system", "content": body["instructions"]})
         input_tokens = 3 + sum(3 + count(str(i.get("role", ""))) + count(text_of(i.get("content"))) for i in items)
-        if body.get("previous_response_id"):
-            input_tokens += PREVIOUS_RESPONSE_TOKENS
         n, reasoning, truncated = limited(body.get("max_output_tokens"), output_tokens, "reasoning" in body)
         return Call(
             body["model"], input_tokens, n, truncated, body.get("stream") is True,
@@ -235,6 +232,36 @@ class Responses:
             event("response.incomplete" if call.truncated else "response.completed", response=done),
         ]
         return head, content, tail
+
+
+class Compact:
+    """`POST /v1/responses/compact`: a conversation compacted into one opaque item, billed as a model call.
+
+    It takes no output limit: the compacted item is the model's own length (the mock's output tokens).
+    """
+
+    name = "openai"
+    error = Chat.error
+    invalid = Responses.invalid
+    usage = Responses.usage
+
+    @staticmethod
+    def call(body: dict, count: Callable[[str], int], output_tokens: int, cache: set[str] | None = None) -> Call:
+        return dataclasses.replace(
+            Responses.call({**body, "max_output_tokens": None}, count, output_tokens), stream=False
+        )
+
+    @classmethod
+    def completion(cls, call: Call, body: dict | None = None) -> dict:
+        item = {
+            "type": "compaction",
+            "id": f"cmp_mock{uuid.uuid4().hex}",
+            "encrypted_content": "x" * call.output_tokens,
+        }
+        return {
+            "id": f"resp_mock{uuid.uuid4().hex}", "object": "response.compaction", "created_at": int(time.time()),
+            "output": [item], "usage": cls.usage(call),
+        }  # fmt: skip
 
 
 def _one_or_many(given: Any) -> list:
@@ -333,6 +360,7 @@ class Embeddings:
 APIS = {
     "/v1/chat/completions": Chat,
     "/v1/responses": Responses,
+    "/v1/responses/compact": Compact,
     "/v1/completions": Completions,
     "/v1/embeddings": Embeddings,
 }

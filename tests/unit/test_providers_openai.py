@@ -6,7 +6,7 @@ import pytest
 
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import MalformedRequest
+from agentkeys.providers.base import MalformedRequest, Unmeterable
 from agentkeys.providers.openai import (
     IMAGE_TOKEN_ALLOWANCE,
     TOKENS_PER_MESSAGE,
@@ -222,3 +222,63 @@ def test_any_other_item_is_every_field_counted():
 def test_an_item_that_is_not_an_object_is_malformed():
     with pytest.raises(MalformedRequest, match="input item"):
         response_item_tokens(count, "text", set())
+
+
+# ----- tools: which the client runs (tokens only) and which are billed per use -----
+
+
+def responses_with_tools(*tools) -> bytes:
+    return json.dumps({"model": "gpt-4o-mini", "input": "hi", "tools": list(tools)}).encode()
+
+
+FUNCTION_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"type": "shell"},
+        {"type": "shell", "environment": {"type": "local"}},
+        {"type": "computer"},
+        {"type": "local_shell"},
+        {"type": "namespace", "name": "n", "tools": [FUNCTION_TOOL, {"type": "custom", "name": "c"}]},
+    ],
+)
+def test_tools_the_client_runs_are_read_as_tokens(tool):
+    facts = FORMATS["openai"].request_facts("POST", "/v1/responses", responses_with_tools(tool))
+    plain = FORMATS["openai"].request_facts("POST", "/v1/responses", responses_with_tools())
+    assert facts.input_token_bound > plain.input_token_bound
+
+
+@pytest.mark.parametrize(
+    ("tool", "complaint"),
+    [
+        ({"type": "shell", "environment": {"type": "container_auto"}}, "'container_auto' environment"),
+        ({"type": "web_search_preview"}, "billed per use"),
+        ({"type": "image_generation"}, "billed per use"),
+        ({"type": "namespace", "name": "n", "tools": [{"type": "mcp", "server_label": "x"}]}, "'mcp'"),
+        ({"type": "new_hosted_thing"}, "not one this proxy knows"),
+    ],
+)
+def test_tools_billed_per_use_or_unknown_are_unmeterable(tool, complaint):
+    with pytest.raises(Unmeterable, match=complaint):
+        FORMATS["openai"].request_facts("POST", "/v1/responses", responses_with_tools(tool))
+
+
+@pytest.mark.parametrize(
+    "tool", [{"type": "namespace", "name": "n"}, {"type": "shell", "environment": "local"}, "function"]
+)
+def test_malformed_tools_are_bad_requests(tool):
+    with pytest.raises(MalformedRequest):
+        FORMATS["openai"].request_facts("POST", "/v1/responses", responses_with_tools(tool))
+
+
+def test_compaction_is_metered_and_takes_no_output_limit():
+    body = json.dumps({"model": "gpt-4o-mini", "input": "a long chat", "max_output_tokens": 5}).encode()
+    facts = FORMATS["openai"].request_facts("POST", "/v1/responses/compact", body)
+    assert facts.metered and facts.max_output_tokens is None and not facts.takes_output_limit
+
+
+def test_side_traffic_is_free():
+    for method, path in [("POST", "/v1/traces/ingest"), ("GET", "/v1/conversations/conv_1/items")]:
+        assert FORMATS["openai"].endpoint_kind(method, path) == "free"

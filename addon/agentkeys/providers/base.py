@@ -70,6 +70,7 @@ class RequestFacts:
     unseen_input: str | None = None
     may_write_cache: bool = True  # whether the provider may bill prompt-cache writes for this call
     client_wants_stream_usage: bool = True
+    takes_output_limit: bool = True  # False: the endpoint has no output limit to send, so the model's own bounds it
 
     def __post_init__(self):
         if self.choices * (self.max_output_tokens or 1) > MAX_TOKENS_LIMIT:

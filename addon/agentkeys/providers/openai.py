@@ -4,6 +4,7 @@ streaming and not, and the free reads (models, stored responses, input token cou
 Azure OpenAI sends the same bodies on other paths: `azure.py` maps its paths onto these endpoints.
 """
 
+import dataclasses
 import json
 
 from agentkeys.pricing import Usage
@@ -29,9 +30,10 @@ from agentkeys.tokens import TextBound, text_bound
 
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
+COMPACT = "/v1/responses/compact"  # a conversation compacted by the model: a model call, with no output limit
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
-METERED = [("POST", CHAT), ("POST", RESPONSES), ("POST", COMPLETIONS), ("POST", EMBEDDINGS)]
+METERED = [("POST", CHAT), ("POST", RESPONSES), ("POST", COMPACT), ("POST", COMPLETIONS), ("POST", EMBEDDINGS)]
 FREE = [
     ("GET", "/v1/models"),
     ("GET", "/v1/models/*"),
@@ -39,6 +41,17 @@ FREE = [
     ("GET", "/v1/responses/*/input_items"),
     ("DELETE", "/v1/responses/*"),
     ("POST", "/v1/responses/input_tokens"),
+    # Side traffic SDKs send on their own: the Agents SDK's traces, and the Conversations API's objects
+    # (a conversation's items are billed as input only when a response uses them, which is metered).
+    ("POST", "/v1/traces/ingest"),
+    ("POST", "/v1/conversations"),
+    ("GET", "/v1/conversations/*"),
+    ("POST", "/v1/conversations/*"),
+    ("DELETE", "/v1/conversations/*"),
+    ("GET", "/v1/conversations/*/items"),
+    ("POST", "/v1/conversations/*/items"),
+    ("GET", "/v1/conversations/*/items/*"),
+    ("DELETE", "/v1/conversations/*/items/*"),
 ]
 # Where each endpoint takes its output limit, preferred field first.
 CAP_FIELDS = {
@@ -56,9 +69,16 @@ REPLY_PRIMING_TOKENS = 3
 IMAGE_TOKEN_ALLOWANCE = 50_000
 # Tool definitions and structured-output schemas are rewritten by OpenAI into a system prompt of its own.
 TOOLS_OVERHEAD_TOKENS = 1_000
-# Tools the client runs itself: they cost only tokens. Hosted ones (web search, file search, code
-# interpreter, image generation, MCP, …) are billed per use and bring in input of their own.
-CLIENT_TOOL_TYPES = {"function", "custom", "computer_use_preview", "local_shell", "apply_patch"}
+# Tools the client runs itself: they cost only tokens (their definitions, calls and results). `shell` is
+# the client's only with a local environment; a `namespace` groups other tools and is judged by them.
+CLIENT_TOOL_TYPES = {"function", "custom", "computer", "computer_use_preview", "local_shell", "apply_patch"}
+# Tools OpenAI runs and bills per use (searches, containers, generated images) or that bring in input of
+# their own (MCP servers' listings): refused by name. A type in neither list is refused as unknown.
+HOSTED_TOOL_TYPES = {
+    "web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11", "file_search",
+    "code_interpreter", "image_generation", "mcp", "tool_search",
+}  # fmt: skip
+LOCAL_SHELL_ENVIRONMENTS = {None, "local"}
 # Service tiers billed at the standard prices or less; `priority` costs more than the price table says.
 STANDARD_SERVICE_TIERS = {None, "auto", "default", "flex"}
 
@@ -191,6 +211,13 @@ def read_responses(data: dict, exact: bool) -> RequestFacts:
     )
 
 
+def read_compact(data: dict, exact: bool) -> RequestFacts:
+    """A compaction reads what a response would (input, instructions, a previous response) and writes one
+    item of the model's own length: it takes no output limit, so the model's own limit bounds it."""
+    facts = read_responses(data, exact)
+    return dataclasses.replace(facts, endpoint=COMPACT, max_output_tokens=None, stream=False, takes_output_limit=False)
+
+
 def read_completions(data: dict, exact: bool) -> RequestFacts:
     model = required_model(data)
     count = text_bound(model, exact)
@@ -220,7 +247,13 @@ def read_embeddings(data: dict, exact: bool) -> RequestFacts:
     return RequestFacts(metered=True, endpoint=EMBEDDINGS, model=model, max_output_tokens=0, input_token_bound=tokens)
 
 
-READERS = {CHAT: read_chat, RESPONSES: read_responses, COMPLETIONS: read_completions, EMBEDDINGS: read_embeddings}
+READERS = {
+    CHAT: read_chat,
+    RESPONSES: read_responses,
+    COMPACT: read_compact,
+    COMPLETIONS: read_completions,
+    EMBEDDINGS: read_embeddings,
+}
 
 
 def prompt_tokens(count: TextBound, prompt, field: str) -> tuple[int, int]:
@@ -295,12 +328,44 @@ def tools_tokens(count: TextBound, tools) -> int:
     if not isinstance(tools, list):
         raise MalformedRequest("'tools' must be a list")
     for tool in tools:
-        kind = tool.get("type", "function") if isinstance(tool, dict) else None
-        if kind not in CLIENT_TOOL_TYPES:
-            raise Unmeterable(
-                f"the hosted tool {kind!r} is billed per use, beyond tokens, so this proxy cannot meter it"
-            )
+        check_client_tool(tool)
     return TOOLS_OVERHEAD_TOKENS + count(json.dumps(tools))
+
+
+def check_client_tool(tool) -> None:
+    """Unmeterable unless the client runs the tool itself (so it costs only tokens); see CLIENT_TOOL_TYPES."""
+    if not isinstance(tool, dict):
+        raise MalformedRequest("each tool must be an object")
+    kind = tool.get("type", "function")
+    if kind == "namespace":
+        members = tool.get("tools")
+        if not isinstance(members, list):
+            raise MalformedRequest("a 'namespace' tool must list its 'tools'")
+        for member in members:
+            check_client_tool(member)
+    elif kind == "shell":
+        environment = shell_environment(tool)
+        if environment not in LOCAL_SHELL_ENVIRONMENTS:
+            raise Unmeterable(
+                f"the hosted tool 'shell' with a {environment!r} environment runs in a container billed per use,"
+                " so this proxy cannot meter it (a shell with a local environment is allowed)"
+            )
+    elif kind in HOSTED_TOOL_TYPES or (isinstance(kind, str) and kind.startswith("web_search")):
+        raise Unmeterable(f"the hosted tool {kind!r} is billed per use, beyond tokens, so this proxy cannot meter it")
+    elif kind not in CLIENT_TOOL_TYPES:
+        raise Unmeterable(
+            f"the tool type {kind!r} is not one this proxy knows to cost only tokens, so it cannot meter it"
+        )
+
+
+def shell_environment(tool: dict) -> str | None:
+    """Where a `shell` tool runs: None (not said: the client) or its environment's type."""
+    environment = tool.get("environment")
+    if environment is None:
+        return None
+    if not isinstance(environment, dict):
+        raise MalformedRequest("a 'shell' tool's 'environment' must be an object")
+    return environment.get("type")
 
 
 def instructions_tokens(count: TextBound, data: dict) -> int:
