@@ -1,14 +1,22 @@
 """What agent frameworks send besides plain model calls, through the real proxy with the official SDKs:
 the Agents SDK's traces and the Conversations API (free, when the policy lists them), tools the client
-runs itself (admitted) and hosted ones (refused, saying why), and compaction (metered as a model call)."""
+runs itself (admitted) and hosted ones (refused, saying why), compaction (metered as a model call), and
+documents (a PDF held by its pages in every format; a file only the provider reads at the context window)."""
 
+import base64
 import ssl
 
+import anthropic
 import openai
 import pytest
+from documents import blank_pdf
 
 from agentkeys.pricing import Usage, cost_micros
+from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE as ANTHROPIC_IMAGE_TOKENS
+from agentkeys.providers.documents import PDF_PAGE_TEXT_TOKENS
+from agentkeys.providers.openai import IMAGE_TOKEN_ALLOWANCE as OPENAI_IMAGE_TOKENS
 from conftest import assert_metered, billed, httpx, settled, write_policy
+from mock_provider.documents import PAGE_TEXT_TOKENS
 from prices import price_of
 
 FREE_SIDE_TRAFFIC = [
@@ -20,6 +28,7 @@ FREE_SIDE_TRAFFIC = [
     "POST /v1/conversations/*/items",
 ]
 ENDPOINTS = ["POST /v1/responses", "POST /v1/responses/compact", "POST /v1/chat/completions", *FREE_SIDE_TRAFFIC]
+DATA_URL = "data:application/pdf;base64,"
 # What the Agents SDK's BackendSpanExporter posts at the end of a run.
 TRACE_BATCH = {"data": [{"object": "trace", "id": "trace_0123456789abcdef", "workflow_name": "Agent workflow"}]}
 
@@ -28,7 +37,7 @@ TRACE_BATCH = {"data": [{"object": "trace", "id": "trace_0123456789abcdef", "wor
 def policies(tmp_path_factory):
     folder = tmp_path_factory.mktemp("policies")
     return {
-        "agents": write_policy(folder, "agents", endpoints=ENDPOINTS, max_output_tokens=512),
+        "agents": write_policy(folder, "agents", endpoints=[*ENDPOINTS, "POST /v1/messages"], max_output_tokens=512),
         "models-only": write_policy(folder, "models-only", endpoints=["POST /v1/responses"]),
     }
 
@@ -151,3 +160,51 @@ def test_compaction_is_refused_where_the_policy_does_not_list_it(proxy, mock, po
     with pytest.raises(openai.PermissionDeniedError) as refused:
         gateway_client(proxy, key).responses.compact(model="gpt-4o-mini", input="hi")
     assert "POST /v1/responses/compact is not allowed by policy models-only" in refused.value.message
+
+
+# ----- documents: one rule in every format -----
+
+PDF = base64.b64encode(blank_pdf(2)).decode()
+PDF_FILE = {"filename": "a.pdf", "file_data": DATA_URL + PDF}
+PDF_SOURCE = {"type": "base64", "media_type": "application/pdf", "data": PDF}
+PDF_PARTS = {
+    "chat-file": ("openai", "chat", {"type": "file", "file": PDF_FILE}),
+    "responses-input-file": ("openai", "responses", {"type": "input_file", **PDF_FILE}),
+    "anthropic-document": ("anthropic", "messages", {"type": "document", "source": PDF_SOURCE}),
+}
+
+
+def send_document(proxy, key, api: str, part: dict):
+    if api == "messages":
+        client = anthropic.Anthropic(api_key=key["key"], base_url=f"{proxy.gateway_url}/anthropic", max_retries=0)
+        content = [part, {"type": "text", "text": "Summarise."}]
+        return client.messages.create(model="claude-haiku-4-5", max_tokens=20, messages=[user(content)])
+    client = gateway_client(proxy, key)
+    if api == "chat":
+        return client.chat.completions.create(model="gpt-4o-mini", max_tokens=20, messages=[user([part])])
+    content = [part, {"type": "input_text", "text": "Summarise."}]
+    return client.responses.create(model="gpt-4o-mini", max_output_tokens=20, input=[user(content)])
+
+
+def user(content) -> dict:
+    return {"role": "user", "content": content}
+
+
+@pytest.mark.parametrize(("provider", "api", "part"), PDF_PARTS.values(), ids=PDF_PARTS.keys())
+def test_an_inline_pdf_is_held_by_its_pages_and_metered(proxy, mock, key, provider, api, part):
+    send_document(proxy, key, api, part)
+    usage, price = billed(mock), price_of("gpt-4o-mini" if provider == "openai" else "claude-haiku-4-5", provider)
+    assert usage.input_tokens > 2 * PAGE_TEXT_TOKENS, "the mock billed the pages"
+    record = settled(proxy, key)
+    assert_metered(record, usage, cost_micros(price, usage))
+    image = {"openai": OPENAI_IMAGE_TOKENS, "anthropic": ANTHROPIC_IMAGE_TOKENS}[provider]
+    pages_held = cost_micros(price, Usage(2 * (image + PDF_PAGE_TEXT_TOKENS), 0))
+    assert pages_held <= record["hold_micros"] < pages_held + cost_micros(price, Usage(5_000, 20))
+
+
+def test_a_file_only_the_provider_can_read_is_held_at_the_context_window(proxy, mock, key):
+    part = {"type": "input_file", "file_id": "file-abc123"}
+    send_document(proxy, key, "responses", part)
+    price = price_of("gpt-4o-mini", "openai")
+    record = settled(proxy, key)
+    assert record["hold_micros"] >= cost_micros(price, Usage(price.max_input_tokens, 20))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from mock_provider import anthropic, azure, gemini, objects, openai
+from mock_provider import anthropic, azure, documents, gemini, objects, openai
 from mock_provider.call import Received
 from mock_provider.tokens import count_o200k_tokens, o200k
 
@@ -209,6 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, api.error(400, "this mock streams Gemini only as server-sent events (?alt=sse)"))
             return
         call = api.call(body, mock_provider.count_tokens, mock_provider.output_tokens, mock_provider._prompt_cache)
+        call = dataclasses.replace(call, input_tokens=call.input_tokens + documents.billed_tokens(body, api.name))
         if api in (openai.Responses, openai.Compact):  # a continuation brings in what it continues
             call = dataclasses.replace(call, input_tokens=call.input_tokens + mock_provider.contexts.inherited(body))
         echo = mock_provider._take_echo()

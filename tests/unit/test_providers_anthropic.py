@@ -1,9 +1,14 @@
 """Anthropic's messages format (providers/anthropic.py): request facts, the stream meter, usage with cache writes."""
 
+import base64
 import json
+
+from documents import blank_pdf
 
 from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers import FORMATS
+from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE
+from agentkeys.providers.documents import PDF_PAGE_TEXT_TOKENS
 from prices import expected_cost
 from sse_events import feed_all, sse
 
@@ -87,3 +92,25 @@ def test_anthropic_one_hour_cache_writes_are_told_apart():
     haiku = PRICES.lookup("anthropic", "claude-haiku-4-5")
     expected = expected_cost("claude-haiku-4-5", input=5, cache_write=100, cache_write_1h=200, output=1)
     assert cost_micros(haiku, parsed) == expected
+
+
+def document_facts(source: dict):
+    block = {"type": "document", "source": source, "title": "paper"}
+    body = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [block]}]}
+    return FORMATS["anthropic"].request_facts("POST", "/v1/messages", json.dumps(body).encode())
+
+
+def test_documents_follow_one_rule_pages_bytes_or_unseen():
+    pdf = document_facts({"type": "base64", "media_type": "application/pdf", "data": b64(blank_pdf(3))})
+    assert 3 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS) < pdf.input_token_bound
+    assert pdf.input_token_bound < 4 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS) and pdf.unseen_input is None
+    text = document_facts({"type": "text", "media_type": "text/plain", "data": "é" * 1000})
+    assert 2000 < text.input_token_bound < 2200 and text.unseen_input is None
+    content = document_facts({"type": "content", "content": [{"type": "text", "text": "x" * 500}]})
+    assert 500 < content.input_token_bound < 700 and content.unseen_input is None
+    for source in ({"type": "url", "url": "https://example.com/a.pdf"}, {"type": "file", "file_id": "file_1"}):
+        assert document_facts(source).unseen_input == "document"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

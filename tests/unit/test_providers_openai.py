@@ -1,12 +1,15 @@
 """OpenAI's wire formats (providers/openai.py): request facts, chat and Responses stream meters, usage."""
 
+import base64
 import json
 
 import pytest
+from documents import blank_pdf
 
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import MalformedRequest, Unmeterable
+from agentkeys.providers.documents import PDF_PAGE_TEXT_TOKENS
 from agentkeys.providers.openai import (
     IMAGE_TOKEN_ALLOWANCE,
     TOKENS_PER_MESSAGE,
@@ -152,31 +155,52 @@ def count(text: str) -> int:
 
 @pytest.mark.parametrize("kind", ["image_url", "input_image", "image"])
 def test_an_image_part_is_held_at_the_image_allowance(kind):
-    assert content_part_tokens(count, {"type": kind, "image_url": {"url": "x" * 500}}) == IMAGE_TOKEN_ALLOWANCE
+    assert content_part_tokens(count, {"type": kind, "image_url": {"url": "x" * 500}}, set()) == IMAGE_TOKEN_ALLOWANCE
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "file", "file": {"file_id": "file-1"}},
+        {"type": "input_file", "file_id": "file-1"},
+        {"type": "input_file", "file_url": "https://example.com/paper.pdf"},
+        {"type": "input_file", "file_data": "data:application/vnd.ms-excel;base64,AAAA"},
+        {"type": "input_file", "file_data": "data:application/pdf;base64,bm90IGEgcGRm"},  # "not a pdf"
+    ],
+)
+def test_a_document_only_the_provider_can_read_is_unseen_input(part):
+    unseen = set()
+    content_part_tokens(count, part, unseen)
+    assert unseen == {part["type"]}
 
 
 @pytest.mark.parametrize("kind", ["file", "input_file"])
-def test_a_file_part_cannot_be_bounded(kind):
-    with pytest.raises(MalformedRequest, match="file parts"):
-        content_part_tokens(count, {"type": kind, "file_id": "f"})
+def test_an_inline_pdf_is_held_by_its_pages(kind):
+    pdf = "data:application/pdf;base64," + base64.b64encode(blank_pdf(3)).decode()
+    part = {"type": kind, "file": {"filename": "a.pdf", "file_data": pdf}} if kind == "file" else {
+        "type": kind, "filename": "a.pdf", "file_data": pdf}  # fmt: skip
+    unseen = set()
+    assert content_part_tokens(count, part, unseen) >= 3 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS)
+    assert content_part_tokens(count, part, unseen) < 4 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS)
+    assert unseen == set()
 
 
 def test_a_text_part_is_its_text_and_one():
-    assert content_part_tokens(count, {"type": "text", "text": "hello"}) == 6
-    assert content_part_tokens(count, {"type": "input_text", "text": ""}) == 1
+    assert content_part_tokens(count, {"type": "text", "text": "hello"}, set()) == 6
+    assert content_part_tokens(count, {"type": "input_text", "text": ""}, set()) == 1
 
 
 @pytest.mark.parametrize("part", [{"type": "text", "text": 5}, {"type": "other", "data": "abc"}, "plain", 7])
 def test_any_other_part_is_its_json(part):
-    assert content_part_tokens(count, part) == len(json.dumps(part))
+    assert content_part_tokens(count, part, set()) == len(json.dumps(part))
 
 
 def test_content_is_text_parts_or_json():
-    assert content_tokens(count, "abc") == 3
-    assert content_tokens(count, [{"type": "text", "text": "ab"}, {"type": "text", "text": "c"}]) == 3 + 2
-    assert content_tokens(count, {"a": 1}) == len(json.dumps({"a": 1}))
-    assert content_tokens(count, None) == 0
-    assert content_tokens(count, 12) == 0
+    assert content_tokens(count, "abc", set()) == 3
+    assert content_tokens(count, [{"type": "text", "text": "ab"}, {"type": "text", "text": "c"}], set()) == 3 + 2
+    assert content_tokens(count, {"a": 1}, set()) == len(json.dumps({"a": 1}))
+    assert content_tokens(count, None, set()) == 0
+    assert content_tokens(count, 12, set()) == 0
 
 
 def test_an_item_reference_is_unseen_input():
@@ -206,7 +230,9 @@ def test_a_message_item_is_its_parts_and_its_other_fields():
 def test_a_message_item_with_a_file_has_unseen_input_and_the_rest_counted():
     item = {"role": "user", "content": [{"type": "input_file", "file_id": "f"}, {"type": "input_text", "text": "hi"}]}
     unseen = set()
-    assert response_item_tokens(count, item, unseen) == TOKENS_PER_MESSAGE + 3 + len(json.dumps({"role": "user"}))
+    rest = TOKENS_PER_MESSAGE + len(json.dumps(item["content"][0]))  # its fields, beside what only OpenAI sees
+    expected = TOKENS_PER_MESSAGE + rest + 3 + len(json.dumps({"role": "user"}))
+    assert response_item_tokens(count, item, unseen) == expected
     assert unseen == {"input_file"}
 
 

@@ -26,6 +26,7 @@ from agentkeys.providers.base import (
     usage_object,
     utf8_len,
 )
+from agentkeys.providers.documents import data_url_tokens
 from agentkeys.tokens import TextBound, text_bound
 
 CHAT = "/v1/chat/completions"
@@ -168,6 +169,7 @@ def read_chat(data: dict, exact: bool) -> RequestFacts:
     if "audio" in (data.get("modalities") or []) or has_audio_input(messages):
         raise Unmeterable("audio tokens are priced apart from text, so this proxy cannot meter them yet")
     stream_options = stream_options_of(data)
+    unseen: set[str] = set()
     return RequestFacts(
         metered=True,
         endpoint=CHAT,
@@ -175,7 +177,8 @@ def read_chat(data: dict, exact: bool) -> RequestFacts:
         max_output_tokens=optional_positive_int(data, "max_completion_tokens", "max_tokens"),
         choices=optional_positive_int(data, "n") or 1,
         stream=data.get("stream") is True,
-        input_token_bound=chat_input_bound(count, messages, data),
+        input_token_bound=chat_input_bound(count, messages, data, unseen),
+        unseen_input=", ".join(sorted(unseen)) or None,
         client_wants_stream_usage=bool(stream_options.get("include_usage")),
     )
 
@@ -289,11 +292,12 @@ def usage_from_object(usage) -> Usage | None:
     )
 
 
-def chat_input_bound(count: TextBound, messages: list, data: dict) -> int:
+def chat_input_bound(count: TextBound, messages: list, data: dict, unseen: set[str]) -> int:
     """An upper bound on the prompt tokens OpenAI will bill for these messages.
 
     Text is counted with the model's own tiktoken encoding; images get the most any image can cost;
-    tool definitions and a structured-output schema become prompt text too.
+    documents are bounded as documents.py says; tool definitions and a structured-output schema become
+    prompt text too. What only OpenAI can see (a file by id) goes into `unseen`.
     """
     tokens = REPLY_PRIMING_TOKENS
     for message in messages:
@@ -301,7 +305,7 @@ def chat_input_bound(count: TextBound, messages: list, data: dict) -> int:
             raise MalformedRequest("each message must be an object")
         tokens += TOKENS_PER_MESSAGE
         for value in message.values():
-            tokens += content_tokens(count, value)
+            tokens += content_tokens(count, value, unseen)
     tokens += tools_tokens(count, data.get("tools") or data.get("functions"))
     return tokens + schema_tokens(count, data.get("response_format"))
 
@@ -373,33 +377,44 @@ def instructions_tokens(count: TextBound, data: dict) -> int:
     return TOKENS_PER_MESSAGE + count(instructions) if isinstance(instructions, str) else 0
 
 
-def content_tokens(count: TextBound, value) -> int:
+def content_tokens(count: TextBound, value, unseen: set[str]) -> int:
     if isinstance(value, str):
         return count(value)
     if isinstance(value, list):
-        return sum(content_part_tokens(count, part) for part in value)
+        return sum(content_part_tokens(count, part, unseen) for part in value)
     if isinstance(value, dict):
         return count(json.dumps(value))
     return 0
 
 
-def content_part_tokens(count: TextBound, part) -> int:
+def content_part_tokens(count: TextBound, part, unseen: set[str]) -> int:
     if isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
         return IMAGE_TOKEN_ALLOWANCE
     if isinstance(part, dict) and part.get("type") in ("file", "input_file"):
-        raise MalformedRequest(
-            "file parts (PDFs and other documents) cannot be bounded in tokens before the call,"
-            " so they cannot be metered by this proxy yet"
-        )
+        return file_part_tokens(count, part, unseen)
     if isinstance(part, dict) and isinstance(part.get("text"), str):
         return count(part["text"]) + 1
     return count(json.dumps(part))
 
 
+def file_part_tokens(count: TextBound, part: dict, unseen: set[str]) -> int:
+    """A chat `file` part (`{"file": {"file_data": …}}`) or a Responses `input_file`: an inline document
+    as documents.py bounds it (plus its other fields, such as its name); one by id or URL is unseen."""
+    fields = part.get("file") if part.get("type") == "file" else part
+    if not isinstance(fields, dict):
+        raise MalformedRequest(f"a {part.get('type')!r} part must be an object")
+    data = fields.get("file_data")
+    tokens = data_url_tokens(data, IMAGE_TOKEN_ALLOWANCE) if isinstance(data, str) else None
+    if tokens is None:
+        unseen.add(part["type"])
+        tokens = 0
+    return TOKENS_PER_MESSAGE + tokens + count(json.dumps({k: v for k, v in fields.items() if k != "file_data"}))
+
+
 def response_item_tokens(count: TextBound, item, unseen: set[str]) -> int:
     """A bound on one Responses API input item; what only the provider can see goes into `unseen`.
 
-    A file is read by OpenAI (so is an item referenced by id): both are bounded by the context window.
+    A file is bounded as documents.py says; an item referenced by id is bounded by the context window.
     Reasoning carried over from an earlier turn is counted by the bytes of its (encrypted) text.
     """
     if not isinstance(item, dict):
@@ -412,12 +427,9 @@ def response_item_tokens(count: TextBound, item, unseen: set[str]) -> int:
         return TOKENS_PER_MESSAGE + utf8_len(item)
     content = item.get("content")
     if kind == "message" and isinstance(content, list):
-        rest = [part for part in content if not (isinstance(part, dict) and part.get("type") == "input_file")]
-        if len(rest) < len(content):
-            unseen.add("input_file")
         others = {k: v for k, v in item.items() if k != "content"}
-        return TOKENS_PER_MESSAGE + content_tokens(count, rest) + count(json.dumps(others))
-    return TOKENS_PER_MESSAGE + sum(content_tokens(count, value) for value in item.values())
+        return TOKENS_PER_MESSAGE + content_tokens(count, content, unseen) + count(json.dumps(others))
+    return TOKENS_PER_MESSAGE + sum(content_tokens(count, value, unseen) for value in item.values())
 
 
 class ChatStreamMeter:
