@@ -100,6 +100,10 @@ class AnthropicFormat:
             return None
         return usage_from_object(usage)
 
+    def stored_response(self, facts: RequestFacts, body: bytes) -> None:
+        """This provider keeps no response for a later call to continue."""
+        return None
+
     def stream_meter(self, facts: RequestFacts) -> "MessagesStreamMeter":
         return MessagesStreamMeter()
 

@@ -115,6 +115,10 @@ class GeminiFormat:
             return None
         return usage_from_metadata(metadata)
 
+    def stored_response(self, facts: RequestFacts, body: bytes) -> None:
+        """This provider keeps no response for a later call to continue."""
+        return None
+
     def stream_meter(self, facts: RequestFacts) -> "GenerateStreamMeter":
         return GenerateStreamMeter()
 

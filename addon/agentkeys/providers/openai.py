@@ -13,6 +13,7 @@ from agentkeys.providers.base import (
     MalformedRequest,
     RequestFacts,
     SseEvent,
+    StoredResponse,
     StreamResult,
     Unmeterable,
     UsageRejected,
@@ -68,6 +69,9 @@ TOKENS_PER_MESSAGE = 4
 REPLY_PRIMING_TOKENS = 3
 # A high-detail image costs at most 8 tiles; on gpt-4o-mini that is 2,833 + 8 × 5,667 tokens.
 IMAGE_TOKEN_ALLOWANCE = 50_000
+# An output item taken back as input (`previous_response_id`): its text is in the output count; its framing,
+# id and call id are not.
+OUTPUT_ITEM_INPUT_TOKENS = 64
 # Tool definitions and structured-output schemas are rewritten by OpenAI into a system prompt of its own.
 TOOLS_OVERHEAD_TOKENS = 1_000
 # Tools the client runs itself: they cost only tokens (their definitions, calls and results). `shell` is
@@ -104,8 +108,16 @@ class OpenAIFormat:
 
     def request_facts(self, method: str, path: str, body: bytes, query: str = "", exact: bool = False) -> RequestFacts:
         if self.endpoint_kind(method, path) != "metered":
-            return RequestFacts(metered=False)
+            return RequestFacts(metered=False, adds_to_conversation=conversation_added_to(method, path))
         return read_endpoint(path, parse_json_object(body), exact)
+
+    def stored_response(self, facts: RequestFacts, body: bytes) -> StoredResponse | None:
+        if facts.endpoint != RESPONSES:
+            return None
+        try:
+            return stored_response_of(json.loads(body))
+        except ValueError:
+            return None
 
     def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None:
         """The body to forward, or None to forward it as sent.
@@ -198,10 +210,11 @@ def read_responses(data: dict, exact: bool) -> RequestFacts:
         tokens += sum(response_item_tokens(count, item, unseen) for item in given)
     elif given is not None:
         raise MalformedRequest("'input' must be a string or a list of items")
-    for field in ("previous_response_id", "conversation", "prompt"):
-        if data.get(field):
-            unseen.add(field)
-    if given is None and not unseen:
+    if data.get("prompt"):
+        unseen.add("prompt")  # a stored prompt template: only OpenAI sees its text
+    conversation = conversation_id(data.get("conversation"))
+    continues = continuation(data.get("previous_response_id"), conversation)
+    if given is None and not unseen and not continues:
         raise MalformedRequest("the request has no 'input'")
     return RequestFacts(
         metered=True,
@@ -211,7 +224,46 @@ def read_responses(data: dict, exact: bool) -> RequestFacts:
         stream=data.get("stream") is True,
         input_token_bound=tokens,
         unseen_input=", ".join(sorted(unseen)) or None,
+        continues=continues,
+        conversation=conversation,
     )
+
+
+def conversation_id(given) -> str | None:
+    """The Responses API's `conversation`: its id, or an object with one."""
+    if given is None:
+        return None
+    found = given.get("id") if isinstance(given, dict) else given
+    if not isinstance(found, str) or not found:
+        raise MalformedRequest("'conversation' must be a conversation id or an object with its 'id'")
+    return found
+
+
+def continuation(previous_response_id, conversation: str | None) -> tuple[str, str] | None:
+    """What the call continues, as (field, id): an earlier response, or a conversation."""
+    if previous_response_id is not None:
+        if not isinstance(previous_response_id, str) or not previous_response_id:
+            raise MalformedRequest("'previous_response_id' must be a response id")
+        return ("previous_response_id", previous_response_id)
+    return ("conversation", conversation) if conversation else None
+
+
+def conversation_added_to(method: str, path: str) -> str | None:
+    """The conversation a free call adds items to (`POST /v1/conversations/{id}/items`), which no call has
+    measured yet."""
+    parts = path.split("/")
+    if method == "POST" and len(parts) == 5 and parts[1:3] == ["v1", "conversations"] and parts[4] == "items":
+        return parts[3]
+    return None
+
+
+def stored_response_of(response) -> StoredResponse | None:
+    """A Responses API response the provider keeps: each output item taken back as input adds its framing."""
+    if not isinstance(response, dict) or not isinstance(response.get("id"), str):
+        return None
+    output = response.get("output")
+    items = len(output) if isinstance(output, list) else 0
+    return StoredResponse(response["id"], items * OUTPUT_ITEM_INPUT_TOKENS)
 
 
 def read_compact(data: dict, exact: bool) -> RequestFacts:
@@ -488,6 +540,7 @@ class ResponsesStreamMeter:
         self.usage: Usage | None = None
         self.usage_rejected: str | None = None
         self.text_parts: list[str] = []
+        self.stored: StoredResponse | None = None
 
     def feed(self, event: SseEvent) -> bool:
         data = event_json(event)
@@ -495,6 +548,7 @@ class ResponsesStreamMeter:
             return True
         kind = data.get("type") or ""
         if kind in RESPONSE_END_EVENTS:
+            self.stored = stored_response_of(data.get("response"))
             try:
                 self.usage = usage_from_object((data.get("response") or {}).get("usage"))
             except UsageRejected as e:
@@ -504,7 +558,9 @@ class ResponsesStreamMeter:
         return True
 
     def result(self) -> StreamResult:
-        return stream_result(self.usage, self.usage_rejected, True, self.text_parts)
+        return dataclasses.replace(
+            stream_result(self.usage, self.usage_rejected, True, self.text_parts), stored=self.stored
+        )
 
 
 def stream_result(usage: Usage | None, rejected: str | None, ended: bool, text_parts: list[str]) -> StreamResult:
