@@ -317,7 +317,7 @@ def test_a_provider_without_a_real_key_is_the_operators_to_fix(env, monkeypatch)
 
 def test_a_call_that_might_not_fit_the_budget_is_refused(env):
     key = env.issue(budget_usd=0.0001)
-    denial = env.denied(call(key), DenyKind.BUDGET, "budget exhausted", "could cost up to $", "$0.0001 remains")
+    denial = env.denied(call(key), DenyKind.BUDGET, "budget exhausted", "could cost up to $", "$0.000100 remains")
     assert denial.model == "gpt-4o-mini"
     assert env.balances(key) == (0, 0)
 
