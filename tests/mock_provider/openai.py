@@ -92,21 +92,27 @@ class Chat:
             "completion_tokens_details": {"reasoning_tokens": call.reasoning_tokens},
         }
 
+    @staticmethod
+    def finish_reason(call: Call) -> str:
+        return "tool_calls" if call.tool_call else "length" if call.truncated else "stop"
+
+    @staticmethod
+    def tool_calls(call: Call) -> list[dict]:
+        name, arguments = call.tool_call
+        return [{"id": f"call_mock{uuid.uuid4().hex[:16]}", "type": "function",
+                 "function": {"name": name, "arguments": arguments}}]  # fmt: skip
+
     @classmethod
     def completion(cls, call: Call, body: dict | None = None) -> dict:
+        message = {"role": "assistant", "content": call.text, "refusal": None}
+        if call.tool_call:
+            message = {**message, "content": None, "tool_calls": cls.tool_calls(call)}
         return {
             "id": f"chatcmpl-mock{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": call.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": call.text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "length" if call.truncated else "stop",
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": cls.finish_reason(call)}],
             "usage": cls.usage(call),
         }
 
@@ -128,7 +134,13 @@ class Chat:
 
         head = [chunk({"role": "assistant", "content": "", "refusal": None})]
         content = [chunk({"content": piece}) for piece in call.pieces]
-        tail = [chunk({}, "length" if call.truncated else "stop")]
+        if call.tool_call:
+            [tool] = cls.tool_calls(call)
+            arguments = tool["function"]["arguments"]
+            tool["function"]["arguments"] = ""
+            content = [chunk({"tool_calls": [{"index": 0, **tool}]})]
+            content += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]})]
+        tail = [chunk({}, cls.finish_reason(call))]
         if include_usage:
             tail.append(sse({**base, "choices": [], "usage": cls.usage(call)}))
         tail.append(sse("[DONE]"))
@@ -189,12 +201,19 @@ class Responses:
         content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
         return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
+    @staticmethod
+    def function_call(call: Call, item_id: str, arguments: str, status: str) -> dict:
+        return {"type": "function_call", "id": item_id, "call_id": f"call_{item_id}", "name": call.tool_call[0],
+                "arguments": arguments, "status": status}  # fmt: skip
+
     @classmethod
     def response(cls, call: Call, response_id: str, item_id: str, done: bool) -> dict:
         output = []
         if call.reasoning_tokens:
             output.append({"type": "reasoning", "id": f"rs_mock{response_id}", "summary": []})
-        if done:
+        if done and call.tool_call:
+            output.append(cls.function_call(call, item_id, call.tool_call[1], "completed"))
+        elif done:
             output.append(cls.message(call, item_id, call.text, "completed"))
         return {
             "id": response_id, "object": "response", "created_at": int(time.time()), "model": call.model,
@@ -217,14 +236,28 @@ class Responses:
         def event(kind: str, **data: Any) -> bytes:
             return _event(kind, sequence_number=next(numbers), **data)
 
-        head = [
+        started = [
             event("response.created", response=cls.response(call, response_id, item_id, done=False)),
             event("response.in_progress", response=cls.response(call, response_id, item_id, done=False)),
+        ]
+        done = cls.response(call, response_id, item_id, done=True)
+        if call.tool_call:
+            arguments = {"item_id": item_id, "output_index": 0}
+            head = [*started, event("response.output_item.added", output_index=0,
+                                    item=cls.function_call(call, item_id, "", "in_progress"))]  # fmt: skip
+            content = [event("response.function_call_arguments.delta", **arguments, delta=call.tool_call[1])]
+            tail = [
+                event("response.function_call_arguments.done", **arguments, arguments=call.tool_call[1]),
+                event("response.output_item.done", output_index=0, item=done["output"][-1]),
+                event("response.completed", response=done),
+            ]
+            return head, content, tail
+        head = [
+            *started,
             event("response.output_item.added", output_index=0, item=cls.message(call, item_id, "", "in_progress")),
             event("response.content_part.added", **where, part={"type": "output_text", "text": "", "annotations": []}),
         ]
         content = [event("response.output_text.delta", **where, delta=piece) for piece in call.pieces]
-        done = cls.response(call, response_id, item_id, done=True)
         tail = [
             event("response.output_text.done", **where, text=call.text),
             event("response.content_part.done", **where, part=done["output"][-1]["content"][0]),

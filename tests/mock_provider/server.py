@@ -15,10 +15,16 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from mock_provider import anthropic, azure, documents, gemini, objects, openai
+from mock_provider import anthropic, azure, documents, gemini, objects, openai, replies
 from mock_provider.call import Received
 from mock_provider.tokens import count_o200k_tokens, o200k
 
+REPLIES = {
+    openai.Chat: replies.chat,
+    openai.Responses: replies.responses,
+    anthropic.Messages: replies.anthropic,
+    gemini.GenerateContent: replies.gemini,
+}
 _AUTHORIZED = {
     "openai": openai.authorized,
     "anthropic": anthropic.authorized,
@@ -210,6 +216,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         call = api.call(body, mock_provider.count_tokens, mock_provider.output_tokens, mock_provider._prompt_cache)
         call = dataclasses.replace(call, input_tokens=call.input_tokens + documents.billed_tokens(body, api.name))
+        if api in REPLIES and isinstance(body, dict):  # a tool call or schema-shaped JSON, when asked for
+            reply, tool_call = REPLIES[api](body)
+            call = dataclasses.replace(call, reply=reply, tool_call=tool_call)
         if api in (openai.Responses, openai.Compact):  # a continuation brings in what it continues
             call = dataclasses.replace(call, input_tokens=call.input_tokens + mock_provider.contexts.inherited(body))
         echo = mock_provider._take_echo()
