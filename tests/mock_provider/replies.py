@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 MAX_DEPTH = 6
+GEMINI_PARAMETERS = ("parameters", "parametersJsonSchema", "parameters_json_schema")
+GEMINI_SCHEMAS = ("responseJsonSchema", "response_json_schema", "responseSchema", "response_schema")
 
 
 def instance(schema: Any, defs: dict | None = None, depth: int = 0) -> Any:
@@ -129,7 +131,7 @@ def anthropic(body: dict):
 
 def gemini(body: dict):
     tools = [
-        (function["name"], function.get("parameters") or function.get("parametersJsonSchema") or {})
+        (function["name"], next((function[k] for k in GEMINI_PARAMETERS if function.get(k)), {}))
         for tool in body.get("tools") or []
         for function in (tool.get("functionDeclarations") or tool.get("function_declarations") or [])
         if function.get("name")
@@ -139,8 +141,8 @@ def gemini(body: dict):
         "functionResponse" in part or "function_response" in part for part in contents[-1].get("parts") or []
     )
     config = body.get("generationConfig") or body.get("generation_config") or {}
-    schema = config.get("responseJsonSchema") or config.get("responseSchema") or config.get("response_schema")
+    schema = next((config[k] for k in GEMINI_SCHEMAS if config.get(k)), None)
     if schema is None and config.get("responseMimeType") == "application/json":
         schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
-    mode = ((body.get("toolConfig") or {}).get("functionCallingConfig") or {}).get("mode")
-    return shaped(schema, tools, {"NONE": "none", "ANY": "required"}.get(str(mode).upper()), answered)
+    mode = str(((body.get("toolConfig") or {}).get("functionCallingConfig") or {}).get("mode") or "AUTO")
+    return shaped(schema, tools, {"NONE": "none", "ANY": "required"}.get(mode.upper()), answered)
