@@ -41,6 +41,7 @@ from mock_provider import MockProvider  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent / "frameworks"
 SCRIPT_SECONDS = 240
+LOGS = REPO / "var" / "compat" / "logs"
 # name, runtime, script
 FRAMEWORKS = [
     ("openai-agents", "python", "openai_agents.py"),
@@ -55,8 +56,8 @@ FRAMEWORKS = [
     ("@anthropic-ai/sdk (Node)", "node", "anthropic_node.mjs"),
 ]
 MODES = ("proxy", "gateway")
-POLICY = {
-    "budget_usd": 1.0,
+POLICY = {  # an ordinary key: $0.50, the frameworks' own output defaults lowered to a ceiling
+    "budget_usd": 0.5,
     "providers": ["openai", "anthropic", "gemini"],
     "endpoints": [
         "POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings", "POST /v1/messages",
@@ -82,6 +83,7 @@ class Cell:
     metered: int = 0
     free: int = 0
     cost_micros: int = 0
+    stderr: str = ""  # what the script wrote there: kept in var/compat/logs for a failed cell's details
 
     def text(self) -> str:
         failed = [f"{p['path']}: {p.get('why', '?')}" for p in self.paths if not p.get("ok")]
@@ -112,6 +114,7 @@ def main() -> int:
     try:
         policy = write_policy(work, "compat", **POLICY)
         tiktoken_cache = tiktoken_cache_dir(work / "tiktoken")
+        LOGS.mkdir(parents=True, exist_ok=True)
         rows = []
         for name, runtime, script in FRAMEWORKS:
             if args.only and args.only not in name:
@@ -130,6 +133,8 @@ def main() -> int:
                 python = Path(args.venvs) / venv_of(name) / "bin" / "python"
                 command = [str(python), str(SCRIPTS / script)] if runtime == "python" else ["node", script]
                 cells[mode] = run_one(command, env, proxy, key, args.node_modules if runtime == "node" else None)
+                log = LOGS / f"{venv_of(name).strip('@').replace('/', '-')}-{mode}.log"
+                log.write_text(cells[mode].stderr)
                 print(f"{name} / {mode}: {cells[mode].text()}", flush=True)
             rows.append((name, {mode: cell.text() for mode, cell in cells.items()}, all(c.ok for c in cells.values())))
         table = render(rows)
@@ -183,6 +188,7 @@ def run_one(command: list[str], env: dict, proxy, key: dict, node_modules: str |
     except subprocess.TimeoutExpired:
         cell.problems.append(f"timed out after {SCRIPT_SECONDS}s")
         return cell
+    cell.stderr = done.stderr
     for line in done.stdout.splitlines():
         if line.startswith("{"):
             cell.paths.append(json.loads(line))

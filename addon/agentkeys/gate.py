@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agentkeys import tokens
+from agentkeys import continuations, tokens
 from agentkeys.auth import Authenticator
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.ledger import KeyRecord, LedgerUnavailable, Refusal, Reservation
@@ -180,7 +180,7 @@ class Gate:
             raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", key, model_named_in(call.body)) from None
         except Unmeterable as e:
             raise Denial(DenyKind.FORBIDDEN, f"agentkeys: {e}", key, model_named_in(call.body)) from None
-        return await self.bound_continuation(call.provider, self.as_served(call.provider, facts))
+        return await continuations.bounded(self.store, call.provider, self.as_served(call.provider, facts))
 
     def as_served(self, provider: str, facts: RequestFacts) -> RequestFacts:
         """An Azure deployment is billed as the model it runs: price it and match the policy by that model."""
@@ -193,45 +193,16 @@ class Gate:
         """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
         key is read afresh here, since no reservation will ask the store whether it is still active."""
         key = await self.auth.caller(call, fresh=True)
-        if facts.adds_to_conversation:  # forgotten before the items go in, and again once they are (remember_context)
-            await self.store.forget_context(context_ref(call.provider, "conversation", facts.adds_to_conversation))
+        await continuations.forget_additions(self.store, call.provider, facts)
         metering = "unmetered" if endpoint == "unmetered" else "free"
         return Admission(
             key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros,
             provider=call.provider, admitted_at=self.clock(),
         )  # fmt: skip
 
-    async def bound_continuation(self, provider: str, facts: RequestFacts) -> RequestFacts:
-        """A call continuing a stored response or a conversation brings in what this proxy measured of it (kept
-        in the store, so every replica knows it); one the proxy never measured is input only the provider sees."""
-        if facts.continues is None:
-            return facts
-        field, name = facts.continues
-        known = await self.store.context_tokens(context_ref(provider, field, name))
-        if known is None:
-            unseen = ", ".join(sorted(filter(None, [facts.unseen_input, field])))
-            return dataclasses.replace(facts, unseen_input=unseen)
-        return dataclasses.replace(facts, input_token_bound=facts.input_token_bound + known)
-
     async def remember_context(self, admission: Admission, outcome: Outcome) -> None:
-        """After a call: what a stored response (and the conversation it went into) will bring into a call that
-        continues it — its input, its output and its items' framing, from the provider's usage — and, after a
-        free call that added items to a conversation, that the conversation is unmeasured again. A
-        measurement older than the latest such addition is not kept (Ledger.learn_context)."""
-        facts = admission.facts
-        if facts.adds_to_conversation:
-            await self.store.forget_context(context_ref(admission.provider, "conversation", facts.adds_to_conversation))
-            return
-        stored = outcome.stream.stored if outcome.stream else outcome.stored
-        usage = outcome.stream.usage if outcome.stream else outcome.usage
-        if stored is None or usage is None or outcome.meter_broken or (outcome.status or 0) >= 400:
-            return
-        tokens = usage.input_tokens + usage.output_tokens + stored.item_overhead_tokens
-        refs = [("previous_response_id", stored.response_id)]
-        if facts.conversation:
-            refs.append(("conversation", facts.conversation))
-        for field, name in refs:
-            await self.store.learn_context(context_ref(admission.provider, field, name), tokens, admission.admitted_at)
+        """After a call: what its stored response will bring into a call continuing it (continuations.py)."""
+        await continuations.remember(self.store, admission.provider, admission.facts, admission.admitted_at, outcome)
 
     def price_for(self, provider: str, wire: WireFormat, facts: RequestFacts, key: KeyRecord) -> ModelPrice:
         """The model's price; an OpenAI-compatible host serving OpenAI's models falls back to its format's."""
@@ -482,11 +453,6 @@ def missing_usage_reason(outcome: Outcome) -> str:
     if not outcome.complete:
         return "the call broke off before the provider's usage arrived; charged the full hold"
     return "the response carried no usage the proxy could read; charged the full hold"
-
-
-def context_ref(provider: str, field: str, name: str) -> str:
-    """The store's name for what `field` (previous_response_id, conversation) = `name` names at `provider`."""
-    return f"{provider}:{field}:{name}"
 
 
 def model_named_in(body: bytes) -> str | None:
