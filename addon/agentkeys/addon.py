@@ -469,9 +469,10 @@ class AgentKeys:
         """Before the agent has this answer, so that its next turn finds what it continues measured."""
         try:
             await state.gate.remember_context(state.admission, outcome)
+        except LedgerUnavailable as e:  # an outage: a call continuing this response is held at the context window
+            log.warning("agentkeys: the context of a response was not kept: %s", e)
         except Exception:
-            log.warning("agentkeys: the context of a response was not kept; a call continuing it is held at the"
-                        " context window", exc_info=True)  # fmt: skip
+            log.exception("agentkeys: the context of a response was not kept")
 
     def error(self, flow: http.HTTPFlow):
         state = in_flight(flow)
