@@ -565,7 +565,17 @@ class AgentKeys:
         except Exception:
             log.exception("agentkeys: reading the response failed; the call is charged its full hold")
             outcome = Outcome(reached_provider=True, complete=True, status=status, meter_broken=True, note="ok")
+        await self._remember_context(state, outcome)
         self._settle_in_background(flow, state, outcome)
+
+    async def _remember_context(self, state: CallState, outcome: Outcome):
+        """Before the agent has this answer, so that its next turn finds what it continues measured."""
+        try:
+            await state.gate.remember_context(state.admission, outcome)
+        except LedgerUnavailable as e:  # an outage: a call continuing this response is held at the context window
+            log.warning("agentkeys: the context of a response was not kept: %s", e)
+        except Exception:
+            log.exception("agentkeys: the context of a response was not kept")
 
     def error(self, flow: http.HTTPFlow):
         state = in_flight(flow)
@@ -592,10 +602,13 @@ class AgentKeys:
             return Outcome(
                 reached_provider=True, complete=True, status=status, stream=stream, meter_broken=relay.broken, note="ok"
             )
-        usage = await self._response_usage(flow, state) if should_read_usage(state, flow) else None
+        read = should_read_usage(state, flow)
+        usage = await self._response_usage(flow, state) if read else None
+        admission = state.admission
+        stored = admission.wire.stored_response(admission.facts, flow.response.content) if read else None
         return Outcome(
             reached_provider=True, complete=True, status=status, usage=usage, usage_rejected=state.usage_rejected,
-            note="ok",
+            stored=stored, note="ok",
         )  # fmt: skip
 
     async def _response_usage(self, flow: http.HTTPFlow, state: CallState) -> Usage | None:

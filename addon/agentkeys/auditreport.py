@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agentkeys import auditfiles
 from agentkeys.auditfiles import CALL_PREFIXES
-from agentkeys.money import micros_to_usd
+from agentkeys.money import format_usd, micros_to_usd
 
 GROUPINGS = {
     "key": lambda record: record.get("key_id") or "(no key)",
@@ -247,7 +247,7 @@ def describe(record: dict) -> str:
         key += f" ({record['key_name']})"
     call = f"{record.get('method', '')} {record.get('path', '')}"
     tokens = f"{record.get('input_tokens', 0)}→{record.get('output_tokens', 0)} tokens"
-    cost = f"${micros_to_usd(record.get('cost_micros') or 0):.6f}"
+    cost = format_usd(record.get("cost_micros") or 0)
     outcome = f"{record.get('decision', '?')} {record.get('status') or '-'}"
     who = [key, record.get("policy") or "-", record.get("provider") or "-", record.get("model") or "-"]
     parts = [when, *who, call, outcome, tokens, cost, record.get("reason", "")]

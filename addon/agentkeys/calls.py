@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from agentkeys.ledger import KeyRecord
 from agentkeys.pricing import Usage
-from agentkeys.providers.base import DenyKind, StreamResult
+from agentkeys.providers.base import DenyKind, StoredResponse, StreamResult
 
 if TYPE_CHECKING:
     from agentkeys.shadow import Rule
@@ -66,4 +66,5 @@ class Outcome:
     usage_rejected: str | None = None  # why a whole response's usage was not believed (providers.base.UsageRejected)
     stream: StreamResult | None = None  # what the meter read from a relayed stream
     meter_broken: bool = False  # the stream meter failed part-way; what it read cannot be trusted
+    stored: StoredResponse | None = None  # the response a whole answer says the provider keeps
     note: str = ""  # what the adapter saw go wrong, for the audit record

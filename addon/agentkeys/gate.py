@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agentkeys import tokens
+from agentkeys import continuations, tokens
 from agentkeys.auth import Authenticator
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.holds import HoldPlan, clamp_plan, plan_hold
@@ -59,6 +59,8 @@ class Admission:
     clamped_by: str | None = None  # what lowered it: "policy" (its max_output_tokens) or "budget" (clamp_max_tokens)
     would_deny: tuple[Denial, ...] = ()  # in shadow mode: the policy rules the call broke (see shadow.py)
     limits: LimitTicket | None = None  # what it took of rate limits and the loop breaker, given back when it ends
+    provider: str = ""
+    admitted_at: float = 0.0  # the store's clock when the call was admitted (see Gate.remember_context)
 
     @property
     def unmetered(self) -> bool:
@@ -149,6 +151,7 @@ class Gate:
             clamped_to=hold.plan.cap if hold.plan.lowered_by else None, clamped_by=hold.plan.lowered_by,
             would_deny=tuple(rulings.broken),
             limits=limits,
+            provider=call.provider, admitted_at=self.clock(),
         )  # fmt: skip
 
     async def identify(self, call: CallRequest, fresh: bool = False) -> tuple[KeyRecord, Denial | None]:
@@ -196,7 +199,8 @@ class Gate:
     async def read_request(
         self, call: CallRequest, wire: WireFormat, key: KeyRecord, exact: bool = False
     ) -> RequestFacts:
-        """The request's facts; a large body, or an exact count of its texts, is worked out off the loop."""
+        """The request's facts, with what a continuation brings in; a large body, or an exact count of its
+        texts, is worked out off the loop."""
         read = functools.partial(wire.request_facts, call.method, call.path, call.body, call.query, exact)
         try:
             if len(call.body) > LARGE_BODY_BYTES or exact:
@@ -207,7 +211,7 @@ class Gate:
             raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", key, model_named_in(call.body)) from None
         except Unmeterable as e:
             raise Denial(DenyKind.FORBIDDEN, f"agentkeys: {e}", key, model_named_in(call.body)) from None
-        return self.as_served(call.provider, facts)
+        return await continuations.bounded(self.store, call.provider, self.as_served(call.provider, facts))
 
     def as_served(self, provider: str, facts: RequestFacts) -> RequestFacts:
         """An Azure deployment is billed as the model it runs: price it and match the policy by that model."""
@@ -233,12 +237,17 @@ class Gate:
             account = await self.store.account(key.account_id)
             if account is None or not account.active:
                 raise account_suspended(key)
+        await continuations.forget_additions(self.store, call.provider, facts)
         limits = await self.limiter.take(call, key, policy, tokens=0)
         metering = "unmetered" if endpoint == "unmetered" else "free"
         return Admission(
             key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros,
-            would_deny=tuple(rulings.broken), limits=limits,
+            would_deny=tuple(rulings.broken), limits=limits, provider=call.provider, admitted_at=self.clock(),
         )  # fmt: skip
+
+    async def remember_context(self, admission: Admission, outcome: Outcome) -> None:
+        """After a call: what its stored response will bring into a call continuing it (continuations.py)."""
+        await continuations.remember(self.store, admission.provider, admission.facts, admission.admitted_at, outcome)
 
     def price_for(self, provider: str, wire: WireFormat, facts: RequestFacts, key: KeyRecord) -> ModelPrice:
         """The model's price; an OpenAI-compatible host serving OpenAI's models falls back to its format's."""

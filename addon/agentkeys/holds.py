@@ -28,10 +28,20 @@ class HoldPlan:
 def plan_hold(facts: RequestFacts, key: KeyRecord, policy: Scope, price: ModelPrice) -> HoldPlan:
     """The worst case of the call as asked: its output limit (the request's, else the policy's default,
     else the model's), with input the provider holds bounded by the model's context window."""
+    facts = bound_unseen_input(facts, key, price)
+    if not facts.takes_output_limit:  # nothing to send or lower: the model's own limit is the bound
+        if price.max_output_tokens is None:
+            raise Denial(
+                DenyKind.FORBIDDEN,
+                f"agentkeys: this endpoint takes no output limit and that of {facts.model} is unknown,"
+                " so its cost cannot be bounded",
+                key,
+                facts.model,
+            )
+        return HoldPlan(facts, price.max_output_tokens, call_worst_case(price, facts, price.max_output_tokens), None)
     max_output = first_given(facts.max_output_tokens, policy.default_max_output_tokens, price.max_output_tokens)
     if max_output is None:
         raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: set max_tokens; the limit of {facts.model} is unknown", key)
-    facts = bound_unseen_input(facts, key, price)
     ceiling = policy.max_output_tokens
     if ceiling is not None and max_output > ceiling:  # a framework's generous default, lowered to the policy's
         return HoldPlan(facts, ceiling, call_worst_case(price, facts, ceiling), ceiling, lowered_by="policy")
@@ -57,7 +67,7 @@ def bound_unseen_input(facts: RequestFacts, key: KeyRecord, price: ModelPrice) -
 
 def clamp_plan(plan: HoldPlan, price: ModelPrice, remaining: int) -> HoldPlan | None:
     """The plan with the largest output limit below the asked one whose worst case fits `remaining`."""
-    if plan.max_output <= 1:
+    if plan.max_output <= 1 or not plan.facts.takes_output_limit:
         return None
     fitting = affordable_output(price, plan.facts, plan.max_output - 1, remaining)
     if fitting is None:

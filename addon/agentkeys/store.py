@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KNOWN_KEYS_LIMIT = 10_000
+# How long a measured context is kept: OpenAI keeps a stored response for 30 days.
+CONTEXT_LIFETIME_SECONDS = 30 * 86_400
 NETWORK_STORE_WORKERS = 8
 
 
@@ -116,6 +118,20 @@ class Store:
         """Remember an exchanged OIDC token until `expires_at`; False if it was exchanged already."""
         now = self.clock()
         return await self._ask(lambda ledger: ledger.claim_token(issuer, jti, expires_at, now))
+
+    # ----- contexts: what a stored response or a conversation carries into a call continuing it -----
+
+    async def context_tokens(self, ref: str) -> int | None:
+        now = self.clock()
+        return await self._ask(lambda ledger: ledger.context_tokens(ref, now))
+
+    async def learn_context(self, ref: str, tokens: int, started_at: float) -> None:
+        expires_at = self.clock() + CONTEXT_LIFETIME_SECONDS
+        await self._ask(lambda ledger: ledger.learn_context(ref, tokens, started_at, expires_at))
+
+    async def forget_context(self, ref: str) -> None:
+        now = self.clock()
+        await self._ask(lambda ledger: ledger.forget_context(ref, now, now + CONTEXT_LIFETIME_SECONDS))
 
     # ----- holds -----
 

@@ -325,7 +325,7 @@ def account_of(env, budget_usd: float, status: str = "active") -> str:
 
 def test_a_key_of_an_account_is_refused_when_the_accounts_period_cannot_cover_the_call(env):
     key = env.issue(budget_usd=1.0, account_id=account_of(env, 0.0001))
-    env.denied(call(key), DenyKind.BUDGET, "account acme's budget for this period exhausted", "$0.0001 remains")
+    env.denied(call(key), DenyKind.BUDGET, "account acme's budget for this period exhausted", "$0.000100 remains")
     assert env.balances(key) == (0, 0)
 
 
@@ -369,7 +369,7 @@ def test_a_suspended_accounts_keys_are_refused_every_call_even_unbilled_ones(env
 
 def test_a_call_that_might_not_fit_the_budget_is_refused(env):
     key = env.issue(budget_usd=0.0001)
-    denial = env.denied(call(key), DenyKind.BUDGET, "budget exhausted", "could cost up to $", "$0.0001 remains")
+    denial = env.denied(call(key), DenyKind.BUDGET, "budget exhausted", "could cost up to $", "$0.000100 remains")
     assert denial.model == "gpt-4o-mini"
     assert env.balances(key) == (0, 0)
 
@@ -1054,6 +1054,29 @@ def test_unseen_input_needs_a_known_context_window(env):
     env.gate.prices.add("openai", "gpt-4o-mini", no_window)
     refused = env.admit(request(key, "openai", "/v1/responses", body))
     assert isinstance(refused, Denial) and "previous_response_id" in refused.message
+
+
+def test_a_continuation_the_store_measured_is_bounded_by_it_even_when_counted_exactly(env):
+    """The exact re-count of a long input (near the end of a budget) keeps what the continuation brings in."""
+    env.ledger.learn_context("openai:previous_response_id:resp_1", 2_000, NOW, NOW + 86_400)
+    body = {"model": "gpt-4o-mini", "previous_response_id": "resp_1", "input": "hi", "max_output_tokens": 5}
+    admission = env.admitted(request(env.issue_any(), "openai", "/v1/responses", body))
+    assert admission.facts.unseen_input is None
+    assert 2_000 < admission.facts.input_token_bound < 2_100
+    long_body = {**body, "input": "word " * 10_000}  # its byte bound does not fit; its exact count does
+    price = PRICES.lookup("openai", "gpt-4o-mini")
+    budget = cost_micros(price, Usage(2_000 + 10_100, 5)) / 1e6
+    exact = env.admitted(request(env.issue_any(budget_usd=budget), "openai", "/v1/responses", long_body))
+    assert 12_000 <= exact.facts.input_token_bound <= 12_100 and exact.facts.unseen_input is None
+
+
+def test_a_conversation_given_items_is_unmeasured_until_a_later_call_measures_it(env):
+    env.ledger.learn_context("openai:conversation:conv_1", 300, NOW, NOW + 86_400)
+    key = env.issue_any()
+    added = env.admitted(request(key, "openai", "/v1/conversations/conv_1/items", {"items": []}))
+    assert added.metering == "free"
+    body = {"model": "gpt-4o-mini", "conversation": "conv_1", "input": "hi", "max_output_tokens": 5}
+    assert env.admitted(request(key, "openai", "/v1/responses", body)).facts.unseen_input == "conversation"
 
 
 def test_an_azure_deployment_is_matched_and_priced_as_the_model_it_runs(env):

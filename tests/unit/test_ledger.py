@@ -539,6 +539,53 @@ def test_a_second_handle_on_the_same_store_sees_the_first_ones_writes(store):
         second.close()
 
 
+# ----- contexts: what a stored response or a conversation carries into a call that continues it -----
+
+MONTH = 30 * 86_400
+
+
+def test_a_context_is_known_once_learnt_until_it_expires(ledger):
+    assert ledger.context_tokens("openai:response:r1", NOW) is None
+    ledger.learn_context("openai:response:r1", 1_234, NOW, NOW + MONTH)
+    assert ledger.context_tokens("openai:response:r1", NOW + 1) == 1_234
+    assert ledger.context_tokens("openai:response:r2", NOW + 1) is None, "another response"
+    assert ledger.context_tokens("openai:response:r1", NOW + MONTH) is None, "expired"
+
+
+def test_a_context_only_grows(ledger):
+    ledger.learn_context("openai:conversation:c1", 500, NOW, NOW + MONTH)
+    ledger.learn_context("openai:conversation:c1", 300, NOW + 1, NOW + MONTH)  # a call that measured less
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 2) == 500
+    ledger.learn_context("openai:conversation:c1", 900, NOW + 2, NOW + MONTH)
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 3) == 900
+
+
+def test_a_forgotten_context_is_unknown_until_a_later_call_measures_it(ledger):
+    ledger.learn_context("openai:conversation:c1", 500, NOW, NOW + MONTH)
+    ledger.forget_context("openai:conversation:c1", NOW + 10, NOW + MONTH)
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 11) is None
+    ledger.learn_context("openai:conversation:c1", 700, NOW + 5, NOW + MONTH)  # started before the forgetting
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 11) is None
+    ledger.learn_context("openai:conversation:c1", 400, NOW + 12, NOW + MONTH)  # started after it
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 13) == 400
+
+
+def test_an_expired_context_is_learnt_afresh(ledger):
+    ledger.learn_context("openai:response:r1", 9_000, NOW, NOW + 10)
+    ledger.learn_context("openai:response:r1", 100, NOW + 20, NOW + MONTH)
+    assert ledger.context_tokens("openai:response:r1", NOW + 21) == 100
+
+
+def test_contexts_are_shared_by_every_handle_on_the_store(store):
+    first, second = open_ledger(store), open_ledger(store)
+    try:
+        first.learn_context("openai:response:r1", 42, NOW, NOW + MONTH)
+        assert second.context_tokens("openai:response:r1", NOW) == 42
+    finally:
+        first.close()
+        second.close()
+
+
 # ----- exchanged tokens (replay) and the identity a key was minted for -----
 
 GITHUB = "https://token.actions.githubusercontent.com"

@@ -1,12 +1,16 @@
 """Anthropic's messages format (providers/anthropic.py): request facts, the stream meter, usage with cache writes."""
 
+import base64
 import json
 
 import pytest
+from documents import blank_pdf
 
 from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers import FORMATS
+from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE
 from agentkeys.providers.base import MalformedRequest
+from agentkeys.providers.documents import PDF_PAGE_TEXT_TOKENS
 from prices import expected_cost
 from sse_events import feed_all, sse
 
@@ -120,7 +124,7 @@ TEXT_DOCUMENT = {"type": "document", "source": {"type": "text", "media_type": "t
             {"messages": [message([TOOL_RESULT])]},
             16 + 8 + (2 + 8) + len(json.dumps({"type": "tool_result", "tool_use_id": "t1"}).encode()),
         ),
-        ({"messages": [message([TEXT_DOCUMENT])]}, 16 + 8 + len(json.dumps(TEXT_DOCUMENT).encode()) + 8),
+        ({"messages": [message([TEXT_DOCUMENT])]}, 16 + 8 + len(json.dumps({"type": "document"})) + 8 + len("doc")),
         ({"messages": [message({"odd": "shape"})]}, 16 + 8 + len('{"odd": "shape"}')),
         (
             {"messages": [message("hi")], "tools": [{"name": "f", "input_schema": {}}]},
@@ -139,8 +143,7 @@ def test_the_input_bound_of_each_shape_is_exact(body, bound):
     ("messages", "refusal"),
     [
         (["not an object"], "each message must be an object"),
-        ([message([{"type": "document", "source": {"type": "base64", "data": "JVBER"}}])], "documents other than"),
-        ([message([{"type": "document"}])], "documents other than"),
+        ([message([{"type": "document"}])], "a 'document' block needs a 'source' object"),
         ([], "'messages' must be a non-empty list"),
     ],
 )
@@ -162,3 +165,23 @@ def test_a_cache_write_is_held_only_where_a_breakpoint_is_marked(body, may_write
         "POST", "/v1/messages", json.dumps({"model": "claude-haiku-4-5", "max_tokens": 3, **body}).encode()
     )
     assert (facts.may_write_cache, facts.max_output_tokens, facts.model) == (may_write, 3, "claude-haiku-4-5")
+def document_facts(source: dict):
+    block = {"type": "document", "source": source, "title": "paper"}
+    body = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [block]}]}
+    return FORMATS["anthropic"].request_facts("POST", "/v1/messages", json.dumps(body).encode())
+
+
+def test_documents_follow_one_rule_pages_bytes_or_unseen():
+    pdf = document_facts({"type": "base64", "media_type": "application/pdf", "data": b64(blank_pdf(3))})
+    assert 3 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS) < pdf.input_token_bound
+    assert pdf.input_token_bound < 4 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS) and pdf.unseen_input is None
+    text = document_facts({"type": "text", "media_type": "text/plain", "data": "é" * 1000})
+    assert 2000 < text.input_token_bound < 2200 and text.unseen_input is None
+    content = document_facts({"type": "content", "content": [{"type": "text", "text": "x" * 500}]})
+    assert 500 < content.input_token_bound < 700 and content.unseen_input is None
+    for source in ({"type": "url", "url": "https://example.com/a.pdf"}, {"type": "file", "file_id": "file_1"}):
+        assert document_facts(source).unseen_input == "document"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

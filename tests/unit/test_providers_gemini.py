@@ -1,12 +1,15 @@
 """Gemini's generateContent format (providers/gemini.py): request facts, the cap, the stream meter."""
 
+import base64
 import json
 
 import pytest
+from documents import blank_pdf
 
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import MalformedRequest, StreamResult, Unmeterable
+from agentkeys.providers.documents import PDF_PAGE_TEXT_TOKENS
 from agentkeys.providers.gemini import (
     IMAGE_TOKEN_ALLOWANCE,
     REQUEST_OVERHEAD_TOKENS,
@@ -227,3 +230,13 @@ def test_the_cap_goes_into_the_camel_case_config_by_default():
     lowered = {**HELLO, "generationConfig": {"maxOutputTokens": 500, "temperature": 0}}
     sent = json.loads(GEMINI.upstream_body(facts_of(lowered), json.dumps(lowered).encode(), 12))
     assert sent["generationConfig"] == {"maxOutputTokens": 12, "temperature": 0}
+@pytest.mark.parametrize("inline", ["inlineData", "inline_data"])
+def test_an_inline_pdf_is_held_by_its_pages(inline):
+    pdf = base64.b64encode(blank_pdf(4)).decode()
+    unseen = set()
+    assert part_tokens({inline: {"mimeType": "application/pdf", "data": pdf}}, unseen) == 4 * (
+        IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS
+    )
+    assert unseen == set()
+    part_tokens({inline: {"mimeType": "application/pdf", "data": "bm90IGEgcGRm"}}, unseen)  # "not a pdf"
+    assert unseen == {"media"}

@@ -1,12 +1,15 @@
 """OpenAI's wire formats (providers/openai.py): request facts, chat and Responses stream meters, usage."""
 
+import base64
 import json
 
 import pytest
+from documents import blank_pdf
 
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import MalformedRequest, StreamResult, Unmeterable
+from agentkeys.providers.documents import PDF_PAGE_TEXT_TOKENS
 from agentkeys.providers.openai import (
     IMAGE_TOKEN_ALLOWANCE,
     TOKENS_PER_MESSAGE,
@@ -144,31 +147,52 @@ def count(text: str) -> int:
 
 @pytest.mark.parametrize("kind", ["image_url", "input_image", "image"])
 def test_an_image_part_is_held_at_the_image_allowance(kind):
-    assert content_part_tokens(count, {"type": kind, "image_url": {"url": "x" * 500}}) == IMAGE_TOKEN_ALLOWANCE
+    assert content_part_tokens(count, {"type": kind, "image_url": {"url": "x" * 500}}, set()) == IMAGE_TOKEN_ALLOWANCE
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "file", "file": {"file_id": "file-1"}},
+        {"type": "input_file", "file_id": "file-1"},
+        {"type": "input_file", "file_url": "https://example.com/paper.pdf"},
+        {"type": "input_file", "file_data": "data:application/vnd.ms-excel;base64,AAAA"},
+        {"type": "input_file", "file_data": "data:application/pdf;base64,bm90IGEgcGRm"},  # "not a pdf"
+    ],
+)
+def test_a_document_only_the_provider_can_read_is_unseen_input(part):
+    unseen = set()
+    content_part_tokens(count, part, unseen)
+    assert unseen == {part["type"]}
 
 
 @pytest.mark.parametrize("kind", ["file", "input_file"])
-def test_a_file_part_cannot_be_bounded(kind):
-    with pytest.raises(MalformedRequest, match="file parts"):
-        content_part_tokens(count, {"type": kind, "file_id": "f"})
+def test_an_inline_pdf_is_held_by_its_pages(kind):
+    pdf = "data:application/pdf;base64," + base64.b64encode(blank_pdf(3)).decode()
+    part = {"type": kind, "file": {"filename": "a.pdf", "file_data": pdf}} if kind == "file" else {
+        "type": kind, "filename": "a.pdf", "file_data": pdf}  # fmt: skip
+    unseen = set()
+    assert content_part_tokens(count, part, unseen) >= 3 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS)
+    assert content_part_tokens(count, part, unseen) < 4 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS)
+    assert unseen == set()
 
 
 def test_a_text_part_is_its_text_and_one():
-    assert content_part_tokens(count, {"type": "text", "text": "hello"}) == 6
-    assert content_part_tokens(count, {"type": "input_text", "text": ""}) == 1
+    assert content_part_tokens(count, {"type": "text", "text": "hello"}, set()) == 6
+    assert content_part_tokens(count, {"type": "input_text", "text": ""}, set()) == 1
 
 
 @pytest.mark.parametrize("part", [{"type": "text", "text": 5}, {"type": "other", "data": "abc"}, "plain", 7])
 def test_any_other_part_is_its_json(part):
-    assert content_part_tokens(count, part) == len(json.dumps(part))
+    assert content_part_tokens(count, part, set()) == len(json.dumps(part))
 
 
 def test_content_is_text_parts_or_json():
-    assert content_tokens(count, "abc") == 3
-    assert content_tokens(count, [{"type": "text", "text": "ab"}, {"type": "text", "text": "c"}]) == 3 + 2
-    assert content_tokens(count, {"a": 1}) == len(json.dumps({"a": 1}))
-    assert content_tokens(count, None) == 0
-    assert content_tokens(count, 12) == 0
+    assert content_tokens(count, "abc", set()) == 3
+    assert content_tokens(count, [{"type": "text", "text": "ab"}, {"type": "text", "text": "c"}], set()) == 3 + 2
+    assert content_tokens(count, {"a": 1}, set()) == len(json.dumps({"a": 1}))
+    assert content_tokens(count, None, set()) == 0
+    assert content_tokens(count, 12, set()) == 0
 
 
 def test_an_item_reference_is_unseen_input():
@@ -198,7 +222,9 @@ def test_a_message_item_is_its_parts_and_its_other_fields():
 def test_a_message_item_with_a_file_has_unseen_input_and_the_rest_counted():
     item = {"role": "user", "content": [{"type": "input_file", "file_id": "f"}, {"type": "input_text", "text": "hi"}]}
     unseen = set()
-    assert response_item_tokens(count, item, unseen) == TOKENS_PER_MESSAGE + 3 + len(json.dumps({"role": "user"}))
+    rest = TOKENS_PER_MESSAGE + len(json.dumps(item["content"][0]))  # its fields, beside what only OpenAI sees
+    expected = TOKENS_PER_MESSAGE + rest + 3 + len(json.dumps({"role": "user"}))
+    assert response_item_tokens(count, item, unseen) == expected
     assert unseen == {"input_file"}
 
 
@@ -310,21 +336,28 @@ def test_a_response_is_held_at_its_instructions_tools_schema_and_input(body, bou
 
 
 @pytest.mark.parametrize(
-    ("body", "unseen"),
+    ("body", "unseen", "continues"),
     [
-        ({"input": "hi"}, None),
-        ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"input": "hi", "conversation": "conv_1"}, "conversation"),
-        ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+        ({"input": "hi"}, None, None),
+        ({"previous_response_id": "resp_1"}, None, ("previous_response_id", "resp_1")),
+        ({"input": "hi", "conversation": "conv_1"}, None, ("conversation", "conv_1")),
+        ({"prompt": {"id": "pmpt_1"}}, "prompt", None),
         (
             {"input": [{"type": "item_reference", "id": "r"}], "previous_response_id": "p"},
-            "item_reference, previous_response_id",
+            "item_reference", ("previous_response_id", "p"),
         ),
-        ({"input": "hi", "previous_response_id": ""}, None),
     ],
 )  # fmt: skip
-def test_input_only_openai_can_see_is_named(body, unseen):
-    assert facts_of("/v1/responses", **body).unseen_input == unseen
+def test_input_only_openai_can_see_is_named_and_a_continuation_is_kept_apart(body, unseen, continues):
+    """A stored response or conversation is bounded by what this proxy measured of it (continuations.py);
+    other input only the provider holds is named, to be bounded by the context window."""
+    facts = facts_of("/v1/responses", **body)
+    assert (facts.unseen_input, facts.continues) == (unseen, continues)
+
+
+def test_an_empty_previous_response_id_is_refused():
+    with pytest.raises(MalformedRequest, match="'previous_response_id' must be a response id"):
+        facts_of("/v1/responses", input="hi", previous_response_id="")
 
 
 @pytest.mark.parametrize(
@@ -386,3 +419,61 @@ def test_a_stream_whose_client_did_not_ask_for_usage_asks_for_it_keeping_its_opt
                     stream_options={"include_obfuscation": False})  # fmt: skip
     assert kept["stream_options"] == {"include_obfuscation": False, "include_usage": True}
     assert kept["max_completion_tokens"] == 4
+# ----- tools: which the client runs (tokens only) and which are billed per use -----
+
+
+def responses_with_tools(*tools) -> bytes:
+    return json.dumps({"model": "gpt-4o-mini", "input": "hi", "tools": list(tools)}).encode()
+
+
+FUNCTION_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"type": "shell"},
+        {"type": "shell", "environment": {"type": "local"}},
+        {"type": "computer"},
+        {"type": "local_shell"},
+        {"type": "namespace", "name": "n", "tools": [FUNCTION_TOOL, {"type": "custom", "name": "c"}]},
+    ],
+)
+def test_tools_the_client_runs_are_read_as_tokens(tool):
+    facts = FORMATS["openai"].request_facts("POST", "/v1/responses", responses_with_tools(tool))
+    plain = FORMATS["openai"].request_facts("POST", "/v1/responses", responses_with_tools())
+    assert facts.input_token_bound > plain.input_token_bound
+
+
+@pytest.mark.parametrize(
+    ("tool", "complaint"),
+    [
+        ({"type": "shell", "environment": {"type": "container_auto"}}, "'container_auto' environment"),
+        ({"type": "web_search_preview"}, "billed per use"),
+        ({"type": "image_generation"}, "billed per use"),
+        ({"type": "namespace", "name": "n", "tools": [{"type": "mcp", "server_label": "x"}]}, "'mcp'"),
+        ({"type": "new_hosted_thing"}, "not one this proxy knows"),
+    ],
+)
+def test_tools_billed_per_use_or_unknown_are_unmeterable(tool, complaint):
+    with pytest.raises(Unmeterable, match=complaint):
+        FORMATS["openai"].request_facts("POST", "/v1/responses", responses_with_tools(tool))
+
+
+@pytest.mark.parametrize(
+    "tool", [{"type": "namespace", "name": "n"}, {"type": "shell", "environment": "local"}, "function"]
+)
+def test_malformed_tools_are_bad_requests(tool):
+    with pytest.raises(MalformedRequest):
+        FORMATS["openai"].request_facts("POST", "/v1/responses", responses_with_tools(tool))
+
+
+def test_compaction_is_metered_and_takes_no_output_limit():
+    body = json.dumps({"model": "gpt-4o-mini", "input": "a long chat", "max_output_tokens": 5}).encode()
+    facts = FORMATS["openai"].request_facts("POST", "/v1/responses/compact", body)
+    assert facts.metered and facts.max_output_tokens is None and not facts.takes_output_limit
+
+
+def test_side_traffic_is_free():
+    for method, path in [("POST", "/v1/traces/ingest"), ("GET", "/v1/conversations/conv_1/items")]:
+        assert FORMATS["openai"].endpoint_kind(method, path) == "free"

@@ -186,7 +186,7 @@ class Ledger(Protocol):
 
         A child is finished when it is revoked or expired and has nothing in flight: its parent's hold
         of the child's budget becomes the child's spend, and the rest is free again. Audit records stay.
-        Token ids remembered by `claim_token` are forgotten once past their expiry.
+        Token ids remembered by `claim_token`, and contexts, are forgotten once past their expiry.
         """
         ...
 
@@ -241,6 +241,25 @@ class Ledger(Protocol):
     def return_limits(self, ticket: LimitTicket, used_tokens: int | None, now: float) -> None:
         """A call's end: its concurrency slots freed, its tokens corrected to `used_tokens`; None: it was
         never forwarded, so every count it took is given back."""
+        ...
+
+    # ----- continuations -----
+
+    def learn_context(self, ref: str, tokens: int, started_at: float, expires_at: float) -> None:
+        """Remember that `ref` (a stored response, a conversation) carries at most `tokens` of input into a
+        call that continues it, as a call started at `started_at` found; until `expires_at`.
+
+        A larger figure already known stays (the context only grows); a `forget_context` at or after
+        `started_at` stays too (that call could not see what was added since).
+        """
+        ...
+
+    def forget_context(self, ref: str, now: float, expires_at: float) -> None:
+        """Mark `ref`'s context unknown (something was added to it that no call has measured yet)."""
+        ...
+
+    def context_tokens(self, ref: str, now: float) -> int | None:
+        """What `learn_context` knows of `ref` now; None if nothing, or if it was forgotten or expired."""
         ...
 
     def ping(self) -> None:

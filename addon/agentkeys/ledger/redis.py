@@ -387,6 +387,31 @@ return 1
 """
 
 
+# KEYS: the context's name. ARGV: tokens, started_at, expires_at, TTL seconds. As SqliteLedger's
+# LEARN_CONTEXT: the larger figure wins; a forgetting newer than the measuring call stays.
+LEARN_CONTEXT = """
+local known = redis.call('HMGET', KEYS[1], 'tokens', 'changed_at', 'expires_at')
+local tokens, changed, expires = ARGV[1], ARGV[2], ARGV[3]
+if known[1] and tonumber(known[3]) > tonumber(ARGV[2]) then
+    if tonumber(known[1]) < 0 and tonumber(known[2]) >= tonumber(ARGV[2]) then return 0 end
+    if tonumber(known[1]) > tonumber(tokens) then tokens = known[1] end
+    if tonumber(known[2]) > tonumber(changed) then changed = known[2] end
+    if tonumber(known[3]) > tonumber(expires) then expires = known[3] end
+end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'changed_at', changed, 'expires_at', expires)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+# KEYS: the context's name. ARGV: now, expires_at, TTL seconds.
+FORGET_CONTEXT = """
+local expires = redis.call('HGET', KEYS[1], 'expires_at')
+if expires and tonumber(expires) > tonumber(ARGV[2]) then ARGV[2] = expires end
+redis.call('HSET', KEYS[1], 'tokens', -1, 'changed_at', ARGV[1], 'expires_at', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
 class RedisLedger:
     def __init__(self, url: str, timeout_seconds: float = 1.0, calendar: Calendar | None = None):
         """`url`: redis://[[user]:password@]host:port/db, or rediss:// for TLS.
@@ -415,6 +440,7 @@ class RedisLedger:
         self._create_account, self._update_account = script(PRELUDE + CREATE_ACCOUNT), script(PRELUDE + UPDATE_ACCOUNT)
         self._delete_account, self._top_up = script(PRELUDE + DELETE_ACCOUNT), script(PRELUDE + TOP_UP)
         self._take_limits, self._give_back = script(LIMITS_PRELUDE + TAKE), script(LIMITS_PRELUDE + GIVE_BACK)
+        self._learn_context, self._forget_context = script(LEARN_CONTEXT), script(FORGET_CONTEXT)
 
     @contextmanager
     def _store(self):
@@ -604,6 +630,26 @@ class RedisLedger:
         with self._store():
             self._give_back(args=[request_json(ticket.request), now, used])
 
+    # ----- continuations -----
+
+    def learn_context(self, ref: str, tokens: int, started_at: float, expires_at: float) -> None:
+        """As `Ledger` says; Redis forgets the context by itself once its TTL (from the caller's clock) runs out."""
+        seconds = max(1, math.ceil(expires_at - started_at))
+        with self._store():
+            self._learn_context(keys=[context_name(ref)], args=[tokens, started_at, expires_at, seconds])
+
+    def forget_context(self, ref: str, now: float, expires_at: float) -> None:
+        seconds = max(1, math.ceil(expires_at - now))
+        with self._store():
+            self._forget_context(keys=[context_name(ref)], args=[now, expires_at, seconds])
+
+    def context_tokens(self, ref: str, now: float) -> int | None:
+        with self._store():
+            tokens, expires_at = self._redis.hmget(context_name(ref), "tokens", "expires_at")
+        if tokens is None or int(tokens) < 0 or float(expires_at) <= now:
+            return None
+        return int(tokens)
+
     def close(self) -> None:
         self._redis.close()
 
@@ -648,6 +694,11 @@ def account_record(values: list[str | None]) -> AccountRecord | None:
 def claimed_token_name(issuer: str, jti: str) -> str:
     """A fixed-length name for any issuer and jti, with no way for one pair to spell another."""
     return f"{PREFIX}token:{hashlib.sha256(json.dumps([issuer, jti]).encode()).hexdigest()}"
+
+
+def context_name(ref: str) -> str:
+    """A context's key, hashed: the reference comes from the agent (a response id, a conversation id)."""
+    return f"{PREFIX}context:{hashlib.sha256(ref.encode()).hexdigest()}"
 
 
 def key_record(values: list[str | None]) -> KeyRecord | None:

@@ -69,6 +69,14 @@ CREATE TABLE IF NOT EXISTS claimed_tokens (
     expires_at REAL NOT NULL,
     PRIMARY KEY (issuer, jti)
 );
+-- What a stored response or a conversation carries into a call that continues it (`learn_context`);
+-- tokens -1: forgotten at changed_at (something was added that no call has measured).
+CREATE TABLE IF NOT EXISTS contexts (
+    ref        TEXT PRIMARY KEY,
+    tokens     INTEGER NOT NULL,
+    changed_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 # Accounts (users or tenants of the operator's product) and their books, one row per period.
 ACCOUNTS_SCHEMA = """
@@ -170,6 +178,21 @@ CLAIM_TOKEN = (
     "INSERT INTO claimed_tokens (issuer, jti, expires_at) VALUES (:issuer, :jti, :expires_at)"
     " ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at"
     " WHERE claimed_tokens.expires_at <= :now RETURNING 1"
+)
+# The larger figure wins; a forgetting newer than the call that measured stays; an expired row is replaced.
+LEARN_CONTEXT = (
+    "INSERT INTO contexts (ref, tokens, changed_at, expires_at) VALUES (:ref, :tokens, :started_at, :expires_at)"
+    " ON CONFLICT (ref) DO UPDATE SET"
+    " tokens = CASE WHEN contexts.tokens < 0 OR contexts.expires_at <= :started_at THEN excluded.tokens"
+    " ELSE max(contexts.tokens, excluded.tokens) END,"
+    " changed_at = max(contexts.changed_at, excluded.changed_at),"
+    " expires_at = max(contexts.expires_at, excluded.expires_at)"
+    " WHERE contexts.tokens >= 0 OR contexts.changed_at < :started_at OR contexts.expires_at <= :started_at"
+)
+FORGET_CONTEXT = (
+    "INSERT INTO contexts (ref, tokens, changed_at, expires_at) VALUES (:ref, -1, :now, :expires_at)"
+    " ON CONFLICT (ref) DO UPDATE SET tokens = -1, changed_at = :now,"
+    " expires_at = max(contexts.expires_at, excluded.expires_at)"
 )
 PLACEHOLDERS = ", ".join("?" * len(fields(KeyRecord)))
 
@@ -397,6 +420,7 @@ class SqliteLedger:
             db.executemany("DELETE FROM keys WHERE key_id = ?", rows)
             db.execute("DELETE FROM claimed_tokens WHERE expires_at <= ?", (now,))
             forget_idle(db, now)
+            db.execute("DELETE FROM contexts WHERE expires_at <= ?", (now,))
             return purged
 
     def take_limits(self, request: LimitRequest, now: float) -> LimitAnswer:
@@ -476,6 +500,19 @@ class SqliteLedger:
             f"SELECT {PERIOD_COLUMNS} FROM account_periods WHERE account_id = ? ORDER BY period_id", (account_id,)
         )
         return [PeriodSpend(*row) for row in rows]
+
+    # ----- continuations -----
+
+    def learn_context(self, ref: str, tokens: int, started_at: float, expires_at: float) -> None:
+        args = {"ref": ref, "tokens": tokens, "started_at": started_at, "expires_at": expires_at}
+        self._query(LEARN_CONTEXT, args)
+
+    def forget_context(self, ref: str, now: float, expires_at: float) -> None:
+        self._query(FORGET_CONTEXT, {"ref": ref, "now": now, "expires_at": expires_at})
+
+    def context_tokens(self, ref: str, now: float) -> int | None:
+        rows = self._query("SELECT tokens FROM contexts WHERE ref = ? AND expires_at > ? AND tokens >= 0", (ref, now))
+        return rows[0][0] if rows else None
 
     def close(self) -> None:
         with self._lock:

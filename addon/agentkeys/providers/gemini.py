@@ -32,6 +32,7 @@ from agentkeys.providers.base import (
     usage_count,
     utf8_len,
 )
+from agentkeys.providers.documents import inline_document_tokens
 
 GENERATE = re.compile(
     r"^/v1(?:beta|alpha)?/models/(?P<model>[^/:]+):(?P<action>generateContent|streamGenerateContent)$"
@@ -116,6 +117,10 @@ class GeminiFormat:
             return None
         return usage_from_metadata(metadata)
 
+    def stored_response(self, facts: RequestFacts, body: bytes) -> None:
+        """This provider keeps no response for a later call to continue."""
+        return None
+
     def stream_meter(self, facts: RequestFacts) -> "GenerateStreamMeter":
         return GenerateStreamMeter()
 
@@ -174,6 +179,10 @@ def part_tokens(part, unseen: set[str]) -> int:
     inline = field(part, "inlineData")
     if isinstance(inline, dict) and str(field(inline, "mimeType") or "").startswith("image/"):
         return IMAGE_TOKEN_ALLOWANCE
+    if isinstance(inline, dict) and isinstance(field(inline, "data"), str):
+        document = inline_document_tokens(field(inline, "mimeType"), field(inline, "data"), IMAGE_TOKEN_ALLOWANCE)
+        if document is not None:  # a PDF by its pages, a text file by its bytes (documents.py)
+            return document
     if inline is not None or field(part, "fileData") is not None:
         unseen.add("media")  # audio, video and documents are counted by their length, which only Google reads
         return 0
