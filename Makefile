@@ -12,7 +12,7 @@ NODE_OPENAI := openai@6.49.0
 NODE_DIR := $(VENV)/node
 IMAGE ?= localhost/agentkeys:dev
 
-.PHONY: install run test bench bench-audit lint clean redis-server faketime iptables node-sdk image image-test dashboard-check mutants
+.PHONY: install run test bench bench-audit bench-limits lint clean redis-server faketime iptables node-sdk image image-test dashboard-check mutants compat
 
 install: $(STAMP)
 
@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/agentkeys serve --config agentkeys.yaml
 
+# One pytest worker per core; a test file runs whole in one worker, so its module fixtures start once.
 test: install redis-server faketime iptables node-sdk
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 # The Redis tests start their own throwaway redis-server; install Debian's if the machine has none.
 redis-server:
@@ -73,6 +74,10 @@ dashboard-check: install
 		{ echo "error: dashboard-check needs prometheus (apt-get install prometheus)" >&2; exit 1; }; }
 	AGENTKEYS_DASHBOARD_CHECK=1 timeout 300 $(PY) -m pytest -q -p no:randomly tests/test_dashboard.py
 
+# Rate limits alone: what a key with limits adds to a call's admission and settlement in the gate.
+bench-limits: install redis-server
+	$(PY) bench/bench_limits.py
+
 # The audit log alone: per-record cost of chaining and signing, and report/verify/tail on a million records.
 bench-audit: install
 	$(PY) bench/bench_audit.py
@@ -93,6 +98,27 @@ mutants: install
 		$(abspath $(VENV))/bin/mutmut results > survivors.txt; \
 		$(abspath $(VENV))/bin/mutmut export-cicd-stats >/dev/null && cat mutants/mutmut-cicd-stats.json
 	@echo "surviving mutants: $(MUTANTS_DIR)/survivors.txt (see one: cd $(MUTANTS_DIR) && ../../$(VENV)/bin/mutmut show NAME)"
+
+# The agent frameworks people use (compat/requirements/*.txt and compat/package.json, pinned), unchanged, through
+# the proxy in both modes against the mock provider; prints a table framework x mode. Not part of `make test`:
+# the installs are heavy. Each Python framework gets its own venv under var/compat (their pins conflict with
+# one another, as they would in no single agent); the Node ones go in a temporary folder.
+COMPAT_VENVS := var/compat
+COMPAT_STAMPS := $(patsubst compat/requirements/%.txt,$(COMPAT_VENVS)/%/.installed,$(wildcard compat/requirements/*.txt))
+
+compat: install $(COMPAT_STAMPS)
+	@node_dir=$$(mktemp -d -t agentkeys-compat-node-XXXXXX); trap 'rm -rf "$$node_dir"' EXIT; \
+	if command -v npm >/dev/null; then \
+		cp compat/package.json "$$node_dir/" && npm install --silent --no-audit --no-fund --prefix "$$node_dir" && \
+		node_arg="--node-modules $$node_dir"; \
+	else echo "warning: no npm: the Node frameworks are skipped" >&2; fi; \
+	timeout 3600 $(PY) compat/run.py --venvs $(COMPAT_VENVS) $$node_arg
+
+$(COMPAT_VENVS)/%/.installed: compat/requirements/%.txt
+	@test -x $(COMPAT_VENVS)/$*/bin/python || $(PYTHON) -m venv $(COMPAT_VENVS)/$*
+	$(COMPAT_VENVS)/$*/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT_VENVS)/$*/bin/python -m pip install --quiet -r $<
+	@touch $@
 
 lint: install
 	$(VENV)/bin/ruff check .

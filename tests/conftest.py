@@ -129,7 +129,7 @@ class Proxy:
     def ledger(self) -> Ledger:
         """A handle on the proxy's own store (SQLite file or Redis), as the CLI opens it."""
         config = load_config(self.config_path)
-        return open_ledger(config.store_url)
+        return open_ledger(config.store_url, config.calendar)
 
     def cli(self, *args: str) -> int:
         return agentkeys_main(["--config", str(self.config_path), *args])
@@ -194,6 +194,8 @@ def start_proxy(directory: Path, mock: MockProvider, launcher: str = "serve", **
     proxy = Proxy(directory, config_path, proxy_port, gateway_port, metrics_port, process, log_path)
     wait_for_port(proxy_port, process, log_path)
     wait_for_port(gateway_port, process, log_path)
+    if config["metrics_port"]:  # probes and metrics: served a moment after the listeners
+        wait_for_port(config["metrics_port"], process, log_path)
     wait_for_store(config_path, process, log_path)
     return proxy
 

@@ -59,3 +59,33 @@ def sidecar() -> Sidecar:
         proxy_uid=proxy["securityContext"]["runAsUser"],
         config=config,
     )
+
+
+@dataclass(frozen=True)
+class KeylessPod:
+    """What the keyless overlay runs: the agent pod, its exchange command, and the gateway's identity config."""
+
+    pod: dict
+    exchange_command: list[str]
+    token_volume: dict  # the projected service-account token
+    identity: dict  # the gateway config's identity.cluster
+    gateway_config: dict
+
+
+def keyless() -> KeylessPod:
+    objects = build(KUBERNETES / "keyless")
+    pod = find(objects, "Deployment", "keyless-agent")["spec"]["template"]["spec"]
+    config = yaml.safe_load(find(objects, "ConfigMap", "agentkeys-gateway-config")["data"]["agentkeys.yaml"])
+    [token_volume] = [v for v in pod["volumes"] if "projected" in v]
+    return KeylessPod(
+        pod=pod,
+        exchange_command=container(pod, "agentkeys-exchange")["command"],
+        token_volume=token_volume,
+        identity=config["identity"]["cluster"],
+        gateway_config=config,
+    )
+
+
+def mount_of(pod_spec: dict, container_name: str, volume_name: str) -> dict:
+    [mount] = [m for m in container(pod_spec, container_name)["volumeMounts"] if m["name"] == volume_name]
+    return mount

@@ -15,11 +15,13 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import sys
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, exceptions, http, tcp, tls
@@ -28,12 +30,13 @@ from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
 from agentkeys import logs, tokens
+from agentkeys.alerts import ALERTED_REFUSALS, Alerts, sender_for
 from agentkeys.audit import AuditLog, CallRecord, audit_log_for
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.connections import ConnectionGuard
 from agentkeys.control import Control, issuers_from
 from agentkeys.credentials import CREDENTIAL_HEADERS, proxy_auth_user, without_query_credentials
-from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate, Settlement, charge_for
+from agentkeys.gate import LARGE_BODY_BYTES, Admission, Gate
 from agentkeys.health import HealthServer, ca_loaded, listeners_up, store_answers
 from agentkeys.identity import identities_from
 from agentkeys.ledger import LedgerUnavailable, StoreMisconfigured, open_ledger
@@ -41,16 +44,29 @@ from agentkeys.ledger.counted import ErrorCountingLedger
 from agentkeys.logguard import LogGuard
 from agentkeys.metrics import Metrics
 from agentkeys.money import dumps, micros_to_usd
+from agentkeys.plans import PlanFile, admin_token, current_plans
 from agentkeys.policy import ProxyConfig, current_policies, load_config
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import DenyKind, SseEventTooLarge, SseSplitter, StreamMeter, UsageRejected, WireFormat
+from agentkeys.providers.base import (
+    DenyKind,
+    RequestFacts,
+    SseEventTooLarge,
+    SseSplitter,
+    StreamMeter,
+    UsageRejected,
+    WireFormat,
+)
+from agentkeys.realkeys import RealKeyCall, observe
 from agentkeys.records import (
     Timings,
+    Traffic,
     allowed_record,
     control_record,
     denied_record,
     egress_record,
+    llm_host_record,
+    real_key_record,
     stale_hold_record,
 )
 from agentkeys.routing import (
@@ -61,19 +77,29 @@ from agentkeys.routing import (
     OtherHost,
     ProviderRoute,
     Router,
+    UnknownLlmHost,
     Upstream,
     host_conflict,
 )
 from agentkeys.seal import store_seal
+from agentkeys.settlement import Settlement, charge_for
 from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
+
+if TYPE_CHECKING:
+    from agentkeys.admin import AdminServer
 
 log = logging.getLogger(__name__)
 
 STATE = "agentkeys"
 SETTLING_SECONDS = 5  # how long settlements already under way may take to be written, at a reload or a stop
 CONTROL_PROVIDER = "agentkeys"  # how control calls appear in the audit log
-RETRY_HEADER = {DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true", DenyKind.NOT_CONFIGURED: "false"}
+# Whether the official SDKs should try a refused call again. A rate limit says when (`retry_headers`);
+# a spent budget, a broken loop, or a call larger than a whole minute's tokens never passes by retrying.
+RETRY_HEADER = {
+    DenyKind.BUDGET: "false", DenyKind.UNAVAILABLE: "true", DenyKind.NOT_CONFIGURED: "false",
+    DenyKind.RATE_LIMITED: "false", DenyKind.LOOP: "false",
+}  # fmt: skip
 # Told to the agent on every forwarded call, in USD: what this call cost, what its key has left.
 COST_HEADER = "x-agentkeys-cost"
 REMAINING_HEADER = "x-agentkeys-budget-remaining"
@@ -130,6 +156,7 @@ class CallState:
     wire: WireFormat
     gate: Gate  # the gate that admitted it, which settles it (a reload may bring a new one meanwhile)
     admission: Admission | None = None
+    observed: RealKeyCall | None = None  # a real key's call, passed on untouched (real_keys: audit)
     forwarded: bool = False
     relay: StreamRelay | None = None
     usage: Usage | None = None  # of a whole (not streamed) response, read once for its headers and settlement
@@ -137,6 +164,11 @@ class CallState:
     usage_read: bool = False
     overhead_seconds: float = 0.0
     finished: bool = False
+
+    @property
+    def facts(self) -> RequestFacts | None:
+        """What the request says (model, stream, …): the admitted call's, or a real key's call's if it was read."""
+        return self.admission.facts if self.admission else self.observed.facts
 
 
 class AgentKeys:
@@ -146,13 +178,17 @@ class AgentKeys:
         self.gate: Gate | None = None
         self.control: Control | None = None
         self.audit: AuditLog | None = None
+        self.alerts: Alerts | None = None
         self.metrics = Metrics()
         # The key given as the HTTPS_PROXY user, for every flow of its client connection.
         self.tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
         self.health: HealthServer | None = None
+        self.admin: AdminServer | None = None
+        self.plans: dict[str, PlanFile] = {}
         self._purge_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # settlements and retired stores, until they finish
         self._calls_in_flight = 0  # forwarded and not yet settled and audited
+        self._warned_llm_hosts: set[str] = set()  # unconfigured LLM hosts already named in the log
 
     # ----- set-up -----
 
@@ -195,19 +231,29 @@ class AgentKeys:
         config no longer names is closed once they have.
         """
         issuers, identities = issuers_from(config), identities_from(config)
-        prices, policies = config.price_table(), current_policies(config)
+        prices, policies, plans = config.price_table(), current_policies(config), current_plans(config)
+        llm_hosts = config.llm_catalogue()
+        sender = sender_for(config, self.metrics.alert)
+        if config.admin_port:
+            admin_token(config.admin_token_env)  # a config with an admin port and no token is refused
+        self.plans = plans
+        if self.admin is not None:
+            self.admin.api.plans = self.plans
         old_gate, old_audit = self.gate, self.audit
         same_store = old_gate is not None and self.config.store_url == config.store_url
         if same_store:
             store = old_gate.store
         else:  # its failures counted for agentkeys_store_errors_total
-            ledger = ErrorCountingLedger(open_ledger(config.store_url), self.metrics.store_error)
+            ledger = ErrorCountingLedger(open_ledger(config.store_url, config.calendar), self.metrics.store_error)
             store = Store(ledger, seal=store_seal(config.path(config.certs_dir)))
         self.config = config
-        self.router = Router(config)
-        self.gate = Gate(config, store, prices, policies)
+        self.router = Router(config, llm_hosts)
+        self.gate = Gate(config, store, prices, policies, plans)
         self.control = Control(store, self.gate.auth, issuers, identities)
         self.audit = audit_log_for(config, old_audit)  # the same one while its settings are the same
+        if self.alerts:
+            self.alerts.close(timeout=0)  # alerts still waiting to be delivered are dropped
+        self.alerts = Alerts(config.alerts, store, sender, config.calendar) if sender else None
         self._retire(None if same_store else old_gate, None if self.audit is old_audit else old_audit)
         self.metrics.watch_holds(lambda: len(self.gate.store.open_holds))
         for name, spec in config.providers.items():
@@ -255,6 +301,8 @@ class AgentKeys:
             ctx.options.update(connection_strategy="lazy")
         if self.config.metrics_port and self.health is None:
             self._serve_health(self.config.metrics_port)
+        if self.config.admin_port and self.admin is None:
+            self._serve_admin(self.config)
         if self._purge_task is None:
             self._purge_task = asyncio.get_running_loop().create_task(self._keep_the_books())
             # The price table, the tokenizers and mitmproxy's own start-up objects live as long as the
@@ -271,9 +319,20 @@ class AgentKeys:
         )
         self.health.start(self.config.listen_host, port)
 
+    def _serve_admin(self, config: ProxyConfig):
+        """The admin API on its own listener and thread, with its own handle on the store."""
+        from agentkeys.admin import AdminApi, AdminServer  # FastAPI is imported only by a proxy that serves it
+
+        token = admin_token(config.admin_token_env)
+        ledger, seal = open_ledger(config.store_url, config.calendar), store_seal(config.path(config.certs_dir))
+        api = AdminApi(ledger, self.plans, config.calendar, token, seal)
+        self.admin = AdminServer(api)
+        self.admin.start(config.admin_host or config.listen_host, config.admin_port)
+
     async def _keep_the_books(self):
         """Every `purge_interval`: settle holds that dead calls left behind, return finished children's
-        budgets to their parents, and delete expired keys; and take the budgets per policy for the metrics.
+        budgets to their parents, and delete expired keys (none that expired after a key still in shadow mode,
+        whose calls are forwarded); and take the budgets per policy for the metrics.
         Each pass (and the start) also learns the store's clock, which the proxy's own decisions use."""
         with contextlib.suppress(LedgerUnavailable):  # an outage at start: the first pass tries again
             await self.gate.store.sync_clock()
@@ -286,10 +345,10 @@ class AgentKeys:
                 for hold in await store.sweep_stale_holds(self.config.stale_hold_after):
                     log.warning("agentkeys: hold %s of key %s outlived its call", hold.hold_id, hold.key_id)
                     self._write_record(stale_hold_record(hold))
-                purged = await store.purge_expired()
+                keys = await asyncio.to_thread(store.ledger.list_keys)
+                purged = await store.purge_expired(self.gate.purge_cutoff(keys, store.clock()))
                 if purged:
                     log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
-                keys = await asyncio.to_thread(store.ledger.list_keys)
                 self.metrics.budgets.update(keys, time.time())
             except LedgerUnavailable as e:  # an outage, not a bug: no traceback
                 log.error("agentkeys: keeping the books failed; will try again: %s", e)
@@ -309,11 +368,15 @@ class AgentKeys:
             self._purge_task.cancel()
         if self.health:
             self.health.stop()
+        if self.admin:
+            self.admin.stop()
         await asyncio.sleep(0)  # settlements scheduled on this turn of the loop start their tasks
         if self._background:  # let settlements in flight reach the store and the audit log
             await asyncio.wait(self._background, timeout=SETTLING_SECONDS)
         if self.audit:
             self.audit.close()
+        if self.alerts:
+            await asyncio.to_thread(self.alerts.close)
         if self.gate:
             self.gate.store.close()
 
@@ -328,7 +391,19 @@ class AgentKeys:
         if refusal:
             flow.response = egress_refused(refusal)
         if refusal or not self.router.intercepts(host):
-            self._write_record(egress_record("CONNECT", host, port, client_address(flow.client_conn), refusal))
+            vendor = self.router.unknown_llm_vendor(host)
+            client = client_address(flow.client_conn)
+            self._write_record(egress_record("CONNECT", host, port, client, refusal, vendor))
+
+    def tls_failed_client(self, data: tls.TlsData):
+        """A client that refused the proxy's certificate for a catalogued LLM host no provider covers (it does
+        not trust the proxy's CA): its calls there cannot be seen, so the attempt itself is audited."""
+        name = data.conn.sni or (data.context.server.address or ("",))[0]
+        vendor = self.router.unknown_llm_vendor(name)
+        if vendor:
+            port = (data.context.server.address or ("", 443))[1]
+            failed = f"TLS to {name} failed: the client does not trust the proxy's CA, so its LLM calls are not seen"
+            self._write_record(egress_record("TLS", name, port, client_address(data.context.client), failed, vendor))
 
     def tls_clienthello(self, data: tls.ClientHelloData):
         """Intercept provider hosts only; any other TLS connection is relayed untouched.
@@ -382,6 +457,8 @@ class AgentKeys:
                     flow.response = no_endpoint(self.router.formats[provider], provider, flow.request.method, path)
                 case OtherHost(host=host):
                     self._other_host(flow, host)
+                case UnknownLlmHost(host=host, vendor=vendor):
+                    self._unknown_llm_host(flow, host, vendor)
         except Exception:
             log.exception("agentkeys: request hook failed; refusing the call")
             if flow.metadata.get(STATE) is None:
@@ -395,12 +472,34 @@ class AgentKeys:
         client = client_address(flow.client_conn)
         self._write_record(egress_record(flow.request.method, host, flow.request.port, client, refusal))
 
+    def _unknown_llm_host(self, flow: http.HTTPFlow, host: str, vendor: str):
+        """A call to a catalogued LLM API host that no provider is configured for: audited (host, path, bytes,
+        client), then refused or passed on untouched per `unknown_llm_hosts` (`audit` warns in the log too)."""
+        refusal = self.router.llm_host_refusal(host, vendor)
+        if refusal:
+            flow.response = egress_refused(refusal)
+        elif self.router.unknown_llm_hosts == "audit" and host not in self._warned_llm_hosts:
+            self._warned_llm_hosts.add(host)
+            log.warning("agentkeys: LLM traffic to %s (%s), which no provider is configured for: passed, and"
+                        " audited (unknown_llm_hosts: audit)", host, vendor)  # fmt: skip
+        request = flow.request
+        traffic = Traffic(host, client_address(flow.client_conn), len(request.raw_content or b""))
+        path = urlsplit(request.path).path  # never its query, which may carry a key (?key=)
+        setting = self.router.unknown_llm_hosts
+        self._write_record(llm_host_record(request.method, path, request.port, vendor, traffic, refusal, setting))
+
     async def _gate_call(self, flow: http.HTTPFlow, route: ProviderRoute):
         started = time.perf_counter()
         call = call_of(flow, route.provider, route.path, route.query, self.tunnel_credentials.get(flow.client_conn))
         wire = FORMATS[self.config.providers[route.provider].format]
         state = flow.metadata[STATE] = CallState(call, wire, self.gate)
         try:
+            state.observed = await observe(state.gate, call, host_called(flow))
+            if state.observed:
+                pass_untouched(flow.request, call, self.router.upstream(call.provider))
+                state.forwarded = True
+                self._calls_in_flight += 1
+                return
             state.admission = await state.gate.admit(call)
             forward(flow.request, state.admission, call, self.router.upstream(call.provider))
             state.forwarded = True
@@ -411,7 +510,7 @@ class AgentKeys:
             log.exception("agentkeys: request hook failed; refusing the call")
             key = state.admission.key if state.admission else None
             if state.admission:
-                state.gate.release(state.admission)
+                await state.gate.release(state.admission)
             failed = Denial(DenyKind.INTERNAL, "agentkeys: internal error; the call was not forwarded", key)
             self._deny(flow, state, failed)
         finally:
@@ -434,23 +533,28 @@ class AgentKeys:
 
     def _deny(self, flow: http.HTTPFlow, state: CallState, denial: Denial):
         status, body = state.wire.error(denial.kind, denial.message)
-        flow.response = json_response(status, body, RETRY_HEADER.get(denial.kind))
+        flow.response = json_response(status, body, headers=retry_headers(denial))
+        if denial.key:
+            flow.response.headers[REMAINING_HEADER] = usd_header(remaining_when_refused(denial))
         state.finished = True
         self.metrics.refused(state.call.provider, denial.key and denial.key.policy_name, denial.kind.value)
         revision = state.gate.policies.get(denial.key.policy_name) if denial.key else None
         self._write_record(denied_record(state.call, denial, status, revision.revision if revision else None))
+        if self.alerts and denial.kind in ALERTED_REFUSALS:
+            self._run_in_background(asyncio.get_running_loop(), self._alert_refusal(self.alerts, denial))
 
     def responseheaders(self, flow: http.HTTPFlow):
         state = in_flight(flow)
         if state is None:
             return
         try:
-            admission = state.admission
+            admission, facts = state.admission, state.facts
             streaming = flow.response.headers.get("content-type", "").startswith("text/event-stream")
-            if streaming and admission.facts.metered and flow.response.status_code < 400:
+            if streaming and facts and facts.metered and flow.response.status_code < 400:
                 splitter = SseSplitter(self.config.max_stream_event_bytes)
-                state.relay = StreamRelay(admission.wire.stream_meter(admission.facts), splitter)
+                state.relay = StreamRelay(state.wire.stream_meter(facts), splitter)
                 flow.response.stream = state.relay
+            if state.relay and admission:
                 # A stream's headers leave before its usage is known: it gets what remains after its hold.
                 replace_headers(flow.response.headers, budget_headers(admission, cost=None))
         except Exception:
@@ -466,13 +570,25 @@ class AgentKeys:
             redact(flow.response, state.gate.auth.secrets_in_play(state.call))
         try:
             outcome = await self._finished_outcome(flow, state)
-            if not state.relay:
+            if state.admission and not state.relay:
                 charge = charge_for(state.admission, outcome)
                 replace_headers(flow.response.headers, budget_headers(state.admission, charge.cost_micros))
         except Exception:
             log.exception("agentkeys: reading the response failed; the call is charged its full hold")
             outcome = Outcome(reached_provider=True, complete=True, status=status, meter_broken=True, note="ok")
+        await self._remember_context(state, outcome)
         self._settle_in_background(flow, state, outcome)
+
+    async def _remember_context(self, state: CallState, outcome: Outcome):
+        """Before the agent has this answer, so that its next turn finds what it continues measured."""
+        if state.admission is None:  # a real key's own call, passed on untouched: not metered by a hold
+            return
+        try:
+            await state.gate.remember_context(state.admission, outcome)
+        except LedgerUnavailable as e:  # an outage: a call continuing this response is held at the context window
+            log.warning("agentkeys: the context of a response was not kept: %s", e)
+        except Exception:
+            log.exception("agentkeys: the context of a response was not kept")
 
     def error(self, flow: http.HTTPFlow):
         state = in_flight(flow)
@@ -499,16 +615,19 @@ class AgentKeys:
             return Outcome(
                 reached_provider=True, complete=True, status=status, stream=stream, meter_broken=relay.broken, note="ok"
             )
-        usage = await self._response_usage(flow, state) if should_read_usage(state, flow) else None
+        read = should_read_usage(state, flow)
+        usage = await self._response_usage(flow, state) if read else None
+        admission = state.admission  # None for a real key's own call (real_keys: audit): nothing it continues is kept
+        stored = admission.wire.stored_response(admission.facts, flow.response.content) if read and admission else None
         return Outcome(
             reached_provider=True, complete=True, status=status, usage=usage, usage_rejected=state.usage_rejected,
-            note="ok",
+            stored=stored, note="ok",
         )  # fmt: skip
 
     async def _response_usage(self, flow: http.HTTPFlow, state: CallState) -> Usage | None:
         """The usage of a whole response, read once; a large body (many embeddings) is parsed off the loop."""
         if not state.usage_read:
-            read, content = state.admission.wire.usage_from_response, flow.response.content
+            read, content = state.wire.usage_from_response, flow.response.content
             try:
                 if len(content) > LARGE_BODY_BYTES:
                     state.usage = await asyncio.get_running_loop().run_in_executor(None, read, content)
@@ -534,6 +653,9 @@ class AgentKeys:
         task.add_done_callback(self._background.discard)
 
     async def _settle_then_record(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
+        if state.observed:
+            self._record_real_key_call(flow, state, outcome)
+            return
         started = time.perf_counter()
         admission = state.admission
         try:
@@ -546,6 +668,25 @@ class AgentKeys:
             state.overhead_seconds += time.perf_counter() - started
             status = flow.response.status_code if flow.response else None
             record = allowed_record(state.call, admission, settlement, status, outcome.note, timings(flow, state))
+            self._write_record(record)
+        finally:
+            self._calls_in_flight -= 1
+        if self.alerts:
+            try:
+                await self.alerts.after_settlement(admission.key, settlement.cost_micros)
+            except Exception:
+                log.exception("agentkeys: working out the alerts of a call failed")
+
+    async def _alert_refusal(self, alerts: Alerts, denial: Denial):
+        try:
+            await alerts.after_refusal(denial)
+        except Exception:
+            log.exception("agentkeys: working out the alerts of a refusal failed")
+
+    def _record_real_key_call(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome):
+        try:
+            status = flow.response.status_code if flow.response else None
+            record = real_key_record(state.call, state.observed, outcome, status, traffic_of(flow, state.observed.host))
             self._write_record(record)
         finally:
             self._calls_in_flight -= 1
@@ -577,15 +718,15 @@ def retire_now(gate: Gate | None, audit: AuditLog | None):
 
 
 def in_flight(flow: http.HTTPFlow) -> CallState | None:
-    """The state of a forwarded call that has not been settled yet, else None."""
+    """The state of a forwarded call that has not been settled (or recorded) yet, else None."""
     state = flow.metadata.get(STATE)
-    if state is None or state.admission is None or state.finished:
+    if state is None or not state.forwarded or state.finished:
         return None
     return state
 
 
 def should_read_usage(state: CallState, flow: http.HTTPFlow) -> bool:
-    return state.admission.facts.metered and flow.response.status_code < 400
+    return bool(state.facts and state.facts.metered) and flow.response.status_code < 400
 
 
 def call_of(flow: http.HTTPFlow, provider: str, path: str, query: str, tunnel_credential: str | None) -> CallRequest:
@@ -617,15 +758,35 @@ def forward(request: http.Request, admission: Admission, call: CallRequest, upst
     # Every credential header the agent sent goes; identity encoding, so streamed SSE can be read as it passes.
     added = {key_name: key_value, "accept-encoding": "identity"}
     replace_headers(request.headers, added, REPLACED_REQUEST_FIELDS, rewritten={b"host": upstream.authority})
+    # Google's ?key=: the real key goes in a header
+    point_at(request, call.path, without_query_credentials(call.query), upstream)
+    if admission.upstream_body is not None:
+        request.content = admission.upstream_body
+
+
+def pass_untouched(request: http.Request, call: CallRequest, upstream: Upstream) -> None:
+    """A real key's call (real_keys: audit) to the provider, its credentials, body and query as sent; only
+    its encoding is asked as identity, so that a stream's usage can be read as it passes."""
+    replace_headers(request.headers, {"accept-encoding": "identity"}, rewritten={b"host": upstream.authority})
+    point_at(request, call.path, call.query, upstream)
+
+
+def point_at(request: http.Request, path: str, query: str, upstream: Upstream) -> None:
+    """Send the request to the provider's upstream, at `path` (in the provider's terms) with `query`; the
+    Host header is the caller's to rewrite, in its own pass over the headers."""
     # Set directly: mitmproxy's `host` setter would encode the name again and look for Host once more.
     request.scheme = upstream.scheme
     request.data.host, request.data.port = upstream.host, upstream.port
     if request.data.authority:
         request.data.authority = upstream.authority
-    query = without_query_credentials(call.query)  # Google's ?key=: the real key goes in a header
-    request.path = upstream.base_path + call.path + (f"?{query}" if query else "")
-    if admission.upstream_body is not None:
-        request.content = admission.upstream_body
+    request.path = upstream.base_path + path + (f"?{query}" if query else "")
+
+
+def traffic_of(flow: http.HTTPFlow, host: str) -> Traffic:
+    """A call passed on untouched, sent to `host`: from whom, and its size each way (a streamed answer's
+    is not kept, so not known)."""
+    response_bytes = len(flow.response.raw_content or b"") if flow.response and not flow.response.stream else None
+    return Traffic(host, client_address(flow.client_conn), len(flow.request.raw_content or b""), response_bytes)
 
 
 def answer_proxy_errors_as_json() -> None:
@@ -653,12 +814,25 @@ def http1_error_response(status: int, message: str = "") -> bytes:
     return assemble_response(http.Response.make(status, proxy_error_body(status, message), headers))
 
 
-def json_response(status: int, body: dict, should_retry: str | None = None) -> http.Response:
+def json_response(
+    status: int, body: dict, should_retry: str | None = None, headers: dict[str, str] | None = None
+) -> http.Response:
     """An answer of the proxy's own; `should_retry` tells the official SDKs whether to try again."""
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **(headers or {})}
     if should_retry:
         headers["x-should-retry"] = should_retry
     return http.Response.make(status, dumps(body).encode(), headers)
+
+
+def retry_headers(denial: Denial) -> dict[str, str]:
+    """A rate limit's `retry-after` (seconds, and milliseconds as the SDKs also read) with `x-should-retry:
+    true`; any other refusal's `x-should-retry` as RETRY_HEADER says."""
+    if denial.retry_after is not None:
+        wait = max(denial.retry_after, 0.001)
+        return {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000)),
+                "x-should-retry": "true"}  # fmt: skip
+    should_retry = RETRY_HEADER.get(denial.kind)
+    return {"x-should-retry": should_retry} if should_retry else {}
 
 
 def no_provider(prefix: str, providers: tuple[str, ...]) -> http.Response:
@@ -681,6 +855,14 @@ def target_host(flow: http.HTTPFlow) -> str:
     if not isinstance(flow.client_conn.proxy_mode, TransparentMode):
         return flow.request.host
     return flow.client_conn.sni or urlsplit(f"//{flow.request.host_header or ''}").hostname or flow.request.host
+
+
+def host_called(flow: http.HTTPFlow) -> str:
+    """The host the client addressed: in proxy (and transparent) mode the target, on the gateway (whose
+    requests all name one placeholder upstream) the name in its Host header."""
+    if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+        return urlsplit(f"//{flow.request.host_header or ''}").hostname or flow.request.host
+    return target_host(flow)
 
 
 def egress_refused(reason: str) -> http.Response:
@@ -751,6 +933,15 @@ def budget_headers(admission: Admission, cost: int | None) -> dict[str, str]:
     if admission.clamped_to:
         headers[CLAMPED_HEADER] = str(admission.clamped_to)
     return headers
+
+
+def remaining_when_refused(denial: Denial) -> int:
+    """What a refused call's key has left: nothing once it can no longer spend (revoked, expired)."""
+    if denial.remaining_micros is not None:
+        return max(0, denial.remaining_micros)
+    if denial.key.status(time.time()) != "active":
+        return 0
+    return max(0, denial.key.remaining_micros)
 
 
 def usd_header(micros: int) -> str:

@@ -34,7 +34,7 @@ class CallRecord:
     method: str
     path: str
     model: str | None
-    decision: str  # "allow" | "deny"
+    decision: str  # "allow" | "deny" | "would_deny" (shadow mode: forwarded) | "pass" (not a governed call)
     reason: str
     status: int | None = None
     # "usage" | "overrun" (usage above the hold, charged in full) | "held" (charged the full hold)
@@ -57,6 +57,12 @@ class CallRecord:
     client: str | None = None  # the agent's address, for traffic the proxy passed or refused by host
     deny_kind: str | None = None  # why a call was refused, as a word (budget, forbidden, …), for reports
     identity: dict | None = None  # the job or pod the key was minted for, from its OIDC token (keyless keys)
+    account_id: str | None = None  # the account (plans.md) whose period budget also bounds the key
+    would_deny: list[str] | None = None  # shadow mode: the policy rules a forwarded call broke (shadow.Rule)
+    real_key: str | None = None  # a real provider key's fingerprint (realkeys.fingerprint), never the key
+    llm_host: str | None = None  # the catalogue entry of an LLM host no provider is configured for
+    request_bytes: int | None = None  # of a call passed on untouched (a real key's, an unconfigured LLM host's)
+    response_bytes: int | None = None
     ts: float = 0.0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agentkeys import auditfiles
 from agentkeys.auditfiles import CALL_PREFIXES
-from agentkeys.money import micros_to_usd
+from agentkeys.money import format_usd, micros_to_usd
 
 GROUPINGS = {
     "key": lambda record: record.get("key_id") or "(no key)",
@@ -45,11 +45,11 @@ class Group:
         self.output_tokens += record.get("output_tokens") or 0
         self.cost_micros += record.get("cost_micros") or 0
         decision = record.get("decision")
-        if decision == "allow":
+        if decision in ("allow", "pass"):  # a provider call let through; traffic passed on by host
             self.allowed += 1
             return
         self.refused += decision == "deny"
-        self.refusals[refusal_reason(record)] += 1
+        self.refusals.update(refusal_reasons(record))
 
     def as_dict(self) -> dict:
         return {
@@ -59,10 +59,13 @@ class Group:
         }  # fmt: skip
 
 
-def refusal_reason(record: dict) -> str:
-    """A refusal's reason as one word (the gate's kind), marked when it was only a would-be refusal."""
+def refusal_reasons(record: dict) -> list[str]:
+    """A refusal's reason as one word (the gate's kind); a would-be refusal's (shadow mode), each rule it
+    broke, marked as such."""
     reason = record.get("deny_kind") or (f"http_{record['status']}" if record.get("status") else "other")
-    return reason if record.get("decision") == "deny" else f"{reason} ({record.get('decision')})"
+    if record.get("decision") == "deny":
+        return [reason]
+    return [f"{rule} ({record.get('decision')})" for rule in record.get("would_deny") or [reason]]
 
 
 def report(records: Iterator[dict], by: str) -> dict[str, Group]:
@@ -86,6 +89,69 @@ def report_rows(groups: dict[str, Group]) -> list[list[str]]:
         refusals = ", ".join(f"{reason} {count}" for reason, count in values["refusals"].items())
         rows.append([name, *(str(values[c]) for c in COLUMNS[:5]), f"{values['cost_usd']:.6f}", refusals])
     return rows
+
+
+REAL_KEY_COLUMNS = ["provider", "calls", "clients", "hosts", "first_seen", "last_seen", "input_tokens",
+                    "output_tokens", "cost_usd"]  # fmt: skip
+
+
+@dataclass
+class RealKeyUse:
+    """One real key's calls (`real_keys: audit`): from where, how often, at what cost."""
+
+    provider: str = ""
+    calls: int = 0
+    clients: Counter = field(default_factory=Counter)  # by address without the port: one machine, many connections
+    hosts: Counter = field(default_factory=Counter)
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_micros: int = 0
+
+    def add(self, record: dict) -> None:
+        ts = record.get("ts", 0)
+        self.provider = record.get("provider") or ""
+        self.calls += 1
+        self.clients[(record.get("client") or "").rpartition(":")[0] or "(unknown)"] += 1
+        self.hosts[record.get("host") or "(unknown)"] += 1
+        self.first_seen = min(self.first_seen or ts, ts)
+        self.last_seen = max(self.last_seen, ts)
+        self.input_tokens += record.get("input_tokens") or 0
+        self.output_tokens += record.get("output_tokens") or 0
+        self.cost_micros += record.get("cost_micros") or 0
+
+    def as_dict(self) -> dict:
+        return {
+            "provider": self.provider, "calls": self.calls, "clients": dict(self.clients.most_common()),
+            "hosts": dict(self.hosts.most_common()), "first_seen": iso_time(self.first_seen),
+            "last_seen": iso_time(self.last_seen), "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens, "cost_usd": micros_to_usd(self.cost_micros),
+        }  # fmt: skip
+
+
+def real_key_report(records: Iterator[dict]) -> dict[str, RealKeyUse]:
+    """The real keys still in use, by fingerprint, most recently used first: the list of what to migrate."""
+    uses: dict[str, RealKeyUse] = {}
+    for record in records:
+        if record.get("real_key"):
+            uses.setdefault(record["real_key"], RealKeyUse()).add(record)
+    return dict(sorted(uses.items(), key=lambda item: (-item[1].last_seen, item[0])))
+
+
+def real_key_rows(uses: dict[str, RealKeyUse]) -> list[list[str]]:
+    rows = []
+    for fingerprint, use in uses.items():
+        values = use.as_dict()
+        values["clients"] = ", ".join(f"{client} ({n})" for client, n in values["clients"].items())
+        values["hosts"] = ", ".join(values["hosts"])
+        values["cost_usd"] = f"{values['cost_usd']:.6f}"
+        rows.append([fingerprint, *(str(values[column]) for column in REAL_KEY_COLUMNS)])
+    return rows
+
+
+def iso_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -181,7 +247,7 @@ def describe(record: dict) -> str:
         key += f" ({record['key_name']})"
     call = f"{record.get('method', '')} {record.get('path', '')}"
     tokens = f"{record.get('input_tokens', 0)}→{record.get('output_tokens', 0)} tokens"
-    cost = f"${micros_to_usd(record.get('cost_micros') or 0):.6f}"
+    cost = format_usd(record.get("cost_micros") or 0)
     outcome = f"{record.get('decision', '?')} {record.get('status') or '-'}"
     who = [key, record.get("policy") or "-", record.get("provider") or "-", record.get("model") or "-"]
     parts = [when, *who, call, outcome, tokens, cost, record.get("reason", "")]

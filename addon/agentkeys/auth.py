@@ -12,6 +12,7 @@ from agentkeys.calls import CallRequest, Denial
 from agentkeys.ledger import KeyRecord
 from agentkeys.providers.base import DenyKind
 from agentkeys.seal import altered_message
+from agentkeys.shadow import Rule
 from agentkeys.store import Store
 
 log = logging.getLogger(__name__)
@@ -74,4 +75,6 @@ class Authenticator:
             raise Denial(DenyKind.UNAUTHENTICATED, altered_message(record.key_id), record)
         status = record.status(self.clock())
         if status != "active":
-            raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {record.key_id} is {status}", record)
+            rule = Rule.EXPIRED if status == "expired" else None  # a revocation is never waived, even in shadow
+            message = f"agentkeys: agent key {record.key_id} is {status}"
+            raise Denial(DenyKind.UNAUTHENTICATED, message, record, rule=rule)

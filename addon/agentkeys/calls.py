@@ -6,10 +6,14 @@ Outcome      what became of a forwarded call: the facts the settlement rules dec
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agentkeys.ledger import KeyRecord
 from agentkeys.pricing import Usage
-from agentkeys.providers.base import DenyKind, StreamResult
+from agentkeys.providers.base import DenyKind, StoredResponse, StreamResult
+
+if TYPE_CHECKING:
+    from agentkeys.shadow import Rule
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class Denial(Exception):
         key: KeyRecord | None = None,
         model: str | None = None,
         presented_key_id: str | None = None,  # the id in a key the store does not know (forged, or purged)
+        remaining_micros: int | None = None,  # what the key had left when refused, if fresher than `key`'s
+        rule: "Rule | None" = None,  # the policy rule it enforces, which shadow mode may waive (shadow.Rule)
+        retry_after: float | None = None,  # seconds after which the same call could pass (a rate limit)
     ):
         super().__init__(message)
         self.kind = kind
@@ -43,6 +50,9 @@ class Denial(Exception):
         self.key = key
         self.model = model
         self.presented_key_id = presented_key_id
+        self.remaining_micros = remaining_micros
+        self.rule = rule
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -56,4 +66,5 @@ class Outcome:
     usage_rejected: str | None = None  # why a whole response's usage was not believed (providers.base.UsageRejected)
     stream: StreamResult | None = None  # what the meter read from a relayed stream
     meter_broken: bool = False  # the stream meter failed part-way; what it read cannot be trusted
+    stored: StoredResponse | None = None  # the response a whole answer says the provider keeps
     note: str = ""  # what the adapter saw go wrong, for the audit record

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import agentkeys
 from agentkeys import auditreport, credentials, logs
+from agentkeys.accountscli import add_account_commands
 from agentkeys.auditchain import fingerprint, load_public_key, public_key_pem, signing_key
 from agentkeys.auditfiles import audit_files, call_records
 from agentkeys.auditverify import verify
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     price_show.add_argument("--provider", help="as the proxy prices it for this provider (default: every table)")
     price_show.set_defaults(run=cmd_prices_show)
     add_audit_commands(commands)
+    add_account_commands(commands, config_option)
     return parser
 
 
@@ -234,6 +236,10 @@ def add_audit_commands(commands) -> None:
     summary.add_argument("files", nargs="*", type=Path, help=files_help)
     summary.add_argument("--since", help="only records this recent, e.g. 24h, 7d (default: all)")
     summary.add_argument("--by", choices=list(auditreport.GROUPINGS), default="key")
+    summary.add_argument(
+        "--real-keys", action="store_true",
+        help="the real provider keys still used (real_keys: audit), by fingerprint: from where, how often, what cost",
+    )  # fmt: skip
     output = summary.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true")
     output.add_argument("--csv", action="store_true")
@@ -273,7 +279,7 @@ def open_store(args, config: ProxyConfig, create: bool = False):
             f"no key store at {path} (the store of {describe_config(args)}); run this in the config's folder or"
             " give --config, or create the store: start the proxy (agentkeys serve) or keys issue --create-store"
         )
-    return open_ledger(config.store_url)
+    return open_ledger(config.store_url, config.calendar)
 
 
 def sqlite_path(store_url: str) -> Path | None:
@@ -632,16 +638,19 @@ def cmd_audit_verify(args) -> int:
 
 def cmd_audit_report(args) -> int:
     since = time.time() - parse_duration(args.since) if args.since else None
-    groups = auditreport.report(call_records(audit_log_files(args), since), args.by)
-    if args.json:
-        print(json.dumps({name: group.as_dict() for name, group in groups.items()}, indent=2))
-        return 0
-    rows = auditreport.report_rows(groups)
-    if args.csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerows([[args.by, *auditreport.COLUMNS], *rows])
+    records = call_records(audit_log_files(args), since)
+    if args.real_keys:
+        uses = auditreport.real_key_report(records)
+        rows, columns = auditreport.real_key_rows(uses), ["real_key", *auditreport.REAL_KEY_COLUMNS]
     else:
-        print_table([args.by, *auditreport.COLUMNS], rows)
+        uses = auditreport.report(records, args.by)
+        rows, columns = auditreport.report_rows(uses), [args.by, *auditreport.COLUMNS]
+    if args.json:
+        print(json.dumps({name: use.as_dict() for name, use in uses.items()}, indent=2))
+    elif args.csv:
+        csv.writer(sys.stdout).writerows([columns, *rows])
+    else:
+        print_table(columns, rows)
     return 0
 
 

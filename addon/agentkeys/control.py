@@ -33,6 +33,7 @@ from agentkeys.keys import (
     new_key_record,
 )
 from agentkeys.ledger import KeyRecord
+from agentkeys.money import format_usd, usd_to_micros
 from agentkeys.policy import BudgetUsd, Duration, Policy, ProxyConfig, load_policy, parse_stored_policy
 from agentkeys.store import Store
 
@@ -126,6 +127,9 @@ class Control:
             "endpoints": [str(rule) for rule in policy.endpoints],
             "unmetered_endpoints": [str(rule) for rule in policy.unmetered_endpoints],
             "models": policy.models,
+            "rate_limits": policy.rate_limits.model_dump(exclude_none=True),
+            "max_identical_calls": str(policy.max_identical_calls) if policy.max_identical_calls else None,
+            "max_calls": policy.max_calls,
             "children": [describe(child, now) for child in children],
         }
         return ControlAnswer(200, body, "self", record)
@@ -187,7 +191,9 @@ class Control:
             raise Refused(403, f"agentkeys: ttl {request.ttl}s exceeds policy {policy.name}'s {policy.ttl}s")
         if request.budget_usd and request.budget_usd > policy.budget_usd:
             raise Refused(
-                403, f"agentkeys: budget ${request.budget_usd} exceeds policy {policy.name}'s ${policy.budget_usd}"
+                403,
+                f"agentkeys: budget {format_usd(usd_to_micros(request.budget_usd))} exceeds policy {policy.name}'s"
+                f" {format_usd(usd_to_micros(policy.budget_usd))}",
             )
         now = self.store.clock()
         issued = new_key_record(

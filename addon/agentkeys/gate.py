@@ -3,9 +3,9 @@
     identify → authorize → read the request → price the worst case → reserve → (forward) → settle
 
 `admit` runs the steps in order and returns a frozen Admission (forward the call, with this hold),
-or raises a Denial from whichever step refused it. After the call, `settle` turns the hold into
-spend from the Outcome's plain facts: every settlement rule lives here, so each is unit-tested
-without mitmproxy.
+or raises a Denial from whichever step refused it. The hold is planned in holds.py. After the call,
+`settle` turns the hold into spend from the Outcome's plain facts, by the rules in settlement.py; each
+is unit-tested without mitmproxy.
 """
 
 import asyncio
@@ -13,19 +13,25 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agentkeys import tokens
+from agentkeys import continuations, tokens
 from agentkeys.auth import Authenticator
 from agentkeys.calls import CallRequest, Denial, Outcome
-from agentkeys.ledger import KeyRecord, LedgerUnavailable, Refusal, Reservation
+from agentkeys.holds import HoldPlan, clamp_plan, plan_hold
+from agentkeys.ledger import KeyRecord, LedgerUnavailable, LimitTicket, Refusal, Reservation
+from agentkeys.limits import Limiter, account_levels, used_tokens
 from agentkeys.money import format_usd, remaining_phrase
+from agentkeys.plans import PlanFile
 from agentkeys.policy import PolicyFile, ProxyConfig, Scope, scope_of
-from agentkeys.pricing import ModelPrice, PriceTable, Usage, cost_micros, worst_case_micros
+from agentkeys.pricing import ModelPrice, PriceTable
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import DenyKind, MalformedRequest, RequestFacts, Unmeterable, WireFormat
 from agentkeys.seal import altered_message
+from agentkeys.settlement import Settlement, charge_for
+from agentkeys.shadow import Rule, Rulings
 from agentkeys.store import Closed, Store
 
 log = logging.getLogger(__name__)
@@ -51,32 +57,15 @@ class Admission:
     upstream_body: bytes | None = None  # None: forward the body as the agent sent it
     clamped_to: int | None = None  # the output limit the proxy lowered this call to, if it did
     clamped_by: str | None = None  # what lowered it: "policy" (its max_output_tokens) or "budget" (clamp_max_tokens)
+    would_deny: tuple[Denial, ...] = ()  # in shadow mode: the policy rules the call broke (see shadow.py)
+    limits: LimitTicket | None = None  # what it took of rate limits and the loop breaker, given back when it ends
+    provider: str = ""
+    admitted_at: float = 0.0  # the store's clock when the call was admitted (see Gate.remember_context)
 
     @property
     def unmetered(self) -> bool:
         """An endpoint the proxy cannot meter, allowed by the policy's unmetered_endpoints."""
         return self.metering == "unmetered"
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """What a call costs, how that was decided (the audit's `metering`), and why, when it is not the usage."""
-
-    cost_micros: int
-    metering: str  # "usage" | "overrun" | "held" (the full hold) | "none" | "free" | "unmetered"
-    usage: Usage | None = None
-    why: str = ""
-
-
-@dataclass(frozen=True)
-class HoldPlan:
-    """The most a call may cost, and the output limit to send so the provider keeps to it."""
-
-    facts: RequestFacts
-    max_output: int
-    worst_case: int
-    cap: int | None  # an output limit to write into the request; None: forward the agent's own
-    lowered_by: str | None = None  # what lowered the output limit the agent asked for: "policy" or "budget"
 
 
 @dataclass(frozen=True)
@@ -90,7 +79,12 @@ class Hold:
 
 class Gate:
     def __init__(
-        self, config: ProxyConfig, store: Store, prices: PriceTable, policies: dict[str, PolicyFile] | None = None
+        self,
+        config: ProxyConfig,
+        store: Store,
+        prices: PriceTable,
+        policies: dict[str, PolicyFile] | None = None,
+        plans: dict[str, PlanFile] | None = None,
     ):
         self.config = config
         self.store = store
@@ -100,6 +94,7 @@ class Gate:
         self.real_keys = {name: spec.real_key() for name, spec in config.providers.items()}
         real_key_values = frozenset(key for key in self.real_keys.values() if key)
         self.auth = Authenticator(store, real_key_values, store.clock)
+        self.limiter = Limiter(store, self.policies, config.stale_hold_after, account_levels(store, plans or {}))
 
     # ----- admit -----
 
@@ -112,38 +107,77 @@ class Gate:
             raise Denial(DenyKind.UNAVAILABLE, "agentkeys: the key store is unavailable; try again shortly") from None
 
     async def _admit(self, call: CallRequest) -> Admission:
-        key = await self.auth.caller(call)
+        key, lapsed = await self.identify(call)
+        policy = scope_of(key.policy_json, self.policies)
+        rulings = Rulings(self.shadowed(policy))
         try:
-            return await self._admit_key(call, key)
+            if lapsed:
+                rulings.note(lapsed)
+            return await self._admit_key(call, key, policy, rulings)
         except Denial as denial:
             if denial.kind not in (DenyKind.UNAUTHENTICATED, DenyKind.UNAVAILABLE):
-                # The cached record does not show a revocation: a dead key hears that, not what else is wrong.
-                await self.auth.caller(call, fresh=True)
+                # The cached record does not show a revocation: a dead key hears that, not what else is wrong
+                # (an expired one too, unless shadow mode let it through: then the refusal is this one).
+                _, lapsed = await self.identify(call, fresh=True)
+                if lapsed and not rulings.shadow:
+                    raise lapsed from None
             raise
 
-    async def _admit_key(self, call: CallRequest, key: KeyRecord) -> Admission:
-        policy = scope_of(key.policy_json, self.policies)
+    async def _admit_key(self, call: CallRequest, key: KeyRecord, policy: Scope, rulings: Rulings) -> Admission:
+        """The pipeline. A step that enforces a policy rule runs under `rulings`, which waives it in shadow."""
         wire = FORMATS[self.config.providers[call.provider].format]
-        authorize_provider(call, key, policy)
-        endpoint = authorize_endpoint(call, key, policy, wire)
+        rulings.check(authorize_provider, call, key, policy)
+        endpoint = endpoint_kind(call, policy, wire)
+        rulings.check(authorize_endpoint, call, key, policy, endpoint)
+        require_meterable(call, key, endpoint)
         check_body_size(call, self.config, key)
         real_key = self.real_key_for(call.provider, key)
         facts = await self.read_request(call, wire, key)
         if not facts.metered:
-            return await self.admit_unbilled(call, policy, wire, facts, real_key, endpoint)
-        authorize_model(facts, key, policy, self.models_shown(call.provider, wire, policy))
+            return await self.admit_unbilled(call, policy, wire, facts, real_key, endpoint, rulings)
+        rulings.check(authorize_model, facts, key, policy, self.models_shown(call.provider, wire, policy))
         price = self.price_for(call.provider, wire, facts, key)
         plan = plan_hold(facts, key, policy, price)
         upstream_body = body_for_provider(wire, plan, call, key)  # bad input is refused before any hold
-        hold = await self.reserve(call, wire, key, policy, price, plan)
-        if hold.plan.cap != plan.cap:
-            upstream_body = await self.rewrite_body_under_hold(hold, wire, call, key)
+        limits = await self.limiter.take(call, key, policy, plan_tokens(plan))
+        async with self.limiter.given_back_on_failure(limits):
+            hold = await self.reserve(call, wire, key, policy, price, plan, rulings)
+            if hold.plan.cap != plan.cap:
+                upstream_body = await self.rewrite_body_under_hold(hold, wire, call, key)
         return Admission(
             key=key, policy=policy, wire=wire, facts=hold.plan.facts, real_key=real_key, metering="metered",
             remaining_micros=hold.remaining_micros, price=price, hold_id=hold.hold_id,
             hold_micros=hold.plan.worst_case, upstream_body=upstream_body,
             clamped_to=hold.plan.cap if hold.plan.lowered_by else None, clamped_by=hold.plan.lowered_by,
+            would_deny=tuple(rulings.broken),
+            limits=limits,
+            provider=call.provider, admitted_at=self.clock(),
         )  # fmt: skip
+
+    async def identify(self, call: CallRequest, fresh: bool = False) -> tuple[KeyRecord, Denial | None]:
+        """The key the call carries, and the refusal of its lifetime if it has expired (which shadow
+        mode may waive: the key is still in the store until it is purged); any other refusal is raised."""
+        try:
+            return await self.auth.caller(call, fresh), None
+        except Denial as denial:
+            if denial.rule is not Rule.EXPIRED:
+                raise
+            return denial.key, denial
+
+    def shadowed(self, policy: Scope) -> bool:
+        """Whether the key's policy (else the proxy config) says `enforcement: shadow`."""
+        return (policy.enforcement or self.config.enforcement) == "shadow"
+
+    def purge_cutoff(self, keys: list[KeyRecord], now: float) -> float:
+        """The time before which expired keys may be purged: a key in shadow mode is kept past its expiry,
+        so its calls go on being forwarded (audited would_deny: expired) rather than refused as unknown."""
+        shadowed = [
+            key.expires_at for key in keys
+            if key.expires_at <= now and key.revoked_at is None
+            and self.shadowed(scope_of(key.policy_json, self.policies))
+        ]  # fmt: skip
+        # The store purges keys expired at or before the cutoff: just before the first in shadow keeps it.
+        return math.nextafter(min(shadowed), -math.inf) if shadowed else now
 
     def models_shown(self, provider: str, wire: WireFormat, policy: Scope) -> Callable[[], list[str]]:
         """The policy's model globs that name a model this provider serves (its own or its format's prices),
@@ -165,7 +199,8 @@ class Gate:
     async def read_request(
         self, call: CallRequest, wire: WireFormat, key: KeyRecord, exact: bool = False
     ) -> RequestFacts:
-        """The request's facts; a large body, or an exact count of its texts, is worked out off the loop."""
+        """The request's facts, with what a continuation brings in; a large body, or an exact count of its
+        texts, is worked out off the loop."""
         read = functools.partial(wire.request_facts, call.method, call.path, call.body, call.query, exact)
         try:
             if len(call.body) > LARGE_BODY_BYTES or exact:
@@ -176,7 +211,7 @@ class Gate:
             raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: {e}", key, model_named_in(call.body)) from None
         except Unmeterable as e:
             raise Denial(DenyKind.FORBIDDEN, f"agentkeys: {e}", key, model_named_in(call.body)) from None
-        return self.as_served(call.provider, facts)
+        return await continuations.bounded(self.store, call.provider, self.as_served(call.provider, facts))
 
     def as_served(self, provider: str, facts: RequestFacts) -> RequestFacts:
         """An Azure deployment is billed as the model it runs: price it and match the policy by that model."""
@@ -184,13 +219,35 @@ class Gate:
         return dataclasses.replace(facts, model=served) if served else facts
 
     async def admit_unbilled(
-        self, call: CallRequest, policy: Scope, wire: WireFormat, facts: RequestFacts, real_key: str, endpoint: str
+        self,
+        call: CallRequest,
+        policy: Scope,
+        wire: WireFormat,
+        facts: RequestFacts,
+        real_key: str,
+        endpoint: str,
+        rulings: Rulings,
     ) -> Admission:
         """A call the provider does not bill (or one the policy lets through unmetered): no hold, so the
         key is read afresh here, since no reservation will ask the store whether it is still active."""
-        key = await self.auth.caller(call, fresh=True)
+        key, lapsed = await self.identify(call, fresh=True)
+        if lapsed:
+            rulings.note(lapsed)
+        if key.account_id is not None:
+            account = await self.store.account(key.account_id)
+            if account is None or not account.active:
+                raise account_suspended(key)
+        await continuations.forget_additions(self.store, call.provider, facts)
+        limits = await self.limiter.take(call, key, policy, tokens=0)
         metering = "unmetered" if endpoint == "unmetered" else "free"
-        return Admission(key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros)
+        return Admission(
+            key, policy, wire, facts, real_key, metering, remaining_micros=key.remaining_micros,
+            would_deny=tuple(rulings.broken), limits=limits, provider=call.provider, admitted_at=self.clock(),
+        )  # fmt: skip
+
+    async def remember_context(self, admission: Admission, outcome: Outcome) -> None:
+        """After a call: what its stored response will bring into a call continuing it (continuations.py)."""
+        await continuations.remember(self.store, admission.provider, admission.facts, admission.admitted_at, outcome)
 
     def price_for(self, provider: str, wire: WireFormat, facts: RequestFacts, key: KeyRecord) -> ModelPrice:
         """The model's price; an OpenAI-compatible host serving OpenAI's models falls back to its format's."""
@@ -212,11 +269,20 @@ class Gate:
         return match.price
 
     async def reserve(
-        self, call: CallRequest, wire: WireFormat, key: KeyRecord, policy: Scope, price: ModelPrice, plan: HoldPlan
+        self,
+        call: CallRequest,
+        wire: WireFormat,
+        key: KeyRecord,
+        policy: Scope,
+        price: ModelPrice,
+        plan: HoldPlan,
+        rulings: Rulings,
     ) -> Hold:
         """Hold the worst case against the budget. When it does not fit, try a tighter plan before
         refusing: an exact count of a long input bounded by its bytes, then (with `clamp_max_tokens`)
-        the largest output limit that fits what remains."""
+        the largest output limit that fits what remains. In shadow, a hold the budget or the key's
+        lifetime refuses is taken regardless: the call is forwarded, so its worst case is held while
+        it runs (a sweep charges it in full if this proxy dies) and its real cost is charged."""
         reservation = await self.store.take_hold(key, plan.worst_case)
         if refused_for_budget(reservation) and len(call.body) > tokens.EXACT_COUNT_CHARS:
             exact = await self.read_request(call, wire, key, exact=True)
@@ -227,6 +293,9 @@ class Gate:
             if clamped:
                 plan = clamped
                 reservation = await self.store.take_hold(key, plan.worst_case)
+        if rulings.shadow and reservation.refusal in (Refusal.BUDGET, Refusal.ACCOUNT_BUDGET, Refusal.EXPIRED):
+            reservation = await self.store.take_hold_regardless(key, plan.worst_case)
+            rulings.check(check_budget, reservation.remaining_micros + plan.worst_case, plan, key)
         check_reservation(reservation, plan, key)
         return Hold(reservation.hold_id, reservation.remaining_micros, plan)
 
@@ -243,8 +312,15 @@ class Gate:
 
     async def settle(self, admission: Admission, outcome: Outcome) -> Settlement:
         """Turn the call's hold into its charge, once; the store takes it whenever it can (`Store.close_hold`
-        tries until then). A hold a sweep took first was charged in full, and audited, by that sweep."""
+        tries until then). A hold a sweep took first was charged in full, and audited, by that sweep. Whatever
+        happens, the call's rate-limit slot is freed and its tokens corrected to what it used."""
         charge = charge_for(admission, outcome)
+        try:
+            return await self.settle_hold(admission, charge)
+        finally:
+            await self.limiter.give_back(admission.limits, tokens_used(admission, charge))
+
+    async def settle_hold(self, admission: Admission, charge: Settlement) -> Settlement:
         if admission.hold_id is None:
             return charge
         if charge.metering == "overrun":
@@ -263,10 +339,14 @@ class Gate:
             return dataclasses.replace(charge, why="; ".join(reason for reason in (charge.why, lost) if reason))
         return charge
 
-    def release(self, admission: Admission) -> None:
-        """Free the hold of a call that was never forwarded (in the background, until the store takes it)."""
-        if admission.hold_id is not None:
-            self.store.cancel_hold(admission.hold_id)
+    async def release(self, admission: Admission) -> None:
+        """Free the hold (in the background, until the store takes it), and give back the rate limits, of a
+        call that was never forwarded."""
+        try:
+            if admission.hold_id is not None:
+                self.store.cancel_hold(admission.hold_id)
+        finally:
+            await self.limiter.give_back(admission.limits, None)
 
 
 # ----- the steps, as plain functions -----
@@ -279,22 +359,33 @@ def authorize_provider(call: CallRequest, key: KeyRecord, policy: Scope) -> None
             f"agentkeys: provider {call.provider} is not allowed by policy {policy.name}"
             f" (allowed: {', '.join(policy.providers)})",
             key,
+            rule=Rule.PROVIDER,
         )
 
 
-def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, wire: WireFormat) -> str:
-    """`metered` or `free` (the wire format's kind of endpoint), or `unmetered` (allowed on trust)."""
+def endpoint_kind(call: CallRequest, policy: Scope, wire: WireFormat) -> str | None:
+    """`metered` or `free` (the wire format's kind of endpoint), `unmetered` (an endpoint the proxy cannot
+    meter that the policy allows on trust), or None (one it cannot meter)."""
     kind = wire.endpoint_kind(call.method, call.path)
     if kind is None and policy.allows_unmetered(call.method, call.path):
         return "unmetered"  # the policy takes the provider's charge for it on trust; the audit says so
-    if not policy.allows_endpoint(call.method, call.path):
+    return kind
+
+
+def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, kind: str | None) -> None:
+    if kind != "unmetered" and not policy.allows_endpoint(call.method, call.path):
         allowed = ", ".join(str(rule) for rule in policy.endpoints)
         raise Denial(
             DenyKind.FORBIDDEN,
             f"agentkeys: endpoint {call.method} {call.path} is not allowed by policy {policy.name}"
             f" (allowed: {allowed})",
             key,
+            rule=Rule.ENDPOINT,
         )
+
+
+def require_meterable(call: CallRequest, key: KeyRecord, kind: str | None) -> None:
+    """An endpoint the proxy cannot meter is refused, in shadow too: forwarded, it would go unmetered."""
     if kind is None:
         raise Denial(
             DenyKind.FORBIDDEN,
@@ -302,7 +393,6 @@ def authorize_endpoint(call: CallRequest, key: KeyRecord, policy: Scope, wire: W
             " (a policy may allow it, unmetered, under unmetered_endpoints)",
             key,
         )
-    return kind
 
 
 def check_body_size(call: CallRequest, config: ProxyConfig, key: KeyRecord) -> None:
@@ -326,48 +416,8 @@ def authorize_model(facts: RequestFacts, key: KeyRecord, policy: Scope, shown: C
             f"agentkeys: model {facts.model} is not allowed by policy {policy.name} (allowed: {allowed})",
             key,
             facts.model,
+            rule=Rule.MODEL,
         )
-
-
-def plan_hold(facts: RequestFacts, key: KeyRecord, policy: Scope, price: ModelPrice) -> HoldPlan:
-    """The worst case of the call as asked: its output limit (the request's, else the policy's default,
-    else the model's), with input the provider holds bounded by the model's context window."""
-    max_output = first_given(facts.max_output_tokens, policy.default_max_output_tokens, price.max_output_tokens)
-    if max_output is None:
-        raise Denial(DenyKind.BAD_REQUEST, f"agentkeys: set max_tokens; the limit of {facts.model} is unknown", key)
-    facts = bound_unseen_input(facts, key, price)
-    ceiling = policy.max_output_tokens
-    if ceiling is not None and max_output > ceiling:  # a framework's generous default, lowered to the policy's
-        return HoldPlan(facts, ceiling, call_worst_case(price, facts, ceiling), ceiling, lowered_by="policy")
-    # A default the provider does not know about must be sent, or the hold would not bound the call.
-    cap = max_output if facts.max_output_tokens is None and max_output != price.max_output_tokens else None
-    return HoldPlan(facts, max_output, call_worst_case(price, facts, max_output), cap)
-
-
-def bound_unseen_input(facts: RequestFacts, key: KeyRecord, price: ModelPrice) -> RequestFacts:
-    """Input only the provider can see (a previous response, a file) is bounded by the context window."""
-    if not facts.unseen_input:
-        return facts
-    if price.max_input_tokens is None:
-        raise Denial(
-            DenyKind.FORBIDDEN,
-            f"agentkeys: the call uses input only the provider can see ({facts.unseen_input}) and the"
-            f" context window of {facts.model} is unknown, so its cost cannot be bounded",
-            key,
-            facts.model,
-        )
-    return dataclasses.replace(facts, input_token_bound=price.max_input_tokens)
-
-
-def clamp_plan(plan: HoldPlan, price: ModelPrice, remaining: int) -> HoldPlan | None:
-    """The plan with the largest output limit below the asked one whose worst case fits `remaining`."""
-    if plan.max_output <= 1:
-        return None
-    fitting = affordable_output(price, plan.facts, plan.max_output - 1, remaining)
-    if fitting is None:
-        return None
-    cap, worst_case = fitting
-    return HoldPlan(plan.facts, cap, worst_case, cap, lowered_by="budget")
 
 
 def body_for_provider(wire: WireFormat, plan: HoldPlan, call: CallRequest, key: KeyRecord) -> bytes | None:
@@ -379,54 +429,53 @@ def body_for_provider(wire: WireFormat, plan: HoldPlan, call: CallRequest, key: 
 
 
 def refused_for_budget(reservation: Reservation) -> bool:
-    return reservation.refusal is Refusal.BUDGET
+    """Refused for money, the key's or its account's period's: a tighter plan may still fit what remains."""
+    return reservation.refusal in (Refusal.BUDGET, Refusal.ACCOUNT_BUDGET)
 
 
 def check_reservation(reservation: Reservation, plan: HoldPlan, key: KeyRecord) -> None:
     if refused_for_budget(reservation):
-        raise Denial(
-            DenyKind.BUDGET,
-            f"agentkeys: budget exhausted: this call could cost up to {format_usd(plan.worst_case)},"
-            f" {remaining_phrase(reservation.remaining_micros)}",
-            key,
-            plan.facts.model,
+        whose = (
+            f"account {key.account_id}'s budget for this period"
+            if reservation.refusal is Refusal.ACCOUNT_BUDGET
+            else "budget"
         )
+        raise budget_exhausted(reservation.remaining_micros, plan, key, whose)
     if reservation.refusal is Refusal.TAMPERED:
         log.error("key %s: its record in the store no longer matches the one this proxy verified", key.key_id)
         raise Denial(DenyKind.UNAUTHENTICATED, altered_message(key.key_id), key)
+    if reservation.refusal is Refusal.SUSPENDED:
+        raise account_suspended(key)
     if reservation.refusal is not None:
         raise Denial(DenyKind.UNAUTHENTICATED, f"agentkeys: agent key {key.key_id} is {reservation.refusal.value}", key)
 
 
-def charge_for(admission: Admission, outcome: Outcome) -> Settlement:
-    """The settlement rules, in order. The provider bills a call once it has it, whether or not the
-    agent waits for the answer; so once a call reached the provider, it is charged its usage if the
-    provider reported it in full, and its whole hold (the most it could cost) otherwise."""
-    if admission.metering != "metered":
-        return Settlement(0, admission.metering)
-    if not outcome.reached_provider:
-        return Settlement(0, "none", why="the call never reached the provider")
-    if outcome.status is not None and outcome.status >= 400:
-        return Settlement(0, "none", why=f"the provider answered {outcome.status}")
-    if outcome.meter_broken:
-        return Settlement(admission.hold_micros, "held", why="the stream could not be metered; charged its full hold")
-    usage = outcome.stream.usage if outcome.stream else outcome.usage
-    if usage is None:
-        return Settlement(admission.hold_micros, "held", why=missing_usage_reason(outcome))
-    cost = cost_micros(admission.price, usage)
-    if cost > admission.hold_micros:
-        return Settlement(cost, "overrun", usage, f"the provider billed {format_usd(cost - admission.hold_micros)} more"
-                      " than the call's hold (it did not keep to the output limit)")  # fmt: skip
-    return Settlement(cost, "usage", usage)
+def account_suspended(key: KeyRecord) -> Denial:
+    return Denial(
+        DenyKind.FORBIDDEN,
+        f"agentkeys: account {key.account_id} is suspended (or no longer exists): its keys are refused",
+        key,
+    )
 
 
-def missing_usage_reason(outcome: Outcome) -> str:
-    rejected = outcome.usage_rejected or (outcome.stream.usage_rejected if outcome.stream else None)
-    if rejected:
-        return f"usage not believed: {rejected}; charged the full hold"
-    if not outcome.complete:
-        return "the call broke off before the provider's usage arrived; charged the full hold"
-    return "the response carried no usage the proxy could read; charged the full hold"
+def check_budget(remaining_micros: int, plan: HoldPlan, key: KeyRecord) -> None:
+    """The worst case must fit what the key had left (for a hold shadow mode took regardless)."""
+    if plan.worst_case > remaining_micros:
+        raise budget_exhausted(remaining_micros, plan, key)
+
+
+def budget_exhausted(remaining_micros: int, plan: HoldPlan, key: KeyRecord, whose: str = "budget") -> Denial:
+    return Denial(
+        DenyKind.BUDGET,
+        f"agentkeys: {whose} exhausted: this call could cost up to {format_usd(plan.worst_case)},"
+        f" {remaining_phrase(remaining_micros)}",
+        key,
+        plan.facts.model,
+        remaining_micros=remaining_micros,
+        rule=Rule.BUDGET,
+    )
+
+
 
 
 def model_named_in(body: bytes) -> str | None:
@@ -439,23 +488,13 @@ def model_named_in(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def first_given(*values: int | None) -> int | None:
-    """The first value that is not None (0 counts: an embedding has no output at all)."""
-    return next((value for value in values if value is not None), None)
+def plan_tokens(plan: HoldPlan) -> int:
+    """The most tokens a call can use (its input bound and every choice's output limit): what it counts
+    against a tokens-per-minute limit until it settles."""
+    return plan.facts.input_token_bound + plan.max_output * plan.facts.choices
 
 
-def call_worst_case(price: ModelPrice, facts: RequestFacts, max_output: int) -> int:
-    """The most this call can cost with at most `max_output` tokens in each choice."""
-    return worst_case_micros(price, facts.input_token_bound, max_output * facts.choices, facts.may_write_cache)
-
-
-def affordable_output(price: ModelPrice, facts: RequestFacts, at_most: int, remaining: int) -> tuple[int, int] | None:
-    """(the largest output limit, its worst case) whose worst case fits `remaining`; None if not even one token.
-
-    Cost grows with output, so a binary search over 1..`at_most` finds it in a few dozen steps.
-    """
-    low, high = 0, at_most
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if call_worst_case(price, facts, middle) <= remaining else (low, middle - 1)
-    return (low, call_worst_case(price, facts, low)) if low else None
+def tokens_used(admission: Admission, charge: Settlement) -> int:
+    usage = charge.usage
+    counted = admission.limits.request.tokens if admission.limits else 0
+    return used_tokens(counted, usage.input_tokens + usage.output_tokens if usage else None, charge.cost_micros > 0)

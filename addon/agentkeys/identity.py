@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agentkeys import credentials
 from agentkeys.jwks import ASYMMETRIC_ALGORITHMS, KeySet, SigningKey
 from agentkeys.keys import IssuedKey, iso, new_key_record
+from agentkeys.money import format_usd, usd_to_micros
 from agentkeys.policy import Duration, IdentityConfig, IdentityRule, Policy, ProxyConfig, load_policy
 from agentkeys.store import Store
 from agentkeys.yamlfile import ConfigError
@@ -224,7 +225,10 @@ class Identities:
         ttl_ceiling = rule.ttl or policy.ttl
         if request.budget_usd and request.budget_usd > budget_ceiling:
             raise ExchangeRefused(
-                "budget", f"asked ${request.budget_usd}, the rule gives at most ${budget_ceiling}", 403
+                "budget",
+                f"asked {format_usd(usd_to_micros(request.budget_usd))}, the rule gives at most"
+                f" {format_usd(usd_to_micros(budget_ceiling))}",
+                403,
             )
         if request.ttl and request.ttl > ttl_ceiling:
             raise ExchangeRefused("ttl", f"asked {request.ttl}s, the rule gives at most {ttl_ceiling}s", 403)

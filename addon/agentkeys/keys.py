@@ -15,7 +15,7 @@ from agentkeys import credentials
 from agentkeys.ledger import KeyRecord, Ledger, Refusal
 from agentkeys.money import Usd, format_usd, remaining_phrase, usd_to_micros
 from agentkeys.paths import path_glob_within
-from agentkeys.policy import BudgetUsd, Duration, EndpointRule, Policy, parse_budget
+from agentkeys.policy import BudgetUsd, Duration, EndpointRule, IdenticalCalls, Policy, RateLimits, parse_budget
 from agentkeys.seal import RecordSeal
 
 
@@ -61,6 +61,7 @@ def new_key_record(
         budget_micros=usd_to_micros(budget_usd),
         parent_id=parent.key_id if parent else None, depth=parent.depth + 1 if parent else 0,
         identity_json=parent.identity_json if parent else identity_json,
+        account_id=parent.account_id if parent else None,  # a sub-agent spends from its parent's account too
     )  # fmt: skip
     return IssuedKey(minted.key, record)
 
@@ -78,6 +79,11 @@ class ChildRequest(BaseModel):
     unmetered_endpoints: list[EndpointRule] = Field(
         default_factory=list, description="the parent's unmetered endpoints the child needs; none unless asked for"
     )
+    # Limits as tight as the parent's or tighter; those not given are the parent's. The child's calls count
+    # against its parent's limits too (see `limits.Limiter`).
+    rate_limits: RateLimits | None = None
+    max_identical_calls: IdenticalCalls | None = None
+    max_calls: int | None = Field(default=None, gt=0)
 
 
 class ChildRefused(Exception):
@@ -104,8 +110,27 @@ def child_policy(parent: Policy, request: ChildRequest) -> Policy:
     return parent.model_copy(
         update={"name": name, "providers": providers, "endpoints": endpoints, "models": models,
                 "unmetered_endpoints": request.unmetered_endpoints,
-                "budget_usd": request.budget_usd, "ttl": request.ttl}
+                "budget_usd": request.budget_usd, "ttl": request.ttl, **child_limits(parent, request)}
     )  # fmt: skip
+
+
+def child_limits(parent: Policy, request: ChildRequest) -> dict:
+    """The child's rate limits and loop breaker: the parent's, tightened where the request asks."""
+    asked = request.rate_limits or RateLimits()
+    wider = asked.wider_than(parent.rate_limits)
+    if wider:
+        parents = ", ".join(f"{name} {getattr(parent.rate_limits, name)}" for name in wider)
+        raise ChildRefused(f"rate_limits {', '.join(wider)} are wider than the parent's ({parents})")
+    identical, outer = request.max_identical_calls, parent.max_identical_calls
+    if identical and outer and not identical.within(outer):
+        raise ChildRefused(f"max_identical_calls {identical} is wider than the parent's ({outer})")
+    if request.max_calls and parent.max_calls and request.max_calls > parent.max_calls:
+        raise ChildRefused(f"max_calls {request.max_calls} is more than the parent's ({parent.max_calls})")
+    return {
+        "rate_limits": parent.rate_limits.narrowed_by(asked),
+        "max_identical_calls": identical or outer,
+        "max_calls": request.max_calls or parent.max_calls,
+    }
 
 
 def refuse_wider_endpoints(field: str, asked: list[EndpointRule], parents: list[EndpointRule]) -> None:
@@ -177,6 +202,7 @@ def describe(record: KeyRecord, now: float) -> dict:
         "held_usd": Usd(record.held_micros),
         "remaining_usd": Usd(record.remaining_micros if status == "active" else 0),
         "identity": json.loads(record.identity_json) if record.identity_json else None,  # a keyless key's job or pod
+        "account_id": record.account_id,
     }
 
 

@@ -17,6 +17,8 @@ import agentkeys
 from agentkeys.audit import CallRecord
 from agentkeys.ledger import KeyRecord
 
+# The `outcome` label of a decision that is not a refusal (a refusal's is `denied_<status>`).
+OUTCOMES = {"allow": "allowed", "would_deny": "would_deny", "pass": "passed"}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # A `_created` series per counter and histogram doubles what Prometheus stores and says nothing an
@@ -34,6 +36,18 @@ class Metrics:
         self.refusals = Counter(
             "agentkeys_refusals", "Calls refused, by the kind of refusal", ["provider", "policy", "reason"],
             registry=self.registry,
+        )  # fmt: skip
+        self.would_deny = Counter(
+            "agentkeys_would_deny", "Calls forwarded in shadow mode that enforcement would refuse, by the rule broken",
+            ["provider", "policy", "reason"], registry=self.registry,
+        )  # fmt: skip
+        self.real_key_calls = Counter(
+            "agentkeys_real_key_calls", "Calls with a real provider key passed on untouched (real_keys: audit)",
+            ["provider"], registry=self.registry,
+        )  # fmt: skip
+        self.unknown_llm_calls = Counter(
+            "agentkeys_unknown_llm_calls", "Calls to catalogued LLM API hosts no provider is configured for",
+            ["vendor", "decision"], registry=self.registry,
         )  # fmt: skip
         self.spend = Counter(
             "agentkeys_spend_usd", "Settled spend in USD", ["provider", "model", "policy"], registry=self.registry
@@ -65,6 +79,10 @@ class Metrics:
             "agentkeys_proxy_overhead_seconds", "Time spent in the addon for one call",
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.alerts = Counter(
+            "agentkeys_alerts", "Alert webhooks, by event and how each ended: delivered, failed (every attempt"
+            " failed), dropped (too many waiting)", ["event", "outcome"], registry=self.registry,
+        )  # fmt: skip
         Info("agentkeys_build", "The running version", registry=self.registry).info(
             {
                 "version": agentkeys.__version__,
@@ -87,9 +105,15 @@ class Metrics:
 
     def observe(self, record: CallRecord) -> None:
         provider, model, policy = record.provider or "", record.model or "", record.policy or ""
-        outcome = {"allow": "allowed", "pass": "passed"}.get(record.decision, f"denied_{record.status}")
+        outcome = OUTCOMES.get(record.decision, f"denied_{record.status}")
         self._series(self.requests, provider, policy, outcome).inc()
-        if record.cost_micros:
+        if record.llm_host:
+            self._series(self.unknown_llm_calls, record.llm_host, record.decision).inc()
+        for rule in record.would_deny or ():
+            self._series(self.would_deny, provider, policy, rule).inc()
+        if record.real_key:  # the key's owner pays the provider: no spend of ours
+            self._series(self.real_key_calls, provider).inc()
+        elif record.cost_micros:
             self._series(self.spend, provider, model, policy).inc(record.cost_micros / 1_000_000)
         if record.metering == "overrun":
             self._series(self.overruns, provider, model, policy).inc()
@@ -110,6 +134,10 @@ class Metrics:
 
     def store_error(self) -> None:
         self.store_errors.inc()
+
+    def alert(self, event: str, outcome: str) -> None:
+        """An alert's end (called from the alerts' own thread)."""
+        self._series(self.alerts, event, outcome).inc()
 
 
 class PolicyBudgets:

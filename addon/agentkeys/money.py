@@ -31,11 +31,15 @@ def remaining_phrase(micros: int) -> str:
     return f"nothing remains (overspent by {format_usd(-micros)})"
 
 
+# One money format for every message a person reads: every micro-dollar, always six decimals (`$0.500000`,
+# `$0.499932`), as the cost headers and the audit's USD amounts write it; a cheap call is not rounded away.
+USD_MESSAGE_FORMAT = re.compile(r"\$-?\d+\.\d{6}(?!\d)")
+
+
 def format_usd(micros: int) -> str:
-    """`$0.0123`, or as many decimals as it takes to be exact (`$0.000062`): small calls are cheap."""
-    text = f"{micros / MICROS_PER_USD:.6f}"
-    whole, fraction = text.split(".")
-    return f"${whole}.{fraction.rstrip('0').ljust(4, '0')}"
+    """`$0.012300`, `$0.000062`, `$20.000000`: exact, with the same six decimals whatever the amount."""
+    sign = "-" if micros < 0 else ""
+    return f"{sign}${abs(micros) // MICROS_PER_USD}.{abs(micros) % MICROS_PER_USD:06d}"
 
 
 class Usd(float):

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -27,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from agentkeys.ledger.periods import Calendar
+from agentkeys.llmhosts import Catalogue, Vendors, catalogue
 from agentkeys.paths import path_matches
 from agentkeys.pricing import ConfigPrice, PriceTable, load_prices
 from agentkeys.yamlfile import ConfigError, load_yaml_model
@@ -131,6 +134,79 @@ class EndpointRule(BaseModel):
         return f"{self.method} {self.path}"
 
 
+class RateLimits(BaseModel):
+    """How fast a key (or, through its plan, an account) may call: none of them set means no limit.
+
+    Requests and tokens per minute are token buckets, as the providers' own limits are: a minute's
+    allowance at once, refilled continuously (see `ledger.limits`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    requests_per_minute: int | None = Field(default=None, gt=0, le=10**9)
+    tokens_per_minute: int | None = Field(
+        default=None, gt=0, le=10**15, description="a call counts its input bound and output limit until it settles"
+    )
+    concurrent_calls: int | None = Field(default=None, gt=0, le=10**6, description="calls in flight at once")
+
+    def narrowed_by(self, other: "RateLimits") -> "RateLimits":
+        """The tighter of the two for each limit."""
+        return RateLimits(**{name: min_given(getattr(self, name), getattr(other, name)) for name in RATE_LIMIT_NAMES})
+
+    def wider_than(self, outer: "RateLimits") -> list[str]:
+        """The limits this sets looser than `outer` sets them."""
+        return [
+            name for name in RATE_LIMIT_NAMES
+            if None not in (getattr(self, name), getattr(outer, name)) and getattr(self, name) > getattr(outer, name)
+        ]  # fmt: skip
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, name) is not None for name in RATE_LIMIT_NAMES)
+
+
+RATE_LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "concurrent_calls")
+IDENTICAL_CALLS = re.compile(r"\s*(\d+)\s+per\s+(\S+)\s*", re.IGNORECASE)
+
+
+def min_given(*values: int | None) -> int | None:
+    given = [value for value in values if value is not None]
+    return min(given) if given else None
+
+
+class IdenticalCalls(BaseModel):
+    """`max_identical_calls: 5 per 10m`: the same request (its parsed body, canonicalised) sent by one key
+    more than `calls` times within `window` is an agent stuck in a loop; the call is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    calls: int = Field(gt=0, le=10_000)
+    window: Duration
+
+    @model_validator(mode="before")
+    @classmethod
+    def from_string(cls, value):
+        if isinstance(value, str):
+            match = IDENTICAL_CALLS.fullmatch(value)
+            if not match:
+                raise ValueError(f"{value!r}: write it as 'N per WINDOW', e.g. '5 per 10m'")
+            return {"calls": int(match[1]), "window": match[2]}
+        return value
+
+    def within(self, outer: "IdenticalCalls") -> bool:
+        """As tight as `outer` or tighter: no more calls, over a window at least as long."""
+        return self.calls <= outer.calls and self.window >= outer.window
+
+    def __str__(self) -> str:
+        return f"{self.calls} per {format_duration(self.window)}"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the largest whole unit that fits them: 600 → 10m, 90 → 90s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 class Policy(BaseModel):
     """What a key may do. `ttl` and `budget_usd` are defaults that `keys issue` may override."""
 
@@ -153,8 +229,17 @@ class Policy(BaseModel):
     unmetered_endpoints: list[EndpointRule] = Field(
         default_factory=list, description="endpoints the proxy cannot meter, allowed anyway and forwarded unmetered"
     )
+    enforcement: Literal["enforce", "shadow"] | None = Field(
+        default=None, description="shadow: calls this policy would refuse are forwarded and audited would_deny;"
+        " unset: the proxy config's `enforcement`",
+    )  # fmt: skip
     max_child_depth: int = Field(default=0, ge=0, description="levels of sub-agent keys below a key; 0: none")
     max_children: int = Field(default=10, ge=0, description="live child keys one key may have at once")
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    max_identical_calls: IdenticalCalls | None = Field(
+        default=None, description="the loop breaker: 'N per WINDOW' identical requests, no more"
+    )
+    max_calls: int | None = Field(default=None, gt=0, description="calls a key may make in its whole life")
 
     def allows_endpoint(self, method: str, path: str) -> bool:
         return any(rule.matches(method, path) for rule in self.endpoints)
@@ -338,6 +423,40 @@ class IdentityConfig(BaseModel):
         return self
 
 
+class AlertsConfig(BaseModel):
+    """Webhooks the proxy posts (JSON, HMAC-signed) when a key crosses a budget threshold or a loop is broken."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(description="where alerts are posted")
+    secret_env: str = Field(description="environment variable holding the secret the HMAC signature is made with")
+    budget_thresholds: list[int] = Field(
+        default_factory=lambda: [50, 80, 100], description="percentages of a key's budget spent that raise an alert"
+    )
+    loops: bool = Field(default=True, description="alert when the loop breaker refuses a key's call")
+    timeout: Duration = Field(default=5, description="how long one delivery may take")
+    attempts: int = Field(default=5, ge=1, le=20, description="deliveries tried, with doubling waits between them")
+    retry_backoff: Duration = Field(default=1, description="the wait before the second attempt; doubled each time")
+    queue_size: int = Field(default=1000, ge=1, description="alerts waiting to be delivered; more are dropped")
+
+    @field_validator("url")
+    @classmethod
+    def http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/]+", url):
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        return url
+
+    @field_validator("budget_thresholds")
+    @classmethod
+    def percentages(cls, thresholds: list[int]) -> list[int]:
+        wrong = [value for value in thresholds if not 0 < value <= 100]
+        if wrong:
+            raise ValueError(f"{wrong}: a threshold is a percentage of the budget, from 1 to 100")
+        return sorted(set(thresholds))
+
+    def secret(self) -> str | None:
+        return os.environ.get(self.secret_env) or None
+
+
 class ProxyConfig(BaseModel):
     """The proxy's own settings. Relative paths are relative to the config file's folder."""
 
@@ -361,6 +480,27 @@ class ProxyConfig(BaseModel):
     audit_checkpoint_interval: Duration = Field(default=10, description="how often the audit log is signed")
     metrics_port: int | None = Field(default=9464, ge=0, le=65535)
     certs_dir: str = "certs"
+    enforcement: Literal["enforce", "shadow"] = Field(
+        default="enforce",
+        description="shadow: calls that would be refused are forwarded and audited would_deny (a policy may say"
+        " otherwise for its keys)",
+    )
+    real_keys: Literal["refuse", "audit"] = Field(
+        default="refuse",
+        description="a provider call carrying a real provider key and no agent key: refused, or passed on untouched"
+        " and audited with the key's fingerprint",
+    )
+    unknown_llm_hosts: Literal["refuse", "audit", "pass"] = Field(
+        default="audit",
+        description="a call to a catalogued LLM API host no provider is configured for: audited, then refused,"
+        " passed with a warning in the log (audit), or passed",
+    )
+    llm_hosts: Vendors = Field(
+        default_factory=dict,
+        description="LLM API hosts by vendor, over the shipped catalogue: a vendor named here replaces its hosts"
+        " there, an empty list removes it",
+    )
+    llm_hosts_file: str | None = Field(default=None, description="a catalogue replacing the shipped one")
     egress: Literal["passthrough", "allowlist"] = Field(
         default="passthrough",
         description="non-provider hosts in proxy mode: pass through as an untouched tunnel, or refuse",
@@ -400,6 +540,16 @@ class ProxyConfig(BaseModel):
     identity: dict[str, IdentityConfig] = Field(
         default_factory=dict, description="OIDC issuers whose tokens are exchanged for keys (keyless issuance)"
     )
+    plans: list[str] = Field(default_factory=list, description="plan files (globs allowed) accounts may be on")
+    time_zone: str = Field(default="UTC", description="accounts' days, weeks and months are this zone's (IANA name)")
+    admin_port: int | None = Field(
+        default=None, ge=0, le=65535, description="the admin API's own listener (accounts, keys, usage); off if unset"
+    )
+    admin_host: str | None = Field(default=None, description="the admin API's address; default listen_host")
+    admin_token_env: str = Field(
+        default="AGENTKEYS_ADMIN_TOKEN", description="environment variable holding the admin API's bearer token"
+    )
+    alerts: AlertsConfig | None = Field(default=None, description="webhooks at budget thresholds and broken loops")
     mitmproxy: dict[str, str | int | bool | list[str]] = Field(
         default_factory=dict,
         description="mitmproxy options for `agentkeys serve`, by name (say ssl_verify_upstream_trusted_ca)",
@@ -412,6 +562,15 @@ class ProxyConfig(BaseModel):
         if not url.startswith(("sqlite:///", "redis://", "rediss://")):
             raise ValueError(f"{url!r}: the store must be sqlite:///PATH or redis://HOST:PORT/DB (rediss:// for TLS)")
         return url
+
+    @field_validator("time_zone")
+    @classmethod
+    def known_time_zone(cls, name: str) -> str:
+        try:
+            Calendar(name)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(f"{name!r} is not a time zone this system knows (say UTC or Europe/Paris)") from None
+        return name
 
     @field_validator("mitmproxy")
     @classmethod
@@ -455,6 +614,10 @@ class ProxyConfig(BaseModel):
         rules = [rule.policy for identity in self.identity.values() for rule in identity.rules]
         return [path for issuer in self.issuers.values() for path in issuer.policies] + rules
 
+    def llm_catalogue(self) -> Catalogue:
+        """The LLM API hosts to recognise: the shipped catalogue (or `llm_hosts_file`), with `llm_hosts` on top."""
+        return catalogue(self.path(self.llm_hosts_file) if self.llm_hosts_file else None, self.llm_hosts)
+
     def price_table(self) -> PriceTable:
         """The bundled prices with this config's overrides: its `prices_file`, then its `prices`."""
         prices_file = self.path(self.prices_file) if self.prices_file else None
@@ -466,6 +629,11 @@ class ProxyConfig(BaseModel):
         if self.audit_sinks is not None:
             return self.audit_sinks
         return ["file"] if self.audit_log else []
+
+    @property
+    def calendar(self) -> Calendar:
+        """The calendar accounts' periods follow."""
+        return Calendar(self.time_zone)
 
     @property
     def store_url(self) -> str:
@@ -521,6 +689,28 @@ class Scope:
     @property
     def clamp_max_tokens(self) -> bool:
         return all(policy.clamp_max_tokens for policy in self.policies)
+
+    @property
+    def enforcement(self) -> str | None:
+        """The newest file's say (the current file when the proxy has it), both ways: enforcement is the
+        operator's rollout switch, not a permission, so going back to shadow reaches keys already out too."""
+        return self.policies[-1].enforcement
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        limits = self.policies[0].rate_limits
+        for policy in self.policies[1:]:
+            limits = limits.narrowed_by(policy.rate_limits)
+        return limits
+
+    @property
+    def max_identical_calls(self) -> list[IdenticalCalls]:
+        """Every policy's loop breaker: each is checked, so the file's and the issued copy's both hold."""
+        return list(dict.fromkeys(p.max_identical_calls for p in self.policies if p.max_identical_calls))
+
+    @property
+    def max_calls(self) -> int | None:
+        return min_given(*(policy.max_calls for policy in self.policies))
 
     def allows_endpoint(self, method: str, path: str) -> bool:
         return all(policy.allows_endpoint(method, path) for policy in self.policies)

@@ -11,6 +11,7 @@ gateway, and through the proxy at a provider host or at `agentkeys.local`.
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from agentkeys.llmhosts import Catalogue
 from agentkeys.paths import UnsafePath, normalise_path
 from agentkeys.policy import ProxyConfig
 from agentkeys.providers import FORMATS
@@ -88,13 +89,23 @@ class OtherHost:
     host: str
 
 
-Route = ProviderRoute | BadPath | ControlRoute | NoProvider | NoEndpoint | OtherHost
+@dataclass(frozen=True)
+class UnknownLlmHost:
+    """Proxy-mode traffic to an LLM API host of the catalogue that no provider is configured for."""
+
+    host: str
+    vendor: str
+
+
+Route = ProviderRoute | BadPath | ControlRoute | NoProvider | NoEndpoint | OtherHost | UnknownLlmHost
 VERSIONED = ("/v1/", "/v1beta/", "/v1alpha/", "/openai/")  # API paths as providers (and Azure) write them
 
 
 class Router:
-    def __init__(self, config: ProxyConfig):
+    def __init__(self, config: ProxyConfig, llm_hosts: Catalogue | None = None):
         self.providers = tuple(config.providers)
+        self.llm_hosts = llm_hosts or config.llm_catalogue()
+        self.unknown_llm_hosts = config.unknown_llm_hosts
         self.provider_by_host = {host: name for name, spec in config.providers.items() for host in spec.hosts}
         self.upstreams = {name: Upstream.parse(spec.upstream) for name, spec in config.providers.items()}
         self.allowlist = config.egress == "allowlist"
@@ -119,7 +130,8 @@ class Router:
                 return BadPath(prefix, str(e))
         provider = self.provider_by_host.get(host)
         if provider is None:
-            return OtherHost(host)
+            vendor = self.unknown_llm_vendor(host)
+            return UnknownLlmHost(host, vendor) if vendor else OtherHost(host)
         return provider_route(provider, split.path, split.query, self.upstreams[provider].base_path)
 
     def tunnel_refusal(self, host: str, port: int) -> str | None:
@@ -149,8 +161,20 @@ class Router:
         return host in self.provider_by_host or host == CONTROL_HOST
 
     def intercepts(self, host: str) -> bool:
-        """Whether TLS to `host` is opened up here (a provider's) or relayed untouched."""
-        return host in self.provider_by_host
+        """Whether TLS to `host` is opened up here (a provider's, or a catalogued LLM API host's, whose calls
+        are audited) or relayed untouched."""
+        return host in self.provider_by_host or self.llm_hosts.vendor_of(host) is not None
+
+    def unknown_llm_vendor(self, host: str) -> str | None:
+        """The vendor of a catalogued LLM API host that no provider is configured for, else None."""
+        return None if host in self.provider_by_host else self.llm_hosts.vendor_of(host)
+
+    def llm_host_refusal(self, host: str, vendor: str) -> str | None:
+        """Why a call to a catalogued LLM API host that no provider covers is refused, or None: `egress:
+        allowlist` refuses it as any host that is not a provider's, else `unknown_llm_hosts` decides."""
+        if self.unknown_llm_hosts != "refuse":
+            return self.egress_refusal(host)
+        return f"{host} is an LLM API host ({vendor}) no provider is configured for (unknown_llm_hosts: refuse)"
 
     def intercepts_redirected(self, name: str) -> bool:
         """Whether TLS that the kernel redirected here (transparent mode) for `name` is opened up: a

@@ -3,7 +3,7 @@
 Whoever can write to the store (Redis, or the SQLite file) could otherwise plant a record for a key
 they hold, with any policy and budget, or raise a key's budget, and be obeyed. Each record is sealed
 when a proxy (or the CLI) creates it: an HMAC-SHA256, under the store secret, over the fields that
-never change (who the key is, its policy, its budget, its lifetime, its place in a tree). A record
+never change (who the key is, its policy, its budget, its lifetime, its place in a tree, its account). A record
 whose seal does not match is refused, and the refusal audited. Spend, holds and revocation change
 with every call and are not sealed: the store is trusted with them (see docs/hardening.md).
 
@@ -26,7 +26,7 @@ SECRET_ENV = "AGENTKEYS_STORE_SECRET"
 SECRET_FILE = "store.secret"
 SEALED_FIELDS = (
     "key_id", "key_hash", "name", "policy_name", "policy_json", "created_at", "expires_at", "budget_micros",
-    "parent_id", "depth", "identity_json",
+    "parent_id", "depth", "identity_json", "account_id",
 )  # fmt: skip
 
 

@@ -23,7 +23,20 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import TypeVar
 
-from agentkeys.ledger import KeyRecord, Ledger, LedgerBusy, LedgerUnavailable, Refusal, Reservation, StaleHold
+from agentkeys.ledger import (
+    AccountRecord,
+    KeyRecord,
+    Ledger,
+    LedgerBusy,
+    LedgerUnavailable,
+    LimitAnswer,
+    LimitRequest,
+    LimitTicket,
+    PeriodSpend,
+    Refusal,
+    Reservation,
+    StaleHold,
+)
 from agentkeys.ledger.base import new_hold_id
 from agentkeys.seal import RecordSeal
 
@@ -32,6 +45,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KNOWN_KEYS_LIMIT = 10_000
+# How long a measured context is kept: OpenAI keeps a stored response for 30 days.
+CONTEXT_LIFETIME_SECONDS = 30 * 86_400
 NETWORK_STORE_WORKERS = 8
 RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between attempts at a write that must be made; then the last
 
@@ -44,7 +59,6 @@ class Store:
         record whose seal fails is not trusted; None (unit tests of other things) checks nothing."""
         self.ledger = ledger
         self.seal = seal
-        self._given_clock = clock
         self._clock_offset = 0.0  # the store's clock minus this machine's (`sync_clock`)
         self.clock = clock or self._store_clock
         self._ledger_now = ledger.nonblocking()
@@ -60,14 +74,16 @@ class Store:
         self._take_hold = NextTurnBatch(self._reserve_many, self.open_holds, undo_many=self._release_unclaimed)
         self._close_hold = NextTurnBatch(self._settle_many, self.open_holds)
         self._background: set[asyncio.Task] = set()  # cancellations being written
+        self._giving_back: set[asyncio.Task] = set()  # limits taken for calls cancelled meanwhile
 
     def _store_clock(self) -> float:
         """The store's clock, read on this machine's: replicas whose clocks disagree agree on this one."""
         return time.time() + self._clock_offset
 
     def _now(self) -> float | None:
-        """The time to hand the ledger: None (the store reads its own clock), or the tests' clock."""
-        return self._given_clock() if self._given_clock else None
+        """The time to hand the ledger: None (the store reads its own clock), or the tests' clock (given, or
+        set on `self.clock` since)."""
+        return None if self.clock == self._store_clock else self.clock()
 
     async def sync_clock(self) -> None:
         """Learn how far this machine's clock is from the store's (to a round trip), for `self.clock`:
@@ -131,10 +147,34 @@ class Store:
         now = self._now()
         return await self._ask(lambda ledger: ledger.revoke(key_id, now))
 
+    async def account(self, account_id: str) -> AccountRecord | None:
+        """An account as the store has it now: its plan and status (a held call learns the status from the
+        hold itself, in the same atomic step)."""
+        return await self._ask(lambda ledger: ledger.get_account(account_id))
+
+    async def period_books(self, account_id: str, period_id: str) -> PeriodSpend | None:
+        """An account's books for one period, if it has any."""
+        periods = await self._ask(lambda ledger: ledger.account_periods(account_id))
+        return next((books for books in periods if books.period_id == period_id), None)
+
     async def claim_token(self, issuer: str, jti: str, expires_at: float) -> bool:
         """Remember an exchanged OIDC token until `expires_at`; False if it was exchanged already."""
         now = self._now()
         return await self._ask(lambda ledger: ledger.claim_token(issuer, jti, expires_at, now))
+
+    # ----- contexts: what a stored response or a conversation carries into a call continuing it -----
+
+    async def context_tokens(self, ref: str) -> int | None:
+        now = self.clock()
+        return await self._ask(lambda ledger: ledger.context_tokens(ref, now))
+
+    async def learn_context(self, ref: str, tokens: int, started_at: float) -> None:
+        expires_at = self.clock() + CONTEXT_LIFETIME_SECONDS
+        await self._ask(lambda ledger: ledger.learn_context(ref, tokens, started_at, expires_at))
+
+    async def forget_context(self, ref: str) -> None:
+        now = self.clock()
+        await self._ask(lambda ledger: ledger.forget_context(ref, now, now + CONTEXT_LIFETIME_SECONDS))
 
     # ----- holds -----
 
@@ -148,6 +188,24 @@ class Store:
         hold_id, grant = new_hold_id(key.key_id), key if self.seal else None
         try:
             reservation = await self._take_hold((key.key_id, amount_micros, self._now(), hold_id, grant))
+        except LedgerUnavailable:
+            self.cancel_hold(hold_id)
+            raise
+        if reservation.hold_id is not None:
+            self.open_holds.add(reservation.hold_id)
+        elif reservation.refusal is Refusal.TAMPERED:
+            self.forget(key.key_id)
+        return reservation
+
+    async def take_hold_regardless(self, key: KeyRecord, amount_micros: int) -> Reservation:
+        """Shadow mode's hold, past the budget or the key's lifetime; refused only to a revoked or unknown key
+        (or one whose account is suspended, or whose record was altered). Named, and cancelled by its name if
+        the store fails, as `take_hold`'s; rare (a call that enforcement would refuse), so not batched."""
+        hold_id, grant, now = new_hold_id(key.key_id), key if self.seal else None, self._now()
+        try:
+            reservation = await self._ask(
+                lambda ledger: ledger.hold_regardless(key.key_id, amount_micros, now, hold_id, grant)
+            )
         except LedgerUnavailable:
             self.cancel_hold(hold_id)
             raise
@@ -227,6 +285,36 @@ class Store:
             if reservation.hold_id is not None:
                 self.cancel_hold(reservation.hold_id)
 
+    # ----- rate limits and the loop breaker -----
+
+    async def take_limits(self, request: LimitRequest) -> LimitAnswer:
+        """Take a call's limits. If the call is cancelled while a worker thread asks the store (its agent went
+        away), what the store took is given back once the answer comes, rather than left to go stale."""
+        now = self.clock()
+        if self._ledger_now is not None:
+            try:
+                return self._ledger_now.take_limits(request, now)
+            except LedgerBusy:
+                pass
+        loop = asyncio.get_running_loop()
+        asking = self._worker.submit(lambda: self.ledger.take_limits(request, now))
+        try:
+            return await asyncio.wrap_future(asking)
+        except asyncio.CancelledError:
+            asking.add_done_callback(lambda done: loop.call_soon_threadsafe(self._give_back_unclaimed, done))
+            raise
+
+    def _give_back_unclaimed(self, answered) -> None:
+        if answered.cancelled() or answered.exception() is not None or answered.result().ticket is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.return_limits(answered.result().ticket, None))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
+    async def return_limits(self, ticket: LimitTicket, used_tokens: int | None) -> None:
+        now = self.clock()
+        await self._ask(lambda ledger: ledger.return_limits(ticket, used_tokens, now))
+
     # ----- books -----
 
     async def renew_holds(self) -> None:
@@ -242,8 +330,10 @@ class Store:
         self.open_holds.difference_update(hold.hold_id for hold in swept)
         return swept
 
-    async def purge_expired(self) -> list[str]:
-        now = self._now()
+    async def purge_expired(self, before: float | None = None) -> list[str]:
+        """Keys expired before `before` (default: now, on the store's clock) are purged, and finished children's
+        budgets returned."""
+        now = self._now() if before is None else before
         return await self._ask(lambda ledger: ledger.purge_expired(now))
 
 

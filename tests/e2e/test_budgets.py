@@ -1,5 +1,6 @@
 """Budgets, refusals and failures end to end, through a real mitmdump with the official SDKs."""
 
+import re
 import socket
 import ssl
 import threading
@@ -8,6 +9,7 @@ import anthropic
 import openai
 import pytest
 
+from agentkeys.money import USD_MESSAGE_FORMAT
 from conftest import (
     assert_ledger_matches_audit,
     free_port,
@@ -66,7 +68,8 @@ def test_budget_exhaustion_is_refused_in_openai_shape_and_not_retried(proxy, moc
     assert error.response.headers["x-should-retry"] == "false"
     assert error.body["code"] == "insufficient_quota"
     assert "budget exhausted: this call could cost up to $0.0006" in error.message
-    assert "$0.00001 remains" in error.message
+    assert "$0.000010 remains" in error.message
+    assert error.response.headers["x-agentkeys-budget-remaining"] == "0.000010"
     assert mock.received == []
     assert len(proxy.records_for(key["id"])) == 1, "the SDK retried a refusal it was told not to retry"
 
@@ -79,7 +82,36 @@ def test_budget_exhaustion_in_anthropic_shape(proxy, mock, policies):
         )
     assert refused.value.status_code == 402
     assert refused.value.body["error"]["type"] == "billing_error"
+    assert refused.value.response.headers["x-agentkeys-budget-remaining"] == "0.000010"
     assert mock.received == [] and len(proxy.records_for(key["id"])) == 1
+
+
+def test_every_amount_in_a_refusal_is_written_one_way(proxy, mock, policies):
+    """Budget refusals in both shapes, a refused child key, an overrun's audit reason: every dollar amount an
+    agent or an operator reads has six decimals (`$0.500000`, `$0.499932`), never `$0.5000` beside `$0.499932`."""
+    key = proxy.issue(policies["chat"], "--budget", "0.5")
+    messages = []
+    with pytest.raises(openai.RateLimitError) as refused:  # nothing spent yet: $0.500000 remains
+        ask(openai_gateway(proxy, key), max_tokens=2_000_000)
+    messages.append(refused.value.message)
+    ask(openai_gateway(proxy, key), max_tokens=5)  # spends a few micro-dollars: $0.49999x remains
+    mock.overrun_next(output_tokens=400)
+    ask(openai_gateway(proxy, key), max_tokens=5)  # the provider bills beyond the hold: an overrun reason
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        anthropic_gateway(proxy, key).messages.create(
+            model="claude-haiku-4-5", max_tokens=200_000, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    messages.append(refused.value.message)
+    child = httpx.post(
+        f"{proxy.gateway_url}/_agentkeys/v1/keys", headers={"authorization": f"Bearer {key['key']}"},
+        json={"name": "greedy", "ttl": "5m", "budget_usd": 0.49999}, timeout=10,
+    )  # fmt: skip
+    messages.append(child.json()["error"]["message"])
+    reasons = [record["reason"] for record in proxy.records_for(key["id"], 5) if "$" in (record["reason"] or "")]
+    amounts = re.findall(r"-?\$[\d.,]+\d", " ".join(messages + reasons))
+    assert len(amounts) >= 7, (messages, reasons)
+    assert [amount for amount in amounts if not USD_MESSAGE_FORMAT.fullmatch(amount)] == [], amounts
+    assert_ledger_matches_audit(proxy, key["id"])
 
 
 def test_spending_down_a_budget_never_overshoots(proxy, mock, policies):
@@ -100,6 +132,10 @@ def test_spending_down_a_budget_never_overshoots(proxy, mock, policies):
     assert allowed == len(mock.reported) >= 10
     assert record.spent_micros <= record.budget_micros
     assert record.budget_micros - record.spent_micros < 32, "refused although the worst case still fitted"
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask(client, max_tokens=50)
+    told = refused.value.response.headers["x-agentkeys-budget-remaining"]
+    assert told == f"{(record.budget_micros - record.spent_micros) / 1e6:.6f}"
 
 
 def test_upstream_error_releases_the_hold(proxy, mock, policies):

@@ -132,7 +132,7 @@ def test_keys_issue_list_show_revoke(config, tmp_path):
     )
     key = issued.stdout.strip()
     assert issued.returncode == 0 and key.startswith("ak_")
-    assert "shown only once" in issued.stderr and "$2.5000" in issued.stderr
+    assert "shown only once" in issued.stderr and "$2.500000" in issued.stderr
     key_id = key.split("_")[1]
     db = (tmp_path / "var" / "keys.db").read_bytes()
     assert key.encode() not in db, "only the key's hash may be stored"

@@ -89,3 +89,17 @@ def test_a_tunnel_to_another_host_is_audited_as_passed_or_refused(proxy, mock):
     else:
         assert answer.startswith(b"HTTP/1.1 200") and record["decision"] == "pass"
     assert record["port"] == 9 and record["client"].startswith("127.0.0.1:")
+
+
+def test_a_tunnel_to_an_llm_host_nobody_configured_is_opened_up_or_refused_by_egress(proxy, mock):
+    """A catalogued LLM API host is intercepted so its calls can be audited; `allowlist` still refuses it,
+    and the refusal names its vendor."""
+    raw, answer = connect(proxy, "api.mistral.ai:443")
+    raw.close()
+    records = egress_records(proxy, "api.mistral.ai")
+    if proxy.egress == "allowlist":
+        assert answer.startswith(b"HTTP/1.1 403")
+        assert (records[-1]["decision"], records[-1]["llm_host"]) == ("deny", "mistral")
+    else:
+        assert answer.startswith(b"HTTP/1.1 200"), "opened up: its requests are what is audited"
+        assert [record for record in records if record["method"] == "CONNECT"] == []

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from functools import reduce
 from pathlib import Path
 
 import openai
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import httpx, start_proxy, stop_proxy, write_policy
+from k8s_manifests import keyless, mount_of
 from oidc_issuer import (
     CLUSTER_ALG,
     CLUSTER_ISSUER,
@@ -180,6 +182,43 @@ def test_the_sidecar_renews_the_key_from_the_rotated_token_before_it_expires(pro
     finally:
         sidecar.terminate()
         assert sidecar.wait(timeout=10) == 0, sidecar.stderr.read()
+
+
+def test_the_keyless_manifests_pod_gets_a_working_key_from_its_own_token(mock, cluster, tmp_path):
+    """deploy/kubernetes/keyless as the kubelet would run it: the gateway's identity config and the
+    sidecar's command from the manifests, with the pod's volumes as local folders."""
+    manifest = keyless()
+    identity = dict(manifest.identity, issuer=CLUSTER_ISSUER, jwks_file=str(cluster.write_jwks(tmp_path / "jwks.json")))
+    [rule] = identity["rules"]
+    identity["rules"] = [dict(rule, policy=str(write_policy(tmp_path, "agent", budget_usd=5.0, ttl="8h")))]
+    proxy = start_proxy(tmp_path / "proxy", mock, identity={"cluster": identity})
+    token_dir, key_dir = tmp_path / "token", tmp_path / "key"
+    token_dir.mkdir()
+    [source] = manifest.token_volume["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    (token_dir / token["path"]).write_text(
+        cluster.pod_token(token["audience"], namespace=rule["match"]["namespace"],
+                          serviceaccount=manifest.pod["serviceAccountName"])
+    )  # fmt: skip
+    mounts = {
+        mount_of(manifest.pod, "agentkeys-exchange", manifest.token_volume["name"])["mountPath"]: str(token_dir),
+        mount_of(manifest.pod, "agentkeys-exchange", "agentkeys-key")["mountPath"]: str(key_dir),
+        manifest.exchange_command[manifest.exchange_command.index("--proxy") + 1]: proxy.gateway_url,
+    }
+    command = [reduce(lambda a, path: a.replace(path, mounts[path]), mounts, arg) for arg in manifest.exchange_command]
+    sidecar = subprocess.Popen([*agentkeys(), *command[1:]], stderr=subprocess.PIPE, text=True)
+    try:
+        key = wait_for(lambda: (key_dir / "key").exists() and (key_dir / "key").read_text().strip())
+        response = chat(proxy, key)
+        assert response.status_code == 200
+        key_id = key.split("_")[1]
+        assert proxy.ledger().get_key(key_id).budget_micros == 2_000_000, "the manifest's rule caps it at $2"
+        [call] = [r for r in proxy.records_for(key_id, 2) if r["provider"] == "openai"]
+        assert call["identity"]["serviceaccount"] == manifest.pod["serviceAccountName"]
+    finally:
+        sidecar.terminate()
+        assert sidecar.wait(timeout=10) == 0, sidecar.stderr.read()
+        stop_proxy(proxy)
 
 
 def agentkeys() -> list[str]:

@@ -1,6 +1,7 @@
 """deploy/kubernetes: every manifest valid against the Kubernetes API schema (offline), and the
 properties the deployment docs promise, read from the manifests themselves."""
 
+import json
 import shlex
 
 import kubernetes_validate
@@ -8,12 +9,12 @@ import pytest
 import yaml
 
 from agentkeys.cli import build_parser
-from agentkeys.policy import Policy, ProxyConfig
-from k8s_manifests import KUBERNETES, build, container, find, sidecar
+from agentkeys.policy import Policy, ProxyConfig, parse_duration
+from k8s_manifests import KUBERNETES, build, container, find, keyless, mount_of, sidecar
 
 # Native sidecars (an init container with restartPolicy: Always) are on by default from 1.29.
 KUBERNETES_VERSIONS = ["1.29", "1.33"]
-OVERLAYS = ["sidecar", "gateway"]
+OVERLAYS = ["sidecar", "gateway", "keyless"]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -39,6 +40,8 @@ def test_configs_and_policies_load(overlay):
     objects = build(KUBERNETES / overlay)
     for config_map in (o for o in objects if o["kind"] == "ConfigMap"):
         for name, text in config_map["data"].items():
+            if name.endswith(".json"):  # the cluster's JWKS (see the keyless tests)
+                continue
             model = Policy if name.endswith(".policy.yaml") else ProxyConfig
             model.model_validate(yaml.safe_load(text))
 
@@ -125,3 +128,59 @@ def test_agent_pods_may_reach_only_the_gateway_and_dns():
     assert {p["port"] for p in to_gateway["ports"]} == {8080, 8081}
     assert {p["port"] for p in to_dns["ports"]} == {53}
     assert to_dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+
+
+def test_keyless_pod_holds_no_secret_and_its_key_lives_in_memory():
+    manifest = keyless()
+    pod = manifest.pod
+    assert "secretKeyRef" not in yaml.safe_dump(pod) and "secretRef" not in yaml.safe_dump(pod)
+    args = build_parser().parse_args(manifest.exchange_command[1:])
+    assert args.run.__name__ == "cmd_exchange"
+    [key_volume] = [v for v in pod["volumes"] if v["name"] == mount_of(pod, "agent", "agentkeys-key")["name"]]
+    assert key_volume["emptyDir"] == {"medium": "Memory"}
+    assert str(args.out.parent) == mount_of(pod, "agentkeys-exchange", "agentkeys-key")["mountPath"]
+    assert mount_of(pod, "agent", "agentkeys-key")["readOnly"]
+    assert str(args.out) in " ".join(container(pod, "agent")["command"]), "the agent reads the key it is given"
+    probe = container(pod, "agentkeys-exchange")["startupProbe"]["exec"]["command"]
+    assert probe == ["test", "-s", str(args.out)], "the agent must not start before its key exists"
+    assert container(pod, "agentkeys-exchange")["restartPolicy"] == "Always", "it renews while the agent runs"
+
+
+def test_keyless_token_is_for_the_gateway_and_renewals_follow_its_rotations():
+    manifest = keyless()
+    args = build_parser().parse_args(manifest.exchange_command[1:])
+    [source] = manifest.token_volume["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    mount = mount_of(manifest.pod, "agentkeys-exchange", manifest.token_volume["name"])
+    assert str(args.token_file) == f"{mount['mountPath']}/{token['path']}"
+    assert token["audience"] == manifest.identity["audience"]
+    [rule] = manifest.identity["rules"]
+    assert rule["match"]["serviceaccount"] == manifest.pod["serviceAccountName"]
+    assert token["expirationSeconds"] <= parse_duration(rule["ttl"]), "a key never outlives its token"
+    # the kubelet rotates the token at 80% of its life: the renewal must look after that
+    assert args.renew_before < 0.2 * token["expirationSeconds"]
+    service = find(build(KUBERNETES / "keyless"), "Service", "agentkeys-gateway")
+    gateway_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "gateway")
+    assert args.proxy == f"http://agentkeys-gateway:{gateway_port}"
+    assert manifest.pod["containers"][0]["env"][0]["value"].startswith(args.proxy)
+
+
+def test_keyless_gateway_reads_the_clusters_keys_from_a_folder_it_can_update():
+    objects = build(KUBERNETES / "keyless")
+    gateway = find(objects, "Deployment", "agentkeys-gateway")["spec"]["template"]["spec"]
+    jwks_file = keyless().identity["jwks_file"]
+    mounts = container(gateway, "agentkeys")["volumeMounts"]
+    mount = next(m for m in mounts if jwks_file.startswith(m["mountPath"] + "/"))
+    assert "subPath" not in mount, "a subPath mount never sees the ConfigMap updated"
+    [volume] = [v for v in gateway["volumes"] if v["name"] == mount["name"]]
+    jwks = find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+    assert json.loads(jwks[jwks_file.rsplit("/", 1)[1]]) == {"keys": []}
+
+
+@pytest.mark.parametrize(("overlay", "deployment"), [("sidecar", "agent"), ("gateway", "agentkeys-gateway")])
+def test_the_kubelet_waits_longer_than_the_proxy_drains(overlay, deployment):
+    """SIGTERM lets calls in flight finish for shutdown_grace; a SIGKILL before that would lose their records."""
+    objects = build(KUBERNETES / overlay)
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap" and "agentkeys.yaml" in o["data"])
+    config = ProxyConfig.model_validate(yaml.safe_load(config_map["data"]["agentkeys.yaml"]))
+    assert pod_of(overlay, deployment)["terminationGracePeriodSeconds"] > config.shutdown_grace

@@ -201,6 +201,7 @@ def test_revoked_key_is_refused_with_401(proxy, mock, key, monkeypatch):
         client.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert "revoked" in str(refused.value)
     assert refused.value.body["error"]["type"] == "authentication_error"
+    assert refused.value.response.headers["x-agentkeys-budget-remaining"] == "0.000000"
     assert mock.received == []
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from decimal import Decimal
 
 import openai
 import pytest
@@ -206,8 +207,10 @@ def test_the_eval_suite_example_gives_each_case_its_own_slice(proxy, mock, tmp_p
     assert lines[0] == "suite suite: $0.003000 for 3 cases, $0.001000 each"
     assert lines[1].startswith("case greeting: spent $0.0000") and "hello" in lines[1]
     assert "refused: agentkeys: budget exhausted" in lines[3], "the runaway case hit its own slice"
+    case_spends = [Decimal(line.split("spent $")[1].split(":")[0]) for line in lines[1:4]]
+    assert lines[4] == f"suite spent ${sum(case_spends):.6f} of $0.003000", "revoked cases' slices came back"
     record = proxy.ledger().get_key(suite["id"])
-    assert record.spent_micros + record.held_micros <= record.budget_micros
+    assert record.held_micros == 0 and record.spent_micros == sum(case_spends) * 1_000_000
 
 
 def test_the_github_action_gives_a_job_its_own_key(proxy, mock, tmp_path):

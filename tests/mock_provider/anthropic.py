@@ -129,6 +129,16 @@ class Messages:
             "output_tokens": output_tokens,
         }
 
+    @staticmethod
+    def stop_reason(call: Call) -> str:
+        return "tool_use" if call.tool_call else "max_tokens" if call.truncated else "end_turn"
+
+    @staticmethod
+    def tool_use(call: Call, whole: bool = True) -> dict:
+        name, arguments = call.tool_call
+        block_id = f"toolu_mock{uuid.uuid4().hex[:16]}"
+        return {"type": "tool_use", "id": block_id, "name": name, "input": json.loads(arguments) if whole else {}}
+
     @classmethod
     def completion(cls, call: Call, body: dict | None = None) -> dict:
         return {
@@ -136,8 +146,8 @@ class Messages:
             "type": "message",
             "role": "assistant",
             "model": call.model,
-            "content": [{"type": "text", "text": call.text}],
-            "stop_reason": "max_tokens" if call.truncated else "end_turn",
+            "content": [cls.tool_use(call) if call.tool_call else {"type": "text", "text": call.text}],
+            "stop_reason": cls.stop_reason(call),
             "stop_sequence": None,
             "usage": cls.usage(call, call.output_tokens),
         }
@@ -162,19 +172,23 @@ class Messages:
         def event(name: str, **data: Any) -> bytes:
             return sse({"type": name, **data}, event=name)
 
+        block = cls.tool_use(call, whole=False) if call.tool_call else {"type": "text", "text": ""}
         head = [
             event("message_start", message=message),
-            event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+            event("content_block_start", index=0, content_block=block),
             event("ping"),
         ]
         content = [
             event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece}) for piece in call.pieces
         ]
+        if call.tool_call:
+            delta = {"type": "input_json_delta", "partial_json": call.tool_call[1]}
+            content = [event("content_block_delta", index=0, delta=delta)]
         tail = [
             event("content_block_stop", index=0),
             event(
                 "message_delta",
-                delta={"stop_reason": "max_tokens" if call.truncated else "end_turn", "stop_sequence": None},
+                delta={"stop_reason": cls.stop_reason(call), "stop_sequence": None},
                 usage={"output_tokens": call.output_tokens},
             ),
             event("message_stop"),

@@ -33,10 +33,17 @@ class Call:
     cache_write_1h_tokens: int = 0
     reasoning_tokens: int = 0
     choices: int = 1
+    reply: str | None = None  # JSON shaped by the request's schema, in place of "hello hello …" (replies.py)
+    tool_call: tuple[str, str] | None = None  # (name, JSON arguments): the reply is a call of this tool
 
     @property
     def pieces(self) -> list[str]:
-        """One choice's visible reply, one o200k token per piece: "hello", " hello", ..."""
+        """One choice's visible reply: one o200k token per piece, "hello", " hello", ...; a JSON reply in
+        pieces of a few characters; nothing when the reply is a tool call."""
+        if self.tool_call is not None:
+            return []
+        if self.reply is not None:
+            return [self.reply[i : i + 8] for i in range(0, len(self.reply), 8)]
         visible = (self.output_tokens - self.reasoning_tokens) // self.choices
         return ["hello" if i == 0 else " hello" for i in range(visible)]
 

@@ -3,6 +3,7 @@ thinking billed as output, streams as server-sent events (``?alt=sse``)."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -79,7 +80,10 @@ class GenerateContent:
 
     @staticmethod
     def candidate(call: Call, index: int, text: str, finished: bool) -> dict:
-        candidate = {"content": {"parts": [{"text": text}], "role": "model"}, "index": index}
+        part = {"text": text}
+        if call.tool_call and finished:
+            part = {"functionCall": {"name": call.tool_call[0], "args": json.loads(call.tool_call[1])}}
+        candidate = {"content": {"parts": [part], "role": "model"}, "index": index}
         if finished:
             candidate["finishReason"] = "MAX_TOKENS" if call.truncated else "STOP"
         return candidate

@@ -7,6 +7,7 @@ turns a request body into a ``Call`` (the tokens billed) and renders the reply, 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import struct
 import time
 import uuid
@@ -17,10 +18,6 @@ from mock_provider.call import Call, limited, sse, text_of
 
 if TYPE_CHECKING:
     from mock_provider.server import MockProvider
-
-# Tokens a Responses API call inherits from the response it continues (`previous_response_id`):
-# input the proxy cannot see.
-PREVIOUS_RESPONSE_TOKENS = 500
 
 
 def authorized(headers: dict[str, str], mock_provider: MockProvider) -> bool:
@@ -95,21 +92,27 @@ class Chat:
             "completion_tokens_details": {"reasoning_tokens": call.reasoning_tokens},
         }
 
+    @staticmethod
+    def finish_reason(call: Call) -> str:
+        return "tool_calls" if call.tool_call else "length" if call.truncated else "stop"
+
+    @staticmethod
+    def tool_calls(call: Call) -> list[dict]:
+        name, arguments = call.tool_call
+        return [{"id": f"call_mock{uuid.uuid4().hex[:16]}", "type": "function",
+                 "function": {"name": name, "arguments": arguments}}]  # fmt: skip
+
     @classmethod
     def completion(cls, call: Call, body: dict | None = None) -> dict:
+        message = {"role": "assistant", "content": call.text, "refusal": None}
+        if call.tool_call:
+            message = {**message, "content": None, "tool_calls": cls.tool_calls(call)}
         return {
             "id": f"chatcmpl-mock{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": call.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": call.text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "length" if call.truncated else "stop",
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": cls.finish_reason(call)}],
             "usage": cls.usage(call),
         }
 
@@ -131,7 +134,13 @@ class Chat:
 
         head = [chunk({"role": "assistant", "content": "", "refusal": None})]
         content = [chunk({"content": piece}) for piece in call.pieces]
-        tail = [chunk({}, "length" if call.truncated else "stop")]
+        if call.tool_call:
+            [tool] = cls.tool_calls(call)
+            arguments = tool["function"]["arguments"]
+            tool["function"]["arguments"] = ""
+            content = [chunk({"tool_calls": [{"index": 0, **tool}]})]
+            content += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]})]
+        tail = [chunk({}, cls.finish_reason(call))]
         if include_usage:
             tail.append(sse({**base, "choices": [], "usage": cls.usage(call)}))
         tail.append(sse("[DONE]"))
@@ -155,7 +164,9 @@ class Responses:
             return "We could not parse the JSON body of your request."
         if not isinstance(body.get("model"), str):
             return "you must provide a model parameter"
-        if not isinstance(body.get("input"), str | list) and not body.get("previous_response_id"):
+        if not isinstance(body.get("input"), str | list) and not (
+            body.get("previous_response_id") or body.get("conversation")
+        ):
             return "Missing required parameter: 'input'."
         if body.get("max_output_tokens") is not None and not isinstance(body["max_output_tokens"], int):
             return "Invalid type for 'max_output_tokens': expected an integer."
@@ -169,8 +180,6 @@ class Responses:
         if isinstance(body.get("instructions"), str):
             items.insert(0, {"role": "system", "content": body["instructions"]})
         input_tokens = 3 + sum(3 + count(str(i.get("role", ""))) + count(text_of(i.get("content"))) for i in items)
-        if body.get("previous_response_id"):
-            input_tokens += PREVIOUS_RESPONSE_TOKENS
         n, reasoning, truncated = limited(body.get("max_output_tokens"), output_tokens, "reasoning" in body)
         return Call(
             body["model"], input_tokens, n, truncated, body.get("stream") is True,
@@ -192,12 +201,19 @@ class Responses:
         content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
         return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
+    @staticmethod
+    def function_call(call: Call, item_id: str, arguments: str, status: str) -> dict:
+        return {"type": "function_call", "id": item_id, "call_id": f"call_{item_id}", "name": call.tool_call[0],
+                "arguments": arguments, "status": status}  # fmt: skip
+
     @classmethod
     def response(cls, call: Call, response_id: str, item_id: str, done: bool) -> dict:
         output = []
         if call.reasoning_tokens:
             output.append({"type": "reasoning", "id": f"rs_mock{response_id}", "summary": []})
-        if done:
+        if done and call.tool_call:
+            output.append(cls.function_call(call, item_id, call.tool_call[1], "completed"))
+        elif done:
             output.append(cls.message(call, item_id, call.text, "completed"))
         return {
             "id": response_id, "object": "response", "created_at": int(time.time()), "model": call.model,
@@ -220,14 +236,28 @@ class Responses:
         def event(kind: str, **data: Any) -> bytes:
             return _event(kind, sequence_number=next(numbers), **data)
 
-        head = [
+        started = [
             event("response.created", response=cls.response(call, response_id, item_id, done=False)),
             event("response.in_progress", response=cls.response(call, response_id, item_id, done=False)),
+        ]
+        done = cls.response(call, response_id, item_id, done=True)
+        if call.tool_call:
+            arguments = {"item_id": item_id, "output_index": 0}
+            head = [*started, event("response.output_item.added", output_index=0,
+                                    item=cls.function_call(call, item_id, "", "in_progress"))]  # fmt: skip
+            content = [event("response.function_call_arguments.delta", **arguments, delta=call.tool_call[1])]
+            tail = [
+                event("response.function_call_arguments.done", **arguments, arguments=call.tool_call[1]),
+                event("response.output_item.done", output_index=0, item=done["output"][-1]),
+                event("response.completed", response=done),
+            ]
+            return head, content, tail
+        head = [
+            *started,
             event("response.output_item.added", output_index=0, item=cls.message(call, item_id, "", "in_progress")),
             event("response.content_part.added", **where, part={"type": "output_text", "text": "", "annotations": []}),
         ]
         content = [event("response.output_text.delta", **where, delta=piece) for piece in call.pieces]
-        done = cls.response(call, response_id, item_id, done=True)
         tail = [
             event("response.output_text.done", **where, text=call.text),
             event("response.content_part.done", **where, part=done["output"][-1]["content"][0]),
@@ -235,6 +265,36 @@ class Responses:
             event("response.incomplete" if call.truncated else "response.completed", response=done),
         ]
         return head, content, tail
+
+
+class Compact:
+    """`POST /v1/responses/compact`: a conversation compacted into one opaque item, billed as a model call.
+
+    It takes no output limit: the compacted item is the model's own length (the mock's output tokens).
+    """
+
+    name = "openai"
+    error = Chat.error
+    invalid = Responses.invalid
+    usage = Responses.usage
+
+    @staticmethod
+    def call(body: dict, count: Callable[[str], int], output_tokens: int, cache: set[str] | None = None) -> Call:
+        return dataclasses.replace(
+            Responses.call({**body, "max_output_tokens": None}, count, output_tokens), stream=False
+        )
+
+    @classmethod
+    def completion(cls, call: Call, body: dict | None = None) -> dict:
+        item = {
+            "type": "compaction",
+            "id": f"cmp_mock{uuid.uuid4().hex}",
+            "encrypted_content": "x" * call.output_tokens,
+        }
+        return {
+            "id": f"resp_mock{uuid.uuid4().hex}", "object": "response.compaction", "created_at": int(time.time()),
+            "output": [item], "usage": cls.usage(call),
+        }  # fmt: skip
 
 
 def _one_or_many(given: Any) -> list:
@@ -333,6 +393,7 @@ class Embeddings:
 APIS = {
     "/v1/chat/completions": Chat,
     "/v1/responses": Responses,
+    "/v1/responses/compact": Compact,
     "/v1/completions": Completions,
     "/v1/embeddings": Embeddings,
 }

@@ -15,10 +15,16 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from mock_provider import anthropic, azure, gemini, openai
+from mock_provider import anthropic, azure, documents, gemini, objects, openai, replies
 from mock_provider.call import Received
 from mock_provider.tokens import count_o200k_tokens, o200k
 
+REPLIES = {
+    openai.Chat: replies.chat,
+    openai.Responses: replies.responses,
+    anthropic.Messages: replies.anthropic,
+    gemini.GenerateContent: replies.gemini,
+}
 _AUTHORIZED = {
     "openai": openai.authorized,
     "anthropic": anthropic.authorized,
@@ -139,6 +145,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._count(
                 request, "gemini", lambda body, n: {"totalTokens": gemini.GenerateContent.input_tokens(body, n)}
             )
+        elif answer := objects.answer(
+            self.command, path, request.json, mock_provider.contexts, mock_provider.count_tokens
+        ):
+            self._object(request, *answer)
         else:
             self._send_json(404, openai.Chat.error(404, f"Invalid URL ({self.command} {path})"))
 
@@ -165,6 +175,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(401, openai.Chat.error(401, "Incorrect API key provided."))
             return
         self._send_json(200, {"object": "list", "data": data})
+
+    def _object(self, request: Received, status: int, payload: dict | None) -> None:
+        """A free object endpoint's answer (traces, conversations), to OpenAI's key only."""
+        if not openai.authorized(request.headers, self.server.mock_provider):
+            self._send_json(401, openai.Chat.error(401, "Incorrect API key provided."))
+        elif payload is None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._send_json(status, payload)
 
     def _count(self, request: Received, auth: str, answer: Callable[[dict, Callable[[str], int]], dict]) -> None:
         """A free token count (Anthropic's count_tokens, Gemini's countTokens): not billed, not reported."""
@@ -194,6 +215,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, api.error(400, "this mock streams Gemini only as server-sent events (?alt=sse)"))
             return
         call = api.call(body, mock_provider.count_tokens, mock_provider.output_tokens, mock_provider._prompt_cache)
+        call = dataclasses.replace(call, input_tokens=call.input_tokens + documents.billed_tokens(body, api.name))
+        if api in REPLIES and isinstance(body, dict):  # a tool call or schema-shaped JSON, when asked for
+            reply, tool_call = REPLIES[api](body)
+            call = dataclasses.replace(call, reply=reply, tool_call=tool_call)
+        if api in (openai.Responses, openai.Compact):  # a continuation brings in what it continues
+            call = dataclasses.replace(call, input_tokens=call.input_tokens + mock_provider.contexts.inherited(body))
         echo = mock_provider._take_echo()
         if echo is not None:
             self._send_json(echo, api.error(echo, f"bad request; you sent {request.headers}"), request.headers)
@@ -213,7 +240,9 @@ class _Handler(BaseHTTPRequestHandler):
         corruption = mock_provider._take_corruption()
         if not call.stream:
             mock_provider._report(usage)
-            self._send_json(200, _corrupted(api.completion(call, body), corruption))
+            document = api.completion(call, body)
+            self._remember(api, body, call, document)
+            self._send_json(200, _corrupted(document, corruption))
             return
 
         head, content, tail = (
@@ -235,7 +264,14 @@ class _Handler(BaseHTTPRequestHandler):
             head, content = [], content[1:]
         self._write_chunks(head + content)
         mock_provider._report(usage)  # before the client can see the end of the stream
+        self._remember(api, body, call, json.loads(tail[-1].decode().partition("data: ")[2])["response"]
+                       if api is openai.Responses else None)  # fmt: skip
         self._write_chunks(tail, last=True)
+
+    def _remember(self, api, body: dict, call, document: dict | None) -> None:
+        """A Responses API answer: what a later call continuing it (or its conversation) brings in."""
+        if api is openai.Responses and document:
+            self.server.mock_provider.contexts.remember(document["id"], body, call.input_tokens, call.output_tokens)
 
     def _write_chunks(self, events: list[bytes], last: bool = False) -> None:
         """Send each event as its own HTTP chunk; ``last`` ends the body.
@@ -300,6 +336,7 @@ class MockProvider:
         self.azure_key = azure_key
         self.extra_openai_keys = extra_openai_keys  # OpenAI-compatible hosts' keys, for the same endpoints
         self._prompt_cache: set[str] = set()  # prompt-cache entries, kept until reset()
+        self.contexts = objects.Contexts()  # stored responses, conversations and traces, kept until reset()
         self.output_tokens = output_tokens
         if count_tokens is None:
             o200k()  # load now: fail fast, and keep it out of the first request's latency
@@ -354,6 +391,7 @@ class MockProvider:
             self.received.clear()
             self.reported.clear()
             self._prompt_cache.clear()
+            self.contexts.clear()
             self._clear_behaviours()
 
     def fail_next(self, status: int, count: int = 1) -> None:

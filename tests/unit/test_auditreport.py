@@ -11,7 +11,7 @@ import pytest
 from agentkeys.audit import AuditLog, AuditSettings, CallRecord
 from agentkeys.auditchain import signing_key
 from agentkeys.auditfiles import call_records
-from agentkeys.auditreport import Follower, RecordFilter, last_records, report
+from agentkeys.auditreport import Follower, RecordFilter, last_records, real_key_report, real_key_rows, report
 from agentkeys.cli import main
 
 
@@ -70,6 +70,14 @@ def test_fields_from_newer_proxies_are_grouped_and_would_deny_is_a_refusal_apart
     by_decision = report(call_records([audit.path]), "decision")
     assert by_decision["would_deny"].refused == 0
     assert by_decision["would_deny"].refusals == {"budget (would_deny)": 1}
+
+
+def test_a_would_deny_record_counts_each_rule_it_broke(audit):
+    audit.write(record("k1", decision="would_deny", deny_kind="forbidden", would_deny=["model", "budget"]))
+    audit.write(record("k1", decision="would_deny", deny_kind="budget", would_deny=["budget"]))
+    [group] = report(call_records([audit.path]), "key").values()
+    assert (group.calls, group.allowed, group.refused) == (2, 0, 0)
+    assert group.refusals == {"budget (would_deny)": 2, "model (would_deny)": 1}
 
 
 def test_since_leaves_out_older_records_and_whole_files_last_written_before_it(tmp_path, audit):
@@ -135,3 +143,19 @@ def test_tail_prints_one_line_per_call(audit, capsys):
     assert len(lines) == 2 and all("k2 (k2-name)" in line and "deny 403" in line for line in lines)
     assert main(["audit", "tail", str(audit.path), "-n", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["key_id"] == "k3"
+
+
+def test_the_real_keys_report_lists_each_fingerprint_by_client_host_and_cost(audit):
+    now = time.time()
+    for client, cost, ts in (("10.0.0.5:4431", 30, now - 60), ("10.0.0.5:4432", 12, now), ("10.0.0.9:80", 5, now - 30)):
+        audit.write(record(None, decision="pass", provider="openai", real_key="openai:aa…WXYZ", client=client,
+                           host="api.openai.com", cost_micros=cost, input_tokens=10, ts=ts))  # fmt: skip
+    audit.write(record(None, decision="pass", provider="anthropic", real_key="anthropic:bb…ABCD", ts=now - 3600))
+    audit.write(record("k1"))
+    uses = real_key_report(call_records([audit.path]))
+    assert list(uses) == ["openai:aa…WXYZ", "anthropic:bb…ABCD"]  # the most recently used first
+    used = uses["openai:aa…WXYZ"].as_dict()
+    assert (used["calls"], used["clients"], used["hosts"]) == (3, {"10.0.0.5": 2, "10.0.0.9": 1}, {"api.openai.com": 3})
+    assert (used["input_tokens"], used["cost_usd"]) == (30, 47 / 1_000_000)
+    [row, _] = real_key_rows(uses)
+    assert row[:4] == ["openai:aa…WXYZ", "openai", "3", "10.0.0.5 (2), 10.0.0.9 (1)"]

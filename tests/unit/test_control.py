@@ -112,3 +112,22 @@ def test_an_issuer_mints_from_its_policies_only_within_their_limits(control):
 
 def test_an_unknown_route_is_404(control):
     assert ask(control, "GET", "/_agentkeys/v1/nothing", issue(control)).status == 404
+
+
+def test_a_key_sees_its_limits_and_a_child_asking_for_looser_ones_is_refused(control):
+    limited = Policy.model_validate(
+        {**PARENT.model_dump(), "rate_limits": {"requests_per_minute": 30}, "max_identical_calls": "3 per 10m"}
+    )
+    parent = issue(control, limited)
+    body = ask(control, "GET", "/_agentkeys/v1/keys/self", parent).body
+    assert (body["rate_limits"], body["max_identical_calls"], body["max_calls"]) == (
+        {"requests_per_minute": 30}, "3 per 10m", None)  # fmt: skip
+    wider = {"name": "sub", "budget_usd": 0.1, "ttl": "10m", "rate_limits": {"requests_per_minute": 31}}
+    refused = ask(control, "POST", "/_agentkeys/v1/keys", parent, wider)
+    assert refused.status == 403 and "rate_limits requests_per_minute are wider than the parent's" in refused.body[
+        "error"]["message"]  # fmt: skip
+    narrower = {**wider, "rate_limits": {"requests_per_minute": 10}, "max_calls": 50}
+    child = ask(control, "POST", "/_agentkeys/v1/keys", parent, narrower).body["key"]
+    body = ask(control, "GET", "/_agentkeys/v1/keys/self", child).body
+    assert (body["rate_limits"], body["max_identical_calls"], body["max_calls"]) == (
+        {"requests_per_minute": 10}, "3 per 10m", 50)  # fmt: skip

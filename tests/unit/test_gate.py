@@ -3,7 +3,6 @@ format, the hold never falls below what the provider bills; clamping, unmetered 
 
 import asyncio
 import base64
-import dataclasses
 import json
 import threading
 from dataclasses import dataclass
@@ -14,8 +13,8 @@ from hypothesis import strategies as st
 
 from agentkeys import credentials
 from agentkeys.calls import CallRequest, Denial, Outcome
-from agentkeys.gate import Admission, Gate, Settlement, charge_for
-from agentkeys.ledger import KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
+from agentkeys.gate import Admission, Gate
+from agentkeys.ledger import AccountRecord, KeyRecord, LedgerBusy, LedgerUnavailable, SqliteLedger
 from agentkeys.money import format_usd, usd_to_micros
 from agentkeys.policy import Policy, ProxyConfig
 from agentkeys.pricing import PriceTable, Usage, cost_micros
@@ -72,15 +71,15 @@ class Env:
     ledger: SqliteLedger
     clock: Clock
 
-    def issue(self, budget_usd: float = 1.0, ttl: int = 3600, **policy_fields) -> str:
-        """A new scoped key under POLICY (with `policy_fields` changed); returns the key itself."""
+    def issue(self, budget_usd: float = 1.0, ttl: int = 3600, account_id: str | None = None, **policy_fields) -> str:
+        """A new scoped key under POLICY (with `policy_fields` changed), of `account_id` if given; returns the key."""
         policy = Policy.model_validate({**POLICY, **policy_fields})
         minted = credentials.mint()
         self.ledger.create_key(
             KeyRecord(
                 key_id=minted.key_id, key_hash=minted.key_hash, name="test", policy_name=policy.name,
                 policy_json=policy.model_dump_json(), created_at=self.clock.now,
-                expires_at=self.clock.now + ttl, budget_micros=usd_to_micros(budget_usd),
+                expires_at=self.clock.now + ttl, budget_micros=usd_to_micros(budget_usd), account_id=account_id,
             )
         )  # fmt: skip
         return minted.key
@@ -315,9 +314,62 @@ def test_a_provider_without_a_real_key_is_the_operators_to_fix(env, monkeypatch)
 # ----- price and reserve -----
 
 
+def account_of(env, budget_usd: float, status: str = "active") -> str:
+    record = AccountRecord("acme", "Acme", "pro", "month", usd_to_micros(budget_usd), NOW, status)
+    if env.ledger.get_account("acme") is None:
+        env.ledger.create_account(record)
+    else:
+        env.ledger.update_account(record)
+    return "acme"
+
+
+def test_a_key_of_an_account_is_refused_when_the_accounts_period_cannot_cover_the_call(env):
+    key = env.issue(budget_usd=1.0, account_id=account_of(env, 0.0001))
+    env.denied(call(key), DenyKind.BUDGET, "account acme's budget for this period exhausted", "$0.000100 remains")
+    assert env.balances(key) == (0, 0)
+
+
+def test_a_key_of_an_account_is_clamped_to_what_its_account_has_left(env):
+    key = env.issue(budget_usd=1.0, account_id=account_of(env, 0.0005), clamp_max_tokens=True)
+    admission = env.admitted(call(key, chat(max_tokens=10_000)))
+    assert admission.clamped_by == "budget" and admission.hold_micros <= 500
+
+
+def test_calls_in_flight_at_midnight_settle_into_the_day_they_were_admitted_in(env):
+    """A controlled clock: calls admitted before midnight and settled after it are charged to the old day,
+    while the new day starts with the whole budget; the keys' spend is the days' spend, to the micro-dollar."""
+    env.clock.now = 1_700_006_399.0  # 23:59:59 UTC on 2023-11-14
+    record = AccountRecord("acme", "Acme", "daily", "day", usd_to_micros(0.0008), NOW)
+    env.ledger.create_account(record)
+    keys = [env.issue(budget_usd=1.0, account_id="acme") for _ in range(3)]
+    before = [env.admitted(call(key, chat(max_tokens=200))) for key in keys]
+    held = sum(admission.hold_micros for admission in before)
+    env.denied(call(keys[0], chat(max_tokens=1000)), DenyKind.BUDGET, "account acme's budget for this period")
+    env.clock.now += 1  # midnight
+    after = [env.admitted(call(key, chat(max_tokens=1000))) for key in keys[:1]]
+    assert after[0].remaining_micros == usd_to_micros(0.0008) - after[0].hold_micros  # the whole budget again
+    usage = Usage(input_tokens=10, output_tokens=20)
+    for admission in before + after:
+        run(env.gate.settle(admission, answered(usage)))
+    days = {p.period_id: (p.spent_micros, p.held_micros) for p in env.ledger.account_periods("acme")}
+    cost = cost_micros(MINI, usage)
+    assert days == {"2023-11-14": (3 * cost, 0), "2023-11-15": (cost, 0)} and held > 3 * cost
+    assert sum(env.balances(key)[0] for key in keys) == 4 * cost
+
+
+def test_a_suspended_accounts_keys_are_refused_every_call_even_unbilled_ones(env):
+    key = env.issue(account_id=account_of(env, 1.0))
+    env.admitted(call(key))
+    account_of(env, 1.0, status="suspended")
+    env.denied(call(key), DenyKind.FORBIDDEN, "account acme is suspended")
+    env.denied(call(key, b"", method="GET", path="/v1/models"), DenyKind.FORBIDDEN, "account acme is suspended")
+    account_of(env, 1.0)
+    env.admitted(call(key, b"", method="GET", path="/v1/models"))
+
+
 def test_a_call_that_might_not_fit_the_budget_is_refused(env):
     key = env.issue(budget_usd=0.0001)
-    denial = env.denied(call(key), DenyKind.BUDGET, "budget exhausted", "could cost up to $", "$0.0001 remains")
+    denial = env.denied(call(key), DenyKind.BUDGET, "budget exhausted", "could cost up to $", "$0.000100 remains")
     assert denial.model == "gpt-4o-mini"
     assert env.balances(key) == (0, 0)
 
@@ -425,7 +477,7 @@ def test_settle_without_usage_charges_the_full_hold(env, admission_and_key):
 def test_a_stream_without_the_providers_usage_is_charged_its_full_hold(env, admission_and_key, complete):
     """What was visible is no measure of what the provider bills (reasoning tokens are invisible)."""
     admission, key = admission_and_key
-    result = StreamResult(usage=None, complete=complete, streamed_text="Hello")
+    result = StreamResult(usage=None)
     outcome = Outcome(reached_provider=True, complete=complete, status=200, stream=result)
     settlement = run(env.gate.settle(admission, outcome))
     assert (settlement.cost_micros, settlement.metering) == (admission.hold_micros, "held")
@@ -436,7 +488,7 @@ def test_a_stream_without_the_providers_usage_is_charged_its_full_hold(env, admi
 def test_a_complete_stream_is_charged_its_usage(env, admission_and_key):
     admission, key = admission_and_key
     usage = Usage(input_tokens=9, output_tokens=3)
-    settlement = run(env.gate.settle(admission, answered(stream=StreamResult(usage, True, "hi"))))
+    settlement = run(env.gate.settle(admission, answered(stream=StreamResult(usage))))
     assert (settlement.cost_micros, settlement.metering) == (cost_micros(MINI, usage), "usage")
 
 
@@ -453,7 +505,7 @@ def test_a_call_that_never_reached_the_provider_is_charged_nothing(env, admissio
         lambda gate, a: gate.settle(a, answered()),
         lambda gate, a: gate.settle(a, answered(Usage(input_tokens=999, output_tokens=999))),
         lambda gate, a: gate.settle(a, NEVER_SENT),
-        lambda gate, a: gate.settle(a, answered(stream=StreamResult(None, False, "more text"))),
+        lambda gate, a: gate.settle(a, answered(stream=StreamResult(None))),
     ],
     ids=["full-hold", "usage", "release", "stream"],
 )
@@ -718,7 +770,7 @@ def test_a_call_cancelled_while_its_hold_is_written_leaves_nothing_held(env):
         admissions = await asyncio.gather(*calls[1:])
         await asyncio.sleep(0.01)  # the cancelled call's hold is freed by the batch's own task
         for admission in (in_flight, *admissions):
-            env.gate.release(admission)
+            await env.gate.release(admission)
         await asyncio.sleep(0.01)  # the releases are written in the background
         return calls[0]
 
@@ -751,90 +803,6 @@ def test_a_long_prompt_is_held_at_its_bytes_and_counted_exactly_only_when_that_d
     tight = env.admitted(call(env.issue(budget_usd=(exact_hold + 5) / 1e6), body))
     assert tight.facts.input_token_bound == exact.input_token_bound and tight.hold_micros == exact_hold
     env.denied(call(env.issue(budget_usd=(exact_hold - 5) / 1e6), body), DenyKind.BUDGET, "could cost up to")
-
-
-# ----- the settlement rules, as a table -----
-
-
-def metered_admission(hold_micros: int = 1_000) -> Admission:
-    return Admission(
-        key=None, policy=None, wire=FORMATS["openai"], facts=None, real_key="sk", metering="metered",
-        remaining_micros=0, price=MINI, hold_id=1, hold_micros=hold_micros,
-    )  # fmt: skip
-
-
-SMALL = Usage(input_tokens=100, output_tokens=50)
-
-
-def cut_stream(result: StreamResult) -> Outcome:
-    return Outcome(reached_provider=True, complete=False, status=200, stream=result)
-
-
-@pytest.mark.parametrize(
-    ("outcome", "cost", "metering"),
-    [
-        (NEVER_SENT, 0, "none"),
-        (Outcome(reached_provider=True, complete=True, status=429), 0, "none"),
-        (Outcome(reached_provider=True, complete=False, status=500), 0, "none"),
-        (answered(SMALL), cost_micros(MINI, SMALL), "usage"),
-        (answered(), 1_000, "held"),
-        (Outcome(reached_provider=True, complete=False), 1_000, "held"),
-        (Outcome(reached_provider=True, complete=False, status=200), 1_000, "held"),
-        (cut_stream(StreamResult(None, False, "Hi")), 1_000, "held"),
-        (cut_stream(StreamResult(SMALL, False, "")), cost_micros(MINI, SMALL), "usage"),
-        (Outcome(True, True, 200, stream=StreamResult(SMALL, True, ""), meter_broken=True), 1_000, "held"),
-    ],
-    ids=["never-sent", "429", "cut-500", "usage", "no-usage", "cut-before-headers", "cut-after-headers", "stream-cut",
-         "stream-cut-after-usage", "meter-broken"],
-)  # fmt: skip
-def test_each_settlement_rule(outcome, cost, metering):
-    charge = charge_for(metered_admission(), outcome)
-    assert (charge.cost_micros, charge.metering) == (cost, metering)
-
-
-def test_usage_above_the_hold_is_charged_in_full_as_an_overrun():
-    """The provider spent it (it ignored the output limit), so the budget pays it; the audit says so."""
-    big = Usage(input_tokens=10_000, output_tokens=10_000)
-    charge = charge_for(metered_admission(hold_micros=10), answered(big))
-    assert (charge.cost_micros, charge.metering) == (cost_micros(MINI, big), "overrun")
-    assert charge.cost_micros > 10 and "more than the call's hold" in charge.why
-
-
-@pytest.mark.parametrize("metering", ["free", "unmetered"])
-def test_calls_without_a_hold_are_charged_nothing(metering):
-    admission = dataclasses.replace(metered_admission(), metering=metering, hold_id=None, hold_micros=0)
-    assert charge_for(admission, answered(SMALL)) == Settlement(0, metering)
-
-
-@given(
-    reached=st.booleans(),
-    complete=st.booleans(),
-    status=st.sampled_from([None, 200, 400, 429, 500]),
-    reported=st.sampled_from(["body", "stream", "none"]),
-    meter_broken=st.booleans(),
-    input_tokens=st.integers(0, 2_000),
-    output_tokens=st.integers(0, 500),
-)
-@settings(max_examples=300, deadline=None)
-def test_the_charge_is_never_below_what_the_provider_bills(
-    reached, complete, status, reported, meter_broken, input_tokens, output_tokens
-):
-    """Whatever the client did and however far the response got, the proxy charges at least the bill.
-
-    The provider bills a call it received and did not refuse; the proxy sees the usage only if the
-    provider reported it (in the body of a complete response, or in a stream's usage event)."""
-    true_usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
-    hold = cost_micros(MINI, Usage(input_tokens=2_000, output_tokens=500))
-    billed = cost_micros(MINI, true_usage) if reached and (status is None or status < 400) else 0
-    seen = true_usage if reported != "none" and (complete or reported == "stream") else None
-    outcome = Outcome(
-        reached_provider=reached, complete=complete, status=status, meter_broken=meter_broken,
-        usage=seen if reported == "body" else None,
-        stream=StreamResult(seen, complete, "") if reported == "stream" else None,
-    )  # fmt: skip
-    charge = charge_for(metered_admission(hold_micros=hold), outcome)
-    assert charge.cost_micros >= billed
-    assert charge.cost_micros <= hold  # and never more than the hold, while the provider keeps to it
 
 
 def test_a_failure_after_the_hold_frees_it_at_once(env, monkeypatch):
@@ -1089,6 +1057,29 @@ def test_unseen_input_needs_a_known_context_window(env):
     assert isinstance(refused, Denial) and "previous_response_id" in refused.message
 
 
+def test_a_continuation_the_store_measured_is_bounded_by_it_even_when_counted_exactly(env):
+    """The exact re-count of a long input (near the end of a budget) keeps what the continuation brings in."""
+    env.ledger.learn_context("openai:previous_response_id:resp_1", 2_000, NOW, NOW + 86_400)
+    body = {"model": "gpt-4o-mini", "previous_response_id": "resp_1", "input": "hi", "max_output_tokens": 5}
+    admission = env.admitted(request(env.issue_any(), "openai", "/v1/responses", body))
+    assert admission.facts.unseen_input is None
+    assert 2_000 < admission.facts.input_token_bound < 2_100
+    long_body = {**body, "input": "word " * 10_000}  # its byte bound does not fit; its exact count does
+    price = PRICES.lookup("openai", "gpt-4o-mini")
+    budget = cost_micros(price, Usage(2_000 + 10_100, 5)) / 1e6
+    exact = env.admitted(request(env.issue_any(budget_usd=budget), "openai", "/v1/responses", long_body))
+    assert 12_000 <= exact.facts.input_token_bound <= 12_100 and exact.facts.unseen_input is None
+
+
+def test_a_conversation_given_items_is_unmeasured_until_a_later_call_measures_it(env):
+    env.ledger.learn_context("openai:conversation:conv_1", 300, NOW, NOW + 86_400)
+    key = env.issue_any()
+    added = env.admitted(request(key, "openai", "/v1/conversations/conv_1/items", {"items": []}))
+    assert added.metering == "free"
+    body = {"model": "gpt-4o-mini", "conversation": "conv_1", "input": "hi", "max_output_tokens": 5}
+    assert env.admitted(request(key, "openai", "/v1/responses", body)).facts.unseen_input == "conversation"
+
+
 def test_an_azure_deployment_is_matched_and_priced_as_the_model_it_runs(env):
     key = env.issue_any(models=["gpt-4o-mini*"])
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -1118,3 +1109,82 @@ def test_a_model_refusal_lists_only_the_globs_for_that_provider(env):
     assert "claude-haiku-4-5*" in refused.message and "gpt-4o-mini" not in refused.message
     refused = env.denied(call(key, chat(model="gpt-4o")), DenyKind.FORBIDDEN)
     assert "gpt-4o-mini*" in refused.message and "claude" not in refused.message
+
+
+# ----- shadow mode -----
+
+
+@pytest.mark.parametrize(
+    ("fields", "body", "rules"),
+    [
+        ({"providers": ["anthropic"]}, chat(), ["provider"]),
+        ({"endpoints": ["POST /v1/messages"]}, chat(), ["endpoint"]),
+        ({}, chat(model="gpt-4o"), ["model"]),
+        ({"budget_usd": 0.000001}, chat(max_tokens=1000), ["budget"]),
+        ({"providers": ["anthropic"], "models": ["claude*"]}, chat(), ["provider", "model"]),
+    ],
+    ids=["provider", "endpoint", "model", "budget", "two-rules"],
+)
+def test_in_shadow_a_policy_rule_is_noted_and_the_call_admitted_under_a_hold(env, fields, body, rules):
+    key = env.issue(**{"budget_usd": 1.0, **fields}, enforcement="shadow")
+    admission = env.admitted(call(key, body))
+    assert [denial.rule.value for denial in admission.would_deny] == rules
+    assert admission.hold_id is not None and env.balances(key) == (0, admission.hold_micros)
+    settlement = run(env.gate.settle(admission, answered(Usage(input_tokens=10, output_tokens=5))))
+    assert env.balances(key) == (settlement.cost_micros, 0) and settlement.cost_micros > 0
+
+
+def test_enforcing_the_same_policy_refuses_the_first_rule_broken(env):
+    key = env.issue(providers=["anthropic"], models=["claude*"], enforcement="enforce")
+    env.denied(call(key), DenyKind.FORBIDDEN, "provider openai is not allowed")
+    assert env.balances(key) == (0, 0)
+
+
+def test_the_config_says_shadow_unless_the_policy_says_otherwise(tmp_path, monkeypatch):
+    made = make_env(tmp_path, monkeypatch)
+    made.gate.config = made.gate.config.model_copy(update={"enforcement": "shadow"})
+    try:
+        inheriting, enforced = made.issue(models=["claude*"]), made.issue(models=["claude*"], enforcement="enforce")
+        assert [d.rule.value for d in made.admitted(call(inheriting)).would_deny] == ["model"]
+        made.denied(call(enforced), DenyKind.FORBIDDEN, "model gpt-4o-mini is not allowed")
+    finally:
+        made.ledger.close()
+
+
+def test_in_shadow_an_expired_key_is_admitted_but_a_revoked_one_is_not(env):
+    expired, revoked = env.issue(ttl=60, enforcement="shadow"), env.issue(enforcement="shadow")
+    env.ledger.revoke(credentials.key_id_of(revoked), NOW)
+    env.clock.now += 120
+    admission = env.admitted(call(expired))
+    assert [denial.rule.value for denial in admission.would_deny] == ["expired"]
+    assert admission.hold_id is not None
+    env.denied(call(revoked), DenyKind.UNAUTHENTICATED, "is revoked")
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [(b"{not json", DenyKind.BAD_REQUEST), (chat(model="gpt-4o-mini-unpriced"), DenyKind.FORBIDDEN)],
+    ids=["unreadable", "unpriced"],
+)
+def test_in_shadow_what_cannot_be_metered_is_still_refused(env, body, kind):
+    key = env.issue(models=["*"], enforcement="shadow")
+    env.denied(call(key, body), kind)
+    assert env.balances(key) == (0, 0)
+
+
+def test_in_shadow_an_expired_key_hears_what_cannot_be_shadowed_not_that_it_expired(env):
+    key = env.issue(ttl=60, enforcement="shadow")
+    env.clock.now += 120
+    env.denied(call(key, b"{not json"), DenyKind.BAD_REQUEST)
+
+
+def test_expired_keys_are_purged_up_to_the_first_that_is_still_in_shadow(env):
+    ids = {}
+    for name, ttl, enforcement in (("enforced", 10, "enforce"), ("shadowed", 20, "shadow"), ("later", 30, "enforce")):
+        ids[name] = credentials.key_id_of(env.issue(ttl=ttl, enforcement=enforcement))
+    env.clock.now += 60
+    keys = env.ledger.list_keys()
+    assert NOW + 19.9 < env.gate.purge_cutoff(keys, env.clock.now) < NOW + 20
+    purged = env.ledger.purge_expired(env.gate.purge_cutoff(keys, env.clock.now))
+    assert purged == [ids["enforced"]], "the key in shadow, and any that expired after it, are kept"
+    assert env.gate.purge_cutoff([k for k in keys if k.key_id != ids["shadowed"]], env.clock.now) == env.clock.now

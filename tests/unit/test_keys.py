@@ -1,8 +1,18 @@
 """Child keys: a narrower copy of the parent's policy, never wider, and never more unmetered endpoints."""
 
+import dataclasses
+
 import pytest
 
-from agentkeys.keys import ChildRefused, ChildRequest, child_policy, glob_within
+from agentkeys.keys import (
+    ChildRefused,
+    ChildRequest,
+    check_depth_and_lifetime,
+    child_policy,
+    glob_within,
+    new_key_record,
+)
+from agentkeys.ledger import KeyRecord
 from agentkeys.policy import Policy
 
 PARENT = Policy.model_validate(
@@ -132,3 +142,106 @@ def test_a_child_policy_is_named_for_what_it_is_and_takes_its_own_budget_and_lif
     named = "parent, narrowed for child key c"
     assert (policy.name, policy.budget_usd, policy.ttl, policy.models) == (named, 0.25, 90, ["gpt-4o"])
     assert policy.endpoints == PARENT.endpoints and policy.max_child_depth == PARENT.max_child_depth
+
+
+# ----- depth and lifetime -----
+
+NOW = 1_700_000_000.0
+
+
+def parent_at(depth: int, expires_in: float) -> KeyRecord:
+    return KeyRecord(key_id="p", key_hash="h", name="p", policy_name="parent", policy_json="{}", created_at=NOW,
+                     expires_at=NOW + expires_in, budget_micros=10**6, depth=depth)  # fmt: skip
+
+
+def check(depth: int, max_depth: int, ttl: str, expires_in: float) -> None:
+    policy = PARENT.model_copy(update={"max_child_depth": max_depth})
+    request = ChildRequest.model_validate({"name": "c", "budget_usd": 0.1, "ttl": ttl})
+    check_depth_and_lifetime(parent_at(depth, expires_in), policy, request, NOW)
+
+
+@pytest.mark.parametrize("max_depth", [1, 2, 5])
+def test_a_child_one_level_deeper_than_the_policy_allows_is_refused_saying_so(max_depth):
+    check(max_depth - 1, max_depth, "5m", 3600)  # its child is at the deepest level allowed
+    with pytest.raises(ChildRefused) as refused:
+        check(max_depth, max_depth, "5m", 3600)
+    assert str(refused.value) == (
+        f"max_child_depth: policy parent allows {max_depth} level(s) of child keys and this key is at depth {max_depth}"
+    )
+
+
+def test_a_policy_without_child_levels_mints_none():
+    with pytest.raises(ChildRefused, match="allows 0 level"):
+        check(0, 0, "5m", 3600)
+
+
+def test_a_child_may_live_exactly_as_long_as_its_parent_and_not_a_second_more():
+    check(0, 1, "300s", 300)
+    with pytest.raises(ChildRefused) as refused:
+        check(0, 1, "301s", 300)
+    assert str(refused.value) == (
+        "ttl: 301s would outlive the parent, which expires at 2023-11-14T22:18:20+00:00 (300s from now)"
+    )
+
+
+def test_a_child_key_belongs_to_its_parents_account_and_its_job():
+    """A sub-agent spends from the account its parent was minted for (and is traced to the same job)."""
+    policy = Policy.model_validate(
+        {"name": "p", "budget_usd": 1, "providers": ["openai"], "endpoints": ["POST /v1/chat/completions"],
+         "models": ["gpt-4o-mini"]}
+    )  # fmt: skip
+    parent = new_key_record(policy, 600, 1.0, "parent", 0.0, identity_json='{"job": "j"}').record
+    parent = dataclasses.replace(parent, account_id="acme")
+    child = new_key_record(policy, 60, 0.5, "child", 0.0, parent).record
+    assert (child.account_id, child.identity_json, child.parent_id) == ("acme", '{"job": "j"}', parent.key_id)
+    assert new_key_record(policy, 60, 0.5, "alone", 0.0).record.account_id is None
+# ----- rate limits and the loop breaker -----
+
+LIMITED = Policy.model_validate(
+    {
+        **PARENT.model_dump(),
+        "rate_limits": {"requests_per_minute": 60, "concurrent_calls": 4},
+        "max_identical_calls": "5 per 10m",
+        "max_calls": 100,
+    }
+)
+
+
+def limited_child(**asked) -> Policy:
+    return child_policy(LIMITED, ChildRequest.model_validate({"name": "c", "budget_usd": 0.1, "ttl": "5m", **asked}))
+
+
+def test_a_child_inherits_its_parent_s_limits():
+    policy = limited_child()
+    assert (policy.rate_limits, policy.max_identical_calls, policy.max_calls) == (
+        LIMITED.rate_limits, LIMITED.max_identical_calls, 100)  # fmt: skip
+
+
+def test_a_child_may_ask_for_tighter_limits_and_keeps_the_rest_of_its_parent_s():
+    policy = limited_child(
+        rate_limits={"requests_per_minute": 10, "tokens_per_minute": 5000}, max_identical_calls="2 per 1h", max_calls=5
+    )
+    limits = policy.rate_limits
+    assert (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_calls) == (10, 5000, 4)
+    assert str(policy.max_identical_calls) == "2 per 1h" and policy.max_calls == 5
+
+
+@pytest.mark.parametrize(
+    ("asked", "message"),
+    [
+        ({"rate_limits": {"requests_per_minute": 61}}, "rate_limits requests_per_minute are wider than the parent's"
+         " (requests_per_minute 60)"),
+        ({"rate_limits": {"concurrent_calls": 5}}, "concurrent_calls"),
+        ({"max_identical_calls": "6 per 10m"}, "max_identical_calls 6 per 10m is wider than the parent's (5 per 10m)"),
+        ({"max_identical_calls": "5 per 5m"}, "max_identical_calls 5 per 5m"),
+        ({"max_calls": 101}, "max_calls 101 is more than the parent's (100)"),
+    ],
+    ids=["rpm", "concurrency", "more-identical", "shorter-window", "max-calls"],
+)
+def test_a_child_asking_for_looser_limits_is_refused_saying_which(asked, message):
+    with pytest.raises(ChildRefused, match=message.replace("(", r"\(").replace(")", r"\)")):
+        limited_child(**asked)
+
+
+def test_a_parent_without_limits_may_give_a_child_any():
+    assert child(rate_limits={"requests_per_minute": 1000}).rate_limits.requests_per_minute == 1000

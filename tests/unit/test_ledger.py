@@ -9,8 +9,10 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -19,6 +21,9 @@ from hypothesis import strategies as st
 from redis_server import REDIS_SERVER, RedisServer, free_port
 
 from agentkeys.ledger import (
+    AccountExists,
+    AccountRecord,
+    Calendar,
     KeyExists,
     KeyRecord,
     LedgerBusy,
@@ -30,6 +35,7 @@ from agentkeys.ledger import (
     StoreMisconfigured,
     open_ledger,
 )
+from agentkeys.ledger import redis as redis_module
 from agentkeys.ledger.base import key_of_hold
 from agentkeys.ledger.redis import RETENTION_SECONDS
 
@@ -166,6 +172,30 @@ def test_reserve_on_an_unusable_key_is_refused(ledger, setup, refusal):
     now = NOW + 3600 if refusal is Refusal.EXPIRED else NOW  # expiry is inclusive
     reservation = ledger.reserve(key_id, 1, now)
     assert (reservation.hold_id, reservation.refusal) == (None, refusal)
+    assert balances(ledger) == (0, 0)
+
+
+def test_a_hold_regardless_goes_past_the_budget_and_the_lifetime_and_is_charged_its_cost(ledger):
+    ledger.create_key(record(budget=1_000, expires_at=NOW + 10))
+    ledger.reserve("k1", 900, NOW)
+    past_budget = ledger.hold_regardless("k1", 300, NOW)
+    assert (past_budget.refusal, past_budget.remaining_micros) == (None, -200)
+    past_lifetime = ledger.hold_regardless("k1", 50, NOW + 20)
+    assert (past_lifetime.refusal, past_lifetime.remaining_micros) == (None, -250)
+    assert balances(ledger) == (0, 1_250)
+    assert ledger.settle(past_budget.hold_id, 400) is True  # its real cost, above what it held
+    assert ledger.settle(past_lifetime.hold_id, 0) is True
+    assert balances(ledger) == (400, 900)
+    assert ledger.reserve("k1", 1, NOW).refusal is Refusal.BUDGET  # an ordinary hold still keeps to the budget
+
+
+@pytest.mark.parametrize("unusable", ["revoked", "unknown"])
+def test_a_hold_regardless_is_refused_to_a_revoked_or_unknown_key(ledger, unusable):
+    ledger.create_key(record("k1"))
+    ledger.revoke("k1", NOW)
+    key_id = "k1" if unusable == "revoked" else "other"
+    reservation = ledger.hold_regardless(key_id, 1, NOW)
+    assert (reservation.hold_id, reservation.refusal) == (None, Refusal(unusable))
     assert balances(ledger) == (0, 0)
 
 
@@ -327,6 +357,50 @@ def test_a_hold_on_a_record_changed_in_the_store_since_the_proxy_verified_it_is_
     assert balances(ledger) == (0, 600)
 
 
+def test_sqlite_a_store_file_from_before_accounts_gets_their_triggers_and_keeps_its_holds(tmp_path):
+    """A file of the version before accounts has triggers `hold_taken` and `hold_closed` that know no periods:
+    opening it replaces them (in one transaction), and its open hold, named after its key and its old number
+    (its holds were numbered), still settles on its key."""
+    path = tmp_path / "before-accounts.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE keys (key_id TEXT PRIMARY KEY, key_hash TEXT NOT NULL, name TEXT NOT NULL,"
+        " policy_name TEXT NOT NULL, policy_json TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL,"
+        " budget_micros INTEGER NOT NULL, spent_micros INTEGER NOT NULL DEFAULT 0,"
+        " held_micros INTEGER NOT NULL DEFAULT 0, revoked_at REAL, parent_id TEXT,"
+        " depth INTEGER NOT NULL DEFAULT 0, grant_micros INTEGER NOT NULL DEFAULT 0, identity_json TEXT);"
+        "CREATE TABLE holds (hold_id INTEGER PRIMARY KEY AUTOINCREMENT, key_id TEXT NOT NULL,"
+        " amount_micros INTEGER NOT NULL, created_at REAL NOT NULL, remaining_after_micros INTEGER,"
+        " charge_micros INTEGER);"
+        "CREATE TRIGGER hold_taken AFTER INSERT ON holds BEGIN"
+        " UPDATE keys SET held_micros = held_micros + NEW.amount_micros WHERE key_id = NEW.key_id; END;"
+        "CREATE TRIGGER hold_closed AFTER UPDATE OF charge_micros ON holds BEGIN"
+        " UPDATE keys SET held_micros = held_micros - NEW.amount_micros,"
+        " spent_micros = spent_micros + NEW.charge_micros WHERE key_id = NEW.key_id;"
+        " DELETE FROM holds WHERE hold_id = NEW.hold_id; END;"
+        f"INSERT INTO keys VALUES ('k1', 'h', 'n', 'p', '{{}}', {NOW}, {NOW + 3600}, 1000, 0, 0, NULL, NULL, 0, 0,"
+        " NULL);"
+        f"INSERT INTO holds (key_id, amount_micros, created_at) VALUES ('k1', 300, {NOW});"
+    )
+    old.close()
+    ledger = SqliteLedger(path)
+    try:
+        triggers = {
+            name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        }
+        assert triggers == {"hold_taken_in_period", "hold_closed_in_period"}
+        assert balances(ledger) == (0, 300)  # the old trigger held it
+        assert ledger.settle("k1.1", 100) is True
+        ledger.create_account(account(budget=500))
+        ledger.create_key(record("k2", account_id="a1"))
+        held = ledger.reserve("k2", 400, NOW)
+        assert ledger.reserve("k2", 200, NOW).refusal is Refusal.ACCOUNT_BUDGET
+        assert ledger.settle(held.hold_id, 50) and period_books(ledger) == {"1970-01-12": (50, 0)}
+        assert balances(ledger) == (100, 0)
+    finally:
+        ledger.close()
+
+
 # ----- purge -----
 
 
@@ -416,10 +490,16 @@ def stored_items(url: str) -> int:
 
 def test_everything_a_tree_of_keys_wrote_is_deleted_once_it_expires_and_is_purged(store):
     """Keys, children (and their lists), holds settled, swept and cancelled, names cancelled before their
-    reserve: once every key has expired and been purged, the store holds what it held before."""
+    reserve: once every key has expired and been purged, the store holds what it held before, but for an
+    account's books, kept on purpose (a period's spend outlives its keys), which go with the account."""
     ledger = open_ledger(store)
     try:
         before = stored_items(store)
+        ledger.create_account(account("a1", budget=10_000))
+        ledger.create_key(record("acct", budget=1_000, expires_at=NOW + 100, account_id="a1"))
+        spend(ledger, "acct", 10)
+        ledger.reserve("acct", 40, NOW)  # swept: charged in full to its period too
+        ledger.cancel_hold(ledger.reserve("acct", 20, NOW).hold_id)
         ledger.create_key(record("p", budget=10_000, expires_at=NOW + 100))
         ledger.create_key(record("idle", budget=10, expires_at=NOW + 50))
         for n in range(3):
@@ -432,11 +512,14 @@ def test_everything_a_tree_of_keys_wrote_is_deleted_once_it_expires_and_is_purge
         ledger.cancel_hold(ledger.reserve("p", 30, NOW).hold_id)
         ledger.cancel_hold("p.00000000000000ff")  # a name cancelled before its reserve arrived
         ledger.sweep_stale_holds(NOW + 20, older_than_seconds=10)
+        assert period_books(ledger) == {"1970-01-12": (50, 0)}
         assert stored_items(store) > before
         ledger.purge_expired(NOW + 70)
         assert ledger.children("p") == [] and ledger.get_key("p").held_micros == 0
         ledger.purge_expired(NOW + 200)
-        assert ledger.list_keys() == []
+        assert ledger.list_keys() == [] and ledger.account_keys("a1") == []
+        assert period_books(ledger) == {"1970-01-12": (50, 0)}, "an account's books outlive its keys"
+        assert ledger.delete_account("a1", NOW + 200)
         assert stored_items(store) == before
     finally:
         ledger.close()
@@ -534,6 +617,21 @@ def test_a_finished_childs_unspent_budget_returns_to_its_parent(ledger):
     assert ledger.get_key("p").spent_micros == 180, "a grant returns once"
 
 
+def test_revoking_a_tree_with_nothing_in_flight_returns_its_grants_at_once(ledger):
+    """An orchestrator revokes a finished sub-agent and can spend what it left at once, not after a purge."""
+    ledger.create_key(record("p", budget=1_000))
+    ledger.create_child(child("c", "p", 400), 5, NOW)
+    ledger.create_child(child("g", "c", 100, depth=2), 5, NOW)
+    spend(ledger, "g", 20)
+    spend(ledger, "c", 30)
+    assert ledger.revoke("c", NOW) is True
+    parent = ledger.get_key("p")
+    assert (parent.held_micros, parent.spent_micros, parent.remaining_micros) == (0, 50, 950)
+    assert ledger.get_key("c").grant_micros == ledger.get_key("g").grant_micros == 0
+    ledger.purge_expired(NOW)
+    assert ledger.get_key("p").spent_micros == 50, "a grant returns once"
+
+
 def test_expiry_returns_grants_up_a_whole_tree_then_purges_it(ledger):
     ledger.create_key(record("p", budget=1_000, expires_at=NOW + 100))
     ledger.create_child(child("c", "p", 500, expires_at=NOW + 50), 5, NOW)
@@ -594,6 +692,53 @@ def test_a_second_handle_on_the_same_store_sees_the_first_ones_writes(store):
         hold = second.reserve("k1", 200, NOW).hold_id
         assert first.settle(hold, 50) is True
         assert balances(second) == (50, 800)
+    finally:
+        first.close()
+        second.close()
+
+
+# ----- contexts: what a stored response or a conversation carries into a call that continues it -----
+
+MONTH = 30 * 86_400
+
+
+def test_a_context_is_known_once_learnt_until_it_expires(ledger):
+    assert ledger.context_tokens("openai:response:r1", NOW) is None
+    ledger.learn_context("openai:response:r1", 1_234, NOW, NOW + MONTH)
+    assert ledger.context_tokens("openai:response:r1", NOW + 1) == 1_234
+    assert ledger.context_tokens("openai:response:r2", NOW + 1) is None, "another response"
+    assert ledger.context_tokens("openai:response:r1", NOW + MONTH) is None, "expired"
+
+
+def test_a_context_only_grows(ledger):
+    ledger.learn_context("openai:conversation:c1", 500, NOW, NOW + MONTH)
+    ledger.learn_context("openai:conversation:c1", 300, NOW + 1, NOW + MONTH)  # a call that measured less
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 2) == 500
+    ledger.learn_context("openai:conversation:c1", 900, NOW + 2, NOW + MONTH)
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 3) == 900
+
+
+def test_a_forgotten_context_is_unknown_until_a_later_call_measures_it(ledger):
+    ledger.learn_context("openai:conversation:c1", 500, NOW, NOW + MONTH)
+    ledger.forget_context("openai:conversation:c1", NOW + 10, NOW + MONTH)
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 11) is None
+    ledger.learn_context("openai:conversation:c1", 700, NOW + 5, NOW + MONTH)  # started before the forgetting
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 11) is None
+    ledger.learn_context("openai:conversation:c1", 400, NOW + 12, NOW + MONTH)  # started after it
+    assert ledger.context_tokens("openai:conversation:c1", NOW + 13) == 400
+
+
+def test_an_expired_context_is_learnt_afresh(ledger):
+    ledger.learn_context("openai:response:r1", 9_000, NOW, NOW + 10)
+    ledger.learn_context("openai:response:r1", 100, NOW + 20, NOW + MONTH)
+    assert ledger.context_tokens("openai:response:r1", NOW + 21) == 100
+
+
+def test_contexts_are_shared_by_every_handle_on_the_store(store):
+    first, second = open_ledger(store), open_ledger(store)
+    try:
+        first.learn_context("openai:response:r1", 42, NOW, NOW + MONTH)
+        assert second.context_tokens("openai:response:r1", NOW) == 42
     finally:
         first.close()
         second.close()
@@ -749,6 +894,9 @@ def test_many_processes_on_one_store_never_break_the_cap(kind, request):
 # ----- property: any sequence of operations keeps the books and the cap -----
 
 KEYS = {"a": (500, NOW + 100), "b": (300, NOW + 200), "c": (50, NOW + 10_000)}  # budget, expiry
+# Keys of one account, whose budget per day is MODEL_ACCOUNT_BUDGET (a "day" operation moves to the next day).
+KEYS.update({"d": (300, NOW + 4 * 86_400), "e": (300, NOW + 4 * 86_400)})
+ACCOUNT_KEYS, MODEL_ACCOUNT_BUDGET = {"d", "e"}, 400
 
 operations = st.lists(
     st.one_of(
@@ -759,6 +907,8 @@ operations = st.lists(
         st.tuples(st.just("revoke"), st.sampled_from(sorted(KEYS))),
         st.tuples(st.just("purge")),
         st.tuples(st.just("sweep"), st.integers(0, 150)),  # settle holds older than this many seconds
+        st.tuples(st.just("day")),  # a day passes: the account starts a new period
+        st.tuples(st.just("status"), st.sampled_from(["active", "suspended"])),  # of the account
     ),
     max_size=40,
 )
@@ -772,6 +922,23 @@ class Model:
         self.keys = {key_id: {"spent": 0, "revoked": False} for key_id in KEYS}
         self.holds: dict[int, tuple[str, int, float]] = {}  # open holds: hold id → (key, amount, created at)
         self.hold_ids: list[int] = []  # every hold ever granted, settled or not
+        self.account_active = True
+        self.period_spent: dict[str, int] = defaultdict(int)  # the account's spend by day
+
+    def day(self, when: float) -> str:
+        return Calendar().period("day", when).period_id
+
+    def period_books(self) -> dict[str, tuple[int, int]]:
+        """(spent, held) by day, for every day the account held anything in."""
+        held = defaultdict(int)
+        for key_id, amount, created in self.holds.values():
+            if key_id in ACCOUNT_KEYS:
+                held[self.day(created)] += amount
+        return {day: (self.period_spent[day], held[day]) for day in {*self.period_spent, *held}}
+
+    def account_remaining(self) -> int:
+        spent, held = self.period_books().get(self.day(self.now), (0, 0))
+        return MODEL_ACCOUNT_BUDGET - spent - held
 
     def held(self, key_id):
         return sum(amount for k, amount, _ in self.holds.values() if k == key_id)
@@ -786,14 +953,20 @@ class Model:
             return Refusal.REVOKED
         if self.now >= KEYS[key_id][1]:
             return Refusal.EXPIRED
+        if key_id in ACCOUNT_KEYS and not self.account_active:
+            return Refusal.SUSPENDED
         if amount > KEYS[key_id][0] - self.keys[key_id]["spent"] - self.held(key_id):
             return Refusal.BUDGET
+        if key_id in ACCOUNT_KEYS and amount > self.account_remaining():
+            return Refusal.ACCOUNT_BUDGET
         return None
 
     def close(self, hold_id, amount):
-        key_id, _, _ = self.holds.pop(hold_id)
+        key_id, _, created = self.holds.pop(hold_id)
         if key_id in self.keys:
             self.keys[key_id]["spent"] += amount
+        if key_id in ACCOUNT_KEYS:
+            self.period_spent[self.day(created)] += amount  # into the day it was taken in
 
 
 def apply(ledger, model: Model, op: tuple) -> None:
@@ -814,6 +987,11 @@ def apply(ledger, model: Model, op: tuple) -> None:
             model.close(hold_id, amount)
     elif name == "tick":
         model.now += args[0]
+    elif name == "day":
+        model.now += 86_400
+    elif name == "status":
+        assert ledger.update_account(account("acct", budget=MODEL_ACCOUNT_BUDGET, status=args[0]))
+        model.account_active = args[0] == "active"
     elif name == "revoke":
         key_id = args[0]
         assert ledger.revoke(key_id, model.now) is (key_id in model.keys and not model.keys[key_id]["revoked"])
@@ -843,8 +1021,10 @@ def test_any_sequence_of_operations_keeps_the_cap_and_the_books(kind, request, o
     with empty_store(kind, request) as url:
         ledger = open_ledger(url)
         try:
+            ledger.create_account(account("acct", budget=MODEL_ACCOUNT_BUDGET))
             for key_id, (budget, expires_at) in KEYS.items():
-                ledger.create_key(record(key_id, budget=budget, expires_at=expires_at))
+                in_account = "acct" if key_id in ACCOUNT_KEYS else None
+                ledger.create_key(record(key_id, budget=budget, expires_at=expires_at, account_id=in_account))
             model = Model()
             for op in ops:
                 apply(ledger, model, op)
@@ -856,6 +1036,9 @@ def test_any_sequence_of_operations_keeps_the_cap_and_the_books(kind, request, o
                     assert key.spent_micros + key.held_micros <= key.budget_micros
                     assert key.held_micros == model.held(key_id)
                     assert key.spent_micros == model.keys[key_id]["spent"]
+                books = model.period_books()
+                assert period_books(ledger, "acct") == books
+                assert all(spent + held <= MODEL_ACCOUNT_BUDGET for spent, held in books.values())
         finally:
             ledger.close()
 
@@ -973,6 +1156,31 @@ def test_redis_key_ttl_runs_past_expiry_on_redis_clock_and_is_lifted_while_a_hol
     ledger.reserve("old", 10, now=now - 4000)  # taken before it expired; its proxy died
     ledger.sweep_stale_holds(None, 60)  # swept after expiry: kept for the retention from now
     assert RETENTION_SECONDS - 2 <= raw.ttl("agentkeys:key:old") <= RETENTION_SECONDS
+
+
+def test_redis_books_a_hold_to_the_period_of_redis_clock_not_the_proxys(redis_ledger, monkeypatch):
+    """The proxy's clock is 20 hours off Redis's: a hold on the store's clock (now None) is still booked to the
+    day Redis says it is (the proxy hands the days around its own, and the script picks by `TIME`)."""
+    ledger, raw = redis_ledger
+    seconds, micros = raw.time()
+    redis_now = seconds + micros / 1e6
+    ledger.create_account(account(budget=1_000, created_at=redis_now))
+    ledger.create_key(record("k1", created_at=redis_now, expires_at=redis_now + 3600, account_id="a1"))
+    for skew in (-20 * 3600, 20 * 3600):
+        monkeypatch.setattr(redis_module, "time", SimpleNamespace(time=lambda skew=skew: redis_now + skew))
+        ledger.settle(ledger.reserve("k1", 10).hold_id, 10)
+    today = Calendar().period("day", redis_now).period_id
+    assert period_books(ledger) == {today: (20, 0)}
+
+
+def test_redis_an_accounts_key_removed_by_its_ttl_leaves_its_index_when_listed(redis_ledger):
+    ledger, raw = redis_ledger
+    ledger.create_account(account())
+    ledger.create_key(record("k1", account_id="a1"))
+    ledger.create_key(record("k2", account_id="a1"))
+    raw.delete("agentkeys:key:k1")  # as its TTL would
+    assert [key.key_id for key in ledger.account_keys("a1")] == ["k2"]
+    assert raw.smembers("agentkeys:account_keys:a1") == {b"k2"}
 
 
 def test_redis_key_removed_by_its_ttl_is_gone_and_purge_cleans_its_index(redis_ledger):
@@ -1118,3 +1326,264 @@ def test_a_swept_hold_is_remembered_as_swept_until_its_key_is_purged(ledger):
     assert ledger.was_swept(swept) is True and ledger.was_swept(settled) is False
     assert ledger.purge_expired(NOW + 100) == ["k1"]
     assert ledger.was_swept(swept) is False
+
+
+# ----- accounts: a budget per period over every key minted for the account -----
+
+DAY = 86_400  # NOW falls in 1970-01-12 (UTC, a Monday); NOW + DAY in the next day
+MIDNIGHT = 12 * DAY  # 1970-01-13 00:00 UTC
+
+
+def account(account_id: str = "a1", budget: int = 1_000, period: str = "day", **fields) -> AccountRecord:
+    return AccountRecord(
+        account_id=account_id, name=f"account {account_id}", plan_name="test-plan", period=period,
+        budget_micros=budget, created_at=fields.pop("created_at", NOW), **fields,
+    )  # fmt: skip
+
+
+def period_books(ledger, account_id: str = "a1") -> dict[str, tuple[int, int]]:
+    """(spent, held) by period id."""
+    return {p.period_id: (p.spent_micros, p.held_micros) for p in ledger.account_periods(account_id)}
+
+
+def test_accounts_are_created_read_listed_updated_and_deleted(ledger):
+    ledger.create_account(account("a1", created_at=NOW))
+    ledger.create_account(account("a2", budget=5, period="month", created_at=NOW + 1))
+    assert ledger.get_account("a1") == account("a1")
+    assert [a.account_id for a in ledger.list_accounts()] == ["a1", "a2"]
+    with pytest.raises(AccountExists):
+        ledger.create_account(account("a1"))
+    assert ledger.update_account(account("a2", budget=7, period="week", status="suspended"))
+    assert ledger.get_account("a2") == account("a2", budget=7, period="week", status="suspended", created_at=NOW + 1)
+    assert not ledger.update_account(account("nobody"))
+    assert ledger.get_account("nobody") is None
+    assert ledger.delete_account("a1", NOW)
+    assert not ledger.delete_account("a1", NOW)
+    assert [a.account_id for a in ledger.list_accounts()] == ["a2"]
+
+
+def test_a_shadow_hold_of_an_account_key_is_on_its_period_and_refused_once_the_account_is_suspended(ledger):
+    """Shadow mode goes past the budgets, the account's too, but its holds are in the books like any other."""
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=700, account_id="a1"))
+    ledger.reserve("k1", 600, NOW)
+    past = ledger.hold_regardless("k1", 900, NOW)
+    assert (past.refusal, past.remaining_micros) == (None, -800)
+    assert period_books(ledger) == {"1970-01-12": (0, 1_500)}
+    ledger.settle(past.hold_id, 950)
+    assert period_books(ledger) == {"1970-01-12": (950, 600)}
+    ledger.update_account(account(budget=1_000, status="suspended"))
+    refused = ledger.hold_regardless("k1", 1, NOW)
+    assert (refused.hold_id, refused.refusal) == (None, Refusal.SUSPENDED)
+
+
+def test_a_named_hold_of_an_account_key_is_booked_to_its_period_once_and_freed_there_by_its_name(ledger):
+    """A reserve retried by its name holds nothing twice on the period; a cancel by name frees the period too,
+    and a name cancelled before its reserve arrived takes nothing from the period either."""
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=900, account_id="a1"))
+    first = ledger.reserve("k1", 600, NOW, hold_id="k1.0000000000000001")
+    assert ledger.reserve("k1", 600, NOW, hold_id="k1.0000000000000001") == first
+    assert period_books(ledger) == {"1970-01-12": (0, 600)}
+    assert ledger.cancel_hold(first.hold_id) is True
+    assert period_books(ledger) == {"1970-01-12": (0, 0)}
+    assert ledger.cancel_hold("k1.0000000000000002") is False
+    assert ledger.reserve("k1", 100, NOW, hold_id="k1.0000000000000002").refusal is Refusal.CANCELLED
+    again = ledger.hold_regardless("k1", 2_000, NOW, hold_id="k1.0000000000000003")
+    assert ledger.hold_regardless("k1", 2_000, NOW, hold_id="k1.0000000000000003").hold_id == again.hold_id
+    assert period_books(ledger) == {"1970-01-12": (0, 2_000)}
+    assert ledger.settle(again.hold_id, 1_500) and period_books(ledger) == {"1970-01-12": (1_500, 0)}
+
+
+def test_a_swept_hold_of_an_account_key_charges_the_period_it_was_taken_in(ledger):
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=900, expires_at=NOW + 5 * 86_400, account_id="a1"))
+    ledger.reserve("k1", 300, NOW)
+    [swept] = ledger.sweep_stale_holds(NOW + 86_400, older_than_seconds=60)  # found the next day
+    assert ledger.was_swept(swept.hold_id)
+    assert period_books(ledger) == {"1970-01-12": (300, 0)}
+    assert balances(ledger, "k1") == (300, 0)
+
+
+def test_a_hold_on_a_record_moved_to_another_account_since_the_proxy_verified_it_is_refused(store, ledger):
+    ledger.create_account(account("a1"))
+    ledger.create_account(account("a2"))
+    verified = record(budget=1_000, account_id="a1")
+    ledger.create_key(verified)
+    tamper(store, "k1", account_id="a2")
+    for take in (ledger.reserve, ledger.hold_regardless):
+        assert take("k1", 1, NOW, grant=verified).refusal is Refusal.TAMPERED
+    assert period_books(ledger, "a1") == {} and period_books(ledger, "a2") == {}
+
+
+def test_a_hold_must_fit_the_key_and_the_account_period(ledger):
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=700, account_id="a1"))
+    ledger.create_key(record("k2", budget=700, account_id="a1"))
+    assert [k.key_id for k in ledger.account_keys("a1")] == ["k1", "k2"]
+    first = ledger.reserve("k1", 600, NOW)
+    assert first.hold_id is not None and first.remaining_micros == 100  # the key has 100 left, the account 400
+    refused = ledger.reserve("k2", 500, NOW)  # fits k2's own 700, not the account's 400
+    assert (refused.hold_id, refused.refusal, refused.remaining_micros) == (None, Refusal.ACCOUNT_BUDGET, 400)
+    refused = ledger.reserve("k1", 200, NOW)  # fits the account, not k1
+    assert (refused.refusal, refused.remaining_micros) == (Refusal.BUDGET, 100)
+    assert ledger.reserve("k2", 400, NOW).remaining_micros == 0
+    assert period_books(ledger) == {"1970-01-12": (0, 1_000)}
+    ledger.settle(first.hold_id, 250)
+    assert period_books(ledger) == {"1970-01-12": (250, 400)}
+    assert balances(ledger, "k1") == (250, 0)
+
+
+def test_a_key_without_an_account_is_bound_by_its_own_budget_only(ledger):
+    ledger.create_account(account(budget=10))
+    ledger.create_key(record("k1", budget=1_000))
+    assert ledger.reserve("k1", 900, NOW).hold_id is not None
+    assert ledger.account_periods("a1") == []
+
+
+def test_a_suspended_accounts_keys_are_refused_at_once_and_served_again_when_resumed(ledger):
+    ledger.create_account(account())
+    ledger.create_key(record("k1", account_id="a1"))
+    assert ledger.reserve("k1", 10, NOW).hold_id is not None
+    ledger.update_account(account(status="suspended"))
+    assert ledger.reserve("k1", 10, NOW).refusal is Refusal.SUSPENDED
+    assert ledger.reserve_many([("k1", 10, NOW), ("k1", 10, NOW)])[1].refusal is Refusal.SUSPENDED
+    ledger.update_account(account(status="active"))
+    assert ledger.reserve("k1", 10, NOW).hold_id is not None
+
+
+def test_deleting_an_account_revokes_its_keys_and_their_children(ledger):
+    ledger.create_account(account())
+    ledger.create_key(record("k1", account_id="a1"))
+    ledger.create_key(record("other"))
+    assert ledger.create_child(child("c1", "k1", 100), 5, NOW) is None
+    held = ledger.reserve("k1", 10, NOW)
+    assert ledger.delete_account("a1", NOW)
+    assert ledger.get_key("k1").revoked_at == NOW and ledger.get_key("c1").revoked_at == NOW
+    assert ledger.get_key("other").revoked_at is None
+    assert ledger.reserve("k1", 1, NOW).refusal is Refusal.REVOKED
+    assert ledger.settle(held.hold_id, 5)  # a call in flight still settles on its key
+    assert balances(ledger, "k1") == (5, 100)
+    assert ledger.account_periods("a1") == []
+
+
+def test_a_key_of_an_unknown_account_is_refused(ledger):
+    ledger.create_key(record("k1", account_id="gone"))
+    assert ledger.reserve("k1", 1, NOW).refusal is Refusal.SUSPENDED
+
+
+def test_a_new_period_starts_fresh_and_holds_settle_into_the_period_they_were_taken_in(ledger):
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    in_flight = ledger.reserve("k1", 900, NOW)
+    assert ledger.reserve("k1", 200, NOW).refusal is Refusal.ACCOUNT_BUDGET
+    tomorrow = ledger.reserve("k1", 1_000, NOW + DAY)  # the day is over: the whole budget again
+    assert tomorrow.hold_id is not None
+    assert ledger.settle(in_flight.hold_id, 300)  # settles after midnight, into yesterday
+    assert ledger.settle(tomorrow.hold_id, 1_000)
+    assert period_books(ledger) == {"1970-01-12": (300, 0), "1970-01-13": (1_000, 0)}
+    assert ledger.reserve("k1", 1, NOW + DAY).refusal is Refusal.ACCOUNT_BUDGET
+    assert balances(ledger) == (1_300, 0)
+
+
+@pytest.mark.parametrize(
+    "period, now, later, same",
+    [("day", NOW, NOW + DAY, False), ("week", NOW, NOW + DAY, True), ("month", NOW, NOW + 30 * DAY, False)],
+)
+def test_each_kind_of_period_rolls_over_at_its_own_end(ledger, period, now, later, same):
+    ledger.create_account(account(budget=100, period=period))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 60 * DAY, account_id="a1"))
+    ledger.settle(ledger.reserve("k1", 100, now).hold_id, 100)
+    refusal = ledger.reserve("k1", 1, later).refusal
+    assert refusal is (Refusal.ACCOUNT_BUDGET if same else None)
+
+
+def test_a_top_up_adds_to_the_current_period_only(ledger):
+    ledger.create_account(account(budget=100))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    topped = ledger.top_up("a1", 50, NOW)
+    assert (topped.period_id, topped.top_up_micros) == ("1970-01-12", 50)
+    assert ledger.reserve("k1", 150, NOW).hold_id is not None
+    assert ledger.reserve("k1", 101, NOW + DAY).refusal is Refusal.ACCOUNT_BUDGET
+    assert ledger.top_up("nobody", 50, NOW) is None
+
+
+def test_a_batch_of_settlements_reaches_each_holds_own_period(ledger):
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    ledger.create_key(record("k2", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    holds = ledger.reserve_many([("k1", 100, NOW), ("k2", 200, NOW), ("k1", 300, NOW + DAY), ("k2", 1, NOW)])
+    assert ledger.settle_many([(holds[0].hold_id, 10), (holds[1].hold_id, 20), (holds[2].hold_id, 30)]) == [True] * 3
+    assert period_books(ledger) == {"1970-01-12": (30, 1), "1970-01-13": (30, 0)}
+
+
+def test_a_swept_hold_is_charged_in_full_to_its_period(ledger):
+    ledger.create_account(account(budget=1_000))
+    ledger.create_key(record("k1", budget=10_000, expires_at=NOW + 3 * DAY, account_id="a1"))
+    ledger.reserve("k1", 400, NOW)
+    assert [hold.amount_micros for hold in ledger.sweep_stale_holds(NOW + DAY, 60)] == [400]
+    assert period_books(ledger) == {"1970-01-12": (400, 0)}
+
+
+def test_periods_follow_the_ledgers_time_zone(store):
+    """23:30 UTC on 1970-01-12 is already the 13th in Paris (UTC+1)."""
+    ledger = open_ledger(store, Calendar("Europe/Paris"))
+    ledger.create_account(account(budget=100))
+    ledger.create_key(record("k1", expires_at=NOW + DAY, account_id="a1"))
+    late = MIDNIGHT - 1800
+    ledger.reserve("k1", 5, late)
+    assert period_books(ledger) == {"1970-01-13": (0, 5)}
+    ledger.close()
+
+
+KEYS_OF_ACCOUNT, CALLS_PER_KEY, ACCOUNT_FITS = 20, 10, 60  # 200 holds against an account budget for 60
+
+
+def test_many_keys_of_one_account_never_break_its_period_budget_across_a_rollover(store):
+    """20 keys of one account, 10 threads, a clock that passes midnight (with calls in flight) once the day's
+    budget is spent: at no moment does a day hold and spend more than the account's budget, every settlement
+    lands in the day its hold was taken, and the books of the keys and of the days agree to the micro-dollar
+    (nothing lost, nothing counted twice)."""
+    setup = open_patiently(store)
+    budget = ACCOUNT_FITS * HOLD
+    setup.create_account(account(budget=budget))
+    for index in range(KEYS_OF_ACCOUNT):
+        setup.create_key(record(f"k{index}", budget=5 * HOLD, expires_at=NOW + 3 * DAY, account_id="a1"))
+    clock = {"now": MIDNIGHT - 1}
+    calls = [f"k{index % KEYS_OF_ACCOUNT}" for index in range(KEYS_OF_ACCOUNT * CALLS_PER_KEY)]
+    lock, outcomes, peaks, start = threading.Lock(), [], defaultdict(int), threading.Barrier(10)
+
+    def worker(seed: int):
+        rng, ledger = random.Random(seed), open_patiently(store)
+        start.wait()
+        for key_id in calls[seed::10]:
+            taken_at = clock["now"]
+            reservation = ledger.reserve(key_id, HOLD, taken_at)
+            for day, (spent, held) in period_books(ledger).items():
+                with lock:
+                    peaks[day] = max(peaks[day], spent + held)
+            if reservation.refusal is Refusal.ACCOUNT_BUDGET:
+                clock["now"] = MIDNIGHT  # the day is spent; midnight comes with calls in flight on other threads
+            if reservation.hold_id is not None:
+                charge = rng.choice([HOLD, rng.randint(0, HOLD)])
+                with lock:
+                    outcomes.append((taken_at, charge))
+                time.sleep(rng.random() / 1000)
+                assert ledger.settle(reservation.hold_id, charge)
+        ledger.close()
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    books = period_books(setup)
+    assert sorted(books) == ["1970-01-12", "1970-01-13"]
+    for day, in_day in (("1970-01-12", lambda t: t < MIDNIGHT), ("1970-01-13", lambda t: t >= MIDNIGHT)):
+        charges = [charge for taken_at, charge in outcomes if in_day(taken_at)]
+        assert books[day] == (sum(charges), 0)
+        assert peaks[day] <= budget
+    keys_spent = sum(setup.get_key(f"k{index}").spent_micros for index in range(KEYS_OF_ACCOUNT))
+    assert keys_spent == sum(charge for _, charge in outcomes) == sum(spent for spent, _ in books.values())
+    setup.close()

@@ -185,3 +185,21 @@ def test_no_series_names_a_key():
     metrics.observe(record(input_tokens=3))
     exposed = [sample.labels for family in metrics.registry.collect() for sample in family.samples]
     assert exposed and not any("k1" in labels.values() for labels in exposed)
+
+
+def test_a_would_deny_call_counts_each_rule_and_its_spend(metrics):
+    metrics.observe(allowed(decision="would_deny", would_deny=["model", "budget"]))
+    metrics.observe(allowed(decision="would_deny", would_deny=["budget"]))
+    budget = value(metrics, "agentkeys_would_deny_total", provider="openai", policy="research", reason="budget")
+    model = value(metrics, "agentkeys_would_deny_total", provider="openai", policy="research", reason="model")
+    assert (budget, model) == (2, 1)
+    assert value(metrics, "agentkeys_requests_total", provider="openai", policy="research", outcome="would_deny") == 2
+    spend = value(metrics, "agentkeys_spend_usd_total", provider="openai", model="gpt-4o-mini", policy="research")
+    assert spend == pytest.approx(84 / 1_000_000)
+
+
+def test_a_real_key_call_is_counted_apart_from_the_spend_of_scoped_keys(metrics):
+    metrics.observe(allowed(key_id=None, policy=None, decision="pass", metering="real_key", real_key="openai:ab…WXYZ"))
+    assert value(metrics, "agentkeys_real_key_calls_total", provider="openai") == 1
+    assert value(metrics, "agentkeys_spend_usd_total", provider="openai", model="gpt-4o-mini", policy="") == 0
+    assert value(metrics, "agentkeys_requests_total", provider="openai", policy="", outcome="passed") == 1

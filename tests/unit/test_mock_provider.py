@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anthropic
 import openai
+import pydantic
 import pytest
 
 from conftest import httpx
@@ -335,3 +336,49 @@ def test_command_line_server():
     finally:
         process.kill()
         process.wait()
+
+
+# -- tool calls and structured output, as the frameworks' loops need them -------------------------
+
+WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}
+
+
+class City(pydantic.BaseModel):
+    name: str
+    population: int
+    tags: list[str]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_chat_calls_the_tool_then_answers_its_result(oai, stream):
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": WEATHER_PARAMETERS}}]
+    asked = [{"role": "user", "content": "Weather?"}]
+    if stream:
+        chunks = list(oai.chat.completions.create(model="gpt-4o-mini", messages=asked, tools=tools, stream=True))
+        calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+        assert calls[0].function.name == "weather" and json.loads(calls[-1].function.arguments)["days"] == 1
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        return
+    reply = oai.chat.completions.create(model="gpt-4o-mini", messages=asked, tools=tools).choices[0]
+    assert reply.finish_reason == "tool_calls"
+    call = reply.message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == ("weather", {"city": "hello", "days": 1})
+    answered = [*asked, reply.message.model_dump(), {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    final = oai.chat.completions.create(model="gpt-4o-mini", messages=answered, tools=tools).choices[0]
+    assert final.message.content == HELLO_12 and final.finish_reason == "stop"
+
+
+def test_structured_output_fits_the_schema_in_each_api(oai, claude):
+    assert isinstance(oai.chat.completions.parse(model="gpt-4o-mini", messages=USER_HI, response_format=City)
+                      .choices[0].message.parsed, City)  # fmt: skip
+    assert isinstance(oai.responses.parse(model="gpt-4o-mini", input="hi", text_format=City).output_parsed, City)
+    tool = {"name": "city", "input_schema": City.model_json_schema()}
+    message = claude.messages.create(model="claude-haiku-4-5", max_tokens=100, messages=USER_HI, tools=[tool],
+                                     tool_choice={"type": "tool", "name": "city"})  # fmt: skip
+    assert message.stop_reason == "tool_use" and City.model_validate(message.content[0].input)
+
+
+def test_tool_choice_none_is_answered_in_text(oai):
+    tools = [{"type": "function", "name": "weather", "parameters": WEATHER_PARAMETERS}]
+    reply = oai.responses.create(model="gpt-4o-mini", input="hi", tools=tools, tool_choice="none")
+    assert reply.output_text == HELLO_12

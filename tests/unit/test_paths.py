@@ -57,6 +57,23 @@ def test_a_refused_escape_is_named():
 
 
 @pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("v1/chat", "the path 'v1/chat' does not start with '/'"),
+        ("/v1/%2F", "the path has an escaped character (%2F) that a provider could read as another path"),
+        ("/v1/%7b", "the path has an escaped character (%7b) that a provider could read as another path"),
+        ("/v1/%zz", "the path has a '%' that is not a valid percent-escape"),
+        ("/v1/a b{", "the path has characters a provider's path never holds: ' {'"),
+        ("/v1/../..", "the path climbs above the root with '..'"),
+    ],
+)
+def test_each_refusal_says_what_is_wrong(raw, message):
+    with pytest.raises(UnsafePath) as refused:
+        normalise_path(raw)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
     ("pattern", "path", "matches"),
     [
         ("/v1/files*", "/v1/files", True),
@@ -97,6 +114,19 @@ def test_globs_respect_segments(pattern, path, matches):
         ("/v1/**", "/v1/files/**", False),
         ("/v1/files/*", "/v2/**", False),
         ("/v1/a?", "/v1/a*", False),  # unsure: refused
+        ("/v1/filesx/*", "/v1/files/**", False),  # under `PREFIX**` means under the whole prefix, `/` included
+        ("/v1/files/x/*", "/v1/files/**", True),
+        ("/v1/*/x", "/v1/*/**", False),  # an outer prefix with a wildcard: unsure
+        ("/v1/ab*", "/v1/a*", True),  # the prefix extended within its segment
+        ("/v1/a/*", "/v1/a*", False),  # ... but not into the next one
+        ("/v1/a/b*", "/v1/*", False),
+        ("/v1/files**", "/v1/*", False),  # ** reaches deeper than *
+        ("/v1/**x*", "/v1/*", False),
+        ("/v1/?b*", "/v1/*", False),  # a wildcard in the inner prefix: unsure
+        ("/v1/ab*", "/v1/x", False),  # a literal outer path holds no pattern
+        ("/v1/ab*", "/v1/a", False),
+        ("/v1/ab", "/v1/a*", True),  # a literal inner path is matched
+        ("/v1/a/b", "/v1/a*", False),
     ],
 )
 def test_a_narrower_glob_is_within_only_when_every_path_it_matches_is(inner, outer, within):

@@ -15,6 +15,7 @@ from agentkeys.policy import (
     current_policies,
     load_config,
     load_policy,
+    parse_byte_size,
     parse_duration,
     scope_of,
 )
@@ -348,3 +349,111 @@ def test_proxy_config_refuses_bad_audit_settings_with_file_and_line(tmp_path, te
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert expected in str(caught.value)
+
+
+# ----- sizes (max_request_bytes decides which bodies are refused unread) -----
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [(1, 1), (65536, 65536), ("1", 1), ("512k", 512 * 1024), ("64MiB", 64 * 1024**2), ("1g", 1024**3),
+     ("100MB", 100 * 1000**2), (" 2 kb ", 2000)],
+)  # fmt: skip
+def test_a_size_is_read_in_bytes(value, size):
+    assert parse_byte_size(value) == size
+    assert ProxyConfig.model_validate({"max_request_bytes": value}).max_request_bytes == size
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (True, "True is not a size (use e.g. 65536, 512k, 64MiB, 1g)"),
+        ("12 parsecs", "'12 parsecs' is not a size (use e.g. 65536, 512k, 64MiB, 1g)"),
+        (-5, "a size must be positive"),
+        (0, "a size must be positive"),
+        ("0k", "a size must be positive"),
+    ],
+)
+def test_anything_else_is_not_a_size(value, message):
+    with pytest.raises(ValueError) as refused:
+        parse_byte_size(value)
+    assert str(refused.value) == message
+
+
+def test_without_a_price_file_the_table_is_the_bundle_and_the_configs_prices():
+    prices = {"openai": {"my-model": {"input_per_mtok": 1, "output_per_mtok": 2}}}
+    config = ProxyConfig.model_validate({"prices": prices})
+    table = config.price_table()
+    assert table.lookup("openai", "my-model").output == 2e-6
+    assert table.lookup("openai", "gpt-4o-mini").source.startswith("bundled")
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("enforcement: sometimes\n", ":2: enforcement: Input should be 'enforce' or 'shadow'"),
+        ("real_keys: allow\n", ":2: real_keys: Input should be 'refuse' or 'audit'"),
+        ("unknown_llm_hosts: warn\n", ":2: unknown_llm_hosts: Input should be 'refuse', 'audit' or 'pass'"),
+        ("llm_hosts:\n  inhouse: [https://llm.corp/v1]\n", ":3: llm_hosts.inhouse.0: 'https://llm.corp/v1' is not a"),
+        ("llm_hosts_file: missing.yaml\n", "missing.yaml: cannot read"),
+    ],
+)
+def test_proxy_config_refuses_bad_security_team_settings_with_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "agentkeys.yaml"
+    path.write_text("proxy_port: 8080\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path).llm_catalogue()
+    assert expected in str(caught.value)
+
+
+def test_a_policy_may_say_shadow_or_enforce_or_leave_it_to_the_config(tmp_path):
+    assert scope_policy().enforcement is None
+    assert scope_policy(enforcement="shadow").enforcement == "shadow"
+    with pytest.raises(ValidationError, match="enforcement"):
+        scope_policy(enforcement="off")
+# ----- rate limits and the loop breaker -----
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (lines_with(append=("rate_limits:", "  requests_per_minute: 0")), [":8: rate_limits.requests_per_minute:",
+                                                                          "greater than 0"]),
+        (lines_with(append=("rate_limits:", "  calls_per_minute: 5")), [":8: rate_limits.calls_per_minute:", "Extra"]),
+        (lines_with(append=("rate_limits: {tokens_per_minute: lots}",)), [":7: rate_limits.tokens_per_minute:"]),
+        (lines_with(append=("max_identical_calls: 5 a minute",)), [":7: max_identical_calls:", "'N per WINDOW'"]),
+        (lines_with(append=("max_identical_calls: 5 per fortnight",)), [":7: max_identical_calls.window:", "duration"]),
+        (lines_with(append=("max_identical_calls: 0 per 1m",)), [":7: max_identical_calls.calls:", "greater than 0"]),
+        (lines_with(append=("max_calls: -1",)), [":7: max_calls:", "greater than 0"]),
+    ],
+    ids=["zero-rpm", "unknown-limit", "not-a-number", "no-per", "bad-window", "zero-calls", "negative-max-calls"],
+)
+def test_bad_limits_name_file_line_and_field(tmp_path, text, expected):
+    path = tmp_path / "bad.policy.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path)
+    for fragment in expected:
+        assert fragment in str(caught.value), str(caught.value)
+
+
+def test_limits_are_read_in_either_form(tmp_path):
+    path = tmp_path / "good.policy.yaml"
+    path.write_text(lines_with(append=(
+        "rate_limits: {requests_per_minute: 60, tokens_per_minute: 100000, concurrent_calls: 4}",
+        "max_identical_calls: {calls: 3, window: 1h}",
+        "max_calls: 500",
+    )))  # fmt: skip
+    policy = load_policy(path)
+    assert (policy.rate_limits.requests_per_minute, policy.rate_limits.concurrent_calls) == (60, 4)
+    assert (policy.max_identical_calls.calls, policy.max_identical_calls.window, policy.max_calls) == (3, 3600, 500)
+    assert str(policy.max_identical_calls) == "3 per 1h"
+
+
+def test_a_scope_holds_the_tightest_of_the_issued_copy_and_the_file():
+    issued = policy(rate_limits={"requests_per_minute": 10}, max_calls=50)
+    now = policy(
+        rate_limits={"requests_per_minute": 20, "concurrent_calls": 2}, max_calls=40, max_identical_calls="3 per 1m"
+    )
+    scope = Scope((issued, now))
+    limits = scope.rate_limits
+    assert (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_calls) == (10, None, 2)
+    assert scope.max_calls == 40 and [str(limit) for limit in scope.max_identical_calls] == ["3 per 1m"]

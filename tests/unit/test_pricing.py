@@ -22,6 +22,7 @@ from agentkeys.pricing import (
     PriceTier,
     Usage,
     cost_micros,
+    litellm_tiers,
     load_prices,
     micros_of,
     picos_per_token,
@@ -110,6 +111,86 @@ def test_long_context_prices_apply_to_the_whole_call_above_their_threshold():
     assert cost_micros(price, Usage(300_000, 0, cached_tokens=100_000)) == 400_000 + 50_000
 
 
+def test_a_litellm_entry_becomes_exactly_its_price():
+    entry = {
+        "input_cost_per_token": 1e-6, "output_cost_per_token": 4e-6, "cache_read_input_token_cost": 1e-7,
+        "cache_creation_input_token_cost": 1.25e-6, "cache_creation_input_token_cost_above_1hr": 2e-6,
+        "max_input_tokens": 1_000, "max_output_tokens": 100, "mode": "chat",
+        "input_cost_per_token_above_400k_tokens": 3e-6, "output_cost_per_token_above_400k_tokens": 5e-6,
+        "input_cost_per_token_above_200k_tokens": 2e-6, "output_cost_per_token_above_200k_tokens": 6e-6,
+    }  # fmt: skip
+    assert price_from_litellm_entry(entry, source="file.json", name="m") == ModelPrice(
+        input=1e-6, output=4e-6, cache_read=1e-7, cache_write=1.25e-6, cache_write_1h=2e-6,
+        max_input_tokens=1_000, max_output_tokens=100, source="file.json",
+        tiers=[PriceTier(above_tokens=200_000, input=2e-6, output=6e-6),
+               PriceTier(above_tokens=400_000, input=3e-6, output=5e-6)],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [{"input_cost_per_token": 1e-6}, {"output_cost_per_token": 1e-6}, {"mode": "chat"}],
+)
+def test_a_litellm_entry_without_both_token_prices_has_no_price(entry):
+    assert price_from_litellm_entry(entry) is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"input_cost_per_token_above_200k_tokens": 2e-6},  # a band needs both prices
+        {"output_cost_per_token_above_200k_tokens": 2e-6},
+        {"input_cost_per_token_above_200k_tokens": "2e-6", "output_cost_per_token_above_200k_tokens": "3e-6"},
+        {"input_cost_per_token_above_200ktokens": 2e-6, "output_cost_per_token_above_200ktokens": 3e-6},
+        {"context_cost_above_200k_tokens": 2e-6, "output_cost_per_token_above_200k_tokens": 3e-6},
+    ],
+)
+def test_a_long_context_band_needs_both_numeric_prices_under_litellm_s_names(fields):
+    assert litellm_tiers({"input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6, **fields}) == []
+
+
+@pytest.mark.parametrize(("value", "read"), [(100, 100), (True, None), (100.0, None), ("100", None), (None, None)])
+def test_only_an_integer_is_a_token_limit(value, read):
+    entry = {"input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6, "max_output_tokens": value,
+             "max_input_tokens": value}  # fmt: skip
+    price = price_from_litellm_entry(entry)
+    assert (price.max_output_tokens, price.max_input_tokens) == (read, read)
+
+
+def test_a_price_file_sets_each_usable_entry_of_the_providers_asked_for(tmp_path):
+    entry = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({
+        "gpt-x": {"litellm_provider": "openai", **entry},
+        "gemini/gemini-x": {"litellm_provider": "gemini", **entry},
+        "no-prices": {"litellm_provider": "openai", "mode": "chat"},
+        "elsewhere": {"litellm_provider": "bedrock", **entry},
+        "not-an-entry": ["litellm_provider", "openai"],
+    }))  # fmt: skip
+    table = PriceTable({})
+    assert table.add_litellm_file(path, {"openai": "openai", "gemini": "google"}) == 2
+    assert table.lookup("openai", "gpt-x") == ModelPrice(input=1e-6, output=2e-6, source=str(path))
+    assert table.lookup("google", "gemini-x") == ModelPrice(input=1e-6, output=2e-6, source=str(path))
+    assert table.lookup("openai", "no-prices") is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read the price file: No such file or directory"),
+        ("{not json", "the price file is not valid JSON (Expecting property name enclosed in double quotes"),
+        ("[1]", "a price file maps model names to prices (LiteLLM's format)"),
+    ],
+)
+def test_an_unusable_price_file_says_why(tmp_path, content, message):
+    path = tmp_path / "prices.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as refused:
+        PriceTable({}).add_litellm_file(path, {})
+    assert str(refused.value).startswith(f"{path}: {message}")
+
+
 # ----- the worst case -----
 
 
@@ -134,6 +215,18 @@ def test_config_prices_are_per_million_tokens():
     ]
     with pytest.raises(ValueError):
         ConfigPrice(input_per_mtok=1, output_per_mtok=2, input=3)
+
+
+def test_a_config_price_is_exactly_its_rates_per_token():
+    config = ConfigPrice(input_per_mtok=3, output_per_mtok=15, cache_read_per_mtok=0.3, cache_write_per_mtok=3.75,
+                         cache_write_1h_per_mtok=6, max_output_tokens=64, max_input_tokens=200)  # fmt: skip
+    assert config.model_price("config") == ModelPrice(
+        input=3e-6, output=1.5e-5, cache_read=3e-7, cache_write=3.75e-6, cache_write_1h=6e-6,
+        max_output_tokens=64, max_input_tokens=200, source="config",
+    )  # fmt: skip
+    assert ConfigPrice(input_per_mtok=1, output_per_mtok=2).model_price("c") == ModelPrice(
+        input=1e-6, output=2e-6, source="c"
+    )
 
 
 def test_a_price_file_overrides_the_bundle_and_the_config_overrides_the_file(tmp_path):

@@ -10,12 +10,13 @@ import json
 import pytest
 
 from agentkeys.calls import Outcome
-from agentkeys.gate import Admission, charge_for
+from agentkeys.gate import Admission
 from agentkeys.ledger import KeyRecord
 from agentkeys.policy import Policy
 from agentkeys.pricing import ModelPrice, Usage
 from agentkeys.providers import FORMATS
 from agentkeys.providers.base import MAX_USAGE_TOKENS, RequestFacts, SseSplitter, StreamResult, UsageRejected
+from agentkeys.settlement import charge_for
 
 INSANE = [-1, -5000, 1.5, 2.0, 1.5e293, True, "12", None.__class__.__name__, [1], MAX_USAGE_TOKENS + 1]
 
@@ -136,9 +137,9 @@ STREAM_SHAPES = ["openai-chat", "openai-responses", "anthropic", "gemini"]
 
 
 @pytest.mark.parametrize("shape", STREAM_SHAPES)
-def test_a_stream_with_sane_usage_is_complete(shape):
+def test_a_stream_with_sane_usage_reports_it(shape):
     result = meter_result(shape, RESPONSES[shape][1][RESPONSES[shape][2][0][0]])
-    assert result.complete and result.usage is not None and result.usage_rejected is None
+    assert result.usage is not None and result.usage_rejected is None
 
 
 @pytest.mark.parametrize("shape", STREAM_SHAPES)
@@ -148,7 +149,7 @@ def test_a_stream_with_insane_usage_reports_why_and_no_usage(shape, value):
     for path in paths[:2]:  # the input and the output count
         usage = with_value(document, path, value)[paths[0][0]]
         result = meter_result(shape, usage)
-        assert result.usage is None and not result.complete, (path, result)
+        assert result.usage is None, (path, result)
         assert path[-1] in result.usage_rejected and repr(value) in result.usage_rejected
 
 
@@ -166,7 +167,7 @@ def admission() -> Admission:
 
 
 def test_a_stream_whose_usage_was_rejected_is_charged_its_hold_never_less():
-    result = StreamResult(usage=None, complete=False, streamed_text="hi", usage_rejected="output_tokens=-1")
+    result = StreamResult(usage=None, usage_rejected="output_tokens=-1")
     for complete in (True, False):
         charge = charge_for(admission(), Outcome(reached_provider=True, complete=complete, status=200, stream=result))
         assert (charge.cost_micros, charge.metering) == (777, "held")

@@ -1,9 +1,16 @@
 """Anthropic's messages format (providers/anthropic.py): request facts, the stream meter, usage with cache writes."""
 
+import base64
 import json
+
+import pytest
+from documents import blank_pdf
 
 from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers import FORMATS
+from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE
+from agentkeys.providers.base import MalformedRequest
+from agentkeys.providers.documents import PDF_PAGE_TEXT_TOKENS
 from prices import expected_cost
 from sse_events import feed_all, sse
 
@@ -56,18 +63,13 @@ def test_anthropic_meter_reads_input_from_message_start_and_output_from_message_
     assert all(feed_all(meter, anthropic_stream()))  # nothing is hidden from the client
     result = meter.result()
     assert result.usage == Usage(input_tokens=20 + 300 + 50, output_tokens=9, cached_tokens=300, cache_write_tokens=50)
-    assert result.complete
-    assert result.streamed_text == "Hi there"
-    assert result.input_tokens_seen == 370
 
 
-def test_anthropic_meter_cut_before_message_delta_reports_input_seen_only():
+def test_anthropic_meter_cut_before_message_delta_has_no_usage():
     meter = ANTHROPIC.stream_meter(None)
     feed_all(meter, anthropic_stream(stop=False, delta=False))
     result = meter.result()
-    assert (result.usage, result.complete) == (None, False)
-    assert result.input_tokens_seen == 370
-    assert result.streamed_text == "Hi there"
+    assert (result.usage, result.usage_rejected) == (None, None)
 
 
 # ----- usage from a whole response -----
@@ -87,3 +89,99 @@ def test_anthropic_one_hour_cache_writes_are_told_apart():
     haiku = PRICES.lookup("anthropic", "claude-haiku-4-5")
     expected = expected_cost("claude-haiku-4-5", input=5, cache_write=100, cache_write_1h=200, output=1)
     assert cost_micros(haiku, parsed) == expected
+
+
+# ----- the input bound, exactly: 16 per request, 8 per message and per block, the text's UTF-8 bytes -----
+
+
+def input_bound(**body) -> int:
+    body = {"model": "claude-haiku-4-5", "max_tokens": 10, **body}
+    return ANTHROPIC.request_facts("POST", "/v1/messages", json.dumps(body).encode()).input_token_bound
+
+
+def message(content) -> dict:
+    return {"role": "user", "content": content}
+
+
+TOOL_USE = {"type": "tool_use", "id": "t1", "name": "f", "input": {"q": "é"}}
+TOOL_RESULT = {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "42"}]}
+TEXT_DOCUMENT = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "bound"),
+    [
+        ({"messages": [message("hi")]}, 16 + 8 + 2),
+        ({"messages": [message("hé"), message("")]}, 16 + 2 * 8 + 3),
+        ({"messages": [message(None)]}, 16 + 8),
+        ({"messages": [message("hi")], "system": "Be brief ✓"}, 16 + 8 + 2 + 12),
+        ({"messages": [message("hi")], "system": [{"type": "text", "text": "ab"}]}, 16 + 8 + 2 + 2 + 8),
+        ({"messages": [message([{"type": "text", "text": "héllo"}])]}, 16 + 8 + 6 + 8),
+        ({"messages": [message([{"type": "image", "source": {"type": "url", "url": "u"}}])]}, 16 + 8 + 5_000),
+        ({"messages": [message(["raw", 7])]}, 16 + 8 + (3 + 8) + (1 + 8)),
+        ({"messages": [message([TOOL_USE])]}, 16 + 8 + len(json.dumps(TOOL_USE, ensure_ascii=False).encode()) + 8),
+        (
+            {"messages": [message([TOOL_RESULT])]},
+            16 + 8 + (2 + 8) + len(json.dumps({"type": "tool_result", "tool_use_id": "t1"}).encode()),
+        ),
+        ({"messages": [message([TEXT_DOCUMENT])]}, 16 + 8 + len(json.dumps({"type": "document"})) + 8 + len("doc")),
+        ({"messages": [message({"odd": "shape"})]}, 16 + 8 + len('{"odd": "shape"}')),
+        (
+            {"messages": [message("hi")], "tools": [{"name": "f", "input_schema": {}}]},
+            16 + 8 + 2 + 1_000 + len('[{"name": "f", "input_schema": {}}]'),
+        ),
+        ({"messages": [message("hi")], "tools": []}, 16 + 8 + 2),
+    ],
+    ids=["text", "two-messages", "no-content", "system", "system-blocks", "text-block", "image", "bare-values",
+         "tool-use", "tool-result", "text-document", "object-content", "tools", "no-tools"],
+)  # fmt: skip
+def test_the_input_bound_of_each_shape_is_exact(body, bound):
+    assert input_bound(**body) == bound
+
+
+@pytest.mark.parametrize(
+    ("messages", "refusal"),
+    [
+        (["not an object"], "each message must be an object"),
+        ([message([{"type": "document"}])], "a 'document' block needs a 'source' object"),
+        ([], "'messages' must be a non-empty list"),
+    ],
+)
+def test_what_cannot_be_bounded_is_refused(messages, refusal):
+    with pytest.raises(MalformedRequest, match=refusal):
+        input_bound(messages=messages)
+
+
+@pytest.mark.parametrize(
+    ("body", "may_write"),
+    [
+        ({"messages": [message("hi")]}, False),
+        ({"messages": [message([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}])]}, True),
+        ({"messages": [message("hi")], "system": [{"type": "text", "text": "s", "cache_control": {}}]}, True),
+    ],
+)
+def test_a_cache_write_is_held_only_where_a_breakpoint_is_marked(body, may_write):
+    facts = ANTHROPIC.request_facts(
+        "POST", "/v1/messages", json.dumps({"model": "claude-haiku-4-5", "max_tokens": 3, **body}).encode()
+    )
+    assert (facts.may_write_cache, facts.max_output_tokens, facts.model) == (may_write, 3, "claude-haiku-4-5")
+def document_facts(source: dict):
+    block = {"type": "document", "source": source, "title": "paper"}
+    body = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [block]}]}
+    return FORMATS["anthropic"].request_facts("POST", "/v1/messages", json.dumps(body).encode())
+
+
+def test_documents_follow_one_rule_pages_bytes_or_unseen():
+    pdf = document_facts({"type": "base64", "media_type": "application/pdf", "data": b64(blank_pdf(3))})
+    assert 3 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS) < pdf.input_token_bound
+    assert pdf.input_token_bound < 4 * (IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS) and pdf.unseen_input is None
+    text = document_facts({"type": "text", "media_type": "text/plain", "data": "é" * 1000})
+    assert 2000 < text.input_token_bound < 2200 and text.unseen_input is None
+    content = document_facts({"type": "content", "content": [{"type": "text", "text": "x" * 500}]})
+    assert 500 < content.input_token_bound < 700 and content.unseen_input is None
+    for source in ({"type": "url", "url": "https://example.com/a.pdf"}, {"type": "file", "file_id": "file_1"}):
+        assert document_facts(source).unseen_input == "document"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

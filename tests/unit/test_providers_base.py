@@ -177,6 +177,8 @@ EXPECTED_ERRORS = {
         DenyKind.UNAUTHENTICATED: (401, "invalid_request_error"),
         DenyKind.FORBIDDEN: (403, "permission_error"),
         DenyKind.BUDGET: (429, "insufficient_quota"),
+        DenyKind.RATE_LIMITED: (429, "requests"),
+        DenyKind.LOOP: (429, "requests"),
         DenyKind.BAD_REQUEST: (400, "invalid_request_error"),
         DenyKind.UNAVAILABLE: (503, "server_error"),
         DenyKind.TOO_LARGE: (413, "invalid_request_error"),
@@ -188,6 +190,8 @@ EXPECTED_ERRORS = {
         DenyKind.UNAUTHENTICATED: (401, "authentication_error"),
         DenyKind.FORBIDDEN: (403, "permission_error"),
         DenyKind.BUDGET: (402, "billing_error"),
+        DenyKind.RATE_LIMITED: (429, "rate_limit_error"),
+        DenyKind.LOOP: (429, "rate_limit_error"),
         DenyKind.BAD_REQUEST: (400, "invalid_request_error"),
         DenyKind.UNAVAILABLE: (503, "api_error"),
         DenyKind.TOO_LARGE: (413, "request_too_large"),
@@ -206,6 +210,8 @@ def test_openai_error_shape(kind):
     assert set(body["error"]) == {"message", "type", "param", "code"}
     if kind is DenyKind.BUDGET:
         assert body["error"]["code"] == "insufficient_quota"  # what the SDKs treat as "out of credit"
+    if kind is DenyKind.RATE_LIMITED:
+        assert body["error"]["code"] == "rate_limit_exceeded"  # OpenAI's own code for a rate limit
 
 
 @pytest.mark.parametrize("kind", list(DenyKind))
@@ -409,6 +415,8 @@ STATUSES = {
     DenyKind.NOT_FOUND: 404,
     DenyKind.TOO_LARGE: 413,
     DenyKind.INTERNAL: 500,
+    DenyKind.RATE_LIMITED: 429,  # every provider's own status for a rate limit
+    DenyKind.LOOP: 429,
 }
 BUDGET_STATUS = {"openai": 429, "azure": 429, "anthropic": 402, "gemini": 429}
 

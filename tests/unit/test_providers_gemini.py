@@ -1,12 +1,15 @@
 """Gemini's generateContent format (providers/gemini.py): request facts, the cap, the stream meter."""
 
+import base64
 import json
 
 import pytest
+from documents import blank_pdf
 
 from agentkeys.pricing import Usage
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import MalformedRequest, Unmeterable
+from agentkeys.providers.base import MalformedRequest, StreamResult, Unmeterable
+from agentkeys.providers.documents import PDF_PAGE_TEXT_TOKENS
 from agentkeys.providers.gemini import (
     IMAGE_TOKEN_ALLOWANCE,
     REQUEST_OVERHEAD_TOKENS,
@@ -51,9 +54,16 @@ def test_the_gemini_meter_bills_thoughts_as_output_and_waits_for_the_finish():
     meter = GEMINI.stream_meter(None)
     feed_all(meter, [gemini_chunk("Hi"), gemini_chunk(" there")])
     cut = meter.result()
-    assert (cut.usage, cut.complete, cut.streamed_text, cut.input_tokens_seen) == (None, False, "Hi there", 7)
+    assert (cut.usage, cut.usage_rejected) == (None, None), "usage before the finish reason is not final"
     feed_all(meter, [gemini_chunk("", "STOP", candidatesTokenCount=2, thoughtsTokenCount=5, cachedContentTokenCount=4)])
     assert meter.result().usage == Usage(7, 7, cached_tokens=4, reasoning_tokens=5)
+
+
+def test_the_gemini_meter_passes_every_event_on_and_has_no_usage_without_metadata():
+    meter = GEMINI.stream_meter(None)
+    finished_without_usage = sse({"candidates": [{"content": {"parts": [{"text": "x"}]}, "finishReason": "STOP"}]})
+    assert feed_all(meter, [b"data: not json\n\n", sse({"candidates": []}), finished_without_usage]) == [True] * 3
+    assert meter.result() == StreamResult(usage=None)
 
 
 EMPTY_SYSTEM = TOKENS_PER_CONTENT  # the system instruction's content, counted even when absent
@@ -138,3 +148,95 @@ def test_google_s_own_tools_cannot_be_metered(tool):
 def test_a_malformed_request_says_what_is_wrong(data, complaint):
     with pytest.raises(MalformedRequest, match=complaint):
         bound(data)
+
+
+def test_snake_case_function_declarations_are_counted_exactly_and_hosted_tools_named():
+    snake = [{"function_declarations": [{"name": "f"}]}]
+    without = bound({"contents": [{"parts": [{"text": "a"}]}]})[0]
+    with_snake = bound({"contents": [{"parts": [{"text": "a"}]}], "tools": snake})[0]
+    assert with_snake - without == TOOLS_OVERHEAD_TOKENS + len(json.dumps(snake).encode())
+    assert bound({"contents": [{"parts": [{"text": "a"}]}], "tools": []})[0] == without
+    with pytest.raises(Unmeterable, match=r"Google's own tools \(codeExecution, googleSearch\)"):
+        bound({"contents": [{"parts": [{"text": "a"}]}],
+               "tools": [{"functionDeclarations": [], "google_search": {}, "code_execution": {}}]})  # fmt: skip
+    with pytest.raises(Unmeterable, match=r"Google's own tools \(None\)"):
+        bound({"contents": [{"parts": [{"text": "a"}]}], "tools": ["search"]})
+
+
+GENERATE_PATH = "/v1beta/models/gemini-2.5-flash:generateContent"
+STREAM_PATH = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+
+
+def facts_of(body: dict, path: str = GENERATE_PATH, query: str = "", method: str = "POST"):
+    return GEMINI.request_facts(method, path, json.dumps(body).encode(), query)
+
+
+HELLO = {"contents": [{"parts": [{"text": "hello"}]}]}
+
+
+@pytest.mark.parametrize(
+    ("config", "max_output", "choices"),
+    [
+        ({}, None, 1),
+        ({"generationConfig": {"maxOutputTokens": 50, "candidateCount": 3}}, 50, 3),
+        ({"generation_config": {"max_output_tokens": 60, "candidate_count": 2}}, 60, 2),
+        ({"generationConfig": None}, None, 1),
+    ],
+)
+def test_the_output_limit_and_candidates_are_read_in_either_spelling(config, max_output, choices):
+    facts = facts_of({**HELLO, **config})
+    assert (facts.max_output_tokens, facts.choices) == (max_output, choices)
+    assert (facts.metered, facts.endpoint, facts.model, facts.stream, facts.may_write_cache) == (
+        True, "generateContent", "gemini-2.5-flash", False, False,
+    )  # fmt: skip
+    assert (facts.input_token_bound, facts.unseen_input) == (16 + (8 + 5 + 1) + 8, None)
+
+
+def test_unseen_input_is_named_in_order():
+    body = {"contents": [{"parts": [{"fileData": {"fileUri": "gs://x"}}]}], "cachedContent": "cachedContents/c"}
+    assert facts_of(body).unseen_input == "cachedContent, media"
+
+
+@pytest.mark.parametrize("query", ["alt=sse", "key=k&alt=sse", "alt=sse&key=k"])
+def test_a_stream_in_server_sent_events_is_metered(query):
+    facts = facts_of(HELLO, STREAM_PATH, query)
+    assert (facts.stream, facts.endpoint, facts.metered) == (True, "streamGenerateContent", True)
+
+
+@pytest.mark.parametrize("query", ["", "alt=json", "alt=sse&alt=json", "alt=SSE"])
+def test_a_stream_in_any_other_form_is_refused(query):
+    with pytest.raises(MalformedRequest, match=r"add \?alt=sse"):
+        facts_of(HELLO, STREAM_PATH, query)
+
+
+def test_a_generation_config_that_is_not_an_object_is_refused():
+    with pytest.raises(MalformedRequest, match="'generationConfig' must be an object"):
+        facts_of({**HELLO, "generationConfig": [1]})
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", GENERATE_PATH), ("POST", "/v1beta/models/gemini-2.5-flash:countTokens"), ("GET", "/v1beta/models")],
+)
+def test_only_a_posted_generation_is_metered(method, path):
+    assert facts_of(HELLO, path, method=method).metered is False
+
+
+def test_the_cap_goes_into_the_camel_case_config_by_default():
+    body = json.dumps(HELLO).encode()
+    assert GEMINI.upstream_body(facts_of(HELLO), body, None) is None
+    sent = json.loads(GEMINI.upstream_body(facts_of(HELLO), body, 12))
+    assert sent == {**HELLO, "generationConfig": {"maxOutputTokens": 12}}
+    lowered = {**HELLO, "generationConfig": {"maxOutputTokens": 500, "temperature": 0}}
+    sent = json.loads(GEMINI.upstream_body(facts_of(lowered), json.dumps(lowered).encode(), 12))
+    assert sent["generationConfig"] == {"maxOutputTokens": 12, "temperature": 0}
+@pytest.mark.parametrize("inline", ["inlineData", "inline_data"])
+def test_an_inline_pdf_is_held_by_its_pages(inline):
+    pdf = base64.b64encode(blank_pdf(4)).decode()
+    unseen = set()
+    assert part_tokens({inline: {"mimeType": "application/pdf", "data": pdf}}, unseen) == 4 * (
+        IMAGE_TOKEN_ALLOWANCE + PDF_PAGE_TEXT_TOKENS
+    )
+    assert unseen == set()
+    part_tokens({inline: {"mimeType": "application/pdf", "data": "bm90IGEgcGRm"}}, unseen)  # "not a pdf"
+    assert unseen == {"media"}

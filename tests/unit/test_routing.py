@@ -12,6 +12,7 @@ from agentkeys.routing import (
     OtherHost,
     ProviderRoute,
     Router,
+    UnknownLlmHost,
     Upstream,
 )
 
@@ -133,3 +134,38 @@ def test_a_provider_path_is_routed_in_its_normal_form(gateway, host, target, rou
 def test_a_path_with_no_single_meaning_is_refused_in_its_provider_s_name(gateway, host, target, provider):
     route = router().route(gateway=gateway, host=host, target=target)
     assert isinstance(route, BadPath) and route.provider == provider
+
+
+@pytest.mark.parametrize(
+    ("host", "route"),
+    [
+        ("api.mistral.ai", UnknownLlmHost("api.mistral.ai", "mistral")),
+        ("contoso.openai.azure.com", UnknownLlmHost("contoso.openai.azure.com", "azure-openai")),
+        ("api.groq.com", ProviderRoute("groq", "/v1/chat/completions", "")),  # configured: its provider's
+        ("pypi.org", OtherHost("pypi.org")),
+    ],
+)
+def test_proxy_mode_tells_llm_hosts_nobody_configured_from_providers_and_other_hosts(host, route):
+    routes = router()
+    assert routes.route(gateway=False, host=host, target="/openai/v1/chat/completions") == route
+    assert routes.intercepts(host) is not isinstance(route, OtherHost), "an LLM host is opened up to be audited"
+
+
+@pytest.mark.parametrize(
+    ("setting", "egress", "refused"),
+    [("refuse", "passthrough", "no provider is configured for (unknown_llm_hosts: refuse)"),
+     ("audit", "passthrough", None), ("pass", "passthrough", None),
+     ("pass", "allowlist", "egress to api.mistral.ai is not allowed")],
+)  # fmt: skip
+def test_a_call_to_an_unconfigured_llm_host_is_refused_per_the_setting_and_egress(setting, egress, refused):
+    refusal = router(unknown_llm_hosts=setting, egress=egress).llm_host_refusal("api.mistral.ai", "mistral")
+    if refused is None:
+        assert refusal is None
+    else:
+        assert refused in refusal
+
+
+def test_a_configured_providers_host_is_never_an_unknown_llm_host():
+    routes = router()
+    assert routes.unknown_llm_vendor("api.groq.com") is None and routes.unknown_llm_vendor("api.openai.com") is None
+    assert routes.unknown_llm_vendor("api.mistral.ai") == "mistral"

@@ -11,12 +11,12 @@ from agentkeys.seal import SEALED_FIELDS, SECRET_ENV, RecordSeal, store_seal
 RECORD = KeyRecord(
     key_id="k1", key_hash="ab" * 32, name="agent", policy_name="p", policy_json='{"models": ["gpt-4o-mini"]}',
     created_at=1_000_000.5, expires_at=1_003_600.5, budget_micros=800, parent_id="root", depth=1,
-    identity_json='{"repository": "acme/evals"}',
+    identity_json='{"repository": "acme/evals"}', account_id="acme",
 )  # fmt: skip
 CHANGED = {
     "key_id": "k2", "key_hash": "cd" * 32, "name": "other", "policy_name": "q", "policy_json": '{"models": ["*"]}',
     "created_at": 999_999.5, "expires_at": 1_103_600.5, "budget_micros": 1_204, "parent_id": None, "depth": 0,
-    "identity_json": None,
+    "identity_json": None, "account_id": "other-tenant",
 }  # fmt: skip
 
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from agentkeys.ledger.limits import LimitAnswer, LimitRequest, LimitTicket
+
 
 class LedgerUnavailable(Exception):
     """The store could not be reached or was locked too long; callers refuse the call (fail closed)."""
@@ -21,6 +23,10 @@ class StoreMisconfigured(LedgerUnavailable):
 
 class KeyExists(ValueError):
     """`create_key` was given a key id the store already has."""
+
+
+class AccountExists(ValueError):
+    """`create_account` was given an account id the store already has."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class KeyRecord:
     depth: int = 0  # 0 for a key issued by a person or an issuer; a child is one deeper than its parent
     grant_micros: int = 0  # this key's budget still held on its parent: its budget while it lives, then 0
     identity_json: str | None = None  # who the key was minted for, from a verified OIDC token (see identity.py)
+    account_id: str | None = None  # the account whose period budget also bounds this key (see AccountRecord)
     seal: str | None = None  # an HMAC of the fields above that never change, under the proxies' secret (seal.py)
 
     @property
@@ -52,6 +59,36 @@ class KeyRecord:
         return "expired" if now >= self.expires_at else "active"
 
 
+@dataclass(frozen=True)
+class AccountRecord:
+    """A user or tenant of the operator's product: every key minted for it is bound by its plan's
+    budget per period as well as by its own. `period` and `budget_micros` are copied from the plan
+    when the account is created or its plan set, so the store's hold needs nothing but the store."""
+
+    account_id: str
+    name: str
+    plan_name: str
+    period: str  # day, week or month (ledger.periods)
+    budget_micros: int  # per period
+    created_at: float
+    status: str = "active"  # or "suspended": its keys are refused at once
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+@dataclass(frozen=True)
+class PeriodSpend:
+    """One account's books for one period: kept after the period ends."""
+
+    account_id: str
+    period_id: str
+    spent_micros: int = 0
+    held_micros: int = 0
+    top_up_micros: int = 0  # added to the plan's budget for this period only
+
+
 class Refusal(Enum):
     UNKNOWN = "unknown"
     REVOKED = "revoked"
@@ -60,6 +97,8 @@ class Refusal(Enum):
     TOO_MANY_CHILDREN = "too_many_children"
     TAMPERED = "tampered"  # the store's record differs from the one the proxy verified (seal.py)
     CANCELLED = "cancelled"  # the hold's name was cancelled before this reserve reached the store (see `cancel_hold`)
+    SUSPENDED = "suspended"  # the key's account is suspended (or was deleted)
+    ACCOUNT_BUDGET = "account_budget"  # the key's account has not that much left in this period
 
 
 @dataclass(frozen=True)
@@ -142,6 +181,11 @@ class Ledger(Protocol):
         cancelled already takes nothing (Refusal.CANCELLED). `grant`: the key's record as the proxy
         verified it (seal.py); if the store's budget, expiry or policy differ, nothing is taken
         (Refusal.TAMPERED), so a record edited in the store is refused by every replica at once.
+
+        For a key of an account, the account must be active and the hold must fit the account's current
+        period (the ledger's `calendar`, on the store's clock) too, all in the same atomic step; the hold
+        records that period and is charged to it whenever it settles (or is swept). `remaining_micros`
+        is the least of what remains at each level (after the hold, or when refused).
         """
         ...
 
@@ -203,7 +247,11 @@ class Ledger(Protocol):
         ...
 
     def revoke(self, key_id: str, now: float | None = None) -> bool:
-        """Revoke a key and every descendant at once; False if the key was not active."""
+        """Revoke a key and every descendant at once; False if the key was not active.
+
+        The grants of the revoked children with nothing in flight go back to their parents at once (as
+        in `purge_expired`); a child with a call in flight gives its grant back at the next purge.
+        """
         ...
 
     def purge_expired(self, now: float | None = None) -> list[str]:
@@ -211,8 +259,8 @@ class Ledger(Protocol):
 
         A child is finished when it is revoked or expired and has nothing in flight: its parent's hold
         of the child's budget becomes the child's spend, and the rest is free again. Audit records stay.
-        Token ids remembered by `claim_token` are forgotten once past their expiry. Nothing a purged
-        key left in the store (its place in indexes, its children's list, cancelled hold names) stays.
+        Token ids remembered by `claim_token`, and contexts, are forgotten once past their expiry. Nothing a
+        purged key left in the store (its place in indexes, its children's list, cancelled hold names) stays.
         """
         ...
 
@@ -222,6 +270,70 @@ class Ledger(Protocol):
         One atomic step, so two replicas handed the same token cannot both mint a key for it.
         A claim past its `expires_at` is forgotten: the token can no longer verify by then anyway.
         """
+        ...
+
+    # ----- accounts -----
+
+    def create_account(self, record: AccountRecord) -> None:
+        """Store a new account; AccountExists if its id is taken."""
+        ...
+
+    def get_account(self, account_id: str) -> AccountRecord | None: ...
+    def list_accounts(self) -> list[AccountRecord]:
+        """Oldest first."""
+        ...
+
+    def update_account(self, record: AccountRecord) -> bool:
+        """Replace an account's name, plan, period, budget and status (not its id or creation); False if unknown.
+
+        A new budget or status applies to the very next hold, in the current period too."""
+        ...
+
+    def delete_account(self, account_id: str, now: float) -> bool:
+        """Revoke every key of the account and forget it and its periods; False if unknown."""
+        ...
+
+    def account_keys(self, account_id: str) -> list[KeyRecord]:
+        """The keys minted for an account that the store still has, oldest first."""
+        ...
+
+    def top_up(self, account_id: str, amount_micros: int, now: float) -> PeriodSpend | None:
+        """Add to the account's budget for its current period only; None if the account is unknown."""
+        ...
+
+    def account_periods(self, account_id: str) -> list[PeriodSpend]:
+        """Every period the account has books for, oldest first."""
+        ...
+
+    # ----- rate limits and the loop breaker -----
+
+    def take_limits(self, request: LimitRequest, now: float) -> LimitAnswer:
+        """Take every rate limit and loop-breaker count `request` asks, in one atomic step, or none of
+        them and say which limit refused (see `ledger.limits`)."""
+        ...
+
+    def return_limits(self, ticket: LimitTicket, used_tokens: int | None, now: float) -> None:
+        """A call's end: its concurrency slots freed, its tokens corrected to `used_tokens`; None: it was
+        never forwarded, so every count it took is given back."""
+        ...
+
+    # ----- continuations -----
+
+    def learn_context(self, ref: str, tokens: int, started_at: float, expires_at: float) -> None:
+        """Remember that `ref` (a stored response, a conversation) carries at most `tokens` of input into a
+        call that continues it, as a call started at `started_at` found; until `expires_at`.
+
+        A larger figure already known stays (the context only grows); a `forget_context` at or after
+        `started_at` stays too (that call could not see what was added since).
+        """
+        ...
+
+    def forget_context(self, ref: str, now: float, expires_at: float) -> None:
+        """Mark `ref`'s context unknown (something was added to it that no call has measured yet)."""
+        ...
+
+    def context_tokens(self, ref: str, now: float) -> int | None:
+        """What `learn_context` knows of `ref` now; None if nothing, or if it was forgotten or expired."""
         ...
 
     def ping(self) -> None:

@@ -25,6 +25,7 @@ from agentkeys.providers.base import (
     usage_object,
     utf8_len,
 )
+from agentkeys.providers.documents import inline_document_tokens
 
 MESSAGES = "/v1/messages"
 METERED = [("POST", MESSAGES)]
@@ -44,6 +45,8 @@ ERRORS = {
     DenyKind.UNAUTHENTICATED: (401, "authentication_error"),
     DenyKind.FORBIDDEN: (403, "permission_error"),
     DenyKind.BUDGET: (402, "billing_error"),
+    DenyKind.RATE_LIMITED: (429, "rate_limit_error"),
+    DenyKind.LOOP: (429, "rate_limit_error"),
     DenyKind.BAD_REQUEST: (400, "invalid_request_error"),
     DenyKind.TOO_LARGE: (413, "request_too_large"),
     DenyKind.UNAVAILABLE: (503, "api_error"),
@@ -72,13 +75,15 @@ class AnthropicFormat:
         if not isinstance(messages, list) or not messages:
             raise MalformedRequest("'messages' must be a non-empty list")
         check_client_tools(data)
+        unseen: set[str] = set()
         return RequestFacts(
             metered=True,
             endpoint=MESSAGES,
             model=model,
             max_output_tokens=max_tokens,
             stream=data.get("stream") is True,
-            input_token_bound=messages_input_bound(data, messages),
+            input_token_bound=messages_input_bound(data, messages, unseen),
+            unseen_input=", ".join(sorted(unseen)) or None,
             # Anthropic writes a prompt cache (at a premium) only where a request marks a breakpoint:
             # looked for in the parsed body, where `cache\u005fcontrol` is `cache_control` too.
             may_write_cache=has_key(data, "cache_control"),
@@ -96,6 +101,10 @@ class AnthropicFormat:
         except (ValueError, AttributeError):
             return None
         return usage_from_object(usage)
+
+    def stored_response(self, facts: RequestFacts, body: bytes) -> None:
+        """This provider keeps no response for a later call to continue."""
+        return None
 
     def stream_meter(self, facts: RequestFacts) -> "MessagesStreamMeter":
         return MessagesStreamMeter()
@@ -144,19 +153,20 @@ def check_client_tools(data: dict) -> None:
             )
 
 
-def messages_input_bound(data: dict, messages: list) -> int:
+def messages_input_bound(data: dict, messages: list, unseen: set[str]) -> int:
+    """A bound on the input tokens; a document only Anthropic can read (by URL or file id) goes into `unseen`."""
     tokens = REQUEST_OVERHEAD_TOKENS + len(messages) * TOKENS_PER_MESSAGE
-    tokens += block_tokens(data.get("system") or "")
+    tokens += block_tokens(data.get("system") or "", unseen)
     for message in messages:
         if not isinstance(message, dict):
             raise MalformedRequest("each message must be an object")
-        tokens += block_tokens(message.get("content") or "")
+        tokens += block_tokens(message.get("content") or "", unseen)
     if data.get("tools"):
         tokens += TOOLS_OVERHEAD_TOKENS + utf8_len(data["tools"])
     return tokens
 
 
-def block_tokens(content) -> int:
+def block_tokens(content, unseen: set[str]) -> int:
     if isinstance(content, str):
         return utf8_len(content)
     if not isinstance(content, list):
@@ -167,18 +177,37 @@ def block_tokens(content) -> int:
             tokens += utf8_len(block) + TOKENS_PER_MESSAGE
         elif block.get("type") == "image":
             tokens += IMAGE_TOKEN_ALLOWANCE
-        elif block.get("type") == "document" and (block.get("source") or {}).get("type") != "text":
-            raise MalformedRequest(
-                "documents other than plain text (PDFs, files, URLs) cannot be bounded in tokens before the call,"
-                " so they cannot be metered by this proxy yet"
-            )
+        elif block.get("type") == "document":
+            tokens += document_tokens(block, unseen)
         elif isinstance(block.get("content"), list):  # tool results carry blocks of their own
-            tokens += block_tokens(block["content"]) + utf8_len({k: v for k, v in block.items() if k != "content"})
+            others = {k: v for k, v in block.items() if k != "content"}
+            tokens += block_tokens(block["content"], unseen) + utf8_len(others)
         elif isinstance(block.get("text"), str):
             tokens += utf8_len(block["text"]) + TOKENS_PER_MESSAGE
         else:
             tokens += utf8_len(block) + TOKENS_PER_MESSAGE
     return tokens
+
+
+def document_tokens(block: dict, unseen: set[str]) -> int:
+    """A `document` block: plain text by its bytes, a base64 PDF by its pages (documents.py), blocks of
+    custom content as blocks; by URL or file id, only Anthropic sees it."""
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise MalformedRequest("a 'document' block needs a 'source' object")
+    others = utf8_len({k: v for k, v in block.items() if k != "source"}) + TOKENS_PER_MESSAGE
+    kind = source.get("type")
+    if kind == "content" and isinstance(source.get("content"), list | str):
+        return others + block_tokens(source["content"], unseen)
+    if kind == "text" and isinstance(source.get("data"), str):
+        return others + utf8_len(source["data"])
+    tokens = None
+    if kind == "base64" and isinstance(source.get("data"), str):
+        tokens = inline_document_tokens(source.get("media_type"), source["data"], IMAGE_TOKEN_ALLOWANCE)
+    if tokens is None:
+        unseen.add("document")
+        tokens = 0
+    return others + tokens
 
 
 class MessagesStreamMeter:
@@ -187,8 +216,6 @@ class MessagesStreamMeter:
     def __init__(self):
         self.start_usage: dict | None = None
         self.output_tokens: int | None = None
-        self.stopped = False
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
         data = event_json(event)
@@ -197,32 +224,19 @@ class MessagesStreamMeter:
         kind = data.get("type")
         if kind == "message_start":
             self.start_usage = (data.get("message") or {}).get("usage")
-        elif kind == "content_block_delta":
-            delta = data.get("delta") or {}
-            for name in ("text", "partial_json", "thinking"):
-                if isinstance(delta.get(name), str):
-                    self.text_parts.append(delta[name])
         elif kind == "message_delta":
             self.output_tokens = (data.get("usage") or {}).get("output_tokens", self.output_tokens)
-        elif kind == "message_stop":
-            self.stopped = True
         return True
 
     def result(self) -> StreamResult:
-        text = "".join(self.text_parts)
+        """The usage, once both halves arrived; a start whose figures are not sane rejects the stream's."""
         try:
-            usage = None
-            if self.start_usage is not None and self.output_tokens is not None:
-                usage = usage_from_object(self.start_usage, self.output_tokens)
             started = usage_from_object(self.start_usage)
+            if started is None or self.output_tokens is None:
+                return StreamResult(usage=None)
+            return StreamResult(usage=usage_from_object(self.start_usage, self.output_tokens))
         except UsageRejected as e:
-            return StreamResult(usage=None, complete=False, streamed_text=text, usage_rejected=str(e))
-        return StreamResult(
-            usage=usage,
-            complete=self.stopped and usage is not None,
-            streamed_text=text,
-            input_tokens_seen=started.input_tokens if started else None,
-        )
+            return StreamResult(usage=None, usage_rejected=str(e))
 
 
 FORMAT = AnthropicFormat()

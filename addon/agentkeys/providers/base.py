@@ -46,6 +46,8 @@ class DenyKind(Enum):
     UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN = "forbidden"
     BUDGET = "budget"
+    RATE_LIMITED = "rate_limited"  # a rate limit: the same call passes after its retry-after
+    LOOP = "loop"  # the loop breaker: the same call will not pass again
     BAD_REQUEST = "bad_request"
     TOO_LARGE = "too_large"
     UNAVAILABLE = "unavailable"
@@ -70,19 +72,32 @@ class RequestFacts:
     unseen_input: str | None = None
     may_write_cache: bool = True  # whether the provider may bill prompt-cache writes for this call
     client_wants_stream_usage: bool = True
+    takes_output_limit: bool = True  # False: the endpoint has no output limit to send, so the model's own bounds it
+    # A stored response or conversation the call continues, as (the field naming it, its id): what it brings
+    # in is bounded by what the proxy measured of it (gate.bound_continuation), else by the context window.
+    continues: tuple[str, str] | None = None
+    conversation: str | None = None  # the conversation this call's input and output are added to
+    adds_to_conversation: str | None = None  # a free call adding items to this conversation, unmeasured
 
     def __post_init__(self):
         if self.choices * (self.max_output_tokens or 1) > MAX_TOKENS_LIMIT:
             raise MalformedRequest(f"the request asks for more than {MAX_TOKENS_LIMIT:,} output tokens in all")
 
 
+@dataclass(frozen=True)
+class StoredResponse:
+    """A response the provider keeps, which a later call may continue (`previous_response_id`): its id, and
+    the tokens its output items take as input beyond their output count (each item's framing and ids)."""
+
+    response_id: str
+    item_overhead_tokens: int
+
+
 @dataclass
 class StreamResult:
-    usage: Usage | None  # the provider's own figures, when the stream got that far
-    complete: bool
-    streamed_text: str
-    input_tokens_seen: int | None = None  # some formats report input at the start of a stream
+    usage: Usage | None  # the provider's own figures, when the stream reported them in full
     usage_rejected: str | None = None  # why the stream's usage was not believed (see UsageRejected)
+    stored: StoredResponse | None = None  # the response the provider keeps, named by the stream's last event
 
 
 class StreamMeter(Protocol):
@@ -108,6 +123,10 @@ class WireFormat(Protocol):
     def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None: ...
     def usage_from_response(self, body: bytes) -> Usage | None:
         """The usage a whole response reports; None if it reports none; UsageRejected if it is not sane."""
+        ...
+
+    def stored_response(self, facts: RequestFacts, body: bytes) -> StoredResponse | None:
+        """The response a whole answer says the provider keeps for a later call to continue, if any."""
         ...
 
     def stream_meter(self, facts: RequestFacts) -> StreamMeter: ...

@@ -32,6 +32,7 @@ from agentkeys.providers.base import (
     usage_count,
     utf8_len,
 )
+from agentkeys.providers.documents import inline_document_tokens
 
 GENERATE = re.compile(
     r"^/v1(?:beta|alpha)?/models/(?P<model>[^/:]+):(?P<action>generateContent|streamGenerateContent)$"
@@ -52,6 +53,8 @@ ERRORS = {
     DenyKind.UNAUTHENTICATED: (401, "UNAUTHENTICATED"),
     DenyKind.FORBIDDEN: (403, "PERMISSION_DENIED"),
     DenyKind.BUDGET: (429, "RESOURCE_EXHAUSTED"),
+    DenyKind.RATE_LIMITED: (429, "RESOURCE_EXHAUSTED"),
+    DenyKind.LOOP: (429, "RESOURCE_EXHAUSTED"),
     DenyKind.BAD_REQUEST: (400, "INVALID_ARGUMENT"),
     DenyKind.TOO_LARGE: (413, "INVALID_ARGUMENT"),
     DenyKind.UNAVAILABLE: (503, "UNAVAILABLE"),
@@ -114,6 +117,10 @@ class GeminiFormat:
             return None
         return usage_from_metadata(metadata)
 
+    def stored_response(self, facts: RequestFacts, body: bytes) -> None:
+        """This provider keeps no response for a later call to continue."""
+        return None
+
     def stream_meter(self, facts: RequestFacts) -> "GenerateStreamMeter":
         return GenerateStreamMeter()
 
@@ -172,6 +179,10 @@ def part_tokens(part, unseen: set[str]) -> int:
     inline = field(part, "inlineData")
     if isinstance(inline, dict) and str(field(inline, "mimeType") or "").startswith("image/"):
         return IMAGE_TOKEN_ALLOWANCE
+    if isinstance(inline, dict) and isinstance(field(inline, "data"), str):
+        document = inline_document_tokens(field(inline, "mimeType"), field(inline, "data"), IMAGE_TOKEN_ALLOWANCE)
+        if document is not None:  # a PDF by its pages, a text file by its bytes (documents.py)
+            return document
     if inline is not None or field(part, "fileData") is not None:
         unseen.add("media")  # audio, video and documents are counted by their length, which only Google reads
         return 0
@@ -194,10 +205,10 @@ def tools_tokens(tools) -> int:
 
 
 class GenerateStreamMeter:
-    """Reads a streamGenerateContent SSE stream: text as it comes, usage from the final chunk.
+    """Reads a streamGenerateContent SSE stream for its usage, final once a candidate finished.
 
-    Every chunk may carry `usageMetadata`; only the one that arrives with a finish reason is final.
-    A stream cut before that is estimated from its text (and the prompt count already reported).
+    Every chunk may carry `usageMetadata`; only the one that arrives with a finish reason is final,
+    so a stream cut before it has no usage (and is charged its hold).
     Once a chunk's usage is not sane, the stream's usage is not believed at all.
     """
 
@@ -205,15 +216,12 @@ class GenerateStreamMeter:
         self.usage: Usage | None = None
         self.usage_rejected: str | None = None
         self.finished = False
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
         chunk = event_json(event)
         if chunk is None:
             return True
         for candidate in chunk.get("candidates") or []:
-            for part in (candidate.get("content") or {}).get("parts") or []:
-                self.text_parts.append(part["text"] if isinstance(part.get("text"), str) else json.dumps(part))
             self.finished = self.finished or bool(candidate.get("finishReason"))
         try:
             self.usage = usage_from_metadata(chunk.get("usageMetadata")) or self.usage
@@ -222,16 +230,9 @@ class GenerateStreamMeter:
         return True
 
     def result(self) -> StreamResult:
-        text = "".join(self.text_parts)
         if self.usage_rejected:
-            return StreamResult(usage=None, complete=False, streamed_text=text, usage_rejected=self.usage_rejected)
-        complete = self.finished and self.usage is not None
-        return StreamResult(
-            usage=self.usage if complete else None,
-            complete=complete,
-            streamed_text=text,
-            input_tokens_seen=self.usage.input_tokens if self.usage else None,
-        )
+            return StreamResult(usage=None, usage_rejected=self.usage_rejected)
+        return StreamResult(usage=self.usage if self.finished else None)
 
 
 FORMAT = GeminiFormat()

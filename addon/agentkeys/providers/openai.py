@@ -4,6 +4,7 @@ streaming and not, and the free reads (models, stored responses, input token cou
 Azure OpenAI sends the same bodies on other paths: `azure.py` maps its paths onto these endpoints.
 """
 
+import dataclasses
 import json
 
 from agentkeys.pricing import Usage
@@ -12,6 +13,7 @@ from agentkeys.providers.base import (
     MalformedRequest,
     RequestFacts,
     SseEvent,
+    StoredResponse,
     StreamResult,
     Unmeterable,
     UsageRejected,
@@ -25,13 +27,15 @@ from agentkeys.providers.base import (
     usage_object,
     utf8_len,
 )
+from agentkeys.providers.documents import data_url_tokens
 from agentkeys.tokens import TextBound, text_bound
 
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
+COMPACT = "/v1/responses/compact"  # a conversation compacted by the model: a model call, with no output limit
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
-METERED = [("POST", CHAT), ("POST", RESPONSES), ("POST", COMPLETIONS), ("POST", EMBEDDINGS)]
+METERED = [("POST", CHAT), ("POST", RESPONSES), ("POST", COMPACT), ("POST", COMPLETIONS), ("POST", EMBEDDINGS)]
 FREE = [
     ("GET", "/v1/models"),
     ("GET", "/v1/models/*"),
@@ -39,6 +43,17 @@ FREE = [
     ("GET", "/v1/responses/*/input_items"),
     ("DELETE", "/v1/responses/*"),
     ("POST", "/v1/responses/input_tokens"),
+    # Side traffic SDKs send on their own: the Agents SDK's traces, and the Conversations API's objects
+    # (a conversation's items are billed as input only when a response uses them, which is metered).
+    ("POST", "/v1/traces/ingest"),
+    ("POST", "/v1/conversations"),
+    ("GET", "/v1/conversations/*"),
+    ("POST", "/v1/conversations/*"),
+    ("DELETE", "/v1/conversations/*"),
+    ("GET", "/v1/conversations/*/items"),
+    ("POST", "/v1/conversations/*/items"),
+    ("GET", "/v1/conversations/*/items/*"),
+    ("DELETE", "/v1/conversations/*/items/*"),
 ]
 # Where each endpoint takes its output limit, preferred field first.
 CAP_FIELDS = {
@@ -54,11 +69,21 @@ TOKENS_PER_MESSAGE = 4
 REPLY_PRIMING_TOKENS = 3
 # A high-detail image costs at most 8 tiles; on gpt-4o-mini that is 2,833 + 8 × 5,667 tokens.
 IMAGE_TOKEN_ALLOWANCE = 50_000
+# An output item taken back as input (`previous_response_id`): its text is in the output count; its framing,
+# id and call id are not.
+OUTPUT_ITEM_INPUT_TOKENS = 64
 # Tool definitions and structured-output schemas are rewritten by OpenAI into a system prompt of its own.
 TOOLS_OVERHEAD_TOKENS = 1_000
-# Tools the client runs itself: they cost only tokens. Hosted ones (web search, file search, code
-# interpreter, image generation, MCP, …) are billed per use and bring in input of their own.
-CLIENT_TOOL_TYPES = {"function", "custom", "computer_use_preview", "local_shell", "apply_patch"}
+# Tools the client runs itself: they cost only tokens (their definitions, calls and results). `shell` is
+# the client's only with a local environment; a `namespace` groups other tools and is judged by them.
+CLIENT_TOOL_TYPES = {"function", "custom", "computer", "computer_use_preview", "local_shell", "apply_patch"}
+# Tools OpenAI runs and bills per use (searches, containers, generated images) or that bring in input of
+# their own (MCP servers' listings): refused by name. A type in neither list is refused as unknown.
+HOSTED_TOOL_TYPES = {
+    "web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11", "file_search",
+    "code_interpreter", "image_generation", "mcp", "tool_search",
+}  # fmt: skip
+LOCAL_SHELL_ENVIRONMENTS = {None, "local"}
 # Service tiers billed at the standard prices or less; `priority` costs more than the price table says.
 STANDARD_SERVICE_TIERS = {None, "auto", "default", "flex"}
 
@@ -66,6 +91,8 @@ ERRORS = {
     DenyKind.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
     DenyKind.FORBIDDEN: (403, "permission_error", "forbidden"),
     DenyKind.BUDGET: (429, "insufficient_quota", "insufficient_quota"),
+    DenyKind.RATE_LIMITED: (429, "requests", "rate_limit_exceeded"),
+    DenyKind.LOOP: (429, "requests", "loop_detected"),
     DenyKind.BAD_REQUEST: (400, "invalid_request_error", "invalid_request"),
     DenyKind.TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
     DenyKind.UNAVAILABLE: (503, "server_error", "store_unavailable"),
@@ -83,8 +110,16 @@ class OpenAIFormat:
 
     def request_facts(self, method: str, path: str, body: bytes, query: str = "", exact: bool = False) -> RequestFacts:
         if self.endpoint_kind(method, path) != "metered":
-            return RequestFacts(metered=False)
+            return RequestFacts(metered=False, adds_to_conversation=conversation_added_to(method, path))
         return read_endpoint(path, parse_json_object(body), exact)
+
+    def stored_response(self, facts: RequestFacts, body: bytes) -> StoredResponse | None:
+        if facts.endpoint != RESPONSES:
+            return None
+        try:
+            return stored_response_of(json.loads(body))
+        except ValueError:
+            return None
 
     def upstream_body(self, facts: RequestFacts, body: bytes, cap_output_tokens: int | None) -> bytes | None:
         """The body to forward, or None to forward it as sent.
@@ -148,6 +183,7 @@ def read_chat(data: dict, exact: bool) -> RequestFacts:
     if "audio" in (data.get("modalities") or []) or has_audio_input(messages):
         raise Unmeterable("audio tokens are priced apart from text, so this proxy cannot meter them yet")
     stream_options = stream_options_of(data)
+    unseen: set[str] = set()
     return RequestFacts(
         metered=True,
         endpoint=CHAT,
@@ -155,7 +191,8 @@ def read_chat(data: dict, exact: bool) -> RequestFacts:
         max_output_tokens=optional_positive_int(data, "max_completion_tokens", "max_tokens"),
         choices=optional_positive_int(data, "n") or 1,
         stream=data.get("stream") is True,
-        input_token_bound=chat_input_bound(count, messages, data),
+        input_token_bound=chat_input_bound(count, messages, data, unseen),
+        unseen_input=", ".join(sorted(unseen)) or None,
         client_wants_stream_usage=bool(stream_options.get("include_usage")),
     )
 
@@ -175,10 +212,11 @@ def read_responses(data: dict, exact: bool) -> RequestFacts:
         tokens += sum(response_item_tokens(count, item, unseen) for item in given)
     elif given is not None:
         raise MalformedRequest("'input' must be a string or a list of items")
-    for field in ("previous_response_id", "conversation", "prompt"):
-        if data.get(field):
-            unseen.add(field)
-    if given is None and not unseen:
+    if data.get("prompt"):
+        unseen.add("prompt")  # a stored prompt template: only OpenAI sees its text
+    conversation = conversation_id(data.get("conversation"))
+    continues = continuation(data.get("previous_response_id"), conversation)
+    if given is None and not unseen and not continues:
         raise MalformedRequest("the request has no 'input'")
     return RequestFacts(
         metered=True,
@@ -188,7 +226,53 @@ def read_responses(data: dict, exact: bool) -> RequestFacts:
         stream=data.get("stream") is True,
         input_token_bound=tokens,
         unseen_input=", ".join(sorted(unseen)) or None,
+        continues=continues,
+        conversation=conversation,
     )
+
+
+def conversation_id(given) -> str | None:
+    """The Responses API's `conversation`: its id, or an object with one."""
+    if given is None:
+        return None
+    found = given.get("id") if isinstance(given, dict) else given
+    if not isinstance(found, str) or not found:
+        raise MalformedRequest("'conversation' must be a conversation id or an object with its 'id'")
+    return found
+
+
+def continuation(previous_response_id, conversation: str | None) -> tuple[str, str] | None:
+    """What the call continues, as (field, id): an earlier response, or a conversation."""
+    if previous_response_id is not None:
+        if not isinstance(previous_response_id, str) or not previous_response_id:
+            raise MalformedRequest("'previous_response_id' must be a response id")
+        return ("previous_response_id", previous_response_id)
+    return ("conversation", conversation) if conversation else None
+
+
+def conversation_added_to(method: str, path: str) -> str | None:
+    """The conversation a free call adds items to (`POST /v1/conversations/{id}/items`), which no call has
+    measured yet."""
+    parts = path.split("/")
+    if method == "POST" and len(parts) == 5 and parts[1:3] == ["v1", "conversations"] and parts[4] == "items":
+        return parts[3]
+    return None
+
+
+def stored_response_of(response) -> StoredResponse | None:
+    """A Responses API response the provider keeps: each output item taken back as input adds its framing."""
+    if not isinstance(response, dict) or not isinstance(response.get("id"), str):
+        return None
+    output = response.get("output")
+    items = len(output) if isinstance(output, list) else 0
+    return StoredResponse(response["id"], items * OUTPUT_ITEM_INPUT_TOKENS)
+
+
+def read_compact(data: dict, exact: bool) -> RequestFacts:
+    """A compaction reads what a response would (input, instructions, a previous response) and writes one
+    item of the model's own length: it takes no output limit, so the model's own limit bounds it."""
+    facts = read_responses(data, exact)
+    return dataclasses.replace(facts, endpoint=COMPACT, max_output_tokens=None, stream=False, takes_output_limit=False)
 
 
 def read_completions(data: dict, exact: bool) -> RequestFacts:
@@ -220,7 +304,13 @@ def read_embeddings(data: dict, exact: bool) -> RequestFacts:
     return RequestFacts(metered=True, endpoint=EMBEDDINGS, model=model, max_output_tokens=0, input_token_bound=tokens)
 
 
-READERS = {CHAT: read_chat, RESPONSES: read_responses, COMPLETIONS: read_completions, EMBEDDINGS: read_embeddings}
+READERS = {
+    CHAT: read_chat,
+    RESPONSES: read_responses,
+    COMPACT: read_compact,
+    COMPLETIONS: read_completions,
+    EMBEDDINGS: read_embeddings,
+}
 
 
 def prompt_tokens(count: TextBound, prompt, field: str) -> tuple[int, int]:
@@ -256,11 +346,12 @@ def usage_from_object(usage) -> Usage | None:
     )
 
 
-def chat_input_bound(count: TextBound, messages: list, data: dict) -> int:
+def chat_input_bound(count: TextBound, messages: list, data: dict, unseen: set[str]) -> int:
     """An upper bound on the prompt tokens OpenAI will bill for these messages.
 
     Text is counted with the model's own tiktoken encoding; images get the most any image can cost;
-    tool definitions and a structured-output schema become prompt text too.
+    documents are bounded as documents.py says; tool definitions and a structured-output schema become
+    prompt text too. What only OpenAI can see (a file by id) goes into `unseen`.
     """
     tokens = REPLY_PRIMING_TOKENS
     for message in messages:
@@ -268,7 +359,7 @@ def chat_input_bound(count: TextBound, messages: list, data: dict) -> int:
             raise MalformedRequest("each message must be an object")
         tokens += TOKENS_PER_MESSAGE
         for value in message.values():
-            tokens += content_tokens(count, value)
+            tokens += content_tokens(count, value, unseen)
     tokens += tools_tokens(count, data.get("tools") or data.get("functions"))
     return tokens + schema_tokens(count, data.get("response_format"))
 
@@ -295,12 +386,44 @@ def tools_tokens(count: TextBound, tools) -> int:
     if not isinstance(tools, list):
         raise MalformedRequest("'tools' must be a list")
     for tool in tools:
-        kind = tool.get("type", "function") if isinstance(tool, dict) else None
-        if kind not in CLIENT_TOOL_TYPES:
-            raise Unmeterable(
-                f"the hosted tool {kind!r} is billed per use, beyond tokens, so this proxy cannot meter it"
-            )
+        check_client_tool(tool)
     return TOOLS_OVERHEAD_TOKENS + count(json.dumps(tools))
+
+
+def check_client_tool(tool) -> None:
+    """Unmeterable unless the client runs the tool itself (so it costs only tokens); see CLIENT_TOOL_TYPES."""
+    if not isinstance(tool, dict):
+        raise MalformedRequest("each tool must be an object")
+    kind = tool.get("type", "function")
+    if kind == "namespace":
+        members = tool.get("tools")
+        if not isinstance(members, list):
+            raise MalformedRequest("a 'namespace' tool must list its 'tools'")
+        for member in members:
+            check_client_tool(member)
+    elif kind == "shell":
+        environment = shell_environment(tool)
+        if environment not in LOCAL_SHELL_ENVIRONMENTS:
+            raise Unmeterable(
+                f"the hosted tool 'shell' with a {environment!r} environment runs in a container billed per use,"
+                " so this proxy cannot meter it (a shell with a local environment is allowed)"
+            )
+    elif kind in HOSTED_TOOL_TYPES or (isinstance(kind, str) and kind.startswith("web_search")):
+        raise Unmeterable(f"the hosted tool {kind!r} is billed per use, beyond tokens, so this proxy cannot meter it")
+    elif kind not in CLIENT_TOOL_TYPES:
+        raise Unmeterable(
+            f"the tool type {kind!r} is not one this proxy knows to cost only tokens, so it cannot meter it"
+        )
+
+
+def shell_environment(tool: dict) -> str | None:
+    """Where a `shell` tool runs: None (not said: the client) or its environment's type."""
+    environment = tool.get("environment")
+    if environment is None:
+        return None
+    if not isinstance(environment, dict):
+        raise MalformedRequest("a 'shell' tool's 'environment' must be an object")
+    return environment.get("type")
 
 
 def instructions_tokens(count: TextBound, data: dict) -> int:
@@ -308,33 +431,44 @@ def instructions_tokens(count: TextBound, data: dict) -> int:
     return TOKENS_PER_MESSAGE + count(instructions) if isinstance(instructions, str) else 0
 
 
-def content_tokens(count: TextBound, value) -> int:
+def content_tokens(count: TextBound, value, unseen: set[str]) -> int:
     if isinstance(value, str):
         return count(value)
     if isinstance(value, list):
-        return sum(content_part_tokens(count, part) for part in value)
+        return sum(content_part_tokens(count, part, unseen) for part in value)
     if isinstance(value, dict):
         return count(json.dumps(value))
     return 0
 
 
-def content_part_tokens(count: TextBound, part) -> int:
+def content_part_tokens(count: TextBound, part, unseen: set[str]) -> int:
     if isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
         return IMAGE_TOKEN_ALLOWANCE
     if isinstance(part, dict) and part.get("type") in ("file", "input_file"):
-        raise MalformedRequest(
-            "file parts (PDFs and other documents) cannot be bounded in tokens before the call,"
-            " so they cannot be metered by this proxy yet"
-        )
+        return file_part_tokens(count, part, unseen)
     if isinstance(part, dict) and isinstance(part.get("text"), str):
         return count(part["text"]) + 1
     return count(json.dumps(part))
 
 
+def file_part_tokens(count: TextBound, part: dict, unseen: set[str]) -> int:
+    """A chat `file` part (`{"file": {"file_data": …}}`) or a Responses `input_file`: an inline document
+    as documents.py bounds it (plus its other fields, such as its name); one by id or URL is unseen."""
+    fields = part.get("file") if part.get("type") == "file" else part
+    if not isinstance(fields, dict):
+        raise MalformedRequest(f"a {part.get('type')!r} part must be an object")
+    data = fields.get("file_data")
+    tokens = data_url_tokens(data, IMAGE_TOKEN_ALLOWANCE) if isinstance(data, str) else None
+    if tokens is None:
+        unseen.add(part["type"])
+        tokens = 0
+    return TOKENS_PER_MESSAGE + tokens + count(json.dumps({k: v for k, v in fields.items() if k != "file_data"}))
+
+
 def response_item_tokens(count: TextBound, item, unseen: set[str]) -> int:
     """A bound on one Responses API input item; what only the provider can see goes into `unseen`.
 
-    A file is read by OpenAI (so is an item referenced by id): both are bounded by the context window.
+    A file is bounded as documents.py says; an item referenced by id is bounded by the context window.
     Reasoning carried over from an earlier turn is counted by the bytes of its (encrypted) text.
     """
     if not isinstance(item, dict):
@@ -347,16 +481,13 @@ def response_item_tokens(count: TextBound, item, unseen: set[str]) -> int:
         return TOKENS_PER_MESSAGE + utf8_len(item)
     content = item.get("content")
     if kind == "message" and isinstance(content, list):
-        rest = [part for part in content if not (isinstance(part, dict) and part.get("type") == "input_file")]
-        if len(rest) < len(content):
-            unseen.add("input_file")
         others = {k: v for k, v in item.items() if k != "content"}
-        return TOKENS_PER_MESSAGE + content_tokens(count, rest) + count(json.dumps(others))
-    return TOKENS_PER_MESSAGE + sum(content_tokens(count, value) for value in item.values())
+        return TOKENS_PER_MESSAGE + content_tokens(count, content, unseen) + count(json.dumps(others))
+    return TOKENS_PER_MESSAGE + sum(content_tokens(count, value, unseen) for value in item.values())
 
 
 class ChatStreamMeter:
-    """Reads a chat (or legacy completions) stream: the text so far, and the usage chunk at the end.
+    """Reads a chat (or legacy completions) stream for the usage chunk at its end.
 
     When the proxy asked for usage on the client's behalf, that extra chunk is not passed on.
     """
@@ -365,18 +496,11 @@ class ChatStreamMeter:
         self.hide_usage_chunk = hide_usage_chunk
         self.usage: Usage | None = None
         self.usage_rejected: str | None = None
-        self.done = False
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
-        if event.data.strip() == "[DONE]":
-            self.done = True
-            return True
         chunk = event_json(event)
         if chunk is None:
             return True
-        for choice in chunk.get("choices") or []:
-            self._collect_text(choice)
         try:
             usage = usage_from_object(chunk.get("usage"))
         except UsageRejected as e:
@@ -387,17 +511,8 @@ class ChatStreamMeter:
         self.usage = usage
         return not (self.hide_usage_chunk and not chunk.get("choices"))
 
-    def _collect_text(self, choice: dict) -> None:
-        delta = choice.get("delta") or {}
-        for text in (delta.get("content"), delta.get("refusal"), delta.get("reasoning_content"), choice.get("text")):
-            if isinstance(text, str):
-                self.text_parts.append(text)
-        for call in delta.get("tool_calls") or []:
-            function = call.get("function") or {}
-            self.text_parts.append((function.get("name") or "") + (function.get("arguments") or ""))
-
     def result(self) -> StreamResult:
-        return stream_result(self.usage, self.usage_rejected, self.done, self.text_parts)
+        return stream_result(self.usage, self.usage_rejected)
 
 
 # A Responses stream ends with one of these; each carries the whole response, usage included.
@@ -405,12 +520,12 @@ RESPONSE_END_EVENTS = ("response.completed", "response.incomplete", "response.fa
 
 
 class ResponsesStreamMeter:
-    """Reads a Responses API stream: every text delta on the way, the usage from its final event."""
+    """Reads a Responses API stream for the usage its final event carries."""
 
     def __init__(self):
         self.usage: Usage | None = None
         self.usage_rejected: str | None = None
-        self.text_parts: list[str] = []
+        self.stored: StoredResponse | None = None
 
     def feed(self, event: SseEvent) -> bool:
         data = event_json(event)
@@ -418,23 +533,22 @@ class ResponsesStreamMeter:
             return True
         kind = data.get("type") or ""
         if kind in RESPONSE_END_EVENTS:
+            self.stored = stored_response_of(data.get("response"))
             try:
                 self.usage = usage_from_object((data.get("response") or {}).get("usage"))
             except UsageRejected as e:
                 self.usage_rejected = self.usage_rejected or str(e)
-        elif kind.endswith(".delta") and not kind.startswith("response.audio") and isinstance(data.get("delta"), str):
-            self.text_parts.append(data["delta"])
         return True
 
     def result(self) -> StreamResult:
-        return stream_result(self.usage, self.usage_rejected, True, self.text_parts)
+        return dataclasses.replace(stream_result(self.usage, self.usage_rejected), stored=self.stored)
 
 
-def stream_result(usage: Usage | None, rejected: str | None, ended: bool, text_parts: list[str]) -> StreamResult:
-    """A stream's usage, believed only when no part of it was rejected; complete once it ended with usage."""
+def stream_result(usage: Usage | None, rejected: str | None) -> StreamResult:
+    """A stream's usage, believed only when no part of it was rejected."""
     if rejected:
-        return StreamResult(usage=None, complete=False, streamed_text="".join(text_parts), usage_rejected=rejected)
-    return StreamResult(usage=usage, complete=ended and usage is not None, streamed_text="".join(text_parts))
+        return StreamResult(usage=None, usage_rejected=rejected)
+    return StreamResult(usage=usage)
 
 
 FORMAT = OpenAIFormat()
