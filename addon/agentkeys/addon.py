@@ -162,6 +162,9 @@ class AgentKeys:
         loader.add_option(
             "agentkeys_metrics_port", int, -1, "Prometheus port; overrides the config's (0 turns metrics off)."
         )
+        loader.add_option(
+            "agentkeys_health_socket", str, "", "A worker's Unix socket for its supervisor; replaces the metrics port."
+        )
 
     def configure(self, updated: set[str]):
         if not any(name.startswith("agentkeys_") for name in updated):
@@ -248,15 +251,15 @@ class AgentKeys:
         # Dial a provider only when a call is forwarded: a refused call never opens a connection.
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
-        if self.config.metrics_port and self.health is None:
-            self._serve_health(self.config.metrics_port)
+        if self.health is None and (ctx.options.agentkeys_health_socket or self.config.metrics_port):
+            self._serve_health()
         if self._purge_task is None:
             self._purge_task = asyncio.get_running_loop().create_task(self._keep_the_books())
             # The price table, the tokenizers and mitmproxy's own start-up objects live as long as the
             # proxy: garbage collections from now on leave them out.
             gc.freeze()
 
-    def _serve_health(self, port: int):
+    def _serve_health(self):
         master = ctx.master
         self.health = HealthServer(
             self.metrics.registry,
@@ -264,7 +267,10 @@ class AgentKeys:
             loop_checks={"listeners": lambda: listeners_up(master), "ca": lambda: ca_loaded(master)},
             thread_checks={"store": lambda: store_answers(self.gate.store.ledger)},
         )
-        self.health.start(self.config.listen_host, port)
+        if ctx.options.agentkeys_health_socket:  # a worker: its supervisor serves the metrics port
+            self.health.start_on_socket(ctx.options.agentkeys_health_socket)
+        else:
+            self.health.start(self.config.listen_host, self.config.metrics_port)
 
     async def _keep_the_books(self):
         """Every `purge_interval`: settle holds that dead calls left behind, return finished children's

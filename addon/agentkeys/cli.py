@@ -14,6 +14,7 @@ from pathlib import Path
 
 import agentkeys
 from agentkeys import auditreport, credentials, logs
+from agentkeys.audit import AuditSettings
 from agentkeys.auditchain import fingerprint, load_public_key, public_key_pem, signing_key
 from agentkeys.auditfiles import audit_files, call_records
 from agentkeys.auditverify import verify
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         " /healthz, /readyz). Listeners, store, audit log, metrics port, log format and mitmproxy options"
         " come from the config file. Stops on SIGINT or SIGTERM.",
     )
+    serve.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="proxy processes sharing the listeners, the store and the metrics port (default: one per core)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     keys = commands.add_parser("keys", help="issue, list, show and revoke agent keys").add_subparsers(
@@ -182,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--ttl", help="ask for a shorter lifetime than the rule gives")
     swap.add_argument("--budget", type=float, help="ask for a smaller USD cap than the rule gives")
     swap.set_defaults(run=cmd_exchange)
-
 
     ca = commands.add_parser(
         "ca",
@@ -292,8 +298,15 @@ def announce(args, using: str) -> None:
 # ----- serve -----
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return int(text)
+
+
 def cmd_serve(args) -> int:
     from agentkeys.server import serve
+    from agentkeys.workers import default_workers, supervise
 
     config = read_config(args)
     certs_dir = config.path(config.certs_dir)
@@ -317,7 +330,12 @@ def cmd_serve(args) -> int:
         print(logs.json_line(time.time(), "info", "agentkeys: starting", fields), flush=True)
     else:
         print_how_to_connect(config, certs_dir)
-    return serve(settings, modes, config.log_format)
+    workers = args.workers or default_workers()
+    if workers == 1:
+        return serve(settings, modes, config.log_format)
+    if AuditSettings.of(config).enabled:  # made once here, not raced for by the workers
+        signing_key(certs_dir)
+    return supervise(workers, settings, modes, config.log_format, config)
 
 
 def banner_fields(config: ProxyConfig) -> dict:
