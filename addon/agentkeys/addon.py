@@ -26,7 +26,7 @@ from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
-from agentkeys import logs, tokens
+from agentkeys import logs
 from agentkeys.audit import AuditLog, CallRecord, audit_log_for
 from agentkeys.calls import CallRequest, Denial, Outcome
 from agentkeys.connections import ConnectionGuard
@@ -173,7 +173,6 @@ class AgentKeys:
             self._apply(self._read_config())
         except ConfigError as e:
             raise exceptions.OptionsError(f"agentkeys: bad config:\n{e}") from None
-        tokens.preload()  # once, rather than on the event loop during the first call
 
     def reload(self):
         """SIGHUP: read the config, prices, issuers and their policy files again, keeping every connection.
@@ -255,7 +254,7 @@ class AgentKeys:
             self._serve_health()
         if self._purge_task is None:
             self._purge_task = asyncio.get_running_loop().create_task(self._keep_the_books())
-            # The price table, the tokenizers and mitmproxy's own start-up objects live as long as the
+            # The price table and mitmproxy's own start-up objects live as long as the
             # proxy: garbage collections from now on leave them out.
             gc.freeze()
 
