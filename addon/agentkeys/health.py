@@ -13,7 +13,6 @@ import asyncio
 import http.client
 import json
 import logging
-import os
 import socket
 import socketserver
 import threading
@@ -90,11 +89,6 @@ class HealthServer:
 
 class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
-
-    def server_bind(self):
-        if os.path.exists(self.server_address):  # left by a worker that died: its number is taken again
-            os.unlink(self.server_address)
-        super().server_bind()
 
 
 def serve_http(health, server_class, address) -> socketserver.BaseServer:

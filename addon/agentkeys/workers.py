@@ -15,8 +15,10 @@ What the workers share, and how:
   …) with a chain of its own, so no two processes append to one file;
 - their output: each worker's stdout and stderr come to the supervisor through pipes and are copied
   whole line by whole line, so log lines (and audit records on stdout) are never torn or interleaved;
-- the metrics port: served by the supervisor; `/metrics` asks every worker (each on a Unix socket in
-  a private folder) and sums their series; `/healthz` and `/readyz` ask every worker too.
+- the metrics port: served by the supervisor; `/metrics` asks every worker and sums their series;
+  `/healthz` and `/readyz` ask every worker too. A worker answers on a Unix socket in the abstract
+  namespace (no file: the root file system may be read-only), named afresh at each start with a
+  random part, so no other process can stand in for it.
 
 Metrics are summed by asking the workers rather than by prometheus-client's multiprocess mode: that
 mode cannot carry a custom collector (the budgets per policy, read from the store), a gauge read when
@@ -34,15 +36,13 @@ import asyncio
 import json
 import logging
 import os
-import shutil
+import secrets
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -146,7 +146,7 @@ def worker_main() -> int:
 @dataclass
 class Worker:
     number: int
-    health_socket: str
+    health_socket: str = ""
     process: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     failures: int = 0  # deaths in a row, each before it had lasted LASTED_SECONDS
@@ -164,8 +164,7 @@ class Supervisor:
         self.log_format = log_format
         self.grace_seconds = grace_seconds
         self.modes, self.listeners = bind_listeners(modes, settings)
-        self._folder = tempfile.mkdtemp(prefix="agentkeys-workers-")  # 0700: only this user reaches the sockets
-        self.workers = [Worker(n, str(Path(self._folder) / f"worker-{n}.sock")) for n in range(1, count + 1)]
+        self.workers = [Worker(n) for n in range(1, count + 1)]
         self._lifeline_read, self._lifeline_write = os.pipe()  # the write end stays here, unshared
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -212,6 +211,7 @@ class Supervisor:
                 worker.process.send_signal(signum)
 
     async def _start(self, worker: Worker) -> None:
+        worker.health_socket = f"\0agentkeys-{secrets.token_hex(8)}-worker-{worker.number}"
         orders = {
             "settings": self.settings,
             "modes": self.modes,
@@ -298,7 +298,6 @@ class Supervisor:
             listener.close()
         os.close(self._lifeline_read)
         os.close(self._lifeline_write)
-        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 def answers(worker: Worker) -> bool:
