@@ -102,7 +102,9 @@ class StreamRelay:
                 return non_empty(self.splitter.flush())
             if self.broken:
                 return [chunk]
-            return [event.raw for event in self.splitter.feed(chunk) if self.meter.feed(event)]
+            # The events passed on, as one chunk: mitmproxy sends each item it is given as a write of its own.
+            passed = b"".join([event.raw for event in self.splitter.feed(chunk) if self.meter.feed(event)])
+            return [passed] if passed else []
         except SseEventTooLarge as too_large:
             log.warning("agentkeys: %s; passing the rest of the stream through, charged its full hold", too_large)
             self.broken = True

@@ -425,7 +425,7 @@ def test_settle_without_usage_charges_the_full_hold(env, admission_and_key):
 def test_a_stream_without_the_providers_usage_is_charged_its_full_hold(env, admission_and_key, complete):
     """What was visible is no measure of what the provider bills (reasoning tokens are invisible)."""
     admission, key = admission_and_key
-    result = StreamResult(usage=None, complete=complete, streamed_text="Hello")
+    result = StreamResult(usage=None, complete=complete)
     outcome = Outcome(reached_provider=True, complete=complete, status=200, stream=result)
     settlement = run(env.gate.settle(admission, outcome))
     assert (settlement.cost_micros, settlement.metering) == (admission.hold_micros, "held")

@@ -166,7 +166,7 @@ def admission() -> Admission:
 
 
 def test_a_stream_whose_usage_was_rejected_is_charged_its_hold_never_less():
-    result = StreamResult(usage=None, complete=False, streamed_text="hi", usage_rejected="output_tokens=-1")
+    result = StreamResult(usage=None, complete=False, usage_rejected="output_tokens=-1")
     for complete in (True, False):
         charge = charge_for(admission(), Outcome(reached_provider=True, complete=complete, status=200, stream=result))
         assert (charge.cost_micros, charge.metering) == (777, "held")

@@ -80,24 +80,42 @@ def test_openai_meter_hides_only_the_trailing_usage_chunk_when_asked(hide):
     passed = feed_all(meter, OPENAI_STREAM)
     assert passed == [True, True, True, True, not hide, True]
     result = meter.result()
-    assert result.streamed_text == "Hello"
     assert result.usage == Usage(input_tokens=11, output_tokens=3, cached_tokens=4, reasoning_tokens=1)
     assert result.complete
 
 
-def test_openai_meter_incomplete_stream_has_text_but_no_usage():
+def test_openai_meter_incomplete_stream_has_no_usage():
     meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/chat/completions", chat_request(stream=True)))
     feed_all(meter, OPENAI_STREAM[:3])
     result = meter.result()
-    assert (result.usage, result.complete, result.streamed_text) == (None, False, "Hello")
+    assert (result.usage, result.complete) == (None, False)
 
 
-def test_openai_meter_collects_tool_call_text():
-    tool_delta = {"tool_calls": [{"index": 0, "function": {"name": "lookup", "arguments": '{"q":'}}]}
-    event = sse({"choices": [{"index": 0, "delta": tool_delta}]})
+@pytest.mark.parametrize(
+    "usage_chunk",
+    [
+        '{"choices": [], "usage": USAGE}',
+        '{"choices":[],"usage":USAGE}',
+        '{"choices": [], "usage" :\t USAGE}',
+        '{"choices": [{"index": 0, "delta": {}, "usage": null}], "usage": USAGE}',  # a null inside, the usage after
+        '{"usage": USAGE, "choices": [], "extra": {"usage": null}}',
+    ],
+    ids=["spaced", "compact", "pretty", "null-inside-first", "null-inside-after"],
+)
+def test_the_chat_meter_finds_the_usage_however_the_chunk_is_written(usage_chunk):
+    """Only chunks with a usage other than null are parsed: spacing and a null usage elsewhere must not hide it."""
     meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/chat/completions", chat_request(stream=True)))
-    feed_all(meter, [event])
-    assert meter.result().streamed_text == 'lookup{"q":'
+    chunk = usage_chunk.replace("USAGE", json.dumps(OPENAI_USAGE))
+    feed_all(meter, [chat_chunk("Hi", usage=None), sse(chunk), sse("[DONE]")])
+    assert meter.result().usage == Usage(input_tokens=11, output_tokens=3, cached_tokens=4, reasoning_tokens=1)
+    assert meter.result().complete
+
+
+def test_the_chat_meter_does_not_take_text_chunks_with_a_null_usage_for_the_usage():
+    meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/chat/completions", chat_request(stream=True)))
+    null_usage = sse('{"choices": [{"index": 0, "delta": {"content": "x"}}], "usage" : null}')
+    assert feed_all(meter, [null_usage, null_usage, sse("[DONE]")]) == [True, True, True]
+    assert (meter.result().usage, meter.result().complete) == (None, False), "ended, but with no usage: the full hold"
 
 
 # ----- usage from a whole response -----
@@ -137,10 +155,22 @@ def test_the_responses_meter_takes_usage_from_the_final_event(end):
     feed_all(meter, responses_events(end))
     result = meter.result()
     assert result.complete and result.usage == Usage(9, 3, reasoning_tokens=1)
-    assert result.streamed_text == 'Hel{"a":', "text deltas only: audio is not text"
 
 
-def test_a_responses_stream_cut_short_has_only_its_text():
+def test_the_responses_meter_reads_a_final_event_with_no_event_line_too():
+    meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/responses", b'{"model": "o4-mini", "input": "x"}'))
+    usage = {"input_tokens": 9, "output_tokens": 3}
+    feed_all(
+        meter,
+        [
+            sse({"type": "response.output_text.delta", "delta": "Hi"}),
+            sse({"type": "response.completed", "response": {"usage": usage}}),
+        ],
+    )
+    assert meter.result().usage == Usage(9, 3)
+
+
+def test_a_responses_stream_cut_short_has_no_usage():
     meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/responses", b'{"model": "o4-mini", "input": "x"}'))
     feed_all(meter, responses_events(end=None))
     assert (meter.result().usage, meter.result().complete) == (None, False)

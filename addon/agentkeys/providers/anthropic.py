@@ -181,27 +181,31 @@ def block_tokens(content) -> int:
     return tokens
 
 
+# The stream events the meter reads: the usage at the start and near the end, and the end itself.
+METERED_EVENTS = frozenset({"message_start", "message_delta", "message_stop"})
+
+
 class MessagesStreamMeter:
-    """Reads a messages stream: input usage from `message_start`, output from `message_delta`."""
+    """Reads a messages stream: input usage from `message_start`, output from `message_delta`.
+
+    An event named (by its `event:` line) as one that carries neither is not parsed: the content
+    deltas, one per few tokens, cost nothing to read.
+    """
 
     def __init__(self):
         self.start_usage: dict | None = None
         self.output_tokens: int | None = None
         self.stopped = False
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
+        if event.event is not None and event.event not in METERED_EVENTS:
+            return True
         data = event_json(event)
         if data is None:
             return True
         kind = data.get("type")
         if kind == "message_start":
             self.start_usage = (data.get("message") or {}).get("usage")
-        elif kind == "content_block_delta":
-            delta = data.get("delta") or {}
-            for name in ("text", "partial_json", "thinking"):
-                if isinstance(delta.get(name), str):
-                    self.text_parts.append(delta[name])
         elif kind == "message_delta":
             self.output_tokens = (data.get("usage") or {}).get("output_tokens", self.output_tokens)
         elif kind == "message_stop":
@@ -209,18 +213,16 @@ class MessagesStreamMeter:
         return True
 
     def result(self) -> StreamResult:
-        text = "".join(self.text_parts)
         try:
             usage = None
             if self.start_usage is not None and self.output_tokens is not None:
                 usage = usage_from_object(self.start_usage, self.output_tokens)
             started = usage_from_object(self.start_usage)
         except UsageRejected as e:
-            return StreamResult(usage=None, complete=False, streamed_text=text, usage_rejected=str(e))
+            return StreamResult(usage=None, complete=False, usage_rejected=str(e))
         return StreamResult(
             usage=usage,
             complete=self.stopped and usage is not None,
-            streamed_text=text,
             input_tokens_seen=started.input_tokens if started else None,
         )
 

@@ -194,26 +194,23 @@ def tools_tokens(tools) -> int:
 
 
 class GenerateStreamMeter:
-    """Reads a streamGenerateContent SSE stream: text as it comes, usage from the final chunk.
+    """Reads a streamGenerateContent SSE stream: usage from the final chunk.
 
     Every chunk may carry `usageMetadata`; only the one that arrives with a finish reason is final.
-    A stream cut before that is estimated from its text (and the prompt count already reported).
-    Once a chunk's usage is not sane, the stream's usage is not believed at all.
+    A stream cut before that is charged its full hold. Once a chunk's usage is not sane, the
+    stream's usage is not believed at all.
     """
 
     def __init__(self):
         self.usage: Usage | None = None
         self.usage_rejected: str | None = None
         self.finished = False
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
         chunk = event_json(event)
         if chunk is None:
             return True
         for candidate in chunk.get("candidates") or []:
-            for part in (candidate.get("content") or {}).get("parts") or []:
-                self.text_parts.append(part["text"] if isinstance(part.get("text"), str) else json.dumps(part))
             self.finished = self.finished or bool(candidate.get("finishReason"))
         try:
             self.usage = usage_from_metadata(chunk.get("usageMetadata")) or self.usage
@@ -222,14 +219,12 @@ class GenerateStreamMeter:
         return True
 
     def result(self) -> StreamResult:
-        text = "".join(self.text_parts)
         if self.usage_rejected:
-            return StreamResult(usage=None, complete=False, streamed_text=text, usage_rejected=self.usage_rejected)
+            return StreamResult(usage=None, complete=False, usage_rejected=self.usage_rejected)
         complete = self.finished and self.usage is not None
         return StreamResult(
             usage=self.usage if complete else None,
             complete=complete,
-            streamed_text=text,
             input_tokens_seen=self.usage.input_tokens if self.usage else None,
         )
 

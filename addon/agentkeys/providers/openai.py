@@ -5,6 +5,7 @@ Azure OpenAI sends the same bodies on other paths: `azure.py` maps its paths ont
 """
 
 import json
+import re
 
 from agentkeys.pricing import Usage
 from agentkeys.providers.base import (
@@ -356,9 +357,11 @@ def response_item_tokens(count: TextBound, item, unseen: set[str]) -> int:
 
 
 class ChatStreamMeter:
-    """Reads a chat (or legacy completions) stream: the text so far, and the usage chunk at the end.
+    """Reads a chat (or legacy completions) stream: the usage chunk at the end, and `[DONE]`.
 
-    When the proxy asked for usage on the client's behalf, that extra chunk is not passed on.
+    Only a chunk with a `usage` other than null is parsed: the text chunks before it cost nothing to
+    read (a stream's events pass at the rate of the output tokens). When the proxy asked for usage on
+    the client's behalf, that extra chunk is not passed on.
     """
 
     def __init__(self, hide_usage_chunk: bool):
@@ -366,17 +369,14 @@ class ChatStreamMeter:
         self.usage: Usage | None = None
         self.usage_rejected: str | None = None
         self.done = False
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
-        if event.data.strip() == "[DONE]":
-            self.done = True
+        if CARRIES_USAGE.search(event.data) is None:
+            self.done = self.done or event.data.strip() == "[DONE]"
             return True
         chunk = event_json(event)
         if chunk is None:
             return True
-        for choice in chunk.get("choices") or []:
-            self._collect_text(choice)
         try:
             usage = usage_from_object(chunk.get("usage"))
         except UsageRejected as e:
@@ -387,54 +387,48 @@ class ChatStreamMeter:
         self.usage = usage
         return not (self.hide_usage_chunk and not chunk.get("choices"))
 
-    def _collect_text(self, choice: dict) -> None:
-        delta = choice.get("delta") or {}
-        for text in (delta.get("content"), delta.get("refusal"), delta.get("reasoning_content"), choice.get("text")):
-            if isinstance(text, str):
-                self.text_parts.append(text)
-        for call in delta.get("tool_calls") or []:
-            function = call.get("function") or {}
-            self.text_parts.append((function.get("name") or "") + (function.get("arguments") or ""))
-
     def result(self) -> StreamResult:
-        return stream_result(self.usage, self.usage_rejected, self.done, self.text_parts)
+        return stream_result(self.usage, self.usage_rejected, self.done)
 
 
+# A chat chunk whose `usage` is anything but null: the only kind the meter parses. (A key spelled with
+# escapes would be missed, and the stream then charged its full hold: never less than it cost.)
+CARRIES_USAGE = re.compile(r'"usage"\s*:(?!\s*null\b)')
 # A Responses stream ends with one of these; each carries the whole response, usage included.
 RESPONSE_END_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 
 class ResponsesStreamMeter:
-    """Reads a Responses API stream: every text delta on the way, the usage from its final event."""
+    """Reads a Responses API stream: the usage from its final event.
+
+    An event named (by its `event:` line) as anything but a final one is not parsed.
+    """
 
     def __init__(self):
         self.usage: Usage | None = None
         self.usage_rejected: str | None = None
-        self.text_parts: list[str] = []
 
     def feed(self, event: SseEvent) -> bool:
-        data = event_json(event)
-        if data is None:
+        if event.event is not None and event.event not in RESPONSE_END_EVENTS:
             return True
-        kind = data.get("type") or ""
-        if kind in RESPONSE_END_EVENTS:
-            try:
-                self.usage = usage_from_object((data.get("response") or {}).get("usage"))
-            except UsageRejected as e:
-                self.usage_rejected = self.usage_rejected or str(e)
-        elif kind.endswith(".delta") and not kind.startswith("response.audio") and isinstance(data.get("delta"), str):
-            self.text_parts.append(data["delta"])
+        data = event_json(event)
+        if data is None or data.get("type") not in RESPONSE_END_EVENTS:
+            return True
+        try:
+            self.usage = usage_from_object((data.get("response") or {}).get("usage"))
+        except UsageRejected as e:
+            self.usage_rejected = self.usage_rejected or str(e)
         return True
 
     def result(self) -> StreamResult:
-        return stream_result(self.usage, self.usage_rejected, True, self.text_parts)
+        return stream_result(self.usage, self.usage_rejected, True)
 
 
-def stream_result(usage: Usage | None, rejected: str | None, ended: bool, text_parts: list[str]) -> StreamResult:
+def stream_result(usage: Usage | None, rejected: str | None, ended: bool) -> StreamResult:
     """A stream's usage, believed only when no part of it was rejected; complete once it ended with usage."""
     if rejected:
-        return StreamResult(usage=None, complete=False, streamed_text="".join(text_parts), usage_rejected=rejected)
-    return StreamResult(usage=usage, complete=ended and usage is not None, streamed_text="".join(text_parts))
+        return StreamResult(usage=None, complete=False, usage_rejected=rejected)
+    return StreamResult(usage=usage, complete=ended and usage is not None)
 
 
 FORMAT = OpenAIFormat()
