@@ -284,8 +284,8 @@ class AgentKeys:
                     log.warning("agentkeys: hold %d of key %s outlived its call", hold.hold_id, hold.key_id)
                     self._write_record(stale_hold_record(hold))
                 purged = await store.purge_expired()
-                if purged:
-                    log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
+                if purged:  # a count, never the list: a purge may be of thousands of keys
+                    log.info("agentkeys: purged %d expired keys", purged)
                 keys = await asyncio.to_thread(store.ledger.list_keys)
                 self.metrics.budgets.update(keys, time.time())
             except LedgerUnavailable as e:  # an outage, not a bug: no traceback

@@ -215,3 +215,14 @@ def test_a_worker_that_cannot_start_stops_serve_with_its_status(mock, tmp_path):
     assert done.returncode == 2, done
     assert "no such mitmproxy option in agentkeys serve: no_such_option" in done.stderr
     assert "worker 1 could not start" in done.stderr or "worker 2 could not start" in done.stderr
+
+
+def test_a_purge_logs_how_many_keys_never_which(proxy, tmp_path):
+    """A purge may be of a hundred thousand keys: its log line stays one short line (a count)."""
+    policy = write_policy(tmp_path, "short")
+    ids = [proxy.issue(policy, "--ttl", "1s")["id"] for _ in range(3)]
+    wait_until(lambda: all(proxy.ledger().get_key(key_id) is None for key_id in ids), what="the keys purged")
+    purges = [line for line in proxy.log_path.read_text().splitlines() if "expired keys" in line]
+    counts = [int(line.split("purged ")[1].split()[0]) for line in purges]
+    assert sum(counts) >= 3
+    assert not any(key_id in line for line in purges for key_id in ids)

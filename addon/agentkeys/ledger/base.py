@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+PURGE_BATCH = 1000  # keys deleted by one purge_expired: a few milliseconds of the store's time
+
 
 class LedgerUnavailable(Exception):
     """The store could not be reached or was locked too long; callers refuse the call (fail closed)."""
@@ -126,12 +128,15 @@ class Ledger(Protocol):
         """Revoke a key and every descendant at once; False if the key was not active."""
         ...
 
-    def purge_expired(self, now: float) -> list[str]:
+    def purge_expired(self, now: float, limit: int = PURGE_BATCH) -> list[str]:
         """Return finished children's grants to their parents, then delete expired keys with nothing open.
 
         A child is finished when it is revoked or expired and has nothing in flight: its parent's hold
         of the child's budget becomes the child's spend, and the rest is free again. Audit records stay.
         Token ids remembered by `claim_token` are forgotten once past their expiry.
+
+        At most `limit` keys are deleted (those that expired first), so that one call is a short step
+        however many keys expired together: while it returns `limit` ids, there may be more.
         """
         ...
 

@@ -43,7 +43,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from agentkeys.ledger.base import KeyExists, KeyRecord, LedgerUnavailable, Refusal, Reservation, StaleHold
+from agentkeys.ledger.base import (
+    PURGE_BATCH,
+    KeyExists,
+    KeyRecord,
+    LedgerUnavailable,
+    Refusal,
+    Reservation,
+    StaleHold,
+)
 
 PREFIX = "agentkeys:"
 RETENTION_SECONDS = 24 * 3600
@@ -209,9 +217,10 @@ end
 return swept
 """
 
-# ARGV: now. Returns finished children's grants to their parents (repeating, since returning a
-# grandchild's can finish its parent), then removes expired keys with nothing open. Returns the ids of
-# the keys it removed (including any whose TTL had already removed them).
+# ARGV: now, limit. Returns finished children's grants to their parents (repeating, since returning a
+# grandchild's can finish its parent), then removes up to `limit` expired keys with nothing open, those
+# that expired first. Returns the ids of the keys it removed (including any whose TTL had already
+# removed them).
 PURGE = """
 local now = tonumber(ARGV[1])
 local returned = true
@@ -236,15 +245,22 @@ while returned do
         end
     end
 end
-local purged = {}
-for _, key_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS_BY_EXPIRY, '-inf', ARGV[1])) do
-    local key = key_name(key_id)
-    local open = redis.call('HMGET', key, 'open_holds', 'grant_micros')
-    if not open[1] or (tonumber(open[1]) == 0 and tonumber(open[2] or 0) == 0) then
-        redis.call('DEL', key)
-        redis.call('ZREM', KEYS_BY_CREATION, key_id)
-        redis.call('ZREM', KEYS_BY_EXPIRY, key_id)
-        table.insert(purged, key_id)
+local limit = tonumber(ARGV[2])
+local purged, kept = {}, 0  -- kept: expired keys still in use, which stay in the index before the rest
+while #purged < limit do
+    local batch = redis.call('ZRANGEBYSCORE', KEYS_BY_EXPIRY, '-inf', ARGV[1], 'LIMIT', kept, limit - #purged)
+    if #batch == 0 then break end
+    for _, key_id in ipairs(batch) do
+        local key = key_name(key_id)
+        local open = redis.call('HMGET', key, 'open_holds', 'grant_micros')
+        if not open[1] or (tonumber(open[1]) == 0 and tonumber(open[2] or 0) == 0) then
+            redis.call('DEL', key)
+            redis.call('ZREM', KEYS_BY_CREATION, key_id)
+            redis.call('ZREM', KEYS_BY_EXPIRY, key_id)
+            table.insert(purged, key_id)
+        else
+            kept = kept + 1
+        end
     end
 end
 return purged
@@ -370,11 +386,11 @@ class RedisLedger:
         ]
         return sorted(swept, key=lambda hold: (hold.created_at, hold.hold_id))
 
-    def purge_expired(self, now: float) -> list[str]:
-        """Delete keys past their expiry with nothing in flight; their audit records stay. (Claimed tokens
-        need no purge: their TTL removes them.)"""
+    def purge_expired(self, now: float, limit: int = PURGE_BATCH) -> list[str]:
+        """Delete up to `limit` keys past their expiry with nothing in flight; their audit records stay.
+        (Claimed tokens need no purge: their TTL removes them.)"""
         with self._store():
-            return self._purge(args=[now])
+            return self._purge(args=[now, limit])
 
     def ping(self) -> None:
         with self._store():

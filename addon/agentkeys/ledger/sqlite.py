@@ -16,6 +16,7 @@ from dataclasses import astuple, fields, replace
 from pathlib import Path
 
 from agentkeys.ledger.base import (
+    PURGE_BATCH,
     KeyExists,
     KeyRecord,
     LedgerBusy,
@@ -45,6 +46,9 @@ CREATE TABLE IF NOT EXISTS keys (
     identity_json TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_parent ON keys (parent_id);
+-- The purge reads keys by expiry, and children whose grant is still out, a batch at a time.
+CREATE INDEX IF NOT EXISTS keys_by_expiry ON keys (expires_at);
+CREATE INDEX IF NOT EXISTS keys_with_grants ON keys (key_id) WHERE grant_micros > 0;
 CREATE TABLE IF NOT EXISTS holds (
     hold_id       INTEGER PRIMARY KEY AUTOINCREMENT,
     key_id        TEXT NOT NULL REFERENCES keys(key_id),
@@ -272,7 +276,7 @@ class SqliteLedger:
         )
         return sorted((StaleHold(*row) for row in rows), key=lambda hold: (hold.created_at, hold.hold_id))
 
-    def purge_expired(self, now: float) -> list[str]:
+    def purge_expired(self, now: float, limit: int = PURGE_BATCH) -> list[str]:
         """Return finished children's grants, then delete expired keys with nothing open (see `Ledger`)."""
         with self._transaction() as db:
             while finished := db.execute(
@@ -289,8 +293,8 @@ class SqliteLedger:
                     db.execute("UPDATE keys SET grant_micros = 0 WHERE key_id = ?", (key_id,))
             rows = db.execute(
                 "SELECT key_id FROM keys WHERE expires_at <= ? AND held_micros = 0 AND grant_micros = 0"
-                " AND NOT EXISTS (SELECT 1 FROM holds WHERE holds.key_id = keys.key_id)",
-                (now,),
+                " AND NOT EXISTS (SELECT 1 FROM holds WHERE holds.key_id = keys.key_id) ORDER BY expires_at LIMIT ?",
+                (now, limit),
             ).fetchall()
             purged = [key_id for (key_id,) in rows]
             db.executemany("DELETE FROM keys WHERE key_id = ?", rows)
