@@ -12,7 +12,7 @@ NODE_OPENAI := openai@6.49.0
 NODE_DIR := $(VENV)/node
 IMAGE ?= localhost/agentkeys:dev
 
-.PHONY: install run test bench bench-peers bench-audit lint clean redis-server iptables node-sdk image image-test dashboard-check mutants
+.PHONY: install run test bench bench-peers bench-purge bench-audit lint clean redis-server iptables node-sdk image image-test dashboard-check mutants
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ $(NODE_DIR)/node_modules/openai/package.json:
 bench: install redis-server
 	$(PY) bench/bench.py
 	$(PY) bench/bench_scale.py
+
+# A million expired keys in each store, purged while calls go on: what the purge adds to a call, and
+# start-up and memory with that many keys. Several minutes (writing the keys is most of it).
+bench-purge: install redis-server
+	$(PY) bench/bench_purge.py
 
 # Agent Keys beside Portkey's open-source gateway (Node; no keys or budgets) on the same mock: the
 # gateway is installed from npm into a temporary folder, removed afterwards.

@@ -30,7 +30,8 @@ from agentkeys.ledger.sqlite import SqliteLedger
 from bench import Connection, RedisServer, Target, conftest, start_mock, stop
 
 RESULTS_PATH = Path(__file__).with_name("results-purge.json")
-PURGE_INTERVAL = 3  # seconds after start before the first purge: the calls before it are the baseline
+PURGE_INTERVAL = 15  # seconds after start before the first purge: the calls before it are the baseline
+WATCH_SECONDS = 0.5
 TARGET_ADDED_MS = 50
 WRITE_BATCH = 10_000
 
@@ -80,22 +81,38 @@ def remaining(store: str, url: str) -> int:
         return client.zcount("agentkeys:expiry", "-inf", time.time())
 
 
-async def calls_during_purge(target: Target, store: str, url: str, started: float) -> dict:
-    """Latencies before the first purge and while purges run, until no expired key is left."""
+async def calls_during_purge(target: Target, store: str, url: str, count: int) -> dict:
+    """Latencies of calls one after another, split at the purge: before its first batch, and from
+    then until no expired key is left. The store is counted every half second beside the calls."""
     connection = await Connection.open(target)
     request = target.request(bench.SMALL_CHAT)
-    before, during, purge_began, purge_ended = [], [], started + PURGE_INTERVAL, None
-    try:
-        while purge_ended is None:
-            reply = await connection.call(request)
+    calls: list[tuple[float, float]] = []  # (when it ended, ms)
+    began = ended = None
+
+    async def watch():
+        nonlocal began, ended
+        while ended is None:
+            left = await asyncio.to_thread(remaining, store, url)
             now = time.monotonic()
-            (before if now < purge_began else during).append(reply.ms)
-            if now >= purge_began and len(during) % 200 == 0:
-                if await asyncio.to_thread(remaining, store, url) == 0:
-                    purge_ended = now
+            if began is None and left < count:
+                began = now - WATCH_SECONDS  # it began since the last look
+            if left == 0:
+                ended = now
+            await asyncio.sleep(WATCH_SECONDS)
+
+    watching = asyncio.create_task(watch())
+    try:
+        while ended is None:
+            reply = await connection.call(request)
+            calls.append((time.monotonic(), reply.ms))
     finally:
         connection.close()
-    return {"before": before, "during": during, "purge_seconds": purge_ended - purge_began}
+        await watching
+    return {
+        "before": [ms for at, ms in calls if at < began],
+        "during": [ms for at, ms in calls if began <= at <= ended],
+        "purge_seconds": ended - began,
+    }
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -121,10 +138,9 @@ def run_store(work: Path, mock, store: str, url: str, count: int) -> dict:
         proxy = conftest.start_proxy(work / store, mock, store=url, purge_interval=f"{PURGE_INTERVAL}s")
     try:
         started_in = ready_after(proxy, launched)
-        started = launched + started_in
         key = proxy.issue(bench.write_policy(work), "--budget", "1000", "--name", store)
         target = Target(store, store, [proxy.gateway_port], "/openai/v1/chat/completions", key["key"])
-        figures = asyncio.run(calls_during_purge(target, store, url, started))
+        figures = asyncio.run(calls_during_purge(target, store, url, count))
         rss = bench_rss(proxy.process.pid)
     finally:
         conftest.stop_proxy(proxy)

@@ -118,7 +118,13 @@ class InheritedListeners(asyncio.SelectorEventLoop):
         if inherited is None:
             return await super().create_server(protocol_factory, host, port, **kwargs)
         # A copy: mitmproxy closes its server on SIGTERM; the supervisor's socket stays for the others.
-        return await super().create_server(protocol_factory, sock=inherited.dup(), backlog=BACKLOG, **kwargs)
+        # asyncio accepts up to `backlog` waiting connections each time the socket is ready: with 1, a
+        # worker takes one and leaves the rest to whichever worker is free, so a burst of connections
+        # spreads over the workers instead of all going to the first awake. The queue the kernel keeps
+        # is then set back to BACKLOG (the shared socket's, for every worker).
+        server = await super().create_server(protocol_factory, sock=inherited.dup(), backlog=1, **kwargs)
+        inherited.listen(BACKLOG)
+        return server
 
 
 # ----- a worker -----

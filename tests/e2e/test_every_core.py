@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -226,3 +227,26 @@ def test_a_purge_logs_how_many_keys_never_which(proxy, tmp_path):
     counts = [int(line.split("purged ")[1].split()[0]) for line in purges]
     assert sum(counts) >= 3
     assert not any(key_id in line for line in purges for key_id in ids)
+
+
+def test_a_burst_of_connections_is_spread_over_the_workers(proxy, tmp_path):
+    """Agents open their connections at once and keep them: none may end up all on one worker."""
+    key = proxy.issue(write_policy(tmp_path, "burst"))
+    clients = [
+        openai.OpenAI(api_key=key["key"], base_url=f"{proxy.gateway_url}/openai/v1", max_retries=0) for _ in range(16)
+    ]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            list(
+                pool.map(
+                    lambda client: client.chat.completions.create(
+                        model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "hello"}]
+                    ),
+                    clients,
+                )
+            )
+    finally:
+        for client in clients:
+            client.close()
+    writers = Counter(record["writer"] for record in proxy.records_for(key["id"], 16))
+    assert len(writers) == 2 and min(writers.values()) >= 3, writers
