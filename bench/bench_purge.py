@@ -33,7 +33,7 @@ RESULTS_PATH = Path(__file__).with_name("results-purge.json")
 PURGE_INTERVAL = 15  # seconds after start before the first purge: the calls before it are the baseline
 WATCH_SECONDS = 0.5
 TARGET_ADDED_MS = 50
-WRITE_BATCH = 10_000
+WRITE_BATCH = 2_000
 
 
 def expired_keys(count: int, now: float):
@@ -54,15 +54,16 @@ def fill_sqlite(url: str, count: int, now: float) -> None:
 
 
 def fill_redis(url: str, count: int, now: float) -> None:
-    ledger = open_ledger(url)
+    ledger, client = open_ledger(url), redis.Redis.from_url(url)  # a client without the ledger's short timeouts
     try:
         records = expired_keys(count, now)
         while batch := [record for _, record in zip(range(WRITE_BATCH), records, strict=False)]:
-            with ledger._redis.pipeline(transaction=False) as pipe:  # the ledger's own script, many per round trip
+            with client.pipeline(transaction=False) as pipe:  # the ledger's own script, many per round trip
                 for record in batch:
                     ledger._create(args=[record.key_id, *bench_fields(record)], client=pipe)
                 pipe.execute()
     finally:
+        client.close()
         ledger.close()
 
 
@@ -173,21 +174,23 @@ def main() -> int:
         redis_url = running.enter_context(RedisServer()).url
         for store, url in (("sqlite", f"sqlite:///{work / 'keys.db'}"), ("redis", redis_url)):
             results[store] = run_store(work, mock, store, url, args.keys)
-    met = True
-    for store, figures in results.items():
-        before, during = figures["before"], figures["during"]
-        added = during["max"] - before["p99"]
-        met = met and added <= TARGET_ADDED_MS
-        print(
-            f"{store}: {figures['keys']:,} expired keys purged in {figures['purge_seconds']:.1f} s;"
-            f" calls before: median {before['median']:.2f} ms, p99 {before['p99']:.2f}, max {before['max']:.1f}"
-            f" ({before['calls']}); during: median {during['median']:.2f} ms, p99 {during['p99']:.2f},"
-            f" max {during['max']:.1f} ({during['calls']}); worst call {added:+.1f} ms over the p99 before"
-            f" (target <= {TARGET_ADDED_MS} ms); serve ready in {figures['start_seconds']:.1f} s;"
-            f" resident {figures['rss_mb']:.0f} MB"
-        )
+            report(store, results[store])
     RESULTS_PATH.write_text(json.dumps(results, indent=1))
-    return 0 if met else 1
+    added = [figures["during"]["max"] - figures["before"]["p99"] for figures in results.values()]
+    return 0 if all(ms <= TARGET_ADDED_MS for ms in added) else 1
+
+
+def report(store: str, figures: dict) -> None:
+    before, during = figures["before"], figures["during"]
+    print(
+        f"{store}: {figures['keys']:,} expired keys purged in {figures['purge_seconds']:.1f} s;"
+        f" calls before: median {before['median']:.2f} ms, p99 {before['p99']:.2f}, max {before['max']:.1f}"
+        f" ({before['calls']}); during: median {during['median']:.2f} ms, p99 {during['p99']:.2f},"
+        f" max {during['max']:.1f} ({during['calls']}); worst call {during['max'] - before['p99']:+.1f} ms over"
+        f" the p99 before (target <= {TARGET_ADDED_MS} ms); serve ready in {figures['start_seconds']:.1f} s;"
+        f" resident {figures['rss_mb']:.0f} MB",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ from agentkeys.yamlfile import ConfigError
 
 DEFAULT_CONFIG = Path("agentkeys.yaml")
 PROBE_TIMEOUT_SECONDS = 4
+LIST_PAGE = 10_000  # keys read from the store at a time by a filtered `keys list`
 
 
 class NoStore(Exception):
@@ -127,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", choices=["active", "revoked", "expired"], help="only keys in this state")
     listing.add_argument("--policy", help="only keys issued from this policy (its name)")
     listing.add_argument("--parent", metavar="ID", help="only the child keys of this key")
+    listing.add_argument("--limit", type=positive_int, metavar="N", help="at most N keys (a page); the rest: --offset")
+    listing.add_argument(
+        "--offset", type=non_negative_int, default=0, metavar="N", help="skip the first N keys listed (default 0)"
+    )
     listing.set_defaults(run=cmd_keys_list)
     show = keys.add_parser("show", help="one key in detail")
     show.add_argument("key_id", metavar="ID_OR_KEY", help="the key's id, or the key itself (ak_…)")
@@ -304,6 +310,12 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 0: {text!r}")
+    return int(text)
+
+
 def cmd_serve(args) -> int:
     from agentkeys.server import serve
     from agentkeys.workers import default_workers, supervise
@@ -335,6 +347,8 @@ def cmd_serve(args) -> int:
         return serve(settings, modes, config.log_format)
     if AuditSettings.of(config).enabled:  # made once here, not raced for by the workers
         signing_key(certs_dir)
+    if sqlite_path(config.store_url):  # made before the listeners open, as one proxy does (keys issue waits for it)
+        open_ledger(config.store_url).close()
     return supervise(workers, settings, modes, config.log_format, config)
 
 
@@ -411,10 +425,19 @@ def cmd_keys_issue(args) -> int:
 
 
 def cmd_keys_list(args) -> int:
-    now = time.time()
-    summaries = [describe(record, now) for record in open_store(args, read_config(args)).list_keys()]
+    now, ledger = time.time(), open_store(args, read_config(args))
     wanted = {"status": args.status, "policy": args.policy, "parent_id": args.parent}
-    summaries = [s for s in summaries if all(value is None or s[name] == value for name, value in wanted.items())]
+    wanted = {name: value for name, value in wanted.items() if value is not None}
+    if wanted:  # filtered here, so read page by page, and no further than the page asked for
+        summaries = (describe(record, now) for record in keys_in_pages(ledger))
+        matching = (s for s in summaries if all(s[name] == value for name, value in wanted.items()))
+        stop = None if args.limit is None else args.offset + args.limit
+        summaries = list(itertools.islice(matching, args.offset, stop))
+    else:
+        summaries = [describe(record, now) for record in ledger.list_keys(args.offset, args.limit)]
+    if args.limit is not None and len(summaries) == args.limit:
+        next_page = args.offset + args.limit
+        print(f"agentkeys: {args.limit} keys listed; the next ones: --offset {next_page}", file=sys.stderr)
     if args.json:
         print(dumps(summaries, indent=2))
         return 0
@@ -437,6 +460,15 @@ def cmd_keys_show(args) -> int:
         for name, value in summary.items():
             print(f"{name:>14}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     return 0
+
+
+def keys_in_pages(ledger: Ledger):
+    """Every key, oldest first, read LIST_PAGE at a time (a listing, not a snapshot)."""
+    for offset in itertools.count(0, LIST_PAGE):
+        page = ledger.list_keys(offset, LIST_PAGE)
+        yield from page
+        if len(page) < LIST_PAGE:
+            return
 
 
 def find_key(ledger: Ledger, id_or_key: str) -> KeyRecord | None:

@@ -93,7 +93,12 @@ def bind_listeners(modes: list[str], settings: dict) -> tuple[list[str], dict[tu
     bound_modes, sockets = [], {}
     for mode in modes:
         host, port = mode_address(mode, settings)
-        listener = bind(host, port)
+        try:
+            listener = bind(host, port)
+        except OSError as e:  # as mitmproxy says it, naming the listener
+            for bound in sockets.values():
+                bound.close()
+            raise OSError(e.errno, f"{mode} failed to listen on {host or '*'}:{port} with {e}") from None
         if port == 0:
             port = listener.getsockname()[1]
             mode = f"{mode.rpartition('@')[0]}@{f'[{host}]' if ':' in host else host}:{port}"
@@ -460,7 +465,7 @@ def supervise(count: int, settings: dict, modes: list[str], log_format: str, con
     try:
         supervisor = Supervisor(count, settings, modes, log_format, config.shutdown_grace)
     except OSError as e:
-        print(f"agentkeys: cannot listen: {e}", file=sys.stderr)
+        print(f"agentkeys: {e.strerror}", file=sys.stderr)
         return 1
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter("%(message)s"))

@@ -336,10 +336,14 @@ class RedisLedger:
         with self._store():
             return key_record(self._redis.hmget(key_name(key_id), KEY_FIELDS))
 
-    def list_keys(self) -> list[KeyRecord]:
-        """Oldest first. Not one snapshot: a key created or purged meanwhile may be in or out."""
+    def list_keys(self, offset: int = 0, limit: int | None = None) -> list[KeyRecord]:
+        """Oldest first (a page: `limit` after `offset`). Not one snapshot: a key created or purged
+        meanwhile may be in or out."""
+        if limit == 0:
+            return []
+        last = -1 if limit is None else offset + limit - 1  # ZRANGE's stop is inclusive; -1 is the end
         with self._store():
-            return self._records(self._redis.zrange(f"{PREFIX}keys", 0, -1))
+            return self._records(self._redis.zrange(f"{PREFIX}keys", offset, last))
 
     def _records(self, key_ids) -> list[KeyRecord]:
         """The records of these keys in one round trip, leaving out any that no longer exist."""

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE INDEX IF NOT EXISTS keys_by_parent ON keys (parent_id);
 -- The purge reads keys by expiry, and children whose grant is still out, a batch at a time.
+CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, key_id);  -- list_keys, a page at a time
 CREATE INDEX IF NOT EXISTS keys_by_expiry ON keys (expires_at);
 CREATE INDEX IF NOT EXISTS keys_with_grants ON keys (key_id) WHERE grant_micros > 0;
 CREATE TABLE IF NOT EXISTS holds (
@@ -201,8 +202,10 @@ class SqliteLedger:
         rows = self._query(f"SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ?", (key_id,))
         return KeyRecord(*rows[0]) if rows else None
 
-    def list_keys(self) -> list[KeyRecord]:
-        return [KeyRecord(*row) for row in self._query(f"SELECT {KEY_COLUMNS} FROM keys ORDER BY created_at")]
+    def list_keys(self, offset: int = 0, limit: int | None = None) -> list[KeyRecord]:
+        page = (limit if limit is not None else -1, offset)  # SQLite: a negative limit is none
+        query = f"SELECT {KEY_COLUMNS} FROM keys ORDER BY created_at, key_id LIMIT ? OFFSET ?"
+        return [KeyRecord(*row) for row in self._query(query, page)]
 
     def revoke(self, key_id: str, now: float) -> bool:
         with self._transaction() as db:
