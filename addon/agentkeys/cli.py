@@ -317,7 +317,6 @@ def non_negative_int(text: str) -> int:
 
 
 def cmd_serve(args) -> int:
-    from agentkeys.server import serve
     from agentkeys.workers import default_workers, supervise
 
     config = read_config(args)
@@ -344,6 +343,8 @@ def cmd_serve(args) -> int:
         print_how_to_connect(config, certs_dir)
     workers = args.workers or default_workers()
     if workers == 1:
+        from agentkeys.server import serve  # mitmproxy's proxy core: a supervisor needs none of it
+
         return serve(settings, modes, config.log_format)
     if AuditSettings.of(config).enabled:  # made once here, not raced for by the workers
         signing_key(certs_dir)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-PURGE_BATCH = 1000  # keys deleted by one purge_expired: a few milliseconds of the store's time
+PURGE_BATCH = 250  # keys deleted by one purge_expired: the store is locked that long, calls wait at most that
 
 
 class LedgerUnavailable(Exception):
