@@ -165,6 +165,7 @@ def bench_rss(pid: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=1_000_000, help="expired keys in the store")
+    parser.add_argument("--store", choices=["sqlite", "redis"], action="append", help="only this store (default: both)")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="agentkeys-bench-purge-") as tmp, contextlib.ExitStack() as running:
@@ -172,7 +173,10 @@ def main() -> int:
         mock = start_mock(work)
         running.callback(stop, mock.process)
         redis_url = running.enter_context(RedisServer()).url
-        for store, url in (("sqlite", f"sqlite:///{work / 'keys.db'}"), ("redis", redis_url)):
+        stores = {"sqlite": f"sqlite:///{work / 'keys.db'}", "redis": redis_url}
+        for store, url in stores.items():
+            if args.store and store not in args.store:
+                continue
             results[store] = run_store(work, mock, store, url, args.keys)
             report(store, results[store])
     RESULTS_PATH.write_text(json.dumps(results, indent=1))
