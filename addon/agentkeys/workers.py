@@ -251,6 +251,8 @@ class Supervisor:
         deadline = time.monotonic() + START_SECONDS
         waiting = list(self.workers)
         while waiting and time.monotonic() < deadline:
+            if self._stopping:  # told to stop while starting: not a failure of the workers
+                return None
             for worker in list(waiting):
                 if not worker.running:
                     await asyncio.gather(*worker.relays)  # its last words are in the log before ours
