@@ -185,8 +185,10 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop, signum)
         loop.add_signal_handler(signal.SIGHUP, self.tell_all, signal.SIGHUP)
-        health = serve_http(FleetHealth(self), ThreadingHTTPServer, metrics_address) if metrics_address else None
+        health = None
         try:
+            if metrics_address:
+                health = serve_http(FleetHealth(self), ThreadingHTTPServer, metrics_address)
             for worker in self.workers:
                 await self._start(worker)
             failed = await self._all_answering()
@@ -473,7 +475,11 @@ def supervise(count: int, settings: dict, modes: list[str], log_format: str, con
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     metrics = (config.listen_host, config.metrics_port) if config.metrics_port else None
-    return asyncio.run(supervisor.run(metrics))
+    try:
+        return asyncio.run(supervisor.run(metrics))
+    except OSError as e:  # the metrics port is taken; the listeners are closed by then
+        print(f"agentkeys: the metrics port {config.listen_host}:{config.metrics_port}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ signals reach them all; a worker that dies comes back and its holds follow the c
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -194,6 +195,20 @@ def test_workers_stop_when_their_supervisor_is_killed(mock, tmp_path):
     os.kill(proxy.process.pid, signal.SIGKILL)
     proxy.process.wait()
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), what="the workers stopping")
+
+
+def test_a_taken_metrics_port_stops_serve_before_any_worker_starts(tmp_path):
+    metrics_port = free_port()
+    config = tmp_path / "agentkeys.yaml"
+    ports = {"proxy_port": free_port(), "gateway_port": free_port(), "metrics_port": metrics_port}
+    config.write_text(yaml.safe_dump({"listen_host": "127.0.0.1", **ports, "store": "sqlite:///k.db"}))
+    command = [str(PROXY_PYTHON), "-m", "agentkeys.cli", "--config", str(config), "serve", "--workers", "2"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", metrics_port))
+        taken.listen()
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 1
+    assert f"the metrics port 127.0.0.1:{metrics_port}" in done.stderr and "in use" in done.stderr
 
 
 def test_a_worker_that_cannot_start_stops_serve_with_its_status(mock, tmp_path):
