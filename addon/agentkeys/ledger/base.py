@@ -6,6 +6,8 @@ from typing import Protocol
 
 from agentkeys.ledger.limits import LimitAnswer, LimitRequest, LimitTicket
 
+PURGE_BATCH = 250  # keys deleted by one purge_expired: the store is locked that long, calls wait at most that
+
 
 class LedgerUnavailable(Exception):
     """The store could not be reached or was locked too long; callers refuse the call (fail closed)."""
@@ -124,7 +126,10 @@ class Ledger(Protocol):
         ...
 
     def get_key(self, key_id: str) -> KeyRecord | None: ...
-    def list_keys(self) -> list[KeyRecord]: ...
+    def list_keys(self, offset: int = 0, limit: int | None = None) -> list[KeyRecord]:
+        """Keys oldest first: all of them, or `limit` of them after the first `offset` (a page)."""
+        ...
+
     def reserve(self, key_id: str, amount_micros: int, now: float) -> Reservation:
         """Hold `amount_micros` if the key is live and it fits its budget and, for a key of an account,
         the account is active and it fits the account's current period (the ledger's `calendar`), all
@@ -181,12 +186,15 @@ class Ledger(Protocol):
         """
         ...
 
-    def purge_expired(self, now: float) -> list[str]:
+    def purge_expired(self, now: float, limit: int = PURGE_BATCH) -> list[str]:
         """Return finished children's grants to their parents, then delete expired keys with nothing open.
 
         A child is finished when it is revoked or expired and has nothing in flight: its parent's hold
         of the child's budget becomes the child's spend, and the rest is free again. Audit records stay.
         Token ids remembered by `claim_token`, and contexts, are forgotten once past their expiry.
+
+        At most `limit` keys are deleted (those that expired first), so that one call is a short step
+        however many keys expired together: while it returns `limit` ids, there may be more.
         """
         ...
 
