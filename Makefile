@@ -12,7 +12,7 @@ NODE_OPENAI := openai@6.49.0
 NODE_DIR := $(VENV)/node
 IMAGE ?= localhost/agentkeys:dev
 
-.PHONY: install run test bench bench-audit bench-limits lint clean redis-server faketime iptables node-sdk image image-test dashboard-check mutants compat
+.PHONY: install run test bench bench-peers bench-purge bench-audit bench-limits lint clean redis-server faketime iptables node-sdk image image-test dashboard-check mutants compat
 
 install: $(STAMP)
 
@@ -58,6 +58,22 @@ $(NODE_DIR)/node_modules/openai/package.json:
 
 bench: install redis-server
 	$(PY) bench/bench.py
+	$(PY) bench/bench_scale.py
+
+# A million expired keys in each store, purged while calls go on: what the purge adds to a call, and
+# start-up and memory with that many keys. Several minutes (writing the keys is most of it).
+bench-purge: install redis-server
+	$(PY) bench/bench_purge.py
+
+# Agent Keys beside Portkey's open-source gateway (Node; no keys or budgets) on the same mock: the
+# gateway is installed from npm into a temporary folder, removed afterwards.
+PORTKEY := @portkey-ai/gateway@1.15.2
+
+bench-peers: install
+	@command -v npm >/dev/null || { echo "error: bench-peers needs npm and node (Portkey's gateway is a Node package)" >&2; exit 1; }
+	@peers=$$(mktemp -d) && trap 'rm -rf "$$peers"' EXIT && \
+		npm install --silent --no-audit --no-fund --prefix "$$peers" $(PORTKEY) && \
+		$(PY) bench/bench_peers.py --portkey "$$peers/node_modules/@portkey-ai/gateway"
 
 # The container image, with podman; the base is made from Debian's packages if no registry is reachable.
 image:

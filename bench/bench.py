@@ -414,10 +414,11 @@ class MockProcess:
     url: str
 
 
-def start_mock(work: Path) -> MockProcess:
+def start_mock(work: Path, output_tokens: int = 12) -> MockProcess:
     """`python -m mock_provider --port N` in tests/, ready once it prints its "listening on" line."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "mock_provider", "--port", str(conftest.free_port())],
+        [sys.executable, "-m", "mock_provider", "--port", str(conftest.free_port()),
+         "--output-tokens", str(output_tokens)],  # fmt: skip
         cwd=REPO / "tests",
         stdout=subprocess.PIPE,
         stderr=open(work / "mock.log", "w"),

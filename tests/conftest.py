@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,9 +159,12 @@ def write_policy(directory: Path, name: str = "test", **fields) -> Path:
     return path
 
 
-def start_proxy(directory: Path, mock: MockProvider, launcher: str = "serve", **config_fields) -> Proxy:
-    """A proxy on free ports in `directory`, as `agentkeys serve` runs it, or with launcher="mitmdump" as
-    a plain mitmdump script (every mitmdump addon loaded, the settings as mitmproxy options)."""
+def start_proxy(
+    directory: Path, mock: MockProvider, launcher: str = "serve", workers: int = 1, **config_fields
+) -> Proxy:
+    """A proxy on free ports in `directory`, as `agentkeys serve --workers N` runs it (one process unless
+    `workers` says more), or with launcher="mitmdump" as a plain mitmdump script (every mitmdump addon
+    loaded, the settings as mitmproxy options)."""
     directory.mkdir(parents=True, exist_ok=True)
     proxy_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
     config = {
@@ -185,7 +189,7 @@ def start_proxy(directory: Path, mock: MockProvider, launcher: str = "serve", **
     env = {**os.environ, "OPENAI_API_KEY": OPENAI_REAL_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_REAL_KEY, **OTHER_REAL_KEYS}
     env.pop("HTTPS_PROXY", None)
     process = subprocess.Popen(
-        proxy_command(launcher, config_path, proxy_port, gateway_port),
+        proxy_command(launcher, config_path, proxy_port, gateway_port, workers),
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
         env=env,
@@ -197,12 +201,38 @@ def start_proxy(directory: Path, mock: MockProvider, launcher: str = "serve", **
     if config["metrics_port"]:  # probes and metrics: served a moment after the listeners
         wait_for_port(config["metrics_port"], process, log_path)
     wait_for_store(config_path, process, log_path)
+    if workers > 1 and config["metrics_port"]:
+        wait_for_workers(proxy)
     return proxy
 
 
-def proxy_command(launcher: str, config_path: Path, proxy_port: int, gateway_port: int) -> list[str]:
+def wait_for_workers(proxy: Proxy, timeout: float = 60) -> None:
+    """Wait until every worker is ready (the supervisor listens before its workers accept)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/readyz", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if proxy.process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the workers did not get ready:\n{proxy.log_path.read_text()}")
+        time.sleep(0.1)
+
+
+def proxy_command(launcher: str, config_path: Path, proxy_port: int, gateway_port: int, workers: int = 1) -> list[str]:
     if launcher == "serve":
-        return [str(PROXY_PYTHON), "-m", "agentkeys.cli", "--config", str(config_path), "serve"]
+        return [
+            str(PROXY_PYTHON),
+            "-m",
+            "agentkeys.cli",
+            "--config",
+            str(config_path),
+            "serve",
+            "--workers",
+            str(workers),
+        ]
     assert launcher == "mitmdump", launcher
     return [
         str(MITMDUMP),

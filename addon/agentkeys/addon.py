@@ -29,7 +29,7 @@ from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.mode_specs import ReverseMode, TransparentMode
 
-from agentkeys import logs, tokens
+from agentkeys import logs
 from agentkeys.alerts import ALERTED_REFUSALS, Alerts, sender_for
 from agentkeys.audit import AuditLog, CallRecord, audit_log_for
 from agentkeys.calls import CallRequest, Denial, Outcome
@@ -130,7 +130,9 @@ class StreamRelay:
                 return non_empty(self.splitter.flush())
             if self.broken:
                 return [chunk]
-            return [event.raw for event in self.splitter.feed(chunk) if self.meter.feed(event)]
+            # The events passed on, as one chunk: mitmproxy sends each item it is given as a write of its own.
+            passed = b"".join([event.raw for event in self.splitter.feed(chunk) if self.meter.feed(event)])
+            return [passed] if passed else []
         except SseEventTooLarge as too_large:
             log.warning("agentkeys: %s; passing the rest of the stream through, charged its full hold", too_large)
             self.broken = True
@@ -200,6 +202,9 @@ class AgentKeys:
         loader.add_option(
             "agentkeys_metrics_port", int, -1, "Prometheus port; overrides the config's (0 turns metrics off)."
         )
+        loader.add_option(
+            "agentkeys_health_socket", str, "", "A worker's Unix socket for its supervisor; replaces the metrics port."
+        )
 
     def configure(self, updated: set[str]):
         if not any(name.startswith("agentkeys_") for name in updated):
@@ -210,7 +215,6 @@ class AgentKeys:
             raise exceptions.OptionsError(f"agentkeys: bad config:\n{e}") from None
         except StoreMisconfigured as e:
             raise exceptions.OptionsError(f"agentkeys: refusing the store: {e}") from None
-        tokens.preload()  # once, rather than on the event loop during the first call
 
     def reload(self):
         """SIGHUP: read the config, prices, issuers and their policy files again, keeping every connection.
@@ -299,17 +303,17 @@ class AgentKeys:
         # Dial a provider only when a call is forwarded: a refused call never opens a connection.
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
-        if self.config.metrics_port and self.health is None:
-            self._serve_health(self.config.metrics_port)
+        if self.health is None and (ctx.options.agentkeys_health_socket or self.config.metrics_port):
+            self._serve_health()
         if self.config.admin_port and self.admin is None:
             self._serve_admin(self.config)
         if self._purge_task is None:
             self._purge_task = asyncio.get_running_loop().create_task(self._keep_the_books())
-            # The price table, the tokenizers and mitmproxy's own start-up objects live as long as the
+            # The price table and mitmproxy's own start-up objects live as long as the
             # proxy: garbage collections from now on leave them out.
             gc.freeze()
 
-    def _serve_health(self, port: int):
+    def _serve_health(self):
         master = ctx.master
         self.health = HealthServer(
             self.metrics.registry,
@@ -317,7 +321,10 @@ class AgentKeys:
             loop_checks={"listeners": lambda: listeners_up(master), "ca": lambda: ca_loaded(master)},
             thread_checks={"store": lambda: store_answers(self.gate.store.ledger)},
         )
-        self.health.start(self.config.listen_host, port)
+        if ctx.options.agentkeys_health_socket:  # a worker: its supervisor serves the metrics port
+            self.health.start_on_socket(ctx.options.agentkeys_health_socket)
+        else:
+            self.health.start(self.config.listen_host, self.config.metrics_port)
 
     def _serve_admin(self, config: ProxyConfig):
         """The admin API on its own listener and thread, with its own handle on the store."""
@@ -347,8 +354,8 @@ class AgentKeys:
                     self._write_record(stale_hold_record(hold))
                 keys = await asyncio.to_thread(store.ledger.list_keys)
                 purged = await store.purge_expired(self.gate.purge_cutoff(keys, store.clock()))
-                if purged:
-                    log.info("agentkeys: purged %d expired keys: %s", len(purged), ", ".join(purged))
+                if purged:  # a count, never the list: a purge may be of thousands of keys
+                    log.info("agentkeys: purged %d expired keys", purged)
                 self.metrics.budgets.update(keys, time.time())
             except LedgerUnavailable as e:  # an outage, not a bug: no traceback
                 log.error("agentkeys: keeping the books failed; will try again: %s", e)

@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ from pathlib import Path
 import agentkeys
 from agentkeys import auditreport, credentials, logs
 from agentkeys.accountscli import add_account_commands
+from agentkeys.audit import AuditSettings
 from agentkeys.auditchain import fingerprint, load_public_key, public_key_pem, signing_key
 from agentkeys.auditfiles import audit_files, call_records
 from agentkeys.auditverify import verify
@@ -32,6 +34,7 @@ from agentkeys.yamlfile import ConfigError
 
 DEFAULT_CONFIG = Path("agentkeys.yaml")
 PROBE_TIMEOUT_SECONDS = 4
+LIST_PAGE = 10_000  # keys read from the store at a time by a filtered `keys list`
 
 
 class NoStore(Exception):
@@ -102,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         " /healthz, /readyz). Listeners, store, audit log, metrics port, log format and mitmproxy options"
         " come from the config file. Stops on SIGINT or SIGTERM.",
     )
+    serve.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="proxy processes sharing the listeners, the store and the metrics port (default: one per core)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     keys = commands.add_parser("keys", help="issue, list, show and revoke agent keys").add_subparsers(
@@ -122,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", choices=["active", "revoked", "expired"], help="only keys in this state")
     listing.add_argument("--policy", help="only keys issued from this policy (its name)")
     listing.add_argument("--parent", metavar="ID", help="only the child keys of this key")
+    listing.add_argument("--limit", type=positive_int, metavar="N", help="at most N keys (a page); the rest: --offset")
+    listing.add_argument(
+        "--offset", type=non_negative_int, default=0, metavar="N", help="skip the first N keys listed (default 0)"
+    )
     listing.set_defaults(run=cmd_keys_list)
     show = keys.add_parser("show", help="one key in detail")
     show.add_argument("key_id", metavar="ID_OR_KEY", help="the key's id, or the key itself (ak_…)")
@@ -184,7 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--ttl", help="ask for a shorter lifetime than the rule gives")
     swap.add_argument("--budget", type=float, help="ask for a smaller USD cap than the rule gives")
     swap.set_defaults(run=cmd_exchange)
-
 
     ca = commands.add_parser(
         "ca",
@@ -299,8 +311,20 @@ def announce(args, using: str) -> None:
 # ----- serve -----
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return int(text)
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 0: {text!r}")
+    return int(text)
+
+
 def cmd_serve(args) -> int:
-    from agentkeys.server import serve
+    from agentkeys.workers import default_workers, supervise
 
     config = read_config(args)
     certs_dir = config.path(config.certs_dir)
@@ -324,7 +348,16 @@ def cmd_serve(args) -> int:
         print(logs.json_line(time.time(), "info", "agentkeys: starting", fields), flush=True)
     else:
         print_how_to_connect(config, certs_dir)
-    return serve(settings, modes, config.log_format)
+    workers = args.workers or default_workers()
+    if workers == 1:
+        from agentkeys.server import serve  # mitmproxy's proxy core: a supervisor needs none of it
+
+        return serve(settings, modes, config.log_format)
+    if AuditSettings.of(config).enabled:  # made once here, not raced for by the workers
+        signing_key(certs_dir)
+    if sqlite_path(config.store_url):  # made before the listeners open, as one proxy does (keys issue waits for it)
+        open_ledger(config.store_url).close()
+    return supervise(workers, settings, modes, config.log_format, config)
 
 
 def banner_fields(config: ProxyConfig) -> dict:
@@ -401,10 +434,19 @@ def cmd_keys_issue(args) -> int:
 
 
 def cmd_keys_list(args) -> int:
-    now = time.time()
-    summaries = [describe(record, now) for record in open_store(args, read_config(args)).list_keys()]
+    now, ledger = time.time(), open_store(args, read_config(args))
     wanted = {"status": args.status, "policy": args.policy, "parent_id": args.parent}
-    summaries = [s for s in summaries if all(value is None or s[name] == value for name, value in wanted.items())]
+    wanted = {name: value for name, value in wanted.items() if value is not None}
+    if wanted:  # filtered here, so read page by page, and no further than the page asked for
+        summaries = (describe(record, now) for record in keys_in_pages(ledger))
+        matching = (s for s in summaries if all(s[name] == value for name, value in wanted.items()))
+        stop = None if args.limit is None else args.offset + args.limit
+        summaries = list(itertools.islice(matching, args.offset, stop))
+    else:
+        summaries = [describe(record, now) for record in ledger.list_keys(args.offset, args.limit)]
+    if args.limit is not None and len(summaries) == args.limit:
+        next_page = args.offset + args.limit
+        print(f"agentkeys: {args.limit} keys listed; the next ones: --offset {next_page}", file=sys.stderr)
     if args.json:
         print(dumps(summaries, indent=2))
         return 0
@@ -427,6 +469,15 @@ def cmd_keys_show(args) -> int:
         for name, value in summary.items():
             print(f"{name:>14}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     return 0
+
+
+def keys_in_pages(ledger: Ledger):
+    """Every key, oldest first, read LIST_PAGE at a time (a listing, not a snapshot)."""
+    for offset in itertools.count(0, LIST_PAGE):
+        page = ledger.list_keys(offset, LIST_PAGE)
+        yield from page
+        if len(page) < LIST_PAGE:
+            return
 
 
 def find_key(ledger: Ledger, id_or_key: str) -> KeyRecord | None:

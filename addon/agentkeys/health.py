@@ -10,8 +10,11 @@ and asks that loop a question with a deadline: a loop that does not answer withi
 """
 
 import asyncio
+import http.client
 import json
 import logging
+import socket
+import socketserver
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,10 +52,11 @@ class HealthServer:
         self._server: ThreadingHTTPServer | None = None
 
     def start(self, host: str, port: int) -> None:
-        handler = type("Handler", (HealthRequestHandler,), {"health": self})
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="agentkeys-health", daemon=True).start()
+        self._server = serve_http(self, ThreadingHTTPServer, (host, port))
+
+    def start_on_socket(self, path: str) -> None:
+        """Serve on a Unix socket instead: a worker's, which only its supervisor asks (`workers.py`)."""
+        self._server = serve_http(self, UnixHTTPServer, path)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -81,6 +85,44 @@ class HealthServer:
             return {}, f"the event loop did not answer within {LOOP_DEADLINE_SECONDS:g}s"
         except RuntimeError:  # the loop is closed: the proxy is stopping
             return {}, "the proxy is stopping"
+
+
+class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def serve_http(health, server_class, address) -> socketserver.BaseServer:
+    """Answer /metrics, /healthz and /readyz from `health` (anything with `registry`, `alive` and
+    `readiness`) on a thread of their own."""
+    handler = type("Handler", (HealthRequestHandler,), {"health": health})
+    server = server_class(address, handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="agentkeys-health", daemon=True).start()
+    return server
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP client connection to a Unix socket (a worker's health server)."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def ask_socket(path: str, target: str, timeout: float) -> tuple[int, bytes]:
+    """GET `target` from the health server on the Unix socket `path`: its status and body."""
+    connection = UnixHTTPConnection(path, timeout)
+    try:
+        connection.request("GET", target)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 class HealthRequestHandler(BaseHTTPRequestHandler):

@@ -62,15 +62,20 @@ class ProxyMaster(master.Master):
         self.shutdown()
 
 
-def serve(settings: dict, modes: list[str], log_format: str = "text") -> int:
+def serve(
+    settings: dict, modes: list[str], log_format: str = "text", loop_factory=None, lifeline: int | None = None
+) -> int:
     """Run until SIGINT (at once) or SIGTERM (gracefully); SIGHUP reloads the config.
 
-    `settings` are mitmproxy and agentkeys_* options by name; `log_format` is "text" or "json".
+    `settings` are mitmproxy and agentkeys_* options by name; `log_format` is "text" or "json". A
+    worker (`workers.py`) gives the loop that listens on its supervisor's sockets, and the pipe whose
+    closing says that its supervisor is gone.
     """
-    return asyncio.run(_serve(settings, modes, log_format))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve(settings, modes, log_format, lifeline))
 
 
-async def _serve(settings: dict, modes: list[str], log_format: str) -> int:
+async def _serve(settings: dict, modes: list[str], log_format: str, lifeline: int | None) -> int:
     logging.getLogger().setLevel(logging.INFO)
     proxy = ProxyMaster(options.Options(), log_format)
     unknown = sorted(set(settings) - set(proxy.options.keys()))
@@ -89,5 +94,12 @@ async def _serve(settings: dict, modes: list[str], log_format: str) -> int:
     loop.add_signal_handler(signal.SIGTERM, proxy.drain)
     loop.add_signal_handler(signal.SIGHUP, proxy.agentkeys.reload)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a client gone mid-write is an error to handle, not a death
+    if lifeline is not None:
+
+        def orphaned():  # the supervisor died without a word (SIGKILL): stop as if it had said SIGTERM
+            loop.remove_reader(lifeline)
+            proxy.drain()
+
+        loop.add_reader(lifeline, orphaned)
     await proxy.run()
     return 0

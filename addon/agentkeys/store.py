@@ -37,7 +37,7 @@ from agentkeys.ledger import (
     Reservation,
     StaleHold,
 )
-from agentkeys.ledger.base import new_hold_id
+from agentkeys.ledger.base import PURGE_BATCH, new_hold_id
 from agentkeys.seal import RecordSeal
 
 log = logging.getLogger(__name__)
@@ -330,11 +330,16 @@ class Store:
         self.open_holds.difference_update(hold.hold_id for hold in swept)
         return swept
 
-    async def purge_expired(self, before: float | None = None) -> list[str]:
-        """Keys expired before `before` (default: now, on the store's clock) are purged, and finished children's
-        budgets returned."""
-        now = self._now() if before is None else before
-        return await self._ask(lambda ledger: ledger.purge_expired(now))
+    async def purge_expired(self, before: float | None = None) -> int:
+        """Delete keys expired before `before` (default: now, on the store's clock) a batch at a time, each on
+        the worker thread, letting calls go between batches: a million keys expiring together never stall a
+        call for long. Finished children's budgets are returned first. Returns how many keys went."""
+        now, purged, loop = self._now() if before is None else before, 0, asyncio.get_running_loop()
+        while True:
+            batch = await loop.run_in_executor(self._worker, lambda: self.ledger.purge_expired(now, PURGE_BATCH))
+            purged += len(batch)
+            if len(batch) < PURGE_BATCH:
+                return purged
 
 
 class Closed(Enum):

@@ -32,7 +32,9 @@ TextBound = Callable[[str], int]  # a text -> an upper bound on its tokens, for 
 
 @functools.cache
 def encoding(name: str) -> tiktoken.Encoding:
-    """Build one of tiktoken's encodings from the packaged BPE file (hash-checked)."""
+    """Build one of tiktoken's encodings from the packaged BPE file (hash-checked), when first needed:
+    each holds tens of megabytes, and a proxy whose calls never use one never loads it (the figures
+    are in docs/performance.md)."""
     path = str(resources.files("agentkeys").joinpath("data/tiktoken", ENCODING_FILES[name]))
     real_loader = tiktoken.load.load_tiktoken_bpe
 
@@ -46,11 +48,6 @@ def encoding(name: str) -> tiktoken.Encoding:
         finally:
             openai_public.load_tiktoken_bpe = real_loader
     return tiktoken.Encoding(**spec)
-
-
-def preload() -> None:
-    for name in ENCODING_FILES:
-        encoding(name)
 
 
 def encoding_for_model(model: str) -> tiktoken.Encoding:

@@ -152,6 +152,27 @@ def test_keys_issue_list_show_revoke(config, tmp_path):
     assert run("--config", str(config), "keys", "show", "nope").returncode == 1
 
 
+def test_keys_list_pages_and_filters_without_reading_past_the_page(config, tmp_path, cli, monkeypatch):
+    policy, other = write_policy(tmp_path, "ci"), write_policy(tmp_path, "other")
+    ids = [json.loads(cli("--config", str(config), "keys", "issue", str(policy if i % 2 else other), "--json",
+                          "--create-store").stdout)["id"] for i in range(7)]  # fmt: skip
+
+    def listed(*args: str) -> list[str]:
+        return [key["id"] for key in json.loads(cli("--config", str(config), "keys", "list", "--json", *args).stdout)]
+
+    assert listed() == ids
+    assert listed("--limit", "3") == ids[:3]
+    page = cli("--config", str(config), "keys", "list", "--limit", "3", "--offset", "3")
+    assert "the next ones: --offset 6" in page.stderr
+    assert listed("--limit", "3", "--offset", "6") == ids[6:]
+    assert listed("--policy", "ci", "--limit", "2", "--offset", "1") == ids[1::2][1:3]
+    monkeypatch.setattr("agentkeys.cli.LIST_PAGE", 2)  # a filtered listing reads the store a page at a time
+    assert listed("--policy", "other") == ids[0::2]
+    with pytest.raises(SystemExit) as refused:
+        cli("--config", str(config), "keys", "list", "--offset", "-1")
+    assert refused.value.code == 2
+
+
 def test_policy_check_accepts_the_shipped_policies():
     checked = run("policy", "check", *map(str, sorted((REPO / "policies").glob("*.policy.yaml"))), cwd=REPO)
     assert checked.returncode == 0, checked.stderr

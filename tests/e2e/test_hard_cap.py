@@ -6,6 +6,7 @@ pays for a known number of calls, whatever the interleaving.
 """
 
 import asyncio
+import contextlib
 import re
 import time
 
@@ -107,3 +108,16 @@ def test_200_concurrent_calls_through_three_proxies_sharing_redis_never_overspen
         finally:
             for proxy in proxies:
                 stop_proxy(proxy)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_200_concurrent_calls_through_two_workers_never_overspend(mock, tmp_path, store):
+    with contextlib.ExitStack() as stack:
+        fields = {"store": stack.enter_context(RedisServer()).url} if store == "redis" else {}
+        proxy = start_proxy(tmp_path / "proxy", mock, workers=2, **fields)
+        stack.callback(stop_proxy, proxy)
+        key = proxy.issue(write_policy(tmp_path, "load"), "--budget", "0.00125")
+        outcomes = asyncio.run(fire([f"{proxy.gateway_url}/openai/v1"], key["key"]))
+        assert_hard_cap([proxy], mock, key, outcomes)
+        writers = {record["writer"] for record in proxy.records_for(key["id"], 0)}
+        assert len(writers) == 2, "both workers took calls"

@@ -97,7 +97,7 @@ def test_sidecar_init_redirects_to_the_proxys_transparent_port_and_spares_only_t
     assert args.drop_others, "without it an agent could leave on any port that is not redirected"
     agent = container(pod_of("sidecar", "agent"), "agent")
     assert agent["securityContext"]["runAsUser"] != manifest.proxy_uid
-    assert shlex.join(manifest.proxy_command) == "agentkeys serve"
+    assert shlex.join(manifest.proxy_command) == "agentkeys serve --workers 1", "one agent: one worker"
 
 
 def test_gateway_probes_the_metrics_port_and_keeps_replicas_through_disruptions():
@@ -115,6 +115,15 @@ def test_gateway_probes_the_metrics_port_and_keeps_replicas_through_disruptions(
     assert 0 < pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
     service = find(objects, "Service", "agentkeys-gateway")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_the_gateway_runs_a_worker_for_each_core_its_pod_asks_for():
+    """Without --workers, serve starts a worker per core of the node, which no CPU quota reduces."""
+    deployment = find(build(KUBERNETES / "gateway"), "Deployment", "agentkeys-gateway")
+    proxy = container(deployment["spec"]["template"]["spec"], "agentkeys")
+    args = build_parser().parse_args(proxy["command"][1:])
+    assert proxy["command"][0] == "agentkeys" and args.run.__name__ == "cmd_serve"
+    assert args.workers == int(proxy["resources"]["requests"]["cpu"])
 
 
 def test_agent_pods_may_reach_only_the_gateway_and_dns():

@@ -19,6 +19,9 @@ from mock_provider import anthropic, azure, documents, gemini, objects, openai, 
 from mock_provider.call import Received
 from mock_provider.tokens import count_o200k_tokens, o200k
 
+# A request header asking for a stream paced like a real model's: seconds between events (the benchmark's).
+EVENT_INTERVAL_HEADER = "x-mock-event-interval"
+
 REPLIES = {
     openai.Chat: replies.chat,
     openai.Responses: replies.responses,
@@ -88,7 +91,7 @@ def _route(path: str, query: str) -> _Route | None:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 128  # the benchmark opens many connections at once
+    request_queue_size = 1024  # the benchmark opens hundreds of connections at once
 
     def __init__(self, address: tuple[str, int], mock_provider: MockProvider):
         self.mock_provider = mock_provider
@@ -262,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_chunks(head + content[:1])
             time.sleep(stall)
             head, content = [], content[1:]
-        self._write_chunks(head + content)
+        self._write_chunks(head + content, interval=float(self.headers.get(EVENT_INTERVAL_HEADER) or 0))
         mock_provider._report(usage)  # before the client can see the end of the stream
         self._remember(api, body, call, json.loads(tail[-1].decode().partition("data: ")[2])["response"]
                        if api is openai.Responses else None)  # fmt: skip
@@ -273,12 +276,14 @@ class _Handler(BaseHTTPRequestHandler):
         if api is openai.Responses and document:
             self.server.mock_provider.contexts.remember(document["id"], body, call.input_tokens, call.output_tokens)
 
-    def _write_chunks(self, events: list[bytes], last: bool = False) -> None:
-        """Send each event as its own HTTP chunk; ``last`` ends the body.
+    def _write_chunks(self, events: list[bytes], last: bool = False, interval: float = 0) -> None:
+        """Send each event as its own HTTP chunk, ``interval`` seconds apart; ``last`` ends the body.
 
         ``wfile`` is unbuffered, so every write goes straight to the socket.
         """
         for i, event in enumerate(events):
+            if interval and i:
+                time.sleep(interval)
             data = b"%x\r\n%s\r\n" % (len(event), event)
             if last and i == len(events) - 1:
                 data += b"0\r\n\r\n"

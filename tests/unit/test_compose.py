@@ -67,6 +67,11 @@ def test_the_proxy_is_built_here_and_serves_its_mounted_config_on_redis(compose)
     assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_the_proxy_runs_workers_it_names_rather_than_one_per_core_of_the_host(compose):
+    command = compose["services"]["agentkeys"]["command"]
+    assert command[0] == "serve" and int(command[command.index("--workers") + 1]) >= 2
+
+
 def test_redis_refuses_writes_rather_than_evict_budgets(compose):
     command = compose["services"]["redis"]["command"]
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"

@@ -421,6 +421,30 @@ def test_purge_expired_deletes_only_expired_keys_without_holds(ledger):
     assert {k.key_id for k in ledger.list_keys()} == {"active", "revoked-active"}
 
 
+def test_keys_are_listed_oldest_first_a_page_at_a_time(ledger):
+    for i in range(5):
+        ledger.create_key(record(f"k{i}", created_at=NOW + i))
+    ids = lambda records: [key.key_id for key in records]  # noqa: E731
+    assert ids(ledger.list_keys()) == ["k0", "k1", "k2", "k3", "k4"]
+    assert ids(ledger.list_keys(0, 2)) == ["k0", "k1"]
+    assert ids(ledger.list_keys(2, 2)) == ["k2", "k3"]
+    assert ids(ledger.list_keys(4, 2)) == ["k4"]
+    assert ids(ledger.list_keys(3)) == ["k3", "k4"]
+    assert ledger.list_keys(5, 2) == [] and ledger.list_keys(0, 0) == []
+
+
+def test_a_purge_deletes_at_most_its_limit_earliest_expiry_first_and_skips_keys_in_use(ledger):
+    for i in range(7):
+        ledger.create_key(record(f"k{i}", expires_at=NOW + 10 + i))
+    hold = ledger.reserve("k0", 5, NOW).hold_id  # the first to expire is still in use: it stays, the rest go
+    assert ledger.purge_expired(NOW + 100, limit=3) == ["k1", "k2", "k3"]
+    assert ledger.purge_expired(NOW + 100, limit=3) == ["k4", "k5", "k6"]
+    assert ledger.purge_expired(NOW + 100, limit=3) == []
+    ledger.settle(hold, 5)
+    assert ledger.purge_expired(NOW + 100, limit=3) == ["k0"]
+    assert ledger.list_keys() == []
+
+
 # ----- crash recovery: holds left by dead calls -----
 
 

@@ -96,6 +96,33 @@ def test_openai_meter_stream_cut_before_its_usage_chunk_has_no_usage():
     assert (result.usage, result.usage_rejected) == (None, None)
 
 
+@pytest.mark.parametrize(
+    "usage_chunk",
+    [
+        '{"choices": [], "usage": USAGE}',
+        '{"choices":[],"usage":USAGE}',
+        '{"choices": [], "usage" :\t USAGE}',
+        '{"choices": [{"index": 0, "delta": {}, "usage": null}], "usage": USAGE}',  # a null inside, the usage after
+        '{"usage": USAGE, "choices": [], "extra": {"usage": null}}',
+    ],
+    ids=["spaced", "compact", "pretty", "null-inside-first", "null-inside-after"],
+)
+def test_the_chat_meter_finds_the_usage_however_the_chunk_is_written(usage_chunk):
+    """Only chunks with a usage other than null are parsed: spacing and a null usage elsewhere must not hide it."""
+    meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/chat/completions", chat_request(stream=True)))
+    chunk = usage_chunk.replace("USAGE", json.dumps(OPENAI_USAGE))
+    feed_all(meter, [chat_chunk("Hi", usage=None), sse(chunk), sse("[DONE]")])
+    assert meter.result().usage == Usage(input_tokens=11, output_tokens=3, cached_tokens=4, reasoning_tokens=1)
+
+
+def test_the_chat_meter_does_not_take_text_chunks_with_a_null_usage_for_the_usage():
+    meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/chat/completions", chat_request(stream=True)))
+    null_usage = sse('{"choices": [{"index": 0, "delta": {"content": "x"}}], "usage" : null}')
+    assert feed_all(meter, [null_usage, null_usage, sse("[DONE]")]) == [True, True, True]
+    ended = meter.result()
+    assert (ended.usage, ended.usage_rejected) == (None, None), "ended, but with no usage: the full hold"
+
+
 # ----- usage from a whole response -----
 
 
@@ -133,6 +160,19 @@ def test_the_responses_meter_takes_usage_from_the_final_event(end):
     feed_all(meter, responses_events(end))
     result = meter.result()
     assert result.usage == Usage(9, 3, reasoning_tokens=1)
+
+
+def test_the_responses_meter_reads_a_final_event_with_no_event_line_too():
+    meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/responses", b'{"model": "o4-mini", "input": "x"}'))
+    usage = {"input_tokens": 9, "output_tokens": 3}
+    feed_all(
+        meter,
+        [
+            sse({"type": "response.output_text.delta", "delta": "Hi"}),
+            sse({"type": "response.completed", "response": {"usage": usage}}),
+        ],
+    )
+    assert meter.result().usage == Usage(9, 3)
 
 
 def test_a_responses_stream_cut_short_has_no_usage():

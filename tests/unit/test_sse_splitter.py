@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentkeys.providers import base
-from agentkeys.providers.base import SseEventTooLarge, SseSplitter
+from agentkeys.providers.base import SseEventTooLarge, SseSplitter, parse_event
 
 
 def split_in_chunks(splitter: SseSplitter, data: bytes, chunk: int = 1024) -> list:
@@ -52,3 +52,27 @@ def test_an_event_over_the_limit_hands_back_every_byte_held():
         splitter.feed(b"x" * 200)
     assert too_large.value.held == b"data: " + b"x" * 200
     assert splitter.flush() == b""
+
+
+@pytest.mark.parametrize(
+    ("raw", "event", "data"),
+    [
+        (b"data: {}\n\n", None, "{}"),
+        (b"data: {}\r\n\r\n", None, "{}"),
+        (b"data: {}\n\r\n", None, "{}"),
+        (b"data: a\rdata: b\n\n", None, "a\nb"),  # a lone CR ends a line too
+        (b"data: a\ndata: b\n\n", None, "a\nb"),
+        (b"event: ping\ndata: {}\n\n", "ping", "{}"),
+        (b"data:{}\n\n", None, "{}"),
+    ],
+)
+def test_an_event_reads_the_same_whether_it_has_one_data_line_or_more(raw, event, data):
+    assert (parse_event(raw).event, parse_event(raw).data) == (event, data)
+
+
+def test_a_chunk_of_whole_events_and_one_cut_in_two_give_the_same_events():
+    events = [b"data: 1\n\n", b"event: e\ndata: 2\r\n\r\n", b"data: 3\n\n"]
+    whole = SseSplitter().feed(b"".join(events))
+    splitter = SseSplitter()
+    cut = splitter.feed(b"".join(events)[:12]) + splitter.feed(b"".join(events)[12:])
+    assert [e.raw for e in whole] == [e.raw for e in cut] == events

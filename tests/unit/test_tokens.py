@@ -1,5 +1,7 @@
 """Token counts and bounds (tokens.py)."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -78,3 +80,31 @@ TEXT = "Summarise: " + " ".join(f"fact {i}: ünïcödé 数据 🙂" for i in ra
 def test_a_model_with_a_tokenizer_we_do_not_ship_is_bounded_by_bytes(model):
     assert token_bound(TEXT, model) == len(TEXT.encode()) + 1
     assert token_bound(TEXT, "gpt-4o-mini") == count_tokens(TEXT, "gpt-4o-mini")
+
+
+LOAD_THE_PROXY = """
+import asyncio, sys
+from mitmproxy import options
+from agentkeys import tokens
+from agentkeys.server import ProxyMaster
+
+async def main():
+    proxy = ProxyMaster(options.Options())
+    proxy.options.update(agentkeys_config=sys.argv[1])
+    print(tokens.encoding.cache_info().currsize)
+    tokens.token_bound("hello", "gpt-4o-mini")
+    print(tokens.encoding.cache_info().currsize)
+
+asyncio.run(main())
+"""
+
+
+def test_a_configured_proxy_loads_a_tokenizer_only_when_a_call_first_needs_it(tmp_path):
+    """Each encoding holds tens of megabytes: a proxy loads the one a call needs, when it needs it."""
+    config = tmp_path / "agentkeys.yaml"
+    config.write_text("store: sqlite:///agentkeys.db\naudit_log: audit.jsonl\ncerts_dir: certs\n")
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_THE_PROXY, str(config)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["0", "1"], "none at start, then only the one the model uses"

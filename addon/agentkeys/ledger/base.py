@@ -7,6 +7,8 @@ from typing import Protocol
 
 from agentkeys.ledger.limits import LimitAnswer, LimitRequest, LimitTicket
 
+PURGE_BATCH = 250  # keys deleted by one purge_expired: the store is locked that long, calls wait at most that
+
 
 class LedgerUnavailable(Exception):
     """The store could not be reached or was locked too long; callers refuse the call (fail closed)."""
@@ -166,7 +168,10 @@ class Ledger(Protocol):
         ...
 
     def get_key(self, key_id: str) -> KeyRecord | None: ...
-    def list_keys(self) -> list[KeyRecord]: ...
+    def list_keys(self, offset: int = 0, limit: int | None = None) -> list[KeyRecord]:
+        """Keys oldest first: all of them, or `limit` of them after the first `offset` (a page)."""
+        ...
+
     def reserve(
         self,
         key_id: str,
@@ -254,13 +259,16 @@ class Ledger(Protocol):
         """
         ...
 
-    def purge_expired(self, now: float | None = None) -> list[str]:
+    def purge_expired(self, now: float | None = None, limit: int = PURGE_BATCH) -> list[str]:
         """Return finished children's grants to their parents, then delete expired keys with nothing open.
 
         A child is finished when it is revoked or expired and has nothing in flight: its parent's hold
         of the child's budget becomes the child's spend, and the rest is free again. Audit records stay.
         Token ids remembered by `claim_token`, and contexts, are forgotten once past their expiry. Nothing a
         purged key left in the store (its place in indexes, its children's list, cancelled hold names) stays.
+
+        At most `limit` keys are deleted (those that expired first), so that one call is a short step
+        however many keys expired together: while it returns `limit` ids, there may be more.
         """
         ...
 

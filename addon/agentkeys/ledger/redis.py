@@ -62,6 +62,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from agentkeys.ledger.base import (
+    PURGE_BATCH,
     AccountExists,
     AccountRecord,
     KeyExists,
@@ -418,23 +419,31 @@ end
 return swept
 """
 
-# ARGV: now. Returns finished children's grants to their parents, then removes expired keys with nothing
-# open, with their children's list and their place in their parent's and their account's. Returns the ids
-# of the keys it removed (including any whose TTL had already removed them).
+# ARGV: now, limit. Returns finished children's grants to their parents, then removes up to `limit`
+# expired keys with nothing open, those that expired first, with their children's list and their place in
+# their parent's and their account's. Returns the ids of the keys it removed (including any whose TTL had
+# already removed them).
 PURGE = """
 local now = clock(ARGV[1])
 return_finished_grants(now)
-local purged = {}
-for _, key_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS_BY_EXPIRY, '-inf', now)) do
-    local key = key_name(key_id)
-    local open = redis.call('HMGET', key, 'open_holds', 'grant_micros', 'parent_id', 'account_id')
-    if not open[1] or (tonumber(open[1]) == 0 and tonumber(open[2] or 0) == 0) then
-        if open[3] then redis.call('SREM', children_name(open[3]), key_id) end
-        if open[4] then redis.call('SREM', account_keys_name(open[4]), key_id) end
-        redis.call('DEL', key, children_name(key_id))
-        redis.call('ZREM', KEYS_BY_CREATION, key_id)
-        redis.call('ZREM', KEYS_BY_EXPIRY, key_id)
-        table.insert(purged, key_id)
+local limit = tonumber(ARGV[2])
+local purged, kept = {}, 0  -- kept: expired keys still in use, which stay in the index before the rest
+while #purged < limit do
+    local batch = redis.call('ZRANGEBYSCORE', KEYS_BY_EXPIRY, '-inf', now, 'LIMIT', kept, limit - #purged)
+    if #batch == 0 then break end
+    for _, key_id in ipairs(batch) do
+        local key = key_name(key_id)
+        local open = redis.call('HMGET', key, 'open_holds', 'grant_micros', 'parent_id', 'account_id')
+        if not open[1] or (tonumber(open[1]) == 0 and tonumber(open[2] or 0) == 0) then
+            if open[3] then redis.call('SREM', children_name(open[3]), key_id) end
+            if open[4] then redis.call('SREM', account_keys_name(open[4]), key_id) end
+            redis.call('DEL', key, children_name(key_id))
+            redis.call('ZREM', KEYS_BY_CREATION, key_id)
+            redis.call('ZREM', KEYS_BY_EXPIRY, key_id)
+            table.insert(purged, key_id)
+        else
+            kept = kept + 1
+        end
     end
 end
 return purged
@@ -593,10 +602,14 @@ class RedisLedger:
         with self._store():
             return key_record(self._redis.hmget(key_name(key_id), KEY_FIELDS))
 
-    def list_keys(self) -> list[KeyRecord]:
-        """Oldest first. Not one snapshot: a key created or purged meanwhile may be in or out."""
+    def list_keys(self, offset: int = 0, limit: int | None = None) -> list[KeyRecord]:
+        """Oldest first (a page: `limit` after `offset`). Not one snapshot: a key created or purged
+        meanwhile may be in or out."""
+        if limit == 0:
+            return []
+        last = -1 if limit is None else offset + limit - 1  # ZRANGE's stop is inclusive; -1 is the end
         with self._store():
-            return self._records(self._redis.zrange(f"{PREFIX}keys", 0, -1))
+            return self._records(self._redis.zrange(f"{PREFIX}keys", offset, last))
 
     def _records(self, key_ids) -> list[KeyRecord]:
         """The records of these keys in one round trip, leaving out any that no longer exist."""
@@ -712,11 +725,11 @@ class RedisLedger:
         ]
         return sorted(swept, key=lambda hold: (hold.created_at, hold.hold_id))
 
-    def purge_expired(self, now: float | None = None) -> list[str]:
-        """Delete keys past their expiry with nothing in flight; their audit records stay. (Claimed tokens
-        need no purge: their TTL removes them.)"""
+    def purge_expired(self, now: float | None = None, limit: int = PURGE_BATCH) -> list[str]:
+        """Delete up to `limit` keys past their expiry with nothing in flight; their audit records stay.
+        (Claimed tokens need no purge: their TTL removes them.)"""
         with self._store():
-            return self._purge(args=[given(now)])
+            return self._purge(args=[given(now), limit])
 
     def ping(self) -> None:
         """Redis answers, and still never evicts (a `CONFIG SET` may have changed that since connecting)."""

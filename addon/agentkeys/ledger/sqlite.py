@@ -20,6 +20,7 @@ from dataclasses import astuple, fields, replace
 from pathlib import Path
 
 from agentkeys.ledger.base import (
+    PURGE_BATCH,
     AccountExists,
     AccountRecord,
     KeyExists,
@@ -73,6 +74,10 @@ CREATE TABLE IF NOT EXISTS keys (
     seal          TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_parent ON keys (parent_id);
+-- The purge reads keys by expiry, and children whose grant is still out, a batch at a time.
+CREATE INDEX IF NOT EXISTS keys_by_creation ON keys (created_at, key_id);  -- list_keys, a page at a time
+CREATE INDEX IF NOT EXISTS keys_by_expiry ON keys (expires_at);
+CREATE INDEX IF NOT EXISTS keys_with_grants ON keys (key_id) WHERE grant_micros > 0;
 """
     + HOLDS_TABLE
     + """-- Names of holds cancelled before (or without) their reserve reaching the store (see cancel_hold).
@@ -376,8 +381,10 @@ class SqliteLedger:
         rows = self._query(f"SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ?", (key_id,))
         return KeyRecord(*rows[0]) if rows else None
 
-    def list_keys(self) -> list[KeyRecord]:
-        return [KeyRecord(*row) for row in self._query(f"SELECT {KEY_COLUMNS} FROM keys ORDER BY created_at")]
+    def list_keys(self, offset: int = 0, limit: int | None = None) -> list[KeyRecord]:
+        page = (limit if limit is not None else -1, offset)  # SQLite: a negative limit is none
+        query = f"SELECT {KEY_COLUMNS} FROM keys ORDER BY created_at, key_id LIMIT ? OFFSET ?"
+        return [KeyRecord(*row) for row in self._query(query, page)]
 
     def revoke(self, key_id: str, now: float | None = None) -> bool:
         now = this_machines(now)
@@ -526,15 +533,15 @@ class SqliteLedger:
             db.executemany("INSERT OR IGNORE INTO swept_holds VALUES (?, ?)", [row[:2] for row in rows])
         return sorted((StaleHold(*row) for row in rows), key=lambda hold: (hold.created_at, hold.hold_id))
 
-    def purge_expired(self, now: float | None = None) -> list[str]:
+    def purge_expired(self, now: float | None = None, limit: int = PURGE_BATCH) -> list[str]:
         """Return finished children's grants, then delete expired keys with nothing open (see `Ledger`)."""
         now = this_machines(now)
         with self._transaction() as db:
             return_finished_grants(db, now)
             rows = db.execute(
                 "SELECT key_id FROM keys WHERE expires_at <= ? AND held_micros = 0 AND grant_micros = 0"
-                " AND NOT EXISTS (SELECT 1 FROM holds WHERE holds.key_id = keys.key_id)",
-                (now,),
+                " AND NOT EXISTS (SELECT 1 FROM holds WHERE holds.key_id = keys.key_id) ORDER BY expires_at LIMIT ?",
+                (now, limit),
             ).fetchall()
             purged = [key_id for (key_id,) in rows]
             db.executemany("DELETE FROM keys WHERE key_id = ?", rows)

@@ -210,14 +210,24 @@ def document_tokens(block: dict, unseen: set[str]) -> int:
     return others + tokens
 
 
+# The stream events the meter reads: the usage at the start and near the end, and the end itself.
+METERED_EVENTS = frozenset({"message_start", "message_delta", "message_stop"})
+
+
 class MessagesStreamMeter:
-    """Reads a messages stream: input usage from `message_start`, output from `message_delta`."""
+    """Reads a messages stream: input usage from `message_start`, output from `message_delta`.
+
+    An event named (by its `event:` line) as one that carries neither is not parsed: the content
+    deltas, one per few tokens, cost nothing to read.
+    """
 
     def __init__(self):
         self.start_usage: dict | None = None
         self.output_tokens: int | None = None
 
     def feed(self, event: SseEvent) -> bool:
+        if event.event is not None and event.event not in METERED_EVENTS:
+            return True
         data = event_json(event)
         if data is None:
             return True

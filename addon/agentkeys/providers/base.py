@@ -315,6 +315,9 @@ class SseSplitter:
     searched: int = 0  # bytes of `pending` known to hold no boundary
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
+        if not self.pending and chunk.endswith((b"\n\n", b"\r\n\r\n")) and len(chunk) <= self.max_event_bytes:
+            # The usual chunk, one whole event or several, with nothing held back: cut it where it lies.
+            return [parse_event(raw) for raw in split_events(chunk)]
         self.pending += chunk
         events, start = [], 0
         while end := boundary_end(self.pending, max(start, self.searched - BOUNDARY_MAX_BYTES + 1)):
@@ -335,7 +338,7 @@ class SseSplitter:
         return rest
 
 
-def boundary_end(data: bytearray, start: int) -> int | None:
+def boundary_end(data: bytes | bytearray, start: int) -> int | None:
     """Where the first event boundary (a blank line: `\n\n`, `\r\n\r\n`, …) at or after `start` ends.
 
     A boundary is a newline, an optional carriage return, and a newline; found with `find`, which
@@ -352,7 +355,20 @@ def boundary_end(data: bytearray, start: int) -> int | None:
     return None
 
 
+def split_events(chunk: bytes) -> list[bytes]:
+    """A chunk that ends on an event boundary, cut into its events (each with its boundary)."""
+    events, start = [], 0
+    while end := boundary_end(chunk, start):
+        events.append(chunk[start:end])
+        start = end
+    return events
+
+
 def parse_event(raw: bytes) -> SseEvent:
+    line = raw.rstrip(b"\r\n")
+    if raw.startswith(b"data: ") and b"\n" not in line and b"\r" not in line:
+        # One `data:` line, the event of most streams: read without cutting it into lines.
+        return SseEvent(raw=raw, event=None, data=line[6:].decode("utf-8", errors="replace"))
     name, data_lines = None, []
     for line in raw.decode("utf-8", errors="replace").splitlines():
         field_name, _, value = line.partition(":")

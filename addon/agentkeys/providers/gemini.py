@@ -205,11 +205,11 @@ def tools_tokens(tools) -> int:
 
 
 class GenerateStreamMeter:
-    """Reads a streamGenerateContent SSE stream for its usage, final once a candidate finished.
+    """Reads a streamGenerateContent SSE stream: usage from the final chunk.
 
-    Every chunk may carry `usageMetadata`; only the one that arrives with a finish reason is final,
-    so a stream cut before it has no usage (and is charged its hold).
-    Once a chunk's usage is not sane, the stream's usage is not believed at all.
+    Every chunk may carry `usageMetadata`; only the one that arrives with a finish reason is final.
+    A stream cut before that is charged its full hold. Once a chunk's usage is not sane, the
+    stream's usage is not believed at all.
     """
 
     def __init__(self):

@@ -6,6 +6,7 @@ Azure OpenAI sends the same bodies on other paths: `azure.py` maps its paths ont
 
 import dataclasses
 import json
+import re
 
 from agentkeys.pricing import Usage
 from agentkeys.providers.base import (
@@ -489,7 +490,9 @@ def response_item_tokens(count: TextBound, item, unseen: set[str]) -> int:
 class ChatStreamMeter:
     """Reads a chat (or legacy completions) stream for the usage chunk at its end.
 
-    When the proxy asked for usage on the client's behalf, that extra chunk is not passed on.
+    Only a chunk with a `usage` other than null is parsed: the text chunks before it cost nothing to
+    read (a stream's events pass at the rate of the output tokens). When the proxy asked for usage on
+    the client's behalf, that extra chunk is not passed on.
     """
 
     def __init__(self, hide_usage_chunk: bool):
@@ -498,6 +501,8 @@ class ChatStreamMeter:
         self.usage_rejected: str | None = None
 
     def feed(self, event: SseEvent) -> bool:
+        if CARRIES_USAGE.search(event.data) is None:
+            return True
         chunk = event_json(event)
         if chunk is None:
             return True
@@ -515,12 +520,18 @@ class ChatStreamMeter:
         return stream_result(self.usage, self.usage_rejected)
 
 
+# A chat chunk whose `usage` is anything but null: the only kind the meter parses. (A key spelled with
+# escapes would be missed, and the stream then charged its full hold: never less than it cost.)
+CARRIES_USAGE = re.compile(r'"usage"\s*:(?!\s*null\b)')
 # A Responses stream ends with one of these; each carries the whole response, usage included.
 RESPONSE_END_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 
 class ResponsesStreamMeter:
-    """Reads a Responses API stream for the usage its final event carries."""
+    """Reads a Responses API stream: the usage from its final event.
+
+    An event named (by its `event:` line) as anything but a final one is not parsed.
+    """
 
     def __init__(self):
         self.usage: Usage | None = None
@@ -528,16 +539,16 @@ class ResponsesStreamMeter:
         self.stored: StoredResponse | None = None
 
     def feed(self, event: SseEvent) -> bool:
-        data = event_json(event)
-        if data is None:
+        if event.event is not None and event.event not in RESPONSE_END_EVENTS:
             return True
-        kind = data.get("type") or ""
-        if kind in RESPONSE_END_EVENTS:
-            self.stored = stored_response_of(data.get("response"))
-            try:
-                self.usage = usage_from_object((data.get("response") or {}).get("usage"))
-            except UsageRejected as e:
-                self.usage_rejected = self.usage_rejected or str(e)
+        data = event_json(event)
+        if data is None or data.get("type") not in RESPONSE_END_EVENTS:
+            return True
+        self.stored = stored_response_of(data.get("response"))
+        try:
+            self.usage = usage_from_object((data.get("response") or {}).get("usage"))
+        except UsageRejected as e:
+            self.usage_rejected = self.usage_rejected or str(e)
         return True
 
     def result(self) -> StreamResult:
