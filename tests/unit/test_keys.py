@@ -1,9 +1,12 @@
 """Child keys: a narrower copy of the parent's policy, never wider, and never more unmetered endpoints."""
 
+import dataclasses
+
 import pytest
 
-from agentkeys.keys import ChildRefused, ChildRequest, check_depth_and_lifetime, child_policy, glob_within
+from agentkeys.keys import ChildRefused, ChildRequest, check_depth_and_lifetime, child_policy, describe, glob_within
 from agentkeys.ledger import KeyRecord
+from agentkeys.money import Usd
 from agentkeys.policy import Policy
 
 PARENT = Policy.model_validate(
@@ -173,3 +176,17 @@ def test_a_child_may_live_exactly_as_long_as_its_parent_and_not_a_second_more():
     assert str(refused.value) == (
         "ttl: 301s would outlive the parent, which expires at 2023-11-14T22:18:20+00:00 (300s from now)"
     )
+
+
+def test_a_key_is_described_with_what_it_may_still_spend_and_never_its_secret():
+    record = dataclasses.replace(parent_at(0, 3600), spent_micros=120, held_micros=30, parent_id="q",
+                                 identity_json='{"sub": "repo:x"}')  # fmt: skip
+    assert describe(record, NOW) == {
+        "id": "p", "name": "p", "policy": "parent", "parent_id": "q", "status": "active",
+        "created_at": "2023-11-14T22:13:20+00:00", "expires_at": "2023-11-14T23:13:20+00:00",
+        "budget_usd": Usd(10**6), "spent_usd": Usd(120), "held_usd": Usd(30), "remaining_usd": Usd(10**6 - 150),
+        "identity": {"sub": "repo:x"},
+    }  # fmt: skip
+    expired = describe(record, NOW + 3600)
+    assert (expired["status"], expired["remaining_usd"]) == ("expired", Usd(0))
+    assert describe(parent_at(0, 3600), NOW)["identity"] is None

@@ -1,5 +1,6 @@
 """Policies and the proxy config: durations, endpoint rules, model globs, and errors that point at the line."""
 
+import hashlib
 import textwrap
 from pathlib import Path
 
@@ -386,3 +387,38 @@ def test_without_a_price_file_the_table_is_the_bundle_and_the_configs_prices():
     table = config.price_table()
     assert table.lookup("openai", "my-model").output == 2e-6
     assert table.lookup("openai", "gpt-4o-mini").source.startswith("bundled")
+
+
+def write_policy(path: Path, name: str, models: list[str]) -> Path:
+    path.write_text(yaml.safe_dump(scope_policy(name=name, models=models).model_dump(mode="json")))
+    return path
+
+
+def test_the_current_policies_are_the_files_named_globbed_and_issued_from(tmp_path):
+    write_policy(tmp_path / "a.policy.yaml", "a", ["gpt-4o*"])
+    write_policy(tmp_path / "b.policy.yaml", "b", ["gpt-4o*"])
+    write_policy(tmp_path / "plain.yaml", "plain", ["gpt-4o*"])
+    write_policy(tmp_path / "ci.yaml", "ci", ["gpt-4o*"])
+    config = ProxyConfig.model_validate({
+        "policies": ["*.policy.yaml", "plain.yaml", "a.policy.yaml"],  # a file named twice is one file
+        "issuers": {"ci": {"token_env": "CI_TOKEN", "policies": ["ci.yaml"]}},
+        "base_dir": tmp_path,
+    })  # fmt: skip
+    current = current_policies(config)
+    assert sorted(current) == ["a", "b", "ci", "plain"]
+    assert current["plain"].revision == hashlib.sha256((tmp_path / "plain.yaml").read_bytes()).hexdigest()[:12]
+
+
+def test_two_files_defining_one_policy_name_are_refused(tmp_path):
+    write_policy(tmp_path / "one.yaml", "team", ["gpt-4o*"])
+    write_policy(tmp_path / "two.yaml", "team", ["gpt-4o-mini*"])
+    config = ProxyConfig.model_validate({"policies": ["one.yaml", "two.yaml"], "base_dir": tmp_path})
+    with pytest.raises(ConfigError) as refused:
+        current_policies(config)
+    assert str(refused.value) == f"{tmp_path / 'two.yaml'}: name: policy team is also defined by another file"
+
+
+def test_a_policy_file_named_literally_must_exist_where_a_glob_may_match_none(tmp_path):
+    assert current_policies(ProxyConfig.model_validate({"policies": ["*.policy.yaml"], "base_dir": tmp_path})) == {}
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        current_policies(ProxyConfig.model_validate({"policies": ["missing.yaml"], "base_dir": tmp_path}))

@@ -162,3 +162,12 @@ def test_a_cache_write_is_held_only_where_a_breakpoint_is_marked(body, may_write
         "POST", "/v1/messages", json.dumps({"model": "claude-haiku-4-5", "max_tokens": 3, **body}).encode()
     )
     assert (facts.may_write_cache, facts.max_output_tokens, facts.model) == (may_write, 3, "claude-haiku-4-5")
+
+
+def test_the_anthropic_meter_passes_every_event_on_and_keeps_the_last_output_count():
+    meter = ANTHROPIC.stream_meter(None)
+    events = [*anthropic_stream(stop=False), b"data: not json\n\n",
+              anthropic_event("message_delta", delta={"stop_reason": "end_turn"}),  # no usage: the count stands
+              anthropic_event("message_stop")]  # fmt: skip
+    assert all(feed_all(meter, events))
+    assert meter.result().usage == Usage(370, 9, cached_tokens=300, cache_write_tokens=50)

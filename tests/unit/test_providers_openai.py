@@ -93,6 +93,14 @@ def test_openai_meter_stream_cut_before_its_usage_chunk_has_no_usage():
     assert (result.usage, result.usage_rejected) == (None, None)
 
 
+def test_the_openai_meter_passes_on_a_chunk_with_choices_and_usage_and_one_whose_usage_it_rejects():
+    hiding = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/chat/completions", chat_request(stream=True)))
+    both = chat_chunk("Hi", usage=OPENAI_USAGE)  # a host that sends usage with the last choice
+    insane = chat_chunk(usage={**OPENAI_USAGE, "completion_tokens": -1}, choices=False)
+    assert feed_all(hiding, [both, b"data: not json\n\n", insane, b"data: [DONE]\n\n"]) == [True] * 4
+    assert hiding.result().usage is None and "completion_tokens=-1" in hiding.result().usage_rejected
+
+
 # ----- usage from a whole response -----
 
 
@@ -127,7 +135,7 @@ def responses_events(end: str | None = "response.completed") -> list[bytes]:
 @pytest.mark.parametrize("end", ["response.completed", "response.incomplete"])
 def test_the_responses_meter_takes_usage_from_the_final_event(end):
     meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/responses", b'{"model": "o4-mini", "input": "x"}'))
-    feed_all(meter, responses_events(end))
+    assert all(feed_all(meter, [b"data: not json\n\n", *responses_events(end)])), "every event is passed on"
     result = meter.result()
     assert result.usage == Usage(9, 3, reasoning_tokens=1)
 
