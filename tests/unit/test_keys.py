@@ -4,7 +4,15 @@ import dataclasses
 
 import pytest
 
-from agentkeys.keys import ChildRefused, ChildRequest, check_depth_and_lifetime, child_policy, describe, glob_within
+from agentkeys.keys import (
+    ChildRefused,
+    ChildRequest,
+    check_depth_and_lifetime,
+    child_policy,
+    describe,
+    glob_within,
+    new_key_record,
+)
 from agentkeys.ledger import KeyRecord
 from agentkeys.money import Usd
 from agentkeys.policy import Policy
@@ -190,3 +198,14 @@ def test_a_key_is_described_with_what_it_may_still_spend_and_never_its_secret():
     expired = describe(record, NOW + 3600)
     assert (expired["status"], expired["remaining_usd"]) == ("expired", Usd(0))
     assert describe(parent_at(0, 3600), NOW)["identity"] is None
+
+
+def test_a_new_key_is_one_level_below_its_parent_and_carries_its_identity():
+    root = new_key_record(PARENT, 3600, 0.5, "root", NOW, identity_json='{"sub": "job"}')
+    assert (root.record.depth, root.record.parent_id, root.record.identity_json) == (0, None, '{"sub": "job"}')
+    assert (root.record.budget_micros, root.record.expires_at, root.record.name) == (500_000, NOW + 3600, "root")
+    deeper = dataclasses.replace(root.record, depth=2)
+    child = new_key_record(PARENT, 60, 0.1, "child", NOW, parent=deeper, identity_json='{"sub": "other"}')
+    assert (child.record.depth, child.record.parent_id, child.record.identity_json) == (3, root.record.key_id,
+                                                                                        '{"sub": "job"}')  # fmt: skip
+    assert child.record.key_id != root.record.key_id and child.key != root.key

@@ -422,3 +422,8 @@ def test_a_policy_file_named_literally_must_exist_where_a_glob_may_match_none(tm
     assert current_policies(ProxyConfig.model_validate({"policies": ["*.policy.yaml"], "base_dir": tmp_path})) == {}
     with pytest.raises(ConfigError, match="missing.yaml"):
         current_policies(ProxyConfig.model_validate({"policies": ["missing.yaml"], "base_dir": tmp_path}))
+
+
+def test_without_a_config_file_the_defaults_are_relative_to_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None).base_dir == tmp_path  # where a later chdir cannot move it

@@ -22,6 +22,7 @@ from agentkeys.pricing import (
     PriceTier,
     Usage,
     cost_micros,
+    litellm_model_name,
     litellm_tiers,
     load_prices,
     micros_of,
@@ -161,17 +162,26 @@ def test_a_price_file_sets_each_usable_entry_of_the_providers_asked_for(tmp_path
     entry = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({
-        "gpt-x": {"litellm_provider": "openai", **entry},
-        "gemini/gemini-x": {"litellm_provider": "gemini", **entry},
-        "no-prices": {"litellm_provider": "openai", "mode": "chat"},
-        "elsewhere": {"litellm_provider": "bedrock", **entry},
+        "elsewhere": {"litellm_provider": "bedrock", **entry},  # skipped entries first: the rest are still read
         "not-an-entry": ["litellm_provider", "openai"],
+        "gpt-x": {"litellm_provider": "openai", **entry},
+        "no-prices": {"litellm_provider": "openai", "mode": "chat"},
+        "gemini/gemini-x": {"litellm_provider": "gemini", **entry},
     }))  # fmt: skip
     table = PriceTable({})
     assert table.add_litellm_file(path, {"openai": "openai", "gemini": "google"}) == 2
     assert table.lookup("openai", "gpt-x") == ModelPrice(input=1e-6, output=2e-6, source=str(path))
     assert table.lookup("google", "gemini-x") == ModelPrice(input=1e-6, output=2e-6, source=str(path))
     assert table.lookup("openai", "no-prices") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "ours"),
+    [("gemini/gemini-2.5-flash", "gemini-2.5-flash"), ("azure/eu/gpt-4o", "eu/gpt-4o"), ("gpt-4o", "gpt-4o"),
+     ("unknown/x", "unknown/x"), ("openai/", "openai/")],
+)  # fmt: skip
+def test_a_litellm_name_loses_only_a_known_provider_prefix(name, ours):
+    assert litellm_model_name(name) == ours
 
 
 @pytest.mark.parametrize(

@@ -227,3 +227,24 @@ def test_the_cap_goes_into_the_camel_case_config_by_default():
     lowered = {**HELLO, "generationConfig": {"maxOutputTokens": 500, "temperature": 0}}
     sent = json.loads(GEMINI.upstream_body(facts_of(lowered), json.dumps(lowered).encode(), 12))
     assert sent["generationConfig"] == {"maxOutputTokens": 12, "temperature": 0}
+
+
+def test_the_cap_overwrites_a_camel_case_limit_inside_a_snake_case_config():
+    body = {**HELLO, "generation_config": {"maxOutputTokens": 500}}
+    sent = json.loads(GEMINI.upstream_body(facts_of(body), json.dumps(body).encode(), 12))
+    assert sent["generation_config"] == {"maxOutputTokens": 12}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "usage"),
+    [
+        ({"promptTokenCount": 7, "candidatesTokenCount": 3}, Usage(7, 3)),
+        ({"promptTokenCount": 7, "toolUsePromptTokenCount": 5, "candidatesTokenCount": 3}, Usage(12, 3)),
+        ({"promptTokenCount": 7, "candidatesTokenCount": 3, "thoughtsTokenCount": 4, "cachedContentTokenCount": 2},
+         Usage(7, 7, cached_tokens=2, reasoning_tokens=4)),
+        ({"candidatesTokenCount": 3, "totalTokenCount": 3}, None),  # no prompt count: not a usage report
+        (None, None),
+    ],
+)  # fmt: skip
+def test_gemini_usage_counts_tool_prompts_as_input_and_thoughts_as_output(metadata, usage):
+    assert GEMINI.usage_from_response(json.dumps({"usageMetadata": metadata}).encode()) == usage

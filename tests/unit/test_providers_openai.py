@@ -16,7 +16,7 @@ from agentkeys.providers.openai import (
     prompt_tokens,
     response_item_tokens,
 )
-from agentkeys.tokens import text_bound
+from agentkeys.tokens import EXACT_COUNT_CHARS, count_tokens, text_bound
 from sse_events import feed_all, sse
 
 OPENAI = FORMATS["openai"]
@@ -283,6 +283,16 @@ def test_a_completion_stream_notes_whether_the_client_asked_for_usage():
     asked = facts_of("/v1/completions", prompt="x", stream=True, stream_options={"include_usage": True})
     assert (asked.stream, asked.client_wants_stream_usage) == (True, True)
     assert facts_of("/v1/completions", prompt="x", stream=True).client_wants_stream_usage is False
+
+
+def test_an_embedding_is_counted_exactly_when_asked_and_its_input_named_when_malformed():
+    long_text = "word " * (EXACT_COUNT_CHARS // 5 + 100)
+    body = json.dumps({"model": "gpt-4o-mini", "input": long_text}).encode()
+    cheap = OPENAI.request_facts("POST", "/v1/embeddings", body).input_token_bound
+    exact = OPENAI.request_facts("POST", "/v1/embeddings", body, exact=True).input_token_bound
+    assert (cheap, exact) == (len(long_text.encode()) + 1 + 1, count_tokens(long_text, "gpt-4o-mini") + 1)
+    with pytest.raises(MalformedRequest, match="^'input' must be a string, a list of strings, or token arrays$"):
+        facts_of("/v1/embeddings", input=5)
 
 
 def test_an_embedding_has_no_output_and_its_inputs_bound():
