@@ -17,6 +17,7 @@ from agentkeys.providers.base import (
     SseSplitter,
     Unmeterable,
     UsageRejected,
+    event_json,
     optional_positive_int,
     parse_event,
     parse_json_object,
@@ -84,6 +85,15 @@ def test_sse_splitter_flush_returns_the_incomplete_remainder_once():
 def test_parse_event_joins_multiple_data_lines():
     event = parse_event(b"event: x\ndata: a\ndata:b\n: a comment\n\n")
     assert (event.event, event.data) == ("x", "a\nb")
+
+
+def test_an_event_that_is_not_utf8_is_read_with_replacement_characters_not_a_crash():
+    assert parse_event(b"data: caf\xe9 \xff\n\n").data == "caf\ufffd \ufffd"
+
+
+@pytest.mark.parametrize(("data", "read"), [('{"a": 1}', {"a": 1}), ("[1, 2]", None), ("7", None), ("not json", None)])
+def test_only_a_json_object_is_an_event_a_meter_reads(data, read):
+    assert event_json(parse_event(f"data: {data}\n\n".encode())) == read
 
 
 # ----- endpoints and request bodies -----

@@ -52,3 +52,16 @@ def test_an_event_over_the_limit_hands_back_every_byte_held():
         splitter.feed(b"x" * 200)
     assert too_large.value.held == b"data: " + b"x" * 200
     assert splitter.flush() == b""
+
+
+def test_an_event_of_exactly_the_limit_is_handed_on_and_one_byte_more_is_refused():
+    exact = b"data: " + b"x" * 92 + b"\n\n"  # 100 bytes
+    assert [event.raw for event in SseSplitter(max_event_bytes=100).feed(exact)] == [exact]
+    split = SseSplitter(max_event_bytes=100)
+    assert split.feed(exact[:-1]) == [] and [event.raw for event in split.feed(b"\n")] == [exact]
+    with pytest.raises(SseEventTooLarge) as too_large:
+        SseSplitter(max_event_bytes=100).feed(b"data: " + b"x" * 93 + b"\n\n")  # complete, but 101 bytes
+    assert too_large.value.held == b"data: " + b"x" * 93 + b"\n\n"
+    assert str(too_large.value) == "a server-sent event exceeded 100 bytes (max_stream_event_bytes)"
+    incomplete = SseSplitter(max_event_bytes=100)
+    assert incomplete.feed(b"data: " + b"x" * 94) == []  # 100 bytes held, not yet too many
