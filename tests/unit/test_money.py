@@ -12,7 +12,8 @@ from agentkeys.money import Usd, dumps, format_usd, micros_to_usd, remaining_phr
 
 @pytest.mark.parametrize(
     "micros, phrase",
-    [(4000, "$0.0040 remains"), (0, "nothing remains"), (-501_023, "nothing remains (overspent by $0.501023)")],
+    [(4000, "$0.0040 remains"), (1, "$0.000001 remains"), (0, "nothing remains"),
+     (-501_023, "nothing remains (overspent by $0.501023)")],
 )
 def test_remaining_phrase(micros, phrase):
     assert remaining_phrase(micros) == phrase

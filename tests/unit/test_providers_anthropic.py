@@ -6,7 +6,7 @@ import pytest
 
 from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers import FORMATS
-from agentkeys.providers.base import MalformedRequest
+from agentkeys.providers.base import MalformedRequest, Unmeterable
 from prices import expected_cost
 from sse_events import feed_all, sse
 
@@ -127,26 +127,45 @@ TEXT_DOCUMENT = {"type": "document", "source": {"type": "text", "media_type": "t
             16 + 8 + 2 + 1_000 + len('[{"name": "f", "input_schema": {}}]'),
         ),
         ({"messages": [message("hi")], "tools": []}, 16 + 8 + 2),
+        (
+            {"messages": [message([{"type": "text", "text": "ab"}, {"type": "image", "source": {}}, TOOL_RESULT,
+                                   {"type": "text", "text": "c"}, TOOL_USE, "raw"])]},
+            16 + 8 + (2 + 8) + 5_000 + (2 + 8 + len(json.dumps({"type": "tool_result", "tool_use_id": "t1"})))
+            + (1 + 8) + (len(json.dumps(TOOL_USE, ensure_ascii=False).encode()) + 8) + (3 + 8),
+        ),
     ],
     ids=["text", "two-messages", "no-content", "system", "system-blocks", "text-block", "image", "bare-values",
-         "tool-use", "tool-result", "text-document", "object-content", "tools", "no-tools"],
+         "tool-use", "tool-result", "text-document", "object-content", "tools", "no-tools", "every-block-adds-up"],
 )  # fmt: skip
 def test_the_input_bound_of_each_shape_is_exact(body, bound):
     assert input_bound(**body) == bound
+
+
+DOCUMENTS = ("documents other than plain text (PDFs, files, URLs) cannot be bounded in tokens before the call,"
+             " so they cannot be metered by this proxy yet")
 
 
 @pytest.mark.parametrize(
     ("messages", "refusal"),
     [
         (["not an object"], "each message must be an object"),
-        ([message([{"type": "document", "source": {"type": "base64", "data": "JVBER"}}])], "documents other than"),
-        ([message([{"type": "document"}])], "documents other than"),
+        ([message([{"type": "document", "source": {"type": "base64", "data": "JVBER"}}])], DOCUMENTS),
+        ([message([{"type": "document"}])], DOCUMENTS),
         ([], "'messages' must be a non-empty list"),
     ],
 )
 def test_what_cannot_be_bounded_is_refused(messages, refusal):
-    with pytest.raises(MalformedRequest, match=refusal):
+    with pytest.raises(MalformedRequest) as refused:
         input_bound(messages=messages)
+    assert str(refused.value) == refusal
+
+
+def test_mcp_servers_cannot_be_metered():
+    with pytest.raises(Unmeterable) as refused:
+        input_bound(messages=[message("hi")], mcp_servers=[{"type": "url", "url": "https://x"}])
+    assert str(refused.value) == (
+        "MCP servers are called by Anthropic and add input of their own, so this proxy cannot meter them"
+    )
 
 
 @pytest.mark.parametrize(

@@ -350,13 +350,24 @@ def test_input_only_openai_can_see_is_named(body, unseen):
     [
         ({}, "the request has no 'input'"),
         ({"input": 5}, "'input' must be a string or a list of items"),
-        ({"input": "hi", "background": True}, "a background response"),
-        ({"input": "hi", "service_tier": "priority"}, "service tier 'priority'"),
+        ({"input": "hi", "background": True},
+         "a background response is billed after the call returns, so this proxy cannot meter it"),
+        ({"input": "hi", "service_tier": "priority"},
+         "service tier 'priority' is billed above the standard prices, so this proxy cannot meter it"),
     ],
-)
+)  # fmt: skip
 def test_a_response_that_cannot_be_bounded_is_refused(body, refusal):
-    with pytest.raises((MalformedRequest, Unmeterable), match=refusal):
+    with pytest.raises((MalformedRequest, Unmeterable)) as refused:
         facts_of("/v1/responses", **body)
+    assert str(refused.value) == refusal
+
+
+def test_a_long_response_input_is_counted_exactly_when_asked():
+    long_text = "word " * (EXACT_COUNT_CHARS // 5 + 100)
+    body = json.dumps({"model": "gpt-4o-mini", "input": long_text}).encode()
+    cheap = OPENAI.request_facts("POST", "/v1/responses", body).input_token_bound
+    exact = OPENAI.request_facts("POST", "/v1/responses", body, exact=True).input_token_bound
+    assert (cheap, exact) == (3 + 4 + len(long_text.encode()) + 1, 3 + 4 + count_tokens(long_text, "gpt-4o-mini"))
 
 
 def test_a_response_stream_and_its_output_limit_are_read():
@@ -404,3 +415,20 @@ def test_a_stream_whose_client_did_not_ask_for_usage_asks_for_it_keeping_its_opt
                     stream_options={"include_obfuscation": False})  # fmt: skip
     assert kept["stream_options"] == {"include_obfuscation": False, "include_usage": True}
     assert kept["max_completion_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "overhead"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "LONG"}]}, 3 + 4 + 1),  # role "user": 1
+        ("/v1/completions", {"prompt": "LONG"}, 1),
+    ],
+)
+def test_a_long_prompt_is_counted_exactly_when_asked(path, fields, overhead):
+    long_text = "word " * (EXACT_COUNT_CHARS // 5 + 100)
+    body = json.dumps({"model": "gpt-4o-mini", **fields}).replace("LONG", long_text).encode()
+    cheap = OPENAI.request_facts("POST", path, body).input_token_bound
+    exact = OPENAI.request_facts("POST", path, body, exact=True).input_token_bound
+    assert (cheap, exact) == (
+        overhead + len(long_text.encode()) + 1, overhead + count_tokens(long_text, "gpt-4o-mini"),
+    )  # fmt: skip
