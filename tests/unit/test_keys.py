@@ -11,11 +11,12 @@ from agentkeys.keys import (
     child_policy,
     describe,
     glob_within,
+    issue_key,
     new_key_record,
 )
-from agentkeys.ledger import KeyRecord
+from agentkeys.ledger import KeyRecord, SqliteLedger
 from agentkeys.money import Usd
-from agentkeys.policy import Policy
+from agentkeys.policy import Policy, parse_budget
 
 PARENT = Policy.model_validate(
     {
@@ -209,3 +210,41 @@ def test_a_new_key_is_one_level_below_its_parent_and_carries_its_identity():
     assert (child.record.depth, child.record.parent_id, child.record.identity_json) == (3, root.record.key_id,
                                                                                         '{"sub": "job"}')  # fmt: skip
     assert child.record.key_id != root.record.key_id and child.key != root.key
+
+
+def test_an_issued_key_takes_the_policy_s_budget_and_lifetime_unless_given_and_is_stored(tmp_path, monkeypatch):
+    monkeypatch.setattr("time.time", lambda: NOW)
+    ledger = SqliteLedger(tmp_path / "keys.db")
+    policy = PARENT.model_copy(update={"ttl": 600})
+    default = issue_key(ledger, policy)
+    assert (default.record.budget_micros, default.record.expires_at, default.record.name) == (1_000_000, NOW + 600,
+                                                                                              "parent")  # fmt: skip
+    given = issue_key(ledger, policy, ttl_seconds=60, budget_usd="0.25", name="ci")
+    assert (given.record.budget_micros, given.record.expires_at, given.record.name) == (250_000, NOW + 60, "ci")
+    assert ledger.get_key(given.record.key_id) == given.record
+    with pytest.raises(ValueError, match="^0: Input should be greater than 0$"):
+        issue_key(ledger, policy, budget_usd=0)
+    ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "read"), [("0.5", 0.5), (2, 2.0), ("1e9", 1e9)],
+)
+def test_a_budget_is_a_positive_finite_amount_of_dollars(value, read):
+    assert parse_budget(value) == read
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "'0': Input should be greater than 0"),
+        (-1, "-1: Input should be greater than 0"),
+        ("inf", "'inf': Input should be a finite number"),
+        ("1e10", "'1e10': Input should be less than or equal to 1000000000"),
+        ("lots", "'lots': Input should be a valid number, unable to parse string as a number"),
+    ],
+)
+def test_anything_else_is_not_a_budget(value, message):
+    with pytest.raises(ValueError) as refused:
+        parse_budget(value)
+    assert str(refused.value) == message
