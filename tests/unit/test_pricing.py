@@ -585,3 +585,17 @@ def test_usd_rounds_up_to_micros(usd):
 @given(st.decimals(min_value=0, max_value=Decimal("0.01"), places=15))
 def test_a_per_token_price_never_rounds_down(price):
     assert Fraction(picos_per_token(float(price))) >= Fraction(str(float(price))) * 10**12
+
+
+@pytest.mark.parametrize(
+    ("name", "entry", "reason"),
+    [
+        ("x-search-preview", {"mode": "chat"}, "it searches the web on every call, billed per search"),
+        ("gpt-audio", {"mode": "chat", "supported_output_modalities": ["video", "text", "audio"]},
+         "it can output audio and video, priced apart from text tokens"),
+        ("tts", {"mode": "audio_speech"}, "it is a model for audio speech, billed beyond text tokens"),
+        ("chat", {"mode": "chat", "output_cost_per_image": 0.04}, "it is billed per image it outputs"),
+    ],
+)  # fmt: skip
+def test_an_unmeterable_model_says_why_in_words(name, entry, reason):
+    assert unmeterable_reason(name, entry) == reason
