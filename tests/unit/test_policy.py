@@ -427,3 +427,28 @@ def test_a_policy_file_named_literally_must_exist_where_a_glob_may_match_none(tm
 def test_without_a_config_file_the_defaults_are_relative_to_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_config(None).base_dir == tmp_path  # where a later chdir cannot move it
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(1, 1), ("1s", 1), (3650 * 86400, 3650 * 86400), ("3650d", 3650 * 86400), (2.9, 2)]
+)
+def test_a_duration_from_one_second_to_ten_years_is_read(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (float("inf"), "inf is not a duration (use e.g. 90s, 5m, 1h, 1h30m, 2d)"),
+        (float("nan"), "nan is not a duration (use e.g. 90s, 5m, 1h, 1h30m, 2d)"),
+        ("soon", "'soon' is not a duration (use e.g. 90s, 5m, 1h, 1h30m, 2d)"),
+        (0, "a duration must be positive"),
+        (0.5, "a duration must be positive"),
+        (3650 * 86400 + 1, "315360001 is longer than the longest duration allowed, 3650d"),
+        ("3651d", "'3651d' is longer than the longest duration allowed, 3650d"),
+    ],
+)
+def test_anything_else_is_not_a_duration_and_says_why(value, message):
+    with pytest.raises(ValueError) as refused:
+        parse_duration(value)
+    assert str(refused.value) == message

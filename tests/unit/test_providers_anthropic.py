@@ -190,3 +190,21 @@ def test_the_anthropic_meter_passes_every_event_on_and_keeps_the_last_output_cou
               anthropic_event("message_stop")]  # fmt: skip
     assert all(feed_all(meter, events))
     assert meter.result().usage == Usage(370, 9, cached_tokens=300, cache_write_tokens=50)
+
+
+@pytest.mark.parametrize(("stream", "read"), [(True, True), (False, False), ("yes", False), (None, False)])
+def test_a_messages_call_is_metered_on_its_endpoint_and_streams_only_when_asked(stream, read):
+    body = {"model": "claude-haiku-4-5", "max_tokens": 3, "messages": [message("hi")]}
+    facts = ANTHROPIC.request_facts("POST", "/v1/messages", json.dumps({**body, "stream": stream}).encode())
+    assert (facts.metered, facts.endpoint, facts.stream) == (True, "/v1/messages", read)
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"),
+                                              ("GET", "/v1/messages"), ("POST", "/v1/complete")])  # fmt: skip
+def test_anything_but_a_posted_message_is_not_metered(method, path):
+    assert ANTHROPIC.request_facts(method, path, b"{}").metered is False
+
+
+def test_a_message_without_max_tokens_is_refused_saying_so():
+    with pytest.raises(MalformedRequest, match="^'max_tokens' is required$"):
+        ANTHROPIC.request_facts("POST", "/v1/messages", json.dumps({"model": "m", "messages": []}).encode())
