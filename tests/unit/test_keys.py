@@ -9,12 +9,13 @@ from agentkeys.keys import (
     ChildRequest,
     check_depth_and_lifetime,
     child_policy,
+    child_refusal_message,
     describe,
     glob_within,
     issue_key,
     new_key_record,
 )
-from agentkeys.ledger import KeyRecord, SqliteLedger
+from agentkeys.ledger import KeyRecord, Refusal, SqliteLedger
 from agentkeys.money import Usd
 from agentkeys.policy import Policy, parse_budget
 
@@ -48,6 +49,7 @@ def child(**asked) -> Policy:
         ("gpt-4*", "gpt-4o*", False),
         ("gpt-4o?", "gpt-4o*", False),  # unsure: refused
         ("gpt-5", "gpt-4o*", False),
+        ("gpt-4o-X1", "gpt-4o*", True),  # a literal name, whatever its letters
         ("claude-haiku-4-5", "claude-haiku-4-5", True),
         ("claude-haiku-4-5*", "claude-haiku-4-5", False),
         ("claude-haiku-4-5-x", "claude-haiku-4-5", False),
@@ -248,3 +250,18 @@ def test_anything_else_is_not_a_budget(value, message):
     with pytest.raises(ValueError) as refused:
         parse_budget(value)
     assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    ("refusal", "message"),
+    [
+        (Refusal.BUDGET, "budget_usd: asked $0.1000; of the parent's budget $0.0010 remains"),
+        (Refusal.TOO_MANY_CHILDREN, "max_children: key p has as many live child keys as its policy allows"),
+        (Refusal.REVOKED, "the parent key is revoked"),
+        (Refusal.EXPIRED, "the parent key is expired"),
+    ],
+)
+def test_a_child_refused_by_the_store_is_told_which_limit(refusal, message):
+    parent = dataclasses.replace(parent_at(0, 3600), budget_micros=1_000)
+    request = ChildRequest.model_validate({"name": "c", "budget_usd": 0.1, "ttl": "5m"})
+    assert child_refusal_message(refusal, parent, request) == message

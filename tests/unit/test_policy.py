@@ -9,11 +9,13 @@ import yaml
 from pydantic import ValidationError
 
 from agentkeys.policy import (
+    ClaimMatch,
     EndpointRule,
     Policy,
     ProxyConfig,
     Scope,
     current_policies,
+    key_showing,
     load_config,
     load_policy,
     parse_byte_size,
@@ -420,8 +422,8 @@ def test_two_files_defining_one_policy_name_are_refused(tmp_path):
 
 def test_a_policy_file_named_literally_must_exist_where_a_glob_may_match_none(tmp_path):
     assert current_policies(ProxyConfig.model_validate({"policies": ["*.policy.yaml"], "base_dir": tmp_path})) == {}
-    with pytest.raises(ConfigError, match="missing.yaml"):
-        current_policies(ProxyConfig.model_validate({"policies": ["missing.yaml"], "base_dir": tmp_path}))
+    with pytest.raises(ConfigError, match="Missing-X.yaml"):
+        current_policies(ProxyConfig.model_validate({"policies": ["Missing-X.yaml"], "base_dir": tmp_path}))
 
 
 def test_without_a_config_file_the_defaults_are_relative_to_the_current_folder(tmp_path, monkeypatch):
@@ -452,3 +454,19 @@ def test_anything_else_is_not_a_duration_and_says_why(value, message):
     with pytest.raises(ValueError) as refused:
         parse_duration(value)
     assert str(refused.value) == message
+
+
+def test_a_claim_match_names_its_conditions_as_lists_of_globs():
+    match = ClaimMatch.model_validate({"repository": "acme/*", "ref": ["refs/heads/main", "refs/tags/*"]})
+    assert match.conditions() == {"repository": ["acme/*"], "ref": ["refs/heads/main", "refs/tags/*"]}
+    with pytest.raises(ValidationError, match="name at least one claim to match"):
+        ClaimMatch.model_validate({})
+
+
+@pytest.mark.parametrize(
+    ("options", "showing"),
+    [({"flow_detail": 2, "proxy_debug": True}, {"flow_detail": 1, "proxy_debug": False}),
+     ({"flow_detail": 1, "proxy_debug": False}, {}), ({"flow_detail": 3}, {"flow_detail": 1}), ({}, {})],
+)  # fmt: skip
+def test_the_mitmproxy_options_that_would_print_a_real_key_are_named_with_their_safe_value(options, showing):
+    assert key_showing(options) == showing

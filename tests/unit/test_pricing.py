@@ -599,3 +599,8 @@ def test_a_per_token_price_never_rounds_down(price):
 )  # fmt: skip
 def test_an_unmeterable_model_says_why_in_words(name, entry, reason):
     assert unmeterable_reason(name, entry) == reason
+
+
+def test_a_provider_without_prices_prices_no_glob():
+    assert PRICES.prices_any("gpt-4o*", "nobody") is False
+    assert PRICES.prices_any("gpt-4o*", "nobody", "openai") is True

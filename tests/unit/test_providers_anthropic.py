@@ -208,3 +208,8 @@ def test_anything_but_a_posted_message_is_not_metered(method, path):
 def test_a_message_without_max_tokens_is_refused_saying_so():
     with pytest.raises(MalformedRequest, match="^'max_tokens' is required$"):
         ANTHROPIC.request_facts("POST", "/v1/messages", json.dumps({"model": "m", "messages": []}).encode())
+
+
+def test_a_tool_that_is_not_an_object_is_refused_as_unmeterable():
+    with pytest.raises(Unmeterable, match="^the server tool None is billed per use, beyond tokens"):
+        input_bound(messages=[message("hi")], tools=["bash"])

@@ -222,7 +222,7 @@ def test_any_other_item_is_every_field_counted():
 
 
 def test_an_item_that_is_not_an_object_is_malformed():
-    with pytest.raises(MalformedRequest, match="input item"):
+    with pytest.raises(MalformedRequest, match="^each input item must be an object$"):
         response_item_tokens(count, "text", set())
 
 
