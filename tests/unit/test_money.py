@@ -64,3 +64,9 @@ def test_a_formatted_amount_reads_back_as_the_same_micro_dollars(micros):
 def test_usd_to_micros_never_rounds_down_and_rounds_up_by_less_than_one(usd):
     micros = usd_to_micros(usd)
     assert usd * 1_000_000 <= micros < usd * 1_000_000 + 1
+
+
+def test_dumps_passes_json_options_on():
+    assert dumps({"b": Usd(5), "a": [Usd(1_500_000)]}, sort_keys=True, indent=1) == (
+        '{\n "a": [\n  1.500000\n ],\n "b": 0.000005\n}'
+    )

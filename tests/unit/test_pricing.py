@@ -604,3 +604,8 @@ def test_an_unmeterable_model_says_why_in_words(name, entry, reason):
 def test_a_provider_without_prices_prices_no_glob():
     assert PRICES.prices_any("gpt-4o*", "nobody") is False
     assert PRICES.prices_any("gpt-4o*", "nobody", "openai") is True
+
+
+def test_nothing_at_all_has_a_worst_case_of_nothing():
+    assert worst_case_micros(ModelPrice(input=1e-6, output=2e-6), 0, 0, cache_writes=True) == 0
+    assert worst_case_micros(ModelPrice(input=0, output=0), 100, 100, cache_writes=False) == 0

@@ -18,6 +18,7 @@ from agentkeys.providers.base import (
     Unmeterable,
     UsageRejected,
     event_json,
+    nesting_depth,
     optional_positive_int,
     parse_event,
     parse_json_object,
@@ -434,3 +435,32 @@ def test_every_refusal_has_the_provider_s_status_and_shape(format_name, kind):
         assert body["error"]["code"] == status and body["error"]["message"] == "why" and body["error"]["status"]
     else:
         assert body["error"]["message"] == "why" and body["error"]["type"] and body["error"]["code"]
+
+
+def test_nesting_is_measured_past_a_scalar_beside_it():
+    assert nesting_depth(5) == 0
+    assert nesting_depth({"a": [[1]], "b": 1}) == 3
+    assert nesting_depth([1, {"deep": [[[]]]}, "x"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"max_tokens": 100000000000000000000000}',
+         "the request body has an integer of 24 digits; no API field takes one"),
+        (b'{"model": "a", "stream": true, "stream": false}',
+         "the key 'stream' appears twice in one object of the request body"),
+        (b"", "the request body must be a JSON object"),
+        (b"[1]", "the request body must be a JSON object"),
+    ],
+)  # fmt: skip
+def test_an_unreadable_body_is_refused_saying_why(body, message):
+    with pytest.raises(MalformedRequest) as refused:
+        parse_json_object(body)
+    assert str(refused.value) == message
+
+
+def test_a_call_may_ask_for_the_whole_output_limit_in_choices_without_a_length():
+    RequestFacts(metered=True, choices=MAX_TOKENS_LIMIT)
+    with pytest.raises(MalformedRequest):
+        RequestFacts(metered=True, choices=MAX_TOKENS_LIMIT + 1)
