@@ -440,3 +440,61 @@ def test_a_long_prompt_is_counted_exactly_when_asked(path, fields, overhead):
     assert (cheap, exact) == (
         overhead + len(long_text.encode()) + 1, overhead + count_tokens(long_text, "gpt-4o-mini"),
     )  # fmt: skip
+
+
+CHAT_TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
+UNTYPED_TOOL = {"function": {"name": "g"}}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}
+HI = [{"role": "user", "content": "hi"}]
+HI_BOUND = 3 + 4 + MINI_COUNT("user") + MINI_COUNT("hi")
+
+
+@pytest.mark.parametrize(
+    ("fields", "bound"),
+    [
+        ({}, HI_BOUND),
+        ({"tools": [CHAT_TOOL]}, HI_BOUND + 1_000 + MINI_COUNT(json.dumps([CHAT_TOOL]))),
+        ({"tools": [UNTYPED_TOOL]}, HI_BOUND + 1_000 + MINI_COUNT(json.dumps([UNTYPED_TOOL]))),  # a function
+        ({"functions": [{"name": "f"}]}, HI_BOUND + 1_000 + MINI_COUNT(json.dumps([{"name": "f"}]))),
+        ({"response_format": JSON_SCHEMA}, HI_BOUND + 1_000 + MINI_COUNT(json.dumps(JSON_SCHEMA))),
+        ({"response_format": {"type": "text"}}, HI_BOUND),
+        ({"response_format": {}}, HI_BOUND),  # no type: text
+        ({"tools": [CHAT_TOOL], "response_format": JSON_SCHEMA},
+         HI_BOUND + 2_000 + MINI_COUNT(json.dumps([CHAT_TOOL])) + MINI_COUNT(json.dumps(JSON_SCHEMA))),
+    ],
+    ids=["plain", "tools", "untyped-tool", "functions", "schema", "text-format", "untyped-format", "both"],
+)  # fmt: skip
+def test_a_chat_is_held_at_its_messages_tools_and_schema(fields, bound):
+    assert facts_of("/v1/chat/completions", messages=HI, **fields).input_token_bound == bound
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"messages": ["hi"]}, MalformedRequest, "each message must be an object"),
+        ({"messages": []}, MalformedRequest, "'messages' must be a non-empty list"),
+        ({"messages": HI, "tools": {"a": 1}}, MalformedRequest, "'tools' must be a list"),
+        ({"messages": HI, "tools": ["f"]}, Unmeterable,
+         "the hosted tool None is billed per use, beyond tokens, so this proxy cannot meter it"),
+        ({"messages": HI, "web_search_options": {}}, Unmeterable,
+         "web search is billed per search, beyond tokens, so this proxy cannot meter it"),
+        ({"messages": HI, "prediction": {"type": "content"}}, Unmeterable,
+         "a prediction's rejected tokens are billed as output beyond max_tokens, so this proxy cannot bound it"),
+        ({"messages": HI, "modalities": ["text", "audio"]}, Unmeterable,
+         "audio tokens are priced apart from text, so this proxy cannot meter them yet"),
+        ({"messages": HI, "stream_options": 1}, MalformedRequest, "'stream_options' must be an object"),
+        ({"messages": HI, "max_tokens": 0}, MalformedRequest, None),
+        ({"model": 5, "messages": HI}, MalformedRequest, "the request names no 'model'"),
+        ({"model": "", "messages": HI}, MalformedRequest, "the request names no 'model'"),
+    ],
+)  # fmt: skip
+def test_a_chat_that_cannot_be_bounded_says_why(fields, error, message):
+    with pytest.raises(error) as refused:
+        OPENAI.request_facts("POST", "/v1/chat/completions", json.dumps({"model": "gpt-4o-mini", **fields}).encode())
+    assert message is None or str(refused.value) == message
+
+
+def test_the_smallest_limits_and_largest_integers_are_read():
+    assert facts_of("/v1/chat/completions", messages=HI, max_tokens=1).max_output_tokens == 1
+    digits20 = json.dumps({"model": "gpt-4o-mini", "messages": HI, "seed": 12345678901234567890}).encode()
+    assert OPENAI.request_facts("POST", "/v1/chat/completions", digits20).model == "gpt-4o-mini"
