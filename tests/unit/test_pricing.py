@@ -609,3 +609,8 @@ def test_a_provider_without_prices_prices_no_glob():
 def test_nothing_at_all_has_a_worst_case_of_nothing():
     assert worst_case_micros(ModelPrice(input=1e-6, output=2e-6), 0, 0, cache_writes=True) == 0
     assert worst_case_micros(ModelPrice(input=0, output=0), 100, 100, cache_writes=False) == 0
+
+
+def test_a_price_found_says_which_provider_and_name_priced_it():
+    match = PRICES.find("claude-haiku-4-5-20991231", "nobody", "anthropic")
+    assert (match.provider, match.model) == ("anthropic", "claude-haiku-4-5")
