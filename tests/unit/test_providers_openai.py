@@ -251,6 +251,10 @@ def test_a_prompt_is_its_texts_and_one_each_or_its_tokens(prompt, expected):
 def test_a_prompt_of_any_other_shape_is_malformed(prompt):
     with pytest.raises(MalformedRequest, match="^'prompt' must be a string, a list of strings, or token arrays$"):
         prompt_tokens(count, prompt, "prompt")
+
+
+@pytest.mark.parametrize("prompt", [None, [], ["a", 1]])
+def test_a_completion_whose_prompt_has_another_shape_is_refused_naming_the_prompt(prompt):
     with pytest.raises(MalformedRequest, match="^'prompt' must be a string, a list of strings, or token arrays$"):
         facts_of("/v1/completions", prompt=prompt)
 

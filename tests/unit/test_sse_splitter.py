@@ -65,3 +65,8 @@ def test_an_event_of_exactly_the_limit_is_handed_on_and_one_byte_more_is_refused
     assert str(too_large.value) == "a server-sent event exceeded 100 bytes (max_stream_event_bytes)"
     incomplete = SseSplitter(max_event_bytes=100)
     assert incomplete.feed(b"data: " + b"x" * 94) == []  # 100 bytes held, not yet too many
+
+
+def test_events_after_the_first_in_one_chunk_are_each_measured_on_their_own():
+    events = [b"data: " + bytes([65 + i]) * 52 + b"\n\n" for i in range(3)]  # 60 bytes each
+    assert [event.raw for event in SseSplitter(max_event_bytes=100).feed(b"".join(events))] == events
