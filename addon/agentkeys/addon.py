@@ -583,13 +583,12 @@ class AgentKeys:
         except Exception:
             log.exception("agentkeys: reading the response failed; the call is charged its full hold")
             outcome = Outcome(reached_provider=True, complete=True, status=status, meter_broken=True, note="ok")
-        await self._remember_context(state, outcome)
+        if state.admission:
+            await self._remember_context(state, outcome)
         self._settle_in_background(flow, state, outcome)
 
     async def _remember_context(self, state: CallState, outcome: Outcome):
         """Before the agent has this answer, so that its next turn finds what it continues measured."""
-        if state.admission is None:  # a real key's own call, passed on untouched: not metered by a hold
-            return
         try:
             await state.gate.remember_context(state.admission, outcome)
         except LedgerUnavailable as e:  # an outage: a call continuing this response is held at the context window
@@ -624,7 +623,7 @@ class AgentKeys:
             )
         read = should_read_usage(state, flow)
         usage = await self._response_usage(flow, state) if read else None
-        admission = state.admission  # None for a real key's own call (real_keys: audit): nothing it continues is kept
+        admission = state.admission  # None for a real key's own call (real_keys: audit): nothing to remember
         stored = admission.wire.stored_response(admission.facts, flow.response.content) if read and admission else None
         return Outcome(
             reached_provider=True, complete=True, status=status, usage=usage, usage_rejected=state.usage_rejected,

@@ -741,7 +741,7 @@ def current_policies(config: ProxyConfig) -> dict[str, PolicyFile]:
     for path in dict.fromkeys(paths):
         policy = load_policy(path)
         if policy.name in found and found[policy.name].revision != file_revision(path):
-            raise ConfigError(f"{path}: name: policy {policy.name} is also defined by another file")
+            raise ConfigError([f"{path}: name: policy {policy.name} is also defined by another file"])
         found[policy.name] = PolicyFile(policy, file_revision(path))
     return found
 

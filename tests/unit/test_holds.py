@@ -68,7 +68,7 @@ def test_the_plan_of_each_kind_of_limit(asked, policy, plan):
 def test_a_call_without_any_known_limit_is_refused_saying_so():
     with pytest.raises(Denial) as refused:
         plan_hold(facts(), KEY, scope(), PRICE.model_copy(update={"max_output_tokens": None}))
-    assert refused.value.kind == DenyKind.BAD_REQUEST
+    assert (refused.value.kind, refused.value.key) == (DenyKind.BAD_REQUEST, KEY)  # the audit names the key
     assert str(refused.value.message) == "agentkeys: set max_tokens; the limit of m is unknown"
 
 
@@ -82,7 +82,7 @@ def test_input_only_the_provider_sees_is_refused_without_a_context_window():
     price = PRICE.model_copy(update={"max_input_tokens": None})
     with pytest.raises(Denial) as refused:
         plan_hold(facts(max_output_tokens=10, unseen_input="input_file"), KEY, scope(), price)
-    assert (refused.value.kind, refused.value.model) == (DenyKind.FORBIDDEN, "m")
+    assert (refused.value.kind, refused.value.model, refused.value.key) == (DenyKind.FORBIDDEN, "m", KEY)
     assert "input only the provider can see (input_file)" in refused.value.message
 
 

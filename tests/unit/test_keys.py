@@ -9,11 +9,16 @@ from agentkeys.keys import (
     ChildRequest,
     check_depth_and_lifetime,
     child_policy,
+    child_refusal_message,
+    describe,
     glob_within,
+    issue_key,
     new_key_record,
 )
-from agentkeys.ledger import KeyRecord
-from agentkeys.policy import Policy
+from agentkeys.ledger import KeyRecord, Refusal, SqliteLedger
+from agentkeys.money import Usd
+from agentkeys.policy import Policy, parse_budget
+from agentkeys.seal import RecordSeal
 
 PARENT = Policy.model_validate(
     {
@@ -45,6 +50,7 @@ def child(**asked) -> Policy:
         ("gpt-4*", "gpt-4o*", False),
         ("gpt-4o?", "gpt-4o*", False),  # unsure: refused
         ("gpt-5", "gpt-4o*", False),
+        ("gpt-4o-X1", "gpt-4o*", True),  # a literal name, whatever its letters
         ("claude-haiku-4-5", "claude-haiku-4-5", True),
         ("claude-haiku-4-5*", "claude-haiku-4-5", False),
         ("claude-haiku-4-5-x", "claude-haiku-4-5", False),
@@ -245,3 +251,81 @@ def test_a_child_asking_for_looser_limits_is_refused_saying_which(asked, message
 
 def test_a_parent_without_limits_may_give_a_child_any():
     assert child(rate_limits={"requests_per_minute": 1000}).rate_limits.requests_per_minute == 1000
+
+
+def test_a_key_is_described_with_what_it_may_still_spend_and_never_its_secret():
+    record = dataclasses.replace(parent_at(0, 3600), spent_micros=120, held_micros=30, parent_id="q",
+                                 identity_json='{"sub": "repo:x"}')  # fmt: skip
+    assert describe(record, NOW) == {
+        "id": "p", "name": "p", "policy": "parent", "parent_id": "q", "status": "active",
+        "created_at": "2023-11-14T22:13:20+00:00", "expires_at": "2023-11-14T23:13:20+00:00",
+        "budget_usd": Usd(10**6), "spent_usd": Usd(120), "held_usd": Usd(30), "remaining_usd": Usd(10**6 - 150),
+        "identity": {"sub": "repo:x"}, "account_id": None,
+    }  # fmt: skip
+    expired = describe(record, NOW + 3600)
+    assert (expired["status"], expired["remaining_usd"]) == ("expired", Usd(0))
+    assert describe(parent_at(0, 3600), NOW)["identity"] is None
+
+
+def test_a_new_key_is_one_level_below_its_parent_and_carries_its_identity():
+    root = new_key_record(PARENT, 3600, 0.5, "root", NOW, identity_json='{"sub": "job"}')
+    assert (root.record.depth, root.record.parent_id, root.record.identity_json) == (0, None, '{"sub": "job"}')
+    assert (root.record.budget_micros, root.record.expires_at, root.record.name) == (500_000, NOW + 3600, "root")
+    deeper = dataclasses.replace(root.record, depth=2)
+    child = new_key_record(PARENT, 60, 0.1, "child", NOW, parent=deeper, identity_json='{"sub": "other"}')
+    assert (child.record.depth, child.record.parent_id, child.record.identity_json) == (3, root.record.key_id,
+                                                                                        '{"sub": "job"}')  # fmt: skip
+    assert child.record.key_id != root.record.key_id and child.key != root.key
+
+
+def test_an_issued_key_takes_the_policy_s_budget_and_lifetime_unless_given_and_is_stored(tmp_path, monkeypatch):
+    monkeypatch.setattr("time.time", lambda: NOW)
+    ledger = SqliteLedger(tmp_path / "keys.db")
+    policy, seal = PARENT.model_copy(update={"ttl": 600}), RecordSeal(b"secret")
+    default = issue_key(ledger, policy, seal=seal)  # its lifetime from the store's clock (SQLite: this machine's)
+    assert (default.record.budget_micros, default.record.expires_at, default.record.name) == (1_000_000, NOW + 600,
+                                                                                              "parent")  # fmt: skip
+    given = issue_key(ledger, policy, ttl_seconds=60, budget_usd="0.25", name="ci", seal=seal)
+    assert (given.record.budget_micros, given.record.expires_at, given.record.name) == (250_000, NOW + 60, "ci")
+    assert ledger.get_key(given.record.key_id) == given.record and seal.intact(given.record)
+    with pytest.raises(ValueError, match="^0: Input should be greater than 0$"):
+        issue_key(ledger, policy, budget_usd=0, seal=seal)
+    ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "read"), [("0.5", 0.5), (2, 2.0), ("1e9", 1e9)],
+)
+def test_a_budget_is_a_positive_finite_amount_of_dollars(value, read):
+    assert parse_budget(value) == read
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "'0': Input should be greater than 0"),
+        (-1, "-1: Input should be greater than 0"),
+        ("inf", "'inf': Input should be a finite number"),
+        ("1e10", "'1e10': Input should be less than or equal to 1000000000"),
+        ("lots", "'lots': Input should be a valid number, unable to parse string as a number"),
+    ],
+)
+def test_anything_else_is_not_a_budget(value, message):
+    with pytest.raises(ValueError) as refused:
+        parse_budget(value)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    ("refusal", "message"),
+    [
+        (Refusal.BUDGET, "budget_usd: asked $0.100000; of the parent's budget $0.001000 remains"),
+        (Refusal.TOO_MANY_CHILDREN, "max_children: key p has as many live child keys as its policy allows"),
+        (Refusal.REVOKED, "the parent key is revoked"),
+        (Refusal.EXPIRED, "the parent key is expired"),
+    ],
+)
+def test_a_child_refused_by_the_store_is_told_which_limit(refusal, message):
+    parent = dataclasses.replace(parent_at(0, 3600), budget_micros=1_000)
+    request = ChildRequest.model_validate({"name": "c", "budget_usd": 0.1, "ttl": "5m"})
+    assert child_refusal_message(refusal, parent, request) == message

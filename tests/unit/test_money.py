@@ -23,7 +23,8 @@ from agentkeys.money import (
 
 @pytest.mark.parametrize(
     "micros, phrase",
-    [(4000, "$0.004000 remains"), (0, "nothing remains"), (-501_023, "nothing remains (overspent by $0.501023)")],
+    [(4000, "$0.004000 remains"), (1, "$0.000001 remains"), (0, "nothing remains"),
+     (-501_023, "nothing remains (overspent by $0.501023)")],
 )
 def test_remaining_phrase(micros, phrase):
     assert remaining_phrase(micros) == phrase
@@ -88,3 +89,9 @@ def test_no_message_writes_a_dollar_amount_but_through_format_usd():
         if re.search(r"\$\{(?!format_usd)", line)
     ]
     assert bypasses == []
+
+
+def test_dumps_passes_json_options_on():
+    assert dumps({"b": Usd(5), "a": [Usd(1_500_000)]}, sort_keys=True, indent=1) == (
+        '{\n "a": [\n  1.500000\n ],\n "b": 0.000005\n}'
+    )

@@ -1,5 +1,6 @@
 """Policies and the proxy config: durations, endpoint rules, model globs, and errors that point at the line."""
 
+import hashlib
 import textwrap
 from pathlib import Path
 
@@ -8,11 +9,13 @@ import yaml
 from pydantic import ValidationError
 
 from agentkeys.policy import (
+    ClaimMatch,
     EndpointRule,
     Policy,
     ProxyConfig,
     Scope,
     current_policies,
+    key_showing,
     load_config,
     load_policy,
     parse_byte_size,
@@ -457,3 +460,84 @@ def test_a_scope_holds_the_tightest_of_the_issued_copy_and_the_file():
     limits = scope.rate_limits
     assert (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_calls) == (10, None, 2)
     assert scope.max_calls == 40 and [str(limit) for limit in scope.max_identical_calls] == ["3 per 1m"]
+
+
+def write_policy(path: Path, name: str, models: list[str]) -> Path:
+    path.write_text(yaml.safe_dump(scope_policy(name=name, models=models).model_dump(mode="json")))
+    return path
+
+
+def test_the_current_policies_are_the_files_named_globbed_and_issued_from(tmp_path):
+    write_policy(tmp_path / "a.policy.yaml", "a", ["gpt-4o*"])
+    write_policy(tmp_path / "b.policy.yaml", "b", ["gpt-4o*"])
+    write_policy(tmp_path / "plain.yaml", "plain", ["gpt-4o*"])
+    write_policy(tmp_path / "ci.yaml", "ci", ["gpt-4o*"])
+    config = ProxyConfig.model_validate({
+        "policies": ["*.policy.yaml", "plain.yaml", "a.policy.yaml"],  # a file named twice is one file
+        "issuers": {"ci": {"token_env": "CI_TOKEN", "policies": ["ci.yaml"]}},
+        "base_dir": tmp_path,
+    })  # fmt: skip
+    current = current_policies(config)
+    assert sorted(current) == ["a", "b", "ci", "plain"]
+    assert current["plain"].revision == hashlib.sha256((tmp_path / "plain.yaml").read_bytes()).hexdigest()[:12]
+
+
+def test_two_files_defining_one_policy_name_are_refused(tmp_path):
+    write_policy(tmp_path / "one.yaml", "team", ["gpt-4o*"])
+    write_policy(tmp_path / "two.yaml", "team", ["gpt-4o-mini*"])
+    config = ProxyConfig.model_validate({"policies": ["one.yaml", "two.yaml"], "base_dir": tmp_path})
+    with pytest.raises(ConfigError) as refused:
+        current_policies(config)
+    assert str(refused.value) == f"{tmp_path / 'two.yaml'}: name: policy team is also defined by another file"
+
+
+def test_a_policy_file_named_literally_must_exist_where_a_glob_may_match_none(tmp_path):
+    assert current_policies(ProxyConfig.model_validate({"policies": ["*.policy.yaml"], "base_dir": tmp_path})) == {}
+    with pytest.raises(ConfigError, match="Missing-X.yaml"):
+        current_policies(ProxyConfig.model_validate({"policies": ["Missing-X.yaml"], "base_dir": tmp_path}))
+
+
+def test_without_a_config_file_the_defaults_are_relative_to_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None).base_dir == tmp_path  # where a later chdir cannot move it
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(1, 1), ("1s", 1), (3650 * 86400, 3650 * 86400), ("3650d", 3650 * 86400), (2.9, 2)]
+)
+def test_a_duration_from_one_second_to_ten_years_is_read(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (float("inf"), "inf is not a duration (use e.g. 90s, 5m, 1h, 1h30m, 2d)"),
+        (float("nan"), "nan is not a duration (use e.g. 90s, 5m, 1h, 1h30m, 2d)"),
+        ("soon", "'soon' is not a duration (use e.g. 90s, 5m, 1h, 1h30m, 2d)"),
+        (0, "a duration must be positive"),
+        (0.5, "a duration must be positive"),
+        (3650 * 86400 + 1, "315360001 is longer than the longest duration allowed, 3650d"),
+        ("3651d", "'3651d' is longer than the longest duration allowed, 3650d"),
+    ],
+)
+def test_anything_else_is_not_a_duration_and_says_why(value, message):
+    with pytest.raises(ValueError) as refused:
+        parse_duration(value)
+    assert str(refused.value) == message
+
+
+def test_a_claim_match_names_its_conditions_as_lists_of_globs():
+    match = ClaimMatch.model_validate({"repository": "acme/*", "ref": ["refs/heads/main", "refs/tags/*"]})
+    assert match.conditions() == {"repository": ["acme/*"], "ref": ["refs/heads/main", "refs/tags/*"]}
+    with pytest.raises(ValidationError, match="name at least one claim to match"):
+        ClaimMatch.model_validate({})
+
+
+@pytest.mark.parametrize(
+    ("options", "showing"),
+    [({"flow_detail": 2, "proxy_debug": True}, {"flow_detail": 1, "proxy_debug": False}),
+     ({"flow_detail": 1, "proxy_debug": False}, {}), ({"flow_detail": 3}, {"flow_detail": 1}), ({}, {})],
+)  # fmt: skip
+def test_the_mitmproxy_options_that_would_print_a_real_key_are_named_with_their_safe_value(options, showing):
+    assert key_showing(options) == showing

@@ -22,6 +22,7 @@ from agentkeys.pricing import (
     PriceTier,
     Usage,
     cost_micros,
+    litellm_model_name,
     litellm_tiers,
     load_prices,
     micros_of,
@@ -161,17 +162,26 @@ def test_a_price_file_sets_each_usable_entry_of_the_providers_asked_for(tmp_path
     entry = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({
-        "gpt-x": {"litellm_provider": "openai", **entry},
-        "gemini/gemini-x": {"litellm_provider": "gemini", **entry},
-        "no-prices": {"litellm_provider": "openai", "mode": "chat"},
-        "elsewhere": {"litellm_provider": "bedrock", **entry},
+        "elsewhere": {"litellm_provider": "bedrock", **entry},  # skipped entries first: the rest are still read
         "not-an-entry": ["litellm_provider", "openai"],
+        "gpt-x": {"litellm_provider": "openai", **entry},
+        "no-prices": {"litellm_provider": "openai", "mode": "chat"},
+        "gemini/gemini-x": {"litellm_provider": "gemini", **entry},
     }))  # fmt: skip
     table = PriceTable({})
     assert table.add_litellm_file(path, {"openai": "openai", "gemini": "google"}) == 2
     assert table.lookup("openai", "gpt-x") == ModelPrice(input=1e-6, output=2e-6, source=str(path))
     assert table.lookup("google", "gemini-x") == ModelPrice(input=1e-6, output=2e-6, source=str(path))
     assert table.lookup("openai", "no-prices") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "ours"),
+    [("gemini/gemini-2.5-flash", "gemini-2.5-flash"), ("azure/eu/gpt-4o", "eu/gpt-4o"), ("gpt-4o", "gpt-4o"),
+     ("unknown/x", "unknown/x"), ("openai/", "openai/")],
+)  # fmt: skip
+def test_a_litellm_name_loses_only_a_known_provider_prefix(name, ours):
+    assert litellm_model_name(name) == ours
 
 
 @pytest.mark.parametrize(
@@ -575,3 +585,32 @@ def test_usd_rounds_up_to_micros(usd):
 @given(st.decimals(min_value=0, max_value=Decimal("0.01"), places=15))
 def test_a_per_token_price_never_rounds_down(price):
     assert Fraction(picos_per_token(float(price))) >= Fraction(str(float(price))) * 10**12
+
+
+@pytest.mark.parametrize(
+    ("name", "entry", "reason"),
+    [
+        ("x-search-preview", {"mode": "chat"}, "it searches the web on every call, billed per search"),
+        ("gpt-audio", {"mode": "chat", "supported_output_modalities": ["video", "text", "audio"]},
+         "it can output audio and video, priced apart from text tokens"),
+        ("tts", {"mode": "audio_speech"}, "it is a model for audio speech, billed beyond text tokens"),
+        ("chat", {"mode": "chat", "output_cost_per_image": 0.04}, "it is billed per image it outputs"),
+    ],
+)  # fmt: skip
+def test_an_unmeterable_model_says_why_in_words(name, entry, reason):
+    assert unmeterable_reason(name, entry) == reason
+
+
+def test_a_provider_without_prices_prices_no_glob():
+    assert PRICES.prices_any("gpt-4o*", "nobody") is False
+    assert PRICES.prices_any("gpt-4o*", "nobody", "openai") is True
+
+
+def test_nothing_at_all_has_a_worst_case_of_nothing():
+    assert worst_case_micros(ModelPrice(input=1e-6, output=2e-6), 0, 0, cache_writes=True) == 0
+    assert worst_case_micros(ModelPrice(input=0, output=0), 100, 100, cache_writes=False) == 0
+
+
+def test_a_price_found_says_which_provider_and_name_priced_it():
+    match = PRICES.find("claude-haiku-4-5-20991231", "nobody", "anthropic")
+    assert (match.provider, match.model) == ("anthropic", "claude-haiku-4-5")

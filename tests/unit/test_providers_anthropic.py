@@ -9,7 +9,7 @@ from documents import blank_pdf
 from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers import FORMATS
 from agentkeys.providers.anthropic import IMAGE_TOKEN_ALLOWANCE
-from agentkeys.providers.base import MalformedRequest
+from agentkeys.providers.base import MalformedRequest, Unmeterable
 from agentkeys.providers.documents import PDF_PAGE_TEXT_TOKENS
 from prices import expected_cost
 from sse_events import feed_all, sse
@@ -131,12 +131,22 @@ TEXT_DOCUMENT = {"type": "document", "source": {"type": "text", "media_type": "t
             16 + 8 + 2 + 1_000 + len('[{"name": "f", "input_schema": {}}]'),
         ),
         ({"messages": [message("hi")], "tools": []}, 16 + 8 + 2),
+        (
+            {"messages": [message([{"type": "text", "text": "ab"}, {"type": "image", "source": {}}, TOOL_RESULT,
+                                   {"type": "text", "text": "c"}, TOOL_USE, "raw"])]},
+            16 + 8 + (2 + 8) + 5_000 + (2 + 8 + len(json.dumps({"type": "tool_result", "tool_use_id": "t1"})))
+            + (1 + 8) + (len(json.dumps(TOOL_USE, ensure_ascii=False).encode()) + 8) + (3 + 8),
+        ),
     ],
     ids=["text", "two-messages", "no-content", "system", "system-blocks", "text-block", "image", "bare-values",
-         "tool-use", "tool-result", "text-document", "object-content", "tools", "no-tools"],
+         "tool-use", "tool-result", "text-document", "object-content", "tools", "no-tools", "every-block-adds-up"],
 )  # fmt: skip
 def test_the_input_bound_of_each_shape_is_exact(body, bound):
     assert input_bound(**body) == bound
+
+
+DOCUMENTS = ("documents other than plain text (PDFs, files, URLs) cannot be bounded in tokens before the call,"
+             " so they cannot be metered by this proxy yet")
 
 
 @pytest.mark.parametrize(
@@ -148,8 +158,17 @@ def test_the_input_bound_of_each_shape_is_exact(body, bound):
     ],
 )
 def test_what_cannot_be_bounded_is_refused(messages, refusal):
-    with pytest.raises(MalformedRequest, match=refusal):
+    with pytest.raises(MalformedRequest) as refused:
         input_bound(messages=messages)
+    assert str(refused.value) == refusal
+
+
+def test_mcp_servers_cannot_be_metered():
+    with pytest.raises(Unmeterable) as refused:
+        input_bound(messages=[message("hi")], mcp_servers=[{"type": "url", "url": "https://x"}])
+    assert str(refused.value) == (
+        "MCP servers are called by Anthropic and add input of their own, so this proxy cannot meter them"
+    )
 
 
 @pytest.mark.parametrize(
@@ -185,3 +204,35 @@ def test_documents_follow_one_rule_pages_bytes_or_unseen():
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def test_the_anthropic_meter_passes_every_event_on_and_keeps_the_last_output_count():
+    meter = ANTHROPIC.stream_meter(None)
+    events = [*anthropic_stream(stop=False), b"data: not json\n\n",
+              anthropic_event("message_delta", delta={"stop_reason": "end_turn"}),  # no usage: the count stands
+              anthropic_event("message_stop")]  # fmt: skip
+    assert all(feed_all(meter, events))
+    assert meter.result().usage == Usage(370, 9, cached_tokens=300, cache_write_tokens=50)
+
+
+@pytest.mark.parametrize(("stream", "read"), [(True, True), (False, False), ("yes", False), (None, False)])
+def test_a_messages_call_is_metered_on_its_endpoint_and_streams_only_when_asked(stream, read):
+    body = {"model": "claude-haiku-4-5", "max_tokens": 3, "messages": [message("hi")]}
+    facts = ANTHROPIC.request_facts("POST", "/v1/messages", json.dumps({**body, "stream": stream}).encode())
+    assert (facts.metered, facts.endpoint, facts.stream) == (True, "/v1/messages", read)
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"),
+                                              ("GET", "/v1/messages"), ("POST", "/v1/complete")])  # fmt: skip
+def test_anything_but_a_posted_message_is_not_metered(method, path):
+    assert ANTHROPIC.request_facts(method, path, b"{}").metered is False
+
+
+def test_a_message_without_max_tokens_is_refused_saying_so():
+    with pytest.raises(MalformedRequest, match="^'max_tokens' is required$"):
+        ANTHROPIC.request_facts("POST", "/v1/messages", json.dumps({"model": "m", "messages": []}).encode())
+
+
+def test_a_tool_that_is_not_an_object_is_refused_as_unmeterable():
+    with pytest.raises(Unmeterable, match="^the server tool None is billed per use, beyond tokens"):
+        input_bound(messages=[message("hi")], tools=["bash"])

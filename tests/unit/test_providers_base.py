@@ -17,6 +17,8 @@ from agentkeys.providers.base import (
     SseSplitter,
     Unmeterable,
     UsageRejected,
+    event_json,
+    nesting_depth,
     optional_positive_int,
     parse_event,
     parse_json_object,
@@ -84,6 +86,15 @@ def test_sse_splitter_flush_returns_the_incomplete_remainder_once():
 def test_parse_event_joins_multiple_data_lines():
     event = parse_event(b"event: x\ndata: a\ndata:b\n: a comment\n\n")
     assert (event.event, event.data) == ("x", "a\nb")
+
+
+def test_an_event_that_is_not_utf8_is_read_with_replacement_characters_not_a_crash():
+    assert parse_event(b"data: caf\xe9 \xff\n\n").data == "caf\ufffd \ufffd"
+
+
+@pytest.mark.parametrize(("data", "read"), [('{"a": 1}', {"a": 1}), ("[1, 2]", None), ("7", None), ("not json", None)])
+def test_only_a_json_object_is_an_event_a_meter_reads(data, read):
+    assert event_json(parse_event(f"data: {data}\n\n".encode())) == read
 
 
 # ----- endpoints and request bodies -----
@@ -432,3 +443,32 @@ def test_every_refusal_has_the_provider_s_status_and_shape(format_name, kind):
         assert body["error"]["code"] == status and body["error"]["message"] == "why" and body["error"]["status"]
     else:
         assert body["error"]["message"] == "why" and body["error"]["type"] and body["error"]["code"]
+
+
+def test_nesting_is_measured_past_a_scalar_beside_it():
+    assert nesting_depth(5) == 0
+    assert nesting_depth({"a": [[1]], "b": 1}) == 3
+    assert nesting_depth([1, {"deep": [[[]]]}, "x"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"max_tokens": 100000000000000000000000}',
+         "the request body has an integer of 24 digits; no API field takes one"),
+        (b'{"model": "a", "stream": true, "stream": false}',
+         "the key 'stream' appears twice in one object of the request body"),
+        (b"", "the request body must be a JSON object"),
+        (b"[1]", "the request body must be a JSON object"),
+    ],
+)  # fmt: skip
+def test_an_unreadable_body_is_refused_saying_why(body, message):
+    with pytest.raises(MalformedRequest) as refused:
+        parse_json_object(body)
+    assert str(refused.value) == message
+
+
+def test_a_call_may_ask_for_the_whole_output_limit_in_choices_without_a_length():
+    RequestFacts(metered=True, choices=MAX_TOKENS_LIMIT)
+    with pytest.raises(MalformedRequest):
+        RequestFacts(metered=True, choices=MAX_TOKENS_LIMIT + 1)

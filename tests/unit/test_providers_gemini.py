@@ -136,18 +136,19 @@ def test_google_s_own_tools_cannot_be_metered(tool):
 @pytest.mark.parametrize(
     ("data", "complaint"),
     [
-        ({}, "'contents'"),
-        ({"contents": []}, "'contents'"),
-        ({"contents": "hi"}, "'contents'"),
-        ({"contents": ["hi"]}, "each content"),
-        ({"contents": [{"parts": "hi"}]}, "'parts'"),
-        ({"contents": [{"parts": ["hi"]}]}, "each part"),
-        ({"contents": [{"parts": []}], "tools": {"functionDeclarations": []}}, "'tools'"),
+        ({}, "'contents' must be a non-empty list"),
+        ({"contents": []}, "'contents' must be a non-empty list"),
+        ({"contents": "hi"}, "'contents' must be a non-empty list"),
+        ({"contents": ["hi"]}, "each content must be an object"),
+        ({"contents": [{"parts": "hi"}]}, "'parts' must be a list"),
+        ({"contents": [{"parts": ["hi"]}]}, "each part must be an object"),
+        ({"contents": [{"parts": []}], "tools": {"functionDeclarations": []}}, "'tools' must be a list"),
     ],
 )
 def test_a_malformed_request_says_what_is_wrong(data, complaint):
-    with pytest.raises(MalformedRequest, match=complaint):
+    with pytest.raises(MalformedRequest) as refused:
         bound(data)
+    assert str(refused.value) == complaint
 
 
 def test_snake_case_function_declarations_are_counted_exactly_and_hosted_tools_named():
@@ -205,12 +206,15 @@ def test_a_stream_in_server_sent_events_is_metered(query):
 
 @pytest.mark.parametrize("query", ["", "alt=json", "alt=sse&alt=json", "alt=SSE"])
 def test_a_stream_in_any_other_form_is_refused(query):
-    with pytest.raises(MalformedRequest, match=r"add \?alt=sse"):
+    with pytest.raises(MalformedRequest) as refused:
         facts_of(HELLO, STREAM_PATH, query)
+    assert str(refused.value) == (
+        "streamGenerateContent is metered as server-sent events only: add ?alt=sse (the Google SDKs do)"
+    )
 
 
 def test_a_generation_config_that_is_not_an_object_is_refused():
-    with pytest.raises(MalformedRequest, match="'generationConfig' must be an object"):
+    with pytest.raises(MalformedRequest, match="^'generationConfig' must be an object$"):
         facts_of({**HELLO, "generationConfig": [1]})
 
 
@@ -240,3 +244,24 @@ def test_an_inline_pdf_is_held_by_its_pages(inline):
     assert unseen == set()
     part_tokens({inline: {"mimeType": "application/pdf", "data": "bm90IGEgcGRm"}}, unseen)  # "not a pdf"
     assert unseen == {"media"}
+
+
+def test_the_cap_overwrites_a_camel_case_limit_inside_a_snake_case_config():
+    body = {**HELLO, "generation_config": {"maxOutputTokens": 500}}
+    sent = json.loads(GEMINI.upstream_body(facts_of(body), json.dumps(body).encode(), 12))
+    assert sent["generation_config"] == {"maxOutputTokens": 12}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "usage"),
+    [
+        ({"promptTokenCount": 7, "candidatesTokenCount": 3}, Usage(7, 3)),
+        ({"promptTokenCount": 7, "toolUsePromptTokenCount": 5, "candidatesTokenCount": 3}, Usage(12, 3)),
+        ({"promptTokenCount": 7, "candidatesTokenCount": 3, "thoughtsTokenCount": 4, "cachedContentTokenCount": 2},
+         Usage(7, 7, cached_tokens=2, reasoning_tokens=4)),
+        ({"candidatesTokenCount": 3, "totalTokenCount": 3}, None),  # no prompt count: not a usage report
+        (None, None),
+    ],
+)  # fmt: skip
+def test_gemini_usage_counts_tool_prompts_as_input_and_thoughts_as_output(metadata, usage):
+    assert GEMINI.usage_from_response(json.dumps({"usageMetadata": metadata}).encode()) == usage

@@ -19,7 +19,7 @@ from agentkeys.providers.openai import (
     prompt_tokens,
     response_item_tokens,
 )
-from agentkeys.tokens import text_bound
+from agentkeys.tokens import EXACT_COUNT_CHARS, count_tokens, text_bound
 from sse_events import feed_all, sse
 
 OPENAI = FORMATS["openai"]
@@ -123,6 +123,14 @@ def test_the_chat_meter_does_not_take_text_chunks_with_a_null_usage_for_the_usag
     assert (ended.usage, ended.usage_rejected) == (None, None), "ended, but with no usage: the full hold"
 
 
+def test_the_openai_meter_passes_on_a_chunk_with_choices_and_usage_and_one_whose_usage_it_rejects():
+    hiding = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/chat/completions", chat_request(stream=True)))
+    both = chat_chunk("Hi", usage=OPENAI_USAGE)  # a host that sends usage with the last choice
+    insane = chat_chunk(usage={**OPENAI_USAGE, "completion_tokens": -1}, choices=False)
+    assert feed_all(hiding, [both, b"data: not json\n\n", insane, b"data: [DONE]\n\n"]) == [True] * 4
+    assert hiding.result().usage is None and "completion_tokens=-1" in hiding.result().usage_rejected
+
+
 # ----- usage from a whole response -----
 
 
@@ -157,7 +165,7 @@ def responses_events(end: str | None = "response.completed") -> list[bytes]:
 @pytest.mark.parametrize("end", ["response.completed", "response.incomplete"])
 def test_the_responses_meter_takes_usage_from_the_final_event(end):
     meter = OPENAI.stream_meter(OPENAI.request_facts("POST", "/v1/responses", b'{"model": "o4-mini", "input": "x"}'))
-    feed_all(meter, responses_events(end))
+    assert all(feed_all(meter, [b"data: not json\n\n", *responses_events(end)])), "every event is passed on"
     result = meter.result()
     assert result.usage == Usage(9, 3, reasoning_tokens=1)
 
@@ -278,7 +286,7 @@ def test_any_other_item_is_every_field_counted():
 
 
 def test_an_item_that_is_not_an_object_is_malformed():
-    with pytest.raises(MalformedRequest, match="input item"):
+    with pytest.raises(MalformedRequest, match="^each input item must be an object$"):
         response_item_tokens(count, "text", set())
 
 
@@ -305,8 +313,14 @@ def test_a_prompt_is_its_texts_and_one_each_or_its_tokens(prompt, expected):
 
 @pytest.mark.parametrize("prompt", [None, [], ["a", 1], [1, "a"], [[1], "a"], 5, {"text": "a"}])
 def test_a_prompt_of_any_other_shape_is_malformed(prompt):
-    with pytest.raises(MalformedRequest, match="'prompt' must be a string, a list of strings, or token arrays"):
+    with pytest.raises(MalformedRequest, match="^'prompt' must be a string, a list of strings, or token arrays$"):
         prompt_tokens(count, prompt, "prompt")
+
+
+@pytest.mark.parametrize("prompt", [None, [], ["a", 1]])
+def test_a_completion_whose_prompt_has_another_shape_is_refused_naming_the_prompt(prompt):
+    with pytest.raises(MalformedRequest, match="^'prompt' must be a string, a list of strings, or token arrays$"):
+        facts_of("/v1/completions", prompt=prompt)
 
 
 def test_instructions_are_a_message_when_they_are_text():
@@ -325,9 +339,13 @@ MINI_COUNT = text_bound("gpt-4o-mini")
         ({"prompt": ["a", "bb"], "max_tokens": 5, "n": 3}, (MINI_COUNT("a") + 1) + (MINI_COUNT("bb") + 1), 2 * 3, 5),
         ({"prompt": "x", "suffix": "tail", "best_of": 4, "n": 2}, MINI_COUNT("x") + 1 + MINI_COUNT("tail"), 4, 16),
         ({"prompt": ["a", "b"], "suffix": "tail"}, 2 * (MINI_COUNT("a") + 1) + 2 * MINI_COUNT("tail"), 2, 16),
+        (
+            {"prompt": ["a", "b", "c"], "suffix": "the tail end"},
+            3 * (MINI_COUNT("a") + 1) + 3 * MINI_COUNT("the tail end"), 3, 16,
+        ),
         ({"prompt": [1, 2, 3], "suffix": 7, "n": 5, "best_of": 2}, 3, 5, 16),
     ],
-    ids=["default-limit", "n-per-prompt", "best-of", "suffix-per-prompt", "token-array"],
+    ids=["default-limit", "n-per-prompt", "best-of", "suffix-per-prompt", "long-suffix-per-prompt", "token-array"],
 )
 def test_a_completion_is_held_for_every_prompt_and_every_generated_choice(body, bound, choices, max_output):
     facts = facts_of("/v1/completions", **body)
@@ -341,6 +359,16 @@ def test_a_completion_stream_notes_whether_the_client_asked_for_usage():
     asked = facts_of("/v1/completions", prompt="x", stream=True, stream_options={"include_usage": True})
     assert (asked.stream, asked.client_wants_stream_usage) == (True, True)
     assert facts_of("/v1/completions", prompt="x", stream=True).client_wants_stream_usage is False
+
+
+def test_an_embedding_is_counted_exactly_when_asked_and_its_input_named_when_malformed():
+    long_text = "word " * (EXACT_COUNT_CHARS // 5 + 100)
+    body = json.dumps({"model": "gpt-4o-mini", "input": long_text}).encode()
+    cheap = OPENAI.request_facts("POST", "/v1/embeddings", body).input_token_bound
+    exact = OPENAI.request_facts("POST", "/v1/embeddings", body, exact=True).input_token_bound
+    assert (cheap, exact) == (len(long_text.encode()) + 1 + 1, count_tokens(long_text, "gpt-4o-mini") + 1)
+    with pytest.raises(MalformedRequest, match="^'input' must be a string, a list of strings, or token arrays$"):
+        facts_of("/v1/embeddings", input=5)
 
 
 def test_an_embedding_has_no_output_and_its_inputs_bound():
@@ -405,13 +433,24 @@ def test_an_empty_previous_response_id_is_refused():
     [
         ({}, "the request has no 'input'"),
         ({"input": 5}, "'input' must be a string or a list of items"),
-        ({"input": "hi", "background": True}, "a background response"),
-        ({"input": "hi", "service_tier": "priority"}, "service tier 'priority'"),
+        ({"input": "hi", "background": True},
+         "a background response is billed after the call returns, so this proxy cannot meter it"),
+        ({"input": "hi", "service_tier": "priority"},
+         "service tier 'priority' is billed above the standard prices, so this proxy cannot meter it"),
     ],
-)
+)  # fmt: skip
 def test_a_response_that_cannot_be_bounded_is_refused(body, refusal):
-    with pytest.raises((MalformedRequest, Unmeterable), match=refusal):
+    with pytest.raises((MalformedRequest, Unmeterable)) as refused:
         facts_of("/v1/responses", **body)
+    assert str(refused.value) == refusal
+
+
+def test_a_long_response_input_is_counted_exactly_when_asked():
+    long_text = "word " * (EXACT_COUNT_CHARS // 5 + 100)
+    body = json.dumps({"model": "gpt-4o-mini", "input": long_text}).encode()
+    cheap = OPENAI.request_facts("POST", "/v1/responses", body).input_token_bound
+    exact = OPENAI.request_facts("POST", "/v1/responses", body, exact=True).input_token_bound
+    assert (cheap, exact) == (3 + 4 + len(long_text.encode()) + 1, 3 + 4 + count_tokens(long_text, "gpt-4o-mini"))
 
 
 def test_a_response_stream_and_its_output_limit_are_read():
@@ -517,3 +556,77 @@ def test_compaction_is_metered_and_takes_no_output_limit():
 def test_side_traffic_is_free():
     for method, path in [("POST", "/v1/traces/ingest"), ("GET", "/v1/conversations/conv_1/items")]:
         assert FORMATS["openai"].endpoint_kind(method, path) == "free"
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "overhead"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "LONG"}]}, 3 + 4 + 1),  # role "user": 1
+        ("/v1/completions", {"prompt": "LONG"}, 1),
+    ],
+)
+def test_a_long_prompt_is_counted_exactly_when_asked(path, fields, overhead):
+    long_text = "word " * (EXACT_COUNT_CHARS // 5 + 100)
+    body = json.dumps({"model": "gpt-4o-mini", **fields}).replace("LONG", long_text).encode()
+    cheap = OPENAI.request_facts("POST", path, body).input_token_bound
+    exact = OPENAI.request_facts("POST", path, body, exact=True).input_token_bound
+    assert (cheap, exact) == (
+        overhead + len(long_text.encode()) + 1, overhead + count_tokens(long_text, "gpt-4o-mini"),
+    )  # fmt: skip
+
+
+CHAT_TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
+UNTYPED_TOOL = {"function": {"name": "g"}}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}
+HI = [{"role": "user", "content": "hi"}]
+HI_BOUND = 3 + 4 + MINI_COUNT("user") + MINI_COUNT("hi")
+
+
+@pytest.mark.parametrize(
+    ("fields", "bound"),
+    [
+        ({}, HI_BOUND),
+        ({"tools": [CHAT_TOOL]}, HI_BOUND + 1_000 + MINI_COUNT(json.dumps([CHAT_TOOL]))),
+        ({"tools": [UNTYPED_TOOL]}, HI_BOUND + 1_000 + MINI_COUNT(json.dumps([UNTYPED_TOOL]))),  # a function
+        ({"functions": [{"name": "f"}]}, HI_BOUND + 1_000 + MINI_COUNT(json.dumps([{"name": "f"}]))),
+        ({"response_format": JSON_SCHEMA}, HI_BOUND + 1_000 + MINI_COUNT(json.dumps(JSON_SCHEMA))),
+        ({"response_format": {"type": "text"}}, HI_BOUND),
+        ({"response_format": {}}, HI_BOUND),  # no type: text
+        ({"tools": [CHAT_TOOL], "response_format": JSON_SCHEMA},
+         HI_BOUND + 2_000 + MINI_COUNT(json.dumps([CHAT_TOOL])) + MINI_COUNT(json.dumps(JSON_SCHEMA))),
+    ],
+    ids=["plain", "tools", "untyped-tool", "functions", "schema", "text-format", "untyped-format", "both"],
+)  # fmt: skip
+def test_a_chat_is_held_at_its_messages_tools_and_schema(fields, bound):
+    assert facts_of("/v1/chat/completions", messages=HI, **fields).input_token_bound == bound
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"messages": ["hi"]}, MalformedRequest, "each message must be an object"),
+        ({"messages": []}, MalformedRequest, "'messages' must be a non-empty list"),
+        ({"messages": HI, "tools": {"a": 1}}, MalformedRequest, "'tools' must be a list"),
+        ({"messages": HI, "tools": ["f"]}, MalformedRequest, "each tool must be an object"),
+        ({"messages": HI, "web_search_options": {}}, Unmeterable,
+         "web search is billed per search, beyond tokens, so this proxy cannot meter it"),
+        ({"messages": HI, "prediction": {"type": "content"}}, Unmeterable,
+         "a prediction's rejected tokens are billed as output beyond max_tokens, so this proxy cannot bound it"),
+        ({"messages": HI, "modalities": ["text", "audio"]}, Unmeterable,
+         "audio tokens are priced apart from text, so this proxy cannot meter them yet"),
+        ({"messages": HI, "stream_options": 1}, MalformedRequest, "'stream_options' must be an object"),
+        ({"messages": HI, "max_tokens": 0}, MalformedRequest, None),
+        ({"model": 5, "messages": HI}, MalformedRequest, "the request names no 'model'"),
+        ({"model": "", "messages": HI}, MalformedRequest, "the request names no 'model'"),
+    ],
+)  # fmt: skip
+def test_a_chat_that_cannot_be_bounded_says_why(fields, error, message):
+    with pytest.raises(error) as refused:
+        OPENAI.request_facts("POST", "/v1/chat/completions", json.dumps({"model": "gpt-4o-mini", **fields}).encode())
+    assert message is None or str(refused.value) == message
+
+
+def test_the_smallest_limits_and_largest_integers_are_read():
+    assert facts_of("/v1/chat/completions", messages=HI, max_tokens=1).max_output_tokens == 1
+    digits20 = json.dumps({"model": "gpt-4o-mini", "messages": HI, "seed": 12345678901234567890}).encode()
+    assert OPENAI.request_facts("POST", "/v1/chat/completions", digits20).model == "gpt-4o-mini"

@@ -76,3 +76,21 @@ def test_a_chunk_of_whole_events_and_one_cut_in_two_give_the_same_events():
     splitter = SseSplitter()
     cut = splitter.feed(b"".join(events)[:12]) + splitter.feed(b"".join(events)[12:])
     assert [e.raw for e in whole] == [e.raw for e in cut] == events
+
+
+def test_an_event_of_exactly_the_limit_is_handed_on_and_one_byte_more_is_refused():
+    exact = b"data: " + b"x" * 92 + b"\n\n"  # 100 bytes
+    assert [event.raw for event in SseSplitter(max_event_bytes=100).feed(exact)] == [exact]
+    split = SseSplitter(max_event_bytes=100)
+    assert split.feed(exact[:-1]) == [] and [event.raw for event in split.feed(b"\n")] == [exact]
+    with pytest.raises(SseEventTooLarge) as too_large:
+        SseSplitter(max_event_bytes=100).feed(b"data: " + b"x" * 93 + b"\n\n")  # complete, but 101 bytes
+    assert too_large.value.held == b"data: " + b"x" * 93 + b"\n\n"
+    assert str(too_large.value) == "a server-sent event exceeded 100 bytes (max_stream_event_bytes)"
+    incomplete = SseSplitter(max_event_bytes=100)
+    assert incomplete.feed(b"data: " + b"x" * 94) == []  # 100 bytes held, not yet too many
+
+
+def test_events_after_the_first_in_one_chunk_are_each_measured_on_their_own():
+    events = [b"data: " + bytes([65 + i]) * 52 + b"\n\n" for i in range(3)]  # 60 bytes each
+    assert [event.raw for event in SseSplitter(max_event_bytes=100).feed(b"".join(events))] == events
