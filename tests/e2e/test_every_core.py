@@ -139,10 +139,16 @@ def test_the_metrics_port_sums_the_workers(proxy, tmp_path):
     assert metric(proxy, "agentkeys_workers") == 2
     text = get(proxy, "/metrics")[1].decode()
     assert text.count("agentkeys_build_info{") == 1 and 'version="' in text
-    assert metric(proxy, "agentkeys_keys_active", policy="summed") == 1, "a view of the store is given once"
+    wait_until(lambda: keys_active(proxy) >= 1, what="a books pass counting the new key")
+    time.sleep(2.5)  # two more passes (purge_interval 1s): by now every worker has counted it
+    assert keys_active(proxy) == 1, "a view of the store is given once, not summed over the workers"
     status, body = get(proxy, "/readyz")
     assert status == 200 and json.loads(body)["checks"] == {"worker 1": "ok", "worker 2": "ok"}
     assert get(proxy, "/healthz")[0] == 200
+
+
+def keys_active(proxy) -> float:
+    return metric(proxy, "agentkeys_keys_active", policy="summed")
 
 
 def test_sighup_reloads_every_worker(proxy):
