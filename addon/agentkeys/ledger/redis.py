@@ -878,14 +878,7 @@ def account_name(account_id: str) -> str:
 
 def account_record(values: list[str | None]) -> AccountRecord | None:
     """An AccountRecord from its hash's fields in ACCOUNT_FIELDS order; None if the hash does not exist."""
-    if values[0] is None:
-        return None
-    return AccountRecord(
-        **{
-            name: ACCOUNT_NUMBER_FIELDS.get(name, str)(value)
-            for name, value in zip(ACCOUNT_FIELDS, values, strict=True)
-        }
-    )
+    return hash_record(AccountRecord, ACCOUNT_FIELDS, ACCOUNT_NUMBER_FIELDS, values)
 
 
 def claimed_token_name(issuer: str, jti: str) -> str:
@@ -900,11 +893,16 @@ def context_name(ref: str) -> str:
 
 def key_record(values: list[str | None]) -> KeyRecord | None:
     """A KeyRecord from the key hash's fields in KEY_FIELDS order; None if the hash does not exist."""
+    return hash_record(KeyRecord, KEY_FIELDS, NUMBER_FIELDS, values)
+
+
+def hash_record(record_type, field_names: list[str], numbers: dict, values: list[str | None]):
+    """A record from a hash's fields in `field_names` order, numbers converted; None if the hash does not exist."""
     if values[0] is None:
         return None
-    return KeyRecord(
+    return record_type(
         **{
-            name: NUMBER_FIELDS.get(name, str)(value) if value is not None else None
-            for name, value in zip(KEY_FIELDS, values, strict=True)
+            name: numbers.get(name, str)(value) if value is not None else None
+            for name, value in zip(field_names, values, strict=True)
         }
     )
